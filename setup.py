@@ -1,0 +1,33 @@
+"""ttsi_jax: test-time self-improvement (TT-SI / TT-D) for LLM agents in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="ttsi_jax",
+    version="0.1.0",
+    description="Test-time self-improvement for LLM agents: uncertainty, self-augmentation and "
+    "vmapped per-sample LoRA in JAX/Flax.",
+    packages=setuptools.find_packages(include=["ttsi_jax", "ttsi_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.50",
+        "tokenizers",
+        "tensorflow-datasets",
+        "ml-collections",
+        "absl-py",
+        "gguf>=0.10",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "jinja2",
+    ],
+    extras_require={
+        # Parity tests, HF export checks and the reference benchmark (CPU torch build).
+        "hf": ["torch==2.13.0", "peft"],
+        "test": ["torch==2.13.0", "peft", "pytest", "pytest-timeout"],
+    },
+)

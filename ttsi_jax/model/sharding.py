@@ -1,0 +1,117 @@
+"""Device mesh and logical-axis sharding rules for params, KV cache and batches.
+
+Every param leaf gets logical axis names from `PARAM_AXES` (an unmatched param is an error, so a new
+layer cannot silently end up replicated), and `RULES` maps logical axes onto the mesh axes
+(data, fsdp, tensor). A mesh axis that does not divide a dimension is dropped for that dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None: replicated)
+RULES: dict[str, Optional[tuple[str, ...]]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "layers": None,
+    "norm": None,
+    "head_dim": None,
+    "seq": None,
+    "rank": None,
+}
+
+# param path suffix -> logical axes (layer params carry the leading "layers" axis from nn.scan)
+PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("embedding",): ("vocab", "embed"),
+    ("norm", "scale"): ("norm",),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("input_norm", "scale"): ("layers", "norm"),
+    ("post_attn_norm", "scale"): ("layers", "norm"),
+    ("q_proj", "kernel"): ("layers", "embed", "heads"),
+    ("k_proj", "kernel"): ("layers", "embed", "kv_heads"),
+    ("v_proj", "kernel"): ("layers", "embed", "kv_heads"),
+    ("o_proj", "kernel"): ("layers", "heads", "embed"),
+    ("q_proj", "bias"): ("layers", "heads"),
+    ("k_proj", "bias"): ("layers", "kv_heads"),
+    ("v_proj", "bias"): ("layers", "kv_heads"),
+    ("o_proj", "bias"): ("layers", "embed"),
+    ("q_norm", "scale"): ("layers", "head_dim"),
+    ("k_norm", "scale"): ("layers", "head_dim"),
+    ("gate_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("up_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("down_proj", "kernel"): ("layers", "mlp", "embed"),
+}
+
+CACHE_KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
+def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; default: every device on the fsdp axis."""
+  devices = devices if devices is not None else jax.devices()
+  shape = tuple(shape) if shape else (1, len(devices), 1)
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"Mesh shape {shape} (data, fsdp, tensor) needs {int(np.prod(shape))} devices "
+                     f"but {len(devices)} are available; make the product equal the device count.")
+  # Auto axes: XLA propagates shardings from the placed params (no explicit-sharding typing).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(mesh: Mesh, logical: Sequence[str], shape: Sequence[int]) -> P:
+  spec = []
+  for name, dim in zip(logical, shape):
+    if name not in RULES:
+      raise KeyError(f"Logical axis {name!r} has no sharding rule; add it to RULES.")
+    axes = tuple(a for a in (RULES[name] or ()) if mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    spec.append(axes if axes and dim % size == 0 else None)
+  return P(*spec)
+
+
+def param_logical_axes(path: Sequence[str]) -> tuple[str, ...]:
+  for n in (2, 1):
+    axes = PARAM_AXES.get(tuple(path[-n:]))
+    if axes is not None:
+      return axes
+  raise KeyError(f"Param {'/'.join(path)} has no entry in PARAM_AXES; every param needs a "
+                 "sharding rule.")
+
+
+def param_sharding(mesh: Mesh, path: Sequence[str], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(mesh, param_logical_axes(path), shape))
+
+
+def _path_names(key_path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def params_sharding(mesh: Mesh, params) -> dict:
+  """NamedSharding for every leaf of a (possibly abstract) param tree."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: param_sharding(mesh, _path_names(kp), x.shape), params)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Leading axis over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(mesh, ("batch",) + ("seq",) * (len(shape) - 1), shape))
+
+
+def cache_sharding(mesh: Mesh, cache):
+  """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
+  kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))
+  return type(cache)(kv, kv, batch_sharding(mesh, cache.positions_BS.shape),
+                     NamedSharding(mesh, P()))
+
+
+def shard_params(mesh: Mesh, params):
+  return jax.device_put(params, params_sharding(mesh, params))

@@ -1,0 +1,303 @@
+"""Decoder-only LM (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3) as Flax Linen modules used functionally.
+
+`forward(params, tokens_BT, positions_BT, cache, lora)` is the one entry point. Layers are stacked
+with `nn.scan` (one compiled block, params with a leading layer axis L), the KV cache is an explicit
+pytree passed in and returned, and attention is masked by *positions* (a key is visible when
+0 <= key_pos <= query_pos), so left-padded prompts, right-padded training rows and incremental
+decoding all share one code path. Padding tokens carry position -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 style frequency-dependent RoPE scaling (rope_type == "llama3")."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and options of one checkpoint; always read from the checkpoint's own config."""
+
+  architecture: str
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rms_norm_eps: float
+  rope_theta: float
+  max_position_embeddings: int
+  tie_embeddings: bool
+  qkv_bias: bool = False  # Qwen2 / Qwen2.5, Llama with attention_bias
+  o_bias: bool = False  # Llama with attention_bias
+  qk_norm: bool = False  # Qwen3
+  rope_scaling: Optional[RopeScaling] = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype
+
+  def replace(self, **kwargs) -> "ModelConfig":
+    return dataclasses.replace(self, **kwargs)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys/values for S slots; all rows write the same slot range (prompts are left-padded)."""
+
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  positions_BS: jax.Array  # int32 position of the token held in each slot, -1 when empty or padding
+  end_index: jax.Array  # int32 scalar: next slot to write
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return cls(
+        k_LBSKH=jnp.zeros(shape, config.dtype),
+        v_LBSKH=jnp.zeros(shape, config.dtype),
+        positions_BS=jnp.full((batch, length), -1, jnp.int32),
+        end_index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2], with the Llama-3 scaling when the checkpoint asks for it."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq.astype(np.float32)
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+  out = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(is_medium, smoothed, out).astype(np.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding in the HF "rotate half" layout (so HF q/k weights load unpermuted)."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """x @ kernel (+ bias), plus the low-rank update scale * (x @ a) @ b when a LoRA slice is given."""
+
+  features: int
+  use_bias: bool
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x, lora=None, lora_scale=None):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        self.param_dtype)
+    y = x @ kernel.astype(self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
+          self.dtype)
+    if lora is not None:
+      y = y + ((x @ lora["a"].astype(self.dtype)) @ lora["b"].astype(self.dtype)) * lora_scale
+    return y
+
+
+def _sub(lora, *names):
+  for name in names:
+    if lora is None:
+      return None
+    lora = lora.get(name)
+  return lora
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_scale):
+    c = self.config
+    dense = lambda n, f, b: Linear(f, b, c.dtype, c.param_dtype, name=n)
+    B, T, _ = x_BTD.shape
+    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_scale)
+    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"),
+                                                                  lora_scale)
+    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "v_proj"),
+                                                                  lora_scale)
+    q_BTNH = q.reshape(B, T, c.num_heads, c.head_dim)
+    k_BTKH = k.reshape(B, T, c.num_kv_heads, c.head_dim)
+    v_BTKH = v.reshape(B, T, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+      q_BTNH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="q_norm")(q_BTNH)
+      k_BTKH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="k_norm")(k_BTKH)
+    inv_freq = rope_inv_freq(c)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+    if kv is None:  # no cache: attend within the given tokens
+      k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
+    else:  # write this step's keys/values into the layer's slots, attend over all slots
+      k_cache_LBSKH, v_cache_LBSKH, layer, start = kv
+      zero = jnp.zeros((), jnp.int32)
+      idx = (layer, zero, start, zero, zero)
+      k_cache_LBSKH = jax.lax.dynamic_update_slice(k_cache_LBSKH, k_BTKH[None].astype(
+          k_cache_LBSKH.dtype), idx)
+      v_cache_LBSKH = jax.lax.dynamic_update_slice(v_cache_LBSKH, v_BTKH[None].astype(
+          v_cache_LBSKH.dtype), idx)
+      k_BSKH = k_cache_LBSKH[layer].astype(c.dtype)
+      v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
+      new_kv = (k_cache_LBSKH, v_cache_LBSKH)
+
+    groups = c.num_heads // c.num_kv_heads
+    q_BTKGH = q_BTNH.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    logits_BKGTS = logits_BKGTS * (c.head_dim ** -0.5)
+    # A finite fill keeps fully masked rows (padding queries) NaN-free; their outputs are never used.
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(c.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    out_BTD = out_BTKGH.reshape(B, T, c.num_heads * c.head_dim)
+    out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_scale)
+    return out_BTD, new_kv
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, lora, lora_scale):
+    c = self.config
+    dense = lambda n, f: Linear(f, False, c.dtype, c.param_dtype, name=n)
+    gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_scale)
+    up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_scale)
+    return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_scale)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer; scanned over the layer axis by `Transformer`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_scale):
+    c = self.config
+    x_BTD, k_cache, v_cache = carry
+    kv = None if k_cache is None else (k_cache, v_cache, layer, start)
+    h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
+    h, new_kv = Attention(c, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
+                                         lora_scale)
+    x_BTD = x_BTD + h
+    h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
+    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_scale)
+    if new_kv is not None:
+      k_cache, v_cache = new_kv
+    return (x_BTD, k_cache, v_cache), None
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, lora=None,
+               lora_scale=1.0, last_only: bool = False):
+    c = self.config
+    embedding_VD = self.param("embedding", nn.initializers.normal(0.02),
+                              (c.vocab_size, c.embed_dim), c.param_dtype)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
+    T = tokens_BT.shape[1]
+
+    if cache is None:
+      key_positions_BS = positions_BT
+      start = jnp.zeros((), jnp.int32)
+      carry = (x_BTD, None, None)
+    else:
+      start = cache.end_index
+      key_positions_BS = jax.lax.dynamic_update_slice(
+          cache.positions_BS, positions_BT.astype(jnp.int32), (jnp.zeros((), jnp.int32), start))
+      carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
+    mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
+        key_positions_BS[:, None, :] <= positions_BT[:, :, None])
+
+    layers = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+    )(c, name="layers")
+    carry, _ = layers(carry, jnp.arange(c.num_layers), lora, positions_BT, mask_BTS, start,
+                      jnp.asarray(lora_scale, c.dtype))
+    x_BTD, k_cache, v_cache = carry
+
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
+    x_BTD = RMSNorm(c.rms_norm_eps, c.param_dtype, name="norm")(x_BTD)
+    if c.tie_embeddings:
+      logits_BTV = x_BTD @ embedding_VD.astype(c.dtype).T
+    else:
+      logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, name="lm_head")(x_BTD)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k_cache, v_cache, key_positions_BS, start + T)
+    return logits_BTV.astype(jnp.float32), new_cache
+
+
+def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=None, lora=None,
+            last_only: bool = False):
+  """Pure forward pass: (logits_BTV float32, updated cache or None).
+
+  `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
+  """
+  weights, scale = (None, 1.0) if lora is None else (lora.weights, lora.scale)
+  return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, cache, weights,
+                                   scale, last_only)
+
+
+def param_shapes(config: ModelConfig) -> Params:
+  """Abstract param tree (ShapeDtypeStructs): the structure every loader and sharding rule targets."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens, tokens)
+  return variables["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """Random params (tests and benchmarks; real runs load a checkpoint)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(config).init(rng, tokens, tokens)["params"]

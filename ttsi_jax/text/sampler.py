@@ -1,0 +1,148 @@
+"""Batched generation: one jitted prefill + `lax.while_loop` decode over an explicit KV cache.
+
+Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a stage
+compiles once per (batch bucket, prompt bucket, max_new_tokens), never once per prompt. Every row
+has its own RNG key (`fold_in(row_key, step)`), so a row's sample does not depend on its batch
+neighbours. `generate_tokens` is a pure function of (params, tokens, positions, keys, lora): it can be
+`jax.vmap`-ed over a leading adapter axis to decode with N adapted models in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttsi_jax.model import transformer
+from ttsi_jax.model.transformer import KVCache, ModelConfig
+
+MIN_PROMPT_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int = 64
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
+             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """tokens_BP and positions_BP (position -1 marks padding); rows beyond len(prompts) are padding."""
+  tokens_BP = np.full((batch, length), pad_id, np.int32)
+  positions_BP = np.full((batch, length), -1, np.int32)
+  for b, ids in enumerate(prompts):
+    n = len(ids)
+    if n > length:
+      raise ValueError(f"Prompt {b} has {n} tokens, more than the {length} allowed.")
+    if n:
+      tokens_BP[b, length - n:] = ids
+      positions_BP[b, length - n:] = np.arange(n)
+  return tokens_BP, positions_BP
+
+
+def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature: float,
+                 top_p: float) -> jax.Array:
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p  # always keeps the top token
+    threshold_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1)
+    logits_BV = jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
+def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, config: ModelConfig,
+                    sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int):
+  """New tokens_BN (pad after a row's stop token) for left-padded prompts."""
+  B, P = tokens_BP.shape
+  N = sampling.max_new_tokens
+  stop = jnp.asarray(stop_ids, jnp.int32)
+
+  def sample(logits_BV, step):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    return sample_token(logits_BV, keys, sampling.temperature, sampling.top_p)
+
+  cache = KVCache.init(config, B, P + N)
+  logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
+                                          last_only=True)
+  next_position_B = jnp.max(positions_BP, axis=1) + 1
+  first_B = sample(logits_B1V[:, -1], 0)
+  done_B = jnp.isin(first_B, stop)
+  out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B)
+
+  def cond(state):
+    step, _, _, done_B, _ = state
+    return (step < N) & ~jnp.all(done_B)
+
+  def body(state):
+    step, last_B, cache, done_B, out_BN = state
+    positions_B1 = (next_position_B + step - 1)[:, None]
+    logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache,
+                                            lora)
+    new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
+    done_B = done_B | jnp.isin(new_B, stop)
+    out_BN = jax.lax.dynamic_update_slice(out_BN, new_B[:, None], (0, step))
+    return step + 1, new_B, cache, done_B, out_BN
+
+  state = (jnp.ones((), jnp.int32), first_B, cache, done_B, out_BN)
+  return jax.lax.while_loop(cond, body, state)[-1]
+
+
+class Sampler:
+  """Host-side wrapper: bucketing, padding, chunking into batches and trimming at stop tokens."""
+
+  def __init__(self, config: ModelConfig, params, stop_ids: Sequence[int], pad_id: int,
+               max_batch: int = 64):
+    self.config = config
+    self.params = params
+    self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
+    self.pad_id = int(pad_id)
+    self.max_batch = max_batch
+
+  def _trim(self, row: np.ndarray) -> list[int]:
+    ids = []
+    for t in row.tolist():
+      if t in self.stop_ids:
+        break
+      ids.append(t)
+    return ids
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
+               rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
+    """Completion token ids per prompt (stop token excluded), in prompt order."""
+    if not prompts:
+      return []
+    rng = jax.random.key(0) if rng is None else rng
+    keys = jax.random.split(rng, len(prompts))
+    length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    if length + sampling.max_new_tokens > self.config.max_position_embeddings:
+      raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
+                       f"the model's context of {self.config.max_position_embeddings} tokens.")
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), self.max_batch):
+      chunk = prompts[start:start + self.max_batch]
+      batch = bucket(len(chunk))
+      tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
+      chunk_keys = keys[start:start + len(chunk)]
+      keys_B = jnp.concatenate([chunk_keys, jax.random.split(rng, batch - len(chunk))]) if (
+          batch > len(chunk)) else chunk_keys
+      out_BN = generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
+                               config=self.config, sampling=sampling, stop_ids=self.stop_ids,
+                               pad_id=self.pad_id)
+      out_BN = np.asarray(out_BN)
+      results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
+    return results

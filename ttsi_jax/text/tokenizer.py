@@ -1,0 +1,67 @@
+"""Tokenizer and chat template from transformers, for HF folders and GGUF files alike."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import transformers
+
+from ttsi_jax import checkpoints
+from ttsi_jax.checkpoints import CheckpointError
+
+Messages = Sequence[dict]
+
+
+class Tokenizer:
+  """A HF tokenizer plus what generation needs: stop ids, a pad id and chat-formatted encoding."""
+
+  def __init__(self, hf_tokenizer, stop_ids: Sequence[int]):
+    self.hf = hf_tokenizer
+    self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
+    if not self.stop_ids:
+      raise ValueError("The tokenizer defines no end-of-sequence token; generation could not stop.")
+    pad = hf_tokenizer.pad_token_id
+    self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+
+  def encode(self, text: str) -> list[int]:
+    return self.hf.encode(text, add_special_tokens=False)
+
+  def chat_prompt(self, messages: Messages) -> str:
+    """The chat-templated text of `messages`, ending where the assistant's answer starts."""
+    if not self.hf.chat_template:
+      raise ValueError("This tokenizer has no chat template; give plain prompts instead.")
+    return self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+  def encode_chat(self, messages: Messages, answer_prefix: str = "") -> list[int]:
+    return self.encode(self.chat_prompt(messages) + answer_prefix)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def _generation_eos(folder: str) -> list[int]:
+  path = os.path.join(folder, "generation_config.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    eos = json.load(f).get("eos_token_id")
+  return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+
+def load(path: Optional[str]) -> Tokenizer:
+  """The tokenizer of a HF folder or a .gguf file (None: the embedded default)."""
+  path = checkpoints.resolve(path)
+  try:
+    if path.endswith(".gguf"):
+      hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                          gguf_file=os.path.basename(path))
+      extra: list[int] = []
+    else:
+      hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+      extra = _generation_eos(path)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot load a tokenizer ({e}).") from None
+  eos = [hf_tok.eos_token_id] if hf_tok.eos_token_id is not None else []
+  return Tokenizer(hf_tok, eos + extra)
