@@ -1,0 +1,68 @@
+"""GGUF: the embedded SmolLM2 default against transformers loading the same file, and bad files."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ttsi_jax import checkpoints
+from ttsi_jax.checkpoints.hf import CheckpointError
+from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a function call is in one sentence.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+  config, params = checkpoints.load(None)
+  return config, params, tokenizer_lib.load(None)
+
+
+def test_embedded_default_resolves_without_a_path(embedded):
+  config, _, tokenizer = embedded
+  assert checkpoints.embedded_default_path().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+  assert (config.architecture, config.num_layers, config.embed_dim) == ("LlamaForCausalLM", 30, 576)
+  assert config.tie_embeddings and tokenizer.stop_ids == (tokenizer.hf.eos_token_id,)
+
+
+def test_embedded_greedy_tokens_equal_transformers(embedded):
+  config, params, tokenizer = embedded
+  prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+  ours = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id).generate(
+      prompts, sampler_lib.SamplingParams(max_new_tokens=32))
+  path = checkpoints.embedded_default_path()
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    ref = ref[0, len(prompt):].tolist()
+    if ref and ref[-1] in tokenizer.stop_ids:
+      ref = ref[:-1]  # we return the completion without its stop token
+    assert got == ref
+  assert any(len(o) == 32 for o in ours) and any(len(o) < 32 for o in ours)
+
+
+def test_truncated_gguf_names_file_and_problem(tmp_path):
+  data = open(checkpoints.embedded_default_path(), "rb").read()
+  bad = tmp_path / "model.gguf"
+  bad.write_bytes(data[: len(data) // 3])
+  with pytest.raises(CheckpointError, match=r"model.gguf.*(corrupt or truncated)"):
+    checkpoints.load(str(bad))
+
+
+def test_corrupt_gguf_names_file_and_problem(tmp_path):
+  bad = tmp_path / "garbage.gguf"
+  bad.write_bytes(np.random.RandomState(0).bytes(4096))
+  with pytest.raises(CheckpointError, match=r"garbage.gguf.*not a readable GGUF"):
+    checkpoints.load(str(bad))
+
+
+def test_missing_gguf_is_named(tmp_path):
+  with pytest.raises(CheckpointError, match=r"nope.gguf does not exist"):
+    checkpoints.load(str(tmp_path / "nope.gguf"))

@@ -1,0 +1,93 @@
+"""HF checkpoint folders: the name table in both directions, sharded files, and bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import ARCHS, make_hf_model
+from ttsi_jax import checkpoints
+from ttsi_jax.checkpoints import hf
+from ttsi_jax.checkpoints.hf import CheckpointError
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_table_round_trips_the_state_dict(hf_checkpoints, arch):
+  folder, model = hf_checkpoints[arch]
+  config, params = hf.load(folder)
+  exported = hf.params_to_hf(config, params)
+  expected = {k: v.numpy() for k, v in model.state_dict().items()}
+  if config.tie_embeddings:
+    expected.pop("lm_head.weight")
+  assert sorted(exported) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  assert hf.config_from_hf(hf.config_to_hf(config)) == config
+
+
+def test_config_shapes_come_from_the_checkpoint(hf_checkpoints):
+  config = hf.read_config(hf_checkpoints["qwen3"][0])
+  assert (config.head_dim, config.num_kv_heads, config.qk_norm) == (24, 2, True)
+  llama = hf.read_config(hf_checkpoints["llama"][0])
+  assert llama.rope_scaling is not None and llama.rope_scaling.factor == 8.0
+  assert llama.rope_theta == 50000.0
+
+
+def test_sharded_safetensors_index_loads(tmp_path, hf_checkpoints):
+  model = make_hf_model("llama")
+  model.save_pretrained(tmp_path, max_shard_size="100KB")
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  _, sharded = hf.load(str(tmp_path))
+  _, single = hf.load(hf_checkpoints["llama"][0])
+  for a, b in zip(np.asarray(sharded["layers"]["mlp"]["up_proj"]["kernel"]),
+                  np.asarray(single["layers"]["mlp"]["up_proj"]["kernel"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def _copy(folder, tmp_path):
+  dst = tmp_path / "ckpt"
+  shutil.copytree(folder, dst)
+  return dst
+
+
+def test_missing_folder_names_the_folder(tmp_path):
+  missing = tmp_path / "no_such_model"
+  with pytest.raises(CheckpointError, match=f"{missing}.*does not exist"):
+    checkpoints.load(str(missing))
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path, hf_checkpoints):
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  cfg = json.loads((dst / "config.json").read_text())
+  cfg["architectures"] = ["GPT2LMHeadModel"]
+  (dst / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match=r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"):
+    checkpoints.load(str(dst))
+
+
+def test_truncated_safetensors_names_file_and_problem(tmp_path, hf_checkpoints):
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  path = dst / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(CheckpointError, match=r"model.safetensors.*truncated"):
+    checkpoints.load(str(dst))
+
+
+def test_corrupt_safetensors_names_file_and_problem(tmp_path, hf_checkpoints):
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  (dst / "model.safetensors").write_bytes(b"\x07" * 64)
+  with pytest.raises(CheckpointError, match=r"model.safetensors.*corrupt"):
+    checkpoints.load(str(dst))
+
+
+def test_missing_tensor_is_named(tmp_path, hf_checkpoints):
+  from safetensors.numpy import load_file, save_file
+  dst = _copy(hf_checkpoints["qwen2"][0], tmp_path)
+  tensors = load_file(dst / "model.safetensors")
+  tensors.pop("model.layers.1.self_attn.k_proj.bias")
+  save_file(tensors, dst / "model.safetensors")
+  with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.k_proj.bias is missing"):
+    checkpoints.load(str(dst))

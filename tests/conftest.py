@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random HF checkpoints (made with transformers, saved to temp dirs).
+
+Eight simulated CPU devices for every test, so sharding tests run in the same process; single-device
+computations simply use device 0.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+VOCAB = 256
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               rms_norm_eps=1e-6)
+
+# One tiny model per supported variant: untied Llama with Llama-3 RoPE scaling, tied Qwen2 with
+# q/k/v biases, Qwen3 with q/k RMSNorm and a head_dim that is not hidden/heads.
+ARCHS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **_COMMON, tie_word_embeddings=False, rope_theta=50000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=24, tie_word_embeddings=False),
+}
+MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}
+
+
+def make_hf_model(arch: str, seed: int = 0):
+  torch.manual_seed(seed)
+  model = MODEL_CLASSES[arch](ARCHS[arch]()).eval()
+  # Random init leaves biases and norms at 0/1; perturb them so the parity tests see them.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+  """{arch: (folder, torch model)} for every supported architecture."""
+  out = {}
+  for arch in ARCHS:
+    model = make_hf_model(arch)
+    folder = str(tmp_path_factory.mktemp(arch))
+    model.save_pretrained(folder)
+    out[arch] = (folder, model)
+  return out
+
+
+def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)

@@ -1,0 +1,72 @@
+"""Sharded params on 8 simulated CPU devices give the single-device result."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import random_tokens
+from ttsi_jax import checkpoints
+from ttsi_jax.model import sharding, transformer
+from ttsi_jax.model.transformer import KVCache
+from ttsi_jax.text import sampler as sampler_lib
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8, "conftest sets --xla_force_host_platform_device_count=8"
+  return sharding.make_mesh((2, 2, 2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sharded_forward_equals_single_device(hf_checkpoints, mesh, arch):
+  folder = hf_checkpoints[arch][0]
+  config, params = checkpoints.load(folder)
+  _, sharded = checkpoints.load(folder, mesh=mesh)
+  q = sharded["layers"]["attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == P(None, ("fsdp",), ("tensor",))
+  want = (config.embed_dim // 2, config.num_heads * config.head_dim // 2)  # fsdp=2, tensor=2
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1:] == want
+
+  tokens = random_tokens(4, 10)
+  positions = np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10))
+  ref, _ = transformer.forward(config, params, tokens, positions)
+  tokens_sharded = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+  out, _ = jax.jit(transformer.forward, static_argnums=0)(config, sharded, tokens_sharded,
+                                                          positions)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+  cache = KVCache.init(config, 4, 16)
+  cache = jax.device_put(cache, sharding.cache_sharding(mesh, cache))
+  out, cache = jax.jit(transformer.forward, static_argnums=0)(config, sharded, tokens_sharded,
+                                                              positions, cache)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+def test_sharded_generation_equals_single_device(hf_checkpoints, mesh):
+  folder = hf_checkpoints["qwen2"][0]
+  config, params = checkpoints.load(folder)
+  _, sharded = checkpoints.load(folder, mesh=mesh)
+  prompts = [[5, 6, 7], [9] * 12, [3, 1, 4, 1, 5]]
+  sampling = sampler_lib.SamplingParams(max_new_tokens=8)
+  single = sampler_lib.Sampler(config, params, [255], 0).generate(prompts, sampling)
+  assert sampler_lib.Sampler(config, sharded, [255], 0).generate(prompts, sampling) == single
+
+
+def test_every_param_has_a_rule_and_unknown_params_fail(hf_checkpoints, mesh):
+  config, _ = checkpoints.load(hf_checkpoints["qwen2"][0])
+  shardings = sharding.params_sharding(mesh, transformer.param_shapes(config))
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(transformer.param_shapes(config)))
+  with pytest.raises(KeyError, match="layers/attn/new_proj/kernel has no entry in PARAM_AXES"):
+    sharding.param_sharding(mesh, ("layers", "attn", "new_proj", "kernel"), (2, 64, 64))
+
+
+def test_non_dividing_axis_is_replicated(mesh):
+  # 3 kv heads * 64 = 192 divides by tensor=2, but a vocab of 49153 does not: that dim replicates.
+  spec = sharding.logical_to_spec(mesh, ("vocab", "embed"), (49153, 576))
+  assert spec == P(None, ("fsdp",))
+
+
+def test_bad_mesh_shape_is_explained():
+  with pytest.raises(ValueError, match=r"Mesh shape \(3, 1, 1\).*needs 3 devices but 8"):
+    sharding.make_mesh((3, 1, 1))
