@@ -24,11 +24,12 @@ _MODULE_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "a
 @flax.struct.dataclass
 class Adapter:
   weights: dict  # {"attn": {"q_proj": {"a": [L, in, R], "b": [L, R, out]}, ...}, "mlp": {...}}
-  scale: float = flax.struct.field(pytree_node=False)
+  scale: float = flax.struct.field(pytree_node=False)  # alpha / rank
+  dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: float = 16.0,
-         targets: Sequence[str] = ALL_LINEAR, dtype=jnp.float32) -> Adapter:
+         targets: Sequence[str] = ALL_LINEAR, dropout: float = 0.0, dtype=jnp.float32) -> Adapter:
   """A fresh adapter: a ~ Kaiming-uniform (as PEFT), b = 0."""
   unknown = sorted(set(targets) - set(ALL_LINEAR))
   if unknown:
@@ -43,4 +44,4 @@ def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: 
                            bound)
     b = jnp.zeros((num_layers, rank, fan_out), dtype)
     weights.setdefault(module, {})[name] = {"a": a, "b": b}
-  return Adapter(weights=weights, scale=alpha / rank)
+  return Adapter(weights=weights, scale=alpha / rank, dropout=dropout)

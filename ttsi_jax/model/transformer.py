@@ -120,7 +120,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """x @ kernel (+ bias), plus the low-rank update scale * (x @ a) @ b when a LoRA slice is given."""
+  """x @ kernel (+ bias), plus the low-rank update scale * (dropout(x) @ a) @ b when a LoRA slice is
+  given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed."""
 
   features: int
   use_bias: bool
@@ -128,7 +129,7 @@ class Linear(nn.Module):
   param_dtype: str
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_scale=None):
+  def __call__(self, x, lora=None, lora_hp=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                         self.param_dtype)
     y = x @ kernel.astype(self.dtype)
@@ -136,7 +137,11 @@ class Linear(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
           self.dtype)
     if lora is not None:
-      y = y + ((x @ lora["a"].astype(self.dtype)) @ lora["b"].astype(self.dtype)) * lora_scale
+      scale, rate = lora_hp
+      if self.has_rng("dropout"):
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+      y = y + ((x @ lora["a"].astype(self.dtype)) @ lora["b"].astype(self.dtype)) * scale
     return y
 
 
@@ -152,15 +157,15 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_scale):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp):
     c = self.config
     dense = lambda n, f, b: Linear(f, b, c.dtype, c.param_dtype, name=n)
     B, T, _ = x_BTD.shape
-    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_scale)
+    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"),
-                                                                  lora_scale)
+                                                                  lora_hp)
     v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "v_proj"),
-                                                                  lora_scale)
+                                                                  lora_hp)
     q_BTNH = q.reshape(B, T, c.num_heads, c.head_dim)
     k_BTKH = k.reshape(B, T, c.num_kv_heads, c.head_dim)
     v_BTKH = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -194,7 +199,7 @@ class Attention(nn.Module):
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(c.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     out_BTD = out_BTKGH.reshape(B, T, c.num_heads * c.head_dim)
-    out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_scale)
+    out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp)
     return out_BTD, new_kv
 
 
@@ -202,12 +207,12 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_scale):
+  def __call__(self, x_BTD, lora, lora_hp):
     c = self.config
     dense = lambda n, f: Linear(f, False, c.dtype, c.param_dtype, name=n)
-    gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_scale)
-    up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_scale)
-    return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_scale)
+    gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp)
+    up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp)
+    return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
 
 
 class Block(nn.Module):
@@ -216,16 +221,16 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_scale):
+  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp):
     c = self.config
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
     h, new_kv = Attention(c, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
-                                         lora_scale)
+                                         lora_hp)
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_scale)
+    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp)
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
@@ -236,7 +241,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, lora=None,
-               lora_scale=1.0, last_only: bool = False):
+               lora_hp=(1.0, 0.0), segments_BT=None, select_BI=None):
     c = self.config
     embedding_VD = self.param("embedding", nn.initializers.normal(0.02),
                               (c.vocab_size, c.embed_dim), c.param_dtype)
@@ -254,20 +259,25 @@ class Transformer(nn.Module):
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
     mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
         key_positions_BS[:, None, :] <= positions_BT[:, :, None])
+    if segments_BT is not None:  # packed rows: segment 0 (a shared prefix) is visible to all
+      if cache is not None:
+        raise ValueError("segments_BT is for cache-free packed forwards only.")
+      mask_BTS &= (segments_BT[:, None, :] == 0) | (segments_BT[:, None, :] == segments_BT[:, :, None])
 
+    # remat: training keeps only each layer's input for the backward pass (inference is unaffected).
     layers = nn.scan(
-        Block,
+        nn.remat(Block, prevent_cse=False),
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers,
     )(c, name="layers")
     carry, _ = layers(carry, jnp.arange(c.num_layers), lora, positions_BT, mask_BTS, start,
-                      jnp.asarray(lora_scale, c.dtype))
+                      tuple(jnp.asarray(v, c.dtype) for v in lora_hp))
     x_BTD, k_cache, v_cache = carry
 
-    if last_only:
-      x_BTD = x_BTD[:, -1:]
+    if select_BI is not None:  # only the positions whose logits are needed (saves the V-sized head)
+      x_BTD = jnp.take_along_axis(x_BTD, select_BI[..., None], axis=1)
     x_BTD = RMSNorm(c.rms_norm_eps, c.param_dtype, name="norm")(x_BTD)
     if c.tie_embeddings:
       logits_BTV = x_BTD @ embedding_VD.astype(c.dtype).T
@@ -280,14 +290,22 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=None, lora=None,
-            last_only: bool = False):
-  """Pure forward pass: (logits_BTV float32, updated cache or None).
+            *, segments_BT=None, select_BI=None, dropout_rng=None):
+  """Pure forward pass: (logits float32, updated cache or None).
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
+  `segments_BT` packs several sequences in a row: a token sees keys of its own segment and of
+  segment 0 (e.g. one prompt shared by N candidate continuations). `select_BI` picks the time
+  indices whose logits are returned (logits_BIV instead of logits_BTV). `dropout_rng` turns on
+  LoRA dropout (training only).
   """
-  weights, scale = (None, 1.0) if lora is None else (lora.weights, lora.scale)
-  return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, cache, weights,
-                                   scale, last_only)
+  if lora is None:
+    weights, hp = None, (1.0, 0.0)
+  else:
+    weights, hp = lora.weights, (lora.scale, lora.dropout)
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
+  return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, cache, weights, hp,
+                                   segments_BT, select_BI, rngs=rngs)
 
 
 def param_shapes(config: ModelConfig) -> Params:

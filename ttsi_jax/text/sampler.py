@@ -77,8 +77,9 @@ def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, confi
     return sample_token(logits_BV, keys, sampling.temperature, sampling.top_p)
 
   cache = KVCache.init(config, B, P + N)
+  last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
   logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
-                                          last_only=True)
+                                          select_BI=last_B1)
   next_position_B = jnp.max(positions_BP, axis=1) + 1
   first_B = sample(logits_B1V[:, -1], 0)
   done_B = jnp.isin(first_B, stop)

@@ -1,0 +1,158 @@
+"""T, self-learning: many throw-away LoRA adapters trained in parallel with one vmapped update step.
+
+Every array that belongs to an adapter carries a leading adapter axis A: LoRA params, AdamW state,
+the per-step batch, the learning rate and the dropout key. The frozen base params are shared
+(`in_axes=None`), so one step reads them once for all A adapters. Each adapter has its own number of
+steps (epochs x its own batches) and its own warmup-cosine schedule; an adapter whose data ran out
+skips the remaining steps unchanged, so training A adapters together equals training each alone.
+Loss: mean cross-entropy on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import transformer
+from ttsi_jax.model.transformer import ModelConfig
+from ttsi_jax.text.sampler import bucket
+
+MIN_LENGTH_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = lora_lib.ALL_LINEAR
+  learning_rate: float = 1e-4
+  epochs: int = 5
+  batch_size: int = 1
+  warmup_ratio: float = 0.03
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+
+def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
+  """Linear warmup from 0, then cosine decay to 0 (transformers' cosine schedule, step by step)."""
+  warmup = math.ceil(cfg.warmup_ratio * total_steps)
+  steps = np.arange(total_steps, dtype=np.float64)
+  warm = steps / max(1, warmup)
+  progress = (steps - warmup) / max(1, total_steps - warmup)
+  cosine = 0.5 * (1.0 + np.cos(np.pi * progress))
+  return (cfg.learning_rate * np.where(steps < warmup, warm, cosine)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+  """Per-step training data for A adapters: arrays [S, A, batch, ...] plus per-step lr and activity."""
+
+  tokens: np.ndarray  # [S, A, b, L]
+  positions: np.ndarray  # [S, A, b, L]; -1 = padding
+  select: np.ndarray  # [S, A, b, I]: indices whose logits predict the answer tokens
+  targets: np.ndarray  # [S, A, b, I]
+  weights: np.ndarray  # [S, A, b, I]: 1 for answer tokens, 0 for padding
+  learning_rate: np.ndarray  # [S, A]
+  active: np.ndarray  # [S, A]: False once an adapter has run all its steps
+
+
+def make_batches(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+                 pad_id: int, num_adapters: int) -> Batches:
+  """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; rows beyond len(examples) idle."""
+  seqs = [p + a for ex in examples for p, a in ex]
+  answers = [a for ex in examples for _, a in ex]
+  if any(not a for a in answers):
+    raise ValueError("Every training example needs answer tokens.")
+  L = bucket(max(map(len, seqs), default=1), MIN_LENGTH_BUCKET)
+  I = bucket(max(map(len, answers), default=1), 8)
+  b = cfg.batch_size
+  steps_per_adapter = [cfg.epochs * math.ceil(len(ex) / b) for ex in examples]
+  S = max(steps_per_adapter, default=0)
+  A = num_adapters
+  out = Batches(
+      tokens=np.full((S, A, b, L), pad_id, np.int32), positions=np.full((S, A, b, L), -1, np.int32),
+      select=np.zeros((S, A, b, I), np.int32), targets=np.zeros((S, A, b, I), np.int32),
+      weights=np.zeros((S, A, b, I), np.float32), learning_rate=np.zeros((S, A), np.float32),
+      active=np.zeros((S, A), bool))
+  for a, ex in enumerate(examples):
+    total = steps_per_adapter[a]
+    if not total:
+      continue
+    out.learning_rate[:total, a] = lr_schedule(cfg, total)
+    out.active[:total, a] = True
+    num_batches = math.ceil(len(ex) / b)
+    for s in range(total):
+      chunk = ex[(s % num_batches) * b:(s % num_batches + 1) * b]  # fixed order, every epoch
+      for j, (prompt, answer) in enumerate(chunk):
+        seq = prompt + answer
+        n, m = len(prompt), len(answer)
+        out.tokens[s, a, j, :len(seq)] = seq
+        out.positions[s, a, j, :len(seq)] = np.arange(len(seq))
+        out.select[s, a, j, :m] = np.arange(n - 1, n + m - 1)
+        out.targets[s, a, j, :m] = answer
+        out.weights[s, a, j, :m] = 1.0
+  return out
+
+
+def answer_loss(config: ModelConfig, params, adapter, tokens, positions, select, targets, weights,
+                dropout_rng=None):
+  """Mean negative log-likelihood of the answer tokens (prompt tokens carry no loss)."""
+  logits_BIV, _ = transformer.forward(config, params, tokens, positions, lora=adapter,
+                                      select_BI=select, dropout_rng=dropout_rng)
+  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets[..., None], -1)[..., 0]
+  return -jnp.sum(logp_BI * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+class Trainer:
+  """Builds the optimizer and the jitted, adapter-vmapped init and update step."""
+
+  def __init__(self, config: ModelConfig, cfg: AdaptConfig):
+    self.config = config
+    self.cfg = cfg
+    # The learning rate is a per-adapter hyperparameter fed each step (own schedule per adapter).
+    self.optimizer = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay))
+    self.init = jax.jit(jax.vmap(self._init_one))
+    self.step = jax.jit(jax.vmap(self._step_one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+                        donate_argnums=(1, 2))
+
+  def _init_one(self, rng):
+    adapter = lora_lib.init(self.config, rng, self.cfg.rank, self.cfg.alpha, self.cfg.targets,
+                            self.cfg.dropout)
+    return adapter, self.optimizer.init(adapter)
+
+  def _step_one(self, params, adapter, opt_state, tokens, positions, select, targets, weights,
+                learning_rate, active, rng):
+    dropout_rng = rng if self.cfg.dropout > 0 else None
+    loss, grads = jax.value_and_grad(
+        lambda ad: answer_loss(self.config, params, ad, tokens, positions, select, targets, weights,
+                               dropout_rng))(adapter)
+    opt_state[1].hyperparams["learning_rate"] = learning_rate
+    updates, new_state = self.optimizer.update(grads, opt_state, adapter)
+    new_adapter = optax.apply_updates(adapter, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+    return keep(new_adapter, adapter), keep(new_state, opt_state), loss
+
+  def train(self, params, batches: Batches, rngs_A: jax.Array):
+    """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A])."""
+    adapters, opt_states = self.init(rngs_A)
+    losses = []
+    for s in range(batches.tokens.shape[0]):
+      step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs_A, s)
+      adapters, opt_states, loss = self.step(
+          params, adapters, opt_states, batches.tokens[s], batches.positions[s],
+          batches.select[s], batches.targets[s], batches.weights[s], batches.learning_rate[s],
+          batches.active[s], step_rngs)
+      losses.append(loss)
+    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
+    return adapters, np.where(batches.active, losses, np.nan)

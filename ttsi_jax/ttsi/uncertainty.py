@@ -1,0 +1,119 @@
+"""H, self-awareness: candidate log-likelihoods and the uncertainty they imply.
+
+For each input the prompt and its N candidate continuations are packed into one row
+`[prompt | cand_1 | ... | cand_N]`: every candidate sees the prompt (segment 0) and itself, never the
+other candidates, so the prompt is processed once and all candidates are scored in the same forward
+pass. Logits are computed only at the positions that predict candidate tokens.
+
+Relative Softmax Scoring (RSS): p = softmax(l) over the candidates' log-likelihoods l;
+margin = p(1) - p(2) (uncertain when below tau); entropy = -sum p log p (uncertain when above its
+threshold); perplexity = exp(-l / num_tokens) per candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttsi_jax.model import transformer
+from ttsi_jax.model.transformer import ModelConfig
+from ttsi_jax.text.sampler import bucket
+
+MIN_ROW_BUCKET = 64
+PAD_SEGMENT = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCandidates:
+  """Host arrays for B inputs: one packed row each, I scored tokens per row."""
+
+  tokens_BT: np.ndarray
+  positions_BT: np.ndarray
+  segments_BT: np.ndarray
+  select_BI: np.ndarray  # row index whose logits predict target i
+  targets_BI: np.ndarray  # the candidate token being scored
+  owner_BI: np.ndarray  # which candidate target i belongs to; -1 for padding
+  num_candidates: int  # N (padded; rows with fewer candidates have empty slots)
+
+
+def pack(prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
+         pad_id: int) -> PackedCandidates:
+  """Packs prompt + candidates per input, padded to power-of-two buckets (one compile per bucket)."""
+  if len(prompts) != len(candidates):
+    raise ValueError("One candidate list per prompt is needed.")
+  for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
+    if not prompt or not cands or any(not c for c in cands):
+      raise ValueError(f"Input {b}: the prompt, the candidate list and every candidate need tokens.")
+  rows = len(prompts)
+  T = bucket(max(len(p) + sum(map(len, c)) for p, c in zip(prompts, candidates)), MIN_ROW_BUCKET)
+  I = bucket(max(sum(map(len, c)) for c in candidates), 8)
+  N = bucket(max(len(c) for c in candidates), 2)
+  out = PackedCandidates(
+      tokens_BT=np.full((rows, T), pad_id, np.int32), positions_BT=np.full((rows, T), -1, np.int32),
+      segments_BT=np.full((rows, T), PAD_SEGMENT, np.int32), select_BI=np.zeros((rows, I), np.int32),
+      targets_BI=np.zeros((rows, I), np.int32), owner_BI=np.full((rows, I), -1, np.int32),
+      num_candidates=N)
+  for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
+    n = len(prompt)
+    out.tokens_BT[b, :n] = prompt
+    out.positions_BT[b, :n] = np.arange(n)
+    out.segments_BT[b, :n] = 0
+    t, i = n, 0
+    for k, cand in enumerate(cands):
+      m = len(cand)
+      out.tokens_BT[b, t:t + m] = cand
+      out.positions_BT[b, t:t + m] = np.arange(n, n + m)
+      out.segments_BT[b, t:t + m] = k + 1
+      # Token j of the candidate is predicted by the last prompt token (j = 0) or by token j - 1.
+      out.select_BI[b, i:i + m] = [n - 1] + list(range(t, t + m - 1))
+      out.targets_BI[b, i:i + m] = cand
+      out.owner_BI[b, i:i + m] = k
+      t, i = t + m, i + m
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
+def candidate_logliks(params, tokens_BT, positions_BT, segments_BT, select_BI, targets_BI, owner_BI,
+                      lora=None, *, config: ModelConfig, num_candidates: int):
+  """(loglik_BN, num_tokens_BN): sum and count of candidate token log-probs; empty slots -inf, 0."""
+  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, lora=lora,
+                                      segments_BT=segments_BT, select_BI=select_BI)
+  logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
+  token_logp_BI = jnp.take_along_axis(logp_BIV, targets_BI[..., None], axis=-1)[..., 0]
+  owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
+  num_tokens_BN = jnp.sum(owned_BIN, axis=1)
+  loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
+  return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN
+
+
+def score(config: ModelConfig, params, packed: PackedCandidates, lora=None):
+  return candidate_logliks(params, packed.tokens_BT, packed.positions_BT, packed.segments_BT,
+                           packed.select_BI, packed.targets_BI, packed.owner_BI, lora,
+                           config=config, num_candidates=packed.num_candidates)
+
+
+@jax.jit
+def rss_stats(loglik_BN, num_tokens_BN):
+  """RSS probabilities, margin, entropy and per-candidate perplexity; -inf logliks are empty slots."""
+  probs_BN = jax.nn.softmax(loglik_BN, axis=-1)  # exp(l - max l) / sum exp(l - max l)
+  top2_B2 = jax.lax.top_k(probs_BN, 2)[0]
+  margin_B = top2_B2[:, 0] - top2_B2[:, 1]
+  entropy_B = -jnp.sum(jnp.where(probs_BN > 0, probs_BN * jnp.log(probs_BN), 0.0), axis=-1)
+  perplexity_BN = jnp.where(num_tokens_BN > 0,
+                            jnp.exp(-loglik_BN / jnp.maximum(num_tokens_BN, 1)), jnp.inf)
+  return {"probs": probs_BN, "margin": margin_B, "entropy": entropy_B,
+          "perplexity": perplexity_BN, "best": jnp.argmax(loglik_BN, axis=-1)}
+
+
+def is_uncertain(stats: dict, measure: str, threshold: float) -> np.ndarray:
+  """Margin below tau, or entropy above its threshold."""
+  if measure == "margin":
+    return np.asarray(stats["margin"]) < threshold
+  if measure == "entropy":
+    return np.asarray(stats["entropy"]) > threshold
+  raise ValueError(f"Unknown uncertainty measure {measure!r}; valid: ['margin', 'entropy'].")
