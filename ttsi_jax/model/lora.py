@@ -13,6 +13,7 @@ from typing import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttsi_jax.model import transformer
 
@@ -45,3 +46,18 @@ def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: 
     b = jnp.zeros((num_layers, rank, fan_out), dtype)
     weights.setdefault(module, {})[name] = {"a": a, "b": b}
   return Adapter(weights=weights, scale=alpha / rank, dropout=dropout)
+
+
+def take_padded(adapters: Adapter, start: int, count: int, size: int) -> Adapter:
+  """Adapters [start, start + count) of a stacked set, padded to `size` by repeating the last one
+  (padding rows are discarded; repeating keeps shapes static without inventing weights)."""
+  idx = np.minimum(np.arange(size), count - 1) + start
+  return jax.tree.map(lambda x: x[idx], adapters)
+
+
+def stack(adapters: Sequence[Adapter]) -> Adapter:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def unstack(adapters: Adapter, index: int) -> Adapter:
+  return jax.tree.map(lambda x: x[index], adapters)

@@ -10,8 +10,8 @@ kept verdict-for-verdict identical to `bfcl_eval` (tests/tasks/bfcl_test.py chec
 
 * the default system prompt (`formulate_system_prompt` with the default format string);
 * decoding (`default_decode_ast_prompting` + `ast_parse`): the answer is a Python call list
-  `[f(a=1), g(b="x")]`, a bare call `f(a=1)` is wrapped in brackets, surrounding backticks, spaces and
-  newlines are stripped. Like BFCL, positional arguments are silently dropped, any unary operator
+  `[f(a=1), g(b="x")]`, a bare call `f(a=1)` is wrapped in brackets, surrounding backticks, spaces
+  and newlines are stripped. Like BFCL, positional arguments are silently dropped, any unary operator
   negates a constant (`+5` decodes to -5), bare names decode to their own text, calls without
   keywords and subscripts decode to their source text, and a fence with a language tag
   (```` ```python ````) does not decode. BFCL `eval`s arithmetic (`BinOp`) arguments; we evaluate
@@ -55,10 +55,10 @@ IRRELEVANCE = "irrelevance"
 # ----------------------------------------------------------------------------------------------
 
 _PERSONA = "You are an expert in composing functions."
-_TASK = ("You are given a question and a set of possible functions. Based on the question, you will "
-         "need to make one or more function/tool calls to achieve the purpose. If none of the "
-         "functions can be used, point it out. If the given question lacks the parameters required "
-         "by the function, also point it out.")
+_TASK = ("You are given a question and a set of possible functions. Based on the question, you "
+         "will need to make one or more function/tool calls to achieve the purpose. If none of the "
+         "functions can be used, point it out. If the given question lacks the parameters "
+         "required by the function, also point it out.")
 _OUTPUT_FORMAT = ("[func_name1(params_name1=params_value1, params_name2=params_value2...), "
                   "func_name2(params)]")
 _TOOL_CALL_FORMAT = (
@@ -618,7 +618,8 @@ class BfclTask:
     answers = self._load_answers()
     examples: list[Example] = []
     seen: set[str] = set()
-    for number, row, error in _read_json_lines(self._path(f"{VERSION_PREFIX}_{self.category}.json")):
+    questions = self._path(f"{VERSION_PREFIX}_{self.category}.json")
+    for number, row, error in _read_json_lines(questions):
       row_id = row.get("id") if isinstance(row, dict) else None
       label = row_id if isinstance(row_id, str) else f"line {number}"
       if error is not None:
@@ -674,6 +675,8 @@ class BfclTask:
     return ["[" + function["name"] + "(" for function in example.functions]
 
   def check(self, example: Example, answer: str) -> Verdict:
+    """BFCL's verdict, routed by this task's category (simple / multiple / parallel); an example
+    whose gold is the empty call list is judged by the irrelevance rule."""
     if example.gold is None:
       return Verdict(False, "No ground truth for this example.")
     try:

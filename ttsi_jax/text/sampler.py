@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache, ModelConfig
 
@@ -31,8 +32,10 @@ class SamplingParams:
 
 
 def bucket(n: int, minimum: int = 1) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
+  """Smallest size >= max(n, minimum) of the form 2^k or 1.5 * 2^k (at most 1/3 padding waste)."""
+  n = max(n, minimum, 1)
+  power = 1 << (n - 1).bit_length()
+  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
@@ -123,8 +126,13 @@ class Sampler:
     return ids
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
-               rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
-    """Completion token ids per prompt (stop token excluded), in prompt order."""
+               rng: Optional[jax.Array] = None, lora=None,
+               lora_per_row: bool = False) -> list[list[int]]:
+    """Completion token ids per prompt (stop token excluded), in prompt order.
+
+    `lora`: None (base model), one Adapter for every row, or - with `lora_per_row` - adapters
+    stacked on a leading axis, row i decoded by adapter i (one call vmapped over the adapters).
+    """
     if not prompts:
       return []
     rng = jax.random.key(0) if rng is None else rng
@@ -133,6 +141,7 @@ class Sampler:
     if length + sampling.max_new_tokens > self.config.max_position_embeddings:
       raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
                        f"the model's context of {self.config.max_position_embeddings} tokens.")
+    kwargs = dict(config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
       chunk = prompts[start:start + self.max_batch]
@@ -141,9 +150,12 @@ class Sampler:
       chunk_keys = keys[start:start + len(chunk)]
       keys_B = jnp.concatenate([chunk_keys, jax.random.split(rng, batch - len(chunk))]) if (
           batch > len(chunk)) else chunk_keys
-      out_BN = generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
-                               config=self.config, sampling=sampling, stop_ids=self.stop_ids,
-                               pad_id=self.pad_id)
+      if lora_per_row:  # vmap over adapters, a batch of one row each
+        adapters = lora_lib.take_padded(lora, start, len(chunk), batch)
+        out_BN = jax.vmap(lambda t, p, k, a: generate_tokens(self.params, t, p, k, a, **kwargs))(
+            tokens_BP[:, None], positions_BP[:, None], keys_B[:, None], adapters)[:, 0]
+      else:
+        out_BN = generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora, **kwargs)
       out_BN = np.asarray(out_BN)
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
     return results
