@@ -109,8 +109,8 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 def cache_sharding(mesh: Mesh, cache):
   """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
   kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))
-  return type(cache)(kv, kv, batch_sharding(mesh, cache.positions_BS.shape),
-                     NamedSharding(mesh, P()))
+  rows = batch_sharding(mesh, cache.positions_BS.shape)
+  return type(cache)(kv, kv, rows, rows, NamedSharding(mesh, P()))
 
 
 def shard_params(mesh: Mesh, params):

@@ -65,6 +65,7 @@ class KVCache:
   k_LBSKH: jax.Array
   v_LBSKH: jax.Array
   positions_BS: jax.Array  # int32 position of the token held in each slot, -1 when empty or padding
+  segments_BS: jax.Array  # int32 segment of each slot (0 = shared prefix), see `forward`
   end_index: jax.Array  # int32 scalar: next slot to write
 
   @classmethod
@@ -74,6 +75,7 @@ class KVCache:
         k_LBSKH=jnp.zeros(shape, config.dtype),
         v_LBSKH=jnp.zeros(shape, config.dtype),
         positions_BS=jnp.full((batch, length), -1, jnp.int32),
+        segments_BS=jnp.zeros((batch, length), jnp.int32),
         end_index=jnp.zeros((), jnp.int32),
     )
 
@@ -248,21 +250,24 @@ class Transformer(nn.Module):
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
     T = tokens_BT.shape[1]
 
+    query_segments_BT = jnp.zeros_like(tokens_BT) if segments_BT is None else segments_BT
     if cache is None:
-      key_positions_BS = positions_BT
+      key_positions_BS, key_segments_BS = positions_BT, query_segments_BT
       start = jnp.zeros((), jnp.int32)
       carry = (x_BTD, None, None)
     else:
       start = cache.end_index
-      key_positions_BS = jax.lax.dynamic_update_slice(
-          cache.positions_BS, positions_BT.astype(jnp.int32), (jnp.zeros((), jnp.int32), start))
+      at = (jnp.zeros((), jnp.int32), start)
+      key_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS,
+                                                      positions_BT.astype(jnp.int32), at)
+      key_segments_BS = jax.lax.dynamic_update_slice(cache.segments_BS,
+                                                     query_segments_BT.astype(jnp.int32), at)
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
     mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
         key_positions_BS[:, None, :] <= positions_BT[:, :, None])
     if segments_BT is not None:  # packed rows: segment 0 (a shared prefix) is visible to all
-      if cache is not None:
-        raise ValueError("segments_BT is for cache-free packed forwards only.")
-      mask_BTS &= (segments_BT[:, None, :] == 0) | (segments_BT[:, None, :] == segments_BT[:, :, None])
+      mask_BTS &= (key_segments_BS[:, None, :] == 0) | (
+          key_segments_BS[:, None, :] == query_segments_BT[:, :, None])
 
     # remat: training keeps only each layer's input for the backward pass (inference is unaffected).
     layers = nn.scan(
@@ -285,7 +290,7 @@ class Transformer(nn.Module):
       logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, name="lm_head")(x_BTD)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k_cache, v_cache, key_positions_BS, start + T)
+      new_cache = KVCache(k_cache, v_cache, key_positions_BS, key_segments_BS, start + T)
     return logits_BTV.astype(jnp.float32), new_cache
 
 
@@ -295,7 +300,7 @@ def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
   `segments_BT` packs several sequences in a row: a token sees keys of its own segment and of
-  segment 0 (e.g. one prompt shared by N candidate continuations). `select_BI` picks the time
+  segment 0 (e.g. one prompt, or a cached prefix, shared by N candidate continuations). `select_BI` picks the time
   indices whose logits are returned (logits_BIV instead of logits_BTV). `dropout_rng` turns on
   LoRA dropout (training only).
   """

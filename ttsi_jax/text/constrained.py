@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -25,7 +26,8 @@ CLOSE = ")]"
 
 
 def leading_literal(text: str) -> Optional[str]:
-  """The first complete Python literal in `text` that is followed by ',' or ')' (None if none)."""
+  """The first complete Python literal in `text` followed by ',' or ')'; an unquoted word there
+  (`city=Paris)`) becomes a quoted string. None if neither is found."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
@@ -35,6 +37,8 @@ def leading_literal(text: str) -> Optional[str]:
     try:
       ast.literal_eval(candidate)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      if re.fullmatch(r"[\w .:-]+", candidate):
+        return repr(candidate)
       continue
     return candidate
   return None
@@ -50,28 +54,31 @@ class _Row:
 
 
 class CallDecoder:
-  """Stage-wise constrained decoding over a batch of contexts (see module docstring)."""
+  """Stage-wise constrained decoding over a prefilled batch (see module docstring).
 
-  def __init__(self, sampler: sampler_lib.Sampler, tokenizer, max_value_tokens: int = 32,
-               max_args: int = 12):
+  The prompt is prefilled once; each stage appends the call written so far to that cached prefix,
+  scores the next options against it and writes the value from it, so a stage costs tens of
+  tokens, not a new pass over the prompt.
+  """
+
+  def __init__(self, sampler: sampler_lib.Sampler, tokenizer, max_value_tokens: int = 24,
+               max_args: int = 10):
     self.sampler = sampler
     self.tokenizer = tokenizer
     self.max_value_tokens = max_value_tokens
     self.max_args = max_args
 
-  def _score(self, contexts: Sequence[str], options: Sequence[Sequence[str]], lora, per_row):
-    enc = self.tokenizer.encode
-    packed = uncertainty.pack([enc(c) for c in contexts],
-                              [[enc(o) for o in opts] for opts in options], self.sampler.pad_id)
-    loglik, _ = uncertainty.score(self.sampler.config, self.sampler.params, packed, lora, per_row)
-    return np.asarray(loglik)
+  def decode(self, pre: sampler_lib.Prefilled, functions: Sequence[Sequence[dict]],
+             names: Sequence[str], leads: Optional[Sequence[str]] = None,
+             sampling: SamplingParams = SamplingParams(),
+             rng: Optional[jax.Array] = None) -> list[str]:
+    """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
 
-  def decode(self, contexts: Sequence[str], functions: Sequence[Sequence[dict]],
-             names: Sequence[str], sampling: SamplingParams = SamplingParams(),
-             rng: Optional[jax.Array] = None, lora=None, lora_per_row: bool = False) -> list[str]:
-    """One call per row: `contexts[i]` is the text right before the call (e.g. a chat prompt),
-    `names[i]` the function to call (one of `functions[i]`). Returns the call strings."""
+    `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default.
+    """
     rng = jax.random.key(0) if rng is None else rng
+    leads = leads or [""] * pre.rows
+    enc = self.tokenizer.encode
     rows = []
     for name, funcs in zip(names, functions):
       function = next((f for f in funcs if f.get("name") == name), None)
@@ -80,37 +87,32 @@ class CallDecoder:
       rows.append(_Row(text=f"[{name}(", function=function, used=[]))
     value_sampling = dataclasses.replace(sampling, max_new_tokens=self.max_value_tokens)
     for step in range(self.max_args + 1):
-      active = [i for i, r in enumerate(rows) if not r.done]
-      if not active:
+      active = [not r.done for r in rows]
+      if not any(active):
         break
-      # 1) next keyword (or close), by likelihood
-      options = {i: self._options(rows[i]) for i in active}
-      scored = [i for i in active if len(options[i]) > 1]
-      for i in active:
-        if len(options[i]) == 1:
-          rows[i].pending = options[i][0]
-      if scored:
-        loglik = self._score([contexts[i] + rows[i].text for i in scored],
-                             [options[i] for i in scored], _rows(lora, scored, lora_per_row),
-                             lora_per_row)
-        for j, i in enumerate(scored):
-          rows[i].pending = options[i][int(np.argmax(loglik[j, :len(options[i])]))]
-      # 2) its value, written by the model and cut at the end of the first complete literal
-      writing = []
-      for i in active:
-        row = rows[i]
-        if row.pending == CLOSE or step == self.max_args:
+      here = self.sampler.extend(pre, [enc(lead + r.text) if a else []
+                                       for lead, r, a in zip(leads, rows, active)])
+      options = [self._options(r) if a else [CLOSE] for r, a in zip(rows, active)]
+      loglik, _ = uncertainty.score_after(self.sampler, here, [[enc(o) for o in opts]
+                                                               for opts in options])
+      writing = [False] * len(rows)
+      for i, row in enumerate(rows):
+        if not active[i]:
+          continue
+        row.pending = options[i][int(np.argmax(loglik[i, :len(options[i])]))]
+        if row.pending == CLOSE or step == self.max_args or here.free() < 64:
           row.text += CLOSE
           row.done = True
         else:
-          writing.append(i)
-      if not writing:
+          writing[i] = True
+      if not any(writing):
         continue
-      prompts = [self.tokenizer.encode(contexts[i] + rows[i].text + rows[i].pending)
-                 for i in writing]
-      outs = self.sampler.generate(prompts, value_sampling, jax.random.fold_in(rng, step),
-                                   _rows(lora, writing, lora_per_row), lora_per_row)
-      for i, out in zip(writing, outs):
+      outs = self.sampler.continue_(here, [enc(r.pending) if w else []
+                                           for r, w in zip(rows, writing)],
+                                    value_sampling, jax.random.fold_in(rng, step), writing)
+      for i, out in enumerate(outs):
+        if not writing[i]:
+          continue
         row = rows[i]
         value = leading_literal(self.tokenizer.decode(out))
         if value is None:  # no usable value: close the call without this argument
@@ -133,10 +135,3 @@ class CallDecoder:
       options.append(CLOSE)
     return options or [CLOSE]
 
-
-def _rows(lora, indices, per_row):
-  """The adapters of the selected rows when each row has its own (else `lora` unchanged)."""
-  if lora is None or not per_row:
-    return lora
-  idx = np.asarray(indices)
-  return jax.tree.map(lambda x: x[idx], lora)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,11 +68,44 @@ def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature: float,
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
-def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, config: ModelConfig,
-                    sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int):
-  """New tokens_BN (pad after a row's stop token) for left-padded prompts."""
+@flax.struct.dataclass
+class Prefix:
+  """A prefilled prompt: its KV cache (with free slots after it), last logits and next positions.
+
+  Immutable like every pytree here: continuing from a prefix never changes it, so one prefill serves
+  candidate scoring, several answers and every stage of constrained decoding.
+  """
+
+  cache: KVCache
+  last_logits_BV: jax.Array
+  next_position_B: jax.Array
+
+
+def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
   B, P = tokens_BP.shape
+  cache = KVCache.init(config, B, length)
+  last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
+  logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
+                                          select_BI=last_B1)
+  return Prefix(cache, logits_B1V[:, 0], jnp.max(positions_BP, axis=1) + 1)
+
+
+def _extend(config, params, prefix: Prefix, tokens_BE, lengths_B, lora) -> Prefix:
+  """Appends left-padded tokens (row b: its last lengths_B[b]) to a prefix."""
+  E = tokens_BE.shape[1]
+  offsets_BE = jnp.arange(E) - (E - lengths_B[:, None])
+  positions_BE = jnp.where(offsets_BE >= 0, prefix.next_position_B[:, None] + offsets_BE, -1)
+  last_B1 = jnp.full((tokens_BE.shape[0], 1), E - 1, jnp.int32)
+  logits_B1V, cache = transformer.forward(config, params, tokens_BE, positions_BE, prefix.cache,
+                                          lora, select_BI=last_B1)
+  last_BV = jnp.where(lengths_B[:, None] > 0, logits_B1V[:, 0], prefix.last_logits_BV)
+  return Prefix(cache, last_BV, prefix.next_position_B + lengths_B)
+
+
+def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingParams,
+            stop_ids: tuple[int, ...], pad_id: int, active_B=None):
+  """New tokens_BN after a prefix (pad after a row's stop token; inactive rows stop at once)."""
+  B = keys_B.shape[0]
   N = sampling.max_new_tokens
   stop = jnp.asarray(stop_ids, jnp.int32)
 
@@ -79,13 +113,10 @@ def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, confi
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     return sample_token(logits_BV, keys, sampling.temperature, sampling.top_p)
 
-  cache = KVCache.init(config, B, P + N)
-  last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
-  logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
-                                          select_BI=last_B1)
-  next_position_B = jnp.max(positions_BP, axis=1) + 1
-  first_B = sample(logits_B1V[:, -1], 0)
+  first_B = sample(prefix.last_logits_BV, 0)
   done_B = jnp.isin(first_B, stop)
+  if active_B is not None:
+    done_B |= ~active_B
   out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B)
 
   def cond(state):
@@ -94,7 +125,7 @@ def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, confi
 
   def body(state):
     step, last_B, cache, done_B, out_BN = state
-    positions_B1 = (next_position_B + step - 1)[:, None]
+    positions_B1 = (prefix.next_position_B + step - 1)[:, None]
     logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache,
                                             lora)
     new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
@@ -102,8 +133,73 @@ def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, confi
     out_BN = jax.lax.dynamic_update_slice(out_BN, new_B[:, None], (0, step))
     return step + 1, new_B, cache, done_B, out_BN
 
-  state = (jnp.ones((), jnp.int32), first_B, cache, done_B, out_BN)
+  state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, out_BN)
   return jax.lax.while_loop(cond, body, state)[-1]
+
+
+_STATIC = ("config", "sampling", "stop_ids", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, config: ModelConfig,
+                    sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int):
+  """New tokens_BN (pad after a row's stop token) for left-padded prompts."""
+  prefix = _prefill(config, params, tokens_BP, positions_BP, lora,
+                    tokens_BP.shape[1] + sampling.max_new_tokens)
+  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def prefill(params, tokens_BP, positions_BP, lora=None, *, config: ModelConfig, length: int):
+  """A `Prefix` whose cache holds `length` slots (the prompt's and room for what follows)."""
+  return _prefill(config, params, tokens_BP, positions_BP, lora, length)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def extend(params, prefix: Prefix, tokens_BE, lengths_B, lora=None, *, config: ModelConfig):
+  """prefix + the left-padded extension tokens_BE (row b: its last lengths_B[b] tokens)."""
+  return _extend(config, params, prefix, tokens_BE, lengths_B, lora)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def continue_tokens(params, prefix: Prefix, tokens_BE, lengths_B, keys_B, active_B, lora=None, *,
+                    config: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, ...],
+                    pad_id: int):
+  """New tokens_BN after prefix + the (left-padded) extension tokens_BE; only active rows run."""
+  prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
+  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+  """Host handle on a device `Prefix` for `rows` prompts (padded to `batch`).
+
+  With `per_row`, row i belongs to adapter i: arrays carry a leading adapter axis and a batch of 1,
+  and every call on it is vmapped over the adapters.
+  """
+
+  prefix: Prefix
+  rows: int
+  batch: int
+  used: int  # cache slots already holding tokens (prompt bucket + extensions)
+  capacity: int
+  lora: Any = None
+  per_row: bool = False
+
+  def free(self) -> int:
+    return self.capacity - self.used
+
+
+def left_pad_extensions(extensions: Sequence[Sequence[int]], batch: int,
+                        pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  length = bucket(max((len(e) for e in extensions), default=1), 8)
+  tokens_BE = np.full((batch, length), pad_id, np.int32)
+  lengths_B = np.zeros((batch,), np.int32)
+  for b, ext in enumerate(extensions):
+    if ext:
+      tokens_BE[b, length - len(ext):] = ext
+      lengths_B[b] = len(ext)
+  return tokens_BE, lengths_B
 
 
 class Sampler:
@@ -124,6 +220,64 @@ class Sampler:
         break
       ids.append(t)
     return ids
+
+  def call_rows(self, fn, per_row: bool, lora, *row_args):
+    """fn(params, *row_args, lora) for the whole batch, or vmapped over per-row adapters."""
+    if not per_row:
+      return fn(self.params, *row_args, lora)
+    return jax.vmap(lambda a, *args: fn(self.params, *args, a))(lora, *row_args)
+
+  def prefill(self, prompts: Sequence[Sequence[int]], reserve: int, lora=None,
+              lora_per_row: bool = False) -> Prefilled:
+    """Prefills all prompts once, leaving `reserve` free cache slots for what follows."""
+    length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    capacity = length + reserve
+    if capacity > self.config.max_position_embeddings:
+      raise ValueError(f"Prompt bucket {length} + reserve {reserve} exceeds the model's context of "
+                       f"{self.config.max_position_embeddings} tokens.")
+    batch = bucket(len(prompts))
+    if lora_per_row:
+      lora = lora_lib.take_padded(lora, 0, len(prompts), batch)
+    tokens_BP, positions_BP = left_pad(prompts, length, batch, self.pad_id)
+    fn = functools.partial(prefill, config=self.config, length=capacity)
+    if lora_per_row:
+      tokens_BP, positions_BP = tokens_BP[:, None], positions_BP[:, None]
+    prefix = self.call_rows(lambda p, t, q, a: fn(p, t, q, a), lora_per_row, lora, tokens_BP,
+                        positions_BP)
+    return Prefilled(prefix, len(prompts), batch, length, capacity, lora, lora_per_row)
+
+  def _row_arrays(self, pre: Prefilled, arrays):
+    return [a[:, None] for a in arrays] if pre.per_row else list(arrays)
+
+  def extend(self, pre: Prefilled, extensions: Sequence[Sequence[int]]) -> Prefilled:
+    """A new handle with each row's extension tokens appended (the old one stays valid)."""
+    tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
+    if tokens_BE.shape[1] > pre.free():
+      raise ValueError(f"Extension of {tokens_BE.shape[1]} tokens exceeds the {pre.free()} free "
+                       "cache slots; prefill with a larger reserve.")
+    fn = functools.partial(extend, config=self.config)
+    prefix = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
+                        *self._row_arrays(pre, (tokens_BE, lengths_B)))
+    return dataclasses.replace(pre, prefix=prefix, used=pre.used + tokens_BE.shape[1])
+
+  def continue_(self, pre: Prefilled, extensions: Sequence[Sequence[int]],
+                sampling: SamplingParams, rng: Optional[jax.Array] = None,
+                active: Optional[Sequence[bool]] = None) -> list[list[int]]:
+    """Completions after prefix + extension, per row (inactive rows return [])."""
+    rng = jax.random.key(0) if rng is None else rng
+    tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
+    if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
+      raise ValueError(f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
+                       f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve.")
+    active_B = np.zeros((pre.batch,), bool)
+    active_B[:pre.rows] = True if active is None else np.asarray(active, bool)
+    keys_B = jax.random.split(rng, pre.batch)
+    fn = functools.partial(continue_tokens, config=self.config, sampling=sampling,
+                           stop_ids=self.stop_ids, pad_id=self.pad_id)
+    out = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
+                     *self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B)))
+    out_BN = np.asarray(out[:, 0] if pre.per_row else out)
+    return [self._trim(out_BN[b]) if active_B[b] else [] for b in range(pre.rows)]
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
                rng: Optional[jax.Array] = None, lora=None,

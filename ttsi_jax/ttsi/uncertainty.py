@@ -106,6 +106,75 @@ def score(config: ModelConfig, params, packed: PackedCandidates, lora=None,
   return loglik[:, 0], counts[:, 0]
 
 
+def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
+               pad_id: int) -> PackedCandidates:
+  """Packs candidates that continue a cached prefix: like `pack` without the prompt part.
+
+  `positions_BT` holds offsets from each row's next position (-1 = padding); `select_BI` is -1
+  where the prefix's last logits predict the target (each candidate's first token).
+  """
+  rows = len(candidates)
+  T = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
+  N = bucket(max((len(c) for c in candidates), default=1), 2)
+  out = PackedCandidates(
+      tokens_BT=np.full((batch, T), pad_id, np.int32), positions_BT=np.full((batch, T), -1, np.int32),
+      segments_BT=np.full((batch, T), PAD_SEGMENT, np.int32),
+      select_BI=np.full((batch, T), -1, np.int32), targets_BI=np.zeros((batch, T), np.int32),
+      owner_BI=np.full((batch, T), -1, np.int32), num_candidates=N)
+  for b, cands in enumerate(candidates[:rows]):
+    t = 0
+    for k, cand in enumerate(cands):
+      m = len(cand)
+      if not m:
+        raise ValueError(f"Row {b}: candidate {k} has no tokens.")
+      out.tokens_BT[b, t:t + m] = cand
+      out.positions_BT[b, t:t + m] = np.arange(m)
+      out.segments_BT[b, t:t + m] = k + 1
+      out.select_BI[b, t:t + m] = [-1] + list(range(t, t + m - 1))
+      out.targets_BI[b, t:t + m] = cand
+      out.owner_BI[b, t:t + m] = k
+      t += m
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
+def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
+                            targets_BI, owner_BI, lora=None, *, config: ModelConfig,
+                            num_candidates: int):
+  """Like `candidate_logliks`, for candidates continuing a cached `sampler.Prefix`."""
+  positions_BT = jnp.where(offsets_BT >= 0, prefix.next_position_B[:, None] + offsets_BT, -1)
+  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, prefix.cache, lora,
+                                      segments_BT=segments_BT,
+                                      select_BI=jnp.maximum(select_BI, 0))
+  logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
+  first_BV = jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)
+  from_tokens_BI = jnp.take_along_axis(logp_BIV, targets_BI[..., None], axis=-1)[..., 0]
+  from_prefix_BI = jnp.take_along_axis(first_BV, targets_BI, axis=-1)
+  token_logp_BI = jnp.where(select_BI < 0, from_prefix_BI, from_tokens_BI)
+  owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
+  num_tokens_BN = jnp.sum(owned_BIN, axis=1)
+  loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
+  return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN
+
+
+def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]]):
+  """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`."""
+  packed = pack_after(candidates, pre.batch, sampler.pad_id)
+  if packed.tokens_BT.shape[1] > pre.free():
+    raise ValueError(f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
+                     f"{pre.free()} are free; prefill with a larger reserve.")
+  fn = functools.partial(candidate_logliks_after, config=sampler.config,
+                         num_candidates=packed.num_candidates)
+  arrays = (packed.tokens_BT, packed.positions_BT, packed.segments_BT, packed.select_BI,
+            packed.targets_BI, packed.owner_BI)
+  if pre.per_row:
+    arrays = tuple(a[:, None] for a in arrays)
+  loglik, counts = sampler.call_rows(fn, pre.per_row, pre.lora, pre.prefix, *arrays)
+  if pre.per_row:
+    loglik, counts = loglik[:, 0], counts[:, 0]
+  return np.asarray(loglik)[:pre.rows], np.asarray(counts)[:pre.rows]
+
+
 @jax.jit
 def rss_stats(loglik_BN, num_tokens_BN):
   """RSS probabilities, margin, entropy and per-candidate perplexity; -inf logliks are empty slots."""
