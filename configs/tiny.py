@@ -1,0 +1,16 @@
+"""Tests: the whole loop on a tiny random model (tests set model.path) and 4 BFCL inputs."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task.num_examples = 4
+  config.wave_size = 2
+  config.variants = "base,ttsi,ttsi_icl,all_inputs,certain_only,oracle"
+  config.decoding.modes = "direct,majority,pass@k"
+  config.decoding.num_samples = 2
+  config.synthesis.max_request_tokens = 8
+  config.adaptation.epochs = 2
+  config.reserve = 256
+  return config

@@ -1,0 +1,453 @@
+"""The TT-SI run: load model and task, process test inputs in waves, write results, report.
+
+Per wave of inputs (top to bottom, no back and forth):
+  prefill the prompts once -> H: score candidate actions, margin / entropy, flags
+  -> base answers -> G: synthesize K pairs for the inputs some variant adapts (self and/or teacher)
+  -> T: one vmapped training call for every (variant, input) adapter of the wave
+  -> adapted answers (prefill + decode vmapped over the adapters) and ICL answers
+  -> check -> append one JSON line per input to results.jsonl (flushed per wave).
+A run restarted with the same workdir skips the finished waves; every random key is derived from
+the seed and the input id, so the resumed run ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import zlib
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ttsi_jax import checkpoints
+from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
+from ttsi_jax.tasks import bfcl
+from ttsi_jax.tasks.base import Example, Task
+from ttsi_jax.text import constrained
+from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
+from ttsi_jax.text.sampler import SamplingParams
+from ttsi_jax.ttsi import adaptation, synthesis, uncertainty
+
+VARIANTS = ("base", "ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle")
+TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
+MODES = ("direct", "majority", "pass@k")
+TASKS = ("bfcl",)
+STAGES = ("H", "base", "G", "T", "adapted", "check")
+
+
+def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
+  names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value)
+                if v.strip())
+  unknown = [n for n in names if n not in valid]
+  if unknown or not names:
+    raise ValueError(f"Unknown {what} {unknown or names!r}; valid {what}s are {list(valid)}.")
+  return names
+
+
+def make_task(cfg: ml_collections.ConfigDict) -> Task:
+  if cfg.name not in TASKS:
+    raise ValueError(f"Unknown task {cfg.name!r}; valid tasks are {list(TASKS)}.")
+  return bfcl.BfclTask(cfg.category, cfg.num_examples or None, cfg.data_dir or None)
+
+
+def _key(seed: int, *parts) -> jax.Array:
+  """A key that depends only on the seed and the given names (never on wave composition)."""
+  return jax.random.key(zlib.crc32(json.dumps([seed, *parts]).encode()) & 0x7FFFFFFF)
+
+
+@dataclasses.dataclass
+class Answerer:
+  """Answers prefilled prompts: picks the function by likelihood, then writes the call."""
+
+  task: Task
+  sampler: sampler_lib.Sampler
+  tokenizer: tokenizer_lib.Tokenizer
+  decoder: constrained.CallDecoder
+  well_formed: bool
+  max_new_tokens: int
+  num_samples: int
+  temperature: float
+
+  def score(self, pre, examples: Sequence[Example]):
+    enc = self.tokenizer.encode
+    loglik, counts = uncertainty.score_after(
+        self.sampler, pre, [[enc(c) for c in self.task.candidates(ex)] for ex in examples])
+    return jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
+
+  def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
+    names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
+    sampling = SamplingParams(self.max_new_tokens, self.temperature if sample else 0.0,
+                              0.95 if sample else 1.0)
+    if self.well_formed:
+      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
+                                 rng=rng)
+    outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
+    return [self.tokenizer.decode(o) for o in outs]
+
+  def answers(self, pre, examples, best, rng, modes) -> dict:
+    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}."""
+    out = {"direct": self.answer(pre, examples, best, rng, sample=False)}
+    if set(modes) - {"direct"}:
+      runs = [self.answer(pre, examples, best, jax.random.fold_in(rng, s + 1), sample=True)
+              for s in range(self.num_samples)]
+      out["samples"] = [list(r) for r in zip(*runs)]
+    return out
+
+
+def _verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
+  """Correctness per mode: direct; majority vote over canonical samples; pass@k."""
+  out = {}
+  if "direct" in modes:
+    out["direct"] = task.check(ex, answers["direct"]).correct
+  samples = answers.get("samples", [])
+  if "majority" in modes:
+    votes = collections.Counter(c for c in map(task.canonical, samples) if c is not None)
+    winner = votes.most_common(1)[0][0] if votes else None
+    chosen = next((s for s in samples if task.canonical(s) == winner), "")
+    out["majority"] = task.check(ex, chosen).correct if winner is not None else False
+  if "pass@k" in modes:
+    out["pass@k"] = any(task.check(ex, s).correct for s in samples)
+  return out
+
+
+class Experiment:
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.variants = _names(config.variants, VARIANTS, "variant")
+    self.modes = _names(config.decoding.modes, MODES, "mode")
+    if config.uncertainty.measure not in ("margin", "entropy"):
+      raise ValueError(f"Unknown uncertainty measure {config.uncertainty.measure!r}; valid: "
+                       "['margin', 'entropy'].")
+    if "ttd" in self.variants and config.teacher.kind not in ("local", "endpoint"):
+      raise ValueError("Variant 'ttd' needs a teacher: set --config.teacher.kind to 'local' (with "
+                       "teacher.path) or 'endpoint' (with teacher.base_url and teacher.model).")
+    self.task = make_task(config.task)
+    for row_id, reason in self.task.skipped:
+      logging.warning("Skipped malformed row %s: %s", row_id, reason)
+    self.examples = self.task.examples()
+    if not self.examples:
+      raise ValueError(f"Task {self.task.name} has no usable examples.")
+
+    mesh = sharding.make_mesh(config.mesh_shape or None)
+    self.model_config, self.params = checkpoints.load(config.model.path, config.model.dtype, mesh)
+    self.tokenizer = tokenizer_lib.load(config.model.path)
+    self.sampler = sampler_lib.Sampler(self.model_config, self.params, self.tokenizer.stop_ids,
+                                       self.tokenizer.pad_id)
+    d = config.decoding
+    self.answerer = Answerer(self.task, self.sampler, self.tokenizer,
+                             constrained.CallDecoder(self.sampler, self.tokenizer),
+                             d.well_formed, d.max_new_tokens, d.num_samples, d.temperature)
+    s = config.synthesis
+    self.synth_cfg = synthesis.SynthesisConfig(s.k, s.well_formed, s.validate, s.temperature,
+                                               s.top_p, s.max_request_tokens, s.max_free_tokens)
+    self.self_synth = synthesis.ModelSynthesizer(self.task, self.sampler, self.tokenizer,
+                                                 self.synth_cfg, config.reserve)
+    self.teacher = self._make_teacher() if "ttd" in self.variants else None
+    a = config.adaptation
+    self.adapt_cfg = adaptation.AdaptConfig(
+        a.rank, a.alpha, a.dropout, tuple(_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")),
+        a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm)
+    self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
+
+  def _make_teacher(self):
+    t = self.config.teacher
+    if t.kind == "endpoint":
+      return synthesis.EndpointSynthesizer(
+          self.task, synthesis.EndpointConfig(t.base_url, t.model, t.api_key_env, t.timeout_s,
+                                              t.retries, t.backoff_s), self.synth_cfg)
+    config, params = checkpoints.load(t.path, self.config.model.dtype)
+    tokenizer = tokenizer_lib.load(t.path)
+    sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+    return synthesis.ModelSynthesizer(self.task, sampler, tokenizer, self.synth_cfg,
+                                      self.config.reserve)
+
+  # ------------------------------------------------------------------------------------ one wave
+
+  def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
+    prompt_ex = dataclasses.replace(ex, question=request)
+    prompt = self.tokenizer.encode_chat(self.task.prompt(prompt_ex))
+    return prompt, self.tokenizer.encode(call) + [self.tokenizer.stop_ids[0]]
+
+  def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
+    msgs = self.task.prompt(ex)
+    demos = []
+    for p in pairs:
+      demos += [{"role": "user", "content": p.request}, {"role": "assistant", "content": p.call}]
+    return self.tokenizer.encode_chat(msgs[:-1] + demos + msgs[-1:])
+
+  def run_wave(self, wave: int, examples: list[Example], timer) -> list[dict]:
+    cfg, seed = self.config, self.config.seed
+    ids = [ex.id for ex in examples]
+    rng = _key(seed, "wave", ids)
+    enc_prompts = [self.tokenizer.encode_chat(self.task.prompt(ex)) for ex in examples]
+
+    with timer("H"):
+      pre = self.sampler.prefill(enc_prompts, cfg.reserve)
+      stats = self.answerer.score(pre, examples)
+      u = cfg.uncertainty
+      threshold = u.tau if u.measure == "margin" else u.entropy_threshold
+      flags = uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
+    with timer("base"):
+      base = self.answerer.answers(pre, examples, stats["best"], jax.random.fold_in(rng, 1),
+                                   self.modes)
+
+    # Which inputs each variant adapts (or, for ICL, demonstrates on).
+    targets = {"ttsi": flags, "ttsi_icl": flags, "ttd": flags, "all_inputs": np.ones_like(flags),
+               "certain_only": ~flags, "oracle": np.ones_like(flags)}
+    need_self = np.zeros_like(flags)
+    for v in ("ttsi", "ttsi_icl", "all_inputs", "certain_only"):
+      if v in self.variants:
+        need_self |= targets[v]
+    with timer("G"):
+      self_pairs = [None] * len(examples)
+      chosen = [i for i in range(len(examples)) if need_self[i]]
+      for i, pairs in zip(chosen, self.self_synth.synthesize(
+          [examples[i] for i in chosen], _key(seed, "synth", [ids[i] for i in chosen]))):
+        self_pairs[i] = pairs
+      teacher_pairs = [None] * len(examples)
+      if self.teacher is not None:
+        chosen = [i for i in range(len(examples)) if flags[i]]
+        for i, pairs in zip(chosen, self.teacher.synthesize(
+            [examples[i] for i in chosen], _key(seed, "teacher", [ids[i] for i in chosen]))):
+          teacher_pairs[i] = pairs if pairs is not None else "failed"
+
+    # Adapter jobs: (variant, input index, training examples).
+    jobs = []
+    for v in self.variants:
+      if v not in TRAINED:
+        continue
+      for i, ex in enumerate(examples):
+        if not targets[v][i]:
+          continue
+        if v == "oracle":
+          data = [self._training_example(ex, ex.question, self.task.gold_answer(ex))]
+        else:
+          pairs = teacher_pairs[i] if v == "ttd" else self_pairs[i]
+          kept = [p for p in pairs if p.kept] if isinstance(pairs, list) else []
+          data = [self._training_example(ex, p.request, p.call) for p in kept]
+        if data:
+          jobs.append((v, i, data))
+    with timer("T"):
+      adapters, losses = None, None
+      if jobs:
+        num = sampler_lib.bucket(len(jobs))
+        batches = adaptation.make_batches(self.adapt_cfg, [j[2] for j in jobs],
+                                          self.tokenizer.pad_id, num)
+        keys = [_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs]
+        keys += [keys[-1]] * (num - len(jobs))
+        adapters, losses = self.trainer.train(self.params, batches, jax.numpy.stack(keys))
+
+    adapted = {}  # (variant, i) -> answers
+    with timer("adapted"):
+      if jobs:
+        job_examples = [examples[i] for _, i, _ in jobs]
+        pre_a = self.sampler.prefill([enc_prompts[i] for _, i, _ in jobs], cfg.reserve,
+                                     lora_lib.take_padded(adapters, 0, len(jobs), len(jobs)), True)
+        adapted_stats = self.answerer.score(pre_a, job_examples)
+        answers = self.answerer.answers(pre_a, job_examples, adapted_stats["best"],
+                                        jax.random.fold_in(rng, 2), self.modes)
+        for j, (v, i, _) in enumerate(jobs):
+          adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
+      if "ttsi_icl" in self.variants:
+        icl = [i for i in range(len(examples)) if flags[i] and self_pairs[i]
+               and any(p.kept for p in self_pairs[i])]
+        if icl:
+          pre_icl = self.sampler.prefill(
+              [self._icl_prompt(examples[i], [p for p in self_pairs[i] if p.kept]) for i in icl],
+              cfg.reserve)
+          icl_examples = [examples[i] for i in icl]
+          icl_stats = self.answerer.score(pre_icl, icl_examples)
+          answers = self.answerer.answers(pre_icl, icl_examples, icl_stats["best"],
+                                          jax.random.fold_in(rng, 3), self.modes)
+          for j, i in enumerate(icl):
+            adapted[("ttsi_icl", i)] = {k: vals[j] for k, vals in answers.items()}
+
+    with timer("check"):
+      records = []
+      for i, ex in enumerate(examples):
+        base_answers = {k: vals[i] for k, vals in base.items()}
+        base_verdict = _verdicts(self.task, ex, base_answers, self.modes)
+        record = {
+            "wave": wave, "id": ex.id,
+            "margin": float(stats["margin"][i]), "entropy": float(stats["entropy"][i]),
+            "probs": [float(p) for p in stats["probs"][i][:len(self.task.candidates(ex))]],
+            "perplexity": [float(p) for p in
+                           stats["perplexity"][i][:len(self.task.candidates(ex))]],
+            "uncertain": bool(flags[i]),
+            "base": {"answer": base_answers["direct"], "correct": base_verdict,
+                     **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
+            "pairs": [dataclasses.asdict(p) for p in self_pairs[i] or []],
+            "variants": {},
+        }
+        if self.teacher is not None and flags[i]:
+          tp = teacher_pairs[i]
+          record["teacher_pairs"] = tp if tp == "failed" else [dataclasses.asdict(p)
+                                                               for p in tp or []]
+        for v in self.variants:
+          if v == "base":
+            continue
+          answers = adapted.get((v, i))
+          if answers is None:  # not adapted (certain / no usable pairs / teacher failed)
+            reason = ("not targeted" if not targets[v][i] else
+                      "teacher failed" if v == "ttd" and teacher_pairs[i] == "failed" else
+                      "no kept pairs")
+            record["variants"][v] = {"adapted": False, "reason": reason,
+                                     "answer": base_answers["direct"], "correct": base_verdict}
+          else:
+            record["variants"][v] = {"adapted": True, "answer": answers["direct"],
+                                     "correct": _verdicts(self.task, ex, answers, self.modes)}
+        if losses is not None:
+          for j, (v, i2, _) in enumerate(jobs):
+            if i2 == i:
+              record["variants"][v]["losses"] = [float(x) for x in losses[:, j]
+                                                 if not np.isnan(x)]
+        records.append(record)
+    return records
+
+  # ----------------------------------------------------------------------------------- the run
+
+  def run(self) -> dict:
+    os.makedirs(self.workdir, exist_ok=True)
+    self._check_or_write_config()
+    results_path = os.path.join(self.workdir, "results.jsonl")
+    wave_size = self.config.wave_size
+    waves = [self.examples[i:i + wave_size] for i in range(0, len(self.examples), wave_size)]
+    done = _finished_waves(results_path, waves)
+    if done:
+      logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
+    bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
+                    unit="input", initial=sum(len(w) for w in waves[:done]))
+            for k, s in enumerate(STAGES)}
+    with open(results_path, "a") as out:
+      for w in range(done, len(waves)):
+        seconds = collections.defaultdict(float)
+
+        @contextlib.contextmanager
+        def timer(stage, size=len(waves[w])):
+          start = time.perf_counter()
+          yield
+          seconds[stage] += time.perf_counter() - start
+          bars[stage].update(size)
+
+        records = self.run_wave(w, waves[w], timer)
+        for r in records:
+          r["wave_seconds"] = dict(seconds)
+          out.write(json.dumps(r) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    for bar in bars.values():
+      bar.close()
+    records = [json.loads(line) for line in open(results_path)]
+    metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
+    with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+    print(format_summary(metrics))
+    return metrics
+
+  def _check_or_write_config(self):
+    path = os.path.join(self.workdir, "config.json")
+    current = json.loads(self.config.to_json())
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = json.load(f)
+      if previous != current:
+        changed = sorted(k for k in set(previous) | set(current)
+                         if previous.get(k) != current.get(k))
+        raise ValueError(f"{self.workdir} holds results of a different config (differs in "
+                         f"{changed}); use a new --workdir or the same config to resume.")
+    else:
+      with open(path, "w") as f:
+        json.dump(current, f, indent=2)
+
+
+def _finished_waves(path: str, waves: list[list[Example]]) -> int:
+  """Number of leading waves fully present in results.jsonl; a partial tail is removed."""
+  if not os.path.exists(path):
+    return 0
+  by_wave = collections.defaultdict(list)
+  lines = []
+  for line in open(path):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break  # a line cut by the interruption
+    by_wave[record["wave"]].append(record["id"])
+    lines.append(line)
+  done = 0
+  while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:
+    done += 1
+  keep = [l for l in lines if json.loads(l)["wave"] < done]
+  with open(path, "w") as f:
+    f.writelines(keep)
+  return done
+
+
+def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
+  n = len(records)
+  acc = {}
+  for v in variants:
+    for m in modes:
+      if v == "base":
+        correct = [r["base"]["correct"][m] for r in records]
+      else:
+        correct = [r["variants"][v]["correct"][m] for r in records]
+      acc[f"{v}/{m}"] = float(np.mean(correct)) if n else 0.0
+  flagged = [r["uncertain"] for r in records]
+  wrong = [not r["base"]["correct"].get("direct", False) for r in records]
+  caught = sum(f and w for f, w in zip(flagged, wrong))
+  pairs = [p for r in records for p in r["pairs"]]
+  reasons = collections.Counter(p["rejected"].split(":")[0] for p in pairs if p["rejected"])
+  adapted = {v: sum(r["variants"][v]["adapted"] for r in records)
+             for v in variants if v != "base"}
+  fallback = {v: collections.Counter(r["variants"][v].get("reason") for r in records
+                                     if not r["variants"][v]["adapted"])
+              for v in variants if v != "base"}
+  seconds = collections.defaultdict(float)
+  for wave in {r["wave"]: r["wave_seconds"] for r in records}.values():
+    for stage, s in wave.items():
+      seconds[stage] += s
+  return {
+      "num_inputs": n, "accuracy": acc,
+      "flagged_fraction": float(np.mean(flagged)) if n else 0.0,
+      "base_wrong": int(sum(wrong)), "flag_caught_wrong": int(caught),
+      "flag_recall_of_wrong": caught / max(1, sum(wrong)),
+      "flag_precision": caught / max(1, sum(flagged)),
+      "pairs": {"total": len(pairs), "kept": sum(not p["rejected"] for p in pairs),
+                "rejected_by_reason": dict(reasons)},
+      "adapted_inputs": adapted,
+      "not_adapted": {v: dict(c) for v, c in fallback.items()},
+      "skipped_rows": [list(s) for s in skipped],
+      "timing": {"seconds_per_stage": dict(seconds), "total_seconds": sum(seconds.values())},
+  }
+
+
+def format_summary(m: dict) -> str:
+  lines = [f"inputs: {m['num_inputs']}   flagged: {m['flagged_fraction']:.1%}   base wrong: "
+           f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
+           f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
+           f"synthesized pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
+           + (f"  rejected: {m['pairs']['rejected_by_reason']}" if m['pairs']['total'] else ""),
+           "", f"{'variant/mode':<24}{'accuracy':>10}{'adapted':>10}"]
+  for key, value in m["accuracy"].items():
+    variant = key.split("/")[0]
+    adapted = m["adapted_inputs"].get(variant, "")
+    lines.append(f"{key:<24}{value:>10.1%}{adapted:>10}")
+  lines += ["", "seconds per stage: " + "  ".join(
+      f"{k} {v:.1f}" for k, v in m["timing"]["seconds_per_stage"].items())
+            + f"   total {m['timing']['total_seconds']:.1f}"]
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  return Experiment(config, workdir).run()

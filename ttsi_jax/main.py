@@ -1,0 +1,30 @@
+"""The main job: python -m ttsi_jax.main --config=configs/default.py --workdir=/tmp/ttsi
+
+Overrides go on the command line (--config.task.num_examples=50). Re-running with the same workdir
+resumes after the last finished wave.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ttsi_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where results.jsonl and metrics.json go.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host TPU / GPU).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info("JAX devices: %s", jax.devices())
+  experiment.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,209 @@
+"""G, self-data augmentation: K new request/call pairs per uncertain input, written by the model
+itself (TT-SI) or by a teacher (TT-D: a second local checkpoint or an OpenAI-compatible endpoint).
+
+The synthesis prompt shows the input's functions and request, never its gold answer. Pairs are
+parsed from "Request: ... / Call: ..." text; with `well_formed`, the request is sampled freely and
+the call is written by the constrained `CallDecoder` (small models otherwise answer in prose).
+Validation (on by default) keeps only pairs whose call parses, names an offered function, has the
+required arguments and no unknown ones; every rejection is counted with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from ttsi_jax.tasks.base import Example, Task
+from ttsi_jax.text import constrained
+from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text.sampler import SamplingParams
+from ttsi_jax.ttsi import uncertainty
+
+_SYSTEM = "You write training data for an assistant that answers requests with function calls."
+_USER = (
+    "Functions available:\n{functions}\n\nExample request: {question}\n\n"
+    "Write {k} new request(s) that a user could make which need the same kind of function call, "
+    "with different wording and different argument values. After each request, give the function "
+    "call that answers it in Python syntax. Use exactly this format:\n"
+    "Request: <the request>\nCall: [function_name(param=value, ...)]")
+_PAIR = re.compile(r"Request:\s*(?P<request>.+?)\s*\n+\s*Call:\s*(?P<call>.+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  request: str
+  call: str
+  rejected: str = ""  # why validation rejected it ("" = kept)
+
+  @property
+  def kept(self) -> bool:
+    return not self.rejected
+
+
+def messages(example: Example, k: int) -> list[dict]:
+  functions = json.dumps(list(example.functions), ensure_ascii=False)
+  return [{"role": "system", "content": _SYSTEM},
+          {"role": "user", "content": _USER.format(functions=functions, question=example.question,
+                                                   k=k)}]
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+  """(request, call) pairs from "Request: ... / Call: ..." text, in order."""
+  return [(m.group("request").strip(), m.group("call").strip()) for m in _PAIR.finditer(text)]
+
+
+def judge(task: Task, example: Example, request: str, call: str, validate: bool) -> Pair:
+  reason = ""
+  if not request:
+    reason = "empty request"
+  elif validate:
+    reason = task.validate(example, call) or ""
+  return Pair(request, call, reason)
+
+
+def judge_all(task: Task, example: Example, pairs: Sequence[tuple[str, str]], k: int,
+              validate: bool) -> list[Pair]:
+  judged = [judge(task, example, r, c, validate) for r, c in pairs[:k]]
+  # A generation with fewer than K parseable pairs: the missing ones count as rejected.
+  judged += [Pair("", "", "no parseable pair")] * (k - len(judged))
+  return judged
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+  k: int = 1
+  well_formed: bool = True
+  validate: bool = True
+  temperature: float = 0.7
+  top_p: float = 0.95
+  max_request_tokens: int = 48
+  max_free_tokens: int = 160
+
+
+class ModelSynthesizer:
+  """Pairs from a local model (the model itself for TT-SI, a teacher checkpoint for TT-D)."""
+
+  def __init__(self, task: Task, sampler: sampler_lib.Sampler, tokenizer, cfg: SynthesisConfig,
+               reserve: int = 384):
+    self.task = task
+    self.sampler = sampler
+    self.tokenizer = tokenizer
+    self.cfg = cfg
+    self.reserve = reserve
+    self.decoder = constrained.CallDecoder(sampler, tokenizer)
+
+  def synthesize(self, examples: Sequence[Example], rng: jax.Array) -> list[list[Pair]]:
+    if not examples:
+      return []
+    if self.cfg.well_formed:
+      return self._well_formed(examples, rng)
+    return self._free(examples, rng)
+
+  def _free(self, examples, rng):
+    sampling = SamplingParams(self.cfg.max_free_tokens * self.cfg.k, self.cfg.temperature,
+                              self.cfg.top_p)
+    prompts = [self.tokenizer.encode_chat(messages(ex, self.cfg.k)) for ex in examples]
+    outs = self.sampler.generate(prompts, sampling, rng)
+    return [judge_all(self.task, ex, parse_pairs(self.tokenizer.decode(out)), self.cfg.k,
+                      self.cfg.validate) for ex, out in zip(examples, outs)]
+
+  def _well_formed(self, examples, rng):
+    """K rows per input: sample a request, pick the function by likelihood, decode the call."""
+    k = self.cfg.k
+    rows = [ex for ex in examples for _ in range(k)]
+    enc = self.tokenizer.encode
+    pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows],
+                               self.reserve)
+    request_sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature,
+                                      self.cfg.top_p)
+    outs = self.sampler.continue_(pre, [enc("Request:")] * len(rows), request_sampling,
+                                  jax.random.fold_in(rng, 0))
+    requests = [self.tokenizer.decode(o).strip().split("\n")[0].strip() for o in outs]
+    leads = [f"Request: {r}\nCall: " for r in requests]
+    here = self.sampler.extend(pre, [enc(lead) for lead in leads])
+    loglik, counts = uncertainty.score_after(
+        self.sampler, here, [[enc(c) for c in self.task.candidates(ex)] for ex in rows])
+    best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
+    names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
+    calls = self.decoder.decode(pre, [ex.functions for ex in rows], names, leads,
+                                rng=jax.random.fold_in(rng, 1))
+    judged = [judge(self.task, ex, r, c, self.cfg.validate)
+              for ex, r, c in zip(rows, requests, calls)]
+    return [judged[i * k:(i + 1) * k] for i in range(len(examples))]
+
+
+class TeacherError(RuntimeError):
+  """The teacher endpoint failed after all retries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointConfig:
+  base_url: str
+  model: str
+  api_key_env: str = "OPENAI_API_KEY"
+  timeout_s: float = 60.0
+  retries: int = 3
+  backoff_s: float = 1.0
+  max_tokens: int = 512
+
+
+class EndpointSynthesizer:
+  """TT-D with an OpenAI-compatible chat-completions endpoint as the teacher.
+
+  A request that times out, fails or returns an unusable body is retried with backoff; after the
+  last retry that input gets no pairs (`None`), so the loop answers it with the base model and
+  counts it.
+  """
+
+  def __init__(self, task: Task, endpoint: EndpointConfig, cfg: SynthesisConfig):
+    self.task = task
+    self.endpoint = endpoint
+    self.cfg = cfg
+
+  def _complete(self, msgs: list[dict]) -> str:
+    e = self.endpoint
+    body = json.dumps({"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
+                       "max_tokens": e.max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(e.api_key_env, "")
+    if key:
+      headers["Authorization"] = f"Bearer {key}"
+    url = e.base_url.rstrip("/") + "/chat/completions"
+    last_error = ""
+    for attempt in range(e.retries + 1):
+      if attempt:
+        time.sleep(e.backoff_s * 2 ** (attempt - 1))
+      try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers),
+                                    timeout=e.timeout_s) as response:
+          payload = json.loads(response.read())
+        content = payload["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+          raise TypeError("message content is not a string")
+        return content
+      except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        last_error = f"{type(err).__name__}: {err}"
+    raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: "
+                       f"{last_error}")
+
+  def synthesize(self, examples: Sequence[Example],
+                 rng: Optional[jax.Array] = None) -> list[Optional[list[Pair]]]:
+    del rng  # sampling happens on the endpoint
+    out: list[Optional[list[Pair]]] = []
+    for ex in examples:
+      try:
+        text = self._complete(messages(ex, self.cfg.k))
+      except TeacherError:
+        out.append(None)
+        continue
+      out.append(judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate))
+    return out
