@@ -59,3 +59,18 @@ def hf_checkpoints(tmp_path_factory):
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+  """A tiny random Llama with the embedded SmolLM2 tokenizer and chat template (for whole runs)."""
+  from ttsi_jax.text import tokenizer as tokenizer_lib
+  folder = str(tmp_path_factory.mktemp("tiny_chat"))
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+  transformers.LlamaForCausalLM(config).save_pretrained(folder)
+  tokenizer_lib.load(None).hf.save_pretrained(folder)
+  return folder

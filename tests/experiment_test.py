@@ -1,0 +1,139 @@
+"""The whole TT-SI loop on a tiny random model: every promised field, resume, bad config, TT-D."""
+
+import http.server
+import json
+import os
+import threading
+
+import pytest
+
+from configs import tiny
+from ttsi_jax import experiment
+from ttsi_jax.tasks.bfcl import BfclTask
+
+
+class _Teacher(http.server.BaseHTTPRequestHandler):
+  """OpenAI-compatible endpoint: garbage for requests about `FAIL_ON`, a valid pair otherwise."""
+
+  FAIL_ON = ""
+  calls: list = []
+
+  def do_POST(self):
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    prompt = body["messages"][-1]["content"]
+    type(self).calls.append(prompt)
+    if self.FAIL_ON and self.FAIL_ON in prompt:
+      payload = b"<html>not json</html>"
+    else:
+      function = json.loads(prompt.split("Functions available:\n")[1].split("\n\nExample")[0])[0]
+      args = ", ".join(f"{p}=1" for p in function["parameters"].get("required", []))
+      content = f"Request: please call it\nCall: [{function['name']}({args})]"
+      payload = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                     "content": content}}]}).encode()
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.end_headers()
+    self.wfile.write(payload)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def teacher_server():
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  _Teacher.calls = []
+  yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+  server.shutdown()
+
+
+def _config(model, url):
+  config = tiny.get_config()
+  config.model.path = model
+  config.variants = "base,ttsi,ttd,ttsi_icl,all_inputs,certain_only,oracle"
+  config.uncertainty.tau = 1.01  # flag every input, so every variant has work on a random model
+  config.teacher.kind = "endpoint"
+  config.teacher.base_url = url
+  config.teacher.model = "teacher"
+  config.teacher.retries = 1
+  config.teacher.backoff_s = 0.0
+  config.teacher.timeout_s = 5.0
+  return config
+
+
+def _without_timing(metrics):
+  return {k: v for k, v in metrics.items() if k != "timing"}
+
+
+def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server, tmp_path):
+  examples = BfclTask("multiple", 4).examples()
+  _Teacher.FAIL_ON = examples[1].question
+  config = _config(tiny_chat_model, teacher_server)
+  workdir = str(tmp_path / "run")
+  metrics = experiment.run(config, workdir)
+
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  assert [r["id"] for r in lines] == [ex.id for ex in examples]
+  for r in lines:
+    assert {"id", "margin", "entropy", "uncertain", "base", "pairs", "variants", "probs",
+            "perplexity", "teacher_pairs"} <= set(r)
+    assert {"answer", "correct"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
+    assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only",
+                                  "oracle"}
+    for v in r["variants"].values():
+      assert set(v["correct"]) == {"direct", "majority", "pass@k"}
+    assert r["variants"]["oracle"]["adapted"] and len(r["variants"]["oracle"]["losses"]) == 2
+  # The teacher failed (garbage after a retry) on input 1: it falls back to the base answer.
+  assert lines[1]["teacher_pairs"] == "failed"
+  assert lines[1]["variants"]["ttd"] == {**lines[1]["variants"]["ttd"], "adapted": False,
+                                         "reason": "teacher failed",
+                                         "answer": lines[1]["base"]["answer"]}
+  assert sum(examples[1].question in c for c in _Teacher.calls) == 2  # first try + one retry
+  assert lines[0]["variants"]["ttd"]["adapted"]
+  assert metrics["not_adapted"]["ttd"] == {"teacher failed": 1}
+  assert metrics["num_inputs"] == 4 and metrics["flagged_fraction"] == 1.0
+  assert set(metrics["accuracy"]) == {f"{v}/{m}" for v in config.variants.split(",")
+                                      for m in ("direct", "majority", "pass@k")}
+  assert metrics["pairs"]["total"] == 4
+  assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
+  saved = json.load(open(os.path.join(workdir, "metrics.json")))
+  assert _without_timing(saved) == _without_timing(json.loads(json.dumps(metrics)))
+
+  # Interrupted during wave 1: its lines are cut. A restart finishes only that wave.
+  results = os.path.join(workdir, "results.jsonl")
+  text = open(results).read().splitlines(keepends=True)
+  with open(results, "w") as f:
+    f.writelines(text[:3])
+    f.write(text[3][:40])
+  calls_before = len(_Teacher.calls)
+  resumed = experiment.run(config, workdir)
+  assert _without_timing(resumed) == _without_timing(metrics)
+  assert [json.loads(l)["id"] for l in open(results)] == [ex.id for ex in examples]
+  assert all(examples[0].question not in c for c in _Teacher.calls[calls_before:])
+
+  config.uncertainty.tau = 0.5
+  with pytest.raises(ValueError, match="different config"):
+    experiment.run(config, workdir)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("variants", "base,ttsi,magic", r"Unknown variant \['magic'\].*'ttsi_icl'"),
+    ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
+    ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
+    ("task.category", "multi", r"'multi'.*multiple"),
+])
+def test_bad_names_fail_at_start_with_the_valid_ones(field, value, message, tmp_path):
+  config = tiny.get_config()
+  section, _, name = field.rpartition(".")
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError, match=message):
+    experiment.Experiment(config, str(tmp_path))
+
+
+def test_ttd_without_a_teacher_is_explained(tmp_path):
+  config = tiny.get_config()
+  config.variants = "base,ttd"
+  with pytest.raises(ValueError, match="needs a teacher"):
+    experiment.Experiment(config, str(tmp_path))

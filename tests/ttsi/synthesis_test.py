@@ -1,0 +1,90 @@
+"""Pair parsing and validation; the endpoint teacher's retries on timeouts and garbage."""
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from ttsi_jax.tasks.bfcl import BfclTask
+from ttsi_jax.ttsi import synthesis
+
+
+@pytest.fixture(scope="module")
+def example():
+  return BfclTask("multiple", 1).examples()[0]  # triangle_properties.get / circle_properties.get
+
+
+def test_parse_pairs_reads_request_call_blocks():
+  text = ("Sure! Here you go.\nRequest: What is the area of a circle of radius 2?\n"
+          "Call: [circle_properties.get(radius=2)]\n\nRequest: And radius 3?\nCall: nothing here")
+  assert synthesis.parse_pairs(text) == [
+      ("What is the area of a circle of radius 2?", "[circle_properties.get(radius=2)]"),
+      ("And radius 3?", "nothing here")]
+  assert synthesis.parse_pairs("I cannot help with that.") == []
+
+
+def test_validation_keeps_good_pairs_and_names_the_problem(example):
+  task = BfclTask("multiple", 1)
+  pairs = [("r1", "[circle_properties.get(radius=2)]"), ("r2", "[circle_properties.get()]"),
+           ("r3", "[no_such_function(x=1)]"), ("r4", "the answer is 4")]
+  judged = synthesis.judge_all(task, example, pairs, 5, validate=True)
+  assert [p.kept for p in judged] == [True, False, False, False, False]
+  assert "radius" in judged[1].rejected and "no_such_function" in judged[2].rejected
+  assert "unparseable" in judged[3].rejected and judged[4].rejected == "no parseable pair"
+  unvalidated = synthesis.judge_all(task, example, pairs, 4, validate=False)
+  assert all(p.kept for p in unvalidated)  # the paper's setting: no filter
+
+
+def test_synthesis_prompt_never_shows_the_gold_answer(example):
+  text = json.dumps(synthesis.messages(example, 2))
+  assert example.question in text and "triangle_properties.get" in text
+  assert "side1=5" not in text and "ground_truth" not in text
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  mode = "ok"
+  hits = 0
+
+  def do_POST(self):
+    type(self).hits += 1
+    self.rfile.read(int(self.headers["Content-Length"]))
+    if self.mode == "slow":
+      time.sleep(1.0)
+    body = (b"{\"choices\": []}" if self.mode == "empty" else json.dumps(
+        {"choices": [{"message": {"content": "Request: r\nCall: [circle_properties.get(radius=1)]"}}]
+         }).encode())
+    try:
+      self.send_response(200)
+      self.end_headers()
+      self.wfile.write(body)
+    except (BrokenPipeError, ConnectionResetError):
+      pass
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def endpoint():
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  _Handler.hits = 0
+  yield f"http://127.0.0.1:{server.server_address[1]}"
+  server.shutdown()
+
+
+@pytest.mark.parametrize("mode,expect_pairs", [("ok", True), ("slow", False), ("empty", False)])
+def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_pairs):
+  _Handler.mode = mode
+  teacher = synthesis.EndpointSynthesizer(
+      BfclTask("multiple", 1),
+      synthesis.EndpointConfig(endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0),
+      synthesis.SynthesisConfig(k=1))
+  out = teacher.synthesize([example])
+  if expect_pairs:
+    assert out[0][0].kept and out[0][0].call == "[circle_properties.get(radius=1)]"
+    assert _Handler.hits == 1
+  else:
+    assert out == [None] and _Handler.hits == 3  # first try + 2 retries
