@@ -26,6 +26,10 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to tim
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs torch).")
+_STAGE = flags.DEFINE_enum("stage", "decode", ["decode", "adapt"],
+                           "decode: sampler vs transformers; adapt: A vmapped adapters vs the "
+                           "same adapters trained one at a time.")
+_ADAPTERS = flags.DEFINE_integer("adapters", 8, "Adapters per wave for --stage=adapt.")
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.",
@@ -48,9 +52,45 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
+def bench_adapt(config) -> None:
+  """Wall time of one vmapped training call for A adapters vs A single-adapter calls (same code,
+  same data: BFCL prompts with their gold calls, as the oracle variant trains)."""
+  from ttsi_jax import experiment
+  from ttsi_jax.ttsi import adaptation
+  exp = experiment.Experiment(config, workdir="")
+  examples = exp.examples[:_ADAPTERS.value]
+  data = [[exp._training_example(ex, ex.question, exp.task.gold_answer(ex))] for ex in examples]
+  keys = jax.random.split(jax.random.key(0), len(data))
+
+  def together():
+    batches = adaptation.make_batches(exp.adapt_cfg, data, exp.tokenizer.pad_id, len(data))
+    adapters, _ = exp.trainer.train(exp.params, batches, keys)
+    jax.block_until_ready(adapters)
+
+  def one_at_a_time():
+    # Each adapter alone gets its own length bucket (<= the wave's): no padding handicap.
+    for i, d in enumerate(data):
+      batches = adaptation.make_batches(exp.adapt_cfg, [d], exp.tokenizer.pad_id, 1)
+      adapters, _ = exp.trainer.train(exp.params, batches, keys[i:i + 1])
+      jax.block_until_ready(adapters)
+
+  vmapped = _best_time(together, _REPEATS.value)
+  sequential = _best_time(one_at_a_time, _REPEATS.value)
+  steps = exp.adapt_cfg.epochs
+  print(f"model: {checkpoints.resolve(config.model.path)}  devices={jax.device_count()} "
+        f"({jax.devices()[0].platform})")
+  print(f"adaptation of {len(data)} adapters x {steps} steps, best of {_REPEATS.value}:")
+  print(f"{'mode':<24}{'seconds':>10}")
+  print(f"{'vmapped (one call)':<24}{vmapped:>10.2f}")
+  print(f"{'one at a time':<24}{sequential:>10.2f}")
+  print(f"speedup: {sequential / vmapped:.2f}x")
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _STAGE.value == "adapt":
+    return bench_adapt(config)
   n = _NEW_TOKENS.value
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh_shape or None)
