@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
-PROMPT ?= Write a Python function that reverses a string.
 
 .PHONY: demo test bench
 
@@ -20,7 +19,7 @@ $(VENV)/.test: $(VENV)/.base setup.py
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m ttsi_jax.generate --config=configs/default.py --prompt "$(PROMPT)" --max_new_tokens 64
+	$(PY) -m ttsi_jax.main --config=configs/default.py --workdir=workdir/default
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

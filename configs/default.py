@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.uncertainty.measure = "margin"  # or "entropy"
   config.uncertainty.tau = 0.95  # uncertain when margin < tau
   config.uncertainty.entropy_threshold = 0.15  # uncertain when entropy (nats) > threshold
+  # Inputs with one offered function: score this many sampled calls (distinct ones) instead.
+  config.uncertainty.sampled_candidates = 5
 
   config.decoding = ml_collections.ConfigDict()
   config.decoding.well_formed = True  # candidate-name prefix + schema keyword arguments

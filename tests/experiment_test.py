@@ -5,6 +5,7 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -78,7 +79,8 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert [r["id"] for r in lines] == [ex.id for ex in examples]
   for r in lines:
     assert {"id", "margin", "entropy", "uncertain", "base", "pairs", "variants", "probs",
-            "perplexity", "teacher_pairs"} <= set(r)
+            "perplexity", "candidates", "teacher_pairs"} <= set(r)
+    assert r["candidates"] == [f"[{f['name']}(" for f in examples[lines.index(r)].functions]
     assert {"answer", "correct"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
     assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only",
                                   "oracle"}
@@ -137,3 +139,26 @@ def test_ttd_without_a_teacher_is_explained(tmp_path):
   config.variants = "base,ttd"
   with pytest.raises(ValueError, match="needs a teacher"):
     experiment.Experiment(config, str(tmp_path))
+
+
+def test_single_function_inputs_score_distinct_sampled_calls(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.task.category = "simple_python"
+  config.task.num_examples = 2
+  config.variants = "base"
+  config.decoding.modes = "direct"
+  config.uncertainty.sampled_candidates = 3
+  experiment.run(config, str(tmp_path))
+  task = BfclTask("simple_python", 2)
+  for line in open(tmp_path / "results.jsonl"):
+    r = json.loads(line)
+    candidates = r["candidates"]
+    assert 1 <= len(candidates) <= 3 and len(r["probs"]) == len(candidates)
+    assert all(c.endswith(")]") for c in candidates)  # full calls, not "[name(" prefixes
+    assert len({task.canonical(c) for c in candidates}) == len(candidates)  # distinct
+    if len(candidates) == 1:
+      assert r["margin"] == 1.0
+    else:
+      np.testing.assert_allclose(r["margin"], sorted(r["probs"])[-1] - sorted(r["probs"])[-2],
+                                 atol=1e-6)

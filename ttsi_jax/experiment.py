@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 import zlib
 from typing import Optional, Sequence
@@ -78,11 +79,36 @@ class Answerer:
   num_samples: int
   temperature: float
 
-  def score(self, pre, examples: Sequence[Example]):
+  def score(self, pre, examples: Sequence[Example], candidates=None):
+    """RSS statistics over the task's candidate actions (or the given candidate strings)."""
     enc = self.tokenizer.encode
-    loglik, counts = uncertainty.score_after(
-        self.sampler, pre, [[enc(c) for c in self.task.candidates(ex)] for ex in examples])
-    return jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
+    candidates = candidates or [self.task.candidates(ex) for ex in examples]
+    loglik, counts = uncertainty.score_after(self.sampler, pre,
+                                             [[enc(c) for c in cands] for cands in candidates])
+    stats = jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
+    stats["candidates"] = candidates
+    return stats
+
+  def sampled_call_stats(self, pre, examples, stats, rng, num_samples: int):
+    """Uncertainty for inputs offering a single function (where the name margin is always 1):
+    sample calls, keep the distinct ones (by canonical form), score each full call as a candidate.
+    Returns `stats` with those inputs' margin / entropy / probs / candidates replaced."""
+    single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
+    if not single or num_samples <= 0:
+      return stats
+    runs = [self.answer(pre, examples, stats["best"], jax.random.fold_in(rng, s), sample=True)
+            for s in range(num_samples)]
+    candidates = [distinct_calls(self.task, [run[i] for run in runs]) or
+                  self.task.candidates(ex) for i, ex in enumerate(examples)]
+    calls = self.score(pre, examples, candidates)
+    out = dict(stats, candidates=list(stats["candidates"]))
+    for key in ("margin", "entropy"):
+      out[key] = np.where(np.isin(np.arange(len(stats[key])), single), calls[key], stats[key])
+    out["probs"], out["perplexity"] = list(stats["probs"]), list(stats["perplexity"])
+    for i in single:
+      out["probs"][i], out["perplexity"][i] = calls["probs"][i], calls["perplexity"][i]
+      out["candidates"][i] = candidates[i]
+    return out
 
   def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
@@ -102,6 +128,17 @@ class Answerer:
               for s in range(self.num_samples)]
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
+
+
+def distinct_calls(task: Task, answers: Sequence[str]) -> list[str]:
+  """The parseable answers, one per canonical form, in first-seen order."""
+  seen, out = set(), []
+  for a in answers:
+    c = task.canonical(a)
+    if c is not None and c not in seen:
+      seen.add(c)
+      out.append(a)
+  return out
 
 
 def _verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
@@ -194,8 +231,10 @@ class Experiment:
 
     with timer("H"):
       pre = self.sampler.prefill(enc_prompts, cfg.reserve)
-      stats = self.answerer.score(pre, examples)
       u = cfg.uncertainty
+      stats = self.answerer.score(pre, examples)
+      stats = self.answerer.sampled_call_stats(pre, examples, stats, jax.random.fold_in(rng, 4),
+                                               u.sampled_candidates)
       threshold = u.tau if u.measure == "margin" else u.entropy_threshold
       flags = uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
     with timer("base"):
@@ -281,9 +320,10 @@ class Experiment:
         record = {
             "wave": wave, "id": ex.id,
             "margin": float(stats["margin"][i]), "entropy": float(stats["entropy"][i]),
-            "probs": [float(p) for p in stats["probs"][i][:len(self.task.candidates(ex))]],
+            "candidates": list(stats["candidates"][i]),
+            "probs": [float(p) for p in stats["probs"][i][:len(stats["candidates"][i])]],
             "perplexity": [float(p) for p in
-                           stats["perplexity"][i][:len(self.task.candidates(ex))]],
+                           stats["perplexity"][i][:len(stats["candidates"][i])]],
             "uncertain": bool(flags[i]),
             "base": {"answer": base_answers["direct"], "correct": base_verdict,
                      **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
@@ -393,6 +433,13 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   return done
 
 
+def _reason_kind(reason: str) -> str:
+  """"f: missing required argument 'x'" -> "missing required argument '…'" (for counting)."""
+  if reason.startswith("unparseable"):
+    return "unparseable"
+  return re.sub(r"'[^']*'", "'…'", reason.split(": ", 1)[-1] if ": " in reason else reason)
+
+
 def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
   n = len(records)
   acc = {}
@@ -407,7 +454,7 @@ def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
   wrong = [not r["base"]["correct"].get("direct", False) for r in records]
   caught = sum(f and w for f, w in zip(flagged, wrong))
   pairs = [p for r in records for p in r["pairs"]]
-  reasons = collections.Counter(p["rejected"].split(":")[0] for p in pairs if p["rejected"])
+  reasons = collections.Counter(_reason_kind(p["rejected"]) for p in pairs if p["rejected"])
   adapted = {v: sum(r["variants"][v]["adapted"] for r in records)
              for v in variants if v != "base"}
   fallback = {v: collections.Counter(r["variants"][v].get("reason") for r in records

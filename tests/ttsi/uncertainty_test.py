@@ -49,7 +49,7 @@ def test_candidate_scores_equal_token_logprobs_from_a_plain_forward(hf_checkpoin
                 [rs.randint(1, VOCAB, m).tolist() for m in (2, 2)]]
   packed = uncertainty.pack(prompts, candidates, pad_id=0)
   loglik, counts = uncertainty.score(config, params, packed)
-  assert loglik.shape == (2, 4) and np.isneginf(np.asarray(loglik[1, 2:])).all()
+  assert loglik.shape == (2, 3) and np.isneginf(np.asarray(loglik[1, 2:])).all()  # N bucket 3
   for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
     for n, cand in enumerate(cands):
       seq = np.asarray([prompt + cand], np.int32)
@@ -58,3 +58,19 @@ def test_candidate_scores_equal_token_logprobs_from_a_plain_forward(hf_checkpoin
       want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cand))
       np.testing.assert_allclose(float(loglik[b, n]), want, atol=1e-4)
       assert int(counts[b, n]) == len(cand)
+
+
+def test_scores_after_a_cached_prefix_equal_packed_scores(hf_checkpoints):
+  from ttsi_jax.text import sampler as sampler_lib
+  config, params = hf.load(hf_checkpoints["llama"][0])
+  rs = np.random.RandomState(1)
+  prompts = [rs.randint(1, VOCAB, n).tolist() for n in (7, 15, 3)]
+  candidates = [[rs.randint(1, VOCAB, m).tolist() for m in (2, 4)],
+                [rs.randint(1, VOCAB, m).tolist() for m in (1, 3, 2)],
+                [rs.randint(1, VOCAB, m).tolist() for m in (5,)]]
+  packed, _ = uncertainty.score(config, params, uncertainty.pack(prompts, candidates, 0))
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
+  pre = sampler.prefill(prompts, reserve=64)
+  cached, counts = uncertainty.score_after(sampler, pre, candidates)
+  np.testing.assert_allclose(cached, np.asarray(packed)[:, :cached.shape[1]], atol=1e-4)
+  assert counts.tolist()[1][:3] == [1, 3, 2]

@@ -86,6 +86,11 @@ def candidate_logliks(params, tokens_BT, positions_BT, segments_BT, select_BI, t
                                       segments_BT=segments_BT, select_BI=select_BI)
   logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
   token_logp_BI = jnp.take_along_axis(logp_BIV, targets_BI[..., None], axis=-1)[..., 0]
+  return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
+
+
+def _sum_by_candidate(token_logp_BI, owner_BI, num_candidates: int):
+  """(loglik_BN, num_tokens_BN) from per-token log-probs; empty candidate slots get -inf, 0."""
   owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
   num_tokens_BN = jnp.sum(owned_BIN, axis=1)
   loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
@@ -151,10 +156,7 @@ def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, 
   from_tokens_BI = jnp.take_along_axis(logp_BIV, targets_BI[..., None], axis=-1)[..., 0]
   from_prefix_BI = jnp.take_along_axis(first_BV, targets_BI, axis=-1)
   token_logp_BI = jnp.where(select_BI < 0, from_prefix_BI, from_tokens_BI)
-  owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
-  num_tokens_BN = jnp.sum(owned_BIN, axis=1)
-  loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
-  return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN
+  return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
 
 
 def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]]):
