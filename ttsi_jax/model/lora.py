@@ -61,3 +61,59 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
 
 def unstack(adapters: Adapter, index: int) -> Adapter:
   return jax.tree.map(lambda x: x[index], adapters)
+
+
+def _check_fits(config: transformer.ModelConfig, adapter: Adapter) -> None:
+  kernels = transformer.param_shapes(config)["layers"]
+  for module, targets in adapter.weights.items():
+    for name, ab in targets.items():
+      if module not in kernels or name not in kernels[module]:
+        raise ValueError(f"Adapter tensor {module}/{name} has no matching layer in the base model.")
+      L, fan_in, fan_out = kernels[module][name]["kernel"].shape
+      a, b = ab["a"].shape, ab["b"].shape
+      if a[:2] != (L, fan_in) or b[0] != L or b[2] != fan_out or a[2] != b[1]:
+        raise ValueError(f"Adapter tensor {module}/{name} has a {tuple(a)} and b {tuple(b)}, which "
+                         f"do not fit the base kernel [L={L}, in={fan_in}, out={fan_out}]; the "
+                         "adapter was trained on a different base model.")
+
+
+def merge(config: transformer.ModelConfig, params, adapter: Adapter):
+  """Base params with `kernel += scale * a @ b` for every adapted layer, computed in float32."""
+  _check_fits(config, adapter)
+  merged = dict(params)
+  layers = dict(merged["layers"])
+  for module, targets in adapter.weights.items():
+    layers[module] = dict(layers[module])
+    for name, ab in targets.items():
+      kernel = layers[module][name]["kernel"]
+      delta = jnp.einsum("lir,lro->lio", jnp.asarray(ab["a"], jnp.float32),
+                         jnp.asarray(ab["b"], jnp.float32)) * adapter.scale
+      layers[module][name] = {**layers[module][name],
+                              "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+  merged["layers"] = layers
+  return merged
+
+
+def to_peft(config: transformer.ModelConfig, adapter: Adapter,
+            base_model: str = "") -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json dict, adapter_model.safetensors tensors) in PEFT's LoRA format."""
+  _check_fits(config, adapter)
+  tensors = {}
+  for module, targets in adapter.weights.items():
+    hf_module = "self_attn" if module == "attn" else "mlp"
+    for name, ab in targets.items():
+      a = np.asarray(ab["a"], np.float32)
+      b = np.asarray(ab["b"], np.float32)
+      for i in range(a.shape[0]):
+        prefix = f"base_model.model.model.layers.{i}.{hf_module}.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [R, in]
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, R]
+  targets = sorted(n for t in adapter.weights.values() for n in t)
+  rank = int(jax.tree.leaves(adapter.weights)[0].shape[-1])
+  peft_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+      "lora_alpha": adapter.scale * rank, "lora_dropout": adapter.dropout, "bias": "none",
+      "target_modules": targets, "fan_in_fan_out": False, "inference_mode": True,
+      "base_model_name_or_path": base_model, "use_rslora": False,
+  }
+  return peft_config, tensors
