@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.variants = "base,ttsi"
   config.wave_size = 8  # inputs per wave = adapters trained in parallel (A)
   config.reserve = 384  # free KV-cache slots after each prompt (answers, decoding stages)
+  # Save trained adapters to workdir/adapters/<variant>/<id>: "" none, "all", or comma-separated ids.
+  config.keep_adapters = ""
 
   config.uncertainty = ml_collections.ConfigDict()
   config.uncertainty.measure = "margin"  # or "entropy"

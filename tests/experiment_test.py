@@ -3,14 +3,22 @@
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from configs import tiny
-from ttsi_jax import experiment
+from ttsi_jax import checkpoints, experiment
+from ttsi_jax.checkpoints import orbax as orbax_lib
+from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Teacher(http.server.BaseHTTPRequestHandler):
@@ -61,6 +69,7 @@ def _config(model, url):
   config.teacher.retries = 1
   config.teacher.backoff_s = 0.0
   config.teacher.timeout_s = 5.0
+  config.keep_adapters = "multiple_2"
   return config
 
 
@@ -118,6 +127,27 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   config.uncertainty.tau = 0.5
   with pytest.raises(ValueError, match="different config"):
     experiment.run(config, workdir)
+
+  # Kept adapters (only the chosen input's, one per trained variant) export with the CLI.
+  kept = sorted(os.listdir(os.path.join(workdir, "adapters")))
+  assert {"oracle", "ttd"} <= set(kept)  # the variants that surely trained on input 2
+  assert all(os.listdir(os.path.join(workdir, "adapters", v)) == ["multiple_2"] for v in kept)
+  out = str(tmp_path / "hf")
+  result = subprocess.run(
+      [sys.executable, "-m", "ttsi_jax.export", "--config=configs/tiny.py",
+       f"--config.model.path={tiny_chat_model}", f"--out={out}",
+       f"--adapter={workdir}/adapters/oracle/multiple_2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  adapter, _ = orbax_lib.load_adapter(f"{workdir}/adapters/oracle/multiple_2")
+  model_config, params = checkpoints.load(tiny_chat_model)
+  tokens = np.arange(1, 13, dtype=np.int32)[None]
+  ours, _ = transformer.forward(model_config, params, tokens, tokens - 1, lora=adapter)
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -29,6 +29,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ttsi_jax import checkpoints
+from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.tasks import bfcl
@@ -211,6 +212,16 @@ class Experiment:
 
   # ------------------------------------------------------------------------------------ one wave
 
+  def _keep_adapters(self, jobs, ids, adapters) -> None:
+    """Saves the adapters of the inputs named in config.keep_adapters ("all" or ids)."""
+    keep = self.config.keep_adapters
+    chosen = set(keep.split(",")) if keep and keep != "all" else set()
+    for j, (v, i, _) in enumerate(jobs):
+      if keep == "all" or ids[i] in chosen:
+        orbax_lib.save_adapter(os.path.join(self.workdir, "adapters", v, ids[i]),
+                               lora_lib.unstack(adapters, j),
+                               checkpoints.resolve(self.config.model.path))
+
   def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
     prompt_ex = dataclasses.replace(ex, question=request)
     prompt = self.tokenizer.encode_chat(self.task.prompt(prompt_ex))
@@ -286,6 +297,7 @@ class Experiment:
         keys = [_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs]
         keys += [keys[-1]] * (num - len(jobs))
         adapters, losses = self.trainer.train(self.params, batches, jax.numpy.stack(keys))
+        self._keep_adapters(jobs, ids, adapters)
 
     adapted = {}  # (variant, i) -> answers
     with timer("adapted"):

@@ -1,5 +1,10 @@
 """Export to Hugging Face: a merged checkpoint (base + adapter in float32) or a PEFT adapter.
 
+  python -m ttsi_jax.export --config=configs/default.py --out=/tmp/hf \
+      [--adapter=workdir/adapters/ttsi/multiple_3] [--format=merged|peft]
+
+Without --adapter the base model itself is written as an HF checkpoint (e.g. a GGUF file -> HF).
+
 The merged checkpoint is written through the same name table that imports checkpoints
 (`checkpoints.hf.PARAM_TABLE`), so a GGUF-loaded model comes out as an ordinary HF folder.
 """
@@ -10,11 +15,21 @@ import json
 import os
 from typing import Optional
 
+from absl import app, flags, logging
+from ml_collections import config_flags
 from safetensors.numpy import save_file
 
+from ttsi_jax import checkpoints
 from ttsi_jax.checkpoints import hf
+from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model.transformer import ModelConfig
+from ttsi_jax.text import tokenizer as tokenizer_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_ADAPTER = flags.DEFINE_string("adapter", "", "A saved adapter folder (--config.keep_adapters).")
+_FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"], "What to write.")
 
 
 def save_merged(folder: str, config: ModelConfig, params, adapter: Optional[lora_lib.Adapter] = None,
@@ -46,3 +61,27 @@ def save_peft(folder: str, config: ModelConfig, adapter: lora_lib.Adapter,
   save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(folder, "adapter_config.json"), "w") as f:
     json.dump(peft_config, f, indent=2)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  base = checkpoints.resolve(config.model.path)
+  adapter = None
+  if _ADAPTER.value:
+    adapter, meta = orbax_lib.load_adapter(_ADAPTER.value)
+    if os.path.abspath(meta["base_model"]) != os.path.abspath(base):
+      logging.warning("Adapter was trained on %s; exporting it onto %s.", meta["base_model"], base)
+  if _FORMAT.value == "peft":
+    if adapter is None:
+      raise app.UsageError("--format=peft needs --adapter.")
+    save_peft(_OUT.value, checkpoints.read_config(base), adapter, base_model=base)
+  else:
+    model_config, params = checkpoints.load(base, "float32")
+    save_merged(_OUT.value, model_config, params, adapter, tokenizer_lib.load(base))
+  print(f"Wrote a {_FORMAT.value} checkpoint to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "out"])
+  app.run(main)

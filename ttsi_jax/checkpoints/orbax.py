@@ -1,0 +1,74 @@
+"""Orbax checkpoints of param / adapter trees, always restored against a target sharding.
+
+A checkpoint saved from any device layout restores onto any other (8 devices -> 1, 1 -> a mesh):
+`restore` builds abstract arrays carrying the target shardings and lets orbax place each leaf.
+Adapters are saved with a small JSON sidecar (scale, dropout, rank, targets, base model) so
+`python -m ttsi_jax.export` can rebuild them without the run's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
+
+ADAPTER_META = "adapter.json"
+
+
+def save(path: str, tree) -> None:
+  """Writes `tree` (any layout) to `path` and waits until it is on disk."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), tree, force=True)
+  checkpointer.wait_until_finished()
+
+
+def restore(path: str, like, shardings=None):
+  """`like`: a tree with the target shapes and dtypes (arrays or ShapeDtypeStructs); `shardings`:
+  a matching tree of target shardings (default: everything on the first local device)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+  if shardings is None:
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, like)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
+                        shardings)
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+
+
+def restore_params(path: str, like, mesh: Optional[Mesh] = None):
+  """Params restored onto `mesh` with the model's sharding rules (or onto one device)."""
+  return restore(path, like, sharding.params_sharding(mesh, like) if mesh is not None else None)
+
+
+def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:
+  save(os.path.join(path, "weights"), adapter.weights)
+  shapes = {module: {name: {ab: list(x.shape) for ab, x in pair.items()}
+                     for name, pair in targets.items()}
+            for module, targets in adapter.weights.items()}
+  meta = {"scale": adapter.scale, "dropout": adapter.dropout, "base_model": base_model,
+          "rank": int(jax.tree.leaves(adapter.weights)[0].shape[-1]), "shapes": shapes}
+  with open(os.path.join(path, ADAPTER_META), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
+  """(adapter on the first local device, its metadata)."""
+  meta_path = os.path.join(path, ADAPTER_META)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{path} is not a saved adapter (no {ADAPTER_META}); adapters are "
+                            "saved by the main job with --config.keep_adapters.")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  like = {module: {name: {ab: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
+                          for ab, shape in pair.items()}
+                    for name, pair in targets.items()}
+          for module, targets in meta["shapes"].items()}
+  weights = restore(os.path.join(path, "weights"), like)
+  return lora_lib.Adapter(weights=weights, scale=meta["scale"], dropout=meta["dropout"]), meta
