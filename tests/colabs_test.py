@@ -1,0 +1,29 @@
+"""Every notebook in colabs/ runs top to bottom (on CPU, with a tiny model and a small config)."""
+
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colabs", "*.ipynb")))
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_executes(path, tiny_chat_model, monkeypatch):
+  monkeypatch.setenv("TTSI_MODEL_PATH", tiny_chat_model)
+  monkeypatch.setenv("TTSI_NUM_EXAMPLES", "2")
+  monkeypatch.setenv("TTSI_EPOCHS", "1")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  notebook = nbformat.read(path, as_version=4)
+  NotebookClient(notebook, timeout=900, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                    for o in cell.get("outputs", []))
+  assert "margin" in outputs and "base/direct" in outputs and "model.safetensors" in outputs
