@@ -12,11 +12,9 @@
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+# shellcheck source=launch/_lib.sh
+source "$(dirname "$0")/_lib.sh"
+[[ "$DRY_RUN" == 1 ]] && shift
 STEP="${1:-}"
 
 CONFIG="${CONFIG:-configs/default.py}"
@@ -24,15 +22,6 @@ WORKDIR="${WORKDIR:-workdir/gpu}"
 RESULTS="${RESULTS:-results/gpu}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 REMOTE_DIR="ttsi_jax"
-
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
 if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|collect|all)$ ]]; then
   echo "error: GPU_HOST is not set (the ssh destination of the GPU machine)" >&2

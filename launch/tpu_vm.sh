@@ -13,11 +13,9 @@
 #   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
+# shellcheck source=launch/_lib.sh
+source "$(dirname "$0")/_lib.sh"
+[[ "$DRY_RUN" == 1 ]] && shift
 STEP="${1:-}"
 
 TPU_RUNTIME="${TPU_RUNTIME:-v2-alpha-tpuv5-lite}"
@@ -25,15 +23,6 @@ CONFIG="${CONFIG:-configs/default.py}"
 WORKDIR="${WORKDIR:-workdir/tpu}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 REMOTE_DIR="ttsi_jax"
-
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
 require() {
   local name
