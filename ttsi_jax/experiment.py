@@ -303,8 +303,8 @@ class Experiment:
     with timer("adapted"):
       if jobs:
         job_examples = [examples[i] for _, i, _ in jobs]
-        pre_a = self.sampler.prefill([enc_prompts[i] for _, i, _ in jobs], cfg.reserve,
-                                     lora_lib.take_padded(adapters, 0, len(jobs), len(jobs)), True)
+        pre_a = self.sampler.prefill([enc_prompts[i] for _, i, _ in jobs], cfg.reserve, adapters,
+                                     lora_per_row=True)
         adapted_stats = self.answerer.score(pre_a, job_examples)
         answers = self.answerer.answers(pre_a, job_examples, adapted_stats["best"],
                                         jax.random.fold_in(rng, 2), self.modes)

@@ -48,15 +48,11 @@ def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: 
   return Adapter(weights=weights, scale=alpha / rank, dropout=dropout)
 
 
-def take_padded(adapters: Adapter, start: int, count: int, size: int) -> Adapter:
-  """Adapters [start, start + count) of a stacked set, padded to `size` by repeating the last one
+def take_padded(adapters: Adapter, count: int, size: int) -> Adapter:
+  """The first `count` adapters of a stacked set, padded to `size` by repeating the last one
   (padding rows are discarded; repeating keeps shapes static without inventing weights)."""
-  idx = np.minimum(np.arange(size), count - 1) + start
+  idx = np.minimum(np.arange(size), count - 1)
   return jax.tree.map(lambda x: x[idx], adapters)
-
-
-def stack(adapters: Sequence[Adapter]) -> Adapter:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
 def unstack(adapters: Adapter, index: int) -> Adapter:

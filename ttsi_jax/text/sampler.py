@@ -237,7 +237,7 @@ class Sampler:
                        f"{self.config.max_position_embeddings} tokens.")
     batch = bucket(len(prompts))
     if lora_per_row:
-      lora = lora_lib.take_padded(lora, 0, len(prompts), batch)
+      lora = lora_lib.take_padded(lora, len(prompts), batch)
     tokens_BP, positions_BP = left_pad(prompts, length, batch, self.pad_id)
     fn = functools.partial(prefill, config=self.config, length=capacity)
     if lora_per_row:
@@ -280,12 +280,9 @@ class Sampler:
     return [self._trim(out_BN[b]) if active_B[b] else [] for b in range(pre.rows)]
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
-               rng: Optional[jax.Array] = None, lora=None,
-               lora_per_row: bool = False) -> list[list[int]]:
-    """Completion token ids per prompt (stop token excluded), in prompt order.
-
-    `lora`: None (base model), one Adapter for every row, or - with `lora_per_row` - adapters
-    stacked on a leading axis, row i decoded by adapter i (one call vmapped over the adapters).
+               rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
+    """Completion token ids per prompt (stop token excluded), in prompt order; `lora`: None (the
+    base model) or one Adapter for every row (per-row adapters: `prefill(..., lora_per_row=True)`).
     """
     if not prompts:
       return []
@@ -304,12 +301,7 @@ class Sampler:
       chunk_keys = keys[start:start + len(chunk)]
       keys_B = jnp.concatenate([chunk_keys, jax.random.split(rng, batch - len(chunk))]) if (
           batch > len(chunk)) else chunk_keys
-      if lora_per_row:  # vmap over adapters, a batch of one row each
-        adapters = lora_lib.take_padded(lora, start, len(chunk), batch)
-        out_BN = jax.vmap(lambda t, p, k, a: generate_tokens(self.params, t, p, k, a, **kwargs))(
-            tokens_BP[:, None], positions_BP[:, None], keys_B[:, None], adapters)[:, 0]
-      else:
-        out_BN = generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora, **kwargs)
-      out_BN = np.asarray(out_BN)
+      out_BN = np.asarray(generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
+                                          **kwargs))
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
     return results

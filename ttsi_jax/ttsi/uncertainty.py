@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import ModelConfig
 from ttsi_jax.text.sampler import bucket
@@ -97,18 +96,11 @@ def _sum_by_candidate(token_logp_BI, owner_BI, num_candidates: int):
   return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN
 
 
-def score(config: ModelConfig, params, packed: PackedCandidates, lora=None,
-          lora_per_row: bool = False):
-  """(loglik_BN, num_tokens_BN); with `lora_per_row`, row i is scored by stacked adapter i."""
-  arrays = (packed.tokens_BT, packed.positions_BT, packed.segments_BT, packed.select_BI,
-            packed.targets_BI, packed.owner_BI)
-  fn = functools.partial(candidate_logliks, config=config, num_candidates=packed.num_candidates)
-  if not lora_per_row:
-    return fn(params, *arrays, lora)
-  rows = packed.tokens_BT.shape[0]
-  adapters = lora_lib.take_padded(lora, 0, rows, rows)
-  loglik, counts = jax.vmap(lambda *a: fn(params, *a))(*(x[:, None] for x in arrays), adapters)
-  return loglik[:, 0], counts[:, 0]
+def score(config: ModelConfig, params, packed: PackedCandidates, lora=None):
+  """(loglik_BN, num_tokens_BN) of packed prompt + candidates rows, without a cache."""
+  return candidate_logliks(params, packed.tokens_BT, packed.positions_BT, packed.segments_BT,
+                           packed.select_BI, packed.targets_BI, packed.owner_BI, lora,
+                           config=config, num_candidates=packed.num_candidates)
 
 
 def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
