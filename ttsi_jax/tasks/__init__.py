@@ -1,0 +1,1 @@
+"""Benchmarks as tasks: examples, prompts, candidate actions, parsing and checking."""
