@@ -51,8 +51,58 @@ def test_decoded_calls_use_only_schema_keywords_and_keep_required_ones(hf_checkp
 
 def test_options_close_only_after_required_arguments():
   row = constrained._Row(text="[get_weather(", function=FUNCTIONS[0], used=[])
-  assert constrained.CallDecoder._options(row) == ["city=", "unit=", "days="]
+  assert constrained.CallDecoder._options(row) == ["city", "unit", "days"]
   row.used = ["city"]
-  assert constrained.CallDecoder._options(row) == [", unit=", ", days="]
+  assert constrained.CallDecoder._options(row) == [", unit", ", days"]
   row.used = ["city", "days"]
-  assert constrained.CallDecoder._options(row) == [", unit=", constrained.CLOSE]
+  assert constrained.CallDecoder._options(row) == [", unit", constrained.CLOSE]
+
+
+def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, monkeypatch):
+  """With a real BPE tokenizer ("='", "',", "')]" are single tokens), every stage's cached prefix +
+  scored option, and prefix + forced keyword, are the canonical tokens of that text: no stage
+  makes the model continue from a split it never saw. The model's choices are scripted here."""
+  from ttsi_jax import checkpoints
+  from ttsi_jax.text import tokenizer as tokenizer_lib
+  from ttsi_jax.ttsi import uncertainty
+  tok = tokenizer_lib.load(None)
+  config, params = checkpoints.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tok.stop_ids, tok.pad_id)
+  decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=4)
+  prompt = tok.encode_chat([{"role": "user", "content": "Weather in Paris for 3 days?"}])
+  pre = sampler.prefill([prompt], reserve=256)
+  picks = iter(["city", ", days", constrained.CLOSE])
+  writes = iter(["='Paris', days", "=3)]"])
+  cached, checked = [], []
+
+  def extend(p, extensions):
+    cached.append(extensions[0])
+    return sampler_lib.Sampler.extend(sampler, p, extensions)
+
+  def score_after(s, here, candidates, tail_mask_V=None):
+    pick = next(picks)
+    loglik = np.full((1, len(candidates[0])), -5.0)
+    for k, cand in enumerate(candidates[0]):
+      fed = [t for t in cand if t != uncertainty.TAIL]
+      text = tok.hf.decode(prompt + cached[-1] + fed)
+      assert tok.encode(text) == prompt + cached[-1] + fed  # canonical tokens of that text
+      assert (cand[-1] == uncertainty.TAIL) == (not text.endswith(constrained.CLOSE))
+      if text.endswith(pick):
+        loglik[0, k] = -1.0
+    checked.append(pick)
+    return loglik, np.ones_like(loglik, int)
+
+  def continue_(here, extensions, sampling, rng, active):
+    text = tok.hf.decode(prompt + cached[-1] + extensions[0])
+    assert tok.encode(text) == prompt + cached[-1] + extensions[0]
+    assert not text.endswith("=")  # the model writes "=" itself
+    return [tok.encode(next(writes))]
+
+  monkeypatch.setattr(sampler, "extend", extend)
+  monkeypatch.setattr(sampler, "continue_", continue_)
+  monkeypatch.setattr(uncertainty, "score_after", score_after)
+  assert decoder.decode(pre, [FUNCTIONS], ["get_weather"]) == ["[get_weather(city='Paris', days=3)]"]
+  assert checked == ["city", ", days", constrained.CLOSE]
+  # The value "'Paris'" ends in a quote that merges with what follows ("',"): the stage after it
+  # caches the call without that quote and scores it together with each option.
+  assert not tok.hf.decode(cached[1]).endswith("'")

@@ -74,3 +74,29 @@ def test_scores_after_a_cached_prefix_equal_packed_scores(hf_checkpoints):
   cached, counts = uncertainty.score_after(sampler, pre, candidates)
   np.testing.assert_allclose(cached, np.asarray(packed)[:, :cached.shape[1]], atol=1e-4)
   assert counts.tolist()[1][:3] == [1, 3, 2]
+
+
+def test_a_tail_target_scores_the_total_probability_of_its_token_set(hf_checkpoints):
+  from ttsi_jax.text import sampler as sampler_lib
+  config, params = hf.load(hf_checkpoints["llama"][0])
+  rs = np.random.RandomState(2)
+  prompts = [rs.randint(1, VOCAB, n).tolist() for n in (6, 11)]
+  tail_mask_V = np.zeros(VOCAB, bool)
+  tail_mask_V[rs.choice(VOCAB, 20, replace=False)] = True
+  candidates = [[[5, 9, uncertainty.TAIL], [7]], [[uncertainty.TAIL], [3, 4]]]
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
+  loglik, counts = uncertainty.score_after(sampler, sampler.prefill(prompts, reserve=64),
+                                           candidates, tail_mask_V)
+  for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
+    for n, cand in enumerate(cands):
+      fed = [t for t in cand if t != uncertainty.TAIL]
+      seq = np.asarray([prompt + fed], np.int32)
+      logits, _ = transformer.forward(config, params, seq, np.arange(seq.shape[1])[None])
+      logp = np.asarray(jax.nn.log_softmax(logits[0], -1), np.float64)
+      want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(fed))
+      if cand[-1] == uncertainty.TAIL:
+        want += np.log(np.exp(logp[len(prompt) - 1 + len(fed), tail_mask_V]).sum())
+      np.testing.assert_allclose(float(loglik[b, n]), want, atol=1e-4)
+      assert int(counts[b, n]) == len(cand)
+  with pytest.raises(ValueError, match="need tail_mask_V"):
+    uncertainty.score_after(sampler, sampler.prefill(prompts, reserve=64), candidates)

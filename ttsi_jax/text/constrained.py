@@ -4,8 +4,15 @@ Small models asked for a call often write prose, positional arguments or invente
 This decoder builds the call in stages, batched over rows: the function name is the given (or
 best-scoring) candidate; then, repeatedly, the model's likelihood picks the next keyword among the
 schema's unused parameter names or the closing `)]` (closing is allowed once every required
-parameter is present); then the model writes the value, cut at the end of the first complete Python
-literal. Rows may each use their own adapter (`lora_per_row`), so adapted models decode in one call.
+parameter is present); then the model writes `=` and the value, cut at the end of the first complete
+Python literal. Rows may each use their own adapter (`lora_per_row`), so adapted models decode in one
+call.
+
+Token healing: BPE merges punctuation runs (`='`, `=[`, `',`, `')]`), so text forced up to a `=` or a
+closing quote would make the model continue from a tokenization it never saw. Each stage therefore
+backs off to the longest token prefix shared by the call so far and every option appended to it
+(options are scored on the joint tokenization), forced text ends at a keyword's last letter, and
+the model writes the `=` together with the value's first characters itself.
 """
 
 from __future__ import annotations
@@ -44,6 +51,15 @@ def leading_literal(text: str) -> Optional[str]:
   return None
 
 
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+  """Length of the longest prefix shared by all token sequences."""
+  n = min(len(s) for s in sequences)
+  for i in range(n):
+    if any(s[i] != sequences[0][i] for s in sequences[1:]):
+      return i
+  return n
+
+
 @dataclasses.dataclass
 class _Row:
   text: str  # the call so far, e.g. "[get_weather(city='Paris'"
@@ -67,6 +83,9 @@ class CallDecoder:
     self.tokenizer = tokenizer
     self.max_value_tokens = max_value_tokens
     self.max_args = max_args
+    # Tokens that begin with "=" but not "==": the healed boundary after a keyword.
+    pieces = [tokenizer.decode([i]) for i in range(sampler.config.vocab_size)]
+    self.equals_mask_V = np.array([p.startswith("=") and not p.startswith("==") for p in pieces])
 
   def decode(self, pre: sampler_lib.Prefilled, functions: Sequence[Sequence[dict]],
              names: Sequence[str], leads: Optional[Sequence[str]] = None,
@@ -90,16 +109,22 @@ class CallDecoder:
       active = [not r.done for r in rows]
       if not any(active):
         break
-      here = self.sampler.extend(pre, [enc(lead + r.text) if a else []
-                                       for lead, r, a in zip(leads, rows, active)])
       options = [self._options(r) if a else [CLOSE] for r, a in zip(rows, active)]
-      loglik, _ = uncertainty.score_after(self.sampler, here, [[enc(o) for o in opts]
-                                                               for opts in options])
+      texts = [lead + r.text for lead, r in zip(leads, rows)]
+      option_ids = [[enc(text + o) for o in opts] for text, opts in zip(texts, options)]
+      heal = [_common_prefix([enc(text)] + ids) if a else 0
+              for text, ids, a in zip(texts, option_ids, active)]
+      here = self.sampler.extend(pre, [enc(text)[:h] for text, h in zip(texts, heal)])
+      # A keyword's score includes the probability that the next token starts with "=".
+      scored = [[ids[h:] + ([] if o == CLOSE else [uncertainty.TAIL]) for o, ids in zip(opts, row)]
+                if a else [enc(CLOSE)] for opts, row, h, a in zip(options, option_ids, heal, active)]
+      loglik, _ = uncertainty.score_after(self.sampler, here, scored, self.equals_mask_V)
       writing = [False] * len(rows)
       for i, row in enumerate(rows):
         if not active[i]:
           continue
-        row.pending = options[i][int(np.argmax(loglik[i, :len(options[i])]))]
+        choice = int(np.argmax(loglik[i, :len(options[i])]))
+        row.pending = options[i][choice]
         if row.pending == CLOSE or step == self.max_args or here.free() < 64:
           row.text += CLOSE
           row.done = True
@@ -107,21 +132,39 @@ class CallDecoder:
           writing[i] = True
       if not any(writing):
         continue
-      outs = self.sampler.continue_(here, [enc(r.pending) if w else []
-                                           for r, w in zip(rows, writing)],
-                                    value_sampling, jax.random.fold_in(rng, step), writing)
-      for i, out in enumerate(outs):
+      # The model writes "=" itself (healed); a row that does not is retried with "=" forced.
+      values = self._values(here, texts, heal, rows, writing, "", value_sampling,
+                            jax.random.fold_in(rng, 2 * step))
+      retry = [w and v is None for w, v in zip(writing, values)]
+      if any(retry):
+        forced = self._values(here, texts, heal, rows, retry, "=", value_sampling,
+                              jax.random.fold_in(rng, 2 * step + 1))
+        values = [f if r else v for v, f, r in zip(values, forced, retry)]
+      for i, row in enumerate(rows):
         if not writing[i]:
           continue
-        row = rows[i]
-        value = leading_literal(self.tokenizer.decode(out))
-        if value is None:  # no usable value: close the call without this argument
+        if values[i] is None:  # no usable value: close the call without this argument
           row.text += CLOSE
           row.done = True
           continue
-        row.text += row.pending + value
-        row.used.append(row.pending.lstrip(", ").rstrip("="))
+        row.text += row.pending + "=" + values[i]
+        row.used.append(row.pending.lstrip(", "))
     return [r.text for r in rows]
+
+  def _values(self, here: sampler_lib.Prefilled, texts, heal, rows, writing, forced: str,
+              sampling: SamplingParams, rng: jax.Array) -> list[Optional[str]]:
+    """Each writing row's value after `text + keyword + forced`; None where the model wrote no
+    `=` (when not forced) or no complete literal."""
+    enc = self.tokenizer.encode
+    outs = self.sampler.continue_(
+        here, [enc(text + row.pending + forced)[h:] if w else []
+               for text, h, row, w in zip(texts, heal, rows, writing)], sampling, rng, writing)
+    values = []
+    for out, w in zip(outs, writing):
+      text = forced + self.tokenizer.decode(out) if w else ""
+      head, eq, rest = text.lstrip().partition("=")
+      values.append(leading_literal(rest) if w and eq and not head else None)
+    return values
 
   @staticmethod
   def _options(row: _Row) -> list[str]:
@@ -130,7 +173,7 @@ class CallDecoder:
     required = [p for p in params.get("required", []) or [] if p in properties]
     sep = ", " if row.used else ""
     unused = [p for p in properties if p not in row.used]
-    options = [f"{sep}{p}=" for p in unused]
+    options = [f"{sep}{p}" for p in unused]
     if all(p in row.used for p in required):
       options.append(CLOSE)
     return options or [CLOSE]

@@ -103,56 +103,75 @@ def score(config: ModelConfig, params, packed: PackedCandidates, lora=None):
                            config=config, num_candidates=packed.num_candidates)
 
 
+# In a candidate continuing a cached prefix, a last entry TAIL stands for "any token of the tail
+# set": its log-probability is that of the whole set (a healed boundary, see text/constrained.py).
+TAIL = -1
+
+
 def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
                pad_id: int) -> PackedCandidates:
   """Packs candidates that continue a cached prefix: like `pack` without the prompt part.
 
   `positions_BT` holds offsets from each row's next position (-1 = padding); `select_BI` is -1
-  where the prefix's last logits predict the target (each candidate's first token).
+  where the prefix's last logits predict the target (each candidate's first token). A trailing
+  TAIL target is scored but never fed.
   """
-  rows = len(candidates)
-  T = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
+  for b, cands in enumerate(candidates):
+    for k, cand in enumerate(cands):
+      if not cand:
+        raise ValueError(f"Row {b}: candidate {k} has no tokens.")
+      if TAIL in cand[:-1]:
+        raise ValueError(f"Row {b}: candidate {k} has TAIL before its end.")
+  fed = [[[t for t in cand if t != TAIL] for cand in cands] for cands in candidates]
+  T = bucket(max((sum(map(len, c)) for c in fed), default=1), 8)
+  I = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
   N = bucket(max((len(c) for c in candidates), default=1), 2)
   out = PackedCandidates(
       tokens_BT=np.full((batch, T), pad_id, np.int32), positions_BT=np.full((batch, T), -1, np.int32),
       segments_BT=np.full((batch, T), PAD_SEGMENT, np.int32),
-      select_BI=np.full((batch, T), -1, np.int32), targets_BI=np.zeros((batch, T), np.int32),
-      owner_BI=np.full((batch, T), -1, np.int32), num_candidates=N)
-  for b, cands in enumerate(candidates[:rows]):
-    t = 0
-    for k, cand in enumerate(cands):
-      m = len(cand)
-      if not m:
-        raise ValueError(f"Row {b}: candidate {k} has no tokens.")
-      out.tokens_BT[b, t:t + m] = cand
+      select_BI=np.full((batch, I), -1, np.int32), targets_BI=np.zeros((batch, I), np.int32),
+      owner_BI=np.full((batch, I), -1, np.int32), num_candidates=N)
+  for b, (cands, fed_cands) in enumerate(zip(candidates, fed)):
+    t = i = 0
+    for k, (cand, tokens) in enumerate(zip(cands, fed_cands)):
+      m, n = len(tokens), len(cand)
+      out.tokens_BT[b, t:t + m] = tokens
       out.positions_BT[b, t:t + m] = np.arange(m)
       out.segments_BT[b, t:t + m] = k + 1
-      out.select_BI[b, t:t + m] = [-1] + list(range(t, t + m - 1))
-      out.targets_BI[b, t:t + m] = cand
-      out.owner_BI[b, t:t + m] = k
-      t += m
+      # Target j is predicted by the prefix's last logits (j = 0) or by fed token j - 1.
+      out.select_BI[b, i:i + n] = [-1] + list(range(t, t + n - 1))
+      out.targets_BI[b, i:i + n] = cand
+      out.owner_BI[b, i:i + n] = k
+      t, i = t + m, i + n
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
 def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
-                            targets_BI, owner_BI, lora=None, *, config: ModelConfig,
-                            num_candidates: int):
-  """Like `candidate_logliks`, for candidates continuing a cached `sampler.Prefix`."""
+                            targets_BI, owner_BI, tail_mask_V=None, lora=None, *,
+                            config: ModelConfig, num_candidates: int):
+  """Like `candidate_logliks`, for candidates continuing a cached `sampler.Prefix`; TAIL targets
+  score the log of the total probability of the tokens in `tail_mask_V`."""
   positions_BT = jnp.where(offsets_BT >= 0, prefix.next_position_B[:, None] + offsets_BT, -1)
   logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, prefix.cache, lora,
                                       segments_BT=segments_BT,
                                       select_BI=jnp.maximum(select_BI, 0))
   logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
-  first_BV = jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)
-  from_tokens_BI = jnp.take_along_axis(logp_BIV, targets_BI[..., None], axis=-1)[..., 0]
-  from_prefix_BI = jnp.take_along_axis(first_BV, targets_BI, axis=-1)
-  token_logp_BI = jnp.where(select_BI < 0, from_prefix_BI, from_tokens_BI)
+  logp_BIV = jnp.where((select_BI < 0)[..., None],
+                       jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)[:, None], logp_BIV)
+  token_logp_BI = jnp.take_along_axis(logp_BIV, jnp.maximum(targets_BI, 0)[..., None],
+                                      axis=-1)[..., 0]
+  if tail_mask_V is not None:
+    tail_logp_BI = jax.nn.logsumexp(jnp.where(tail_mask_V, logp_BIV, -jnp.inf), axis=-1)
+    token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI, token_logp_BI)
   return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
 
 
-def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]]):
-  """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`."""
+def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tail_mask_V=None):
+  """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`;
+  `tail_mask_V` [vocab] bool is the token set a trailing TAIL target stands for."""
+  if tail_mask_V is None and any(TAIL in c for cands in candidates for c in cands):
+    raise ValueError("Candidates ending in TAIL need tail_mask_V.")
   packed = pack_after(candidates, pre.batch, sampler.pad_id)
   if packed.tokens_BT.shape[1] > pre.free():
     raise ValueError(f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
@@ -163,7 +182,8 @@ def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]]):
             packed.targets_BI, packed.owner_BI)
   if pre.per_row:
     arrays = tuple(a[:, None] for a in arrays)
-  loglik, counts = sampler.call_rows(fn, pre.per_row, pre.lora, pre.prefix, *arrays)
+  loglik, counts = sampler.call_rows(lambda p, *args: fn(p, *args[:-1], tail_mask_V, args[-1]),
+                                     pre.per_row, pre.lora, pre.prefix, *arrays)
   if pre.per_row:
     loglik, counts = loglik[:, 0], counts[:, 0]
   return np.asarray(loglik)[:pre.rows], np.asarray(counts)[:pre.rows]
