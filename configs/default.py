@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF checkpoint folder or .gguf file; "" = the embedded SmolLM2 default
   config.model.dtype = "float32"  # bfloat16 on accelerators
-  config.mesh_shape = ()  # (data, fsdp, tensor); empty = all devices on fsdp
+  # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Hosts split the waves.
+  config.mesh_shape = ()
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "bfcl"

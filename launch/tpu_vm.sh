@@ -56,7 +56,8 @@ setup() {
 }
 
 run_job() {
-  # Every worker runs the same command; jax.distributed.initialize() joins them into one job.
+  # Every worker runs the same command; jax.distributed.initialize() joins them into one job,
+  # each worker runs its share of the waves and worker 0 writes the gathered results.
   on_all_workers "cd $REMOTE_DIR && .venv/bin/python -m ttsi_jax.main --config=$CONFIG \
 --workdir=$WORKDIR --distributed $EXTRA_ARGS"
 }

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ttsi_jax import checkpoints
+from ttsi_jax import checkpoints, multihost
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
@@ -177,7 +177,8 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
 
-    mesh = sharding.make_mesh(config.mesh_shape or None)
+    # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
+    mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
     self.model_config, self.params = checkpoints.load(config.model.path, config.model.dtype, mesh)
     self.tokenizer = tokenizer_lib.load(config.model.path)
     self.sampler = sampler_lib.Sampler(self.model_config, self.params, self.tokenizer.stop_ids,
@@ -370,42 +371,63 @@ class Experiment:
   # ----------------------------------------------------------------------------------- the run
 
   def run(self) -> dict:
-    os.makedirs(self.workdir, exist_ok=True)
-    self._check_or_write_config()
+    """Runs the pending waves (this host's share of them) and returns the run's metrics."""
+    leader, num_hosts, host = multihost.is_leader(), jax.process_count(), jax.process_index()
     results_path = os.path.join(self.workdir, "results.jsonl")
     wave_size = self.config.wave_size
     waves = [self.examples[i:i + wave_size] for i in range(0, len(self.examples), wave_size)]
-    done = _finished_waves(results_path, waves)
+    done, error = 0, ""
+    if leader:  # host 0 owns the workdir; the others learn what it found
+      os.makedirs(self.workdir, exist_ok=True)
+      try:
+        self._check_or_write_config()
+      except ValueError as e:
+        error = str(e)
+      done = _finished_waves(results_path, waves) if not error else 0
+    error, done = multihost.from_leader([error, done])
+    if error:
+      raise ValueError(error)
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
     bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
-                    unit="input", initial=sum(len(w) for w in waves[:done]))
+                    unit="input", initial=sum(len(w) for w in waves[:done]), disable=not leader)
             for k, s in enumerate(STAGES)}
-    with open(results_path, "a") as out:
-      for w in range(done, len(waves)):
-        seconds = collections.defaultdict(float)
+    with open(results_path, "a") if leader else contextlib.nullcontext() as out:
+      for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
+        records = []
+        if host < len(round_waves):
+          w = round_waves[host]
+          seconds = collections.defaultdict(float)
 
-        @contextlib.contextmanager
-        def timer(stage, size=len(waves[w])):
-          start = time.perf_counter()
-          yield
-          seconds[stage] += time.perf_counter() - start
-          bars[stage].update(size)
+          @contextlib.contextmanager
+          def timer(stage, size=len(waves[w])):
+            start = time.perf_counter()
+            yield
+            seconds[stage] += time.perf_counter() - start
+            bars[stage].update(size)
 
-        records = self.run_wave(w, waves[w], timer)
-        for r in records:
-          r["wave_seconds"] = dict(seconds)
-          out.write(json.dumps(r) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+          records = self.run_wave(w, waves[w], timer)
+          for r in records:
+            r["wave_seconds"] = dict(seconds)
+            r["host"] = host
+        gathered = multihost.allgather_json(records)
+        for bar in bars.values():  # the other hosts' inputs of this round
+          bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
+        if leader:
+          for r in (r for host_records in gathered for r in host_records):
+            out.write(json.dumps(r) + "\n")
+          out.flush()
+          os.fsync(out.fileno())
     for bar in bars.values():
       bar.close()
-    records = [json.loads(line) for line in open(results_path)]
-    metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
-    with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
-    print(format_summary(metrics))
-    return metrics
+    metrics = None
+    if leader:
+      records = [json.loads(line) for line in open(results_path)]
+      metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
+      with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+      print(format_summary(metrics))
+    return multihost.from_leader(metrics)
 
   def _check_or_write_config(self):
     path = os.path.join(self.workdir, "config.json")

@@ -1,7 +1,8 @@
 """The main job: python -m ttsi_jax.main --config=configs/default.py --workdir=/tmp/ttsi
 
 Overrides go on the command line (--config.task.num_examples=50). Re-running with the same workdir
-resumes after the last finished wave.
+resumes after the last finished wave. With --distributed, start one process per host (launch/
+does this on Cloud TPU); host 0 writes the workdir.
 """
 
 import jax
@@ -12,15 +13,20 @@ from ttsi_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where results.jsonl and metrics.json go.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host TPU / GPU).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize(): one process per host, each host runs "
+    "its share of the waves (ttsi_jax.multihost). On Cloud TPU the settings below are detected.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (where it is not detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX devices: %s", jax.devices())
   experiment.run(_CONFIG.value, _WORKDIR.value)
 
