@@ -66,6 +66,8 @@ def test_left_padding_does_not_change_logits(hf_checkpoints):
 
 
 def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
+  """Bitwise on CPU, where CI runs. (XLA:GPU compiles the graph with the zero branch differently:
+  up to 6e-5 apart at `highest` matmul precision on an H200.)"""
   folder, _ = hf_checkpoints["llama"]
   config, params = hf.load(folder)
   tokens = random_tokens(B, T)
