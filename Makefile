@@ -23,7 +23,7 @@ demo: $(VENV)/.base
 	$(PY) -m ttsi_jax.main --config=configs/default.py --workdir=workdir/default
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 bench: $(VENV)/.test
 	$(PY) -m ttsi_jax.bench --config=configs/default.py

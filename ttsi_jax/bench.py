@@ -56,26 +56,18 @@ def bench_adapt(config) -> None:
   """Wall time of one vmapped training call for A adapters vs A single-adapter calls (same code,
   same data: BFCL prompts with their gold calls, as the oracle variant trains)."""
   from ttsi_jax import experiment
-  from ttsi_jax.ttsi import adaptation
   exp = experiment.Experiment(config, workdir="")
   examples = exp.examples[:_ADAPTERS.value]
   data = [[exp._training_example(ex, ex.question, exp.task.gold_answer(ex))] for ex in examples]
   keys = jax.random.split(jax.random.key(0), len(data))
 
-  def together():
-    batches = adaptation.make_batches(exp.adapt_cfg, data, exp.tokenizer.pad_id, len(data))
-    adapters, _ = exp.trainer.train(exp.params, batches, keys)
-    jax.block_until_ready(adapters)
+  def trained(per_call):
+    # per_call=1: each adapter alone in its own length bucket (<= the wave's): no padding handicap.
+    return lambda: jax.block_until_ready(
+        exp.trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0])
 
-  def one_at_a_time():
-    # Each adapter alone gets its own length bucket (<= the wave's): no padding handicap.
-    for i, d in enumerate(data):
-      batches = adaptation.make_batches(exp.adapt_cfg, [d], exp.tokenizer.pad_id, 1)
-      adapters, _ = exp.trainer.train(exp.params, batches, keys[i:i + 1])
-      jax.block_until_ready(adapters)
-
-  vmapped = _best_time(together, _REPEATS.value)
-  sequential = _best_time(one_at_a_time, _REPEATS.value)
+  vmapped = _best_time(trained(0), _REPEATS.value)
+  sequential = _best_time(trained(1), _REPEATS.value)
   steps = exp.adapt_cfg.epochs
   print(f"model: {checkpoints.resolve(config.model.path)}  devices={jax.device_count()} "
         f"({jax.devices()[0].platform})")

@@ -198,6 +198,8 @@ class Experiment:
         a.rank, a.alpha, a.dropout, tuple(_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")),
         a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm)
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
+    # 0 = auto: one adapter per call on CPU (vmapping measured slower there), else the whole wave.
+    self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
   def _make_teacher(self):
     t = self.config.teacher
@@ -292,12 +294,10 @@ class Experiment:
     with timer("T"):
       adapters, losses = None, None
       if jobs:
-        num = sampler_lib.bucket(len(jobs))
-        batches = adaptation.make_batches(self.adapt_cfg, [j[2] for j in jobs],
-                                          self.tokenizer.pad_id, num)
-        keys = [_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs]
-        keys += [keys[-1]] * (num - len(jobs))
-        adapters, losses = self.trainer.train(self.params, batches, jax.numpy.stack(keys))
+        keys = jax.numpy.stack([_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs])
+        adapters, losses = self.trainer.train_all(self.params, [j[2] for j in jobs],
+                                                  self.tokenizer.pad_id, keys,
+                                                  self.adapters_per_call)
         self._keep_adapters(jobs, ids, adapters)
 
     adapted = {}  # (variant, i) -> answers
@@ -518,7 +518,7 @@ def format_summary(m: dict) -> str:
            f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
            f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
            f"synthesized pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
-           + (f"  rejected: {m['pairs']['rejected_by_reason']}" if m['pairs']['total'] else ""),
+           + (f"  rejected: {rejected}" if (rejected := m["pairs"]["rejected_by_reason"]) else ""),
            "", f"{'variant/mode':<24}{'accuracy':>10}{'adapted':>10}"]
   for key, value in m["accuracy"].items():
     variant = key.split("/")[0]

@@ -81,3 +81,17 @@ def test_dropout_changes_training_only_when_enabled(model):
                                                                        "dropout": 0.5}))
   assert any(not np.allclose(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(dropped)))
+
+
+def test_adapters_per_call_changes_nothing_but_speed(model):
+  config, params = model
+  trainer = adaptation.Trainer(config, CFG)
+  examples = [_examples(0, 1), _examples(1, 2), _examples(2, 1)]
+  rngs = jax.random.split(jax.random.key(5), 3)
+  together, losses = trainer.train_all(params, examples, 0, rngs)  # one vmapped call
+  for per_call in (1, 2):
+    split, split_losses = trainer.train_all(params, examples, 0, rngs, per_call)
+    np.testing.assert_allclose(split_losses, losses, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(together)):
+      assert got.shape[0] == 3
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)

@@ -156,3 +156,21 @@ class Trainer:
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     return adapters, np.where(batches.active, losses, np.nan)
+
+  def train_all(self, params, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+                pad_id: int, rngs_A: jax.Array, per_call: int = 0):
+    """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per vmapped call
+    (0: all in one). Returns (adapters [A, ...], losses [S, A]); the result does not depend on
+    `per_call`: only speed and memory do (vmapped calls pay off on accelerators, see README)."""
+    per_call = per_call or len(examples)
+    parts, losses = [], []
+    for start in range(0, len(examples), per_call):
+      chunk = examples[start:start + per_call]
+      size = bucket(len(chunk))  # a bucketed adapter count: one compile per size
+      keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
+      adapters, loss = self.train(params, make_batches(self.cfg, chunk, pad_id, size), keys)
+      parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
+      losses.append(loss[:, :len(chunk)])
+    steps = max(l.shape[0] for l in losses)
+    losses = [np.pad(l, ((0, steps - l.shape[0]), (0, 0)), constant_values=np.nan) for l in losses]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), np.concatenate(losses, axis=1)
