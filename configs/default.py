@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = ml_collections.ConfigDict()
   config.task.name = "bfcl"
   config.task.category = "multiple"
-  config.task.num_examples = 8  # 0 = all; CPU training costs ~20 s per adapter step here
+  config.task.num_examples = 8  # 0 = all; one adapter step costs ~10-20 s on a 2-core CPU
   config.task.data_dir = ""  # "" = the data inside the bfcl-eval package
 
   # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, oracle (comma separated)
