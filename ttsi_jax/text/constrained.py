@@ -23,6 +23,7 @@ import re
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttsi_jax.text import sampler as sampler_lib
@@ -85,7 +86,7 @@ class CallDecoder:
     self.max_args = max_args
     # Tokens that begin with "=" but not "==": the healed boundary after a keyword.
     pieces = [tokenizer.decode([i]) for i in range(sampler.config.vocab_size)]
-    self.equals_mask_V = np.array([p.startswith("=") and not p.startswith("==") for p in pieces])
+    self.equals_mask_V = jnp.asarray([p.startswith("=") and not p.startswith("==") for p in pieces])
 
   def decode(self, pre: sampler_lib.Prefilled, functions: Sequence[Sequence[dict]],
              names: Sequence[str], leads: Optional[Sequence[str]] = None,
@@ -111,10 +112,11 @@ class CallDecoder:
         break
       options = [self._options(r) if a else [CLOSE] for r, a in zip(rows, active)]
       texts = [lead + r.text for lead, r in zip(leads, rows)]
+      text_ids = [enc(text) if a else [] for text, a in zip(texts, active)]
       option_ids = [[enc(text + o) for o in opts] for text, opts in zip(texts, options)]
-      heal = [_common_prefix([enc(text)] + ids) if a else 0
-              for text, ids, a in zip(texts, option_ids, active)]
-      here = self.sampler.extend(pre, [enc(text)[:h] for text, h in zip(texts, heal)])
+      heal = [_common_prefix([ids] + opts) if a else 0
+              for ids, opts, a in zip(text_ids, option_ids, active)]
+      here = self.sampler.extend(pre, [ids[:h] for ids, h in zip(text_ids, heal)])
       # A keyword's score includes the probability that the next token starts with "=".
       scored = [[ids[h:] + ([] if o == CLOSE else [uncertainty.TAIL]) for o, ids in zip(opts, row)]
                 if a else [enc(CLOSE)] for opts, row, h, a in zip(options, option_ids, heal, active)]
@@ -123,8 +125,7 @@ class CallDecoder:
       for i, row in enumerate(rows):
         if not active[i]:
           continue
-        choice = int(np.argmax(loglik[i, :len(options[i])]))
-        row.pending = options[i][choice]
+        row.pending = options[i][int(np.argmax(loglik[i, :len(options[i])]))]
         if row.pending == CLOSE or step == self.max_args or here.free() < 64:
           row.text += CLOSE
           row.done = True

@@ -148,7 +148,7 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
 
 @functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
 def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
-                            targets_BI, owner_BI, tail_mask_V=None, lora=None, *,
+                            targets_BI, owner_BI, lora=None, tail_mask_V=None, *,
                             config: ModelConfig, num_candidates: int):
   """Like `candidate_logliks`, for candidates continuing a cached `sampler.Prefix`; TAIL targets
   score the log of the total probability of the tokens in `tail_mask_V`."""
@@ -176,14 +176,13 @@ def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tai
   if packed.tokens_BT.shape[1] > pre.free():
     raise ValueError(f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
                      f"{pre.free()} are free; prefill with a larger reserve.")
-  fn = functools.partial(candidate_logliks_after, config=sampler.config,
+  fn = functools.partial(candidate_logliks_after, tail_mask_V=tail_mask_V, config=sampler.config,
                          num_candidates=packed.num_candidates)
   arrays = (packed.tokens_BT, packed.positions_BT, packed.segments_BT, packed.select_BI,
             packed.targets_BI, packed.owner_BI)
   if pre.per_row:
     arrays = tuple(a[:, None] for a in arrays)
-  loglik, counts = sampler.call_rows(lambda p, *args: fn(p, *args[:-1], tail_mask_V, args[-1]),
-                                     pre.per_row, pre.lora, pre.prefix, *arrays)
+  loglik, counts = sampler.call_rows(fn, pre.per_row, pre.lora, pre.prefix, *arrays)
   if pre.per_row:
     loglik, counts = loglik[:, 0], counts[:, 0]
   return np.asarray(loglik)[:pre.rows], np.asarray(counts)[:pre.rows]
