@@ -1,4 +1,7 @@
-"""Every notebook in colabs/ runs top to bottom (on CPU, with a tiny model and a small config)."""
+"""Every notebook in colabs/ runs top to bottom (on CPU, with a tiny model and a small config).
+
+The model is a checkpoint folder loaded in bfloat16, the settings the notebooks tell GPU users to
+choose; the float32 default path is run by the end-to-end tests."""
 
 import glob
 import os
@@ -20,6 +23,7 @@ def test_notebook_executes(path, tiny_chat_model, monkeypatch):
   monkeypatch.setenv("TTSI_MODEL_PATH", tiny_chat_model)
   monkeypatch.setenv("TTSI_NUM_EXAMPLES", "2")
   monkeypatch.setenv("TTSI_EPOCHS", "1")
+  monkeypatch.setenv("TTSI_DTYPE", "bfloat16")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=900, kernel_name="python3",
