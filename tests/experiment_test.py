@@ -155,6 +155,7 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
     ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
     ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
     ("task.category", "multi", r"'multi'.*multiple"),
+    ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
 ])
 def test_bad_names_fail_at_start_with_the_valid_ones(field, value, message, tmp_path):
   config = tiny.get_config()
@@ -164,10 +165,17 @@ def test_bad_names_fail_at_start_with_the_valid_ones(field, value, message, tmp_
     experiment.Experiment(config, str(tmp_path))
 
 
-def test_ttd_without_a_teacher_is_explained(tmp_path):
+@pytest.mark.parametrize("teacher,message", [
+    ({}, "needs a teacher"),
+    ({"kind": "local"}, r"'local' needs teacher.path: set --config.teacher.path=..."),
+    ({"kind": "endpoint", "model": "m"}, r"'endpoint' needs teacher.base_url: set"),
+    ({"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
+])
+def test_ttd_without_a_teacher_is_explained(teacher, message, tmp_path):
   config = tiny.get_config()
   config.variants = "base,ttd"
-  with pytest.raises(ValueError, match="needs a teacher"):
+  config.teacher.update(teacher)
+  with pytest.raises(ValueError, match=message):
     experiment.Experiment(config, str(tmp_path))
 
 
@@ -192,3 +200,17 @@ def test_single_function_inputs_score_distinct_sampled_calls(tiny_chat_model, tm
     else:
       np.testing.assert_allclose(r["margin"], sorted(r["probs"])[-1] - sorted(r["probs"])[-2],
                                  atol=1e-6)
+
+
+def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported():
+  task = BfclTask("multiple", 1)
+  ex = task.examples()[0]
+  right, wrong = task.gold_answer(ex), "[nothing()]"
+  verdicts = experiment._verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]},
+                                  ("majority",))
+  assert verdicts == {"direct": True, "majority": False}
+  record = {"wave": 0, "wave_seconds": {}, "uncertain": True, "pairs": [], "variants": {},
+            "base": {"correct": verdicts}}
+  metrics = experiment.compute_metrics([record], ("base",), ("majority",), [])
+  assert metrics["accuracy"] == {"base/majority": 0.0}
+  assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0

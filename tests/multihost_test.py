@@ -6,7 +6,11 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 from tests.experiment_test import ROOT
+from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.tasks.bfcl import BfclTask
 
 NUM_EXAMPLES = 3  # three one-input waves: a full round for both hosts, then one for host 0 alone
@@ -20,9 +24,10 @@ def _free_port() -> int:
 
 def _command(model, workdir, *extra):
   return [sys.executable, "-m", "ttsi_jax.main", "--config=configs/tiny.py",
-          f"--config.model.path={model}", "--config.variants=base,ttsi",
+          f"--config.model.path={model}", "--config.variants=base,oracle",
           "--config.decoding.modes=direct", f"--config.task.num_examples={NUM_EXAMPLES}",
-          "--config.wave_size=1", "--config.uncertainty.tau=1.01", f"--workdir={workdir}", *extra]
+          "--config.wave_size=1", "--config.uncertainty.tau=1.01", "--config.keep_adapters=all",
+          f"--workdir={workdir}", *extra]
 
 
 def _start(command):
@@ -72,6 +77,13 @@ def test_two_hosts_split_the_waves_and_write_each_once(tiny_chat_model, tmp_path
   # Which host ran a wave changes nothing: records and metrics equal the one-process run's.
   assert _records(multi) == _records(single)
   assert _metrics(multi) == _metrics(single)
+  # Each host saved the adapters it trained (no barrier with the other host), equal to the
+  # one-process run's.
+  for i in ids:
+    kept, _ = orbax_lib.load_adapter(os.path.join(multi, "adapters", "oracle", i))
+    alone, _ = orbax_lib.load_adapter(os.path.join(single, "adapters", "oracle", i))
+    for x, y in zip(jax.tree.leaves(kept.weights), jax.tree.leaves(alone.weights), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
   # Cut after wave 0: the restarted hosts share the two pending waves and append each once.
   path = os.path.join(multi, "results.jsonl")

@@ -56,6 +56,30 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   return names
 
 
+def _check_teacher(t: ml_collections.ConfigDict) -> None:
+  """Variant 'ttd' needs a teacher that is fully named (an empty path would load the student)."""
+  needed = {"local": ("path",), "endpoint": ("base_url", "model")}.get(t.kind)
+  if needed is None:
+    raise ValueError("Variant 'ttd' needs a teacher: set --config.teacher.kind to 'local' (with "
+                     "teacher.path) or 'endpoint' (with teacher.base_url and teacher.model).")
+  missing = [f"teacher.{k}" for k in needed if not t[k]]
+  if missing:
+    raise ValueError(f"Teacher kind {t.kind!r} needs {' and '.join(missing)}: set "
+                     + " ".join(f"--config.{m}=..." for m in missing) + ".")
+
+
+def _kept_ids(value: str, ids: Sequence[str]):
+  """config.keep_adapters: "" (none), "all", or comma-separated input ids of this run."""
+  if value.strip() == "all":
+    return "all"
+  kept = {v.strip() for v in value.split(",") if v.strip()}
+  unknown = sorted(kept - set(ids))
+  if unknown:
+    raise ValueError(f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
+                     f"such as {list(ids[:3])}, or 'all'.")
+  return kept
+
+
 def make_task(cfg: ml_collections.ConfigDict) -> Task:
   if cfg.name not in TASKS:
     raise ValueError(f"Unknown task {cfg.name!r}; valid tasks are {list(TASKS)}.")
@@ -143,10 +167,9 @@ def distinct_calls(task: Task, answers: Sequence[str]) -> list[str]:
 
 
 def _verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
-  """Correctness per mode: direct; majority vote over canonical samples; pass@k."""
-  out = {}
-  if "direct" in modes:
-    out["direct"] = task.check(ex, answers["direct"]).correct
+  """Correctness per mode: direct (always: the flag metrics need it); majority vote over canonical
+  samples; pass@k."""
+  out = {"direct": task.check(ex, answers["direct"]).correct}
   samples = answers.get("samples", [])
   if "majority" in modes:
     votes = collections.Counter(c for c in map(task.canonical, samples) if c is not None)
@@ -167,19 +190,20 @@ class Experiment:
     if config.uncertainty.measure not in ("margin", "entropy"):
       raise ValueError(f"Unknown uncertainty measure {config.uncertainty.measure!r}; valid: "
                        "['margin', 'entropy'].")
-    if "ttd" in self.variants and config.teacher.kind not in ("local", "endpoint"):
-      raise ValueError("Variant 'ttd' needs a teacher: set --config.teacher.kind to 'local' (with "
-                       "teacher.path) or 'endpoint' (with teacher.base_url and teacher.model).")
+    if "ttd" in self.variants:
+      _check_teacher(config.teacher)
     self.task = make_task(config.task)
     for row_id, reason in self.task.skipped:
       logging.warning("Skipped malformed row %s: %s", row_id, reason)
     self.examples = self.task.examples()
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
+    self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
-    mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
-    self.model_config, self.params = checkpoints.load(config.model.path, config.model.dtype, mesh)
+    self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
+    self.model_config, self.params = checkpoints.load(config.model.path, config.model.dtype,
+                                                      self.mesh)
     self.tokenizer = tokenizer_lib.load(config.model.path)
     self.sampler = sampler_lib.Sampler(self.model_config, self.params, self.tokenizer.stop_ids,
                                        self.tokenizer.pad_id)
@@ -207,7 +231,7 @@ class Experiment:
       return synthesis.EndpointSynthesizer(
           self.task, synthesis.EndpointConfig(t.base_url, t.model, t.api_key_env, t.timeout_s,
                                               t.retries, t.backoff_s), self.synth_cfg)
-    config, params = checkpoints.load(t.path, self.config.model.dtype)
+    config, params = checkpoints.load(t.path, self.config.model.dtype, self.mesh)
     tokenizer = tokenizer_lib.load(t.path)
     sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
     return synthesis.ModelSynthesizer(self.task, sampler, tokenizer, self.synth_cfg,
@@ -215,15 +239,23 @@ class Experiment:
 
   # ------------------------------------------------------------------------------------ one wave
 
-  def _keep_adapters(self, jobs, ids, adapters) -> None:
-    """Saves the adapters of the inputs named in config.keep_adapters ("all" or ids)."""
-    keep = self.config.keep_adapters
-    chosen = set(keep.split(",")) if keep and keep != "all" else set()
+  def _adapters_to_keep(self, jobs, ids, adapters) -> list[dict]:
+    """The adapters of the inputs named in config.keep_adapters, as host numpy trees (host 0
+    saves them, whichever host trained them)."""
+    kept = []
     for j, (v, i, _) in enumerate(jobs):
-      if keep == "all" or ids[i] in chosen:
-        orbax_lib.save_adapter(os.path.join(self.workdir, "adapters", v, ids[i]),
-                               lora_lib.unstack(adapters, j),
-                               checkpoints.resolve(self.config.model.path))
+      if self.keep == "all" or ids[i] in self.keep:
+        adapter = lora_lib.unstack(adapters, j)
+        kept.append({"variant": v, "id": ids[i], "weights": jax.device_get(adapter.weights),
+                     "scale": adapter.scale, "dropout": adapter.dropout})
+    return kept
+
+  def _save_adapters(self, kept: list[dict]) -> None:
+    base_model = checkpoints.resolve(self.config.model.path)
+    for k in kept:
+      adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
+      orbax_lib.save_adapter(os.path.join(self.workdir, "adapters", k["variant"], k["id"]),
+                             adapter, base_model)
 
   def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
     prompt_ex = dataclasses.replace(ex, question=request)
@@ -237,7 +269,8 @@ class Experiment:
       demos += [{"role": "user", "content": p.request}, {"role": "assistant", "content": p.call}]
     return self.tokenizer.encode_chat(msgs[:-1] + demos + msgs[-1:])
 
-  def run_wave(self, wave: int, examples: list[Example], timer) -> list[dict]:
+  def run_wave(self, wave: int, examples: list[Example], timer) -> tuple[list[dict], list[dict]]:
+    """(one record per input, the adapters to keep)."""
     cfg, seed = self.config, self.config.seed
     ids = [ex.id for ex in examples]
     rng = _key(seed, "wave", ids)
@@ -292,13 +325,13 @@ class Experiment:
         if data:
           jobs.append((v, i, data))
     with timer("T"):
-      adapters, losses = None, None
+      adapters, losses, kept = None, None, []
       if jobs:
         keys = jax.numpy.stack([_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs])
         adapters, losses = self.trainer.train_all(self.params, [j[2] for j in jobs],
                                                   self.tokenizer.pad_id, keys,
                                                   self.adapters_per_call)
-        self._keep_adapters(jobs, ids, adapters)
+        kept = self._adapters_to_keep(jobs, ids, adapters)
 
     adapted = {}  # (variant, i) -> answers
     with timer("adapted"):
@@ -366,7 +399,7 @@ class Experiment:
               record["variants"][v]["losses"] = [float(x) for x in losses[:, j]
                                                  if not np.isnan(x)]
         records.append(record)
-    return records
+    return records, kept
 
   # ----------------------------------------------------------------------------------- the run
 
@@ -394,7 +427,7 @@ class Experiment:
             for k, s in enumerate(STAGES)}
     with open(results_path, "a") if leader else contextlib.nullcontext() as out:
       for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
-        records = []
+        records, kept = [], []
         if host < len(round_waves):
           w = round_waves[host]
           seconds = collections.defaultdict(float)
@@ -406,14 +439,16 @@ class Experiment:
             seconds[stage] += time.perf_counter() - start
             bars[stage].update(size)
 
-          records = self.run_wave(w, waves[w], timer)
+          records, kept = self.run_wave(w, waves[w], timer)
           for r in records:
             r["wave_seconds"] = dict(seconds)
             r["host"] = host
         gathered = multihost.allgather_json(records)
+        kept = multihost.allgather_trees(kept)
         for bar in bars.values():  # the other hosts' inputs of this round
           bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
         if leader:
+          self._save_adapters(kept)  # before the records: a logged wave has its adapters on disk
           for r in (r for host_records in gathered for r in host_records):
             out.write(json.dumps(r) + "\n")
           out.flush()
@@ -422,7 +457,8 @@ class Experiment:
       bar.close()
     metrics = None
     if leader:
-      records = [json.loads(line) for line in open(results_path)]
+      with open(results_path) as f:
+        records = [json.loads(line) for line in f]
       metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
       with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -451,19 +487,25 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
     return 0
   by_wave = collections.defaultdict(list)
   lines = []
-  for line in open(path):
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      break  # a line cut by the interruption
-    by_wave[record["wave"]].append(record["id"])
-    lines.append(line)
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break  # a line cut by the interruption
+      by_wave[record["wave"]].append(record["id"])
+      lines.append((record["wave"], line))
   done = 0
   while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:
     done += 1
-  keep = [l for l in lines if json.loads(l)["wave"] < done]
-  with open(path, "w") as f:
-    f.writelines(keep)
+  keep = [line for wave, line in lines if wave < done]
+  if len(keep) < len(lines) or sum(map(len, keep)) != os.path.getsize(path):
+    # Rewritten aside and swapped in, so a kill during the rewrite never loses finished waves.
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
   return done
 
 
@@ -485,7 +527,7 @@ def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
         correct = [r["variants"][v]["correct"][m] for r in records]
       acc[f"{v}/{m}"] = float(np.mean(correct)) if n else 0.0
   flagged = [r["uncertain"] for r in records]
-  wrong = [not r["base"]["correct"].get("direct", False) for r in records]
+  wrong = [not r["base"]["correct"]["direct"] for r in records]
   caught = sum(f and w for f, w in zip(flagged, wrong))
   pairs = [p for r in records for p in r["pairs"]]
   reasons = collections.Counter(_reason_kind(p["rejected"]) for p in pairs if p["rejected"])

@@ -3,8 +3,9 @@
 A host holds the whole model on its own devices (its local mesh shards it over fsdp / tensor) and
 runs its own waves: in each round of `process_count` pending waves, host p runs the p-th. The
 round's records are then gathered to every host, and host 0 alone writes them, in wave order, so
-results.jsonl never holds a wave twice. Hosts exchange only small JSON values, through
-`multihost_utils` collectives; on one process every function here is a no-op.
+results.jsonl never holds a wave twice (and saves the adapters the run keeps). Hosts exchange
+records (JSON) and kept adapters (msgpack) through `multihost_utils` collectives; on one process
+every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import serialization
 from jax.experimental import multihost_utils
 
 
@@ -22,16 +24,32 @@ def is_leader() -> bool:
   return jax.process_index() == 0
 
 
+def allgather_bytes(data: bytes) -> list[bytes]:
+  """[data of host 0, data of host 1, ...] on every host."""
+  if jax.process_count() == 1:
+    return [data]
+  array = np.frombuffer(data, np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(array)], np.int64)))[:, 0]
+  buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  buffer[:len(array)] = array
+  gathered = np.asarray(multihost_utils.process_allgather(buffer))
+  return [bytes(row[:size]) for row, size in zip(gathered, sizes)]
+
+
 def allgather_json(value: Any) -> list:
   """[value of host 0, value of host 1, ...] on every host (JSON-serialisable values)."""
   if jax.process_count() == 1:
     return [value]
-  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))[:, 0]
-  buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
-  buffer[:len(data)] = data
-  gathered = np.asarray(multihost_utils.process_allgather(buffer))
-  return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes)]
+  return [json.loads(data) for data in allgather_bytes(json.dumps(value).encode())]
+
+
+def allgather_trees(trees: list) -> list:
+  """Every host's list of pytrees of numpy arrays / strings / numbers, concatenated in host order,
+  on every host (e.g. the adapters each host trained, for host 0 to save)."""
+  if jax.process_count() == 1:
+    return list(trees)
+  gathered = allgather_bytes(serialization.msgpack_serialize({"trees": list(trees)}))
+  return [tree for data in gathered for tree in serialization.msgpack_restore(data)["trees"]]
 
 
 def from_leader(value: Any) -> Any:

@@ -22,9 +22,17 @@ from ttsi_jax.model import sharding
 ADAPTER_META = "adapter.json"
 
 
-def save(path: str, tree) -> None:
-  """Writes `tree` (any layout) to `path` and waits until it is on disk."""
-  checkpointer = ocp.StandardCheckpointer()
+def save(path: str, tree, this_process_only: bool = False) -> None:
+  """Writes `tree` (any layout) to `path` and waits until it is on disk.
+
+  `this_process_only`: written by the calling process alone, with no barrier with the other hosts
+  (they are not saving: in a multi-host run host 0 saves the adapters gathered from all hosts).
+  """
+  options = ocp.options.MultiprocessingOptions()
+  if this_process_only:
+    options = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
   checkpointer.save(os.path.abspath(path), tree, force=True)
   checkpointer.wait_until_finished()
 
@@ -48,7 +56,11 @@ def restore_params(path: str, like, mesh: Optional[Mesh] = None):
 
 
 def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:
-  save(os.path.join(path, "weights"), adapter.weights)
+  """Saved by host 0 alone, as numpy arrays (orbax writes numpy leaves from process 0 only)."""
+  if jax.process_index() != 0:
+    raise RuntimeError("Adapters are saved by host 0: gather them there first "
+                       "(ttsi_jax.multihost.allgather_trees).")
+  save(os.path.join(path, "weights"), jax.device_get(adapter.weights), this_process_only=True)
   shapes = {module: {name: {ab: list(x.shape) for ab, x in pair.items()}
                      for name, pair in targets.items()}
             for module, targets in adapter.weights.items()}

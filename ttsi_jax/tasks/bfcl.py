@@ -512,8 +512,8 @@ def _last_user_turn(question: Any) -> tuple[list[dict], str]:
 
 
 def _check_functions(functions: Any) -> None:
-  if not isinstance(functions, list):
-    raise ValueError("'function' is not a list")
+  if not isinstance(functions, list) or not functions:
+    raise ValueError("'function' is not a non-empty list")
   for function in functions:
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
       raise ValueError("a function has no string name")

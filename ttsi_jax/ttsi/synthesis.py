@@ -11,6 +11,7 @@ required arguments and no unknown ones; every rejection is counted with its reas
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from ttsi_jax.tasks.base import Example, Task
 from ttsi_jax.text import constrained
@@ -190,7 +192,8 @@ class EndpointSynthesizer:
         if not isinstance(content, str):
           raise TypeError("message content is not a string")
         return content
-      except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+      except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError,
+              IndexError, TypeError) as err:
         last_error = f"{type(err).__name__}: {err}"
     raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: "
                        f"{last_error}")
@@ -202,7 +205,8 @@ class EndpointSynthesizer:
     for ex in examples:
       try:
         text = self._complete(messages(ex, self.cfg.k))
-      except TeacherError:
+      except TeacherError as err:
+        logging.warning("Input %s gets no teacher pairs: %s", ex.id, err)
         out.append(None)
         continue
       out.append(judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate))
