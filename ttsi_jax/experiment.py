@@ -23,6 +23,7 @@ import zlib
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -86,9 +87,11 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
   return bfcl.BfclTask(cfg.category, cfg.num_examples or None, cfg.data_dir or None)
 
 
-def _key(seed: int, *parts) -> jax.Array:
-  """A key that depends only on the seed and the given names (never on wave composition)."""
-  return jax.random.key(zlib.crc32(json.dumps([seed, *parts]).encode()) & 0x7FFFFFFF)
+def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
+  """keys_R: one key per row, from the seed, the stage and the row's own name (its input id, or
+  [variant, id]) alone, so no sample depends on which inputs share a wave or a batch."""
+  return jnp.stack([jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF)
+                    for n in names])
 
 
 @dataclasses.dataclass
@@ -121,7 +124,7 @@ class Answerer:
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
-    runs = [self.answer(pre, examples, stats["best"], jax.random.fold_in(rng, s), sample=True)
+    runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
             for s in range(num_samples)]
     candidates = [distinct_calls(self.task, [run[i] for run in runs]) or
                   self.task.candidates(ex) for i, ex in enumerate(examples)]
@@ -149,7 +152,7 @@ class Answerer:
     """{"direct": [answer per input], "samples": [[n answers] per input] when voting}."""
     out = {"direct": self.answer(pre, examples, best, rng, sample=False)}
     if set(modes) - {"direct"}:
-      runs = [self.answer(pre, examples, best, jax.random.fold_in(rng, s + 1), sample=True)
+      runs = [self.answer(pre, examples, best, sampler_lib.fold_in(rng, s + 1), sample=True)
               for s in range(self.num_samples)]
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
@@ -273,19 +276,18 @@ class Experiment:
     """(one record per input, the adapters to keep)."""
     cfg, seed = self.config, self.config.seed
     ids = [ex.id for ex in examples]
-    rng = _key(seed, "wave", ids)
     enc_prompts = [self.tokenizer.encode_chat(self.task.prompt(ex)) for ex in examples]
 
     with timer("H"):
       pre = self.sampler.prefill(enc_prompts, cfg.reserve)
       u = cfg.uncertainty
       stats = self.answerer.score(pre, examples)
-      stats = self.answerer.sampled_call_stats(pre, examples, stats, jax.random.fold_in(rng, 4),
+      stats = self.answerer.sampled_call_stats(pre, examples, stats, _keys(seed, "H", ids),
                                                u.sampled_candidates)
       threshold = u.tau if u.measure == "margin" else u.entropy_threshold
       flags = uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
     with timer("base"):
-      base = self.answerer.answers(pre, examples, stats["best"], jax.random.fold_in(rng, 1),
+      base = self.answerer.answers(pre, examples, stats["best"], _keys(seed, "base", ids),
                                    self.modes)
 
     # Which inputs each variant adapts (or, for ICL, demonstrates on).
@@ -298,15 +300,17 @@ class Experiment:
     with timer("G"):
       self_pairs = [None] * len(examples)
       chosen = [i for i in range(len(examples)) if need_self[i]]
-      for i, pairs in zip(chosen, self.self_synth.synthesize(
-          [examples[i] for i in chosen], _key(seed, "synth", [ids[i] for i in chosen]))):
-        self_pairs[i] = pairs
+      if chosen:
+        for i, pairs in zip(chosen, self.self_synth.synthesize(
+            [examples[i] for i in chosen], _keys(seed, "synth", [ids[i] for i in chosen]))):
+          self_pairs[i] = pairs
       teacher_pairs = [None] * len(examples)
       if self.teacher is not None:
         chosen = [i for i in range(len(examples)) if flags[i]]
-        for i, pairs in zip(chosen, self.teacher.synthesize(
-            [examples[i] for i in chosen], _key(seed, "teacher", [ids[i] for i in chosen]))):
-          teacher_pairs[i] = pairs if pairs is not None else "failed"
+        if chosen:
+          for i, pairs in zip(chosen, self.teacher.synthesize(
+              [examples[i] for i in chosen], _keys(seed, "teacher", [ids[i] for i in chosen]))):
+            teacher_pairs[i] = pairs if pairs is not None else "failed"
 
     # Adapter jobs: (variant, input index, training examples).
     jobs = []
@@ -327,9 +331,9 @@ class Experiment:
     with timer("T"):
       adapters, losses, kept = None, None, []
       if jobs:
-        keys = jax.numpy.stack([_key(seed, "adapter", v, ids[i]) for v, i, _ in jobs])
+        keys_A = _keys(seed, "adapter", [[v, ids[i]] for v, i, _ in jobs])
         adapters, losses = self.trainer.train_all(self.params, [j[2] for j in jobs],
-                                                  self.tokenizer.pad_id, keys,
+                                                  self.tokenizer.pad_id, keys_A,
                                                   self.adapters_per_call)
         kept = self._adapters_to_keep(jobs, ids, adapters)
 
@@ -341,7 +345,8 @@ class Experiment:
                                      lora_per_row=True)
         adapted_stats = self.answerer.score(pre_a, job_examples)
         answers = self.answerer.answers(pre_a, job_examples, adapted_stats["best"],
-                                        jax.random.fold_in(rng, 2), self.modes)
+                                        _keys(seed, "adapted", [[v, ids[i]] for v, i, _ in jobs]),
+                                        self.modes)
         for j, (v, i, _) in enumerate(jobs):
           adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
       if "ttsi_icl" in self.variants:
@@ -354,7 +359,7 @@ class Experiment:
           icl_examples = [examples[i] for i in icl]
           icl_stats = self.answerer.score(pre_icl, icl_examples)
           answers = self.answerer.answers(pre_icl, icl_examples, icl_stats["best"],
-                                          jax.random.fold_in(rng, 3), self.modes)
+                                          _keys(seed, "icl", [ids[i] for i in icl]), self.modes)
           for j, i in enumerate(icl):
             adapted[("ttsi_icl", i)] = {k: vals[j] for k, vals in answers.items()}
 

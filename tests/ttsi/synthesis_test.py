@@ -5,9 +5,13 @@ import json
 import threading
 import time
 
+import jax
 import pytest
 
+from ttsi_jax import checkpoints
 from ttsi_jax.tasks.bfcl import BfclTask
+from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.ttsi import synthesis
 
 
@@ -35,6 +39,22 @@ def test_validation_keeps_good_pairs_and_names_the_problem(example):
   assert "unparseable" in judged[3].rejected and judged[4].rejected == "no parseable pair"
   unvalidated = synthesis.judge_all(task, example, pairs, 4, validate=False)
   assert all(p.kept for p in unvalidated)  # the paper's setting: no filter
+
+
+def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tiny_chat_model):
+  task = BfclTask("multiple", 3)
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  cfg = synthesis.SynthesisConfig(k=2, well_formed=True, temperature=1.0,
+                                  max_request_tokens=8, max_free_tokens=8)
+  synth = synthesis.ModelSynthesizer(task, sampler, tokenizer, cfg)
+  examples = task.examples()
+  keys_E = jax.random.split(jax.random.key(0), 3)
+  together = synth.synthesize(examples, keys_E)
+  assert synth.synthesize(examples[1:], keys_E[1:]) == together[1:]
+  assert synth.synthesize(examples[2:], keys_E[2:]) == together[2:]
+  assert together[0][0] != together[0][1]  # the k rows of one example get distinct keys
 
 
 def test_synthesis_prompt_never_shows_the_gold_answer(example):

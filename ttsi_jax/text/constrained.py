@@ -94,9 +94,9 @@ class CallDecoder:
              rng: Optional[jax.Array] = None) -> list[str]:
     """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
 
-    `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default.
+    `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default;
+    `rng`: one key or one per row (see `sampler.row_keys`).
     """
-    rng = jax.random.key(0) if rng is None else rng
     leads = leads or [""] * pre.rows
     enc = self.tokenizer.encode
     rows = []
@@ -135,11 +135,11 @@ class CallDecoder:
         continue
       # The model writes "=" itself (healed); a row that does not is retried with "=" forced.
       values = self._values(here, texts, heal, rows, writing, "", value_sampling,
-                            jax.random.fold_in(rng, 2 * step))
+                            sampler_lib.fold_in(rng, 2 * step))
       retry = [w and v is None for w, v in zip(writing, values)]
       if any(retry):
         forced = self._values(here, texts, heal, rows, retry, "=", value_sampling,
-                              jax.random.fold_in(rng, 2 * step + 1))
+                              sampler_lib.fold_in(rng, 2 * step + 1))
         values = [f if r else v for v, f, r in zip(values, forced, retry)]
       for i, row in enumerate(rows):
         if not writing[i]:

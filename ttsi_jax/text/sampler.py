@@ -54,6 +54,26 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
   return tokens_BP, positions_BP
 
 
+def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
+  """keys_B for `rows` real rows padded to `batch`. `rng`: one key, split over the batch, or keys_R,
+  one key per real row (a row then samples from its own key alone, whichever rows share its
+  batch); padding rows reuse the last real row's key (they are inactive)."""
+  rng = jax.random.key(0) if rng is None else rng
+  if rng.ndim == 0:
+    return jax.random.split(rng, batch)
+  if rng.shape[0] != rows or not 0 < rows <= batch:
+    raise ValueError(f"Got {rng.shape[0]} row keys for {rows} rows (batch {batch}).")
+  return rng[np.minimum(np.arange(batch), rows - 1)]
+
+
+def fold_in(rng: Optional[jax.Array], data: int) -> jax.Array:
+  """`jax.random.fold_in` of one key, or of each of keys_R."""
+  rng = jax.random.key(0) if rng is None else rng
+  if rng.ndim == 0:
+    return jax.random.fold_in(rng, data)
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
+
+
 def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature: float,
                  top_p: float) -> jax.Array:
   if temperature == 0.0:
@@ -263,15 +283,15 @@ class Sampler:
   def continue_(self, pre: Prefilled, extensions: Sequence[Sequence[int]],
                 sampling: SamplingParams, rng: Optional[jax.Array] = None,
                 active: Optional[Sequence[bool]] = None) -> list[list[int]]:
-    """Completions after prefix + extension, per row (inactive rows return [])."""
-    rng = jax.random.key(0) if rng is None else rng
+    """Completions after prefix + extension, per row (inactive rows return []); `rng`: one key or
+    keys_R, one per row (see `row_keys`)."""
     tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
     if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
       raise ValueError(f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
                        f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve.")
     active_B = np.zeros((pre.batch,), bool)
     active_B[:pre.rows] = True if active is None else np.asarray(active, bool)
-    keys_B = jax.random.split(rng, pre.batch)
+    keys_B = row_keys(rng, pre.rows, pre.batch)
     fn = functools.partial(continue_tokens, config=self.config, sampling=sampling,
                            stop_ids=self.stop_ids, pad_id=self.pad_id)
     out = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
@@ -281,13 +301,13 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
                rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
-    """Completion token ids per prompt (stop token excluded), in prompt order; `lora`: None (the
-    base model) or one Adapter for every row (per-row adapters: `prefill(..., lora_per_row=True)`).
+    """Completion token ids per prompt (stop token excluded), in prompt order; `rng`: one key or
+    keys_R, one per prompt (see `row_keys`); `lora`: None (the base model) or one Adapter for every
+    row (per-row adapters: `prefill(..., lora_per_row=True)`).
     """
     if not prompts:
       return []
-    rng = jax.random.key(0) if rng is None else rng
-    keys = jax.random.split(rng, len(prompts))
+    keys = row_keys(rng, len(prompts), len(prompts))
     length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
     if length + sampling.max_new_tokens > self.config.max_position_embeddings:
       raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
@@ -298,9 +318,7 @@ class Sampler:
       chunk = prompts[start:start + self.max_batch]
       batch = bucket(len(chunk))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
-      chunk_keys = keys[start:start + len(chunk)]
-      keys_B = jnp.concatenate([chunk_keys, jax.random.split(rng, batch - len(chunk))]) if (
-          batch > len(chunk)) else chunk_keys
+      keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
       out_BN = np.asarray(generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
                                           **kwargs))
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))

@@ -43,7 +43,11 @@ class AdaptConfig:
 
 
 def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
-  """Linear warmup from 0, then cosine decay to 0 (transformers' cosine schedule, step by step)."""
+  """Linear warmup from 0, then cosine decay to 0 (transformers' cosine schedule, step by step).
+
+  As in transformers (the paper's LLaMA-Factory runs), any warmup makes the first step's rate 0:
+  the paper's 5 steps with warmup ratio 0.03 are 4 updates; warmup_ratio=0 makes them 5.
+  """
   warmup = math.ceil(cfg.warmup_ratio * total_steps)
   steps = np.arange(total_steps, dtype=np.float64)
   warm = steps / max(1, warmup)

@@ -104,6 +104,8 @@ class ModelSynthesizer:
     self.decoder = constrained.CallDecoder(sampler, tokenizer)
 
   def synthesize(self, examples: Sequence[Example], rng: jax.Array) -> list[list[Pair]]:
+    """K pairs per example; `rng`: one key, or keys_E, one per example (an example's pairs then
+    depend on its own key alone, not on which examples are synthesized beside it)."""
     if not examples:
       return []
     if self.cfg.well_formed:
@@ -122,13 +124,15 @@ class ModelSynthesizer:
     """K rows per input: sample a request, pick the function by likelihood, decode the call."""
     k = self.cfg.k
     rows = [ex for ex in examples for _ in range(k)]
+    if rng.ndim:  # keys_E -> one key per row: the example's key split k ways
+      rng = jax.vmap(lambda key: jax.random.split(key, k))(rng).reshape(-1)
     enc = self.tokenizer.encode
     pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows],
                                self.reserve)
     request_sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature,
                                       self.cfg.top_p)
     outs = self.sampler.continue_(pre, [enc("Request:")] * len(rows), request_sampling,
-                                  jax.random.fold_in(rng, 0))
+                                  sampler_lib.fold_in(rng, 0))
     requests = [self.tokenizer.decode(o).strip().split("\n")[0].strip() for o in outs]
     leads = [f"Request: {r}\nCall: " for r in requests]
     here = self.sampler.extend(pre, [enc(lead) for lead in leads])
@@ -137,7 +141,7 @@ class ModelSynthesizer:
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
     calls = self.decoder.decode(pre, [ex.functions for ex in rows], names, leads,
-                                rng=jax.random.fold_in(rng, 1))
+                                rng=sampler_lib.fold_in(rng, 1))
     judged = [judge(self.task, ex, r, c, self.cfg.validate)
               for ex, r, c in zip(rows, requests, calls)]
     return [judged[i * k:(i + 1) * k] for i in range(len(examples))]
