@@ -126,8 +126,15 @@ class Answerer:
       return stats
     runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
             for s in range(num_samples)]
-    candidates = [distinct_calls(self.task, [run[i] for run in runs]) or
-                  self.task.candidates(ex) for i, ex in enumerate(examples)]
+    candidates = []
+    for i, ex in enumerate(examples):
+      calls = distinct_calls(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
+      fit = uncertainty.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
+      if fit < len(calls):
+        logging.warning("Input %s: scoring %d of its %d distinct sampled calls (the rest do not "
+                        "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
+                        len(calls), pre.free())
+      candidates.append(calls[:max(fit, 1)])
     calls = self.score(pre, examples, candidates)
     out = dict(stats, candidates=list(stats["candidates"]))
     for key in ("margin", "entropy"):

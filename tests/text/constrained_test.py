@@ -49,6 +49,19 @@ def test_decoded_calls_use_only_schema_keywords_and_keep_required_ones(hf_checkp
     decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["send_email", "get_weather"])
 
 
+def test_calls_close_when_the_cache_has_no_room_for_another_argument(hf_checkpoints):
+  config, params = hf.load(hf_checkpoints["qwen2"][0])
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)
+  tok = _CharTokenizer()
+  decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=4)
+  pre = sampler.prefill([tok.encode("Weather?")] * 2, reserve=64)
+  # Row 0's lead leaves too few free slots for even one argument; row 1 has room for some.
+  calls = decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["get_weather"] * 2, leads=["x" * 40, ""])
+  assert calls[0] == "[get_weather()]"
+  roomy = sampler.prefill([tok.encode("Weather?")], reserve=256)
+  assert calls[1] == decoder.decode(roomy, [FUNCTIONS], ["get_weather"])[0]
+
+
 def test_options_close_only_after_required_arguments():
   row = constrained._Row(text="[get_weather(", function=FUNCTIONS[0], used=[])
   assert constrained.CallDecoder._options(row) == ["city", "unit", "days"]

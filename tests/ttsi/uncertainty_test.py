@@ -100,3 +100,17 @@ def test_a_tail_target_scores_the_total_probability_of_its_token_set(hf_checkpoi
       assert int(counts[b, n]) == len(cand)
   with pytest.raises(ValueError, match="need tail_mask_V"):
     uncertainty.score_after(sampler, sampler.prefill(prompts, reserve=64), candidates)
+
+
+def test_candidates_that_fit_are_exactly_those_score_after_can_pack(hf_checkpoints):
+  from ttsi_jax.text import sampler as sampler_lib
+  config, params = hf.load(hf_checkpoints["llama"][0])
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
+  pre = sampler.prefill([[1, 2, 3]], reserve=32)
+  candidates = [[5] * 10, [6] * 20, [7] * 3 + [uncertainty.TAIL], [8] * 30]
+  assert uncertainty.candidates_that_fit(candidates, pre.free()) == 2  # 30 tokens; 33 pad to 48
+  loglik, _ = uncertainty.score_after(sampler, pre, [candidates[:2]])
+  assert np.isfinite(loglik[0, :2]).all()
+  with pytest.raises(ValueError, match="cache slots"):
+    uncertainty.score_after(sampler, pre, [candidates[:3]], np.ones(VOCAB, bool))
+  assert uncertainty.candidates_that_fit(candidates, 1024) == 4

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttsi_jax.text import sampler as sampler_lib
-from ttsi_jax.text.sampler import SamplingParams
+from ttsi_jax.text.sampler import SamplingParams, bucket
 from ttsi_jax.ttsi import uncertainty
 
 CLOSE = ")]"
@@ -116,7 +116,10 @@ class CallDecoder:
       option_ids = [[enc(text + o) for o in opts] for text, opts in zip(texts, options)]
       heal = [_common_prefix([ids] + opts) if a else 0
               for ids, opts, a in zip(text_ids, option_ids, active)]
-      here = self.sampler.extend(pre, [ids[:h] for ids, h in zip(text_ids, heal)])
+      if not self._close_rows_without_room(pre, rows, active, option_ids, heal):
+        continue
+      here = self.sampler.extend(pre, [ids[:h] if a else []
+                                       for ids, h, a in zip(text_ids, heal, active)])
       # A keyword's score includes the probability that the next token starts with "=".
       scored = [[ids[h:] + ([] if o == CLOSE else [uncertainty.TAIL]) for o, ids in zip(opts, row)]
                 if a else [enc(CLOSE)] for opts, row, h, a in zip(options, option_ids, heal, active)]
@@ -126,7 +129,7 @@ class CallDecoder:
         if not active[i]:
           continue
         row.pending = options[i][int(np.argmax(loglik[i, :len(options[i])]))]
-        if row.pending == CLOSE or step == self.max_args or here.free() < 64:
+        if row.pending == CLOSE or step == self.max_args:
           row.text += CLOSE
           row.done = True
         else:
@@ -151,6 +154,24 @@ class CallDecoder:
         row.text += row.pending + "=" + values[i]
         row.used.append(row.pending.lstrip(", "))
     return [r.text for r in rows]
+
+  def _close_rows_without_room(self, pre, rows, active, option_ids, heal) -> bool:
+    """Closes the calls that leave no free cache slots for this stage, the most demanding first;
+    False when no row is left. A stage extends the cache by the call text (shared width), then
+    holds either all options (scored in one packed row) or one keyword and its value."""
+    def need(i):  # (call text, what follows it) in slots, for row i alone
+      tails = [len(o) - heal[i] + 1 for o in option_ids[i]]  # + 1: the "=" (TAIL or forced)
+      return heal[i], max(bucket(sum(tails), 8), bucket(max(tails), 8) + self.max_value_tokens)
+    while any(active):
+      needs = {i: need(i) for i in range(len(rows)) if active[i]}
+      if (bucket(max(n[0] for n in needs.values()), 8)
+          + max(n[1] for n in needs.values())) <= pre.free():
+        return True
+      worst = max(needs, key=lambda i: sum(needs[i]))
+      rows[worst].text += CLOSE
+      rows[worst].done = True
+      active[worst] = False
+    return False
 
   def _values(self, here: sampler_lib.Prefilled, texts, heal, rows, writing, forced: str,
               sampling: SamplingParams, rng: jax.Array) -> list[Optional[str]]:

@@ -167,6 +167,16 @@ def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, 
   return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
 
 
+def candidates_that_fit(candidates: Sequence[Sequence[int]], free: int) -> int:
+  """How many leading candidates `score_after` can pack into one row of `free` cache slots."""
+  total = 0
+  for k, cand in enumerate(candidates):
+    total += len([t for t in cand if t != TAIL])
+    if bucket(total, 8) > free:
+      return k
+  return len(candidates)
+
+
 def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tail_mask_V=None):
   """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`;
   `tail_mask_V` [vocab] bool is the token set a trailing TAIL target stands for."""
