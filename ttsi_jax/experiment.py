@@ -20,7 +20,7 @@ import os
 import re
 import time
 import zlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

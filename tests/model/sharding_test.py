@@ -67,6 +67,13 @@ def test_non_dividing_axis_is_replicated(mesh):
   assert spec == P(None, ("fsdp",))
 
 
+def test_a_rule_keeps_the_leading_mesh_axes_that_divide():
+  mesh = sharding.make_mesh((2, 4, 1))
+  assert sharding.logical_to_spec(mesh, ("batch",), (16,)) == P(("data", "fsdp"))
+  assert sharding.logical_to_spec(mesh, ("batch",), (2,)) == P(("data",))
+  assert sharding.logical_to_spec(mesh, ("batch",), (3,)) == P(None)
+
+
 def test_bad_mesh_shape_is_explained():
   with pytest.raises(ValueError, match=r"Mesh shape \(3, 1, 1\).*needs 3 devices but 8"):
     sharding.make_mesh((3, 1, 1))

@@ -6,7 +6,6 @@ import pytest
 
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
-from ttsi_jax.model import transformer
 from ttsi_jax.ttsi import adaptation
 from ttsi_jax.ttsi.adaptation import AdaptConfig
 

@@ -2,7 +2,8 @@
 
 Every param leaf gets logical axis names from `PARAM_AXES` (an unmatched param is an error, so a new
 layer cannot silently end up replicated), and `RULES` maps logical axes onto the mesh axes
-(data, fsdp, tensor). A mesh axis that does not divide a dimension is dropped for that dimension.
+(data, fsdp, tensor). Where a rule's mesh axes do not divide a dimension, its trailing axes are
+dropped until the rest do (batch 2 on data 2 x fsdp 4: sharded over data alone).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def logical_to_spec(mesh: Mesh, logical: Sequence[str], shape: Sequence[int]) ->
     if name not in RULES:
       raise KeyError(f"Logical axis {name!r} has no sharding rule; add it to RULES.")
     axes = tuple(a for a in (RULES[name] or ()) if mesh.shape[a] > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    spec.append(axes if axes and dim % size == 0 else None)
+    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+      axes = axes[:-1]
+    spec.append(axes or None)
   return P(*spec)
 
 
@@ -111,7 +113,3 @@ def cache_sharding(mesh: Mesh, cache):
   kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))
   rows = batch_sharding(mesh, cache.positions_BS.shape)
   return type(cache)(kv, kv, rows, rows, NamedSharding(mesh, P()))
-
-
-def shard_params(mesh: Mesh, params):
-  return jax.device_put(params, params_sharding(mesh, params))

@@ -54,9 +54,6 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
 
-  def replace(self, **kwargs) -> "ModelConfig":
-    return dataclasses.replace(self, **kwargs)
-
 
 @flax.struct.dataclass
 class KVCache:
@@ -318,9 +315,3 @@ def param_shapes(config: ModelConfig) -> Params:
   tokens = jnp.zeros((1, 1), jnp.int32)
   variables = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens, tokens)
   return variables["params"]
-
-
-def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-  """Random params (tests and benchmarks; real runs load a checkpoint)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(config).init(rng, tokens, tokens)["params"]

@@ -8,7 +8,7 @@ looks inside `Example.gold`: only `check` and `gold_answer` (the oracle variant)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 Messages = list[dict]
 

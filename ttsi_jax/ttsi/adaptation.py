@@ -11,7 +11,6 @@ Loss: mean cross-entropy on answer tokens only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 

@@ -1,9 +1,10 @@
 """H, self-awareness: candidate log-likelihoods and the uncertainty they imply.
 
-For each input the prompt and its N candidate continuations are packed into one row
-`[prompt | cand_1 | ... | cand_N]`: every candidate sees the prompt (segment 0) and itself, never the
-other candidates, so the prompt is processed once and all candidates are scored in the same forward
-pass. Logits are computed only at the positions that predict candidate tokens.
+All N candidates of an input are scored in one forward pass, each seeing the prompt and itself,
+never the other candidates. The main loop prefills the prompt once (it is shared with answering and
+decoding) and packs `[cand_1 | ... | cand_N]` after that cached prefix (`score_after`); `score`
+packs `[prompt | cand_1 | ... | cand_N]` into one row from scratch, for scoring without a sampler.
+Logits are computed only at the positions that predict candidate tokens.
 
 Relative Softmax Scoring (RSS): p = softmax(l) over the candidates' log-likelihoods l;
 margin = p(1) - p(2) (uncertain when below tau); entropy = -sum p log p (uncertain when above its
