@@ -2,6 +2,7 @@
 
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -66,3 +67,24 @@ def test_corrupt_gguf_names_file_and_problem(tmp_path):
 def test_missing_gguf_is_named(tmp_path):
   with pytest.raises(CheckpointError, match=r"nope.gguf does not exist"):
     checkpoints.load(str(tmp_path / "nope.gguf"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"tensor": "rope_freqs.weight"}, r"\['rope_freqs.weight'\] are not supported"),
+    ({"scaling": "yarn"}, r"RoPE scaling 'yarn'"),
+])
+def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, message):
+  path = str(tmp_path / "model.gguf")
+  writer = gguf.GGUFWriter(path, "llama")
+  writer.add_block_count(1)
+  if "scaling" in extra:
+    writer.add_string("llama.rope.scaling.type", extra["scaling"])
+  writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+  if "tensor" in extra:
+    writer.add_tensor(extra["tensor"], np.ones((2,), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(CheckpointError, match=message):
+    checkpoints.load(path)

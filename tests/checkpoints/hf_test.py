@@ -58,6 +58,21 @@ def test_missing_folder_names_the_folder(tmp_path):
     checkpoints.load(str(missing))
 
 
+def test_a_sliding_window_bounds_the_context_and_survives_export(tmp_path, hf_checkpoints):
+  from ttsi_jax.text import sampler as sampler_lib
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  cfg = json.loads((dst / "config.json").read_text())
+  cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+  (dst / "config.json").write_text(json.dumps(cfg))
+  config, params = checkpoints.load(str(dst))
+  assert config.context_length == 64 < config.max_position_embeddings
+  assert hf.config_to_hf(config)["sliding_window"] == 64
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)
+  sampler.prefill([[1] * 30], reserve=32)  # 32 + 32: within the window
+  with pytest.raises(ValueError, match="context of 64 tokens \\(its sliding window\\)"):
+    sampler.prefill([[1] * 30], reserve=64)
+
+
 def test_unsupported_architecture_lists_supported_ones(tmp_path, hf_checkpoints):
   dst = _copy(hf_checkpoints["llama"][0], tmp_path)
   cfg = json.loads((dst / "config.json").read_text())

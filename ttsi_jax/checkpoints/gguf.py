@@ -74,6 +74,15 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32")
     raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported are "
                           f"{sorted(_ARCHITECTURES)}.")
   names = {t.name for t in reader.tensors}
+  unknown = sorted(n for n in names if hf_name(n) is None)
+  if unknown:  # e.g. rope_freqs.weight: Llama-3.1 RoPE scaling, which would load silently wrong
+    raise CheckpointError(f"{path}: tensors {unknown[:5]} are not supported (this loader reads "
+                          "Llama / Qwen2 / Qwen3 GGUFs without RoPE scaling); load the model's HF "
+                          "checkpoint folder instead.")
+  scaling = reader.fields.get(f"{arch}.rope.scaling.type")
+  if scaling is not None and bytes(scaling.parts[-1]).decode() not in ("", "none"):
+    raise CheckpointError(f"{path}: RoPE scaling {bytes(scaling.parts[-1]).decode()!r} in GGUF "
+                          "metadata is not supported; load the model's HF checkpoint folder instead.")
   num_heads = int(_field(reader, f"{arch}.attention.head_count", path))
   embed_dim = int(_field(reader, f"{arch}.embedding_length", path))
   vocab = reader.fields.get(f"{arch}.vocab_size")

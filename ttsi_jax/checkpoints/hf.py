@@ -85,6 +85,8 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
         qk_norm=arch == "Qwen3ForCausalLM",
         param_dtype=dtype,
         dtype=dtype,
+        sliding_window=(int(cfg["sliding_window"]) if arch == "MistralForCausalLM"
+                        and cfg.get("sliding_window") else None),
     )
   except KeyError as e:
     raise CheckpointError(f"{where}: required field {e.args[0]!r} is missing.") from None
@@ -106,6 +108,8 @@ def config_to_hf(config: ModelConfig) -> dict:
   }
   if config.architecture in ("LlamaForCausalLM", "MistralForCausalLM"):
     cfg["attention_bias"] = config.o_bias
+  if config.architecture == "MistralForCausalLM":
+    cfg["sliding_window"] = config.sliding_window
   if config.rope_scaling is not None:
     cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
   return cfg

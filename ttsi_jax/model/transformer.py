@@ -53,6 +53,13 @@ class ModelConfig:
   rope_scaling: Optional[RopeScaling] = None
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
+  sliding_window: Optional[int] = None  # Mistral: attention reaches this many tokens back
+
+  @property
+  def context_length(self) -> int:
+    """Longest sequence this (full-attention) implementation runs exactly: within a sliding
+    window, full attention and sliding-window attention are the same."""
+    return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
 
 @flax.struct.dataclass

@@ -247,14 +247,19 @@ class Sampler:
       return fn(self.params, *row_args, lora)
     return jax.vmap(lambda a, *args: fn(self.params, *args, a))(lora, *row_args)
 
+  def _context(self) -> str:
+    c = self.config
+    window = " (its sliding window)" if c.context_length < c.max_position_embeddings else ""
+    return f"{c.context_length} tokens{window}"
+
   def prefill(self, prompts: Sequence[Sequence[int]], reserve: int, lora=None,
               lora_per_row: bool = False) -> Prefilled:
     """Prefills all prompts once, leaving `reserve` free cache slots for what follows."""
     length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
     capacity = length + reserve
-    if capacity > self.config.max_position_embeddings:
+    if capacity > self.config.context_length:
       raise ValueError(f"Prompt bucket {length} + reserve {reserve} exceeds the model's context of "
-                       f"{self.config.max_position_embeddings} tokens.")
+                       f"{self._context()}.")
     batch = bucket(len(prompts))
     if lora_per_row:
       lora = lora_lib.take_padded(lora, len(prompts), batch)
@@ -309,9 +314,9 @@ class Sampler:
       return []
     keys = row_keys(rng, len(prompts), len(prompts))
     length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-    if length + sampling.max_new_tokens > self.config.max_position_embeddings:
+    if length + sampling.max_new_tokens > self.config.context_length:
       raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
-                       f"the model's context of {self.config.max_position_embeddings} tokens.")
+                       f"the model's context of {self._context()}.")
     kwargs = dict(config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
