@@ -41,8 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.decoding.well_formed = True  # candidate-name prefix + schema keyword arguments
   config.decoding.modes = "direct"  # direct, majority, pass@k
   config.decoding.num_samples = 5  # for majority / pass@k
-  config.decoding.temperature = 0.7
+  config.decoding.temperature = 0.7  # sampled answers (majority / pass@k)
+  config.decoding.top_p = 0.95
   config.decoding.max_new_tokens = 96  # free decoding only
+  config.decoding.max_value_tokens = 24  # well-formed decoding: tokens per argument value
+  config.decoding.max_args = 10  # well-formed decoding: keyword arguments per call
 
   config.synthesis = ml_collections.ConfigDict()
   config.synthesis.k = 1
@@ -77,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.timeout_s = 60.0
   config.teacher.retries = 3
   config.teacher.backoff_s = 1.0
+  config.teacher.max_tokens = 512  # per endpoint completion
 
   config.sampling = ml_collections.ConfigDict()  # python -m ttsi_jax.generate
   config.sampling.max_new_tokens = 128

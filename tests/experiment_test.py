@@ -124,9 +124,12 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert [json.loads(l)["id"] for l in open(results)] == [ex.id for ex in examples]
   assert all(examples[0].question not in c for c in _Teacher.calls[calls_before:])
 
-  config.uncertainty.tau = 0.5
-  with pytest.raises(ValueError, match="different config"):
+  tau, config.uncertainty.tau = config.uncertainty.tau, 0.5
+  with pytest.raises(ValueError, match=r"different config \(differs in \['uncertainty.tau'\]"):
     experiment.run(config, workdir)
+  config.uncertainty.tau = tau
+  config.adaptation.adapters_per_call = 3  # changes speed only: the finished run still resumes
+  assert _without_timing(experiment.run(config, workdir)) == _without_timing(metrics)
 
   # Kept adapters (only the chosen input's, one per trained variant) export with the CLI.
   kept = sorted(os.listdir(os.path.join(workdir, "adapters")))

@@ -46,6 +46,9 @@ TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
 MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
+# Config fields that change only how fast a run goes, never its results: a run may resume under
+# other values (e.g. on another machine).
+SPEED_ONLY = ("adaptation.adapters_per_call", "sampling.max_batch", "mesh_shape")
 
 
 def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
@@ -106,6 +109,7 @@ class Answerer:
   max_new_tokens: int
   num_samples: int
   temperature: float
+  top_p: float
 
   def score(self, pre, examples: Sequence[Example], candidates=None):
     """RSS statistics over the task's candidate actions (or the given candidate strings)."""
@@ -148,7 +152,7 @@ class Answerer:
   def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
     sampling = SamplingParams(self.max_new_tokens, self.temperature if sample else 0.0,
-                              0.95 if sample else 1.0)
+                              self.top_p if sample else 1.0)
     if self.well_formed:
       return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
                                  rng=rng)
@@ -218,14 +222,15 @@ class Experiment:
     self.sampler = sampler_lib.Sampler(self.model_config, self.params, self.tokenizer.stop_ids,
                                        self.tokenizer.pad_id)
     d = config.decoding
-    self.answerer = Answerer(self.task, self.sampler, self.tokenizer,
-                             constrained.CallDecoder(self.sampler, self.tokenizer),
-                             d.well_formed, d.max_new_tokens, d.num_samples, d.temperature)
+    self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens,
+                                           d.max_args)
+    self.answerer = Answerer(self.task, self.sampler, self.tokenizer, self.decoder, d.well_formed,
+                             d.max_new_tokens, d.num_samples, d.temperature, d.top_p)
     s = config.synthesis
     self.synth_cfg = synthesis.SynthesisConfig(s.k, s.well_formed, s.validate, s.temperature,
                                                s.top_p, s.max_request_tokens, s.max_free_tokens)
-    self.self_synth = synthesis.ModelSynthesizer(self.task, self.sampler, self.tokenizer,
-                                                 self.synth_cfg, config.reserve)
+    self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg,
+                                                 config.reserve)
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
     self.adapt_cfg = adaptation.AdaptConfig(
@@ -240,12 +245,14 @@ class Experiment:
     if t.kind == "endpoint":
       return synthesis.EndpointSynthesizer(
           self.task, synthesis.EndpointConfig(t.base_url, t.model, t.api_key_env, t.timeout_s,
-                                              t.retries, t.backoff_s), self.synth_cfg)
+                                              t.retries, t.backoff_s, t.max_tokens),
+          self.synth_cfg)
     config, params = checkpoints.load(t.path, self.config.model.dtype, self.mesh)
     tokenizer = tokenizer_lib.load(t.path)
     sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
-    return synthesis.ModelSynthesizer(self.task, sampler, tokenizer, self.synth_cfg,
-                                      self.config.reserve)
+    d = self.config.decoding
+    decoder = constrained.CallDecoder(sampler, tokenizer, d.max_value_tokens, d.max_args)
+    return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)
 
   # ------------------------------------------------------------------------------------ one wave
 
@@ -478,19 +485,32 @@ class Experiment:
     return multihost.from_leader(metrics)
 
   def _check_or_write_config(self):
+    """A workdir with results resumes only under a config that gives the same results (settings
+    that change only speed may differ); without results, the new config replaces the old."""
     path = os.path.join(self.workdir, "config.json")
     current = json.loads(self.config.to_json())
-    if os.path.exists(path):
+    results = os.path.join(self.workdir, "results.jsonl")
+    if os.path.exists(path) and os.path.exists(results) and os.path.getsize(results):
       with open(path) as f:
         previous = json.load(f)
-      if previous != current:
-        changed = sorted(k for k in set(previous) | set(current)
-                         if previous.get(k) != current.get(k))
+      changed = sorted(k for k in _flat(previous).keys() | _flat(current).keys()
+                       if k not in SPEED_ONLY and _flat(previous).get(k) != _flat(current).get(k))
+      if changed:
         raise ValueError(f"{self.workdir} holds results of a different config (differs in "
                          f"{changed}); use a new --workdir or the same config to resume.")
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"adaptation.rank": 8, ...} from a nested config dict."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
     else:
-      with open(path, "w") as f:
-        json.dump(current, f, indent=2)
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def _finished_waves(path: str, waves: list[list[Example]]) -> int:

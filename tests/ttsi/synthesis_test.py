@@ -10,6 +10,7 @@ import pytest
 
 from ttsi_jax import checkpoints
 from ttsi_jax.tasks.bfcl import BfclTask
+from ttsi_jax.text import constrained
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.ttsi import synthesis
@@ -48,7 +49,7 @@ def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tin
   sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
   cfg = synthesis.SynthesisConfig(k=2, well_formed=True, temperature=1.0,
                                   max_request_tokens=8, max_free_tokens=8)
-  synth = synthesis.ModelSynthesizer(task, sampler, tokenizer, cfg)
+  synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)
   examples = task.examples()
   keys_E = jax.random.split(jax.random.key(0), 3)
   together = synth.synthesize(examples, keys_E)

@@ -94,14 +94,15 @@ class SynthesisConfig:
 class ModelSynthesizer:
   """Pairs from a local model (the model itself for TT-SI, a teacher checkpoint for TT-D)."""
 
-  def __init__(self, task: Task, sampler: sampler_lib.Sampler, tokenizer, cfg: SynthesisConfig,
+  def __init__(self, task: Task, decoder: constrained.CallDecoder, cfg: SynthesisConfig,
                reserve: int = 384):
+    """`decoder` writes the calls (and brings the model's sampler and tokenizer)."""
     self.task = task
-    self.sampler = sampler
-    self.tokenizer = tokenizer
+    self.decoder = decoder
+    self.sampler = decoder.sampler
+    self.tokenizer = decoder.tokenizer
     self.cfg = cfg
     self.reserve = reserve
-    self.decoder = constrained.CallDecoder(sampler, tokenizer)
 
   def synthesize(self, examples: Sequence[Example], rng: jax.Array) -> list[list[Pair]]:
     """K pairs per example; `rng`: one key, or keys_E, one per example (an example's pairs then
