@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF checkpoint folder or .gguf file; "" = the embedded SmolLM2 default
   config.model.dtype = "float32"  # bfloat16 on accelerators
-  # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Hosts split the waves.
+  # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Params are sharded over
+  # fsdp / tensor, rows and adapters split over data and fsdp. Hosts split the waves.
   config.mesh_shape = ()
 
   config.task = ml_collections.ConfigDict()

@@ -267,13 +267,6 @@ class Experiment:
                      "scale": adapter.scale, "dropout": adapter.dropout})
     return kept
 
-  def _save_adapters(self, kept: list[dict]) -> None:
-    base_model = checkpoints.resolve(self.config.model.path)
-    for k in kept:
-      adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
-      orbax_lib.save_adapter(os.path.join(self.workdir, "adapters", k["variant"], k["id"]),
-                             adapter, base_model)
-
   def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
     prompt_ex = dataclasses.replace(ex, question=request)
     prompt = self.tokenizer.encode_chat(self.task.prompt(prompt_ex))
@@ -467,7 +460,8 @@ class Experiment:
         for bar in bars.values():  # the other hosts' inputs of this round
           bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
         if leader:
-          self._save_adapters(kept)  # before the records: a logged wave has its adapters on disk
+          # Before the records: a logged wave has its adapters on disk.
+          save_kept_adapters(self.workdir, kept, checkpoints.resolve(self.config.model.path))
           for r in (r for host_records in gathered for r in host_records):
             out.write(json.dumps(r) + "\n")
           out.flush()
@@ -500,6 +494,14 @@ class Experiment:
                          f"{changed}); use a new --workdir or the same config to resume.")
     with open(path, "w") as f:
       json.dump(current, f, indent=2)
+
+
+def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
+  """Host 0 saves the kept adapters (gathered from every host) to workdir/adapters/<variant>/<id>."""
+  for k in kept:
+    adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
+    orbax_lib.save_adapter(os.path.join(workdir, "adapters", k["variant"], k["id"]), adapter,
+                           base_model)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -43,7 +43,7 @@ def test_validation_keeps_good_pairs_and_names_the_problem(example):
 
 
 def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tiny_chat_model):
-  task = BfclTask("multiple", 3)
+  task = BfclTask("multiple", 2)
   config, params = checkpoints.load(tiny_chat_model)
   tokenizer = tokenizer_lib.load(tiny_chat_model)
   sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
@@ -51,10 +51,9 @@ def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tin
                                   max_request_tokens=8, max_free_tokens=8)
   synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)
   examples = task.examples()
-  keys_E = jax.random.split(jax.random.key(0), 3)
+  keys_E = jax.random.split(jax.random.key(0), 2)
   together = synth.synthesize(examples, keys_E)
-  assert synth.synthesize(examples[1:], keys_E[1:]) == together[1:]
-  assert synth.synthesize(examples[2:], keys_E[2:]) == together[2:]
+  assert synth.synthesize(examples[1:], keys_E[1:]) == together[1:]  # another batch bucket too
   assert together[0][0] != together[0][1]  # the k rows of one example get distinct keys
 
 

@@ -108,6 +108,20 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(mesh, ("batch",) + ("seq",) * (len(shape) - 1), shape))
 
 
+def mesh_of(params) -> Optional[Mesh]:
+  """The mesh placed params live on (None when they are not on a mesh)."""
+  placed = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  return placed.mesh if isinstance(placed, NamedSharding) else None
+
+
+def shard_rows(mesh: Optional[Mesh], *arrays):
+  """Arrays whose leading axis is the batch (or the adapters), placed over the mesh's batch axes
+  (data, fsdp): each device group computes its own rows. Without a mesh they stay as they are."""
+  if mesh is None or mesh.size == 1:
+    return arrays
+  return tuple(jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays)
+
+
 def cache_sharding(mesh: Mesh, cache):
   """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
   kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache, ModelConfig
 
@@ -232,6 +233,7 @@ class Sampler:
     self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
     self.pad_id = int(pad_id)
     self.max_batch = max_batch
+    self.mesh = sharding.mesh_of(params)  # batches are split over its data / fsdp axes
 
   def _trim(self, row: np.ndarray) -> list[int]:
     ids = []
@@ -242,7 +244,10 @@ class Sampler:
     return ids
 
   def call_rows(self, fn, per_row: bool, lora, *row_args):
-    """fn(params, *row_args, lora) for the whole batch, or vmapped over per-row adapters."""
+    """fn(params, *row_args, lora) for the whole batch, or vmapped over per-row adapters; the
+    host arrays among `row_args` (leading axis: rows) are split over the mesh's batch axes."""
+    row_args = [sharding.shard_rows(self.mesh, a)[0] if isinstance(a, (np.ndarray, jax.Array))
+                else a for a in row_args]
     if not per_row:
       return fn(self.params, *row_args, lora)
     return jax.vmap(lambda a, *args: fn(self.params, *args, a))(lora, *row_args)
@@ -324,6 +329,8 @@ class Sampler:
       batch = bucket(len(chunk))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
       keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
+      tokens_BP, positions_BP, keys_B = sharding.shard_rows(self.mesh, tokens_BP, positions_BP,
+                                                            keys_B)
       out_BN = np.asarray(generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
                                           **kwargs))
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))

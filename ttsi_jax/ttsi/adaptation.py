@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import ModelConfig
 from ttsi_jax.text.sampler import bucket
@@ -147,15 +148,19 @@ class Trainer:
     return keep(new_adapter, adapter), keep(new_state, opt_state), loss
 
   def train(self, params, batches: Batches, rngs_A: jax.Array):
-    """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A])."""
+    """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A]).
+    On a mesh, the adapters and their data are split over its batch axes (data, fsdp)."""
+    mesh = sharding.mesh_of(params)
+    (rngs_A,) = sharding.shard_rows(mesh, rngs_A)
     adapters, opt_states = self.init(rngs_A)
     losses = []
     for s in range(batches.tokens.shape[0]):
       step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs_A, s)
       adapters, opt_states, loss = self.step(
-          params, adapters, opt_states, batches.tokens[s], batches.positions[s],
-          batches.select[s], batches.targets[s], batches.weights[s], batches.learning_rate[s],
-          batches.active[s], step_rngs)
+          params, adapters, opt_states, *sharding.shard_rows(
+              mesh, batches.tokens[s], batches.positions[s], batches.select[s],
+              batches.targets[s], batches.weights[s], batches.learning_rate[s],
+              batches.active[s]), step_rngs)
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     return adapters, np.where(batches.active, losses, np.nan)
