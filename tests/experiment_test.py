@@ -90,11 +90,14 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
     assert {"id", "margin", "entropy", "uncertain", "base", "pairs", "variants", "probs",
             "perplexity", "candidates", "teacher_pairs"} <= set(r)
     assert r["candidates"] == [f"[{f['name']}(" for f in examples[lines.index(r)].functions]
-    assert {"answer", "correct"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
+    assert {"answer", "correct", "error"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
+    # The checker's reason for a wrong direct answer ("" when right), as BFCL's checker says it.
+    assert (r["base"]["error"] == "") == r["base"]["correct"]["direct"]
     assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only",
                                   "oracle"}
     for v in r["variants"].values():
       assert set(v["correct"]) == {"direct", "majority", "pass@k"}
+      assert (v["error"] == "") == v["correct"]["direct"]
     assert r["variants"]["oracle"]["adapted"] and len(r["variants"]["oracle"]["losses"]) == 2
   # The teacher failed (garbage after a retry) on input 1: it falls back to the base answer.
   assert lines[1]["teacher_pairs"] == "failed"

@@ -384,6 +384,7 @@ class Experiment:
                            stats["perplexity"][i][:len(stats["candidates"][i])]],
             "uncertain": bool(flags[i]),
             "base": {"answer": base_answers["direct"], "correct": base_verdict,
+                     "error": self.task.check(ex, base_answers["direct"]).error,
                      **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
             "pairs": [dataclasses.asdict(p) for p in self_pairs[i] or []],
             "variants": {},
@@ -401,10 +402,12 @@ class Experiment:
                       "teacher failed" if v == "ttd" and teacher_pairs[i] == "failed" else
                       "no kept pairs")
             record["variants"][v] = {"adapted": False, "reason": reason,
-                                     "answer": base_answers["direct"], "correct": base_verdict}
+                                     "answer": base_answers["direct"], "correct": base_verdict,
+                                     "error": record["base"]["error"]}
           else:
             record["variants"][v] = {"adapted": True, "answer": answers["direct"],
-                                     "correct": _verdicts(self.task, ex, answers, self.modes)}
+                                     "correct": _verdicts(self.task, ex, answers, self.modes),
+                                     "error": self.task.check(ex, answers["direct"]).error}
         if losses is not None:
           for j, (v, i2, _) in enumerate(jobs):
             if i2 == i:

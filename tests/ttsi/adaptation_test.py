@@ -57,8 +57,8 @@ def test_training_lowers_the_loss_on_its_example(model):
   rngs = jax.random.split(jax.random.key(2), 1)
   adapters, _ = _train(model, examples, rngs)
   batch = adaptation.make_batches(CFG, examples, 0, 1)
-  args = [x[0, 0] for x in (batch.tokens, batch.positions, batch.select, batch.targets,
-                            batch.weights)]
+  args = [x[0, 0] for x in (batch.tokens_SABL, batch.positions_SABL, batch.select_SABI,
+                            batch.targets_SABI, batch.weights_SABI)]
   adapter = jax.tree.map(lambda x: x[0], adapters)
   fresh = adaptation.Trainer(config, CFG).init(rngs)[0]
   before = adaptation.answer_loss(config, params, jax.tree.map(lambda x: x[0], fresh), *args)

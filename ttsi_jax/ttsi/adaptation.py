@@ -58,15 +58,16 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Batches:
-  """Per-step training data for A adapters: arrays [S, A, batch, ...] plus per-step lr and activity."""
+  """Per-step training data for A adapters (S steps, B rows per step, L tokens, I answer tokens),
+  plus each adapter's learning rate and activity per step."""
 
-  tokens: np.ndarray  # [S, A, b, L]
-  positions: np.ndarray  # [S, A, b, L]; -1 = padding
-  select: np.ndarray  # [S, A, b, I]: indices whose logits predict the answer tokens
-  targets: np.ndarray  # [S, A, b, I]
-  weights: np.ndarray  # [S, A, b, I]: 1 for answer tokens, 0 for padding
-  learning_rate: np.ndarray  # [S, A]
-  active: np.ndarray  # [S, A]: False once an adapter has run all its steps
+  tokens_SABL: np.ndarray
+  positions_SABL: np.ndarray  # -1 = padding
+  select_SABI: np.ndarray  # indices whose logits predict the answer tokens
+  targets_SABI: np.ndarray
+  weights_SABI: np.ndarray  # 1 for answer tokens, 0 for padding
+  learning_rate_SA: np.ndarray
+  active_SA: np.ndarray  # False once an adapter has run all its steps
 
 
 def make_batches(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
@@ -83,37 +84,39 @@ def make_batches(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], 
   S = max(steps_per_adapter, default=0)
   A = num_adapters
   out = Batches(
-      tokens=np.full((S, A, b, L), pad_id, np.int32), positions=np.full((S, A, b, L), -1, np.int32),
-      select=np.zeros((S, A, b, I), np.int32), targets=np.zeros((S, A, b, I), np.int32),
-      weights=np.zeros((S, A, b, I), np.float32), learning_rate=np.zeros((S, A), np.float32),
-      active=np.zeros((S, A), bool))
+      tokens_SABL=np.full((S, A, b, L), pad_id, np.int32),
+      positions_SABL=np.full((S, A, b, L), -1, np.int32),
+      select_SABI=np.zeros((S, A, b, I), np.int32), targets_SABI=np.zeros((S, A, b, I), np.int32),
+      weights_SABI=np.zeros((S, A, b, I), np.float32),
+      learning_rate_SA=np.zeros((S, A), np.float32), active_SA=np.zeros((S, A), bool))
   for a, ex in enumerate(examples):
     total = steps_per_adapter[a]
     if not total:
       continue
-    out.learning_rate[:total, a] = lr_schedule(cfg, total)
-    out.active[:total, a] = True
+    out.learning_rate_SA[:total, a] = lr_schedule(cfg, total)
+    out.active_SA[:total, a] = True
     num_batches = math.ceil(len(ex) / b)
     for s in range(total):
       chunk = ex[(s % num_batches) * b:(s % num_batches + 1) * b]  # fixed order, every epoch
       for j, (prompt, answer) in enumerate(chunk):
         seq = prompt + answer
         n, m = len(prompt), len(answer)
-        out.tokens[s, a, j, :len(seq)] = seq
-        out.positions[s, a, j, :len(seq)] = np.arange(len(seq))
-        out.select[s, a, j, :m] = np.arange(n - 1, n + m - 1)
-        out.targets[s, a, j, :m] = answer
-        out.weights[s, a, j, :m] = 1.0
+        out.tokens_SABL[s, a, j, :len(seq)] = seq
+        out.positions_SABL[s, a, j, :len(seq)] = np.arange(len(seq))
+        out.select_SABI[s, a, j, :m] = np.arange(n - 1, n + m - 1)
+        out.targets_SABI[s, a, j, :m] = answer
+        out.weights_SABI[s, a, j, :m] = 1.0
   return out
 
 
-def answer_loss(config: ModelConfig, params, adapter, tokens, positions, select, targets, weights,
-                dropout_rng=None):
+def answer_loss(config: ModelConfig, params, adapter, tokens_BL, positions_BL, select_BI,
+                targets_BI, weights_BI, dropout_rng=None):
   """Mean negative log-likelihood of the answer tokens (prompt tokens carry no loss)."""
-  logits_BIV, _ = transformer.forward(config, params, tokens, positions, lora=adapter,
-                                      select_BI=select, dropout_rng=dropout_rng)
-  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets[..., None], -1)[..., 0]
-  return -jnp.sum(logp_BI * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  logits_BIV, _ = transformer.forward(config, params, tokens_BL, positions_BL, lora=adapter,
+                                      select_BI=select_BI, dropout_rng=dropout_rng)
+  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None],
+                                -1)[..., 0]
+  return -jnp.sum(logp_BI * weights_BI) / jnp.maximum(jnp.sum(weights_BI), 1.0)
 
 
 class Trainer:
@@ -135,12 +138,13 @@ class Trainer:
                             self.cfg.dropout)
     return adapter, self.optimizer.init(adapter)
 
-  def _step_one(self, params, adapter, opt_state, tokens, positions, select, targets, weights,
-                learning_rate, active, rng):
+  def _step_one(self, params, adapter, opt_state, tokens_BL, positions_BL, select_BI, targets_BI,
+                weights_BI, learning_rate, active, rng):
+    """One adapter's update (vmapped over A); an inactive adapter keeps its params and state."""
     dropout_rng = rng if self.cfg.dropout > 0 else None
     loss, grads = jax.value_and_grad(
-        lambda ad: answer_loss(self.config, params, ad, tokens, positions, select, targets, weights,
-                               dropout_rng))(adapter)
+        lambda ad: answer_loss(self.config, params, ad, tokens_BL, positions_BL, select_BI,
+                               targets_BI, weights_BI, dropout_rng))(adapter)
     opt_state[1].hyperparams["learning_rate"] = learning_rate
     updates, new_state = self.optimizer.update(grads, opt_state, adapter)
     new_adapter = optax.apply_updates(adapter, updates)
@@ -154,16 +158,16 @@ class Trainer:
     (rngs_A,) = sharding.shard_rows(mesh, rngs_A)
     adapters, opt_states = self.init(rngs_A)
     losses = []
-    for s in range(batches.tokens.shape[0]):
+    for s in range(batches.tokens_SABL.shape[0]):
       step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs_A, s)
       adapters, opt_states, loss = self.step(
           params, adapters, opt_states, *sharding.shard_rows(
-              mesh, batches.tokens[s], batches.positions[s], batches.select[s],
-              batches.targets[s], batches.weights[s], batches.learning_rate[s],
-              batches.active[s]), step_rngs)
+              mesh, batches.tokens_SABL[s], batches.positions_SABL[s], batches.select_SABI[s],
+              batches.targets_SABI[s], batches.weights_SABI[s], batches.learning_rate_SA[s],
+              batches.active_SA[s]), step_rngs)
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
-    return adapters, np.where(batches.active, losses, np.nan)
+    return adapters, np.where(batches.active_SA, losses, np.nan)
 
   def train_all(self, params, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
                 pad_id: int, rngs_A: jax.Array, per_call: int = 0):
