@@ -490,8 +490,9 @@ class Experiment:
     if os.path.exists(path) and os.path.exists(results) and os.path.getsize(results):
       with open(path) as f:
         previous = json.load(f)
-      changed = sorted(k for k in _flat(previous).keys() | _flat(current).keys()
-                       if k not in SPEED_ONLY and _flat(previous).get(k) != _flat(current).get(k))
+      before, now = _flat(previous), _flat(current)
+      changed = sorted(k for k in before.keys() | now.keys()
+                       if k not in SPEED_ONLY and before.get(k) != now.get(k))
       if changed:
         raise ValueError(f"{self.workdir} holds results of a different config (differs in "
                          f"{changed}); use a new --workdir or the same config to resume.")
@@ -523,20 +524,21 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   if not os.path.exists(path):
     return 0
   by_wave = collections.defaultdict(list)
-  lines = []
+  lines, cut = [], False
   with open(path) as f:
     for line in f:
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
-        break  # a line cut by the interruption
+        cut = True  # a line cut by the interruption
+        break
       by_wave[record["wave"]].append(record["id"])
       lines.append((record["wave"], line))
   done = 0
   while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:
     done += 1
   keep = [line for wave, line in lines if wave < done]
-  if len(keep) < len(lines) or sum(map(len, keep)) != os.path.getsize(path):
+  if cut or len(keep) < len(lines):
     # Rewritten aside and swapped in, so a kill during the rewrite never loses finished waves.
     with open(path + ".tmp", "w") as f:
       f.writelines(keep)

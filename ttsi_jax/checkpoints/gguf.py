@@ -80,9 +80,10 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32")
                           "Llama / Qwen2 / Qwen3 GGUFs without RoPE scaling); load the model's HF "
                           "checkpoint folder instead.")
   scaling = reader.fields.get(f"{arch}.rope.scaling.type")
-  if scaling is not None and bytes(scaling.parts[-1]).decode() not in ("", "none"):
-    raise CheckpointError(f"{path}: RoPE scaling {bytes(scaling.parts[-1]).decode()!r} in GGUF "
-                          "metadata is not supported; load the model's HF checkpoint folder instead.")
+  scaling = bytes(scaling.parts[-1]).decode() if scaling is not None else ""
+  if scaling not in ("", "none"):
+    raise CheckpointError(f"{path}: RoPE scaling {scaling!r} in GGUF metadata is not supported; "
+                          "load the model's HF checkpoint folder instead.")
   num_heads = int(_field(reader, f"{arch}.attention.head_count", path))
   embed_dim = int(_field(reader, f"{arch}.embedding_length", path))
   vocab = reader.fields.get(f"{arch}.vocab_size")

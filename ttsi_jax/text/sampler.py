@@ -322,16 +322,14 @@ class Sampler:
     if length + sampling.max_new_tokens > self.config.context_length:
       raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
                        f"the model's context of {self._context()}.")
-    kwargs = dict(config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+    fn = functools.partial(generate_tokens, config=self.config, sampling=sampling,
+                           stop_ids=self.stop_ids, pad_id=self.pad_id)
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
       chunk = prompts[start:start + self.max_batch]
       batch = bucket(len(chunk))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
       keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
-      tokens_BP, positions_BP, keys_B = sharding.shard_rows(self.mesh, tokens_BP, positions_BP,
-                                                            keys_B)
-      out_BN = np.asarray(generate_tokens(self.params, tokens_BP, positions_BP, keys_B, lora,
-                                          **kwargs))
+      out_BN = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
     return results
