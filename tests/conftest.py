@@ -4,10 +4,20 @@ Eight simulated CPU devices for every test, so sharding tests run in the same pr
 computations simply use device 0.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache for the session and the subprocesses it starts (CLI, hosts,
+# notebook kernel): whole runs repeat the same programs, and compiling dominates on a tiny model.
+_XLA_CACHE = tempfile.mkdtemp(prefix="ttsi_jax_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
