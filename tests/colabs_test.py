@@ -1,7 +1,7 @@
 """Every notebook in colabs/ runs top to bottom (on CPU, with a tiny model and a small config).
 
-The model is a checkpoint folder loaded in bfloat16, the settings the notebooks tell GPU users to
-choose; the float32 default path is run by the end-to-end tests."""
+The model is a Qwen2 checkpoint folder loaded in bfloat16, the settings the notebooks tell GPU users
+to choose; the float32 default path is run by the end-to-end tests."""
 
 import glob
 import os
@@ -19,15 +19,20 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, tiny_chat_model, monkeypatch):
-  monkeypatch.setenv("TTSI_MODEL_PATH", tiny_chat_model)
-  monkeypatch.setenv("TTSI_NUM_EXAMPLES", "2")
+def test_notebook_executes(path, tiny_qwen2_chat_model, monkeypatch):
+  monkeypatch.setenv("TTSI_MODEL_PATH", tiny_qwen2_chat_model)
+  monkeypatch.setenv("TTSI_NUM_EXAMPLES", "1")
   monkeypatch.setenv("TTSI_EPOCHS", "2")  # the first step has lr 0 (warmup), the second trains
   monkeypatch.setenv("TTSI_DTYPE", "bfloat16")
+  # A random model is sure of its shortest candidate name: flag every input, so TT-SI and the
+  # oracle train and a trained adapter is exported.
+  monkeypatch.setenv("TTSI_TAU", "1.01")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=900, kernel_name="python3",
                  resources={"metadata": {"path": ROOT}}).execute()
   outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                     for o in cell.get("outputs", []))
-  assert "margin" in outputs and "base/direct" in outputs and "model.safetensors" in outputs
+  assert "margin" in outputs and "base/direct" in outputs and "oracle/direct" in outputs
+  assert "oracle ✓" in outputs or "oracle ✗" in outputs  # an adapted answer is shown
+  assert "exporting" in outputs and "adapter_model.safetensors" in outputs  # a trained adapter

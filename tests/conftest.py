@@ -71,16 +71,31 @@ def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory):
-  """A tiny random Llama with the embedded SmolLM2 tokenizer and chat template (for whole runs)."""
+def _tiny_chat_checkpoint(folder: str, arch: str) -> str:
+  """A tiny random `arch` model with the embedded SmolLM2 tokenizer and chat template."""
   from ttsi_jax.text import tokenizer as tokenizer_lib
-  folder = str(tmp_path_factory.mktemp("tiny_chat"))
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(
+  config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](
       vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-  transformers.LlamaForCausalLM(config).save_pretrained(folder)
+  model = MODEL_CLASSES[arch](config)
+  with torch.no_grad():  # nonzero q/k/v biases, so a run would notice them missing
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(folder)
   tokenizer_lib.load(None).hf.save_pretrained(folder)
   return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+  """A tiny random Llama with the embedded SmolLM2 tokenizer (for whole runs)."""
+  return _tiny_chat_checkpoint(str(tmp_path_factory.mktemp("tiny_chat")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_chat_model(tmp_path_factory):
+  """The same with Qwen2's q/k/v biases: the architecture the notebook suggests for GPUs."""
+  return _tiny_chat_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2_chat")), "qwen2")
