@@ -64,6 +64,9 @@ def _config(model, url):
   config.model.path = model
   config.variants = "base,ttsi,ttd,ttsi_icl,all_inputs,certain_only,oracle"
   config.uncertainty.tau = 1.01  # flag every input, so every variant has work on a random model
+  # A random model's calls lack required arguments: keep its pairs anyway, so the self-pair
+  # variants (ttsi, ttsi_icl, all_inputs) train and answer too. Validation has its own tests.
+  config.synthesis.validate = False
   config.teacher.kind = "endpoint"
   config.teacher.base_url = url
   config.teacher.model = "teacher"
@@ -100,6 +103,10 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
       assert set(v["correct"]) == {"direct", "majority", "pass@k"}
       assert (v["error"] == "") == v["correct"]["direct"]
     assert r["variants"]["oracle"]["adapted"] and len(r["variants"]["oracle"]["losses"]) == 2
+    assert all(r["variants"][v]["adapted"] for v in ("ttsi", "ttsi_icl", "all_inputs"))
+    assert len(r["variants"]["ttsi"]["losses"]) == 2 and "losses" not in r["variants"]["ttsi_icl"]
+    assert r["variants"]["certain_only"] == {**r["variants"]["certain_only"], "adapted": False,
+                                             "reason": "not targeted"}
   # The teacher failed (garbage after a retry) on input 1: it falls back to the base answer.
   assert lines[1]["teacher_pairs"] == "failed"
   assert lines[1]["variants"]["ttd"] == {**lines[1]["variants"]["ttd"], "adapted": False,
@@ -111,7 +118,7 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert metrics["num_inputs"] == 4 and metrics["flagged_fraction"] == 1.0
   assert set(metrics["accuracy"]) == {f"{v}/{m}" for v in config.variants.split(",")
                                       for m in ("direct", "majority", "pass@k")}
-  assert metrics["pairs"]["total"] == 4
+  assert metrics["pairs"]["total"] == metrics["pairs"]["kept"] == 4
   assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
   saved = json.load(open(os.path.join(workdir, "metrics.json")))
   assert _without_timing(saved) == _without_timing(json.loads(json.dumps(metrics)))
