@@ -162,6 +162,25 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
 
 
+def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(tiny_chat_model,
+                                                              tiny_qwen2_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.task.num_examples = 1
+  config.variants = "base,ttd"
+  config.decoding.modes = "direct"
+  config.uncertainty.tau = 1.01
+  config.synthesis.validate = False  # keep the random teacher's pairs
+  config.teacher.kind, config.teacher.path = "local", tiny_qwen2_chat_model
+  run = experiment.Experiment(config, str(tmp_path))
+  # The teacher is the second checkpoint, not the student.
+  assert run.teacher.sampler.config.qkv_bias and not run.model_config.qkv_bias
+  run.run()
+  (record,) = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+  assert len(record["teacher_pairs"]) == 1 and record["teacher_pairs"][0]["call"].startswith("[")
+  assert record["variants"]["ttd"]["adapted"] and len(record["variants"]["ttd"]["losses"]) == 2
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("variants", "base,ttsi,magic", r"Unknown variant \['magic'\].*'ttsi_icl'"),
     ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
