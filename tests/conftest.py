@@ -44,15 +44,18 @@ MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Q
                  "qwen3": transformers.Qwen3ForCausalLM}
 
 
-def make_hf_model(arch: str, seed: int = 0):
-  torch.manual_seed(seed)
-  model = MODEL_CLASSES[arch](ARCHS[arch]()).eval()
-  # Random init leaves biases and norms at 0/1; perturb them so the parity tests see them.
+def _perturb(model, norms: bool):
+  """Random init leaves biases (and norms) at 0 (1); perturb them so a run notices them missing."""
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
+      if name.endswith("bias") or (norms and "norm" in name):
         p.add_(0.1 * torch.randn_like(p))
   return model
+
+
+def make_hf_model(arch: str, seed: int = 0):
+  torch.manual_seed(seed)
+  return _perturb(MODEL_CLASSES[arch](ARCHS[arch]()).eval(), norms=True)
 
 
 @pytest.fixture(scope="session")
@@ -79,12 +82,7 @@ def _tiny_chat_checkpoint(folder: str, arch: str) -> str:
       vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-  model = MODEL_CLASSES[arch](config)
-  with torch.no_grad():  # nonzero q/k/v biases, so a run would notice them missing
-    for name, p in model.named_parameters():
-      if name.endswith("bias"):
-        p.add_(0.1 * torch.randn_like(p))
-  model.save_pretrained(folder)
+  _perturb(MODEL_CLASSES[arch](config), norms=False).save_pretrained(folder)
   tokenizer_lib.load(None).hf.save_pretrained(folder)
   return folder
 
