@@ -31,7 +31,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidde
                rms_norm_eps=1e-6)
 
 # One tiny model per supported variant: untied Llama with Llama-3 RoPE scaling, tied Qwen2 with
-# q/k/v biases, Qwen3 with q/k RMSNorm and a head_dim that is not hidden/heads.
+# q/k/v biases, Qwen3 with q/k RMSNorm and a head_dim that is not hidden/heads, and Qwen3 with
+# attention_bias (q/k/v/o biases).
 ARCHS = {
     "llama": lambda: transformers.LlamaConfig(
         **_COMMON, tie_word_embeddings=False, rope_theta=50000.0,
@@ -39,9 +40,12 @@ ARCHS = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=24, tie_word_embeddings=False),
+    "qwen3_attention_bias": lambda: transformers.Qwen3Config(**_COMMON, attention_bias=True,
+                                                             tie_word_embeddings=True),
 }
 MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "qwen3": transformers.Qwen3ForCausalLM}
+                 "qwen3": transformers.Qwen3ForCausalLM,
+                 "qwen3_attention_bias": transformers.Qwen3ForCausalLM}
 
 
 def _perturb(model, norms: bool):

@@ -73,12 +73,16 @@ def test_a_sliding_window_bounds_the_context_and_survives_export(tmp_path, hf_ch
     sampler.prefill([[1] * 30], reserve=64)
 
 
-def test_unsupported_architecture_lists_supported_ones(tmp_path, hf_checkpoints):
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"),
+    ({"hidden_act": "gelu"}, r"config.json: hidden_act='gelu' is not supported \(only silu\)"),
+])
+def test_unsupported_model_config_is_named(tmp_path, hf_checkpoints, change, message):
   dst = _copy(hf_checkpoints["llama"][0], tmp_path)
   cfg = json.loads((dst / "config.json").read_text())
-  cfg["architectures"] = ["GPT2LMHeadModel"]
+  cfg.update(change)
   (dst / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(CheckpointError, match=r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"):
+  with pytest.raises(CheckpointError, match=message):
     checkpoints.load(str(dst))
 
 

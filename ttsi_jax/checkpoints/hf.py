@@ -62,6 +62,9 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
     theta, scaling = _rope(cfg, where)
     if cfg.get("mlp_bias"):
       raise CheckpointError(f"{where}: mlp_bias=true is not supported.")
+    if cfg.get("hidden_act", "silu") != "silu":
+      raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only "
+                            "silu).")
     if cfg.get("use_sliding_window"):
       raise CheckpointError(f"{where}: sliding-window attention is not supported.")
     is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -106,7 +109,7 @@ def config_to_hf(config: ModelConfig) -> dict:
       "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
       "torch_dtype": "float32", "rope_theta": config.rope_theta,
   }
-  if config.architecture in ("LlamaForCausalLM", "MistralForCausalLM"):
+  if config.architecture != "Qwen2ForCausalLM":  # Qwen2's q/k/v biases are implied by its type
     cfg["attention_bias"] = config.o_bias
   if config.architecture == "MistralForCausalLM":
     cfg["sliding_window"] = config.sliding_window

@@ -47,8 +47,8 @@ class ModelConfig:
   rope_theta: float
   max_position_embeddings: int
   tie_embeddings: bool
-  qkv_bias: bool = False  # Qwen2 / Qwen2.5, Llama with attention_bias
-  o_bias: bool = False  # Llama with attention_bias
+  qkv_bias: bool = False  # Qwen2 / Qwen2.5, Llama and Qwen3 with attention_bias
+  o_bias: bool = False  # Llama and Qwen3 with attention_bias
   qk_norm: bool = False  # Qwen3
   rope_scaling: Optional[RopeScaling] = None
   param_dtype: str = "float32"
