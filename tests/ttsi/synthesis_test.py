@@ -1,4 +1,5 @@
-"""Pair parsing and validation; the endpoint teacher's retries on timeouts and garbage."""
+"""Pair parsing and validation; the endpoint teacher's request, its retries on timeouts and garbage,
+and its stop on a refused request."""
 
 import http.server
 import json
@@ -66,17 +67,21 @@ def test_synthesis_prompt_never_shows_the_gold_answer(example):
 class _Handler(http.server.BaseHTTPRequestHandler):
   mode = "ok"
   hits = 0
+  last_request: dict = {}
 
   def do_POST(self):
     type(self).hits += 1
-    self.rfile.read(int(self.headers["Content-Length"]))
+    type(self).last_request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     if self.mode == "slow":
       time.sleep(1.0)
-    body = (b"{\"choices\": []}" if self.mode == "empty" else json.dumps(
-        {"choices": [{"message": {"content": "Request: r\nCall: [circle_properties.get(radius=1)]"}}]
-         }).encode())
+    content = "Request: r\nCall: [circle_properties.get(radius=1)]"
+    if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
+      content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
+    body = (b"{\"choices\": []}" if self.mode == "empty" else
+            b"{\"error\": \"model 'm' does not exist\"}" if self.mode == "refuse" else
+            json.dumps({"choices": [{"message": {"content": content}}]}).encode())
     try:
-      self.send_response(200)
+      self.send_response(404 if self.mode == "refuse" else 200)
       self.end_headers()
       self.wfile.write(body)
     except (BrokenPipeError, ConnectionResetError):
@@ -95,16 +100,41 @@ def endpoint():
   server.shutdown()
 
 
-@pytest.mark.parametrize("mode,expect_pairs", [("ok", True), ("slow", False), ("empty", False)])
+def _teacher(endpoint, request_json=""):
+  return synthesis.EndpointSynthesizer(
+      BfclTask("multiple", 1),
+      synthesis.EndpointConfig(endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0,
+                               request_json=request_json),
+      synthesis.SynthesisConfig(k=1))
+
+
+@pytest.mark.parametrize("mode,expect_pairs", [("ok", True), ("thinking", True), ("slow", False),
+                                               ("empty", False)])
 def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_pairs):
   _Handler.mode = mode
-  teacher = synthesis.EndpointSynthesizer(
-      BfclTask("multiple", 1),
-      synthesis.EndpointConfig(endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0),
-      synthesis.SynthesisConfig(k=1))
-  out = teacher.synthesize([example])
+  out = _teacher(endpoint).synthesize([example])
   if expect_pairs:
-    assert out[0][0].kept and out[0][0].call == "[circle_properties.get(radius=1)]"
+    assert [(p.request, p.call, p.kept) for p in out[0]] == [
+        ("r", "[circle_properties.get(radius=1)]", True)]
     assert _Handler.hits == 1
   else:
     assert out == [None] and _Handler.hits == 3  # first try + 2 retries
+
+
+def test_a_refused_request_stops_at_once_with_the_endpoints_reason(endpoint, example):
+  _Handler.mode = "refuse"
+  with pytest.raises(synthesis.TeacherRequestError,
+                     match=r"(?s)HTTP 404 \(not found\): .*model 'm' does not exist.*teacher.model"):
+    _teacher(endpoint).synthesize([example])
+  assert _Handler.hits == 1  # a retry cannot fix it
+
+
+def test_request_json_changes_the_request_fields(endpoint, example):
+  _Handler.mode = "ok"
+  _teacher(endpoint, '{"max_tokens": null, "max_completion_tokens": 9, "top_p": null}'
+           ).synthesize([example])
+  sent = _Handler.last_request
+  assert sent["model"] == "m" and sent["max_completion_tokens"] == 9 and sent["temperature"] == 0.7
+  assert "max_tokens" not in sent and "top_p" not in sent
+  with pytest.raises(ValueError, match="teacher.request_json must be a JSON object"):
+    _teacher(endpoint, "[1]")

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jinja2
 import transformers
 
 from ttsi_jax import checkpoints
@@ -15,31 +16,60 @@ from ttsi_jax.checkpoints import CheckpointError
 Messages = Sequence[dict]
 
 
+_PROBE = "ttsi-jax-end-of-turn-probe"
+
+
 class Tokenizer:
   """A HF tokenizer plus what generation needs: stop ids, a pad id and chat-formatted encoding."""
 
   def __init__(self, hf_tokenizer, stop_ids: Sequence[int]):
     self.hf = hf_tokenizer
-    self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
+    self.stop_ids = tuple(dict.fromkeys(int(i) for i in stop_ids))  # the tokenizer's eos first
     if not self.stop_ids:
-      raise ValueError("The tokenizer defines no end-of-sequence token; generation could not stop.")
+      raise ValueError("The tokenizer defines no end-of-sequence token, so generation could not "
+                       "stop; set eos_token_id in the checkpoint's generation_config.json.")
     pad = hf_tokenizer.pad_token_id
     self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+    self.end_of_turn_id = self._end_of_turn_id()
+
+  def _end_of_turn_id(self) -> int:
+    """The stop token the chat template closes an assistant message with (training answers end
+    with it; e.g. Qwen2.5's <|im_end|>, not its <|endoftext|>); the eos without a template."""
+    if not self.hf.chat_template:
+      return self.stop_ids[0]
+    try:
+      text = self.hf.apply_chat_template(
+          [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}],
+          tokenize=False)
+    except (jinja2.TemplateError, ValueError):  # a template that renders no assistant turns
+      return self.stop_ids[0]
+    after = self.encode(text[text.rfind(_PROBE) + len(_PROBE):])
+    return next((t for t in after if t in self.stop_ids), self.stop_ids[0])
 
   def encode(self, text: str) -> list[int]:
     return self.hf.encode(text, add_special_tokens=False)
 
   def chat_prompt(self, messages: Messages) -> str:
-    """The chat-templated text of `messages`, ending where the assistant's answer starts."""
+    """The chat-templated text of `messages`, ending where the assistant's answer starts (with
+    thinking switched off where the template has the switch, as in Qwen3)."""
     if not self.hf.chat_template:
-      raise ValueError("This tokenizer has no chat template; give plain prompts instead.")
-    return self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+      raise ValueError("This tokenizer has no chat template; use an instruction-tuned (chat) "
+                       "checkpoint, or add a chat_template to its tokenizer_config.json.")
+    return self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                       enable_thinking=False)
 
   def encode_chat(self, messages: Messages, answer_prefix: str = "") -> list[int]:
     return self.encode(self.chat_prompt(messages) + answer_prefix)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def strip_reasoning(text: str) -> str:
+  """The answer after a reasoning model's `<think>...</think>` block, as BFCL's Qwen handler reads
+  it; text without one is returned as is."""
+  _, closed, answer = text.rpartition("</think>")
+  return answer.lstrip("\n") if closed else text
 
 
 def _generation_eos(folder: str) -> list[int]:

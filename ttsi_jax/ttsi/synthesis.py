@@ -27,6 +27,7 @@ from absl import logging
 from ttsi_jax.tasks.base import Example, Task
 from ttsi_jax.text import constrained
 from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.text.sampler import SamplingParams
 from ttsi_jax.ttsi import uncertainty
 
@@ -118,7 +119,7 @@ class ModelSynthesizer:
                               self.cfg.top_p)
     prompts = [self.tokenizer.encode_chat(messages(ex, self.cfg.k)) for ex in examples]
     outs = self.sampler.generate(prompts, sampling, rng)
-    return [judge_all(self.task, ex, parse_pairs(self.tokenizer.decode(out)), self.cfg.k,
+    return [judge_all(self.task, ex, parse_pairs(tokenizer_lib.strip_reasoning(self.tokenizer.decode(out))), self.cfg.k,
                       self.cfg.validate) for ex, out in zip(examples, outs)]
 
   def _well_formed(self, examples, rng):
@@ -152,6 +153,16 @@ class TeacherError(RuntimeError):
   """The teacher endpoint failed after all retries."""
 
 
+class TeacherRequestError(ValueError):
+  """The teacher endpoint refused the request itself (bad key, model, URL or request field): every
+  input would fail the same way, so the run stops and says so instead of falling back to base."""
+
+
+# Refusals that a retry cannot fix; other HTTP errors (408, 429, 5xx) are retried.
+_REFUSED = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found",
+            405: "method not allowed", 422: "unprocessable request"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EndpointConfig:
   base_url: str
@@ -161,6 +172,18 @@ class EndpointConfig:
   retries: int = 3
   backoff_s: float = 1.0
   max_tokens: int = 512
+  # A JSON object merged into every request body; null drops a field. E.g. for OpenAI reasoning
+  # models: {"max_tokens": null, "max_completion_tokens": 4096, "temperature": null, "top_p": null}
+  request_json: str = ""
+
+  def __post_init__(self):
+    try:
+      overrides = json.loads(self.request_json or "{}")
+    except ValueError as e:
+      raise ValueError(f"teacher.request_json is not valid JSON ({e}): "
+                       f"{self.request_json!r}") from None
+    if not isinstance(overrides, dict):
+      raise ValueError(f"teacher.request_json must be a JSON object, got {self.request_json!r}.")
 
 
 class EndpointSynthesizer:
@@ -168,7 +191,7 @@ class EndpointSynthesizer:
 
   A request that times out, fails or returns an unusable body is retried with backoff; after the
   last retry that input gets no pairs (`None`), so the loop answers it with the base model and
-  counts it.
+  counts it. A refused request (4xx but 408 / 429) raises TeacherRequestError at once.
   """
 
   def __init__(self, task: Task, endpoint: EndpointConfig, cfg: SynthesisConfig):
@@ -176,10 +199,16 @@ class EndpointSynthesizer:
     self.endpoint = endpoint
     self.cfg = cfg
 
+  def request_body(self, msgs: list[dict]) -> dict:
+    e = self.endpoint
+    body = {"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p, "max_tokens": e.max_tokens,
+            **json.loads(e.request_json or "{}")}
+    return {k: v for k, v in body.items() if v is not None}
+
   def _complete(self, msgs: list[dict]) -> str:
     e = self.endpoint
-    body = json.dumps({"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
-                       "max_tokens": e.max_tokens}).encode()
+    body = json.dumps(self.request_body(msgs)).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(e.api_key_env, "")
     if key:
@@ -196,7 +225,15 @@ class EndpointSynthesizer:
         content = payload["choices"][0]["message"]["content"]
         if not isinstance(content, str):
           raise TypeError("message content is not a string")
-        return content
+        return tokenizer_lib.strip_reasoning(content)
+      except urllib.error.HTTPError as err:
+        if err.code in _REFUSED:
+          detail = err.read().decode("utf-8", "replace")[:500]
+          raise TeacherRequestError(
+              f"Teacher endpoint {url} refused the request: HTTP {err.code} "
+              f"({_REFUSED[err.code]}): {detail}\nCheck teacher.base_url, teacher.model and "
+              f"${e.api_key_env}; change request fields with teacher.request_json.") from None
+        last_error = f"HTTP {err.code}: {err.reason}"
       except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError,
               IndexError, TypeError) as err:
         last_error = f"{type(err).__name__}: {err}"
