@@ -624,4 +624,6 @@ def test_validate(tasks):
                                             "colour='red')]")
   assert "positional" in task.validate(example, "[triangle_properties.get(5, 4, 3)]")
   assert "unparseable" in task.validate(example, "I think the triangle has area 6.")
-  assert task.validate(example, "[]") is None
+  assert "no call" in task.validate(example, "[]")
+  irrelevance = tasks["irrelevance"]
+  assert irrelevance.validate(irrelevance.examples()[0], "[]") is None

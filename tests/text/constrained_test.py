@@ -13,9 +13,12 @@ from ttsi_jax.text import sampler as sampler_lib
     ("5, b=2)]", "5"), ("'Paris, France')]", "'Paris, France'"), ("[3, 4], x=1)", "[3, 4]"),
     ("{'a': (1, 2)})", "{'a': (1, 2)}"), ("Paris)]", "'Paris'"), ("-2.5)", "-2.5"),
     ("", None), ("(oops", None), (",", None), ("print(1))", None),
+    ("{'a', 'b'})", None), ("[{1}], x=2)", None), ("{'k': {1}})", None),
 ])
 def test_leading_literal(text, value):
   assert constrained.leading_literal(text) == value
+  if value is not None:  # what the decoder writes, BFCL decodes
+    bfcl.parse_calls(f"[f(x={value})]")
 
 
 class _CharTokenizer:

@@ -724,6 +724,8 @@ class BfclTask:
       calls = parse_calls(answer)
     except ParseError as e:
       return f"unparseable: {e}"
+    if not calls and self.category != IRRELEVANCE:
+      return "no call (only irrelevance inputs are answered with none)"
     for call in calls:
       function = _function_named(example.functions, call.name)
       if function is None:

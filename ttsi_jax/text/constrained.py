@@ -33,9 +33,18 @@ from ttsi_jax.ttsi import uncertainty
 CLOSE = ")]"
 
 
+def _has_set(value) -> bool:
+  if isinstance(value, (set, frozenset)):
+    return True
+  if isinstance(value, dict):
+    return any(map(_has_set, value.values()))
+  return isinstance(value, (list, tuple)) and any(map(_has_set, value))
+
+
 def leading_literal(text: str) -> Optional[str]:
-  """The first complete Python literal in `text` followed by ',' or ')'; an unquoted word there
-  (`city=Paris)`) becomes a quoted string. None if neither is found."""
+  """The first complete Python literal in `text` followed by ',' or ')', sets excluded (BFCL's
+  decoder rejects them); an unquoted word there (`city=Paris)`) becomes a quoted string. None if
+  neither is found."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
@@ -43,12 +52,13 @@ def leading_literal(text: str) -> Optional[str]:
     if not candidate:
       return None
     try:
-      ast.literal_eval(candidate)
+      value = ast.literal_eval(candidate)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
       if re.fullmatch(r"[\w .:-]+", candidate):
         return repr(candidate)
       continue
-    return candidate
+    if not _has_set(value):
+      return candidate
   return None
 
 
