@@ -210,13 +210,17 @@ def test_ttd_without_a_teacher_is_explained(teacher, message, tmp_path):
     experiment.Experiment(config, str(tmp_path))
 
 
-def test_single_function_inputs_score_distinct_sampled_calls(tiny_chat_model, tmp_path):
+@pytest.mark.parametrize("well_formed", [True, False])
+def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, tmp_path,
+                                                               well_formed):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.task.category = "simple_python"
   config.task.num_examples = 2
   config.variants = "base"
   config.decoding.modes = "direct"
+  config.decoding.well_formed = well_formed
+  config.decoding.max_new_tokens = 16
   config.uncertainty.sampled_candidates = 3
   experiment.run(config, str(tmp_path))
   task = BfclTask("simple_python", 2)
@@ -224,13 +228,22 @@ def test_single_function_inputs_score_distinct_sampled_calls(tiny_chat_model, tm
     r = json.loads(line)
     candidates = r["candidates"]
     assert 1 <= len(candidates) <= 3 and len(r["probs"]) == len(candidates)
-    assert all(c.endswith(")]") for c in candidates)  # full calls, not "[name(" prefixes
-    assert len({task.canonical(c) for c in candidates}) == len(candidates)  # distinct
+    assert len(experiment.distinct_answers(task, candidates)) == len(candidates)  # distinct
+    if well_formed:
+      assert all(c.endswith(")]") for c in candidates)  # full calls, not "[name(" prefixes
+    else:  # the random model's free answers are distinct garbage, each scored (no fallback)
+      assert len(candidates) == 3 and task.canonical(candidates[0]) is None
     if len(candidates) == 1:
       assert r["margin"] == 1.0
     else:
       np.testing.assert_allclose(r["margin"], sorted(r["probs"])[-1] - sorted(r["probs"])[-2],
                                  atol=1e-6)
+
+
+def test_distinct_answers_merge_equal_calls_and_keep_unparseable_text():
+  task = BfclTask("simple_python", 1)
+  answers = ["[f(a=1)]", "[f(a = 1)]", "I would call f.", "I would call f. ", "", "[f(a=2)]"]
+  assert experiment.distinct_answers(task, answers) == ["[f(a=1)]", "I would call f.", "[f(a=2)]"]
 
 
 def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported():

@@ -123,22 +123,27 @@ class Answerer:
 
   def sampled_call_stats(self, pre, examples, stats, rng, num_samples: int):
     """Uncertainty for inputs offering a single function (where the name margin is always 1):
-    sample calls, keep the distinct ones (by canonical form), score each full call as a candidate.
+    sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
+    a model that cannot write the call is not certain of it), score each as a candidate.
     Returns `stats` with those inputs' margin / entropy / probs / candidates replaced."""
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
     runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
             for s in range(num_samples)]
-    candidates = []
-    for i, ex in enumerate(examples):
-      calls = distinct_calls(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
+    candidates = list(stats["candidates"])
+    for i in single:
+      ex = examples[i]
+      calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
       fit = uncertainty.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
+      if not fit:
+        raise ValueError(f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
+                         "cache slots to be scored; raise config.reserve.")
       if fit < len(calls):
-        logging.warning("Input %s: scoring %d of its %d distinct sampled calls (the rest do not "
+        logging.warning("Input %s: scoring %d of its %d distinct sampled answers (the rest do not "
                         "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
                         len(calls), pre.free())
-      candidates.append(calls[:max(fit, 1)])
+      candidates[i] = calls[:fit]
     calls = self.score(pre, examples, candidates)
     out = dict(stats, candidates=list(stats["candidates"]))
     for key in ("margin", "entropy"):
@@ -169,13 +174,14 @@ class Answerer:
     return out
 
 
-def distinct_calls(task: Task, answers: Sequence[str]) -> list[str]:
-  """The parseable answers, one per canonical form, in first-seen order."""
+def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:
+  """The non-empty answers, one per canonical call form (unparseable ones by their text), in
+  first-seen order."""
   seen, out = set(), []
   for a in answers:
-    c = task.canonical(a)
-    if c is not None and c not in seen:
-      seen.add(c)
+    key = task.canonical(a) or ("text", a.strip())
+    if a.strip() and key not in seen:
+      seen.add(key)
       out.append(a)
   return out
 
