@@ -187,8 +187,10 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(tiny_chat_model,
     ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
     ("task.category", "multi", r"'multi'.*multiple"),
     ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
+    ("wave_size", 0, r"wave_size=0: must be at least 1"),
+    ("adaptation.batch_size", 0, r"adaptation.batch_size=0: must be at least 1"),
 ])
-def test_bad_names_fail_at_start_with_the_valid_ones(field, value, message, tmp_path):
+def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message, tmp_path):
   config = tiny.get_config()
   section, _, name = field.rpartition(".")
   setattr(config[section] if section else config, name, value)
@@ -260,7 +262,7 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
   assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0
 
 
-def test_a_workdir_resumes_under_speed_only_changes_and_refuses_others(tmp_path):
+def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):
   check = experiment.Experiment._check_or_write_config
   run = types.SimpleNamespace(config=tiny.get_config(), workdir=str(tmp_path))
   check(run)
@@ -269,8 +271,29 @@ def test_a_workdir_resumes_under_speed_only_changes_and_refuses_others(tmp_path)
   (tmp_path / "results.jsonl").write_text('{"wave": 0}\n')
   run.config.adaptation.adapters_per_call = 1
   run.config.mesh_shape = (1, 1, 1)
-  check(run)  # speed only
+  run.config.keep_adapters = "all"
+  run.config.sampling.max_new_tokens = 7
+  check(run)  # the results stay the same
   run.config.adaptation.learning_rate = 1.0
   run.config.wave_size = 4
   with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate', 'wave_size'\]"):
     check(run)
+
+
+def _waves_file(path, waves_ids, tail=""):
+  path.write_text("".join(json.dumps({"wave": w, "id": i}) + "\n"
+                          for w, ids in enumerate(waves_ids) for i in ids) + tail)
+
+
+def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
+  from ttsi_jax.tasks.base import Example
+  waves = [[Example(i, "q", ()) for i in ids] for ids in (["a", "b"], ["c", "d"], ["e"])]
+  path = tmp_path / "results.jsonl"
+  _waves_file(path, [["a", "b"], ["c"]], tail='{"wave": 1, "id": "d", "ans')
+  assert experiment._finished_waves(str(path), waves) == 1
+  assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
+  _waves_file(path, [["a", "b"], ["c", "x"]])  # finished work for other inputs: never dropped
+  with pytest.raises(ValueError, match=r"wave 1 holds inputs \['c', 'x'\] but this run's data "
+                                       r"puts \['c', 'd'\] there.*new --workdir"):
+    experiment._finished_waves(str(path), waves)
+  assert len(path.read_text().splitlines()) == 4

@@ -46,9 +46,11 @@ TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
 MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
-# Config fields that change only how fast a run goes, never its results: a run may resume under
-# other values (e.g. on another machine).
-SPEED_ONLY = ("adaptation.adapters_per_call", "sampling.max_batch", "mesh_shape")
+# Config fields a run may resume under other values of (e.g. on another machine): they change its
+# speed (adapters_per_call and mesh_shape only reorder float sums: results agree to ~1e-5), what it
+# saves besides the results, or only `generate` (sampling.*), not what the run computes.
+RESUME_MAY_CHANGE = ("adaptation.adapters_per_call", "mesh_shape", "keep_adapters",
+                     "teacher.api_key_env", "sampling.")
 
 
 def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
@@ -58,6 +60,15 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f"Unknown {what} {unknown or names!r}; valid {what}s are {list(valid)}.")
   return names
+
+
+def _check_positive(config: ml_collections.ConfigDict) -> None:
+  """Sizes that must be at least 1 (0 would divide by zero or silently adapt nothing)."""
+  fields = ("wave_size", "reserve", "synthesis.k", "adaptation.rank", "adaptation.epochs",
+            "adaptation.batch_size", "decoding.num_samples", "decoding.max_new_tokens")
+  bad = [f"{f}={config[f]}" for f in fields if config[f] < 1]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: must be at least 1.")
 
 
 def _check_teacher(t: ml_collections.ConfigDict) -> None:
@@ -212,6 +223,7 @@ class Experiment:
                        "['margin', 'entropy'].")
     if "ttd" in self.variants:
       _check_teacher(config.teacher)
+    _check_positive(config)
     self.task = make_task(config.task)
     for row_id, reason in self.task.skipped:
       logging.warning("Skipped malformed row %s: %s", row_id, reason)
@@ -436,9 +448,9 @@ class Experiment:
       os.makedirs(self.workdir, exist_ok=True)
       try:
         self._check_or_write_config()
-      except ValueError as e:
+        done = _finished_waves(results_path, waves)
+      except ValueError as e:  # raised on every host below, so none waits for the others
         error = str(e)
-      done = _finished_waves(results_path, waves) if not error else 0
     error, done = multihost.from_leader([error, done])
     if error:
       raise ValueError(error)
@@ -499,7 +511,7 @@ class Experiment:
         previous = json.load(f)
       before, now = _flat(previous), _flat(current)
       changed = sorted(k for k in before.keys() | now.keys()
-                       if k not in SPEED_ONLY and before.get(k) != now.get(k))
+                       if not k.startswith(RESUME_MAY_CHANGE) and before.get(k) != now.get(k))
       if changed:
         raise ValueError(f"{self.workdir} holds results of a different config (differs in "
                          f"{changed}); use a new --workdir or the same config to resume.")
@@ -527,7 +539,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _finished_waves(path: str, waves: list[list[Example]]) -> int:
-  """Number of leading waves fully present in results.jsonl; a partial tail is removed."""
+  """Number of leading waves fully present in results.jsonl; a partial tail (the last wave cut by
+  an interruption) is removed. Raises if a finished wave holds other inputs than this run's data
+  puts there (the data changed under the workdir), rather than dropping finished work."""
   if not os.path.exists(path):
     return 0
   by_wave = collections.defaultdict(list)
@@ -544,6 +558,14 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   done = 0
   while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:
     done += 1
+  if max(by_wave, default=-1) >= done:  # the first unfinished wave must be the cut last one
+    found = by_wave.get(done, [])
+    expected = [ex.id for ex in waves[done]] if done < len(waves) else []
+    if max(by_wave) > done or found != expected[:len(found)]:
+      raise ValueError(
+          f"{path}: wave {done} holds inputs {found} but this run's data puts {expected} there; "
+          "the data changed under this workdir (bfcl-eval version, task.data_dir). Use a new "
+          "--workdir, or move results.jsonl aside to start over.")
   keep = [line for wave, line in lines if wave < done]
   if cut or len(keep) < len(lines):
     # Rewritten aside and swapped in, so a kill during the rewrite never loses finished waves.

@@ -77,6 +77,8 @@ def test_a_rule_keeps_the_leading_mesh_axes_that_divide():
 def test_bad_mesh_shape_is_explained():
   with pytest.raises(ValueError, match=r"Mesh shape \(3, 1, 1\).*needs 3 devices but 8"):
     sharding.make_mesh((3, 1, 1))
+  with pytest.raises(ValueError, match=r"Mesh shape \(8,\) needs one size per axis"):
+    sharding.make_mesh((8,))
 
 
 def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(hf_checkpoints):

@@ -60,6 +60,8 @@ def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; default: every device on the fsdp axis."""
   devices = devices if devices is not None else jax.devices()
   shape = tuple(shape) if shape else (1, len(devices), 1)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"Mesh shape {shape} needs one size per axis {MESH_AXES}, e.g. (1, 8, 1).")
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"Mesh shape {shape} (data, fsdp, tensor) needs {int(np.prod(shape))} devices "
                      f"but {len(devices)} are available; make the product equal the device count.")
