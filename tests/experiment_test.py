@@ -105,6 +105,8 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
     assert r["variants"]["oracle"]["adapted"] and len(r["variants"]["oracle"]["losses"]) == 2
     assert all(r["variants"][v]["adapted"] for v in ("ttsi", "ttsi_icl", "all_inputs"))
     assert len(r["variants"]["ttsi"]["losses"]) == 2 and "losses" not in r["variants"]["ttsi_icl"]
+    # On a flagged input all_inputs trains on ttsi's pairs: one shared adapter, not a second draw.
+    assert r["variants"]["all_inputs"] == r["variants"]["ttsi"]
     assert r["variants"]["certain_only"] == {**r["variants"]["certain_only"], "adapted": False,
                                              "reason": "not targeted"}
   # The teacher failed (garbage after a retry) on input 1: it falls back to the base answer.

@@ -43,6 +43,8 @@ from ttsi_jax.ttsi import adaptation, synthesis, uncertainty
 
 VARIANTS = ("base", "ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle")
 TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
+DATA_SOURCE = {"ttsi": "self", "all_inputs": "self", "certain_only": "self", "ttd": "teacher",
+               "oracle": "gold"}  # what each trained variant's adapter learns from
 MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
@@ -102,8 +104,8 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
 
 
 def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
-  """keys_R: one key per row, from the seed, the stage and the row's own name (its input id, or
-  [variant, id]) alone, so no sample depends on which inputs share a wave or a batch."""
+  """keys_R: one key per row, from the seed, the stage and the row's own name (its input id)
+  alone, so no sample depends on which inputs share a wave or a batch."""
   return jnp.stack([jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF)
                     for n in names])
 
@@ -275,11 +277,11 @@ class Experiment:
 
   # ------------------------------------------------------------------------------------ one wave
 
-  def _adapters_to_keep(self, jobs, ids, adapters) -> list[dict]:
-    """The adapters of the inputs named in config.keep_adapters, as host numpy trees (host 0
-    saves them, whichever host trained them)."""
+  def _adapters_to_keep(self, job_of, ids, adapters) -> list[dict]:
+    """The adapters of the inputs named in config.keep_adapters, per variant, as host numpy trees
+    (host 0 saves them, whichever host trained them)."""
     kept = []
-    for j, (v, i, _) in enumerate(jobs):
+    for (v, i), j in job_of.items():
       if self.keep == "all" or ids[i] in self.keep:
         adapter = lora_lib.unstack(adapters, j)
         kept.append({"variant": v, "id": ids[i], "weights": jax.device_get(adapter.weights),
@@ -338,30 +340,39 @@ class Experiment:
               [examples[i] for i in chosen], _keys(seed, "teacher", [ids[i] for i in chosen]))):
             teacher_pairs[i] = pairs if pairs is not None else "failed"
 
-    # Adapter jobs: (variant, input index, training examples).
-    jobs = []
+    # Adapter jobs: (data source, input index, training examples), one per distinct source and
+    # input; the variants that train on the same data share its adapter (job_of[(variant, i)]).
+    jobs, job_of, by_source = [], {}, {}
     for v in self.variants:
       if v not in TRAINED:
         continue
+      source = DATA_SOURCE[v]
       for i, ex in enumerate(examples):
         if not targets[v][i]:
           continue
-        if v == "oracle":
-          data = [self._training_example(ex, ex.question, self.task.gold_answer(ex))]
-        else:
-          pairs = teacher_pairs[i] if v == "ttd" else self_pairs[i]
-          kept = [p for p in pairs if p.kept] if isinstance(pairs, list) else []
-          data = [self._training_example(ex, p.request, p.call) for p in kept]
-        if data:
-          jobs.append((v, i, data))
+        if (source, i) not in by_source:
+          if source == "gold":
+            data = [self._training_example(ex, ex.question, self.task.gold_answer(ex))]
+          else:
+            pairs = teacher_pairs[i] if source == "teacher" else self_pairs[i]
+            usable = [p for p in pairs if p.kept] if isinstance(pairs, list) else []
+            data = [self._training_example(ex, p.request, p.call) for p in usable]
+          by_source[(source, i)] = len(jobs) if data else None
+          if data:
+            jobs.append((source, i, data))
+        if by_source[(source, i)] is not None:
+          job_of[(v, i)] = by_source[(source, i)]
+    # Keys by input alone: every data source starts from the same adapter init on an input, so
+    # variants differ by their data, not by their random draws.
+    job_ids = [ids[i] for _, i, _ in jobs]
     with timer("T"):
       adapters, losses, kept = None, None, []
       if jobs:
-        keys_A = _keys(seed, "adapter", [[v, ids[i]] for v, i, _ in jobs])
         adapters, losses = self.trainer.train_all(self.params, [j[2] for j in jobs],
-                                                  self.tokenizer.pad_id, keys_A,
+                                                  self.tokenizer.pad_id,
+                                                  _keys(seed, "adapter", job_ids),
                                                   self.adapters_per_call)
-        kept = self._adapters_to_keep(jobs, ids, adapters)
+        kept = self._adapters_to_keep(job_of, ids, adapters)
 
     adapted = {}  # (variant, i) -> answers
     with timer("adapted"):
@@ -371,9 +382,8 @@ class Experiment:
                                      lora_per_row=True)
         adapted_stats = self.answerer.score(pre_a, job_examples)
         answers = self.answerer.answers(pre_a, job_examples, adapted_stats["best"],
-                                        _keys(seed, "adapted", [[v, ids[i]] for v, i, _ in jobs]),
-                                        self.modes)
-        for j, (v, i, _) in enumerate(jobs):
+                                        _keys(seed, "adapted", job_ids), self.modes)
+        for (v, i), j in job_of.items():
           adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
       if "ttsi_icl" in self.variants:
         icl = [i for i in range(len(examples)) if flags[i] and self_pairs[i]
@@ -427,11 +437,9 @@ class Experiment:
             record["variants"][v] = {"adapted": True, "answer": answers["direct"],
                                      "correct": _verdicts(self.task, ex, answers, self.modes),
                                      "error": self.task.check(ex, answers["direct"]).error}
-        if losses is not None:
-          for j, (v, i2, _) in enumerate(jobs):
-            if i2 == i:
-              record["variants"][v]["losses"] = [float(x) for x in losses[:, j]
-                                                 if not np.isnan(x)]
+        for (v, i2), j in job_of.items():
+          if i2 == i:
+            record["variants"][v]["losses"] = [float(x) for x in losses[:, j] if not np.isnan(x)]
         records.append(record)
     return records, kept
 

@@ -155,11 +155,12 @@ class Trainer:
     """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A]).
     On a mesh, the adapters and their data are split over its batch axes (data, fsdp)."""
     mesh = sharding.mesh_of(params)
-    (rngs_A,) = sharding.shard_rows(mesh, rngs_A)
-    adapters, opt_states = self.init(rngs_A)
+    init_rngs_A, dropout_rngs_A = sharding.shard_rows(mesh, *jnp.unstack(
+        jax.vmap(jax.random.split)(rngs_A), axis=1))  # init and dropout draw on their own keys
+    adapters, opt_states = self.init(init_rngs_A)
     losses = []
     for s in range(batches.tokens_SABL.shape[0]):
-      step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs_A, s)
+      step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_rngs_A, s)
       adapters, opt_states, loss = self.step(
           params, adapters, opt_states, *sharding.shard_rows(
               mesh, batches.tokens_SABL[s], batches.positions_SABL[s], batches.select_SABI[s],
