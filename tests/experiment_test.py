@@ -8,6 +8,7 @@ import sys
 import threading
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -299,3 +300,17 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
                                        r"puts \['c', 'd'\] there.*new --workdir"):
     experiment._finished_waves(str(path), waves)
   assert len(path.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("temperature, p_first", [(1.0, 0.7), (0.5, 0.49 / 0.58)])
+def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperature, p_first):
+  from ttsi_jax.tasks.base import Example
+  three = Example("m", "q", ({"name": "a"}, {"name": "b"}, {"name": "c"}))
+  one = Example("s", "q", ({"name": "only"},))
+  examples = [three] * 2000 + [one]
+  stats = {"probs": [np.array([0.7, 0.3, 0.0])] * 2000 + [np.array([0.2, 0.8])]}
+  answerer = types.SimpleNamespace(temperature=temperature)
+  drawn = experiment.Answerer.draw_functions(answerer, examples, stats,
+                                             jax.random.split(jax.random.key(0), len(examples)))
+  assert set(drawn[:-1]) == {0, 1} and drawn[-1] == 0  # never a zero-probability function
+  assert abs(np.mean(drawn[:-1] == 0) - p_first) < 0.04

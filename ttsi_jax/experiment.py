@@ -177,14 +177,32 @@ class Answerer:
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
     return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 
-  def answers(self, pre, examples, best, rng, modes) -> dict:
-    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}."""
-    out = {"direct": self.answer(pre, examples, best, rng, sample=False)}
+  def answers(self, pre, examples, stats, rng, modes) -> dict:
+    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}. The direct
+    answer calls the most likely function; under well-formed decoding each sample first draws
+    its function from the RSS probabilities (at the sampling temperature), so voting and pass@k
+    can also change the function, as free sampling can."""
+    out = {"direct": self.answer(pre, examples, stats["best"], rng, sample=False)}
     if set(modes) - {"direct"}:
-      runs = [self.answer(pre, examples, best, sampler_lib.fold_in(rng, s + 1), sample=True)
-              for s in range(self.num_samples)]
+      runs = []
+      for s in range(self.num_samples):
+        keys = sampler_lib.fold_in(rng, s + 1)
+        functions = (self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
+                     if self.well_formed else stats["best"])
+        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0),
+                                sample=True))
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
+
+  def draw_functions(self, examples, stats, keys_R) -> np.ndarray:
+    """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
+    logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
+                        np.float32)
+    for i, ex in enumerate(examples):
+      n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
+      probs = np.asarray(stats["probs"][i][:n], np.float64) if n > 1 else np.ones(1)
+      logits_RN[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
+    return np.asarray(jax.vmap(jax.random.categorical)(keys_R, jnp.asarray(logits_RN)))
 
 
 def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:
@@ -315,7 +333,7 @@ class Experiment:
       threshold = u.tau if u.measure == "margin" else u.entropy_threshold
       flags = uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
     with timer("base"):
-      base = self.answerer.answers(pre, examples, stats["best"], _keys(seed, "base", ids),
+      base = self.answerer.answers(pre, examples, stats, _keys(seed, "base", ids),
                                    self.modes)
 
     # Which inputs each variant adapts (or, for ICL, demonstrates on).
@@ -381,7 +399,7 @@ class Experiment:
         pre_a = self.sampler.prefill([enc_prompts[i] for _, i, _ in jobs], cfg.reserve, adapters,
                                      lora_per_row=True)
         adapted_stats = self.answerer.score(pre_a, job_examples)
-        answers = self.answerer.answers(pre_a, job_examples, adapted_stats["best"],
+        answers = self.answerer.answers(pre_a, job_examples, adapted_stats,
                                         _keys(seed, "adapted", job_ids), self.modes)
         for (v, i), j in job_of.items():
           adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
@@ -394,7 +412,7 @@ class Experiment:
               cfg.reserve)
           icl_examples = [examples[i] for i in icl]
           icl_stats = self.answerer.score(pre_icl, icl_examples)
-          answers = self.answerer.answers(pre_icl, icl_examples, icl_stats["best"],
+          answers = self.answerer.answers(pre_icl, icl_examples, icl_stats,
                                           _keys(seed, "icl", [ids[i] for i in icl]), self.modes)
           for j, i in enumerate(icl):
             adapted[("ttsi_icl", i)] = {k: vals[j] for k, vals in answers.items()}

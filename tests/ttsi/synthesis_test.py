@@ -76,7 +76,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       time.sleep(1.0)
     content = "Request: r\nCall: [circle_properties.get(radius=1)]"
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
-      content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
+      content = ("<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n"
+                 + content)
     body = (b"{\"choices\": []}" if self.mode == "empty" else
             b"{\"error\": \"model 'm' does not exist\"}" if self.mode == "refuse" else
             json.dumps({"choices": [{"message": {"content": content}}]}).encode())

@@ -32,7 +32,8 @@ def embedded_default_path() -> str:
 
 
 def resolve(path: Optional[str]) -> str:
-  """An absolute path (a bare "model.gguf" would read as a hub repo id); "" = the embedded default."""
+  """An absolute path (a bare "model.gguf" would read as a hub repo id); "": the embedded
+  default."""
   return embedded_default_path() if not path else os.path.abspath(os.path.expanduser(path))
 
 

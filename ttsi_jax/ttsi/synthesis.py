@@ -119,8 +119,9 @@ class ModelSynthesizer:
                               self.cfg.top_p)
     prompts = [self.tokenizer.encode_chat(messages(ex, self.cfg.k)) for ex in examples]
     outs = self.sampler.generate(prompts, sampling, rng)
-    return [judge_all(self.task, ex, parse_pairs(tokenizer_lib.strip_reasoning(self.tokenizer.decode(out))), self.cfg.k,
-                      self.cfg.validate) for ex, out in zip(examples, outs)]
+    texts = [tokenizer_lib.strip_reasoning(self.tokenizer.decode(out)) for out in outs]
+    return [judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate)
+            for ex, text in zip(examples, texts)]
 
   def _well_formed(self, examples, rng):
     """K rows per input: sample a request, pick the function by likelihood, decode the call."""
