@@ -102,6 +102,11 @@ def test_generate_with_an_adapter_is_vmappable(sampler):
   assert not np.array_equal(np.asarray(vmapped[0]), np.asarray(vmapped[2]))
 
 
-def test_prompt_longer_than_context_is_rejected(sampler):
-  with pytest.raises(ValueError, match="exceeds the model's context"):
+def test_only_a_prompt_longer_than_the_context_is_rejected(sampler):
+  with pytest.raises(ValueError, match="Prompt of 500 tokens \\+ max_new_tokens 64 exceeds the "
+                                       "model's context of 512 tokens"):
     sampler.generate(_prompts([500]), SamplingParams(max_new_tokens=64))
+  # 400 + 64 fits the 512 context although 400's length bucket (512) would not leave room.
+  (out,) = sampler.generate(_prompts([400]), SamplingParams(max_new_tokens=64))
+  assert 0 < len(out) <= 64
+  assert sampler.prefill(_prompts([400]), reserve=100).free() == 100

@@ -257,14 +257,20 @@ class Sampler:
     window = " (its sliding window)" if c.context_length < c.max_position_embeddings else ""
     return f"{c.context_length} tokens{window}"
 
+  def _prompt_slots(self, prompts: Sequence[Sequence[int]], room: int, what: str) -> int:
+    """Cache slots for the left-padded prompts: their length bucket, cut down where the bucket
+    and `room` more slots would pass the context but the prompts themselves fit."""
+    longest = max(len(p) for p in prompts)
+    if longest + room > self.config.context_length:
+      raise ValueError(f"Prompt of {longest} tokens + {what} {room} exceeds the model's context of "
+                       f"{self._context()}.")
+    return min(bucket(longest, MIN_PROMPT_BUCKET), self.config.context_length - room)
+
   def prefill(self, prompts: Sequence[Sequence[int]], reserve: int, lora=None,
               lora_per_row: bool = False) -> Prefilled:
     """Prefills all prompts once, leaving `reserve` free cache slots for what follows."""
-    length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    length = self._prompt_slots(prompts, reserve, "reserve")
     capacity = length + reserve
-    if capacity > self.config.context_length:
-      raise ValueError(f"Prompt bucket {length} + reserve {reserve} exceeds the model's context of "
-                       f"{self._context()}.")
     batch = bucket(len(prompts))
     if lora_per_row:
       lora = lora_lib.take_padded(lora, len(prompts), batch)
@@ -318,10 +324,7 @@ class Sampler:
     if not prompts:
       return []
     keys = row_keys(rng, len(prompts), len(prompts))
-    length = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-    if length + sampling.max_new_tokens > self.config.context_length:
-      raise ValueError(f"Prompt bucket {length} + max_new_tokens {sampling.max_new_tokens} exceeds "
-                       f"the model's context of {self._context()}.")
+    length = self._prompt_slots(prompts, sampling.max_new_tokens, "max_new_tokens")
     fn = functools.partial(generate_tokens, config=self.config, sampling=sampling,
                            stop_ids=self.stop_ids, pad_id=self.pad_id)
     results: list[list[int]] = []
