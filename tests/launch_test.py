@@ -60,6 +60,28 @@ def test_setup_installs_what_the_default_model_needs():
     assert "'.[hf]'" in install and "download.pytorch.org/whl/cpu" in install
 
 
+def test_tpu_setup_ships_the_working_tree_with_its_uncommitted_edits():
+  result = _run("tpu_vm.sh", "--dry-run", "setup", **TPU)
+  pack = shlex.split(result.stdout.splitlines()[0])
+  assert pack[:3] == ["tar", "czf", "/tmp/ttsi-v5-ttsi_jax.tar.gz"] and pack[-1] == "."
+  assert {"--exclude=.git", "--exclude=.venv", "--exclude=workdir"} <= set(pack)
+
+
+def test_a_failed_step_of_all_leaves_the_vm_and_says_how_to_delete_it(tmp_path):
+  """gcloud and tar stand-ins: creating works, copying to the VM fails."""
+  log = tmp_path / "gcloud.log"
+  (tmp_path / "gcloud").write_text(
+      f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *" scp "*) exit 1;; esac\n')
+  (tmp_path / "tar").write_text("#!/bin/sh\n")
+  for tool in ("gcloud", "tar"):
+    os.chmod(tmp_path / tool, 0o755)
+  result = _run("tpu_vm.sh", "all", **TPU, PATH=f"{tmp_path}:{os.environ['PATH']}")
+  assert result.returncode != 0
+  assert "TPU VM ttsi-v5 is still running" in result.stderr
+  assert "launch/tpu_vm.sh delete" in result.stderr
+  assert [line.split()[3] for line in log.read_text().splitlines()] == ["create", "scp"]
+
+
 def test_dry_run_may_come_after_the_step():
   before = _run("tpu_vm.sh", "--dry-run", "all", **TPU)
   after = _run("tpu_vm.sh", "all", "--dry-run", **TPU)
