@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.wave_size = 8
   config.reserve = 384  # free KV-cache slots after each prompt (answers, decoding stages)
   # Save trained adapters to workdir/adapters/<variant>/<id>: "" none, "all", or comma-separated ids.
+  # With several hosts, each wave's kept adapters travel to every host (host 0 saves them): on big
+  # models keep chosen ids rather than "all".
   config.keep_adapters = ""
 
   config.uncertainty = ml_collections.ConfigDict()

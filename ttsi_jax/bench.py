@@ -104,7 +104,7 @@ def main(argv):
     import transformers
     torch.set_num_threads(os.cpu_count() or 1)
     path = checkpoints.resolve(config.model.path)
-    kwargs = dict(dtype=torch.float32)
+    kwargs = dict(dtype=getattr(torch, config.model.dtype))  # the same precision as ours
     if path.endswith(".gguf"):
       kwargs["gguf_file"] = os.path.basename(path)
       path = os.path.dirname(path)

@@ -29,7 +29,10 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   if jax.process_count() == 1:
     return [data]
   array = np.frombuffer(data, np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(array)], np.int64)))[:, 0]
+  if len(array) >= 2**31:  # sizes travel as int32 (JAX without x64)
+    raise ValueError(f"{len(array)} bytes to gather from one host exceed 2 GiB; keep fewer "
+                     "adapters per wave (config.keep_adapters) or use a smaller wave_size.")
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(array)], np.int32)))[:, 0]
   buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
   buffer[:len(array)] = array
   gathered = np.asarray(multihost_utils.process_allgather(buffer))

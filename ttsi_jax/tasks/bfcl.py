@@ -692,7 +692,8 @@ class BfclTask:
 
   def canonical(self, answer: str) -> Optional[str]:
     """Calls sorted, keyword arguments sorted, values as canonical reprs (dict keys sorted), so
-    answers BFCL decodes to the same calls in any order vote together."""
+    answers BFCL decodes to the same calls in any order vote together. Values are compared as
+    written: 'Paris' / 'paris' and 1 / 1.0 vote apart, though BFCL may accept both."""
     try:
       calls = parse_calls(answer)
     except ParseError:
