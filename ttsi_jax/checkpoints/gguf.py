@@ -51,7 +51,8 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def open_reader(path: str) -> gguf.GGUFReader:
   if not os.path.isfile(path):
-    raise CheckpointError(f"GGUF file {path} does not exist.")
+    raise CheckpointError(f"GGUF file {path} does not exist; check --config.model.path (\"\" "
+                          "loads the embedded default).")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # the reader raises a mix of ValueError/struct/numpy errors on bad files
@@ -87,7 +88,8 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32")
   num_heads = int(_field(reader, f"{arch}.attention.head_count", path))
   embed_dim = int(_field(reader, f"{arch}.embedding_length", path))
   vocab = reader.fields.get(f"{arch}.vocab_size")
-  vocab_size = int(vocab.contents()) if vocab else len(reader.fields["tokenizer.ggml.tokens"].data)
+  vocab_size = (int(vocab.contents()) if vocab else
+                len(_field(reader, "tokenizer.ggml.tokens", path)))
   cfg = {
       "architectures": [_ARCHITECTURES[arch]],
       "vocab_size": vocab_size,

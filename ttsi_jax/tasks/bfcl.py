@@ -594,7 +594,9 @@ class BfclTask:
   def _path(self, *parts: str) -> str:
     path = os.path.join(self.data_dir, *parts)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"BFCL data file {path} does not exist.")
+      raise FileNotFoundError(f"BFCL data file {path} does not exist; install the data with "
+                              "`pip install --no-deps bfcl-eval`, or set --config.task.data_dir to "
+                              "a folder with BFCL's data files.")
     return path
 
   def _load_answers(self) -> dict[str, Any]:
