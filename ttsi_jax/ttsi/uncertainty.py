@@ -36,7 +36,7 @@ class PackedCandidates:
   tokens_BT: np.ndarray
   positions_BT: np.ndarray
   segments_BT: np.ndarray
-  select_BI: np.ndarray  # row index whose logits predict target i
+  select_BI: np.ndarray  # the position in the row whose logits predict target i
   targets_BI: np.ndarray  # the candidate token being scored
   owner_BI: np.ndarray  # which candidate target i belongs to; -1 for padding
   num_candidates: int  # N (padded; rows with fewer candidates have empty slots)
@@ -44,7 +44,7 @@ class PackedCandidates:
 
 def pack(prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
          pad_id: int) -> PackedCandidates:
-  """Packs prompt + candidates per input, padded to power-of-two buckets (one compile per bucket)."""
+  """Packs prompt + candidates per input, padded to length buckets (one compile per bucket)."""
   if len(prompts) != len(candidates):
     raise ValueError("One candidate list per prompt is needed.")
   for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
