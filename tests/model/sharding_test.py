@@ -81,12 +81,20 @@ def test_bad_mesh_shape_is_explained():
     sharding.make_mesh((8,))
 
 
+@pytest.mark.parametrize("shape, sizes", [((1, 8, 1), {1: 8, 6: 8, 8: 8, 12: 16}),
+                                          ((2, 2, 2), {3: 4, 6: 8, 8: 8}), ((1, 1, 8), {3: 3})])
+def test_batches_fill_the_data_and_fsdp_shards(shape, sizes):
+  mesh = sharding.make_mesh(shape)
+  assert {n: sharding.fill_batch_shards(mesh, n) for n in sizes} == sizes
+  assert sharding.fill_batch_shards(None, 6) == 6
+
+
 def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(hf_checkpoints):
   from ttsi_jax.ttsi import adaptation, uncertainty
   folder = hf_checkpoints["qwen2"][0]
   config, params = checkpoints.load(folder)
   _, sharded = checkpoints.load(folder, mesh=sharding.make_mesh((4, 2, 1)))
-  prompts = [[5, 6, 7], [9] * 12, [3, 1, 4, 1, 5], [2] * 7, [8] * 3, [1], [4, 4], [7] * 9]
+  prompts = [[5, 6, 7], [9] * 12, [3, 1, 4, 1, 5], [2] * 7, [8] * 3, [7] * 9]
   candidates = [[[11, 12], [13]]] * len(prompts)
   sampling = sampler_lib.SamplingParams(max_new_tokens=6, temperature=1.0)
   keys_R = jax.random.split(jax.random.key(0), len(prompts))
@@ -97,16 +105,16 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     loglik, _ = uncertainty.score_after(s, pre, candidates)
     results.append((pre, loglik, s.continue_(pre, [[]] * len(prompts), sampling, keys_R)))
   (_, loglik, samples), (pre, sharded_loglik, sharded_samples) = results
-  assert pre.prefix.cache.k_LBSKH.sharding.spec[1] == ("data", "fsdp")  # 8 rows: one per device
+  # 6 rows padded to 8, one per device: 6 would not split over 8 devices and be replicated.
+  assert pre.batch == 8 and pre.prefix.cache.k_LBSKH.sharding.spec[1] == ("data", "fsdp")
   np.testing.assert_allclose(sharded_loglik, loglik, atol=1e-5, rtol=0)
   assert sharded_samples == samples
 
   trainer = adaptation.Trainer(config, adaptation.AdaptConfig(learning_rate=1e-3, epochs=2))
-  examples = [[(p, [3, 4])] for p in prompts[:4]]
-  keys_A = jax.random.split(jax.random.key(1), 4)
+  examples = [[(p, [3, 4])] for p in prompts[:3]]
+  keys_A = jax.random.split(jax.random.key(1), 3)
   want, want_losses = trainer.train_all(params, examples, 0, keys_A)
   got, losses = trainer.train_all(sharded, examples, 0, keys_A)
-  assert jax.tree.leaves(got.weights)[0].sharding.spec[0] in ("data", ("data",))  # 4 over data
   np.testing.assert_allclose(losses, want_losses, atol=1e-5)
   for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

@@ -116,6 +116,14 @@ def mesh_of(params) -> Optional[Mesh]:
   return placed.mesh if isinstance(placed, NamedSharding) else None
 
 
+def fill_batch_shards(mesh: Optional[Mesh], size: int) -> int:
+  """`size` rounded up to a multiple of the ways the mesh splits a batch (data x fsdp). A batch
+  that does not divide evenly would be replicated, every device computing every row: padding rows
+  instead costs each device at most as many rows, and far less compute in all."""
+  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
+  return -(-size // shards) * shards
+
+
 def shard_rows(mesh: Optional[Mesh], *arrays):
   """Arrays whose leading axis is the batch (or the adapters), placed over the mesh's batch axes
   (data, fsdp): each device group computes its own rows. Without a mesh they stay as they are."""

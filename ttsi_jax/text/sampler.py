@@ -271,7 +271,7 @@ class Sampler:
     """Prefills all prompts once, leaving `reserve` free cache slots for what follows."""
     length = self._prompt_slots(prompts, reserve, "reserve")
     capacity = length + reserve
-    batch = bucket(len(prompts))
+    batch = sharding.fill_batch_shards(self.mesh, bucket(len(prompts)))
     if lora_per_row:
       lora = lora_lib.take_padded(lora, len(prompts), batch)
     tokens_BP, positions_BP = left_pad(prompts, length, batch, self.pad_id)
@@ -330,7 +330,7 @@ class Sampler:
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
       chunk = prompts[start:start + self.max_batch]
-      batch = bucket(len(chunk))
+      batch = sharding.fill_batch_shards(self.mesh, bucket(len(chunk)))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
       keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
       out_BN = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))

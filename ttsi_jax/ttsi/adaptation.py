@@ -176,10 +176,12 @@ class Trainer:
     (0: all in one). Returns (adapters [A, ...], losses [S, A]); the result does not depend on
     `per_call`: only speed and memory do (vmapped calls pay off on accelerators, see README)."""
     per_call = per_call or len(examples)
+    mesh = sharding.mesh_of(params)
     parts, losses = [], []
     for start in range(0, len(examples), per_call):
       chunk = examples[start:start + per_call]
-      size = bucket(len(chunk))  # a bucketed adapter count: one compile per size
+      # A bucketed adapter count (one compile per size) that splits evenly over the mesh.
+      size = sharding.fill_batch_shards(mesh, bucket(len(chunk)))
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
       adapters, loss = self.train(params, make_batches(self.cfg, chunk, pad_id, size), keys)
       parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
