@@ -314,3 +314,6 @@ def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperat
                                              jax.random.split(jax.random.key(0), len(examples)))
   assert set(drawn[:-1]) == {0, 1} and drawn[-1] == 0  # never a zero-probability function
   assert abs(np.mean(drawn[:-1] == 0) - p_first) < 0.04
+  greedy = types.SimpleNamespace(temperature=0.0)
+  stats["best"] = np.zeros(len(examples), np.int32)
+  assert not experiment.Answerer.draw_functions(greedy, examples, stats, None).any()

@@ -196,6 +196,8 @@ class Answerer:
 
   def draw_functions(self, examples, stats, keys_R) -> np.ndarray:
     """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
+    if self.temperature <= 0:  # greedy "samples": the most likely function
+      return np.asarray(stats["best"])[:len(examples)]
     logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
                         np.float32)
     for i, ex in enumerate(examples):
