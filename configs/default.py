@@ -26,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, oracle (comma separated)
   config.variants = "base,ttsi"
-  # Inputs per wave. Its adapters (one per trained variant and targeted input: up to 3 x wave_size
-  # with configs/paper.py) train together, adaptation.adapters_per_call at a time.
+  # Inputs per wave. Its adapters (one per data source and targeted input: self pairs, teacher
+  # pairs, gold; up to 2 x wave_size with configs/paper.py) train adapters_per_call at a time.
   config.wave_size = 8
   config.reserve = 384  # free KV-cache slots after each prompt (answers, decoding stages)
   # Save trained adapters to workdir/adapters/<variant>/<id>: "" none, "all", or comma-separated ids.

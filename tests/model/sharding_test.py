@@ -113,8 +113,11 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   trainer = adaptation.Trainer(config, adaptation.AdaptConfig(learning_rate=1e-3, epochs=2))
   examples = [[(p, [3, 4])] for p in prompts[:3]]
   keys_A = jax.random.split(jax.random.key(1), 3)
+  counts, train = [], trainer.train
+  trainer.train = lambda p, batches, keys: counts.append(len(keys)) or train(p, batches, keys)
   want, want_losses = trainer.train_all(params, examples, 0, keys_A)
   got, losses = trainer.train_all(sharded, examples, 0, keys_A)
+  assert counts == [3, 8]  # 3 adapters fill the 8 devices' shards, instead of being replicated
   np.testing.assert_allclose(losses, want_losses, atol=1e-5)
   for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

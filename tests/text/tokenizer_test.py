@@ -33,12 +33,16 @@ def test_gguf_tokenizer_without_torch_says_what_to_install(monkeypatch):
     tokenizer_lib.load(checkpoints.embedded_default_path())
 
 
-def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(tmp_path):
+@pytest.mark.parametrize("generation_eos", [[0, 2], None])
+def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(tmp_path,
+                                                                               generation_eos):
   # As Qwen2.5-Instruct: eos ids [<|endoftext|>=0, <|im_end|>=2]; its chat turns close with 2.
+  # Without a generation config (a GGUF), the turn's end still becomes a stop id.
   hf_tok = tokenizer_lib.load(None).hf
   hf_tok.eos_token = "<|endoftext|>"
   hf_tok.save_pretrained(tmp_path)
-  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+  if generation_eos:
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
   tok = tokenizer_lib.load(str(tmp_path))
   assert tok.stop_ids == (0, 2) and tok.end_of_turn_id == 2
   task = BfclTask("multiple", 1)

@@ -78,11 +78,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
       content = ("<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n"
                  + content)
+    status = {"refuse": 404, "too_long": 400}.get(self.mode, 200)
     body = (b"{\"choices\": []}" if self.mode == "empty" else
             b"{\"error\": \"model 'm' does not exist\"}" if self.mode == "refuse" else
+            b"{\"error\": \"prompt too long\"}" if self.mode == "too_long" else
             json.dumps({"choices": [{"message": {"content": content}}]}).encode())
     try:
-      self.send_response(404 if self.mode == "refuse" else 200)
+      self.send_response(status)
       self.end_headers()
       self.wfile.write(body)
     except (BrokenPipeError, ConnectionResetError):
@@ -128,6 +130,17 @@ def test_a_refused_request_stops_at_once_with_the_endpoints_reason(endpoint, exa
                      match=r"(?s)HTTP 404 \(not found\): .*model 'm' does not exist.*teacher.model"):
     _teacher(endpoint).synthesize([example])
   assert _Handler.hits == 1  # a retry cannot fix it
+
+
+def test_a_request_refused_after_others_succeeded_fails_only_its_input(endpoint, example):
+  teacher = _teacher(endpoint)
+  _Handler.mode = "too_long"
+  with pytest.raises(synthesis.TeacherRequestError, match="HTTP 400.*prompt too long"):
+    teacher.synthesize([example])  # no request has worked yet: the request itself is wrong
+  _Handler.mode = "ok"
+  assert teacher.synthesize([example])[0][0].kept
+  _Handler.mode, _Handler.hits = "too_long", 0
+  assert teacher.synthesize([example]) == [None] and _Handler.hits == 1  # not retried
 
 
 def test_request_json_changes_the_request_fields(endpoint, example):

@@ -31,10 +31,13 @@ class Tokenizer:
     pad = hf_tokenizer.pad_token_id
     self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
     self.end_of_turn_id = self._end_of_turn_id()
+    if self.end_of_turn_id not in self.stop_ids:  # e.g. a GGUF whose eos is not the turn's end
+      self.stop_ids += (self.end_of_turn_id,)
 
   def _end_of_turn_id(self) -> int:
-    """The stop token the chat template closes an assistant message with (training answers end
-    with it; e.g. Qwen2.5's <|im_end|>, not its <|endoftext|>); the eos without a template."""
+    """The special token the chat template closes an assistant message with (training answers
+    end with it, generation stops at it; e.g. Qwen2.5's <|im_end|>, not its <|endoftext|>); the
+    eos where the template shows none."""
     if not self.hf.chat_template:
       return self.stop_ids[0]
     try:
@@ -43,8 +46,12 @@ class Tokenizer:
           tokenize=False)
     except (jinja2.TemplateError, ValueError):  # a template that renders no assistant turns
       return self.stop_ids[0]
+    if _PROBE not in text:
+      return self.stop_ids[0]
+    special = set(self.stop_ids) | set(self.hf.all_special_ids) | {
+        i for i, token in self.hf.added_tokens_decoder.items() if token.special}
     after = self.encode(text[text.rfind(_PROBE) + len(_PROBE):])
-    return next((t for t in after if t in self.stop_ids), self.stop_ids[0])
+    return next((t for t in after if t in special), self.stop_ids[0])
 
   def encode(self, text: str) -> list[int]:
     return self.hf.encode(text, add_special_tokens=False)

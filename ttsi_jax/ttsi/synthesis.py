@@ -155,13 +155,17 @@ class TeacherError(RuntimeError):
 
 
 class TeacherRequestError(ValueError):
-  """The teacher endpoint refused the request itself (bad key, model, URL or request field): every
-  input would fail the same way, so the run stops and says so instead of falling back to base."""
+  """The teacher endpoint refused the request itself (key, model, URL, or a request field before
+  any request succeeded): every input would fail the same way, so the run stops and says so
+  instead of falling back to base."""
 
 
-# Refusals that a retry cannot fix; other HTTP errors (408, 429, 5xx) are retried.
-_REFUSED = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found",
-            405: "method not allowed", 422: "unprocessable request"}
+# Refusals a retry cannot fix (other HTTP errors, 408 / 429 / 5xx, are retried): of the setup,
+# which stop the run; and of one request, which stop the run only while none has succeeded yet
+# (a wrong request field), else only fail that input (e.g. a prompt too long, a content filter).
+_REFUSED_SETUP = {401: "unauthorized", 403: "forbidden", 404: "not found",
+                  405: "method not allowed"}
+_REFUSED_REQUEST = {400: "bad request", 413: "request too large", 422: "unprocessable request"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,19 +196,22 @@ class EndpointSynthesizer:
 
   A request that times out, fails or returns an unusable body is retried with backoff; after the
   last retry that input gets no pairs (`None`), so the loop answers it with the base model and
-  counts it. A refused request (4xx but 408 / 429) raises TeacherRequestError at once.
+  counts it. A refusal of the setup (401 / 403 / 404 / 405), or of the request before any has
+  succeeded, raises TeacherRequestError at once; a later refused request fails its input alone.
   """
 
   def __init__(self, task: Task, endpoint: EndpointConfig, cfg: SynthesisConfig):
     self.task = task
     self.endpoint = endpoint
     self.cfg = cfg
+    self.answered = False  # whether any request has succeeded yet
 
   def request_body(self, msgs: list[dict]) -> dict:
+    """The chat-completions body: model, messages, synthesis.temperature and max_tokens (top_p
+    only through request_json: some endpoints refuse it beside temperature), then overrides."""
     e = self.endpoint
     body = {"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
-            "top_p": self.cfg.top_p, "max_tokens": e.max_tokens,
-            **json.loads(e.request_json or "{}")}
+            "max_tokens": e.max_tokens, **json.loads(e.request_json or "{}")}
     return {k: v for k, v in body.items() if v is not None}
 
   def _complete(self, msgs: list[dict]) -> str:
@@ -226,15 +233,24 @@ class EndpointSynthesizer:
         content = payload["choices"][0]["message"]["content"]
         if not isinstance(content, str):
           raise TypeError("message content is not a string")
+        self.answered = True
         return tokenizer_lib.strip_reasoning(content)
       except urllib.error.HTTPError as err:
-        if err.code in _REFUSED:
+        refused = _REFUSED_SETUP.get(err.code) or _REFUSED_REQUEST.get(err.code)
+        if refused is None:
+          last_error = f"HTTP {err.code}: {err.reason}"
+          continue
+        try:
           detail = err.read().decode("utf-8", "replace")[:500]
+        except OSError:
+          detail = ""
+        message = (f"Teacher endpoint {url} refused the request: HTTP {err.code} ({refused}): "
+                   f"{detail}")
+        if err.code in _REFUSED_SETUP or not self.answered:
           raise TeacherRequestError(
-              f"Teacher endpoint {url} refused the request: HTTP {err.code} "
-              f"({_REFUSED[err.code]}): {detail}\nCheck teacher.base_url, teacher.model and "
-              f"${e.api_key_env}; change request fields with teacher.request_json.") from None
-        last_error = f"HTTP {err.code}: {err.reason}"
+              f"{message}\nCheck teacher.base_url, teacher.model and ${e.api_key_env}; change "
+              "request fields with teacher.request_json.") from None
+        raise TeacherError(message) from None
       except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError,
               IndexError, TypeError) as err:
         last_error = f"{type(err).__name__}: {err}"
