@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.backoff_s = 1.0
   config.teacher.max_tokens = 512  # per endpoint completion
   # JSON object merged into each endpoint request; null drops a field (e.g. OpenAI reasoning
-  # models: '{"max_tokens": null, "max_completion_tokens": 4096, "temperature": null, "top_p": null}')
+  # models: '{"max_tokens": null, "max_completion_tokens": 4096, "temperature": null}')
   config.teacher.request_json = ""
 
   config.sampling = ml_collections.ConfigDict()  # python -m ttsi_jax.generate

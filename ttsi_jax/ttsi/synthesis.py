@@ -178,10 +178,14 @@ class EndpointConfig:
   backoff_s: float = 1.0
   max_tokens: int = 512
   # A JSON object merged into every request body; null drops a field. E.g. for OpenAI reasoning
-  # models: {"max_tokens": null, "max_completion_tokens": 4096, "temperature": null, "top_p": null}
+  # models: {"max_tokens": null, "max_completion_tokens": 4096, "temperature": null}
   request_json: str = ""
 
   def __post_init__(self):
+    self.overrides()  # bad JSON fails when the run starts, not at the first flagged input
+
+  def overrides(self) -> dict:
+    """request_json as a dict."""
     try:
       overrides = json.loads(self.request_json or "{}")
     except ValueError as e:
@@ -189,6 +193,7 @@ class EndpointConfig:
                        f"{self.request_json!r}") from None
     if not isinstance(overrides, dict):
       raise ValueError(f"teacher.request_json must be a JSON object, got {self.request_json!r}.")
+    return overrides
 
 
 class EndpointSynthesizer:
@@ -211,7 +216,7 @@ class EndpointSynthesizer:
     only through request_json: some endpoints refuse it beside temperature), then overrides."""
     e = self.endpoint
     body = {"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
-            "max_tokens": e.max_tokens, **json.loads(e.request_json or "{}")}
+            "max_tokens": e.max_tokens, **e.overrides()}
     return {k: v for k, v in body.items() if v is not None}
 
   def _complete(self, msgs: list[dict]) -> str:
