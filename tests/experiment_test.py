@@ -145,8 +145,11 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
 
   # Kept adapters (only the chosen input's, one per trained variant) export with the CLI.
   kept = sorted(os.listdir(os.path.join(workdir, "adapters")))
-  assert {"oracle", "ttd"} <= set(kept)  # the variants that surely trained on input 2
+  assert set(kept) == {"oracle", "ttd", "ttsi", "all_inputs"}  # the variants that trained on it
   assert all(os.listdir(os.path.join(workdir, "adapters", v)) == ["multiple_2"] for v in kept)
+  shared = [orbax_lib.load_adapter(f"{workdir}/adapters/{v}/multiple_2")[0].weights
+            for v in ("ttsi", "all_inputs")]  # one adapter, saved for both variants
+  jax.tree.map(np.testing.assert_array_equal, *shared)
   out = str(tmp_path / "hf")
   result = subprocess.run(
       [sys.executable, "-m", "ttsi_jax.export", "--config=configs/tiny.py",

@@ -12,7 +12,21 @@ from tests.experiment_test import ROOT
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.tasks.bfcl import BfclTask
 
-NUM_EXAMPLES = 3  # three one-input waves: a full round for both hosts, then one for host 0 alone
+NUM_EXAMPLES = 4  # one-input waves
+
+# The main job, with wave 1 raising (as running out of memory would) on whichever host runs it.
+_FAIL_ON_WAVE_1 = """
+import runpy, sys
+from ttsi_jax import experiment
+run_wave = experiment.Experiment.run_wave
+def failing(self, wave, examples, timer):
+  if wave == 1:
+    raise RuntimeError("out of memory on wave 1")
+  return run_wave(self, wave, examples, timer)
+experiment.Experiment.run_wave = failing
+sys.argv = ["ttsi_jax.main", *sys.argv[1:]]
+runpy.run_module("ttsi_jax.main", run_name="__main__")
+"""
 
 
 def _free_port() -> int:
@@ -21,8 +35,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(model, workdir, *extra):
-  return [sys.executable, "-m", "ttsi_jax.main", "--config=configs/tiny.py",
+def _command(model, workdir, *extra, main=("-m", "ttsi_jax.main")):
+  return [sys.executable, *main, "--config=configs/tiny.py",
           f"--config.model.path={model}", "--config.variants=base,ttsi",
           "--config.decoding.modes=direct", f"--config.task.num_examples={NUM_EXAMPLES}",
           "--config.wave_size=1", "--config.uncertainty.tau=1.01", f"--workdir={workdir}", *extra]
@@ -35,17 +49,18 @@ def _start(command):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(procs):
+def _finish(procs, ok=True):
+  """The processes' outputs, once all ended (a host left waiting for another fails the test)."""
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+    assert (p.returncode == 0) == ok, out[-3000:]
   return outputs
 
 
-def _two_hosts(model, workdir):
+def _two_hosts(model, workdir, **kwargs):
   port = _free_port()
   return [_start(_command(model, workdir, "--distributed", f"--coordinator_address=localhost:{port}",
-                          "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+                          "--num_processes=2", f"--process_id={i}", **kwargs)) for i in range(2)]
 
 
 def _records(workdir):
@@ -66,29 +81,30 @@ def _metrics(workdir):
   return metrics
 
 
-def test_two_hosts_split_the_waves_and_write_each_once(tiny_chat_model, tmp_path):
+def test_two_hosts_split_the_waves_stop_together_and_resume(tiny_chat_model, tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  _finish([_start(_command(tiny_chat_model, single))] + _two_hosts(tiny_chat_model, multi))
-  ids = [ex.id for ex in BfclTask("multiple", NUM_EXAMPLES).examples()]
-  assert [r["id"] for r in _records(multi)] == ids  # every input once, in wave order
-  assert _hosts(multi) == [0, 1, 0] and _hosts(single) == [0, 0, 0]  # each host ran its share
-  # Which host ran a wave changes nothing: records and metrics equal the one-process run's.
-  assert _records(multi) == _records(single)
-  assert _metrics(multi) == _metrics(single)
-  # Cut after wave 0: the restarted hosts share the two pending waves and append each once.
-  path = os.path.join(multi, "results.jsonl")
-  lines = open(path).read().splitlines(keepends=True)
-  with open(path, "w") as f:
-    f.writelines(lines[:1])
+  procs = [_start(_command(tiny_chat_model, single))]
+  # Round [0, 1]: host 1 fails on wave 1. Both hosts stop (none waits for the other) and host 0
+  # still writes wave 0, which host 0 finished.
+  failed = _finish(_two_hosts(tiny_chat_model, multi, main=("-c", _FAIL_ON_WAVE_1)), ok=False)
+  _finish(procs)
+  assert "Host 1 failed on wave 1 (the waves before it are in" in failed[0]
+  assert "RuntimeError: out of memory on wave 1" in failed[0] + failed[1]
+  assert _hosts(multi) == [0]
+  # The restarted hosts run the pending waves 1, 2, 3 in rounds [1, 2] and [3] (host 1 idle).
   outputs = _finish(_two_hosts(tiny_chat_model, multi))
   assert "Resuming after 1 finished wave" in outputs[0]
-  assert _hosts(multi) == [0, 0, 1]  # the pending waves 1 and 2 form one round
+  ids = [ex.id for ex in BfclTask("multiple", NUM_EXAMPLES).examples()]
+  assert [r["id"] for r in _records(multi)] == ids  # every input once, in wave order
+  assert _hosts(multi) == [0, 0, 1, 0] and _hosts(single) == [0, 0, 0, 0]
+  # Which host ran a wave changes nothing: records and metrics equal the one-process run's.
   assert _records(multi) == _records(single)
   assert _metrics(multi) == _metrics(single)
   assert "variant/mode" in outputs[0] and "variant/mode" not in outputs[1]  # host 0 reports
 
 
-# Each host keeps an adapter it trained; host 0 alone saves them all (orbax, no barrier).
+# Each host keeps an adapter it trained (shared by two variants); host 0 alone saves them all
+# (orbax, no barrier). Then host 1's step raises: every host learns it in the step's collective.
 _KEEP = """
 import sys
 import jax
@@ -98,22 +114,36 @@ from ttsi_jax import experiment, multihost
 host = jax.process_index()
 weights = {"attn": {"q_proj": {"a": np.full((2, 4, 1), host, np.float32),
                                "b": np.full((2, 1, 4), 10 + host, np.float32)}}}
-kept = multihost.allgather_trees(
-    [{"variant": "ttsi", "id": f"input_{host}", "weights": weights, "scale": 2.0, "dropout": 0.0}])
+kept = multihost.allgather_trees([{"variants": ["ttsi", "all_inputs"], "id": f"input_{host}",
+                                   "weights": weights, "scale": 2.0, "dropout": 0.0}])
 if multihost.is_leader():
-  experiment.save_kept_adapters(sys.argv[3], kept, "base")
-print("host", host, "gathered", [k["id"] for k in kept])
+  experiment.save_kept_adapters(sys.argv[3], [k for ks in kept for k in ks], "base")
+print("host", host, "gathered", [[k["id"] for k in ks] for ks in kept])
+
+def step():
+  if host == 1:
+    raise ValueError("no memory left on host 1")
+  return "done"
+
+value, failure = multihost.guarded(step)
+print("host", host, "value", value, "first failed host", failure.host)
+failure.throw("on wave 7")
 """
 
 
-def test_adapters_kept_on_every_host_are_saved_by_host_0(tmp_path):
+def test_kept_adapters_reach_host_0_and_a_failed_step_stops_every_host(tmp_path):
   address = f"localhost:{_free_port()}"
   outputs = _finish([_start([sys.executable, "-c", _KEEP, address, str(i), str(tmp_path)])
-                     for i in range(2)])
-  assert all("gathered ['input_0', 'input_1']" in out for out in outputs)
+                     for i in range(2)], ok=False)
+  assert all("gathered [['input_0'], ['input_1']]" in out for out in outputs)
   for host in range(2):
-    adapter, meta = orbax_lib.load_adapter(str(tmp_path / "adapters" / "ttsi" / f"input_{host}"))
-    q = adapter.weights["attn"]["q_proj"]
-    np.testing.assert_array_equal(np.asarray(q["a"]), np.full((2, 4, 1), host, np.float32))
-    np.testing.assert_array_equal(np.asarray(q["b"]), np.full((2, 1, 4), 10 + host, np.float32))
-    assert adapter.scale == 2.0 and meta["base_model"] == "base"
+    for variant in ("ttsi", "all_inputs"):
+      adapter, meta = orbax_lib.load_adapter(str(tmp_path / "adapters" / variant / f"input_{host}"))
+      q = adapter.weights["attn"]["q_proj"]
+      np.testing.assert_array_equal(np.asarray(q["a"]), np.full((2, 4, 1), host, np.float32))
+      np.testing.assert_array_equal(np.asarray(q["b"]), np.full((2, 1, 4), 10 + host, np.float32))
+      assert adapter.scale == 2.0 and meta["base_model"] == "base"
+  assert "host 0 value done first failed host 1" in outputs[0]
+  assert "HostFailure: Host 1 failed on wave 7: ValueError: no memory left on host 1" in outputs[0]
+  assert "host 1 value None first failed host 1" in outputs[1]
+  assert "ValueError: no memory left on host 1" in outputs[1]  # its own exception

@@ -298,14 +298,17 @@ class Experiment:
   # ------------------------------------------------------------------------------------ one wave
 
   def _adapters_to_keep(self, job_of, ids, adapters) -> list[dict]:
-    """The adapters of the inputs named in config.keep_adapters, per variant, as host numpy trees
-    (host 0 saves them, whichever host trained them)."""
-    kept = []
+    """The adapters of the inputs named in config.keep_adapters as host numpy trees, each once
+    with the variants that share it (host 0 saves them, whichever host trained them)."""
+    variants_of = collections.defaultdict(list)
     for (v, i), j in job_of.items():
       if self.keep == "all" or ids[i] in self.keep:
-        adapter = lora_lib.unstack(adapters, j)
-        kept.append({"variant": v, "id": ids[i], "weights": jax.device_get(adapter.weights),
-                     "scale": adapter.scale, "dropout": adapter.dropout})
+        variants_of[(j, i)].append(v)
+    kept = []
+    for (j, i), variants in variants_of.items():
+      adapter = lora_lib.unstack(adapters, j)
+      kept.append({"variants": variants, "id": ids[i], "weights": jax.device_get(adapter.weights),
+                   "scale": adapter.scale, "dropout": adapter.dropout})
     return kept
 
   def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
@@ -471,17 +474,13 @@ class Experiment:
     results_path = os.path.join(self.workdir, "results.jsonl")
     wave_size = self.config.wave_size
     waves = [self.examples[i:i + wave_size] for i in range(0, len(self.examples), wave_size)]
-    done, error = 0, ""
-    if leader:  # host 0 owns the workdir; the others learn what it found
+
+    def open_workdir() -> int:  # host 0 owns the workdir; the others learn what it found
       os.makedirs(self.workdir, exist_ok=True)
-      try:
-        self._check_or_write_config()
-        done = _finished_waves(results_path, waves)
-      except ValueError as e:  # raised on every host below, so none waits for the others
-        error = str(e)
-    error, done = multihost.from_leader([error, done])
-    if error:
-      raise ValueError(error)
+      self._check_or_write_config()
+      return _finished_waves(results_path, waves)
+
+    done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
     bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
@@ -489,8 +488,10 @@ class Experiment:
             for k, s in enumerate(STAGES)}
     with open(results_path, "a") if leader else contextlib.nullcontext() as out:
       for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
-        records, kept = [], []
-        if host < len(round_waves):
+
+        def run_share() -> tuple[list[dict], list[dict]]:  # called at once, in this round
+          if host >= len(round_waves):
+            return [], []
           w = round_waves[host]
           seconds = collections.defaultdict(float)
 
@@ -505,28 +506,43 @@ class Experiment:
           for r in records:
             r["wave_seconds"] = dict(seconds)
             r["host"] = host
-        gathered = multihost.allgather_json(records)
-        kept = multihost.allgather_trees(kept)
+          return records, kept
+
+        # A wave that raised on one host stops every host; the waves before it are written.
+        share, failure = multihost.guarded(run_share)
+        records, kept = share or ([], [])
+        records_by_host = multihost.allgather_json(records)
+        kept_by_host = multihost.allgather_trees(kept)
+        written = failure.host if failure else len(records_by_host)
         for bar in bars.values():  # the other hosts' inputs of this round
           bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
-        if leader:
+
+        def write():
           # Before the records: a logged wave has its adapters on disk.
-          save_kept_adapters(self.workdir, kept, checkpoints.resolve(self.config.model.path))
-          for r in (r for host_records in gathered for r in host_records):
+          save_kept_adapters(self.workdir, [k for ks in kept_by_host[:written] for k in ks],
+                             checkpoints.resolve(self.config.model.path))
+          for r in (r for host_records in records_by_host[:written] for r in host_records):
             out.write(json.dumps(r) + "\n")
           out.flush()
           os.fsync(out.fileno())
+
+        multihost.on_leader(write, f"to write {results_path}")
+        if failure:
+          failure.throw(f"on wave {round_waves[failure.host]} (the waves before it are in "
+                        f"{results_path}; rerun with the same --workdir to resume)")
     for bar in bars.values():
       bar.close()
-    metrics = None
-    if leader:
+
+    def report() -> dict:
       with open(results_path) as f:
         records = [json.loads(line) for line in f]
       metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
       with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
       print(format_summary(metrics))
-    return multihost.from_leader(metrics)
+      return metrics
+
+    return multihost.on_leader(report, f"to report the metrics of {results_path}")
 
   def _check_or_write_config(self):
     """A workdir with results resumes only under a config that gives the same results (settings
@@ -554,11 +570,13 @@ class Experiment:
 
 
 def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
-  """Host 0 saves the kept adapters (gathered from every host) to workdir/adapters/<variant>/<id>."""
+  """Host 0 saves the kept adapters (gathered from every host) to
+  workdir/adapters/<variant>/<id>, for each variant that shares the adapter."""
   for k in kept:
     adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
-    orbax_lib.save_adapter(os.path.join(workdir, "adapters", k["variant"], k["id"]), adapter,
-                           base_model)
+    for variant in k["variants"]:
+      orbax_lib.save_adapter(os.path.join(workdir, "adapters", variant, k["id"]), adapter,
+                             base_model)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -675,4 +693,8 @@ def format_summary(m: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return Experiment(config, workdir).run()
+  # A host that cannot start (e.g. its copy of the checkpoint is missing) stops every host.
+  experiment, failure = multihost.guarded(lambda: Experiment(config, workdir))
+  if failure:
+    failure.throw("to start")
+  return experiment.run()

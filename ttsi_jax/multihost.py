@@ -6,12 +6,16 @@ round's records are then gathered to every host, and host 0 alone writes them, i
 results.jsonl never holds a wave twice (and saves the adapters the run keeps). Hosts exchange
 records (JSON) and kept adapters (msgpack) through `multihost_utils` collectives; on one process
 every function here is a no-op.
+
+A host whose step raises still joins the step's collectives (`guarded`), so every host learns of
+it and stops, instead of the others waiting in the next collective until JAX's timeout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -48,18 +52,58 @@ def allgather_json(value: Any) -> list:
   return [json.loads(data) for data in allgather_bytes(json.dumps(value).encode())]
 
 
-def allgather_trees(trees: list) -> list:
-  """Every host's list of pytrees of numpy arrays / strings / numbers, concatenated in host order,
-  on every host (e.g. the adapters each host trained, for host 0 to save)."""
+def allgather_trees(trees: list) -> list[list]:
+  """[list of host 0, list of host 1, ...] on every host, for lists of pytrees of numpy arrays /
+  strings / numbers (e.g. the adapters each host trained, for host 0 to save)."""
   if jax.process_count() == 1:
-    return list(trees)
+    return [list(trees)]
   gathered = allgather_bytes(serialization.msgpack_serialize({"trees": list(trees)}))
-  return [tree for data in gathered for tree in serialization.msgpack_restore(data)["trees"]]
+  return [list(serialization.msgpack_restore(data)["trees"]) for data in gathered]
 
 
 def from_leader(value: Any) -> Any:
   """Host 0's value, on every host."""
   return allgather_json(value)[0]
+
+
+class HostFailure(RuntimeError):
+  """Raised on the hosts whose step went well when another host's step raised."""
+
+
+@dataclasses.dataclass
+class Failure:
+  """A step that raised on some host, as every host sees it."""
+
+  host: int  # the first host (in host order) whose step raised
+  message: str  # its exception, as "Type: message"
+  own: Optional[Exception]  # this host's own exception, if its step raised too
+
+  def throw(self, what: str):
+    """Re-raises this host's own exception, or HostFailure naming the host that failed `what`."""
+    if self.own is not None:
+      raise self.own
+    raise HostFailure(f"Host {self.host} failed {what}: {self.message}")
+
+
+def guarded(step: Callable[[], Any]) -> tuple[Any, Optional[Failure]]:
+  """(step() or None if it raised here, None or the Failure if it raised on any host). Every host
+  must call it for the same step: it joins one small collective whether or not the step raised."""
+  try:
+    value, error = step(), None
+  except Exception as e:  # pylint: disable=broad-except  (re-raised by Failure.throw)
+    value, error = None, e
+  messages = allgather_json(None if error is None else f"{type(error).__name__}: {error}")
+  failed = [h for h, m in enumerate(messages) if m is not None]
+  return value, (Failure(failed[0], messages[failed[0]], error) if failed else None)
+
+
+def on_leader(step: Callable[[], Any], what: str) -> Any:
+  """step() run by host 0 alone (e.g. writing the workdir), its JSON value on every host; if it
+  raises, every host raises (HostFailure naming `what` on the others)."""
+  value, failure = guarded(step if is_leader() else lambda: None)
+  if failure:
+    failure.throw(what)
+  return from_leader(value)
 
 
 def rounds(pending: Sequence[int], num_hosts: int) -> list[list[int]]:
