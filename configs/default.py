@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.num_examples = 8  # 0 = all; one adapter step costs ~10-20 s on a 2-core CPU
   config.task.data_dir = ""  # "" = the data inside the bfcl-eval package
 
-  # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, oracle (comma separated)
+  # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, oracle, sft (comma separated)
   config.variants = "base,ttsi"
   # Inputs per wave. Its adapters (one per data source and targeted input: self pairs, teacher
   # pairs, gold; up to 2 x wave_size with configs/paper.py) train adapters_per_call at a time.
@@ -89,6 +89,16 @@ def get_config() -> ml_collections.ConfigDict:
   # JSON object merged into each endpoint request; null drops a field (e.g. OpenAI reasoning
   # models: '{"max_tokens": null, "max_completion_tokens": 4096, "temperature": null}')
   config.teacher.request_json = ""
+
+  # Variant "sft", the inductive baseline: one LoRA (adaptation.rank / alpha / targets / dropout /
+  # warmup / decay) trained on the gold calls of other BFCL categories, then used on every input.
+  # Trained once per workdir (saved to workdir/sft_adapter, which a resumed run loads).
+  config.sft = ml_collections.ConfigDict()
+  config.sft.categories = "live_simple,live_multiple"  # the training split; never the test category
+  config.sft.num_examples = 32  # per category; 0 = all
+  config.sft.epochs = 1
+  config.sft.batch_size = 4
+  config.sft.learning_rate = 1e-4
 
   config.sampling = ml_collections.ConfigDict()  # python -m ttsi_jax.generate
   config.sampling.max_new_tokens = 128

@@ -19,6 +19,7 @@ from ttsi_jax import checkpoints, experiment
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
+from ttsi_jax.ttsi import adaptation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,6 +215,60 @@ def test_ttd_without_a_teacher_is_explained(teacher, message, tmp_path):
   config = tiny.get_config()
   config.variants = "base,ttd"
   config.teacher.update(teacher)
+  with pytest.raises(ValueError, match=message):
+    experiment.Experiment(config, str(tmp_path))
+
+
+def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
+    tiny_chat_model, tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.variants = "base,sft"
+  config.decoding.modes = "direct"
+  config.task.num_examples, config.wave_size = 2, 1
+  config.decoding.well_formed, config.decoding.max_new_tokens = False, 8  # fewer programs
+  config.sft.categories = "simple_python,live_simple"
+  config.sft.num_examples = 2
+  config.sft.epochs = 2
+  config.sft.batch_size = 2
+  config.sft.learning_rate = 1e-2
+  trained = []
+  train_all = adaptation.Trainer.train_all
+  monkeypatch.setattr(adaptation.Trainer, "train_all",
+                      lambda self, *a, **k: trained.append(self.cfg) or train_all(self, *a, **k))
+  workdir = str(tmp_path / "run")
+  metrics = experiment.run(config, workdir)
+  # One adapter with the sft settings, on the 2 + 2 gold calls of the training categories.
+  (cfg,) = trained
+  assert (cfg.learning_rate, cfg.epochs, cfg.batch_size) == (1e-2, 2, 2)
+  assert cfg.rank == config.adaptation.rank
+  adapter, meta = orbax_lib.load_adapter(os.path.join(workdir, experiment.SFT_ADAPTER))
+  assert meta["base_model"] == tiny_chat_model
+  assert all(np.abs(np.asarray(pair["b"])).max() > 0  # trained away from b = 0
+             for targets in adapter.weights.values() for pair in targets.values())
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  assert len(lines) == 2 and all(r["variants"]["sft"]["adapted"] for r in lines)
+  assert metrics["adapted_inputs"]["sft"] == 2
+  # Cut after wave 0: the restart loads the saved adapter (no training) and answers the same.
+  path = os.path.join(workdir, "results.jsonl")
+  with open(path, "w") as f:
+    f.write(json.dumps(lines[0]) + "\n")
+  resumed = experiment.run(config, workdir)
+  assert len(trained) == 1
+  assert _without_timing(resumed) == _without_timing(metrics)
+  again = [json.loads(l) for l in open(path)]
+  assert [r["variants"]["sft"] for r in again] == [r["variants"]["sft"] for r in lines]
+
+
+@pytest.mark.parametrize("categories,message", [
+    ("live_simple,multiple", r"include the test category 'multiple'"),
+    ("irrelevance", "'irrelevance' has no gold calls"),
+    ("live_simpel", r"Unknown sft category \['live_simpel'\]"),
+])
+def test_sft_categories_are_checked_at_start(categories, message, tmp_path):
+  config = tiny.get_config()
+  config.variants = "base,sft"
+  config.sft.categories = categories
   with pytest.raises(ValueError, match=message):
     experiment.Experiment(config, str(tmp_path))
 

@@ -4,7 +4,8 @@ Per wave of inputs (top to bottom, no back and forth):
   prefill the prompts once -> H: score candidate actions, margin / entropy, flags
   -> base answers -> G: synthesize K pairs for the inputs some variant adapts (self and/or teacher)
   -> T: one vmapped training call for every (variant, input) adapter of the wave
-  -> adapted answers (prefill + decode vmapped over the adapters) and ICL answers
+  -> adapted answers (prefill + decode vmapped over the adapters), ICL answers, and the answers of
+     the sft baseline (one adapter trained on other categories before the first wave)
   -> check -> append one JSON line per input to results.jsonl (flushed per wave).
 A run restarted with the same workdir skips the finished waves; every random key is derived from
 the seed and the input id, so the resumed run ends with the same metrics as an uninterrupted one.
@@ -41,13 +42,14 @@ from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.text.sampler import SamplingParams
 from ttsi_jax.ttsi import adaptation, synthesis, uncertainty
 
-VARIANTS = ("base", "ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle")
+VARIANTS = ("base", "ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle", "sft")
 TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
 DATA_SOURCE = {"ttsi": "self", "all_inputs": "self", "certain_only": "self", "ttd": "teacher",
                "oracle": "gold"}  # what each trained variant's adapter learns from
 MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
+SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter, trained once
 # Config fields a run may resume under other values of (e.g. on another machine): they change its
 # speed (adapters_per_call and mesh_shape only reorder float sums: results agree to ~1e-5), what it
 # saves besides the results, or only `generate` (sampling.*), not what the run computes.
@@ -64,10 +66,12 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   return names
 
 
-def _check_positive(config: ml_collections.ConfigDict) -> None:
+def _check_positive(config: ml_collections.ConfigDict, variants: Sequence[str]) -> None:
   """Sizes that must be at least 1 (0 would divide by zero or silently adapt nothing)."""
   fields = ("wave_size", "reserve", "synthesis.k", "adaptation.rank", "adaptation.epochs",
             "adaptation.batch_size", "decoding.num_samples", "decoding.max_new_tokens")
+  if "sft" in variants:
+    fields += ("sft.epochs", "sft.batch_size")
   bad = [f"{f}={config[f]}" for f in fields if config[f] < 1]
   if bad:
     raise ValueError(f"{', '.join(bad)}: must be at least 1.")
@@ -95,6 +99,18 @@ def _kept_ids(value: str, ids: Sequence[str]):
     raise ValueError(f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
                      f"such as {list(ids[:3])}, or 'all'.")
   return kept
+
+
+def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
+  """The inductive baseline's training split: other BFCL categories, never the test category."""
+  categories = _names(config.sft.categories, bfcl.CATEGORIES, "sft category")
+  if config.task.category in categories:
+    raise ValueError(f"sft.categories {list(categories)} include the test category "
+                     f"{config.task.category!r}; train the baseline on other categories.")
+  if bfcl.IRRELEVANCE in categories:
+    raise ValueError("sft.categories: 'irrelevance' has no gold calls to train on.")
+  return [bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None)
+          for c in categories]
 
 
 def make_task(cfg: ml_collections.ConfigDict) -> Task:
@@ -245,7 +261,7 @@ class Experiment:
                        "['margin', 'entropy'].")
     if "ttd" in self.variants:
       _check_teacher(config.teacher)
-    _check_positive(config)
+    _check_positive(config, self.variants)
     self.task = make_task(config.task)
     for row_id, reason in self.task.skipped:
       logging.warning("Skipped malformed row %s: %s", row_id, reason)
@@ -253,6 +269,7 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
+    self.sft_tasks = sft_tasks(config) if "sft" in self.variants else []
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
@@ -277,6 +294,7 @@ class Experiment:
         a.rank, a.alpha, a.dropout, tuple(_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")),
         a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm)
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
+    self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: one adapter per call on CPU (vmapping measured slower there), else the whole wave.
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
@@ -295,6 +313,42 @@ class Experiment:
     decoder = constrained.CallDecoder(sampler, tokenizer, d.max_value_tokens, d.max_args)
     return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)
 
+  # ------------------------------------------------------------------- the inductive baseline
+
+  def _sft_adapter(self) -> lora_lib.Adapter:
+    """The sft variant's adapter: host 0 loads it from the workdir or trains it there (on the gold
+    calls of the sft categories) and saves it before any wave uses it; every host gets a copy."""
+    path = os.path.join(self.workdir, SFT_ADAPTER)
+
+    def load_or_train() -> dict:
+      if os.path.exists(os.path.join(path, orbax_lib.ADAPTER_META)):
+        adapter, _ = orbax_lib.load_adapter(path)
+        logging.info("sft: loaded the baseline's adapter from %s", path)
+      else:
+        data = [self._training_example(ex, ex.question, task.gold_answer(ex), task)
+                for task in self.sft_tasks for ex in task.examples()]
+        if not data:
+          raise ValueError(f"sft.categories {self.config.sft.categories!r} hold no examples.")
+        sft = self.config.sft
+        cfg = dataclasses.replace(self.adapt_cfg, learning_rate=sft.learning_rate,
+                                  epochs=sft.epochs, batch_size=sft.batch_size)
+        start = time.perf_counter()
+        adapters, losses = adaptation.Trainer(self.model_config, cfg).train_all(
+            self.params, [data], self.tokenizer.pad_id, _keys(self.config.seed, "sft", ["sft"]))
+        adapter = lora_lib.unstack(adapters, 0)
+        orbax_lib.save_adapter(path, adapter, checkpoints.resolve(self.config.model.path))
+        losses = losses[:, 0]
+        logging.info("sft: trained on %d examples in %.1f s (loss %.3f -> %.3f), saved to %s",
+                     len(data), time.perf_counter() - start, losses[0], losses[-1], path)
+      return {"weights": jax.device_get(adapter.weights), "scale": adapter.scale,
+              "dropout": adapter.dropout}
+
+    tree, failure = multihost.guarded(load_or_train if multihost.is_leader() else lambda: None)
+    if failure:
+      failure.throw("to train the sft baseline")
+    tree = multihost.allgather_trees([tree] if multihost.is_leader() else [])[0][0]
+    return lora_lib.Adapter(tree["weights"], float(tree["scale"]), float(tree["dropout"]))
+
   # ------------------------------------------------------------------------------------ one wave
 
   def _adapters_to_keep(self, job_of, ids, adapters) -> list[dict]:
@@ -311,9 +365,10 @@ class Experiment:
                    "scale": adapter.scale, "dropout": adapter.dropout})
     return kept
 
-  def _training_example(self, ex: Example, request: str, call: str) -> tuple[list, list]:
+  def _training_example(self, ex: Example, request: str, call: str,
+                        task: Task | None = None) -> tuple[list, list]:
     prompt_ex = dataclasses.replace(ex, question=request)
-    prompt = self.tokenizer.encode_chat(self.task.prompt(prompt_ex))
+    prompt = self.tokenizer.encode_chat((task or self.task).prompt(prompt_ex))
     return prompt, self.tokenizer.encode(call) + [self.tokenizer.end_of_turn_id]
 
   def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
@@ -343,7 +398,7 @@ class Experiment:
 
     # Which inputs each variant adapts (or, for ICL, demonstrates on).
     targets = {"ttsi": flags, "ttsi_icl": flags, "ttd": flags, "all_inputs": np.ones_like(flags),
-               "certain_only": ~flags, "oracle": np.ones_like(flags)}
+               "certain_only": ~flags, "oracle": np.ones_like(flags), "sft": np.ones_like(flags)}
     need_self = np.zeros_like(flags)
     for v in ("ttsi", "ttsi_icl", "all_inputs", "certain_only"):
       if v in self.variants:
@@ -408,6 +463,13 @@ class Experiment:
                                         _keys(seed, "adapted", job_ids), self.modes)
         for (v, i), j in job_of.items():
           adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
+      if "sft" in self.variants:
+        pre_sft = self.sampler.prefill(enc_prompts, cfg.reserve, self.sft_adapter)
+        sft_stats = self.answerer.score(pre_sft, examples)
+        answers = self.answerer.answers(pre_sft, examples, sft_stats, _keys(seed, "sft", ids),
+                                        self.modes)
+        for i in range(len(examples)):
+          adapted[("sft", i)] = {k: vals[i] for k, vals in answers.items()}
       if "ttsi_icl" in self.variants:
         icl = [i for i in range(len(examples)) if flags[i] and self_pairs[i]
                and any(p.kept for p in self_pairs[i])]
@@ -483,6 +545,8 @@ class Experiment:
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
+    if "sft" in self.variants and done < len(waves):
+      self.sft_adapter = self._sft_adapter()
     bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
                     unit="input", initial=sum(len(w) for w in waves[:done]), disable=not leader)
             for k, s in enumerate(STAGES)}

@@ -121,3 +121,17 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   np.testing.assert_allclose(losses, want_losses, atol=1e-5)
   for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+  # A single adapter (the sft baseline) trains data-parallel: its batch of 8 over the 8 devices.
+  trainer = adaptation.Trainer(config, adaptation.AdaptConfig(learning_rate=1e-3, epochs=1,
+                                                              batch_size=8))
+  examples = [[(p, [3, 4]) for p in prompts + prompts[:2]]]
+  specs, step = [], trainer.step
+  trainer.step = lambda p, ad, opt, tokens, *rest: (
+      specs.append(getattr(tokens, "sharding", None)) or step(p, ad, opt, tokens, *rest))
+  want, want_losses = trainer.train_all(params, examples, 0, keys_A[:1])
+  got, losses = trainer.train_all(sharded, examples, 0, keys_A[:1])
+  assert specs[0] is None and specs[1].spec == P(None, ("data", "fsdp"), None)
+  np.testing.assert_allclose(losses, want_losses, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

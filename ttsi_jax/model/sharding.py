@@ -132,6 +132,15 @@ def shard_rows(mesh: Optional[Mesh], *arrays):
   return tuple(jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays)
 
 
+def shard_batches_of_one_adapter(mesh: Optional[Mesh], *arrays):
+  """Arrays [A=1, B, ...] with the batch B (not the adapter axis) over the mesh's batch axes: a
+  single adapter trains data-parallel, each device group on its share of each batch."""
+  if mesh is None or mesh.size == 1:
+    return arrays
+  return tuple(x if x.ndim < 2 else jax.device_put(
+      x, NamedSharding(mesh, P(None, *batch_sharding(mesh, x.shape[1:]).spec))) for x in arrays)
+
+
 def cache_sharding(mesh: Mesh, cache):
   """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
   kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))

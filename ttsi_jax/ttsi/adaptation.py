@@ -155,17 +155,21 @@ class Trainer:
     """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A]).
     On a mesh, the adapters and their data are split over its batch axes (data, fsdp)."""
     mesh = sharding.mesh_of(params)
-    init_rngs_A, dropout_rngs_A = sharding.shard_rows(mesh, *jnp.unstack(
+    # Several adapters split over the mesh's batch axes; a single one splits its batches instead.
+    place = sharding.shard_rows if len(rngs_A) > 1 else sharding.shard_batches_of_one_adapter
+    init_rngs_A, dropout_rngs_A = place(mesh, *jnp.unstack(
         jax.vmap(jax.random.split)(rngs_A), axis=1))  # init and dropout draw on their own keys
     adapters, opt_states = self.init(init_rngs_A)
     losses = []
     for s in range(batches.tokens_SABL.shape[0]):
       step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_rngs_A, s)
+      # Each step as long as its longest sequence needs (its length bucket), not the longest of all.
+      length = bucket(int((batches.positions_SABL[s] >= 0).sum(-1).max()), MIN_LENGTH_BUCKET)
       adapters, opt_states, loss = self.step(
-          params, adapters, opt_states, *sharding.shard_rows(
-              mesh, batches.tokens_SABL[s], batches.positions_SABL[s], batches.select_SABI[s],
-              batches.targets_SABI[s], batches.weights_SABI[s], batches.learning_rate_SA[s],
-              batches.active_SA[s]), step_rngs)
+          params, adapters, opt_states, *place(
+              mesh, batches.tokens_SABL[s, ..., :length], batches.positions_SABL[s, ..., :length],
+              batches.select_SABI[s], batches.targets_SABI[s], batches.weights_SABI[s],
+              batches.learning_rate_SA[s], batches.active_SA[s]), step_rngs)
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     return adapters, np.where(batches.active_SA, losses, np.nan)
@@ -180,8 +184,9 @@ class Trainer:
     parts, losses = [], []
     for start in range(0, len(examples), per_call):
       chunk = examples[start:start + per_call]
-      # A bucketed adapter count (one compile per size) that splits evenly over the mesh.
-      size = sharding.fill_batch_shards(mesh, bucket(len(chunk)))
+      # A bucketed adapter count (one compile per size) that splits evenly over the mesh; a
+      # single adapter stays single (its batches split over the mesh instead).
+      size = 1 if len(chunk) == 1 else sharding.fill_batch_shards(mesh, bucket(len(chunk)))
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
       adapters, loss = self.train(params, make_batches(self.cfg, chunk, pad_id, size), keys)
       parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
