@@ -258,17 +258,24 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert _without_timing(resumed) == _without_timing(metrics)
   again = [json.loads(l) for l in open(path)]
   assert [r["variants"]["sft"] for r in again] == [r["variants"]["sft"] for r in lines]
+  # A workdir without results takes a new config: an adapter of other settings is not reused.
+  os.remove(path)
+  config.sft.learning_rate = 5e-3
+  experiment.run(config, workdir)
+  assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
 
 
-@pytest.mark.parametrize("categories,message", [
-    ("live_simple,multiple", r"include the test category 'multiple'"),
-    ("irrelevance", "'irrelevance' has no gold calls"),
-    ("live_simpel", r"Unknown sft category \['live_simpel'\]"),
+@pytest.mark.parametrize("settings,message", [
+    ({"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
+    ({"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
+    ({"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
+    ({"num_examples": -1}, r"sft.num_examples=-1 \(0 = all\) must not be negative"),
+    ({"batch_size": 0}, r"sft.batch_size=0: must be at least 1"),
 ])
-def test_sft_categories_are_checked_at_start(categories, message, tmp_path):
+def test_sft_settings_are_checked_at_start(settings, message, tmp_path):
   config = tiny.get_config()
   config.variants = "base,sft"
-  config.sft.categories = categories
+  config.sft.update(settings)
   with pytest.raises(ValueError, match=message):
     experiment.Experiment(config, str(tmp_path))
 

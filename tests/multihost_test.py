@@ -104,13 +104,15 @@ def test_two_hosts_split_the_waves_stop_together_and_resume(tiny_chat_model, tmp
 
 
 # Each host keeps an adapter it trained (shared by two variants); host 0 alone saves them all
-# (orbax, no barrier). Then host 1's step raises: every host learns it in the step's collective.
+# (orbax, no barrier) and alone reads one back (as it loads the sft baseline's) while host 1 waits
+# in the step's collective. Then host 1's step raises: every host learns it in that collective.
 _KEEP = """
 import sys
 import jax
 import numpy as np
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 from ttsi_jax import experiment, multihost
+from ttsi_jax.checkpoints import orbax as orbax_lib
 host = jax.process_index()
 weights = {"attn": {"q_proj": {"a": np.full((2, 4, 1), host, np.float32),
                                "b": np.full((2, 1, 4), 10 + host, np.float32)}}}
@@ -119,6 +121,9 @@ kept = multihost.allgather_trees([{"variants": ["ttsi", "all_inputs"], "id": f"i
 if multihost.is_leader():
   experiment.save_kept_adapters(sys.argv[3], [k for ks in kept for k in ks], "base")
 print("host", host, "gathered", [[k["id"] for k in ks] for ks in kept])
+read = lambda: orbax_lib.load_adapter(sys.argv[3] + "/adapters/ttsi/input_1")[0].scale
+scale, failure = multihost.guarded(read if multihost.is_leader() else lambda: None)
+print("host", host, "read", scale, failure)
 
 def step():
   if host == 1:
@@ -143,6 +148,7 @@ def test_kept_adapters_reach_host_0_and_a_failed_step_stops_every_host(tmp_path)
       np.testing.assert_array_equal(np.asarray(q["a"]), np.full((2, 4, 1), host, np.float32))
       np.testing.assert_array_equal(np.asarray(q["b"]), np.full((2, 1, 4), 10 + host, np.float32))
       assert adapter.scale == 2.0 and meta["base_model"] == "base"
+  assert "host 0 read 2.0 None" in outputs[0] and "host 1 read None None" in outputs[1]
   assert "host 0 value done first failed host 1" in outputs[0]
   assert "HostFailure: Host 1 failed on wave 7: ValueError: no memory left on host 1" in outputs[0]
   assert "host 1 value None first failed host 1" in outputs[1]

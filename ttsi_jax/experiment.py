@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from ttsi_jax import checkpoints, multihost
@@ -103,14 +105,21 @@ def _kept_ids(value: str, ids: Sequence[str]):
 
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """The inductive baseline's training split: other BFCL categories, never the test category."""
-  categories = _names(config.sft.categories, bfcl.CATEGORIES, "sft category")
+  categories = tuple(dict.fromkeys(  # in order, each once
+      _names(config.sft.categories, bfcl.CATEGORIES, "sft category")))
   if config.task.category in categories:
     raise ValueError(f"sft.categories {list(categories)} include the test category "
                      f"{config.task.category!r}; train the baseline on other categories.")
   if bfcl.IRRELEVANCE in categories:
     raise ValueError("sft.categories: 'irrelevance' has no gold calls to train on.")
-  return [bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None)
-          for c in categories]
+  if config.sft.num_examples < 0 or config.sft.learning_rate <= 0:
+    raise ValueError(f"sft.num_examples={config.sft.num_examples} (0 = all) must not be negative "
+                     f"and sft.learning_rate={config.sft.learning_rate} must be positive.")
+  tasks = [bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None)
+           for c in categories]
+  if not any(task.examples() for task in tasks):
+    raise ValueError(f"sft.categories {list(categories)} hold no usable examples.")
+  return tasks
 
 
 def make_task(cfg: ml_collections.ConfigDict) -> Task:
@@ -320,15 +329,27 @@ class Experiment:
     calls of the sft categories) and saves it before any wave uses it; every host gets a copy."""
     path = os.path.join(self.workdir, SFT_ADAPTER)
 
+    settings_path = os.path.join(path, "settings.json")  # written last: the adapter is complete
+    c = json.loads(self.config.to_json())
+    settings = {"sft": c["sft"], "model": c["model"], "seed": c["seed"],
+                "data_dir": c["task"]["data_dir"],
+                "adaptation": {k: v for k, v in c["adaptation"].items()
+                               if k not in ("learning_rate", "epochs", "batch_size",
+                                            "adapters_per_call")}}
+
     def load_or_train() -> dict:
-      if os.path.exists(os.path.join(path, orbax_lib.ADAPTER_META)):
+      saved = None
+      if os.path.exists(settings_path):
+        with open(settings_path) as f:
+          saved = json.load(f)
+      if saved == settings:
         adapter, _ = orbax_lib.load_adapter(path)
         logging.info("sft: loaded the baseline's adapter from %s", path)
       else:
+        if saved is not None:
+          logging.warning("sft: %s was trained under other settings; training it anew.", path)
         data = [self._training_example(ex, ex.question, task.gold_answer(ex), task)
                 for task in self.sft_tasks for ex in task.examples()]
-        if not data:
-          raise ValueError(f"sft.categories {self.config.sft.categories!r} hold no examples.")
         sft = self.config.sft
         cfg = dataclasses.replace(self.adapt_cfg, learning_rate=sft.learning_rate,
                                   epochs=sft.epochs, batch_size=sft.batch_size)
@@ -337,6 +358,8 @@ class Experiment:
             self.params, [data], self.tokenizer.pad_id, _keys(self.config.seed, "sft", ["sft"]))
         adapter = lora_lib.unstack(adapters, 0)
         orbax_lib.save_adapter(path, adapter, checkpoints.resolve(self.config.model.path))
+        with open(settings_path, "w") as f:
+          json.dump(settings, f, indent=2)
         losses = losses[:, 0]
         logging.info("sft: trained on %d examples in %.1f s (loss %.3f -> %.3f), saved to %s",
                      len(data), time.perf_counter() - start, losses[0], losses[-1], path)
@@ -347,7 +370,8 @@ class Experiment:
     if failure:
       failure.throw("to train the sft baseline")
     tree = multihost.allgather_trees([tree] if multihost.is_leader() else [])[0][0]
-    return lora_lib.Adapter(tree["weights"], float(tree["scale"]), float(tree["dropout"]))
+    weights = jax.device_put(tree["weights"], NamedSharding(self.mesh, P()))  # once, not per call
+    return lora_lib.Adapter(weights, float(tree["scale"]), float(tree["dropout"]))
 
   # ------------------------------------------------------------------------------------ one wave
 
@@ -550,50 +574,50 @@ class Experiment:
     bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
                     unit="input", initial=sum(len(w) for w in waves[:done]), disable=not leader)
             for k, s in enumerate(STAGES)}
-    with open(results_path, "a") if leader else contextlib.nullcontext() as out:
-      for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
+    for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
 
-        def run_share() -> tuple[list[dict], list[dict]]:  # called at once, in this round
-          if host >= len(round_waves):
-            return [], []
-          w = round_waves[host]
-          seconds = collections.defaultdict(float)
+      def run_share() -> tuple[list[dict], list[dict]]:  # called at once, in this round
+        if host >= len(round_waves):
+          return [], []
+        w = round_waves[host]
+        seconds = collections.defaultdict(float)
 
-          @contextlib.contextmanager
-          def timer(stage, size=len(waves[w])):
-            start = time.perf_counter()
-            yield
-            seconds[stage] += time.perf_counter() - start
-            bars[stage].update(size)
+        @contextlib.contextmanager
+        def timer(stage, size=len(waves[w])):
+          start = time.perf_counter()
+          yield
+          seconds[stage] += time.perf_counter() - start
+          bars[stage].update(size)
 
-          records, kept = self.run_wave(w, waves[w], timer)
-          for r in records:
-            r["wave_seconds"] = dict(seconds)
-            r["host"] = host
-          return records, kept
+        records, kept = self.run_wave(w, waves[w], timer)
+        for r in records:
+          r["wave_seconds"] = dict(seconds)
+          r["host"] = host
+        return records, kept
 
-        # A wave that raised on one host stops every host; the waves before it are written.
-        share, failure = multihost.guarded(run_share)
-        records, kept = share or ([], [])
-        records_by_host = multihost.allgather_json(records)
-        kept_by_host = multihost.allgather_trees(kept)
-        written = failure.host if failure else len(records_by_host)
-        for bar in bars.values():  # the other hosts' inputs of this round
-          bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
+      # A wave that raised on one host stops every host; the waves before it are written.
+      share, failure = multihost.guarded(run_share)
+      records, kept = share or ([], [])
+      records_by_host = multihost.allgather_json(records)
+      kept_by_host = multihost.allgather_trees(kept)
+      written = failure.host if failure else len(records_by_host)
+      for bar in bars.values():  # the other hosts' inputs of this round
+        bar.update(sum(len(waves[w]) for w in round_waves) - len(records))
 
-        def write():
-          # Before the records: a logged wave has its adapters on disk.
-          save_kept_adapters(self.workdir, [k for ks in kept_by_host[:written] for k in ks],
-                             checkpoints.resolve(self.config.model.path))
+      def write():
+        # Before the records: a logged wave has its adapters on disk.
+        save_kept_adapters(self.workdir, [k for ks in kept_by_host[:written] for k in ks],
+                           checkpoints.resolve(self.config.model.path))
+        with open(results_path, "a") as out:
           for r in (r for host_records in records_by_host[:written] for r in host_records):
             out.write(json.dumps(r) + "\n")
           out.flush()
           os.fsync(out.fileno())
 
-        multihost.on_leader(write, f"to write {results_path}")
-        if failure:
-          failure.throw(f"on wave {round_waves[failure.host]} (the waves before it are in "
-                        f"{results_path}; rerun with the same --workdir to resume)")
+      multihost.on_leader(write, f"to write {results_path}")
+      if failure:
+        failure.throw(f"on wave {round_waves[failure.host]} (the waves before it are in "
+                      f"{results_path}; rerun with the same --workdir to resume)")
     for bar in bars.values():
       bar.close()
 

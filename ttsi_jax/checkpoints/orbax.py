@@ -22,22 +22,25 @@ from ttsi_jax.model import sharding
 ADAPTER_META = "adapter.json"
 
 
-def save(path: str, tree, this_process_only: bool = False) -> None:
-  """Writes `tree` (any layout) to `path` and waits until it is on disk.
-
-  `this_process_only`: written by the calling process alone, with no barrier with the other hosts
-  (they are not saving: in a multi-host run host 0 saves the adapters gathered from all hosts).
-  """
+def _checkpointer(this_process_only: bool) -> ocp.StandardCheckpointer:
+  """`this_process_only`: the calling process reads or writes alone, with no barrier with the
+  other hosts (they are not taking part: in a multi-host run host 0 alone saves the adapters
+  gathered from all hosts, and loads the sft baseline's)."""
   options = ocp.options.MultiprocessingOptions()
   if this_process_only:
     options = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                  active_processes={jax.process_index()})
-  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
+  return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
+def save(path: str, tree, this_process_only: bool = False) -> None:
+  """Writes `tree` (any layout) to `path` and waits until it is on disk."""
+  checkpointer = _checkpointer(this_process_only)
   checkpointer.save(os.path.abspath(path), tree, force=True)
   checkpointer.wait_until_finished()
 
 
-def restore(path: str, like, shardings=None):
+def restore(path: str, like, shardings=None, this_process_only: bool = False):
   """`like`: a tree with the target shapes and dtypes (arrays or ShapeDtypeStructs); `shardings`:
   a matching tree of target shardings (default: everything on the first local device)."""
   if not os.path.isdir(path):
@@ -47,7 +50,7 @@ def restore(path: str, like, shardings=None):
     shardings = jax.tree.map(lambda _: device, like)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
                         shardings)
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  return _checkpointer(this_process_only).restore(os.path.abspath(path), target)
 
 
 def restore_params(path: str, like, mesh: Optional[Mesh] = None):
@@ -71,7 +74,8 @@ def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:
 
 
 def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
-  """(adapter on the first local device, its metadata)."""
+  """(adapter on the first local device, its metadata), read by the calling process alone (as
+  adapters are saved)."""
   meta_path = os.path.join(path, ADAPTER_META)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{path} is not a saved adapter (no {ADAPTER_META}); adapters are "
@@ -82,5 +86,5 @@ def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
                           for ab, shape in pair.items()}
                     for name, pair in targets.items()}
           for module, targets in meta["shapes"].items()}
-  weights = restore(os.path.join(path, "weights"), like)
+  weights = restore(os.path.join(path, "weights"), like, this_process_only=True)
   return lora_lib.Adapter(weights=weights, scale=meta["scale"], dropout=meta["dropout"]), meta
