@@ -360,9 +360,10 @@ class Experiment:
         orbax_lib.save_adapter(path, adapter, checkpoints.resolve(self.config.model.path))
         with open(settings_path, "w") as f:
           json.dump(settings, f, indent=2)
-        losses = losses[:, 0]
-        logging.info("sft: trained on %d examples in %.1f s (loss %.3f -> %.3f), saved to %s",
-                     len(data), time.perf_counter() - start, losses[0], losses[-1], path)
+        per_epoch = -(-len(data) // sft.batch_size)  # steps
+        logging.info("sft: trained on %d examples in %.1f s (mean loss of the first epoch %.3f, "
+                     "of the last %.3f), saved to %s", len(data), time.perf_counter() - start,
+                     losses[:per_epoch, 0].mean(), losses[-per_epoch:, 0].mean(), path)
       return {"weights": jax.device_get(adapter.weights), "scale": adapter.scale,
               "dropout": adapter.dropout}
 
