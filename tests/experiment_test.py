@@ -205,16 +205,24 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     experiment.Experiment(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("teacher,message", [
-    ({}, "needs a teacher"),
-    ({"kind": "local"}, r"'local' needs teacher.path: set --config.teacher.path=..."),
-    ({"kind": "endpoint", "model": "m"}, r"'endpoint' needs teacher.base_url: set"),
-    ({"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
+@pytest.mark.parametrize("variant,section,settings,message", [
+    ("ttd", "teacher", {}, "needs a teacher"),
+    ("ttd", "teacher", {"kind": "local"},
+     r"'local' needs teacher.path: set --config.teacher.path=..."),
+    ("ttd", "teacher", {"kind": "endpoint", "model": "m"},
+     r"'endpoint' needs teacher.base_url: set"),
+    ("ttd", "teacher", {"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
+    ("sft", "sft", {"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
+    ("sft", "sft", {"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
+    ("sft", "sft", {"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
+    ("sft", "sft", {"num_examples": -1}, r"sft.num_examples=-1 \(0 = all\) must not be negative"),
+    ("sft", "sft", {"batch_size": 0}, r"sft.batch_size=0: must be at least 1"),
 ])
-def test_ttd_without_a_teacher_is_explained(teacher, message, tmp_path):
+def test_a_variants_missing_or_bad_settings_are_explained_at_start(variant, section, settings,
+                                                                   message, tmp_path):
   config = tiny.get_config()
-  config.variants = "base,ttd"
-  config.teacher.update(teacher)
+  config.variants = f"base,{variant}"
+  config[section].update(settings)
   with pytest.raises(ValueError, match=message):
     experiment.Experiment(config, str(tmp_path))
 
@@ -263,21 +271,6 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   config.sft.learning_rate = 5e-3
   experiment.run(config, workdir)
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
-
-
-@pytest.mark.parametrize("settings,message", [
-    ({"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
-    ({"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
-    ({"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
-    ({"num_examples": -1}, r"sft.num_examples=-1 \(0 = all\) must not be negative"),
-    ({"batch_size": 0}, r"sft.batch_size=0: must be at least 1"),
-])
-def test_sft_settings_are_checked_at_start(settings, message, tmp_path):
-  config = tiny.get_config()
-  config.variants = "base,sft"
-  config.sft.update(settings)
-  with pytest.raises(ValueError, match=message):
-    experiment.Experiment(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("well_formed", [True, False])

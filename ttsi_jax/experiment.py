@@ -328,7 +328,6 @@ class Experiment:
     """The sft variant's adapter: host 0 loads it from the workdir or trains it there (on the gold
     calls of the sft categories) and saves it before any wave uses it; every host gets a copy."""
     path = os.path.join(self.workdir, SFT_ADAPTER)
-
     settings_path = os.path.join(path, "settings.json")  # written last: the adapter is complete
     c = json.loads(self.config.to_json())
     settings = {"sft": c["sft"], "model": c["model"], "seed": c["seed"],
