@@ -72,9 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.warmup_ratio = 0.03
   config.adaptation.weight_decay = 0.0
   config.adaptation.max_grad_norm = 1.0
-  # Adapters per vmapped update call. 0 = auto: the whole wave in one call on accelerators, one at a
-  # time on CPU, where the vmapped call measured slower (README).
+  # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
+  # time on CPU, where the longer packed rows measured slower per adapter (README). Results do not
+  # depend on it; a smaller number also bounds a step's memory.
   config.adaptation.adapters_per_call = 0
+  # Recompute each layer in the backward pass: "auto" does when the activations a step keeps would
+  # pass a quarter of the device's memory (ttsi_jax.ttsi.adaptation.activation_bytes), else never.
+  config.adaptation.remat = "auto"
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.kind = ""  # "local" (teacher.path) or "endpoint" (OpenAI-compatible), for ttd

@@ -12,6 +12,6 @@ def get_config():
   config.decoding.num_samples = 2
   config.synthesis.max_request_tokens = 8
   config.adaptation.epochs = 2
-  config.adaptation.adapters_per_call = 64  # a wave's adapters in one vmapped call, also on CPU
+  config.adaptation.adapters_per_call = 64  # a wave's adapters packed in one call, also on CPU
   config.reserve = 256
   return config

@@ -331,6 +331,7 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   check(run)  # no results yet: the new config replaces the old
   (tmp_path / "results.jsonl").write_text('{"wave": 0}\n')
   run.config.adaptation.adapters_per_call = 1
+  run.config.adaptation.remat = "on"
   run.config.mesh_shape = (1, 1, 1)
   run.config.keep_adapters = "all"
   run.config.sampling.max_new_tokens = 7

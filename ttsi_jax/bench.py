@@ -1,17 +1,31 @@
 """Throughput benchmarks, side by side with the transformers reference in the same run.
 
-  python -m ttsi_jax.bench --config=configs/default.py [--batch_sizes=1,16] [--new_tokens=64]
+  python -m ttsi_jax.bench --config=configs/default.py [--stage=decode|adapt|score] [--json=F]
 
-Greedy decode tokens/s (prefill included, every row forced to `new_tokens`) for our jitted sampler
-and for transformers' `generate` on the same prompts. Compilation is excluded (one warm-up call).
+- decode: greedy decode tokens/s (prefill included, every row forced to `new_tokens`) for our jitted
+  sampler and for transformers' `generate` on the same prompts.
+- adapt (T): the oracle's adapters (BFCL prompts with their gold calls) trained by our packed step,
+  all adapters in one call and one adapter per call, beside transformers + PEFT training the same
+  adapters one after another (same rank, alpha, targets, AdamW, clipping, schedule, steps, dtype,
+  threads; the token ids are asserted equal).
+- score (H): candidate log-likelihoods of BFCL prompts, ours (prompt prefilled once, candidates
+  packed) beside a transformers forward pass per prompt + candidate.
+
+Compilation is excluded (one warm-up call). FLOPs are counted from the model's shapes, the same for
+both implementations (`model_flops`), and set beside the float32 matmul peak this run measures.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,10 +39,13 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to tim
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs torch).")
-_STAGE = flags.DEFINE_enum("stage", "decode", ["decode", "adapt"],
-                           "decode: sampler vs transformers; adapt: A vmapped adapters vs the "
-                           "same adapters trained one at a time.")
-_ADAPTERS = flags.DEFINE_integer("adapters", 8, "Adapters per wave for --stage=adapt.")
+_STAGE = flags.DEFINE_enum("stage", "decode", ["decode", "adapt", "score"],
+                           "decode: sampler vs transformers generate; adapt: packed LoRA training "
+                           "vs transformers + PEFT; score: candidate log-likelihoods vs a "
+                           "transformers forward pass.")
+_ADAPTERS = flags.DEFINE_integer("adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, "
+                                 "prompts for --stage=score.")
+_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.",
@@ -51,37 +68,207 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
-def bench_adapt(config) -> None:
-  """Wall time of one vmapped training call for A adapters vs A single-adapter calls (same code,
-  same data: BFCL prompts with their gold calls, as the oracle variant trains)."""
+def matmul_peak() -> dict:
+  """float32 GFLOP/s of a square 2048 matmul, JAX and torch, on this machine in this run."""
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  out = {"jax": 2 * n ** 3 / _best_time(lambda: matmul(a).block_until_ready(), 3) / 1e9}
+  try:
+    import torch
+    t = torch.ones(n, n)
+    out["torch"] = 2 * n ** 3 / _best_time(lambda: t @ t, 3) / 1e9
+  except ImportError:
+    pass
+  return out
+
+
+def model_flops(c, sequences, train: bool) -> float:
+  """FLOPs a step needs: per token 2 x the linear layers' weights (+ LoRA's) and causal attention
+  over its own prefix; the vocabulary head only where logits are used (answer tokens in training,
+  candidate tokens in scoring). Training doubles it for the activation gradients (frozen weights
+  need no weight gradients; a recomputed forward is not counted). `sequences` = (length, number of
+  tokens that need logits)."""
+  qkv = c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+  linear = qkv + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.mlp_dim
+  total = 0.0
+  for length, with_logits in sequences:
+    causal_keys = length * (length + 1) / 2
+    total += c.num_layers * (2 * linear * length + 4 * c.num_heads * c.head_dim * causal_keys)
+    total += 2 * c.embed_dim * c.vocab_size * with_logits
+  return total * (2 if train else 1)
+
+
+def _hf_reference(config, dtype: str):
+  import torch
+  import transformers
+  torch.set_num_threads(os.cpu_count() or 1)
+  path = checkpoints.resolve(config.model.path)
+  kwargs = dict(dtype=getattr(torch, dtype))  # the same precision as ours
+  if path.endswith(".gguf"):
+    kwargs["gguf_file"] = os.path.basename(path)
+    path = os.path.dirname(path)
+  return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def peft_train(model, cfg, examples, seeds) -> float:
+  """Seconds for transformers + PEFT to train one fresh adapter per `examples[a]`, one after
+  another, with our hyperparameters and schedule (`adaptation.lr_schedule`)."""
+  import peft
+  import torch
+  from ttsi_jax.ttsi import adaptation
+  seconds = 0.0
+  for data, seed in zip(examples, seeds):
+    torch.manual_seed(seed)
+    lora = peft.get_peft_model(model, peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.targets), task_type="CAUSAL_LM"))
+    params = [p for p in lora.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    num_batches = math.ceil(len(data) / cfg.batch_size)
+    schedule = adaptation.lr_schedule(cfg, cfg.epochs * num_batches)
+    start = time.perf_counter()
+    for step, lr in enumerate(schedule):
+      batch = data[(step % num_batches) * cfg.batch_size:][:cfg.batch_size]
+      length = max(len(p) + len(a) for p, a in batch)
+      ids = torch.zeros((len(batch), length), dtype=torch.long)
+      labels = torch.full((len(batch), length), -100, dtype=torch.long)
+      mask = torch.zeros((len(batch), length), dtype=torch.long)
+      for j, (p, a) in enumerate(batch):
+        ids[j, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[j, len(p):len(p) + len(a)] = torch.tensor(a)
+        mask[j, :len(p) + len(a)] = 1
+      for group in optimizer.param_groups:
+        group["lr"] = float(lr)
+      loss = lora(input_ids=ids, attention_mask=mask, labels=labels).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+    seconds += time.perf_counter() - start
+    model = lora.unload()  # the base model again, for the next adapter
+  return seconds
+
+
+def bench_adapt(config) -> dict:
+  """T: our packed step (all adapters in one call; one per call) vs transformers + PEFT."""
   from ttsi_jax import experiment
+  from ttsi_jax.ttsi import adaptation
   exp = experiment.Experiment(config, workdir="")
   examples = exp.examples[:_ADAPTERS.value]
   data = [[exp._training_example(ex, ex.question, exp.task.gold_answer(ex))] for ex in examples]
   keys = jax.random.split(jax.random.key(0), len(data))
+  cfg = exp.adapt_cfg
+  trainer = exp.trainer
+  steps_per_adapter = cfg.epochs * math.ceil(max(map(len, data)) / cfg.batch_size)
+  sequences = [(len(p) + len(a), len(a)) for ex in data for p, a in ex] * cfg.epochs
+  tokens = sum(n for n, _ in sequences)
+  flops = model_flops(exp.model_config, sequences, train=True)
 
-  def trained(per_call):
-    # per_call=1: each adapter alone in its own length bucket (<= the wave's): no padding handicap.
+  # The packed rows hold exactly these token ids (asserted, then handed to PEFT as they are).
+  packed = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
+  for a, ((prompt, answer),) in enumerate(data):
+    row = packed.tokens_RT[0][np.repeat(packed.adapter_RN[0] == a, adaptation.BLOCK)]
+    assert row[:len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
+
+  def ours(per_call):
     return lambda: jax.block_until_ready(
-        exp.trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0])
+        trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0])
 
-  vmapped = _best_time(trained(0), _REPEATS.value)
-  sequential = _best_time(trained(1), _REPEATS.value)
-  steps = exp.adapt_cfg.epochs
-  print(f"model: {checkpoints.resolve(config.model.path)}  devices={jax.device_count()} "
-        f"({jax.devices()[0].platform})")
-  print(f"adaptation of {len(data)} adapters x {steps} steps, best of {_REPEATS.value}:")
-  print(f"{'mode':<24}{'seconds':>10}")
-  print(f"{'vmapped (one call)':<24}{vmapped:>10.2f}")
-  print(f"{'one at a time':<24}{sequential:>10.2f}")
-  print(f"speedup: {sequential / vmapped:.2f}x")
+  rows = [("ttsi_jax packed, all adapters in one call", _best_time(ours(0), _REPEATS.value)),
+          ("ttsi_jax packed, one adapter per call", _best_time(ours(1), _REPEATS.value))]
+  if _REFERENCE.value:
+    model = _hf_reference(config, config.model.dtype)
+    peft_train(model, dataclasses.replace(cfg, epochs=1), data[:1], [0])  # warm-up
+    rows.append(("transformers + PEFT, one after another",
+                 min(peft_train(model, cfg, data, range(len(data)))
+                     for _ in range(_REPEATS.value))))
+  peak = matmul_peak()
+  result = _table(f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
+                  f"{tokens // len(sequences)} tokens per sequence on average, remat "
+                  f"{cfg.remat}, best of {_REPEATS.value}",
+                  rows, tokens, flops, len(data) * steps_per_adapter, "adapter-step", peak,
+                  reference="transformers + PEFT, one after another")
+  return {"stage": "adapt", "adapters": len(data), "steps_per_adapter": steps_per_adapter,
+          "tokens": tokens, "flops": flops, **result}
+
+
+def bench_score(config) -> dict:
+  """H: candidate log-likelihoods, ours vs a transformers forward pass per prompt + candidate."""
+  from ttsi_jax import experiment
+  exp = experiment.Experiment(config, workdir="")
+  examples = exp.examples[:_ADAPTERS.value]
+  prompts = [exp.tokenizer.encode_chat(exp.task.prompt(ex)) for ex in examples]
+  candidates = [[exp.tokenizer.encode(c) for c in exp.task.candidates(ex)] for ex in examples]
+
+  def ours():
+    pre = exp.sampler.prefill(prompts, config.reserve)
+    return exp.answerer.score(pre, examples)
+
+  sequences = [(len(p), 0) for p in prompts] + [
+      (len(p) + len(c), len(c)) for p, cs in zip(prompts, candidates) for c in cs]
+  rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value))]
+  if _REFERENCE.value:
+    import torch
+    model = _hf_reference(config, config.model.dtype).eval()
+
+    def reference():
+      out = []
+      with torch.no_grad():
+        for p, cs in zip(prompts, candidates):
+          logliks = []
+          for c in cs:
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            logp = torch.log_softmax(logits.float(), -1)
+            logliks.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
+          out.append(logliks)
+      return out
+
+    rows.append(("transformers forward per candidate", _best_time(reference, _REPEATS.value)))
+  flops = model_flops(exp.model_config, sequences, train=False)
+  tokens = sum(n for n, _ in sequences[:len(prompts)]) + sum(
+      len(c) for cs in candidates for c in cs)
+  peak = matmul_peak()
+  result = _table(f"H: {len(prompts)} BFCL prompts, {sum(map(len, candidates))} candidates, "
+                  f"best of {_REPEATS.value}", rows, tokens, flops, len(prompts), "prompt", peak,
+                  reference="transformers forward per candidate")
+  return {"stage": "score", "prompts": len(prompts), "tokens": tokens, "flops": flops, **result}
+
+
+def _table(title, rows, tokens, flops, units, unit, peak, reference) -> dict:
+  best_peak = max(peak.values())
+  print(title)
+  print(f"FLOPs counted from the model's shapes (bench.model_flops): {flops / 1e9:.1f} GFLOP; "
+        "float32 matmul peak measured now: " + ", ".join(f"{k} {v:.1f} GFLOP/s"
+                                                          for k, v in peak.items()))
+  print(f"{'implementation':<44}{'seconds':>9}{'s/' + unit:>16}{'tokens/s':>10}"
+        f"{'GFLOP/s':>9}{'of peak':>9}{'vs ref':>8}")
+  ref = dict(rows).get(reference)
+  out = []
+  for name, seconds in rows:
+    entry = {"implementation": name, "seconds": seconds, f"seconds_per_{unit}": seconds / units,
+             "tokens_per_s": tokens / seconds, "gflop_per_s": flops / seconds / 1e9,
+             "fraction_of_peak": flops / seconds / 1e9 / best_peak,
+             "vs_reference": ref / seconds if ref else None}
+    out.append(entry)
+    vs = f"{entry['vs_reference']:.2f}x" if ref else "-"
+    print(f"{name:<44}{seconds:>9.2f}{seconds / units:>16.2f}{entry['tokens_per_s']:>10.1f}"
+          f"{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}{vs:>8}")
+  return {"matmul_peak_gflop_per_s": peak, "rows": out, "platform": jax.devices()[0].platform,
+          "devices": jax.device_count()}
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  if _STAGE.value == "adapt":
-    return bench_adapt(config)
+  if _STAGE.value in ("adapt", "score"):
+    result = (bench_adapt if _STAGE.value == "adapt" else bench_score)(config)
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump({"model": checkpoints.resolve(config.model.path),
+                   "dtype": config.model.dtype, **result}, f, indent=2)
+    return
   n = _NEW_TOKENS.value
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh_shape or None)

@@ -53,9 +53,10 @@ TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
 SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter, trained once
 # Config fields a run may resume under other values of (e.g. on another machine): they change its
-# speed (adapters_per_call and mesh_shape only reorder float sums: results agree to ~1e-5), what it
-# saves besides the results, or only `generate` (sampling.*), not what the run computes.
-RESUME_MAY_CHANGE = ("adaptation.adapters_per_call", "mesh_shape", "keep_adapters",
+# speed (adapters_per_call, remat and mesh_shape only reorder float sums: results agree to ~1e-5),
+# what it saves besides the results, or only `generate` (sampling.*), not what the run computes.
+RESUME_MAY_CHANGE = ("adaptation.adapters_per_call", "adaptation.remat", "mesh_shape",
+                     "keep_adapters",
                      "teacher.api_key_env", "sampling.")
 
 
@@ -301,10 +302,12 @@ class Experiment:
     a = config.adaptation
     self.adapt_cfg = adaptation.AdaptConfig(
         a.rank, a.alpha, a.dropout, tuple(_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")),
-        a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm)
+        a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm,
+        remat=a.remat)
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
-    # 0 = auto: one adapter per call on CPU (vmapping measured slower there), else the whole wave.
+    # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
+    # where a longer packed row leaves the caches and measured slower per adapter (README).
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
   def _make_teacher(self):
@@ -334,7 +337,7 @@ class Experiment:
                 "data_dir": c["task"]["data_dir"],
                 "adaptation": {k: v for k, v in c["adaptation"].items()
                                if k not in ("learning_rate", "epochs", "batch_size",
-                                            "adapters_per_call")}}
+                                            "adapters_per_call", "remat")}}
 
     def load_or_train() -> dict:
       saved = None

@@ -110,28 +110,23 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   np.testing.assert_allclose(sharded_loglik, loglik, atol=1e-5, rtol=0)
   assert sharded_samples == samples
 
-  trainer = adaptation.Trainer(config, adaptation.AdaptConfig(learning_rate=1e-3, epochs=2))
-  examples = [[(p, [3, 4])] for p in prompts[:3]]
+  # Packed training: each step's rows split over data x fsdp (8 rows, one per device), for a
+  # wave of adapters and for a single adapter's batch (the sft baseline) alike.
   keys_A = jax.random.split(jax.random.key(1), 3)
-  counts, train = [], trainer.train
-  trainer.train = lambda p, batches, keys: counts.append(len(keys)) or train(p, batches, keys)
-  want, want_losses = trainer.train_all(params, examples, 0, keys_A)
-  got, losses = trainer.train_all(sharded, examples, 0, keys_A)
-  assert counts == [3, 8]  # 3 adapters fill the 8 devices' shards, instead of being replicated
-  np.testing.assert_allclose(losses, want_losses, atol=1e-5)
-  for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-
-  # A single adapter (the sft baseline) trains data-parallel: its batch of 8 over the 8 devices.
-  trainer = adaptation.Trainer(config, adaptation.AdaptConfig(learning_rate=1e-3, epochs=1,
-                                                              batch_size=8))
-  examples = [[(p, [3, 4]) for p in prompts + prompts[:2]]]
-  specs, step = [], trainer.step
-  trainer.step = lambda p, ad, opt, tokens, *rest: (
-      specs.append(getattr(tokens, "sharding", None)) or step(p, ad, opt, tokens, *rest))
-  want, want_losses = trainer.train_all(params, examples, 0, keys_A[:1])
-  got, losses = trainer.train_all(sharded, examples, 0, keys_A[:1])
-  assert specs[0] is None and specs[1].spec == P(None, ("data", "fsdp"), None)
-  np.testing.assert_allclose(losses, want_losses, atol=1e-5)
-  for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  for cfg, examples in ((adaptation.AdaptConfig(learning_rate=1e-3, epochs=2),
+                         [[(p, [3, 4])] for p in prompts[:3]]),
+                        (adaptation.AdaptConfig(learning_rate=1e-3, epochs=1, batch_size=8),
+                         [[(p, [3, 4]) for p in prompts + prompts[:2]]])):
+    trainer = adaptation.Trainer(config, cfg)
+    specs, step = [], trainer.step
+    trainer.step = lambda p, ad, opt, tokens, *rest, **kw: (
+        specs.append((getattr(tokens, "sharding", None), tokens.shape))
+        or step(p, ad, opt, tokens, *rest, **kw))
+    keys = keys_A[:len(examples)]
+    want, want_losses = trainer.train_all(params, examples, 0, keys)
+    got, losses = trainer.train_all(sharded, examples, 0, keys)
+    assert specs[0][0] is None and specs[0][1][0] == 1  # one device: one row
+    assert specs[-1][0].spec == P(("data", "fsdp"), None) and specs[-1][1][0] == 8
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

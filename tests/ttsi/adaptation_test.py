@@ -1,15 +1,21 @@
-"""Vmapped adaptation equals sequential adaptation; adapters are isolated; training learns."""
+"""Packed adaptation equals training each adapter alone on plain rows; adapters are isolated;
+training learns; equal bucket sizes never recompile."""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
+from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.ttsi import adaptation
 from ttsi_jax.ttsi.adaptation import AdaptConfig
 
-CFG = AdaptConfig(rank=4, alpha=8.0, learning_rate=1e-2, epochs=5, batch_size=1)
+CFG = AdaptConfig(rank=4, alpha=8.0, learning_rate=1e-2, epochs=3, batch_size=1, warmup_ratio=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -17,52 +23,105 @@ def model(hf_checkpoints):
   return hf.load(hf_checkpoints["llama"][0])
 
 
-def _examples(seed, k):
+def _examples(seed, k, low=5, high=20):
   rs = np.random.RandomState(seed)
-  return [(rs.randint(1, VOCAB, rs.randint(5, 20)).tolist(),
+  return [(rs.randint(1, VOCAB, rs.randint(low, high)).tolist(),
            rs.randint(1, VOCAB, rs.randint(2, 6)).tolist()) for _ in range(k)]
 
 
-def _train(model, examples, rngs, cfg=CFG):
+@functools.partial(jax.jit, static_argnames="config")
+def _grad(params, adapter, *batch, config):
+  return jax.grad(lambda ad: adaptation.answer_loss(config, params, ad, *batch))(adapter)
+
+
+def _reference(model, examples, rng, cfg):
+  """One adapter trained the plain way: unpacked rows (one per example of the batch, padded to
+  the batch's longest), the model's ordinary attention, optax's AdamW step by step."""
   config, params = model
   trainer = adaptation.Trainer(config, cfg)
-  batches = adaptation.make_batches(cfg, examples, pad_id=0, num_adapters=len(rngs))
-  return trainer.train(params, batches, rngs)
+  init_rng, _ = jax.random.split(rng)
+  adapter, opt_state = jax.tree.map(lambda x: x[0], trainer.init(init_rng[None]))
+  num_batches = -(-len(examples) // cfg.batch_size)
+  schedule = adaptation.lr_schedule(cfg, cfg.epochs * num_batches)
+  for s, lr in enumerate(schedule):
+    batch = examples[(s % num_batches) * cfg.batch_size:(s % num_batches + 1) * cfg.batch_size]
+    length = max(len(p) + len(a) for p, a in batch)
+    answers = max(len(a) for _, a in batch)
+    tokens, positions = np.zeros((len(batch), length), np.int32), -np.ones((len(batch), length),
+                                                                          np.int32)
+    select, targets = np.zeros((len(batch), answers), np.int32), np.zeros_like(tokens[:, :answers])
+    weights = np.zeros((len(batch), answers), np.float32)
+    for j, (p, a) in enumerate(batch):
+      tokens[j, :len(p + a)], positions[j, :len(p + a)] = p + a, np.arange(len(p + a))
+      select[j, :len(a)], targets[j, :len(a)], weights[j, :len(a)] = (
+          np.arange(len(p) - 1, len(p + a) - 1), a, 1)
+    grads = _grad(params, adapter, tokens, positions, select, targets, weights, config=config)
+    opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
+    updates, opt_state = trainer.optimizer.update(grads, opt_state, adapter)
+    adapter = optax.apply_updates(adapter, updates)
+  return adapter
 
 
-def test_vmapped_update_equals_sequential_updates(model):
-  examples = [_examples(0, 1), _examples(1, 2), _examples(2, 1)]  # different K: own steps each
-  rngs = jax.random.split(jax.random.key(0), 3)
-  together, losses = _train(model, examples, rngs)
-  assert losses.shape == (10, 3) and np.isnan(losses[5:, 0]).all() and not np.isnan(losses).all(0).any()
-  for a in range(3):
-    alone, _ = _train(model, [examples[a]], rngs[a:a + 1])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
+  # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
+  cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3})
+  # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.
+  examples = [_examples(0, 1), _examples(1, 3, 20, 40), _examples(2, 2), _examples(3, 1, 30, 31)]
+  rngs = jax.random.split(jax.random.key(0), 4)
+  config, params = model
+  trainer = adaptation.Trainer(config, cfg)
+  steps = adaptation.make_steps(cfg, examples, 0, 4, block=8)
+  assert steps[0].tokens_RT.shape[0] == 1 and steps[0].adapter_RNA[0].any(0).all()  # one row
+  together, losses = trainer.train(params, steps, rngs)
+  num_steps = [cfg.epochs * -(-len(ex) // batch_size) for ex in examples]
+  assert losses.shape == (max(num_steps), 4)
+  for a, n in enumerate(num_steps):
+    assert not np.isnan(losses[:n, a]).any() and np.isnan(losses[n:, a]).all()
+    alone = _reference(model, examples[a], rngs[a], cfg)
     for got, want in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
-      np.testing.assert_allclose(np.asarray(got[a]), np.asarray(want[0]), atol=1e-5, rtol=0)
+      np.testing.assert_allclose(np.asarray(got[a]), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_packing_keeps_each_sequence_to_its_own_blocks():
+  seqs = [(0, [1] * 10, [2] * 3), (1, [3] * 2, [4] * 2), (2, [5] * 20, [6])]
+  out = adaptation.pack(seqs, num_rows=2, num_adapters=3, pad_id=0, block=8)
+  # The longest (21 tokens, 3 blocks) alone in row 0; the other two share row 1.
+  assert out["adapter_RNA"][0, :3].argmax(-1).tolist() == [2, 2, 2]
+  assert out["adapter_RNA"][1, :3].argmax(-1).tolist() == [0, 0, 1]
+  assert not out["adapter_RNA"][1, 3:].any()  # padding blocks belong to no adapter
+  assert out["window"] == 3  # attention looks back over the longest sequence's blocks
+  assert out["positions_RT"][1, 16:20].tolist() == [0, 1, 2, 3]
+  assert out["segments_RT"][1, 12:19].tolist() == [0, -1, -1, -1, 1, 1, 1]
+  assert out["targets_RI"][1, :5].tolist() == [2, 2, 2, 4, 4]
+  assert out["answer_adapter_RI"][1, :5].tolist() == [0, 0, 0, 1, 1]
+  assert out["select_RI"][1, 3:5].tolist() == [16 + 1, 16 + 2]
 
 
 def test_an_adapter_never_sees_another_inputs_data(model):
+  config, params = model
+  trainer = adaptation.Trainer(config, CFG)
   rngs = jax.random.split(jax.random.key(1), 2)
-  first, _ = _train(model, [_examples(0, 1), _examples(1, 1)], rngs)
-  second, _ = _train(model, [_examples(0, 1), _examples(9, 1)], rngs)
+  first, _ = trainer.train_all(params, [_examples(0, 1), _examples(1, 1)], 0, rngs)
+  second, _ = trainer.train_all(params, [_examples(0, 1), _examples(9, 1, 30, 40)], 0, rngs)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
-    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))  # adapter 0: unchanged
-  assert any(not np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-6)  # adapter 0
+  assert any(not np.allclose(np.asarray(a[1]), np.asarray(b[1]))
              for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
 
 
 def test_training_lowers_the_loss_on_its_example(model):
   config, params = model
-  examples = [_examples(3, 1)]
+  (prompt, answer), = _examples(3, 1)
   rngs = jax.random.split(jax.random.key(2), 1)
-  adapters, _ = _train(model, examples, rngs)
-  batch = adaptation.make_batches(CFG, examples, 0, 1)
-  args = [x[0, 0] for x in (batch.tokens_SABL, batch.positions_SABL, batch.select_SABI,
-                            batch.targets_SABI, batch.weights_SABI)]
-  adapter = jax.tree.map(lambda x: x[0], adapters)
-  fresh = adaptation.Trainer(config, CFG).init(rngs)[0]
-  before = adaptation.answer_loss(config, params, jax.tree.map(lambda x: x[0], fresh), *args)
-  after = adaptation.answer_loss(config, params, adapter, *args)
+  trainer = adaptation.Trainer(config, CFG)
+  adapters, _ = trainer.train_all(params, [[(prompt, answer)]], 0, rngs)
+  seq = np.asarray([prompt + answer], np.int32)
+  args = (seq, np.arange(seq.shape[1])[None], np.arange(len(prompt) - 1, seq.shape[1] - 1)[None],
+          np.asarray([answer]), np.ones((1, len(answer)), np.float32))
+  fresh = lora_lib.unstack(trainer.init(rngs)[0], 0)
+  before = adaptation.answer_loss(config, params, fresh, *args)
+  after = adaptation.answer_loss(config, params, lora_lib.unstack(adapters, 0), *args)
   assert float(after) < float(before) - 0.3
 
 
@@ -74,23 +133,51 @@ def test_schedule_warms_up_from_zero_then_decays_to_zero():
 
 
 def test_dropout_changes_training_only_when_enabled(model):
+  config, params = model
   rngs = jax.random.split(jax.random.key(4), 1)
-  plain, _ = _train(model, [_examples(5, 1)], rngs)
-  dropped, _ = _train(model, [_examples(5, 1)], rngs, CFG.__class__(**{**CFG.__dict__,
-                                                                       "dropout": 0.5}))
+  plain, _ = adaptation.Trainer(config, CFG).train_all(params, [_examples(5, 1)], 0, rngs)
+  cfg = AdaptConfig(**{**CFG.__dict__, "dropout": 0.5})
+  dropped, _ = adaptation.Trainer(config, cfg).train_all(params, [_examples(5, 1)], 0, rngs)
   assert any(not np.allclose(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(dropped)))
 
 
-def test_adapters_per_call_changes_nothing_but_speed(model):
+def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
   config, params = model
-  trainer = adaptation.Trainer(config, CFG)
   examples = [_examples(0, 1), _examples(1, 2), _examples(2, 1)]
   rngs = jax.random.split(jax.random.key(5), 3)
-  together, losses = trainer.train_all(params, examples, 0, rngs)  # one vmapped call
-  for per_call in (1, 2):
+  trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": "off"}))
+  together, losses = trainer.train_all(params, examples, 0, rngs)  # one packed call per step
+  for remat, per_call in (("on", 0), ("off", 1), ("auto", 2)):
+    trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": remat}))
     split, split_losses = trainer.train_all(params, examples, 0, rngs, per_call)
     np.testing.assert_allclose(split_losses, losses, atol=1e-5)
     for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(together)):
       assert got.shape[0] == 3
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_waves_in_the_same_buckets_compile_once(model):
+  config, params = model
+  trainer = adaptation.Trainer(config, CFG)
+  rngs = jax.random.split(jax.random.key(6), 3)
+  # Two waves of 3 adapters whose packed shapes fall in the same buckets, then a longer one.
+  trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3)], 0, rngs)
+  compiled = trainer.step._cache_size()
+  trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3, 6)], 0, rngs)
+  assert trainer.step._cache_size() == compiled
+  trainer.train_all(params, [_examples(s, 1, 300, 301) for s in range(3)], 0, rngs)
+  assert trainer.step._cache_size() == compiled + 1
+
+
+def test_remat_auto_follows_the_steps_activation_memory(model, monkeypatch):
+  config, _ = model
+  trainer = adaptation.Trainer(config, CFG)
+  step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
+  need = adaptation.activation_bytes(config, step)
+  monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: 100 * need)
+  assert not trainer.remat_for(step)
+  monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: 2 * need)
+  assert trainer.remat_for(step)
+  with pytest.raises(ValueError, match="adaptation.remat"):
+    adaptation.Trainer(config, AdaptConfig(remat="sometimes"))

@@ -10,6 +10,7 @@ decoding all share one code path. Padding tokens carry position -1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -84,6 +85,25 @@ class KVCache:
     )
 
 
+@flax.struct.dataclass
+class Packing:
+  """Block layout of packed training rows (`ttsi_jax.ttsi.packing` builds it).
+
+  Each row of T = N x C tokens is N blocks of C tokens; a sequence fills whole blocks (its last one
+  padded) and every block belongs to one adapter. Attention runs within a window of key blocks
+  (`packed_attention`), so its cost grows with T, not T^2; the LoRA branch of each block uses its
+  own adapter, picked by a one-hot matmul (a gather's gradient is a scatter, slow on CPU).
+  """
+
+  adapter_RNA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
+  segments_RT: jax.Array  # int32 sequence id of each token (padding tokens: -1)
+  window: int = flax.struct.field(pytree_node=False)  # key blocks a query block may see
+
+  @property
+  def block(self) -> int:
+    return self.segments_RT.shape[1] // self.adapter_RNA.shape[1]
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   """Inverse frequencies [head_dim // 2], with the Llama-3 scaling when the checkpoint asks for it."""
   dim = config.head_dim
@@ -135,7 +155,7 @@ class Linear(nn.Module):
   param_dtype: str
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_hp=None):
+  def __call__(self, x, lora=None, lora_hp=None, adapter_RNA=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                         self.param_dtype)
     y = x @ kernel.astype(self.dtype)
@@ -147,7 +167,16 @@ class Linear(nn.Module):
       if self.has_rng("dropout"):
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-      y = y + ((x @ lora["a"].astype(self.dtype)) @ lora["b"].astype(self.dtype)) * scale
+      a, b = lora["a"].astype(self.dtype), lora["b"].astype(self.dtype)
+      if adapter_RNA is None:  # one adapter for every token
+        y = y + ((x @ a) @ b) * scale
+      else:  # packed rows: each block of C tokens through its own adapter's a [A, in, R], b
+        R, N, _ = adapter_RNA.shape
+        onehot = adapter_RNA.astype(self.dtype)
+        x_RNCI = x.reshape(R, N, -1, x.shape[-1])
+        xa_RNCK = jnp.einsum("rnci,rnik->rnck", x_RNCI, jnp.einsum("rna,aik->rnik", onehot, a))
+        y_RNCO = jnp.einsum("rnck,rnko->rnco", xa_RNCK, jnp.einsum("rna,ako->rnko", onehot, b))
+        y = y + y_RNCO.reshape(y.shape) * scale
     return y
 
 
@@ -159,13 +188,49 @@ def _sub(lora, *names):
   return lora
 
 
+def packed_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, packing: Packing) -> jax.Array:
+  """Causal attention within each packed sequence, block by block: query block i attends to key
+  blocks i - W + 1 .. i (W = `packing.window`, the longest sequence's blocks), masked to its own
+  sequence. The key windows are shifted copies (no gather, whose gradient is a slow scatter on
+  CPU), so the cost is T x W x C instead of T^2.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G, C, W = N // K, packing.block, packing.window
+  nb = T // C
+
+  def windows(x_Bn, fill):  # [B, nb, ...] -> [B, nb, W, ...]: window w holds block i - w
+    padded = jnp.concatenate([jnp.full((B, W - 1) + x_Bn.shape[2:], fill, x_Bn.dtype), x_Bn], 1)
+    return jnp.stack([padded[:, W - 1 - w:W - 1 - w + nb] for w in range(W)], axis=2)
+
+  q_BnCKGH = q_BTNH.reshape(B, nb, C, K, G, H)
+  k_BnWCKH = windows(k_BTKH.reshape(B, nb, C, K, H), 0)
+  v_BnWCKH = windows(v_BTKH.reshape(B, nb, C, K, H), 0)
+  qpos_BnC = positions_BT.reshape(B, nb, C)
+  kpos_BnWC = windows(qpos_BnC, -1)
+  qseg_BnC = packing.segments_RT.reshape(B, nb, C)
+  kseg_BnWC = windows(qseg_BnC, -1)
+  mask_BnCWS = ((kpos_BnWC[:, :, None] >= 0) & (kpos_BnWC[:, :, None] <= qpos_BnC[..., None, None])
+                & (kseg_BnWC[:, :, None] == qseg_BnC[..., None, None]))
+  logits_BnKGCWS = jnp.einsum("bnqkgh,bnwskh->bnkgqws", q_BnCKGH, k_BnWCKH).astype(
+      jnp.float32) * (H ** -0.5)
+  logits_BnKGCWS = jnp.where(mask_BnCWS[:, :, None, None], logits_BnKGCWS,
+                             jnp.finfo(jnp.float32).min)
+  shape = logits_BnKGCWS.shape
+  probs = jax.nn.softmax(logits_BnKGCWS.reshape(shape[:-2] + (-1,)), axis=-1).reshape(shape)
+  out_BnCKGH = jnp.einsum("bnkgqws,bnwskh->bnqkgh", probs.astype(v_BTKH.dtype), v_BnWCKH)
+  return out_BnCKGH.reshape(B, T, N * H)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None):
     c = self.config
-    dense = lambda n, f, b: Linear(f, b, c.dtype, c.param_dtype, name=n)
+    per_block = None if packing is None else packing.adapter_RNA
+    dense = lambda n, f, b: functools.partial(Linear(f, b, c.dtype, c.param_dtype, name=n),
+                                              adapter_RNA=per_block)
     B, T, _ = x_BTD.shape
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"),
@@ -181,6 +246,9 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    if packing is not None:
+      out_BTD = packed_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, packing)
+      return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
       k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
@@ -213,9 +281,10 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_hp):
+  def __call__(self, x_BTD, lora, lora_hp, adapter_RNA=None):
     c = self.config
-    dense = lambda n, f: Linear(f, False, c.dtype, c.param_dtype, name=n)
+    dense = lambda n, f: functools.partial(Linear(f, False, c.dtype, c.param_dtype, name=n),
+                                           adapter_RNA=adapter_RNA)
     gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp)
     up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp)
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
@@ -227,16 +296,17 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp):
+  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing):
     c = self.config
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
     h, new_kv = Attention(c, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
-                                         lora_hp)
+                                         lora_hp, packing)
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp)
+    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp,
+                                       None if packing is None else packing.adapter_RNA)
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
@@ -244,10 +314,12 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
   config: ModelConfig
+  remat: bool = True  # training keeps only each layer's input for the backward pass
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, lora=None,
-               lora_hp=(1.0, 0.0), segments_BT=None, select_BI=None):
+               lora_hp=(1.0, 0.0), segments_BT=None, select_BI=None,
+               packing: Optional[Packing] = None):
     c = self.config
     embedding_VD = self.param("embedding", nn.initializers.normal(0.02),
                               (c.vocab_size, c.embed_dim), c.param_dtype)
@@ -267,22 +339,23 @@ class Transformer(nn.Module):
       key_segments_BS = jax.lax.dynamic_update_slice(cache.segments_BS,
                                                      query_segments_BT.astype(jnp.int32), at)
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
-    mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
-        key_positions_BS[:, None, :] <= positions_BT[:, :, None])
+    mask_BTS = None  # packed rows mask block pairs instead of T x T
+    if packing is None:
+      mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
+          key_positions_BS[:, None, :] <= positions_BT[:, :, None])
     if segments_BT is not None:  # packed rows: segment 0 (a shared prefix) is visible to all
       mask_BTS &= (key_segments_BS[:, None, :] == 0) | (
           key_segments_BS[:, None, :] == query_segments_BT[:, :, None])
 
-    # remat: training keeps only each layer's input for the backward pass (inference is unaffected).
     layers = nn.scan(
-        nn.remat(Block, prevent_cse=False),
+        nn.remat(Block, prevent_cse=False) if self.remat else Block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers,
     )(c, name="layers")
     carry, _ = layers(carry, jnp.arange(c.num_layers), lora, positions_BT, mask_BTS, start,
-                      tuple(jnp.asarray(v, c.dtype) for v in lora_hp))
+                      tuple(jnp.asarray(v, c.dtype) for v in lora_hp), packing)
     x_BTD, k_cache, v_cache = carry
 
     if select_BI is not None:  # only the positions whose logits are needed (saves the V-sized head)
@@ -299,22 +372,24 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=None, lora=None,
-            *, segments_BT=None, select_BI=None, dropout_rng=None):
+            *, segments_BT=None, select_BI=None, dropout_rng=None, packing=None, remat=True):
   """Pure forward pass: (logits float32, updated cache or None).
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
   `segments_BT` packs several sequences in a row: a token sees keys of its own segment and of
   segment 0 (e.g. one prompt, or a cached prefix, shared by N candidate continuations). `select_BI` picks the time
   indices whose logits are returned (logits_BIV instead of logits_BTV). `dropout_rng` turns on
-  LoRA dropout (training only).
+  LoRA dropout (training only). `packing` runs packed training rows: `lora` then holds A adapters
+  (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its own (see `Packing`).
+  `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
   """
   if lora is None:
     weights, hp = None, (1.0, 0.0)
   else:
     weights, hp = lora.weights, (lora.scale, lora.dropout)
   rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
-  return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, cache, weights, hp,
-                                   segments_BT, select_BI, rngs=rngs)
+  return Transformer(config, remat).apply({"params": params}, tokens_BT, positions_BT, cache,
+                                          weights, hp, segments_BT, select_BI, packing, rngs=rngs)
 
 
 def param_shapes(config: ModelConfig) -> Params:

@@ -1,17 +1,21 @@
-"""T, self-learning: many throw-away LoRA adapters trained in parallel with one vmapped update step.
+"""T, self-learning: many throw-away LoRA adapters trained together, one packed update step each.
 
-Every array that belongs to an adapter carries a leading adapter axis A: LoRA params, AdamW state,
-the per-step batch, the learning rate and the dropout key. The frozen base params are shared
-(`in_axes=None`), so one step reads them once for all A adapters. Each adapter has its own number of
-steps (epochs x its own batches) and its own warmup-cosine schedule; an adapter whose data ran out
-skips the remaining steps unchanged, so training A adapters together equals training each alone.
-Loss: mean cross-entropy on answer tokens only.
+A step packs the training sequences of every adapter back to back into rows of blocks (see
+`transformer.Packing`): the frozen base matmuls run once over the real tokens of all adapters, each
+block's LoRA branch uses its own adapter, and attention stays within each sequence. Every array that
+belongs to an adapter carries a leading adapter axis A: LoRA params, AdamW state (updated under
+`jax.vmap`), the learning rate. Each adapter has its own number of steps (epochs x its own batches)
+and its own warmup-cosine schedule; an adapter whose data ran out is left out of later steps and
+kept unchanged, so training A adapters together equals training each alone.
+Loss: each adapter's mean cross-entropy on its answer tokens only; the step minimises their sum,
+whose gradient for each adapter is that adapter's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -25,7 +29,12 @@ from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import ModelConfig
 from ttsi_jax.text.sampler import bucket
 
-MIN_LENGTH_BUCKET = 64
+# Tokens per packed block: a sequence pads only its last block; attention and the LoRA branch work
+# block by block. 64 measured faster than 128 on CPU (README).
+BLOCK = 64
+# Remat (recompute each layer in the backward pass) when the activations a step would keep exceed
+# this fraction of the device's memory ("auto").
+REMAT_MEMORY_FRACTION = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +49,7 @@ class AdaptConfig:
   warmup_ratio: float = 0.03
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0
+  remat: str = "auto"  # "auto" (by the step's activation memory), "on" or "off"
 
 
 def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
@@ -56,57 +66,107 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
   return (cfg.learning_rate * np.where(steps < warmup, warm, cosine)).astype(np.float32)
 
 
+def fine_bucket(n: int) -> int:
+  """Smallest size >= n of the form m * 2^k with 8 <= m < 16 (at most 1/8 padding waste): packed
+  steps pay for every padding block, so their shapes grow in finer steps than `bucket`'s."""
+  n = max(n, 1)
+  step = 1 << max(0, n.bit_length() - 4)
+  return -(-n // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
-class Batches:
-  """Per-step training data for A adapters (S steps, B rows per step, L tokens, I answer tokens),
-  plus each adapter's learning rate and activity per step."""
+class PackedStep:
+  """One training step of A adapters as R packed rows of N blocks (T = N x BLOCK tokens), with
+  I answer tokens per row; attention looks back `window` blocks (the longest sequence's)."""
 
-  tokens_SABL: np.ndarray
-  positions_SABL: np.ndarray  # -1 = padding
-  select_SABI: np.ndarray  # indices whose logits predict the answer tokens
-  targets_SABI: np.ndarray
-  weights_SABI: np.ndarray  # 1 for answer tokens, 0 for padding
-  learning_rate_SA: np.ndarray
-  active_SA: np.ndarray  # False once an adapter has run all its steps
+  tokens_RT: np.ndarray
+  positions_RT: np.ndarray  # -1 = padding
+  segments_RT: np.ndarray  # sequence id, -1 = padding
+  adapter_RNA: np.ndarray  # bool, one-hot adapter of each block
+  select_RI: np.ndarray  # indices whose logits predict the answer tokens
+  targets_RI: np.ndarray
+  weights_RI: np.ndarray  # 1 for answer tokens, 0 for padding
+  answer_adapter_RI: np.ndarray  # the adapter each answer token's loss belongs to
+  learning_rate_A: np.ndarray
+  active_A: np.ndarray  # False once an adapter has run all its steps
+  window: int
+
+  def rows(self) -> tuple[np.ndarray, ...]:
+    """The arrays with a leading row axis (what the mesh's batch axes split)."""
+    return (self.tokens_RT, self.positions_RT, self.segments_RT, self.adapter_RNA, self.select_RI,
+            self.targets_RI, self.weights_RI, self.answer_adapter_RI)
+
+  @property
+  def num_tokens(self) -> int:
+    return int((self.positions_RT >= 0).sum())
 
 
-def make_batches(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
-                 pad_id: int, num_adapters: int) -> Batches:
-  """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; rows beyond len(examples) idle."""
-  seqs = [p + a for ex in examples for p, a in ex]
-  answers = [a for ex in examples for _, a in ex]
-  if any(not a for a in answers):
+def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, num_adapters: int,
+         pad_id: int, block: int = BLOCK) -> dict:
+  """Packs (adapter, prompt ids, answer ids) sequences into `num_rows` rows of whole blocks, the
+  longest first into the emptiest row (rows are what the mesh's batch axes split)."""
+  rows: list[list[int]] = [[] for _ in range(num_rows)]
+  used = [0] * num_rows
+  order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][1] + sequences[i][2]))
+  for i in order:
+    r = int(np.argmin(used))
+    rows[r].append(i)
+    used[r] += -(-len(sequences[i][1] + sequences[i][2]) // block)
+  N = fine_bucket(max(used))
+  window = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
+  I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
+  T = N * block
+  out = dict(tokens_RT=np.full((num_rows, T), pad_id, np.int32),
+             positions_RT=np.full((num_rows, T), -1, np.int32),
+             segments_RT=np.full((num_rows, T), -1, np.int32),
+             adapter_RNA=np.zeros((num_rows, N, num_adapters), bool),
+             select_RI=np.zeros((num_rows, I), np.int32),
+             targets_RI=np.zeros((num_rows, I), np.int32),
+             weights_RI=np.zeros((num_rows, I), np.float32),
+             answer_adapter_RI=np.zeros((num_rows, I), np.int32))
+  for r, row in enumerate(rows):
+    at, answered = 0, 0
+    for i in row:
+      adapter, prompt, answer = sequences[i]
+      seq, n, m = prompt + answer, len(prompt), len(answer)
+      out["tokens_RT"][r, at:at + len(seq)] = seq
+      out["positions_RT"][r, at:at + len(seq)] = np.arange(len(seq))
+      out["segments_RT"][r, at:at + len(seq)] = i
+      out["adapter_RNA"][r, at // block:-(-(at + len(seq)) // block), adapter] = True
+      out["select_RI"][r, answered:answered + m] = at + np.arange(n - 1, n + m - 1)
+      out["targets_RI"][r, answered:answered + m] = answer
+      out["weights_RI"][r, answered:answered + m] = 1.0
+      out["answer_adapter_RI"][r, answered:answered + m] = adapter
+      at += -(-len(seq) // block) * block
+      answered += m
+  out["window"] = window
+  return out
+
+
+def make_steps(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+               pad_id: int, num_adapters: int, num_rows: int = 1,
+               block: int = BLOCK) -> list[PackedStep]:
+  """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; adapters beyond len(examples)
+  idle. Step s packs batch s of every adapter that still has steps left."""
+  if any(not a for ex in examples for _, a in ex):
     raise ValueError("Every training example needs answer tokens.")
-  L = bucket(max(map(len, seqs), default=1), MIN_LENGTH_BUCKET)
-  I = bucket(max(map(len, answers), default=1), 8)
   b = cfg.batch_size
   steps_per_adapter = [cfg.epochs * math.ceil(len(ex) / b) for ex in examples]
-  S = max(steps_per_adapter, default=0)
-  A = num_adapters
-  out = Batches(
-      tokens_SABL=np.full((S, A, b, L), pad_id, np.int32),
-      positions_SABL=np.full((S, A, b, L), -1, np.int32),
-      select_SABI=np.zeros((S, A, b, I), np.int32), targets_SABI=np.zeros((S, A, b, I), np.int32),
-      weights_SABI=np.zeros((S, A, b, I), np.float32),
-      learning_rate_SA=np.zeros((S, A), np.float32), active_SA=np.zeros((S, A), bool))
-  for a, ex in enumerate(examples):
-    total = steps_per_adapter[a]
-    if not total:
-      continue
-    out.learning_rate_SA[:total, a] = lr_schedule(cfg, total)
-    out.active_SA[:total, a] = True
-    num_batches = math.ceil(len(ex) / b)
-    for s in range(total):
-      chunk = ex[(s % num_batches) * b:(s % num_batches + 1) * b]  # fixed order, every epoch
-      for j, (prompt, answer) in enumerate(chunk):
-        seq = prompt + answer
-        n, m = len(prompt), len(answer)
-        out.tokens_SABL[s, a, j, :len(seq)] = seq
-        out.positions_SABL[s, a, j, :len(seq)] = np.arange(len(seq))
-        out.select_SABI[s, a, j, :m] = np.arange(n - 1, n + m - 1)
-        out.targets_SABI[s, a, j, :m] = answer
-        out.weights_SABI[s, a, j, :m] = 1.0
-  return out
+  schedules = [lr_schedule(cfg, n) for n in steps_per_adapter]
+  steps = []
+  for s in range(max(steps_per_adapter, default=0)):
+    learning_rate_A = np.zeros(num_adapters, np.float32)
+    active_A = np.zeros(num_adapters, bool)
+    sequences = []
+    for a, ex in enumerate(examples):
+      if s >= steps_per_adapter[a]:
+        continue
+      learning_rate_A[a], active_A[a] = schedules[a][s], True
+      num_batches = math.ceil(len(ex) / b)
+      sequences += [(a, p, t) for p, t in ex[(s % num_batches) * b:(s % num_batches + 1) * b]]
+    steps.append(PackedStep(**pack(sequences, num_rows, num_adapters, pad_id, block),
+                            learning_rate_A=learning_rate_A, active_A=active_A))
+  return steps
 
 
 def answer_loss(config: ModelConfig, params, adapter, tokens_BL, positions_BL, select_BI,
@@ -119,10 +179,31 @@ def answer_loss(config: ModelConfig, params, adapter, tokens_BL, positions_BL, s
   return -jnp.sum(logp_BI * weights_BI) / jnp.maximum(jnp.sum(weights_BI), 1.0)
 
 
+def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
+  """What a step without remat keeps for its backward pass: per layer and token the linear layers'
+  inputs and outputs, and the attention probabilities over its window of key blocks."""
+  itemsize = jnp.dtype(config.dtype).itemsize
+  per_token = (6 * config.embed_dim + 2 * config.num_heads * config.head_dim
+               + 2 * config.num_kv_heads * config.head_dim + 3 * config.mlp_dim) * itemsize
+  block = step.tokens_RT.shape[1] // step.adapter_RNA.shape[1]
+  per_token += 2 * config.num_heads * step.window * block * 4
+  return config.num_layers * step.tokens_RT.size * per_token
+
+
+def device_memory_bytes() -> int:
+  """Memory of one device: the accelerator's limit, or the host's RAM on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class Trainer:
-  """Builds the optimizer and the jitted, adapter-vmapped init and update step."""
+  """Builds the optimizer, the jitted adapter init (vmapped) and the packed update step."""
 
   def __init__(self, config: ModelConfig, cfg: AdaptConfig):
+    if cfg.remat not in ("auto", "on", "off"):
+      raise ValueError(f"adaptation.remat must be 'auto', 'on' or 'off', not {cfg.remat!r}.")
     self.config = config
     self.cfg = cfg
     # The learning rate is a per-adapter hyperparameter fed each step (own schedule per adapter).
@@ -130,65 +211,84 @@ class Trainer:
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay))
     self.init = jax.jit(jax.vmap(self._init_one))
-    self.step = jax.jit(jax.vmap(self._step_one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
-                        donate_argnums=(1, 2))
+    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("window", "remat"))
 
   def _init_one(self, rng):
     adapter = lora_lib.init(self.config, rng, self.cfg.rank, self.cfg.alpha, self.cfg.targets,
                             self.cfg.dropout)
     return adapter, self.optimizer.init(adapter)
 
-  def _step_one(self, params, adapter, opt_state, tokens_BL, positions_BL, select_BI, targets_BI,
-                weights_BI, learning_rate, active, rng):
-    """One adapter's update (vmapped over A); an inactive adapter keeps its params and state."""
-    dropout_rng = rng if self.cfg.dropout > 0 else None
-    loss, grads = jax.value_and_grad(
-        lambda ad: answer_loss(self.config, params, ad, tokens_BL, positions_BL, select_BI,
-                               targets_BI, weights_BI, dropout_rng))(adapter)
-    opt_state[1].hyperparams["learning_rate"] = learning_rate
-    updates, new_state = self.optimizer.update(grads, opt_state, adapter)
-    new_adapter = optax.apply_updates(adapter, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-    return keep(new_adapter, adapter), keep(new_state, opt_state), loss
+  def remat_for(self, step: PackedStep) -> bool:
+    if self.cfg.remat != "auto":
+      return self.cfg.remat == "on"
+    return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
-  def train(self, params, batches: Batches, rngs_A: jax.Array):
-    """Fresh adapters (one key each), trained on `batches`: (adapters [A, ...], losses [S, A]).
-    On a mesh, the adapters and their data are split over its batch axes (data, fsdp)."""
+  def _step(self, params, adapters, opt_states, tokens_RT, positions_RT, segments_RT, adapter_RNA,
+            select_RI, targets_RI, weights_RI, answer_adapter_RI, learning_rate_A, active_A, rng, *,
+            window, remat):
+    """One update of every active adapter from one packed forward and backward pass."""
+    packing = transformer.Packing(adapter_RNA, segments_RT, window)
+    num_adapters = learning_rate_A.shape[0]
+
+    def loss(adapters):
+      # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
+      by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
+      logits_RIV, _ = transformer.forward(
+          self.config, params, tokens_RT, positions_RT, lora=by_layer, select_BI=select_RI,
+          packing=packing, remat=remat, dropout_rng=rng if self.cfg.dropout > 0 else None)
+      logp_RI = jnp.take_along_axis(jax.nn.log_softmax(logits_RIV, -1), targets_RI[..., None],
+                                    -1)[..., 0]
+      per_adapter = lambda x: jax.ops.segment_sum(x.ravel(), answer_adapter_RI.ravel(),
+                                                  num_segments=num_adapters)
+      loss_A = -per_adapter(logp_RI * weights_RI) / jnp.maximum(per_adapter(weights_RI), 1.0)
+      return jnp.sum(loss_A), loss_A
+
+    (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
+
+    def update(grads, opt_state, adapter, learning_rate, active):
+      opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
+      updates, new_state = self.optimizer.update(grads, opt_state, adapter)
+      new_adapter = optax.apply_updates(adapter, updates)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+      return keep(new_adapter, adapter), keep(new_state, opt_state)
+
+    adapters, opt_states = jax.vmap(update)(grads, opt_states, adapters, learning_rate_A,
+                                            active_A)
+    return adapters, opt_states, loss_A
+
+  def train(self, params, steps: Sequence[PackedStep], rngs_A: jax.Array):
+    """Fresh adapters (one key each), trained on `steps`: (adapters [A, ...], losses [S, A]).
+    On a mesh the packed rows are split over its batch axes (data, fsdp); adapters and their
+    optimizer states are small and replicated."""
     mesh = sharding.mesh_of(params)
-    # Several adapters split over the mesh's batch axes; a single one splits its batches instead.
-    place = sharding.shard_rows if len(rngs_A) > 1 else sharding.shard_batches_of_one_adapter
-    init_rngs_A, dropout_rngs_A = place(mesh, *jnp.unstack(
-        jax.vmap(jax.random.split)(rngs_A), axis=1))  # init and dropout draw on their own keys
+    init_rngs_A, dropout_rngs_A = jnp.unstack(jax.vmap(jax.random.split)(rngs_A), axis=1)
     adapters, opt_states = self.init(init_rngs_A)
     losses = []
-    for s in range(batches.tokens_SABL.shape[0]):
-      step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_rngs_A, s)
-      # Each step as long as its longest sequence needs (its length bucket), not the longest of all.
-      length = bucket(int((batches.positions_SABL[s] >= 0).sum(-1).max()), MIN_LENGTH_BUCKET)
-      adapters, opt_states, loss = self.step(
-          params, adapters, opt_states, *place(
-              mesh, batches.tokens_SABL[s, ..., :length], batches.positions_SABL[s, ..., :length],
-              batches.select_SABI[s], batches.targets_SABI[s], batches.weights_SABI[s],
-              batches.learning_rate_SA[s], batches.active_SA[s]), step_rngs)
+    for s, step in enumerate(steps):
+      # One dropout key per step (dropout > 0 draws its masks over the packed rows).
+      rng = jax.random.fold_in(dropout_rngs_A[0], s)
+      rows = sharding.shard_rows(mesh, *step.rows())
+      adapters, opt_states, loss = self.step(params, adapters, opt_states, *rows,
+                                             step.learning_rate_A, step.active_A, rng,
+                                             window=step.window, remat=self.remat_for(step))
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
-    return adapters, np.where(batches.active_SA, losses, np.nan)
+    active_SA = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
+    return adapters, np.where(active_SA, losses, np.nan)
 
   def train_all(self, params, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
                 pad_id: int, rngs_A: jax.Array, per_call: int = 0):
-    """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per vmapped call
-    (0: all in one). Returns (adapters [A, ...], losses [S, A]); the result does not depend on
-    `per_call`: only speed and memory do (vmapped calls pay off on accelerators, see README)."""
+    """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
+    call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
+    losses [S, A]); the result does not depend on `per_call`."""
     per_call = per_call or len(examples)
-    mesh = sharding.mesh_of(params)
+    rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
     parts, losses = [], []
     for start in range(0, len(examples), per_call):
       chunk = examples[start:start + per_call]
-      # A bucketed adapter count (one compile per size) that splits evenly over the mesh; a
-      # single adapter stays single (its batches split over the mesh instead).
-      size = 1 if len(chunk) == 1 else sharding.fill_batch_shards(mesh, bucket(len(chunk)))
+      size = bucket(len(chunk))  # a bucketed adapter count: one compile per size
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
-      adapters, loss = self.train(params, make_batches(self.cfg, chunk, pad_id, size), keys)
+      adapters, loss = self.train(params, make_steps(self.cfg, chunk, pad_id, size, rows), keys)
       parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
       losses.append(loss[:, :len(chunk)])
     steps = max(l.shape[0] for l in losses)
