@@ -4,7 +4,6 @@ training learns; equal bucket sizes never recompile."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

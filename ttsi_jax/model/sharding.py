@@ -125,20 +125,11 @@ def fill_batch_shards(mesh: Optional[Mesh], size: int) -> int:
 
 
 def shard_rows(mesh: Optional[Mesh], *arrays):
-  """Arrays whose leading axis is the batch (or the adapters), placed over the mesh's batch axes
+  """Arrays whose leading axis is the batch (or packed training rows), placed over the mesh's batch axes
   (data, fsdp): each device group computes its own rows. Without a mesh they stay as they are."""
   if mesh is None or mesh.size == 1:
     return arrays
   return tuple(jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays)
-
-
-def shard_batches_of_one_adapter(mesh: Optional[Mesh], *arrays):
-  """Arrays [A=1, B, ...] with the batch B (not the adapter axis) over the mesh's batch axes: a
-  single adapter trains data-parallel, each device group on its share of each batch."""
-  if mesh is None or mesh.size == 1:
-    return arrays
-  return tuple(x if x.ndim < 2 else jax.device_put(
-      x, NamedSharding(mesh, P(None, *batch_sharding(mesh, x.shape[1:]).spec))) for x in arrays)
 
 
 def cache_sharding(mesh: Mesh, cache):
