@@ -66,14 +66,6 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
   return (cfg.learning_rate * np.where(steps < warmup, warm, cosine)).astype(np.float32)
 
 
-def fine_bucket(n: int) -> int:
-  """Smallest size >= n of the form m * 2^k with 8 <= m < 16 (at most 1/8 padding waste): packed
-  steps pay for every padding block, so their shapes grow in finer steps than `bucket`'s."""
-  n = max(n, 1)
-  step = 1 << max(0, n.bit_length() - 4)
-  return -(-n // step) * step
-
-
 @dataclasses.dataclass(frozen=True)
 class PackedStep:
   """One training step of A adapters as R packed rows of N blocks (T = N x BLOCK tokens), with
@@ -112,7 +104,7 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
     r = int(np.argmin(used))
     rows[r].append(i)
     used[r] += -(-len(sequences[i][1] + sequences[i][2]) // block)
-  N = fine_bucket(max(used))
+  N = bucket(max(used))  # bucketed shapes: one compile per bucket
   window = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
   I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
   T = N * block
