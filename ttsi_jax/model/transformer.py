@@ -87,7 +87,7 @@ class KVCache:
 
 @flax.struct.dataclass
 class Packing:
-  """Block layout of packed training rows (`ttsi_jax.ttsi.packing` builds it).
+  """Block layout of packed training rows (`ttsi_jax.ttsi.adaptation.pack` builds it).
 
   Each row of T = N x C tokens is N blocks of C tokens; a sequence fills whole blocks (its last one
   padded) and every block belongs to one adapter. Attention runs within a window of key blocks
@@ -339,7 +339,7 @@ class Transformer(nn.Module):
       key_segments_BS = jax.lax.dynamic_update_slice(cache.segments_BS,
                                                      query_segments_BT.astype(jnp.int32), at)
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
-    mask_BTS = None  # packed rows mask block pairs instead of T x T
+    mask_BTS = None  # packed rows mask within their key-block windows (packed_attention)
     if packing is None:
       mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
           key_positions_BS[:, None, :] <= positions_BT[:, :, None])

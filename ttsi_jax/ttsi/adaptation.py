@@ -30,7 +30,7 @@ from ttsi_jax.model.transformer import ModelConfig
 from ttsi_jax.text.sampler import bucket
 
 # Tokens per packed block: a sequence pads only its last block; attention and the LoRA branch work
-# block by block. 64 measured faster than 128 on CPU (README).
+# block by block. Other sizes have not been measured yet.
 BLOCK = 64
 # Remat (recompute each layer in the backward pass) when the activations a step would keep exceed
 # this fraction of the device's memory ("auto").
@@ -87,10 +87,6 @@ class PackedStep:
     """The arrays with a leading row axis (what the mesh's batch axes split)."""
     return (self.tokens_RT, self.positions_RT, self.segments_RT, self.adapter_RNA, self.select_RI,
             self.targets_RI, self.weights_RI, self.answer_adapter_RI)
-
-  @property
-  def num_tokens(self) -> int:
-    return int((self.positions_RT >= 0).sum())
 
 
 def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, num_adapters: int,
