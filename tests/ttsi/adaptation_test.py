@@ -83,15 +83,18 @@ def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
 
 
 def test_packing_keeps_each_sequence_to_its_own_blocks():
-  seqs = [(0, [1] * 10, [2] * 3), (1, [3] * 2, [4] * 2), (2, [5] * 20, [6])]
+  seqs = [(0, [1] * 10, [2] * 3), (1, [3] * 2, [4] * 2), (2, [5] * 29, [6])]
   out = adaptation.pack(seqs, num_rows=2, num_adapters=3, pad_id=0, block=8)
-  # The longest (21 tokens, 3 blocks) alone in row 0; the other two share row 1.
+  # The longest (30 tokens, 4 blocks) alone in row 0; the other two share row 1.
   assert out["adapter_RNA"][0, :3].argmax(-1).tolist() == [2, 2, 2]
   assert out["adapter_RNA"][1, :3].argmax(-1).tolist() == [0, 0, 1]
   assert not out["adapter_RNA"][1, 3:].any()  # padding blocks belong to no adapter
-  assert out["window"] == 3  # attention looks back over the longest sequence's blocks
   assert out["positions_RT"][1, 16:20].tolist() == [0, 1, 2, 3]
-  assert out["segments_RT"][1, 12:19].tolist() == [0, -1, -1, -1, 1, 1, 1]
+  assert out["positions_RT"][1, 12:17].tolist() == [12, -1, -1, -1, 0]  # a last block's padding
+  # Attention's layout: per row S=2 sequence slots of W=4 blocks (the longest's); N=4 pads them.
+  assert out["seq_blocks_RSW"].tolist() == [[[0, 1, 2, 3], [4, 4, 4, 4]],
+                                            [[0, 1, 4, 4], [2, 4, 4, 4]]]
+  assert out["block_slots_RN"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 8]]  # padding block: S x W
   assert out["targets_RI"][1, :5].tolist() == [2, 2, 2, 4, 4]
   assert out["answer_adapter_RI"][1, :5].tolist() == [0, 0, 0, 1, 1]
   assert out["select_RI"][1, 3:5].tolist() == [16 + 1, 16 + 2]

@@ -85,23 +85,59 @@ class KVCache:
     )
 
 
+@jax.custom_vjp
+def _regather(x_RNc: jax.Array, index_RM: jax.Array, inverse_RN: jax.Array) -> jax.Array:
+  """out[r, m] = x[r, index[r, m]], where index N reads a zero block. When `index` maps slots to
+  distinct blocks and `inverse` maps each block back to its slot (M: none), the gradient is the
+  same gather the other way round, so neither direction needs a scatter (slow on CPU)."""
+  R, N = x_RNc.shape[:2]
+  padded = jnp.concatenate([x_RNc, jnp.zeros((R, 1) + x_RNc.shape[2:], x_RNc.dtype)], axis=1)
+  return jax.vmap(lambda x, i: x.at[i].get(mode="promise_in_bounds"))(padded, index_RM)
+
+
+def _regather_fwd(x_RNc, index_RM, inverse_RN):
+  return _regather(x_RNc, index_RM, inverse_RN), (index_RM, inverse_RN)
+
+
+def _regather_bwd(res, g_RMc):
+  index_RM, inverse_RN = res
+  return _regather(g_RMc, inverse_RN, index_RM), None, None
+
+
+_regather.defvjp(_regather_fwd, _regather_bwd)
+
+
 @flax.struct.dataclass
 class Packing:
   """Block layout of packed training rows (`ttsi_jax.ttsi.adaptation.pack` builds it).
 
   Each row of T = N x C tokens is N blocks of C tokens; a sequence fills whole blocks (its last one
-  padded) and every block belongs to one adapter. Attention runs within a window of key blocks
-  (`packed_attention`), so its cost grows with T, not T^2; the LoRA branch of each block uses its
-  own adapter, picked by a one-hot matmul (a gather's gradient is a scatter, slow on CPU).
+  padded) and every block belongs to one adapter. The linear layers run on the rows; attention runs
+  on the sequences, each gathered into S slots of W blocks per row (`to_sequences`), so its cost
+  is that of each sequence alone. The LoRA branch of each block uses its own adapter, picked by a
+  one-hot matmul (a gather's gradient is a scatter, slow on CPU).
   """
 
   adapter_RNA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
-  segments_RT: jax.Array  # int32 sequence id of each token (padding tokens: -1)
-  window: int = flax.struct.field(pytree_node=False)  # key blocks a query block may see
+  seq_blocks_RSW: jax.Array  # int32 block w of the row's sequence s (N: padding)
+  block_slots_RN: jax.Array  # int32 slot s x W + w of each block (S x W: padding block)
 
-  @property
-  def block(self) -> int:
-    return self.segments_RT.shape[1] // self.adapter_RNA.shape[1]
+  def to_sequences(self, x_RT: jax.Array) -> jax.Array:
+    """[R, T, ...] rows -> [R x S, W x C, ...] sequences (padding slots: zeros)."""
+    R, T = x_RT.shape[:2]
+    N, (S, W) = self.adapter_RNA.shape[1], self.seq_blocks_RSW.shape[1:]
+    C = T // N
+    x_RNc = x_RT.reshape((R, N, C) + x_RT.shape[2:])
+    x_RMc = _regather(x_RNc, self.seq_blocks_RSW.reshape(R, S * W), self.block_slots_RN)
+    return x_RMc.reshape((R * S, W * C) + x_RT.shape[2:])
+
+  def to_rows(self, x_BL: jax.Array) -> jax.Array:
+    """The inverse of `to_sequences`: [R x S, W x C, ...] -> [R, T, ...] (padding blocks: zeros)."""
+    (R, N), (S, W) = self.adapter_RNA.shape[:2], self.seq_blocks_RSW.shape[1:]
+    C = x_BL.shape[1] // W
+    x_RMc = x_BL.reshape((R, S * W, C) + x_BL.shape[2:])
+    x_RNc = _regather(x_RMc, self.block_slots_RN, self.seq_blocks_RSW.reshape(R, S * W))
+    return x_RNc.reshape((R, N * C) + x_BL.shape[2:])
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -188,38 +224,26 @@ def _sub(lora, *names):
   return lora
 
 
-def packed_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, packing: Packing) -> jax.Array:
-  """Causal attention within each packed sequence, block by block: query block i attends to key
-  blocks i - W + 1 .. i (W = `packing.window`, the longest sequence's blocks), masked to its own
-  sequence. The key windows are shifted copies (no gather, whose gradient is a slow scatter on
-  CPU), so the cost is T x W x C instead of T^2.
-  """
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+  """Softmax attention with grouped KV heads, computed head-major ([B, K, G x T, S]), the layout
+  whose gradient needs no transposed copies of the [T, S] probabilities."""
   B, T, N, H = q_BTNH.shape
-  K = k_BTKH.shape[2]
-  G, C, W = N // K, packing.block, packing.window
-  nb = T // C
+  S, K = k_BSKH.shape[1:3]
+  G = N // K
+  q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  logits_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32).reshape(
+      B, K, G, T, S) * (H ** -0.5)
+  # A finite fill keeps fully masked rows (padding queries) NaN-free; their outputs are never used.
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype).reshape(B, K, G * T, S)
+  out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
+  return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
 
-  def windows(x_Bn, fill):  # [B, nb, ...] -> [B, nb, W, ...]: window w holds block i - w
-    padded = jnp.concatenate([jnp.full((B, W - 1) + x_Bn.shape[2:], fill, x_Bn.dtype), x_Bn], 1)
-    return jnp.stack([padded[:, W - 1 - w:W - 1 - w + nb] for w in range(W)], axis=2)
 
-  q_BnCKGH = q_BTNH.reshape(B, nb, C, K, G, H)
-  k_BnWCKH = windows(k_BTKH.reshape(B, nb, C, K, H), 0)
-  v_BnWCKH = windows(v_BTKH.reshape(B, nb, C, K, H), 0)
-  qpos_BnC = positions_BT.reshape(B, nb, C)
-  kpos_BnWC = windows(qpos_BnC, -1)
-  qseg_BnC = packing.segments_RT.reshape(B, nb, C)
-  kseg_BnWC = windows(qseg_BnC, -1)
-  mask_BnCWS = ((kpos_BnWC[:, :, None] >= 0) & (kpos_BnWC[:, :, None] <= qpos_BnC[..., None, None])
-                & (kseg_BnWC[:, :, None] == qseg_BnC[..., None, None]))
-  logits_BnKGCWS = jnp.einsum("bnqkgh,bnwskh->bnkgqws", q_BnCKGH, k_BnWCKH).astype(
-      jnp.float32) * (H ** -0.5)
-  logits_BnKGCWS = jnp.where(mask_BnCWS[:, :, None, None], logits_BnKGCWS,
-                             jnp.finfo(jnp.float32).min)
-  shape = logits_BnKGCWS.shape
-  probs = jax.nn.softmax(logits_BnKGCWS.reshape(shape[:-2] + (-1,)), axis=-1).reshape(shape)
-  out_BnCKGH = jnp.einsum("bnkgqws,bnwskh->bnqkgh", probs.astype(v_BTKH.dtype), v_BnWCKH)
-  return out_BnCKGH.reshape(B, T, N * H)
+# Training keeps q, k, v and recomputes the [T, S] probabilities in the backward pass: cheaper on
+# every backend than storing them for all layers (what flash attention does).
+_attend = jax.checkpoint(_attend, prevent_cse=False)
 
 
 class Attention(nn.Module):
@@ -246,8 +270,9 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
-    if packing is not None:
-      out_BTD = packed_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, packing)
+    if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
+      seq = packing.to_sequences
+      out_BTD = packing.to_rows(_attend(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
@@ -264,15 +289,7 @@ class Attention(nn.Module):
       v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
 
-    groups = c.num_heads // c.num_kv_heads
-    q_BTKGH = q_BTNH.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
-    logits_BKGTS = logits_BKGTS * (c.head_dim ** -0.5)
-    # A finite fill keeps fully masked rows (padding queries) NaN-free; their outputs are never used.
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(c.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    out_BTD = out_BTKGH.reshape(B, T, c.num_heads * c.head_dim)
+    out_BTD = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp)
     return out_BTD, new_kv
 
@@ -339,8 +356,11 @@ class Transformer(nn.Module):
       key_segments_BS = jax.lax.dynamic_update_slice(cache.segments_BS,
                                                      query_segments_BT.astype(jnp.int32), at)
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
-    mask_BTS = None  # packed rows mask within their key-block windows (packed_attention)
-    if packing is None:
+    if packing is not None:  # packed rows: attention runs on their sequences (Packing)
+      key_positions_BS = packing.to_sequences(positions_BT + 1) - 1  # padding slots: -1
+      index_S = jnp.arange(key_positions_BS.shape[1])
+      mask_BTS = (key_positions_BS[:, None, :] >= 0) & (index_S[None, :, None] >= index_S)
+    else:
       mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
           key_positions_BS[:, None, :] <= positions_BT[:, :, None])
     if segments_BT is not None:  # packed rows: segment 0 (a shared prefix) is visible to all

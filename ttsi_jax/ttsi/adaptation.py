@@ -69,24 +69,25 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class PackedStep:
   """One training step of A adapters as R packed rows of N blocks (T = N x BLOCK tokens), with
-  I answer tokens per row; attention looks back `window` blocks (the longest sequence's)."""
+  I answer tokens per row; attention sees up to S sequences per row of up to W blocks each."""
 
   tokens_RT: np.ndarray
   positions_RT: np.ndarray  # -1 = padding
-  segments_RT: np.ndarray  # sequence id, -1 = padding
   adapter_RNA: np.ndarray  # bool, one-hot adapter of each block
   select_RI: np.ndarray  # indices whose logits predict the answer tokens
   targets_RI: np.ndarray
   weights_RI: np.ndarray  # 1 for answer tokens, 0 for padding
   answer_adapter_RI: np.ndarray  # the adapter each answer token's loss belongs to
   learning_rate_A: np.ndarray
+  seq_blocks_RSW: np.ndarray  # the row's blocks of each sequence (N: padding), see Packing
+  block_slots_RN: np.ndarray  # each block's slot s x W + w (S x W: padding)
   active_A: np.ndarray  # False once an adapter has run all its steps
-  window: int
 
   def rows(self) -> tuple[np.ndarray, ...]:
     """The arrays with a leading row axis (what the mesh's batch axes split)."""
-    return (self.tokens_RT, self.positions_RT, self.segments_RT, self.adapter_RNA, self.select_RI,
-            self.targets_RI, self.weights_RI, self.answer_adapter_RI)
+    return (self.tokens_RT, self.positions_RT, self.adapter_RNA, self.seq_blocks_RSW,
+            self.block_slots_RN, self.select_RI, self.targets_RI, self.weights_RI,
+            self.answer_adapter_RI)
 
 
 def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, num_adapters: int,
@@ -101,33 +102,36 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
     rows[r].append(i)
     used[r] += -(-len(sequences[i][1] + sequences[i][2]) // block)
   N = bucket(max(used))  # bucketed shapes: one compile per bucket
-  window = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
+  S = bucket(max(len(row) for row in rows), 1)
+  W = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
   I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
   T = N * block
   out = dict(tokens_RT=np.full((num_rows, T), pad_id, np.int32),
              positions_RT=np.full((num_rows, T), -1, np.int32),
-             segments_RT=np.full((num_rows, T), -1, np.int32),
              adapter_RNA=np.zeros((num_rows, N, num_adapters), bool),
+             seq_blocks_RSW=np.full((num_rows, S, W), N, np.int32),
+             block_slots_RN=np.full((num_rows, N), S * W, np.int32),
              select_RI=np.zeros((num_rows, I), np.int32),
              targets_RI=np.zeros((num_rows, I), np.int32),
              weights_RI=np.zeros((num_rows, I), np.float32),
              answer_adapter_RI=np.zeros((num_rows, I), np.int32))
   for r, row in enumerate(rows):
     at, answered = 0, 0
-    for i in row:
+    for s, i in enumerate(row):
       adapter, prompt, answer = sequences[i]
       seq, n, m = prompt + answer, len(prompt), len(answer)
       out["tokens_RT"][r, at:at + len(seq)] = seq
       out["positions_RT"][r, at:at + len(seq)] = np.arange(len(seq))
-      out["segments_RT"][r, at:at + len(seq)] = i
-      out["adapter_RNA"][r, at // block:-(-(at + len(seq)) // block), adapter] = True
+      blocks = np.arange(at // block, -(-(at + len(seq)) // block))
+      out["adapter_RNA"][r, blocks, adapter] = True
+      out["seq_blocks_RSW"][r, s, :len(blocks)] = blocks
+      out["block_slots_RN"][r, blocks] = s * W + np.arange(len(blocks))
       out["select_RI"][r, answered:answered + m] = at + np.arange(n - 1, n + m - 1)
       out["targets_RI"][r, answered:answered + m] = answer
       out["weights_RI"][r, answered:answered + m] = 1.0
       out["answer_adapter_RI"][r, answered:answered + m] = adapter
       at += -(-len(seq) // block) * block
       answered += m
-  out["window"] = window
   return out
 
 
@@ -169,12 +173,10 @@ def answer_loss(config: ModelConfig, params, adapter, tokens_BL, positions_BL, s
 
 def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
   """What a step without remat keeps for its backward pass: per layer and token the linear layers'
-  inputs and outputs, and the attention probabilities over its window of key blocks."""
+  inputs and outputs (attention probabilities are recomputed in the backward pass)."""
   itemsize = jnp.dtype(config.dtype).itemsize
   per_token = (6 * config.embed_dim + 2 * config.num_heads * config.head_dim
                + 2 * config.num_kv_heads * config.head_dim + 3 * config.mlp_dim) * itemsize
-  block = step.tokens_RT.shape[1] // step.adapter_RNA.shape[1]
-  per_token += 2 * config.num_heads * step.window * block * 4
   return config.num_layers * step.tokens_RT.size * per_token
 
 
@@ -199,7 +201,7 @@ class Trainer:
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay))
     self.init = jax.jit(jax.vmap(self._init_one))
-    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("window", "remat"))
+    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("remat",))
 
   def _init_one(self, rng):
     adapter = lora_lib.init(self.config, rng, self.cfg.rank, self.cfg.alpha, self.cfg.targets,
@@ -211,11 +213,11 @@ class Trainer:
       return self.cfg.remat == "on"
     return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
-  def _step(self, params, adapters, opt_states, tokens_RT, positions_RT, segments_RT, adapter_RNA,
-            select_RI, targets_RI, weights_RI, answer_adapter_RI, learning_rate_A, active_A, rng, *,
-            window, remat):
+  def _step(self, params, adapters, opt_states, tokens_RT, positions_RT, adapter_RNA,
+            seq_blocks_RSW, block_slots_RN, select_RI, targets_RI, weights_RI, answer_adapter_RI,
+            learning_rate_A, active_A, rng, *, remat):
     """One update of every active adapter from one packed forward and backward pass."""
-    packing = transformer.Packing(adapter_RNA, segments_RT, window)
+    packing = transformer.Packing(adapter_RNA, seq_blocks_RSW, block_slots_RN)
     num_adapters = learning_rate_A.shape[0]
 
     def loss(adapters):
@@ -258,7 +260,7 @@ class Trainer:
       rows = sharding.shard_rows(mesh, *step.rows())
       adapters, opt_states, loss = self.step(params, adapters, opt_states, *rows,
                                              step.learning_rate_A, step.active_A, rng,
-                                             window=step.window, remat=self.remat_for(step))
+                                             remat=self.remat_for(step))
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     active_SA = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
