@@ -27,7 +27,8 @@ demo: $(VENV)/.base
 	$(PY) -m ttsi_jax.main --config=configs/default.py --workdir=workdir/default
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q --durations=10 tests
+	# Two workers: most tests are single-threaded XLA compiles of tiny models.
+	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 bench: $(VENV)/.test
 	$(PY) -m ttsi_jax.bench --config=configs/default.py

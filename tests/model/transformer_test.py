@@ -91,3 +91,44 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   out, _ = transformer.forward(config16, params16, tokens, _positions(B, T))
   assert out.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(out - ref))) < 0.1
+
+
+def test_chunked_causal_attention_equals_full_attention_with_its_gradient():
+  # 512 slots: 4 query chunks, each attending only to the keys up to its end; padded tail keys.
+  L, N, K, H = 512, 4, 2, 8
+  q, k, v = (jax.random.normal(key, (2, L, heads, H))
+             for key, heads in zip(jax.random.split(jax.random.key(0), 3), (N, K, K)))
+  length_B = np.array([[L], [300]])
+  index = np.arange(L)
+  mask_BLL = ((index[None, None, :] <= index[None, :, None])
+              & (index[None, None, :] < length_B[..., None]))
+  cotangent = jax.random.normal(jax.random.key(1), (2, L, N * H))
+  for attend in (transformer._attend, transformer._attend_causal):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask_BLL), q, k, v)
+    grads = vjp(cotangent)
+    if attend is transformer._attend:
+      want_out, want_grads = out, grads
+  np.testing.assert_allclose(out, want_out, atol=1e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_packing_regathers_rows_into_sequences_and_back_with_gather_gradients():
+  # Row 0: sequence 0 in blocks 0-1, sequence 1 in block 2, block 3 padding; row 1: one sequence.
+  seq_blocks_RSW = np.array([[[0, 1], [2, 4]], [[1, 4], [4, 4]]], np.int32)
+  block_slots_RN = np.array([[0, 1, 2, 4], [4, 0, 4, 4]], np.int32)
+  packing = transformer.Packing(np.zeros((2, 4, 1), bool), seq_blocks_RSW, block_slots_RN)
+  x_RT = jnp.arange(2 * 8, dtype=jnp.float32).reshape(2, 8) + 1  # blocks of C = 2 tokens
+  seq_BL = packing.to_sequences(x_RT)
+  assert seq_BL.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [11, 12, 0, 0], [0, 0, 0, 0]]
+  back_RT = packing.to_rows(seq_BL)  # padding blocks come back as zeros
+  assert back_RT.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0], [0, 0, 11, 12, 0, 0, 0, 0]]
+  # The custom gradient (a gather the other way) equals the plain gather's (a scatter-add).
+  w_BL = jax.random.normal(jax.random.key(0), seq_BL.shape)
+
+  def plain(x_RT):
+    padded = jnp.concatenate([x_RT.reshape(2, 4, 2), jnp.zeros((2, 1, 2))], 1)
+    return jnp.take_along_axis(padded, seq_blocks_RSW.reshape(2, 4)[..., None], 1).reshape(4, 4)
+
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(packing.to_sequences(x) * w_BL))(x_RT),
+                             jax.grad(lambda x: jnp.sum(plain(x) * w_BL))(x_RT), atol=1e-6)

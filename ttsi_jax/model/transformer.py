@@ -246,6 +246,19 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
 _attend = jax.checkpoint(_attend, prevent_cse=False)
 
 
+def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128) -> jax.Array:
+  """Causal self-attention in up to 4 query chunks, chunk c attending only to keys up to its end:
+  the keys after it are masked anyway, so this skips up to 3/8 of the work."""
+  L = q_BLNH.shape[1]
+  chunks = max(1, min(4, L // min_chunk))
+  n = L // chunks
+  if chunks == 1 or L % chunks:
+    return _attend(q_BLNH, k_BLKH, v_BLKH, mask_BLL)
+  return jnp.concatenate([
+      _attend(q_BLNH[:, c * n:(c + 1) * n], k_BLKH[:, :(c + 1) * n], v_BLKH[:, :(c + 1) * n],
+              mask_BLL[:, c * n:(c + 1) * n, :(c + 1) * n]) for c in range(chunks)], axis=1)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
@@ -272,7 +285,7 @@ class Attention(nn.Module):
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
       seq = packing.to_sequences
-      out_BTD = packing.to_rows(_attend(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS))
+      out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
