@@ -90,8 +90,8 @@ def _regather(x_RNc: jax.Array, index_RM: jax.Array, inverse_RN: jax.Array) -> j
   """out[r, m] = x[r, index[r, m]], where index N reads a zero block. When `index` maps slots to
   distinct blocks and `inverse` maps each block back to its slot (M: none), the gradient is the
   same gather the other way round, so neither direction needs a scatter (slow on CPU)."""
-  R, N = x_RNc.shape[:2]
-  padded = jnp.concatenate([x_RNc, jnp.zeros((R, 1) + x_RNc.shape[2:], x_RNc.dtype)], axis=1)
+  zero_block = jnp.zeros((x_RNc.shape[0], 1) + x_RNc.shape[2:], x_RNc.dtype)
+  padded = jnp.concatenate([x_RNc, zero_block], axis=1)
   return jax.vmap(lambda x, i: x.at[i].get(mode="promise_in_bounds"))(padded, index_RM)
 
 

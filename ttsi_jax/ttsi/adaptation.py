@@ -102,7 +102,7 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
     rows[r].append(i)
     used[r] += -(-len(sequences[i][1] + sequences[i][2]) // block)
   N = bucket(max(used))  # bucketed shapes: one compile per bucket
-  S = bucket(max(len(row) for row in rows), 1)
+  S = bucket(max(len(row) for row in rows))
   W = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
   I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
   T = N * block
