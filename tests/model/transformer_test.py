@@ -1,5 +1,7 @@
 """Our forward pass against transformers' own forward, with and without the KV cache."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +95,10 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   assert float(jnp.max(jnp.abs(out - ref))) < 0.1
 
 
-def test_chunked_causal_attention_equals_full_attention_with_its_gradient():
-  # 512 slots: 4 query chunks, each attending only to the keys up to its end; padded tail keys.
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_padding):
+  # 512 slots: 4 query chunks, each attending only to the keys up to its end. Sequence 1 is 300
+  # tokens: its last chunk is padding (skipped with skip_padding), as are its padded tail keys.
   L, N, K, H = 512, 4, 2, 8
   q, k, v = (jax.random.normal(key, (2, L, heads, H))
              for key, heads in zip(jax.random.split(jax.random.key(0), 3), (N, K, K)))
@@ -102,13 +106,16 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient():
   index = np.arange(L)
   mask_BLL = ((index[None, None, :] <= index[None, :, None])
               & (index[None, None, :] < length_B[..., None]))
-  cotangent = jax.random.normal(jax.random.key(1), (2, L, N * H))
-  for attend in (transformer._attend, transformer._attend_causal):
-    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask_BLL), q, k, v)
-    grads = vjp(cotangent)
+  valid_BL1 = (index[None, :] < length_B)[..., None]
+  # No loss reads a padding query's output, so none flows back from it.
+  cotangent = jax.random.normal(jax.random.key(1), (2, L, N * H)) * valid_BL1
+  chunked = functools.partial(transformer._attend_causal, skip_padding=skip_padding)
+  for attend in (transformer._attend, chunked):
+    out, grads = jax.jit(lambda q, k, v: (lambda out, vjp: (out, vjp(cotangent)))(
+        *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BLL), q, k, v)))(q, k, v)
     if attend is transformer._attend:
       want_out, want_grads = out, grads
-  np.testing.assert_allclose(out, want_out, atol=1e-5)
+  np.testing.assert_allclose(out * valid_BL1, want_out * valid_BL1, atol=1e-5)
   for got, want in zip(grads, want_grads):
     np.testing.assert_allclose(got, want, atol=1e-4)
 

@@ -54,10 +54,15 @@ def _reference(model, examples, rng, cfg):
       select[j, :len(a)], targets[j, :len(a)], weights[j, :len(a)] = (
           np.arange(len(p) - 1, len(p + a) - 1), a, 1)
     grads = _grad(params, adapter, tokens, positions, select, targets, weights, config=config)
-    opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
-    updates, opt_state = trainer.optimizer.update(grads, opt_state, adapter)
-    adapter = optax.apply_updates(adapter, updates)
+    adapter, opt_state = _adamw_step(trainer.optimizer, grads, opt_state, adapter, lr)
   return adapter
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
+  opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
+  updates, opt_state = optimizer.update(grads, opt_state, adapter)
+  return optax.apply_updates(adapter, updates), opt_state
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])

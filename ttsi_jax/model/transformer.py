@@ -246,17 +246,45 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
 _attend = jax.checkpoint(_attend, prevent_cse=False)
 
 
-def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128) -> jax.Array:
-  """Causal self-attention in up to 4 query chunks, chunk c attending only to keys up to its end:
-  the keys after it are masked anyway, so this skips up to 3/8 of the work."""
+# Causal query chunks: 8 measured 3-7% faster than 4 for a packed CPU step (SmolLM2-135M shapes).
+MAX_QUERY_CHUNKS = 8
+
+
+def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
+                   skip_padding: bool = False) -> jax.Array:
+  """Causal self-attention in up to 8 query chunks, chunk c attending only to keys up to its end:
+  the keys after it are masked anyway, so this skips up to 7/16 of the work.
+
+  `skip_padding` goes through the sequences one at a time and skips the chunks that hold only
+  padding (a sequence fills its slot from the start, so a chunk is padding when its first query
+  sees nothing). On CPU a branch skips real work, and a packed step's slots are all as long as its
+  longest sequence; on accelerators the sequences' attention is better batched.
+  """
   L = q_BLNH.shape[1]
-  chunks = max(1, min(4, L // min_chunk))
+  chunks = max(1, min(MAX_QUERY_CHUNKS, L // min_chunk))
   n = L // chunks
   if chunks == 1 or L % chunks:
     return _attend(q_BLNH, k_BLKH, v_BLKH, mask_BLL)
-  return jnp.concatenate([
-      _attend(q_BLNH[:, c * n:(c + 1) * n], k_BLKH[:, :(c + 1) * n], v_BLKH[:, :(c + 1) * n],
-              mask_BLL[:, c * n:(c + 1) * n, :(c + 1) * n]) for c in range(chunks)], axis=1)
+
+  def chunk(q_BLNH, k_BLKH, v_BLKH, mask_BLL, c):
+    return _attend(q_BLNH[:, c * n:(c + 1) * n], k_BLKH[:, :(c + 1) * n],
+                   v_BLKH[:, :(c + 1) * n], mask_BLL[:, c * n:(c + 1) * n, :(c + 1) * n])
+
+  if not skip_padding:
+    return jnp.concatenate([chunk(q_BLNH, k_BLKH, v_BLKH, mask_BLL, c) for c in range(chunks)],
+                           axis=1)
+
+  def one_sequence(qkvm):
+    q_1LNH, k_1LKH, v_1LKH, mask_1LL = (x[None] for x in qkvm)
+    outs = []
+    for c in range(chunks):
+      empty = jnp.zeros((1, n, q_1LNH.shape[2] * q_1LNH.shape[3]), q_1LNH.dtype)
+      outs.append(jax.lax.cond(mask_1LL[0, c * n, c * n],
+                               lambda *a, c=c: chunk(*a, c), lambda *a: empty,
+                               q_1LNH, k_1LKH, v_1LKH, mask_1LL))
+    return jnp.concatenate(outs, axis=1)[0]
+
+  return jax.lax.map(one_sequence, (q_BLNH, k_BLKH, v_BLKH, mask_BLL))
 
 
 class Attention(nn.Module):
@@ -285,7 +313,8 @@ class Attention(nn.Module):
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
       seq = packing.to_sequences
-      out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS))
+      out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS,
+                                                skip_padding=jax.default_backend() == "cpu"))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
