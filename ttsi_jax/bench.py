@@ -11,13 +11,15 @@
 - score (H): candidate log-likelihoods of BFCL prompts, ours (prompt prefilled once, candidates
   packed) beside a transformers forward pass per prompt + candidate.
 
-Compilation is excluded (one warm-up call). FLOPs are counted from the model's shapes, the same for
-both implementations (`model_flops`), and set beside the float32 matmul peak this run measures.
+Compilation is excluded (one warm-up call). FLOPs are counted from the model's shapes
+(`model_flops`) for the work each implementation does (the same for T; for H the reference runs
+each prompt again per candidate), and set beside the float32 matmul peak this run measures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -176,19 +178,20 @@ def bench_adapt(config) -> dict:
     return lambda: jax.block_until_ready(
         trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0])
 
-  rows = [("ttsi_jax packed, all adapters in one call", _best_time(ours(0), _REPEATS.value)),
-          ("ttsi_jax packed, one adapter per call", _best_time(ours(1), _REPEATS.value))]
+  rows = [(name, _best_time(ours(per_call), _REPEATS.value), flops)
+          for name, per_call in (("ttsi_jax packed, all adapters in one call", 0),
+                                 ("ttsi_jax packed, one adapter per call", 1))]
   if _REFERENCE.value:
     model = _hf_reference(config, config.model.dtype)
     peft_train(model, dataclasses.replace(cfg, epochs=1), data[:1], [0])  # warm-up
     rows.append(("transformers + PEFT, one after another",
                  min(peft_train(model, cfg, data, range(len(data)))
-                     for _ in range(_REPEATS.value))))
+                     for _ in range(_REPEATS.value)), flops))
   peak = matmul_peak()
   result = _table(f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
                   f"{tokens // len(sequences)} tokens per sequence on average, remat "
                   f"{cfg.remat}, best of {_REPEATS.value}",
-                  rows, tokens, flops, len(data) * steps_per_adapter, "adapter-step", peak,
+                  rows, tokens, len(data) * steps_per_adapter, "adapter-step", peak,
                   reference="transformers + PEFT, one after another")
   return {"stage": "adapt", "adapters": len(data), "steps_per_adapter": steps_per_adapter,
           "tokens": tokens, "flops": flops, **result}
@@ -206,9 +209,17 @@ def bench_score(config) -> dict:
     pre = exp.sampler.prefill(prompts, config.reserve)
     return exp.answerer.score(pre, examples)
 
-  sequences = [(len(p), 0) for p in prompts] + [
-      (len(p) + len(c), len(c)) for p, cs in zip(prompts, candidates) for c in cs]
-  rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value))]
+  # Each side's own work: ours runs each prompt once and each candidate's tokens after it (logits
+  # for the candidate tokens); the reference runs prompt + candidate for every candidate (logits
+  # for all its tokens, as a transformers forward computes them).
+  flops = functools.partial(model_flops, exp.model_config, train=False)
+  ours_flops = sum(flops([(len(p), 0)]) + sum(
+      flops([(len(p) + len(a), len(a))]) - flops([(len(p), 0)]) for a in cs)
+      for p, cs in zip(prompts, candidates))
+  reference_flops = sum(flops([(len(p) + len(a), len(p) + len(a))])
+                        for p, cs in zip(prompts, candidates) for a in cs)
+  rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value),
+           ours_flops)]
   if _REFERENCE.value:
     import torch
     model = _hf_reference(config, config.model.dtype).eval()
@@ -225,36 +236,37 @@ def bench_score(config) -> dict:
           out.append(logliks)
       return out
 
-    rows.append(("transformers forward per candidate", _best_time(reference, _REPEATS.value)))
-  flops = model_flops(exp.model_config, sequences, train=False)
-  tokens = sum(n for n, _ in sequences[:len(prompts)]) + sum(
+    rows.append(("transformers forward per candidate", _best_time(reference, _REPEATS.value),
+                 reference_flops))
+  tokens = sum(map(len, prompts)) + sum(
       len(c) for cs in candidates for c in cs)
   peak = matmul_peak()
   result = _table(f"H: {len(prompts)} BFCL prompts, {sum(map(len, candidates))} candidates, "
-                  f"best of {_REPEATS.value}", rows, tokens, flops, len(prompts), "prompt", peak,
+                  f"best of {_REPEATS.value}", rows, tokens, len(prompts), "prompt", peak,
                   reference="transformers forward per candidate")
-  return {"stage": "score", "prompts": len(prompts), "tokens": tokens, "flops": flops, **result}
+  return {"stage": "score", "prompts": len(prompts), "tokens": tokens, **result}
 
 
-def _table(title, rows, tokens, flops, units, unit, peak, reference) -> dict:
+def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
+  """Prints and returns rows of (implementation, seconds, FLOPs it computes)."""
   best_peak = max(peak.values())
   print(title)
-  print(f"FLOPs counted from the model's shapes (bench.model_flops): {flops / 1e9:.1f} GFLOP; "
-        "float32 matmul peak measured now: " + ", ".join(f"{k} {v:.1f} GFLOP/s"
-                                                          for k, v in peak.items()))
+  print("FLOPs counted from the model's shapes (bench.model_flops); float32 matmul peak measured "
+        "now: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
   print(f"{'implementation':<44}{'seconds':>9}{'s/' + unit:>16}{'tokens/s':>10}"
-        f"{'GFLOP/s':>9}{'of peak':>9}{'vs ref':>8}")
-  ref = dict(rows).get(reference)
+        f"{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'vs ref':>8}")
+  ref = {name: seconds for name, seconds, _ in rows}.get(reference)
   out = []
-  for name, seconds in rows:
+  for name, seconds, flops in rows:
     entry = {"implementation": name, "seconds": seconds, f"seconds_per_{unit}": seconds / units,
-             "tokens_per_s": tokens / seconds, "gflop_per_s": flops / seconds / 1e9,
+             "tokens_per_s": tokens / seconds, "flops": flops, "gflop_per_s": flops / seconds / 1e9,
              "fraction_of_peak": flops / seconds / 1e9 / best_peak,
              "vs_reference": ref / seconds if ref else None}
     out.append(entry)
     vs = f"{entry['vs_reference']:.2f}x" if ref else "-"
     print(f"{name:<44}{seconds:>9.2f}{seconds / units:>16.2f}{entry['tokens_per_s']:>10.1f}"
-          f"{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}{vs:>8}")
+          f"{flops / 1e9:>8.0f}{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}"
+          f"{vs:>8}")
   return {"matmul_peak_gflop_per_s": peak, "rows": out, "platform": jax.devices()[0].platform,
           "devices": jax.device_count()}
 

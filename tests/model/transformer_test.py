@@ -67,6 +67,32 @@ def test_left_padding_does_not_change_logits(hf_checkpoints):
   np.testing.assert_allclose(np.asarray(logits)[:, pad:], np.asarray(alone), atol=1e-5, rtol=0)
 
 
+def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_checkpoints):
+  # 512 left-padded prompt slots: 4 query chunks of 128. Row 1 holds 200 tokens, so its first two
+  # chunks are padding (skipped on CPU) and its third is part padding, part prompt.
+  folder, _ = hf_checkpoints["llama"]
+  config, params = hf.load(folder)
+  P, lengths = 512, (512, 200)
+  tokens = random_tokens(2, P, seed=2)
+  positions = np.stack([np.arange(P) - (P - n) for n in lengths]).astype(np.int32)
+  positions[positions < 0] = -1
+  valid = positions >= 0
+  run = jax.jit(lambda prefill: transformer.forward(
+      config, params, tokens, positions, KVCache.init(config, 2, P + 8), prefill=prefill),
+      static_argnums=0)
+  (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
+  np.testing.assert_allclose(np.asarray(chunked)[valid], np.asarray(full)[valid], atol=1e-4)
+  for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH),
+                    (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):
+    np.testing.assert_allclose(np.asarray(got)[:, :, :P][:, valid],
+                               np.asarray(want)[:, :, :P][:, valid], atol=1e-4)
+  # Decoding on from the chunked prefill gives the same next logits.
+  next_tokens, next_positions = random_tokens(2, 1, seed=3), np.array([[P], [200]], np.int32)
+  after = [transformer.forward(config, params, next_tokens, next_positions, cache)[0]
+           for cache in (chunked_cache, full_cache)]
+  np.testing.assert_allclose(np.asarray(after[0]), np.asarray(after[1]), atol=1e-4)
+
+
 def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
   """Bitwise on CPU, where CI runs. (XLA:GPU compiles the graph with the zero branch differently:
   up to 6e-5 apart at `highest` matmul precision on an H200.)"""

@@ -256,9 +256,9 @@ def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
   the keys after it are masked anyway, so this skips up to 7/16 of the work.
 
   `skip_padding` goes through the sequences one at a time and skips the chunks that hold only
-  padding (a sequence fills its slot from the start, so a chunk is padding when its first query
-  sees nothing). On CPU a branch skips real work, and a packed step's slots are all as long as its
-  longest sequence; on accelerators the sequences' attention is better batched.
+  padding (no query of the chunk sees itself). On CPU a branch skips real work, and a packed step's
+  slots are all as long as its longest sequence, a batch of prompts as long as its longest prompt;
+  on accelerators the sequences' attention is better batched.
   """
   L = q_BLNH.shape[1]
   chunks = max(1, min(MAX_QUERY_CHUNKS, L // min_chunk))
@@ -279,7 +279,8 @@ def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
     empty = jnp.zeros((1, n, q_1LNH.shape[2] * q_1LNH.shape[3]), q_1LNH.dtype)
     outs = []
     for c in range(chunks):
-      outs.append(jax.lax.cond(mask_1LL[0, c * n, c * n],
+      real_n = jnp.diagonal(mask_1LL[0])[c * n:(c + 1) * n]
+      outs.append(jax.lax.cond(jnp.any(real_n),
                                lambda *a, c=c: chunk(*a, c), lambda *a: empty,
                                q_1LNH, k_1LKH, v_1LKH, mask_1LL))
     return jnp.concatenate(outs, axis=1)[0]
@@ -289,6 +290,7 @@ def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
 
 class Attention(nn.Module):
   config: ModelConfig
+  prefill: bool = False  # see `forward`
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None):
@@ -311,10 +313,11 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    skip_padding = jax.default_backend() == "cpu"
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
       seq = packing.to_sequences
       out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS,
-                                                skip_padding=jax.default_backend() == "cpu"))
+                                                skip_padding=skip_padding))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
@@ -331,7 +334,10 @@ class Attention(nn.Module):
       v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
 
-    out_BTD = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    if self.prefill:  # the cache held nothing before these tokens: they attend to each other only
+      out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
+    else:
+      out_BTD = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp)
     return out_BTD, new_kv
 
@@ -353,6 +359,7 @@ class Block(nn.Module):
   """One pre-norm decoder layer; scanned over the layer axis by `Transformer`."""
 
   config: ModelConfig
+  prefill: bool = False  # see `forward`
 
   @nn.compact
   def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing):
@@ -360,7 +367,7 @@ class Block(nn.Module):
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
-    h, new_kv = Attention(c, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
+    h, new_kv = Attention(c, self.prefill, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
                                          lora_hp, packing)
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
@@ -374,6 +381,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   config: ModelConfig
   remat: bool = True  # training keeps only each layer's input for the backward pass
+  prefill: bool = False  # see `forward`
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, lora=None,
@@ -415,7 +423,7 @@ class Transformer(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers,
-    )(c, name="layers")
+    )(c, self.prefill, name="layers")
     carry, _ = layers(carry, jnp.arange(c.num_layers), lora, positions_BT, mask_BTS, start,
                       tuple(jnp.asarray(v, c.dtype) for v in lora_hp), packing)
     x_BTD, k_cache, v_cache = carry
@@ -434,7 +442,8 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=None, lora=None,
-            *, segments_BT=None, select_BI=None, dropout_rng=None, packing=None, remat=True):
+            *, segments_BT=None, select_BI=None, dropout_rng=None, packing=None, remat=True,
+            prefill=False):
   """Pure forward pass: (logits float32, updated cache or None).
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
@@ -444,13 +453,16 @@ def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=
   LoRA dropout (training only). `packing` runs packed training rows: `lora` then holds A adapters
   (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its own (see `Packing`).
   `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
+  `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that positions rise
+  along each row (left-padded prompts): the tokens then attend to each other in causal query
+  chunks, not over all the cache's slots (the free slots after the prompt hold nothing to see).
   """
   if lora is None:
     weights, hp = None, (1.0, 0.0)
   else:
     weights, hp = lora.weights, (lora.scale, lora.dropout)
   rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
-  return Transformer(config, remat).apply({"params": params}, tokens_BT, positions_BT, cache,
+  return Transformer(config, remat, prefill).apply({"params": params}, tokens_BT, positions_BT, cache,
                                           weights, hp, segments_BT, select_BI, packing, rngs=rngs)
 
 

@@ -107,7 +107,7 @@ def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
   cache = KVCache.init(config, B, length)
   last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
   logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
-                                          select_BI=last_B1)
+                                          select_BI=last_B1, prefill=True)
   return Prefix(cache, logits_B1V[:, 0], jnp.max(positions_BP, axis=1) + 1)
 
 
