@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
 from ttsi_jax.ttsi import adaptation
 from ttsi_jax.ttsi.adaptation import AdaptConfig
 
@@ -166,11 +167,14 @@ def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
 
 def test_waves_in_the_same_buckets_compile_once(model):
   config, params = model
+  # On a mesh, as the main job runs: the step's inputs keep one sharding from step to step.
+  params = jax.device_put(params, sharding.params_sharding(sharding.make_mesh(), params))
   trainer = adaptation.Trainer(config, CFG)
   rngs = jax.random.split(jax.random.key(6), 3)
   # Two waves of 3 adapters whose packed shapes fall in the same buckets, then a longer one.
   trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3)], 0, rngs)
   compiled = trainer.step._cache_size()
+  assert compiled == 1  # all 3 epochs' steps of the wave in one program
   trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3, 6)], 0, rngs)
   assert trainer.step._cache_size() == compiled
   trainer.train_all(params, [_examples(s, 1, 300, 301) for s in range(3)], 0, rngs)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
@@ -253,6 +254,9 @@ class Trainer:
     mesh = sharding.mesh_of(params)
     init_rngs_A, dropout_rngs_A = jnp.unstack(jax.vmap(jax.random.split)(rngs_A), axis=1)
     adapters, opt_states = self.init(init_rngs_A)
+    if mesh is not None:  # replicated, as the step returns them: else its 2nd call compiles again
+      adapters, opt_states = jax.device_put((adapters, opt_states),
+                                            NamedSharding(mesh, PartitionSpec()))
     losses = []
     for s, step in enumerate(steps):
       # One dropout key per step (dropout > 0 draws its masks over the packed rows).
