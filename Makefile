@@ -27,6 +27,7 @@ demo: $(VENV)/.base
 	$(PY) -m ttsi_jax.main --config=configs/default.py --workdir=workdir/default
 
 test: $(VENV)/.test
+	$(PY) -m ruff check .  # lint rules: ruff.toml
 	# Two workers: most tests are single-threaded XLA compiles of tiny models.
 	$(PY) -m pytest -q -n 2 --durations=10 tests
 

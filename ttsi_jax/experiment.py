@@ -1,12 +1,12 @@
 """The TT-SI run: load model and task, process test inputs in waves, write results, report.
 
-Per wave of inputs (top to bottom, no back and forth):
-  prefill the prompts once -> H: score candidate actions, margin / entropy, flags
-  -> base answers -> G: synthesize K pairs for the inputs some variant adapts (self and/or teacher)
-  -> T: one vmapped training call for every (variant, input) adapter of the wave
-  -> adapted answers (prefill + decode vmapped over the adapters), ICL answers, and the answers of
-     the sft baseline (one adapter trained on other categories before the first wave)
-  -> check -> append one JSON line per input to results.jsonl (flushed per wave).
+Per wave of inputs, `run_wave` calls one stage after another (see its body):
+  prefill the prompts once -> H (`measure`): candidate scores, margin / entropy, flags
+  -> base answers -> G (`synthesize`): pairs for the inputs a variant needs (self and/or teacher)
+  -> `variants.plan_adapters`: one adapter per data source and input (the variant table decides)
+  -> T (`train`): packed training of the wave's adapters
+  -> `answer_variants`: per-input adapters, the sft baseline and ICL prompts, through one path
+  -> check (`_record`) -> one JSON line per input in results.jsonl (flushed per wave).
 A run restarted with the same workdir skips the finished waves; every random key is derived from
 the seed and the input id, so the resumed run ends with the same metrics as an uninterrupted one.
 """
@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ttsi_jax import checkpoints, multihost
+from ttsi_jax import checkpoints, config_schema, multihost
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
@@ -40,14 +40,9 @@ from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example, Task
 from ttsi_jax.text import constrained
 from ttsi_jax.text import sampler as sampler_lib
-from ttsi_jax.text import tokenizer as tokenizer_lib
-from ttsi_jax.text.sampler import SamplingParams
-from ttsi_jax.ttsi import adaptation, synthesis, uncertainty
+from ttsi_jax.ttsi import adaptation, answering, synthesis, uncertainty
+from ttsi_jax.ttsi import variants as variants_lib
 
-VARIANTS = ("base", "ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle", "sft")
-TRAINED = ("ttsi", "ttd", "all_inputs", "certain_only", "oracle")
-DATA_SOURCE = {"ttsi": "self", "all_inputs": "self", "certain_only": "self", "ttd": "teacher",
-               "oracle": "gold"}  # what each trained variant's adapter learns from
 MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl",)
 STAGES = ("H", "base", "G", "T", "adapted", "check")
@@ -67,17 +62,6 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f"Unknown {what} {unknown or names!r}; valid {what}s are {list(valid)}.")
   return names
-
-
-def _check_positive(config: ml_collections.ConfigDict, variants: Sequence[str]) -> None:
-  """Sizes that must be at least 1 (0 would divide by zero or silently adapt nothing)."""
-  fields = ("wave_size", "reserve", "synthesis.k", "adaptation.rank", "adaptation.epochs",
-            "adaptation.batch_size", "decoding.num_samples", "decoding.max_new_tokens")
-  if "sft" in variants:
-    fields += ("sft.epochs", "sft.batch_size")
-  bad = [f"{f}={config[f]}" for f in fields if config[f] < 1]
-  if bad:
-    raise ValueError(f"{', '.join(bad)}: must be at least 1.")
 
 
 def _check_teacher(t: ml_collections.ConfigDict) -> None:
@@ -113,9 +97,6 @@ def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
                      f"{config.task.category!r}; train the baseline on other categories.")
   if bfcl.IRRELEVANCE in categories:
     raise ValueError("sft.categories: 'irrelevance' has no gold calls to train on.")
-  if config.sft.num_examples < 0 or config.sft.learning_rate <= 0:
-    raise ValueError(f"sft.num_examples={config.sft.num_examples} (0 = all) must not be negative "
-                     f"and sft.learning_rate={config.sft.learning_rate} must be positive.")
   tasks = [bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None)
            for c in categories]
   if not any(task.examples() for task in tasks):
@@ -136,142 +117,15 @@ def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
                     for n in names])
 
 
-@dataclasses.dataclass
-class Answerer:
-  """Answers prefilled prompts: picks the function by likelihood, then writes the call."""
-
-  task: Task
-  sampler: sampler_lib.Sampler
-  tokenizer: tokenizer_lib.Tokenizer
-  decoder: constrained.CallDecoder
-  well_formed: bool
-  max_new_tokens: int
-  num_samples: int
-  temperature: float
-  top_p: float
-
-  def score(self, pre, examples: Sequence[Example], candidates=None):
-    """RSS statistics over the task's candidate actions (or the given candidate strings)."""
-    enc = self.tokenizer.encode
-    candidates = candidates or [self.task.candidates(ex) for ex in examples]
-    loglik, counts = uncertainty.score_after(self.sampler, pre,
-                                             [[enc(c) for c in cands] for cands in candidates])
-    stats = jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
-    stats["candidates"] = candidates
-    return stats
-
-  def sampled_call_stats(self, pre, examples, stats, rng, num_samples: int):
-    """Uncertainty for inputs offering a single function (where the name margin is always 1):
-    sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
-    a model that cannot write the call is not certain of it), score each as a candidate.
-    Returns `stats` with those inputs' margin / entropy / probs / candidates replaced."""
-    single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
-    if not single or num_samples <= 0:
-      return stats
-    runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
-            for s in range(num_samples)]
-    candidates = list(stats["candidates"])
-    for i in single:
-      ex = examples[i]
-      calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
-      fit = uncertainty.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
-      if not fit:
-        raise ValueError(f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
-                         "cache slots to be scored; raise config.reserve.")
-      if fit < len(calls):
-        logging.warning("Input %s: scoring %d of its %d distinct sampled answers (the rest do not "
-                        "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
-                        len(calls), pre.free())
-      candidates[i] = calls[:fit]
-    calls = self.score(pre, examples, candidates)
-    out = dict(stats, candidates=list(stats["candidates"]))
-    for key in ("margin", "entropy"):
-      out[key] = np.where(np.isin(np.arange(len(stats[key])), single), calls[key], stats[key])
-    out["probs"], out["perplexity"] = list(stats["probs"]), list(stats["perplexity"])
-    for i in single:
-      out["probs"][i], out["perplexity"][i] = calls["probs"][i], calls["perplexity"][i]
-      out["candidates"][i] = candidates[i]
-    return out
-
-  def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
-    names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
-    sampling = SamplingParams(self.max_new_tokens, self.temperature if sample else 0.0,
-                              self.top_p if sample else 1.0)
-    if self.well_formed:
-      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
-                                 rng=rng)
-    outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
-    return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
-
-  def answers(self, pre, examples, stats, rng, modes) -> dict:
-    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}. The direct
-    answer calls the most likely function; under well-formed decoding each sample first draws
-    its function from the RSS probabilities (at the sampling temperature), so voting and pass@k
-    can also change the function, as free sampling can."""
-    out = {"direct": self.answer(pre, examples, stats["best"], rng, sample=False)}
-    if set(modes) - {"direct"}:
-      runs = []
-      for s in range(self.num_samples):
-        keys = sampler_lib.fold_in(rng, s + 1)
-        functions = (self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
-                     if self.well_formed else stats["best"])
-        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0),
-                                sample=True))
-      out["samples"] = [list(r) for r in zip(*runs)]
-    return out
-
-  def draw_functions(self, examples, stats, keys_R) -> np.ndarray:
-    """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
-    if self.temperature <= 0:  # greedy "samples": the most likely function
-      return np.asarray(stats["best"])[:len(examples)]
-    logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
-                        np.float32)
-    for i, ex in enumerate(examples):
-      n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
-      probs = np.asarray(stats["probs"][i][:n], np.float64) if n > 1 else np.ones(1)
-      logits_RN[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
-    return np.asarray(jax.vmap(jax.random.categorical)(keys_R, jnp.asarray(logits_RN)))
-
-
-def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:
-  """The non-empty answers, one per canonical call form (unparseable ones by their text), in
-  first-seen order."""
-  seen, out = set(), []
-  for a in answers:
-    key = task.canonical(a) or ("text", a.strip())
-    if a.strip() and key not in seen:
-      seen.add(key)
-      out.append(a)
-  return out
-
-
-def _verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
-  """Correctness per mode: direct (always: the flag metrics need it); majority vote over canonical
-  samples; pass@k."""
-  out = {"direct": task.check(ex, answers["direct"]).correct}
-  samples = answers.get("samples", [])
-  if "majority" in modes:
-    votes = collections.Counter(c for c in map(task.canonical, samples) if c is not None)
-    winner = votes.most_common(1)[0][0] if votes else None
-    chosen = next((s for s in samples if task.canonical(s) == winner), "")
-    out["majority"] = task.check(ex, chosen).correct if winner is not None else False
-  if "pass@k" in modes:
-    out["pass@k"] = any(task.check(ex, s).correct for s in samples)
-  return out
-
-
 class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_schema.validate(config)
     self.config = config
     self.workdir = workdir
-    self.variants = _names(config.variants, VARIANTS, "variant")
+    self.variants = _names(config.variants, variants_lib.NAMES, "variant")
     self.modes = _names(config.decoding.modes, MODES, "mode")
-    if config.uncertainty.measure not in ("margin", "entropy"):
-      raise ValueError(f"Unknown uncertainty measure {config.uncertainty.measure!r}; valid: "
-                       "['margin', 'entropy'].")
     if "ttd" in self.variants:
       _check_teacher(config.teacher)
-    _check_positive(config, self.variants)
     self.task = make_task(config.task)
     for row_id, reason in self.task.skipped:
       logging.warning("Skipped malformed row %s: %s", row_id, reason)
@@ -283,27 +137,22 @@ class Experiment:
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
-    self.model_config, self.params = checkpoints.load(config.model.path, config.model.dtype,
-                                                      self.mesh)
-    self.tokenizer = tokenizer_lib.load(config.model.path)
-    self.sampler = sampler_lib.Sampler(self.model_config, self.params, self.tokenizer.stop_ids,
-                                       self.tokenizer.pad_id)
+    model = sampler_lib.load_model(config.model.path, config.model.dtype, self.mesh)
+    self.model_config, self.params = model.config, model.params
+    self.tokenizer, self.sampler = model.tokenizer, model.sampler
     d = config.decoding
     self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens,
                                            d.max_args)
-    self.answerer = Answerer(self.task, self.sampler, self.tokenizer, self.decoder, d.well_formed,
-                             d.max_new_tokens, d.num_samples, d.temperature, d.top_p)
-    s = config.synthesis
-    self.synth_cfg = synthesis.SynthesisConfig(s.k, s.well_formed, s.validate, s.temperature,
-                                               s.top_p, s.max_request_tokens, s.max_free_tokens)
+    self.answerer = answering.Answerer(self.task, self.sampler, self.tokenizer, self.decoder,
+                                       d.well_formed, d.max_new_tokens, d.num_samples,
+                                       d.temperature, d.top_p)
+    self.synth_cfg = config_schema.build(synthesis.SynthesisConfig, config.synthesis)
     self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg,
                                                  config.reserve)
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
-    self.adapt_cfg = adaptation.AdaptConfig(
-        a.rank, a.alpha, a.dropout, tuple(_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")),
-        a.learning_rate, a.epochs, a.batch_size, a.warmup_ratio, a.weight_decay, a.max_grad_norm,
-        remat=a.remat)
+    self.adapt_cfg = config_schema.build(
+        adaptation.AdaptConfig, a, targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target"))
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
@@ -314,15 +163,11 @@ class Experiment:
     t = self.config.teacher
     if t.kind == "endpoint":
       return synthesis.EndpointSynthesizer(
-          self.task, synthesis.EndpointConfig(t.base_url, t.model, t.api_key_env, t.timeout_s,
-                                              t.retries, t.backoff_s, t.max_tokens,
-                                              t.request_json),
-          self.synth_cfg)
-    config, params = checkpoints.load(t.path, self.config.model.dtype, self.mesh)
-    tokenizer = tokenizer_lib.load(t.path)
-    sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+          self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg)
+    teacher = sampler_lib.load_model(t.path, self.config.model.dtype, self.mesh)
     d = self.config.decoding
-    decoder = constrained.CallDecoder(sampler, tokenizer, d.max_value_tokens, d.max_args)
+    decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens,
+                                      d.max_args)
     return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)
 
   # ------------------------------------------------------------------- the inductive baseline
@@ -350,7 +195,8 @@ class Experiment:
       else:
         if saved is not None:
           logging.warning("sft: %s was trained under other settings; training it anew.", path)
-        data = [self._training_example(ex, ex.question, task.gold_answer(ex), task)
+        data = [adaptation.training_example(self.tokenizer, task, ex, ex.question,
+                                            task.gold_answer(ex))
                 for task in self.sft_tasks for ex in task.examples()]
         sft = self.config.sft
         cfg = dataclasses.replace(self.adapt_cfg, learning_rate=sft.learning_rate,
@@ -392,12 +238,6 @@ class Experiment:
                    "scale": adapter.scale, "dropout": adapter.dropout})
     return kept
 
-  def _training_example(self, ex: Example, request: str, call: str,
-                        task: Task | None = None) -> tuple[list, list]:
-    prompt_ex = dataclasses.replace(ex, question=request)
-    prompt = self.tokenizer.encode_chat((task or self.task).prompt(prompt_ex))
-    return prompt, self.tokenizer.encode(call) + [self.tokenizer.end_of_turn_id]
-
   def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
     msgs = self.task.prompt(ex)
     demos = []
@@ -407,153 +247,152 @@ class Experiment:
 
   def run_wave(self, wave: int, examples: list[Example], timer) -> tuple[list[dict], list[dict]]:
     """(one record per input, the adapters to keep)."""
-    cfg, seed = self.config, self.config.seed
+    seed = self.config.seed
     ids = [ex.id for ex in examples]
-    enc_prompts = [self.tokenizer.encode_chat(self.task.prompt(ex)) for ex in examples]
-
+    prompts = [self.tokenizer.encode_chat(self.task.prompt(ex)) for ex in examples]
     with timer("H"):
-      pre = self.sampler.prefill(enc_prompts, cfg.reserve)
-      u = cfg.uncertainty
-      stats = self.answerer.score(pre, examples)
-      stats = self.answerer.sampled_call_stats(pre, examples, stats, _keys(seed, "H", ids),
-                                               u.sampled_candidates)
-      threshold = u.tau if u.measure == "margin" else u.entropy_threshold
-      flags = uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
+      pre = self.sampler.prefill(prompts, self.config.reserve)
+      stats, flags = self.measure(pre, examples)
     with timer("base"):
-      base = self.answerer.answers(pre, examples, stats, _keys(seed, "base", ids),
-                                   self.modes)
-
-    # Which inputs each variant adapts (or, for ICL, demonstrates on).
-    targets = {"ttsi": flags, "ttsi_icl": flags, "ttd": flags, "all_inputs": np.ones_like(flags),
-               "certain_only": ~flags, "oracle": np.ones_like(flags), "sft": np.ones_like(flags)}
-    need_self = np.zeros_like(flags)
-    for v in ("ttsi", "ttsi_icl", "all_inputs", "certain_only"):
-      if v in self.variants:
-        need_self |= targets[v]
+      base = self.answerer.answers(pre, examples, stats, _keys(seed, "base", ids), self.modes)
     with timer("G"):
-      self_pairs = [None] * len(examples)
-      chosen = [i for i in range(len(examples)) if need_self[i]]
-      if chosen:
-        for i, pairs in zip(chosen, self.self_synth.synthesize(
-            [examples[i] for i in chosen], _keys(seed, "synth", [ids[i] for i in chosen]))):
-          self_pairs[i] = pairs
-      teacher_pairs = [None] * len(examples)
-      if self.teacher is not None:
-        chosen = [i for i in range(len(examples)) if flags[i]]
-        if chosen:
-          for i, pairs in zip(chosen, self.teacher.synthesize(
-              [examples[i] for i in chosen], _keys(seed, "teacher", [ids[i] for i in chosen]))):
-            teacher_pairs[i] = pairs if pairs is not None else "failed"
-
-    # Adapter jobs: (data source, input index, training examples), one per distinct source and
-    # input; the variants that train on the same data share its adapter (job_of[(variant, i)]).
-    jobs, job_of, by_source = [], {}, {}
-    for v in self.variants:
-      if v not in TRAINED:
-        continue
-      source = DATA_SOURCE[v]
-      for i, ex in enumerate(examples):
-        if not targets[v][i]:
-          continue
-        if (source, i) not in by_source:
-          if source == "gold":
-            data = [self._training_example(ex, ex.question, self.task.gold_answer(ex))]
-          else:
-            pairs = teacher_pairs[i] if source == "teacher" else self_pairs[i]
-            usable = [p for p in pairs if p.kept] if isinstance(pairs, list) else []
-            data = [self._training_example(ex, p.request, p.call) for p in usable]
-          by_source[(source, i)] = len(jobs) if data else None
-          if data:
-            jobs.append((source, i, data))
-        if by_source[(source, i)] is not None:
-          job_of[(v, i)] = by_source[(source, i)]
-    # Keys by input alone: every data source starts from the same adapter init on an input, so
-    # variants differ by their data, not by their random draws.
-    job_ids = [ids[i] for _, i, _ in jobs]
+      self_pairs, teacher_pairs = self.synthesize(examples, flags)
+    plan = variants_lib.plan_adapters(
+        self.variants, flags, self._data_for(examples, self_pairs, teacher_pairs))
     with timer("T"):
-      adapters, losses, kept = None, None, []
-      if jobs:
-        adapters, losses = self.trainer.train_all(self.params, [j[2] for j in jobs],
-                                                  self.tokenizer.pad_id,
-                                                  _keys(seed, "adapter", job_ids),
-                                                  self.adapters_per_call)
-        kept = self._adapters_to_keep(job_of, ids, adapters)
-
-    adapted = {}  # (variant, i) -> answers
+      adapters, losses = self.train(plan, ids)
+      kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
     with timer("adapted"):
-      if jobs:
-        job_examples = [examples[i] for _, i, _ in jobs]
-        pre_a = self.sampler.prefill([enc_prompts[i] for _, i, _ in jobs], cfg.reserve, adapters,
-                                     lora_per_row=True)
-        adapted_stats = self.answerer.score(pre_a, job_examples)
-        answers = self.answerer.answers(pre_a, job_examples, adapted_stats,
-                                        _keys(seed, "adapted", job_ids), self.modes)
-        for (v, i), j in job_of.items():
-          adapted[(v, i)] = {k: vals[j] for k, vals in answers.items()}
-      if "sft" in self.variants:
-        pre_sft = self.sampler.prefill(enc_prompts, cfg.reserve, self.sft_adapter)
-        sft_stats = self.answerer.score(pre_sft, examples)
-        answers = self.answerer.answers(pre_sft, examples, sft_stats, _keys(seed, "sft", ids),
-                                        self.modes)
-        for i in range(len(examples)):
-          adapted[("sft", i)] = {k: vals[i] for k, vals in answers.items()}
-      if "ttsi_icl" in self.variants:
-        icl = [i for i in range(len(examples)) if flags[i] and self_pairs[i]
-               and any(p.kept for p in self_pairs[i])]
-        if icl:
-          pre_icl = self.sampler.prefill(
-              [self._icl_prompt(examples[i], [p for p in self_pairs[i] if p.kept]) for i in icl],
-              cfg.reserve)
-          icl_examples = [examples[i] for i in icl]
-          icl_stats = self.answerer.score(pre_icl, icl_examples)
-          answers = self.answerer.answers(pre_icl, icl_examples, icl_stats,
-                                          _keys(seed, "icl", [ids[i] for i in icl]), self.modes)
-          for j, i in enumerate(icl):
-            adapted[("ttsi_icl", i)] = {k: vals[j] for k, vals in answers.items()}
-
+      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, self_pairs)
     with timer("check"):
-      records = []
-      for i, ex in enumerate(examples):
-        base_answers = {k: vals[i] for k, vals in base.items()}
-        base_verdict = _verdicts(self.task, ex, base_answers, self.modes)
-        record = {
-            "wave": wave, "id": ex.id,
-            "margin": float(stats["margin"][i]), "entropy": float(stats["entropy"][i]),
-            "candidates": list(stats["candidates"][i]),
-            "probs": [float(p) for p in stats["probs"][i][:len(stats["candidates"][i])]],
-            "perplexity": [float(p) for p in
-                           stats["perplexity"][i][:len(stats["candidates"][i])]],
-            "uncertain": bool(flags[i]),
-            "base": {"answer": base_answers["direct"], "correct": base_verdict,
-                     "error": self.task.check(ex, base_answers["direct"]).error,
-                     **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
-            "pairs": [dataclasses.asdict(p) for p in self_pairs[i] or []],
-            "variants": {},
-        }
-        if self.teacher is not None and flags[i]:
-          tp = teacher_pairs[i]
-          record["teacher_pairs"] = tp if tp == "failed" else [dataclasses.asdict(p)
-                                                               for p in tp or []]
-        for v in self.variants:
-          if v == "base":
-            continue
-          answers = adapted.get((v, i))
-          if answers is None:  # not adapted (certain / no usable pairs / teacher failed)
-            reason = ("not targeted" if not targets[v][i] else
-                      "teacher failed" if v == "ttd" and teacher_pairs[i] == "failed" else
-                      "no kept pairs")
-            record["variants"][v] = {"adapted": False, "reason": reason,
-                                     "answer": base_answers["direct"], "correct": base_verdict,
-                                     "error": record["base"]["error"]}
-          else:
-            record["variants"][v] = {"adapted": True, "answer": answers["direct"],
-                                     "correct": _verdicts(self.task, ex, answers, self.modes),
-                                     "error": self.task.check(ex, answers["direct"]).error}
-        for (v, i2), j in job_of.items():
-          if i2 == i:
-            record["variants"][v]["losses"] = [float(x) for x in losses[:, j] if not np.isnan(x)]
-        records.append(record)
+      records = [self._record(wave, i, ex, stats, flags, base, self_pairs, teacher_pairs, adapted,
+                              plan, losses) for i, ex in enumerate(examples)]
     return records, kept
+
+  def measure(self, pre, examples: list[Example]) -> tuple[dict, np.ndarray]:
+    """H: the candidate statistics of each input and its uncertainty flag."""
+    u = self.config.uncertainty
+    stats = self.answerer.score(pre, examples)
+    stats = self.answerer.sampled_call_stats(
+        pre, examples, stats, _keys(self.config.seed, "H", [ex.id for ex in examples]),
+        u.sampled_candidates)
+    threshold = u.tau if u.measure == "margin" else u.entropy_threshold
+    return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
+
+  def synthesize(self, examples: list[Example], flags: np.ndarray) -> tuple[list, list]:
+    """G: per input, the self-written pairs (None where no variant needs them) and the
+    teacher's (None where not needed, TEACHER_FAILED where its requests failed)."""
+    self_pairs, teacher_pairs = [None] * len(examples), [None] * len(examples)
+    for source, synthesizer, out in (("self", self.self_synth, self_pairs),
+                                     ("teacher", self.teacher, teacher_pairs)):
+      chosen = variants_lib.inputs_needing(source, self.variants, flags)
+      if not chosen or synthesizer is None:
+        continue
+      keys = _keys(self.config.seed, "synth" if source == "self" else "teacher",
+                   [examples[i].id for i in chosen])
+      for i, pairs in zip(chosen, synthesizer.synthesize([examples[i] for i in chosen], keys)):
+        out[i] = variants_lib.TEACHER_FAILED if source == "teacher" and pairs is None else pairs
+    return self_pairs, teacher_pairs
+
+  def _data_for(self, examples, self_pairs, teacher_pairs):
+    """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""
+    def data_for(source: str, i: int) -> list:
+      ex = examples[i]
+      if source == "gold":
+        return [adaptation.training_example(self.tokenizer, self.task, ex, ex.question,
+                                            self.task.gold_answer(ex))]
+      pairs = teacher_pairs[i] if source == "teacher" else self_pairs[i]
+      return [adaptation.training_example(self.tokenizer, self.task, ex, p.request, p.call)
+              for p in (pairs if isinstance(pairs, list) else []) if p.kept]
+    return data_for
+
+  def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
+    """T: (adapters [J, ...], losses [S, J]) for the plan's jobs; (None, None) when none.
+    Keys by input alone: every data source starts from the same adapter init on an input, so
+    variants differ by their data, not by their random draws."""
+    if not plan.jobs:
+      return None, None
+    keys = _keys(self.config.seed, "adapter", [ids[job.input] for job in plan.jobs])
+    return self.trainer.train_all(self.params, [job.data for job in plan.jobs],
+                                  self.tokenizer.pad_id, keys, self.adapters_per_call)
+
+  def answer_variants(self, plan, adapters, examples, prompts, flags, self_pairs) -> dict:
+    """The answers of every variant that does not answer as base: {(variant, input): answers}.
+    Each way of answering prefills its prompts once (per-input adapters, the sft adapter, ICL
+    prompts with the kept pairs) and answers through the same `Answerer`."""
+    seed, reserve, ids = self.config.seed, self.config.reserve, [ex.id for ex in examples]
+    adapted = {}
+
+    def answer(stage, rows, prompts_of_rows, **prefill):
+      rows_examples = [examples[i] for i in rows]
+      pre = self.sampler.prefill(prompts_of_rows, reserve, **prefill)
+      stats = self.answerer.score(pre, rows_examples)
+      answers = self.answerer.answers(pre, rows_examples, stats,
+                                      _keys(seed, stage, [ids[i] for i in rows]), self.modes)
+      return [{k: vals[r] for k, vals in answers.items()} for r in range(len(rows))]
+
+    if plan.jobs:
+      rows = [job.input for job in plan.jobs]
+      by_job = answer("adapted", rows, [prompts[i] for i in rows], lora=adapters,
+                      lora_per_row=True)
+      for (v, i), j in plan.job_of.items():
+        adapted[(v, i)] = by_job[j]
+    if "sft" in self.variants:
+      rows = list(range(len(examples)))
+      for i, answers in zip(rows, answer("sft", rows, prompts, lora=self.sft_adapter)):
+        adapted[("sft", i)] = answers
+    if "ttsi_icl" in self.variants:
+      demos = {i: [p for p in self_pairs[i] or [] if p.kept]
+               for i in np.flatnonzero(variants_lib.targets("ttsi_icl", flags)).tolist()}
+      rows = [i for i, pairs in demos.items() if pairs]
+      if rows:
+        icl_prompts = [self._icl_prompt(examples[i], demos[i]) for i in rows]
+        for i, answers in zip(rows, answer("icl", rows, icl_prompts)):
+          adapted[("ttsi_icl", i)] = answers
+    return adapted
+
+  def _record(self, wave, i, ex, stats, flags, base, self_pairs, teacher_pairs, adapted, plan,
+              losses) -> dict:
+    """One line of results.jsonl: the input's H statistics, base answer, pairs and variants."""
+    base_answers = {k: vals[i] for k, vals in base.items()}
+    base_verdict = answering.verdicts(self.task, ex, base_answers, self.modes)
+    n = len(stats["candidates"][i])
+    record = {
+        "wave": wave, "id": ex.id,
+        "margin": float(stats["margin"][i]), "entropy": float(stats["entropy"][i]),
+        "candidates": list(stats["candidates"][i]),
+        "probs": [float(p) for p in stats["probs"][i][:n]],
+        "perplexity": [float(p) for p in stats["perplexity"][i][:n]],
+        "uncertain": bool(flags[i]),
+        "base": {"answer": base_answers["direct"], "correct": base_verdict,
+                 "error": self.task.check(ex, base_answers["direct"]).error,
+                 **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
+        "pairs": [dataclasses.asdict(p) for p in self_pairs[i] or []],
+        "variants": {},
+    }
+    if self.teacher is not None and flags[i]:
+      tp = teacher_pairs[i]
+      record["teacher_pairs"] = tp if tp == variants_lib.TEACHER_FAILED else [
+          dataclasses.asdict(p) for p in tp or []]
+    for v in self.variants:
+      if v == "base":
+        continue
+      answers = adapted.get((v, i))
+      if answers is None:
+        targeted = bool(variants_lib.targets(v, flags)[i])
+        record["variants"][v] = {
+            "adapted": False,
+            "reason": variants_lib.not_adapted_reason(v, targeted, teacher_pairs[i]),
+            "answer": base_answers["direct"], "correct": base_verdict,
+            "error": record["base"]["error"]}
+      else:
+        record["variants"][v] = {"adapted": True, "answer": answers["direct"],
+                                 "correct": answering.verdicts(self.task, ex, answers, self.modes),
+                                 "error": self.task.check(ex, answers["direct"]).error}
+    for (v, i2), j in plan.job_of.items():
+      if i2 == i:
+        record["variants"][v]["losses"] = [float(x) for x in losses[:, j] if not np.isnan(x)]
+    return record
 
   # ----------------------------------------------------------------------------------- the run
 

@@ -14,7 +14,6 @@ from ml_collections import config_flags
 from ttsi_jax import checkpoints
 from ttsi_jax.model import sharding
 from ttsi_jax.text import sampler as sampler_lib
-from ttsi_jax.text import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "User message(s); several are generated as "
@@ -29,16 +28,15 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model_config, params = checkpoints.load(config.model.path, config.model.dtype, mesh)
-  tokenizer = tokenizer_lib.load(config.model.path)
-  logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model_config)
+  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh,
+                                 config.sampling.max_batch)
+  tokenizer = model.tokenizer
+  logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model.config)
   sampling = sampler_lib.SamplingParams(
       max_new_tokens=_MAX_NEW_TOKENS.value or config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, top_p=config.sampling.top_p)
-  sampler = sampler_lib.Sampler(model_config, params, tokenizer.stop_ids, tokenizer.pad_id,
-                                config.sampling.max_batch)
   prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in _PROMPT.value]
-  completions = sampler.generate(prompts, sampling, jax.random.key(config.seed))
+  completions = model.sampler.generate(prompts, sampling, jax.random.key(config.seed))
   sys.stdout.write("\n\n".join(tokenizer.decode(c) for c in completions) + "\n")
 
 

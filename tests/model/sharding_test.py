@@ -90,7 +90,8 @@ def test_batches_fill_the_data_and_fsdp_shards(shape, sizes):
 
 
 def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(hf_checkpoints):
-  from ttsi_jax.ttsi import adaptation, uncertainty
+  from ttsi_jax.text import scoring
+  from ttsi_jax.ttsi import adaptation
   folder = hf_checkpoints["qwen2"][0]
   config, params = checkpoints.load(folder)
   _, sharded = checkpoints.load(folder, mesh=sharding.make_mesh((4, 2, 1)))
@@ -102,7 +103,7 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   for p in (params, sharded):
     s = sampler_lib.Sampler(config, p, [255], 0)
     pre = s.prefill(prompts, reserve=32)
-    loglik, _ = uncertainty.score_after(s, pre, candidates)
+    loglik, _ = scoring.score_after(s, pre, candidates)
     results.append((pre, loglik, s.continue_(pre, [[]] * len(prompts), sampling, keys_R)))
   (_, loglik, samples), (pre, sharded_loglik, sharded_samples) = results
   # 6 rows padded to 8, one per device: 6 would not split over 8 devices and be replicated.

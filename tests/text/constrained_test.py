@@ -5,7 +5,7 @@ import pytest
 
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.tasks import bfcl
-from ttsi_jax.text import constrained
+from ttsi_jax.text import constrained, scoring
 from ttsi_jax.text import sampler as sampler_lib
 
 
@@ -80,7 +80,6 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
   makes the model continue from a split it never saw. The model's choices are scripted here."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
-  from ttsi_jax.ttsi import uncertainty
   tok = tokenizer_lib.load(None)
   config, params = checkpoints.load(tiny_chat_model)
   sampler = sampler_lib.Sampler(config, params, tok.stop_ids, tok.pad_id)
@@ -99,10 +98,10 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
     pick = next(picks)
     loglik = np.full((1, len(candidates[0])), -5.0)
     for k, cand in enumerate(candidates[0]):
-      fed = [t for t in cand if t != uncertainty.TAIL]
+      fed = [t for t in cand if t != scoring.TAIL]
       text = tok.hf.decode(prompt + cached[-1] + fed)
       assert tok.encode(text) == prompt + cached[-1] + fed  # canonical tokens of that text
-      assert (cand[-1] == uncertainty.TAIL) == (not text.endswith(constrained.CLOSE))
+      assert (cand[-1] == scoring.TAIL) == (not text.endswith(constrained.CLOSE))
       if text.endswith(pick):
         loglik[0, k] = -1.0
     checked.append(pick)
@@ -116,7 +115,7 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
 
   monkeypatch.setattr(sampler, "extend", extend)
   monkeypatch.setattr(sampler, "continue_", continue_)
-  monkeypatch.setattr(uncertainty, "score_after", score_after)
+  monkeypatch.setattr(scoring, "score_after", score_after)
   assert decoder.decode(pre, [FUNCTIONS], ["get_weather"]) == ["[get_weather(city='Paris', days=3)]"]
   assert checked == ["city", ", days", constrained.CLOSE]
   # The value "'Paris'" ends in a quote that merges with what follows ("',"): the stage after it

@@ -3,14 +3,14 @@ blocks, and the torch requirement."""
 
 import importlib.util
 import json
-import types
 
 import pytest
 
-from ttsi_jax import checkpoints, experiment
+from ttsi_jax import checkpoints
 from ttsi_jax.checkpoints import CheckpointError
 from ttsi_jax.tasks.bfcl import BfclTask
 from ttsi_jax.text import tokenizer as tokenizer_lib
+from ttsi_jax.ttsi import adaptation
 
 
 def test_folder_tokenizer_matches_the_gguf_one(tiny_chat_model):
@@ -46,8 +46,7 @@ def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(t
   tok = tokenizer_lib.load(str(tmp_path))
   assert tok.stop_ids == (0, 2) and tok.end_of_turn_id == 2
   task = BfclTask("multiple", 1)
-  run = types.SimpleNamespace(tokenizer=tok, task=task)
-  _, answer = experiment.Experiment._training_example(run, task.examples()[0], "r", "[f(a=1)]")
+  _, answer = adaptation.training_example(tok, task, task.examples()[0], "r", "[f(a=1)]")
   assert answer == tok.encode("[f(a=1)]") + [2]
 
 

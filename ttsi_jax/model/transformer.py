@@ -448,10 +448,11 @@ def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
   `segments_BT` packs several sequences in a row: a token sees keys of its own segment and of
-  segment 0 (e.g. one prompt, or a cached prefix, shared by N candidate continuations). `select_BI` picks the time
-  indices whose logits are returned (logits_BIV instead of logits_BTV). `dropout_rng` turns on
-  LoRA dropout (training only). `packing` runs packed training rows: `lora` then holds A adapters
-  (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its own (see `Packing`).
+  segment 0 (e.g. one prompt, or a cached prefix, shared by N candidate continuations).
+  `select_BI` picks the time indices whose logits are returned (logits_BIV instead of logits_BTV).
+  `dropout_rng` turns on LoRA dropout (training only). `packing` runs packed training rows: `lora`
+  then holds A adapters (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its
+  own (see `Packing`).
   `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
   `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that positions rise
   along each row (left-padded prompts): the tokens then attend to each other in causal query

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Protocol
 
-Messages = list[dict]
+from ttsi_jax.text.tokenizer import Messages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text.sampler import SamplingParams, bucket
-from ttsi_jax.ttsi import uncertainty
+from ttsi_jax.text import scoring
 
 CLOSE = ")]"
 
@@ -131,9 +131,9 @@ class CallDecoder:
       here = self.sampler.extend(pre, [ids[:h] if a else []
                                        for ids, h, a in zip(text_ids, heal, active)])
       # A keyword's score includes the probability that the next token starts with "=".
-      scored = [[ids[h:] + ([] if o == CLOSE else [uncertainty.TAIL]) for o, ids in zip(opts, row)]
+      scored = [[ids[h:] + ([] if o == CLOSE else [scoring.TAIL]) for o, ids in zip(opts, row)]
                 if a else [enc(CLOSE)] for opts, row, h, a in zip(options, option_ids, heal, active)]
-      loglik, _ = uncertainty.score_after(self.sampler, here, scored, self.equals_mask_V)
+      loglik, _ = scoring.score_after(self.sampler, here, scored, self.equals_mask_V)
       writing = [False] * len(rows)
       for i, row in enumerate(rows):
         if not active[i]:

@@ -336,3 +336,22 @@ class Sampler:
       out_BN = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
       results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  config: ModelConfig
+  params: Any
+  tokenizer: Any  # ttsi_jax.text.tokenizer.Tokenizer
+  sampler: Sampler
+
+
+def load_model(path: str, dtype: str, mesh, max_batch: int = 64) -> LoadedModel:
+  """A checkpoint's params (placed on `mesh`), its tokenizer and a sampler that stops at its end
+  of turn: the one way the main job, the teacher, generate and bench set up a model."""
+  from ttsi_jax import checkpoints
+  from ttsi_jax.text import tokenizer as tokenizer_lib
+  config, params = checkpoints.load(path, dtype, mesh)
+  tokenizer = tokenizer_lib.load(path)
+  return LoadedModel(config, params, tokenizer,
+                     Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch))

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from ttsi_jax.tasks.base import Example, Task
-from ttsi_jax.text import constrained
+from ttsi_jax.text import constrained, scoring
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.text.sampler import SamplingParams
@@ -139,7 +139,7 @@ class ModelSynthesizer:
     requests = [self.tokenizer.decode(o).strip().split("\n")[0].strip() for o in outs]
     leads = [f"Request: {r}\nCall: " for r in requests]
     here = self.sampler.extend(pre, [enc(lead) for lead in leads])
-    loglik, counts = uncertainty.score_after(
+    loglik, counts = scoring.score_after(
         self.sampler, here, [[enc(c) for c in self.task.candidates(ex)] for ex in rows])
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]

@@ -1,0 +1,64 @@
+"""The config schema: bad values refused by name at start; stage configs built by field name."""
+
+import dataclasses
+
+import pytest
+
+from configs import default, paper, tiny
+from ttsi_jax import config_schema
+from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.ttsi import adaptation, synthesis
+
+
+@pytest.mark.parametrize("config", [default.get_config(), paper.get_config(), tiny.get_config()])
+def test_the_shipped_configs_are_valid(config):
+  config_schema.validate(config)
+
+
+@pytest.mark.parametrize("field,value,valid", [
+    ("task.num_examples", -1, "an integer >= 0 (0 = all)"),
+    ("decoding.temperature", -0.5, "a number >= 0 (0 = greedy)"),
+    ("synthesis.temperature", -1.0, "a number >= 0"),
+    ("teacher.retries", -1, "an integer >= 0"),
+    ("adaptation.learning_rate", 0.0, "a number > 0"),
+    ("sft.learning_rate", -1e-4, "a number > 0"),
+    ("decoding.max_args", 0, "an integer >= 1"),
+    ("decoding.max_value_tokens", 0, "an integer >= 1"),
+    ("model.dtype", "float64", "one of ['float32', 'bfloat16', 'float16']"),
+    ("decoding.top_p", 1.5, "a number in (0, 1]"),
+    ("adaptation.dropout", 1.0, "a number in [0, 1)"),
+    ("wave_size", True, "an integer >= 1"),
+    ("uncertainty.measure", "variance", "one of ['margin', 'entropy']"),
+])
+def test_each_bad_value_is_refused_by_name_with_its_valid_range(field, value, valid):
+  config = default.get_config()
+  section, _, name = field.rpartition(".")
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError) as error:
+    config_schema.validate(config)
+  assert f"{field}={value!r} (valid: {valid}" in str(error.value)
+
+
+def test_every_bad_field_is_named_at_once():
+  config = default.get_config()
+  config.wave_size, config.teacher.retries = 0, -2
+  with pytest.raises(ValueError, match=r"wave_size=0 .*; teacher.retries=-2 "):
+    config_schema.validate(config)
+
+
+@pytest.mark.parametrize("cls,section", [(adaptation.AdaptConfig, "adaptation"),
+                                         (synthesis.SynthesisConfig, "synthesis")])
+def test_stage_defaults_are_the_default_configs(cls, section):
+  built = config_schema.build(cls, default.get_config()[section],
+                              **({"targets": lora_lib.ALL_LINEAR} if section == "adaptation"
+                                 else {}))
+  assert built == cls()
+
+
+def test_stage_configs_are_built_by_field_name_not_position():
+  section = default.get_config().adaptation
+  section.epochs, section.batch_size, section.rank = 7, 3, 16
+  built = config_schema.build(adaptation.AdaptConfig, section, targets=("q_proj",))
+  assert (built.epochs, built.batch_size, built.rank, built.targets) == (7, 3, 16, ("q_proj",))
+  # Every field of the stage config comes from the section (none left at a dataclass default).
+  assert {f.name for f in dataclasses.fields(adaptation.AdaptConfig)} <= set(section) | {"targets"}

@@ -1,0 +1,118 @@
+"""The run config's schema: each numeric or named field's valid values, checked in one pass at
+start, and the stage configs built from their config sections by field name.
+
+A bad value is refused with its name and what is valid, all bad fields at once, before any model
+loads (a negative temperature would invert the sampling distribution, a negative
+`task.num_examples` would silently drop inputs, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _range(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False, integer: bool = False, note: str = ""):
+  """(check, what is valid) for a number in [low, high] (or open at either end)."""
+  def check(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and v != int(v)):
+      return False
+    return ((v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+  kind = "an integer" if integer else "a number"
+  if high == math.inf:
+    bound = f"{'>' if low_open else '>='} {low:g}"
+  else:
+    bound = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+  return check, f"{kind} {bound}" + (f" ({note})" if note else "")
+
+
+def _one_of(*values):
+  return (lambda v: v in values), f"one of {list(values)}"
+
+
+_COUNT = _range(1, integer=True)
+_PROBABILITY_MASS = _range(0, 1, low_open=True)
+_TEMPERATURE = _range(0, note="0 = greedy")
+
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _range(0, integer=True),
+    "model.dtype": _one_of(*DTYPES),
+    "task.num_examples": _range(0, integer=True, note="0 = all"),
+    "wave_size": _COUNT,
+    "reserve": _COUNT,
+    "uncertainty.measure": _one_of("margin", "entropy"),
+    "uncertainty.tau": _range(0, note="margin < tau is uncertain; above 1 flags every input"),
+    "uncertainty.entropy_threshold": _range(0),
+    "uncertainty.sampled_candidates": _range(0, integer=True, note="0 = off"),
+    "decoding.num_samples": _COUNT,
+    "decoding.temperature": _TEMPERATURE,
+    "decoding.top_p": _PROBABILITY_MASS,
+    "decoding.max_new_tokens": _COUNT,
+    "decoding.max_value_tokens": _COUNT,
+    "decoding.max_args": _COUNT,
+    "synthesis.k": _COUNT,
+    "synthesis.temperature": _TEMPERATURE,
+    "synthesis.top_p": _PROBABILITY_MASS,
+    "synthesis.max_request_tokens": _COUNT,
+    "synthesis.max_free_tokens": _COUNT,
+    "adaptation.rank": _COUNT,
+    "adaptation.alpha": _range(0, low_open=True),
+    "adaptation.dropout": _range(0, 1, high_open=True),
+    "adaptation.learning_rate": _range(0, low_open=True),
+    "adaptation.epochs": _COUNT,
+    "adaptation.batch_size": _COUNT,
+    "adaptation.warmup_ratio": _range(0, 1),
+    "adaptation.weight_decay": _range(0),
+    "adaptation.max_grad_norm": _range(0, low_open=True),
+    "adaptation.adapters_per_call": _range(0, integer=True, note="0 = auto"),
+    "adaptation.remat": _one_of("auto", "on", "off"),
+    "teacher.kind": _one_of("", "local", "endpoint"),
+    "teacher.timeout_s": _range(0, low_open=True),
+    "teacher.retries": _range(0, integer=True, note="retries after the first try"),
+    "teacher.backoff_s": _range(0),
+    "teacher.max_tokens": _COUNT,
+    "sft.num_examples": _range(0, integer=True, note="0 = all"),
+    "sft.epochs": _COUNT,
+    "sft.batch_size": _COUNT,
+    "sft.learning_rate": _range(0, low_open=True),
+    "sampling.max_new_tokens": _COUNT,
+    "sampling.temperature": _TEMPERATURE,
+    "sampling.top_p": _PROBABILITY_MASS,
+    "sampling.max_batch": _COUNT,
+}
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises one ValueError naming every field whose value is out of its range."""
+  bad = []
+  for field, (check, valid) in FIELDS.items():
+    value = _get(config, field)
+    if value is not _MISSING and not check(value):
+      bad.append(f"{field}={value!r} (valid: {valid})")
+  if bad:
+    raise ValueError("Bad config values: " + "; ".join(bad) + ". Set them with --config.<field>=...")
+
+
+def build(cls, section: ml_collections.ConfigDict, **overrides):
+  """A stage config dataclass from its config section, field by field name (a section's other
+  fields belong to the run, not the stage); `overrides` replace or convert values."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  return cls(**{**{n: section[n] for n in names if n in section}, **overrides})

@@ -1,0 +1,143 @@
+"""Log-likelihoods of candidate continuations after a prefilled prompt.
+
+All N candidates of a row are packed back to back after the row's cached prefix, each in its own
+segment: one forward pass scores them all, each seeing the prompt and itself, never the other
+candidates, and logits are computed only where they predict a candidate token. H scores candidate
+actions this way (`ttsi_jax.ttsi.uncertainty`), and well-formed decoding its options
+(`ttsi_jax.text.constrained`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttsi_jax.model import transformer
+from ttsi_jax.model.transformer import ModelConfig
+from ttsi_jax.text.sampler import bucket
+
+PAD_SEGMENT = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCandidates:
+  """Host arrays for B rows: each row's candidates packed back to back, I scored tokens per row."""
+
+  tokens_BT: np.ndarray
+  positions_BT: np.ndarray
+  segments_BT: np.ndarray
+  select_BI: np.ndarray  # the position in the row whose logits predict target i
+  targets_BI: np.ndarray  # the candidate token being scored
+  owner_BI: np.ndarray  # which candidate target i belongs to; -1 for padding
+  num_candidates: int  # N (padded; rows with fewer candidates have empty slots)
+
+
+# In a candidate continuing a cached prefix, a last entry TAIL stands for "any token of the tail
+# set": its log-probability is that of the whole set (a healed boundary, see text/constrained.py).
+TAIL = -1
+
+
+def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
+               pad_id: int) -> PackedCandidates:
+  """Packs each row's candidates back to back, each in its own segment (it sees the prefix and
+  itself, never the other candidates).
+
+  `positions_BT` holds offsets from each row's next position (-1 = padding); `select_BI` is -1
+  where the prefix's last logits predict the target (each candidate's first token). A trailing
+  TAIL target is scored but never fed.
+  """
+  for b, cands in enumerate(candidates):
+    for k, cand in enumerate(cands):
+      if not cand:
+        raise ValueError(f"Row {b}: candidate {k} has no tokens.")
+      if TAIL in cand[:-1]:
+        raise ValueError(f"Row {b}: candidate {k} has TAIL before its end.")
+  fed = [[[t for t in cand if t != TAIL] for cand in cands] for cands in candidates]
+  T = bucket(max((sum(map(len, c)) for c in fed), default=1), 8)
+  I = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
+  N = bucket(max((len(c) for c in candidates), default=1), 2)
+  out = PackedCandidates(
+      tokens_BT=np.full((batch, T), pad_id, np.int32), positions_BT=np.full((batch, T), -1, np.int32),
+      segments_BT=np.full((batch, T), PAD_SEGMENT, np.int32),
+      select_BI=np.full((batch, I), -1, np.int32), targets_BI=np.zeros((batch, I), np.int32),
+      owner_BI=np.full((batch, I), -1, np.int32), num_candidates=N)
+  for b, (cands, fed_cands) in enumerate(zip(candidates, fed)):
+    t = i = 0
+    for k, (cand, tokens) in enumerate(zip(cands, fed_cands)):
+      m, n = len(tokens), len(cand)
+      out.tokens_BT[b, t:t + m] = tokens
+      out.positions_BT[b, t:t + m] = np.arange(m)
+      out.segments_BT[b, t:t + m] = k + 1
+      # Target j is predicted by the prefix's last logits (j = 0) or by fed token j - 1.
+      out.select_BI[b, i:i + n] = [-1] + list(range(t, t + n - 1))
+      out.targets_BI[b, i:i + n] = cand
+      out.owner_BI[b, i:i + n] = k
+      t, i = t + m, i + n
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
+def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
+                            targets_BI, owner_BI, lora=None, tail_mask_V=None, *,
+                            config: ModelConfig, num_candidates: int):
+  """(loglik_BN, num_tokens_BN): sum and count of the log-probs of candidates continuing a cached
+  `sampler.Prefix` (empty slots -inf, 0); TAIL targets score the log of the total probability of
+  the tokens in `tail_mask_V`."""
+  positions_BT = jnp.where(offsets_BT >= 0, prefix.next_position_B[:, None] + offsets_BT, -1)
+  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, prefix.cache, lora,
+                                      segments_BT=segments_BT,
+                                      select_BI=jnp.maximum(select_BI, 0))
+  logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
+  logp_BIV = jnp.where((select_BI < 0)[..., None],
+                       jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)[:, None], logp_BIV)
+  token_logp_BI = jnp.take_along_axis(logp_BIV, jnp.maximum(targets_BI, 0)[..., None],
+                                      axis=-1)[..., 0]
+  if tail_mask_V is not None:
+    tail_logp_BI = jax.nn.logsumexp(jnp.where(tail_mask_V, logp_BIV, -jnp.inf), axis=-1)
+    token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI, token_logp_BI)
+  return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
+
+
+def candidates_that_fit(candidates: Sequence[Sequence[int]], free: int) -> int:
+  """How many leading candidates `score_after` can pack into one row of `free` cache slots."""
+  total = 0
+  for k, cand in enumerate(candidates):
+    total += len([t for t in cand if t != TAIL])
+    if bucket(total, 8) > free:
+      return k
+  return len(candidates)
+
+
+def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tail_mask_V=None):
+  """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`;
+  `tail_mask_V` [vocab] bool is the token set a trailing TAIL target stands for."""
+  if tail_mask_V is None and any(TAIL in c for cands in candidates for c in cands):
+    raise ValueError("Candidates ending in TAIL need tail_mask_V.")
+  packed = pack_after(candidates, pre.batch, sampler.pad_id)
+  if packed.tokens_BT.shape[1] > pre.free():
+    raise ValueError(f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
+                     f"{pre.free()} are free; prefill with a larger reserve.")
+  fn = functools.partial(candidate_logliks_after, tail_mask_V=tail_mask_V, config=sampler.config,
+                         num_candidates=packed.num_candidates)
+  arrays = (packed.tokens_BT, packed.positions_BT, packed.segments_BT, packed.select_BI,
+            packed.targets_BI, packed.owner_BI)
+  if pre.per_row:
+    arrays = tuple(a[:, None] for a in arrays)
+  loglik, counts = sampler.call_rows(fn, pre.per_row, pre.lora, pre.prefix, *arrays)
+  if pre.per_row:
+    loglik, counts = loglik[:, 0], counts[:, 0]
+  return np.asarray(loglik)[:pre.rows], np.asarray(counts)[:pre.rows]
+
+
+
+def _sum_by_candidate(token_logp_BI, owner_BI, num_candidates: int):
+  """(loglik_BN, num_tokens_BN) from per-token log-probs; empty candidate slots get -inf, 0."""
+  owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
+  num_tokens_BN = jnp.sum(owned_BIN, axis=1)
+  loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
+  return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN

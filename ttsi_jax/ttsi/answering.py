@@ -1,0 +1,144 @@
+"""Answering a prefilled prompt: pick the function by likelihood, then write the call; the
+uncertainty of inputs that offer a single function; verdicts per decoding mode."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ttsi_jax.tasks.base import Example, Task
+from ttsi_jax.text import constrained, scoring
+from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
+from ttsi_jax.text.sampler import SamplingParams
+from ttsi_jax.ttsi import uncertainty
+
+
+@dataclasses.dataclass
+class Answerer:
+  """Answers prefilled prompts: picks the function by likelihood, then writes the call."""
+
+  task: Task
+  sampler: sampler_lib.Sampler
+  tokenizer: tokenizer_lib.Tokenizer
+  decoder: constrained.CallDecoder
+  well_formed: bool
+  max_new_tokens: int
+  num_samples: int
+  temperature: float
+  top_p: float
+
+  def score(self, pre, examples: Sequence[Example], candidates=None):
+    """RSS statistics over the task's candidate actions (or the given candidate strings)."""
+    enc = self.tokenizer.encode
+    candidates = candidates or [self.task.candidates(ex) for ex in examples]
+    loglik, counts = scoring.score_after(self.sampler, pre,
+                                             [[enc(c) for c in cands] for cands in candidates])
+    stats = jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
+    stats["candidates"] = candidates
+    return stats
+
+  def sampled_call_stats(self, pre, examples, stats, rng, num_samples: int):
+    """Uncertainty for inputs offering a single function (where the name margin is always 1):
+    sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
+    a model that cannot write the call is not certain of it), score each as a candidate.
+    Returns `stats` with those inputs' margin / entropy / probs / candidates replaced."""
+    single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
+    if not single or num_samples <= 0:
+      return stats
+    runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
+            for s in range(num_samples)]
+    candidates = list(stats["candidates"])
+    for i in single:
+      ex = examples[i]
+      calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
+      fit = scoring.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
+      if not fit:
+        raise ValueError(f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
+                         "cache slots to be scored; raise config.reserve.")
+      if fit < len(calls):
+        logging.warning("Input %s: scoring %d of its %d distinct sampled answers (the rest do not "
+                        "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
+                        len(calls), pre.free())
+      candidates[i] = calls[:fit]
+    calls = self.score(pre, examples, candidates)
+    out = dict(stats, candidates=list(stats["candidates"]))
+    for key in ("margin", "entropy"):
+      out[key] = np.where(np.isin(np.arange(len(stats[key])), single), calls[key], stats[key])
+    out["probs"], out["perplexity"] = list(stats["probs"]), list(stats["perplexity"])
+    for i in single:
+      out["probs"][i], out["perplexity"][i] = calls["probs"][i], calls["perplexity"][i]
+      out["candidates"][i] = candidates[i]
+    return out
+
+  def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
+    names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
+    sampling = SamplingParams(self.max_new_tokens, self.temperature if sample else 0.0,
+                              self.top_p if sample else 1.0)
+    if self.well_formed:
+      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
+                                 rng=rng)
+    outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
+    return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
+
+  def answers(self, pre, examples, stats, rng, modes) -> dict:
+    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}. The direct
+    answer calls the most likely function; under well-formed decoding each sample first draws
+    its function from the RSS probabilities (at the sampling temperature), so voting and pass@k
+    can also change the function, as free sampling can."""
+    out = {"direct": self.answer(pre, examples, stats["best"], rng, sample=False)}
+    if set(modes) - {"direct"}:
+      runs = []
+      for s in range(self.num_samples):
+        keys = sampler_lib.fold_in(rng, s + 1)
+        functions = (self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
+                     if self.well_formed else stats["best"])
+        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0),
+                                sample=True))
+      out["samples"] = [list(r) for r in zip(*runs)]
+    return out
+
+  def draw_functions(self, examples, stats, keys_R) -> np.ndarray:
+    """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
+    if self.temperature <= 0:  # greedy "samples": the most likely function
+      return np.asarray(stats["best"])[:len(examples)]
+    logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
+                        np.float32)
+    for i, ex in enumerate(examples):
+      n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
+      probs = np.asarray(stats["probs"][i][:n], np.float64) if n > 1 else np.ones(1)
+      logits_RN[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
+    return np.asarray(jax.vmap(jax.random.categorical)(keys_R, jnp.asarray(logits_RN)))
+
+
+def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:
+  """The non-empty answers, one per canonical call form (unparseable ones by their text), in
+  first-seen order."""
+  seen, out = set(), []
+  for a in answers:
+    key = task.canonical(a) or ("text", a.strip())
+    if a.strip() and key not in seen:
+      seen.add(key)
+      out.append(a)
+  return out
+
+
+def verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
+  """Correctness per mode: direct (always: the flag metrics need it); majority vote over canonical
+  samples; pass@k."""
+  out = {"direct": task.check(ex, answers["direct"]).correct}
+  samples = answers.get("samples", [])
+  if "majority" in modes:
+    votes = collections.Counter(c for c in map(task.canonical, samples) if c is not None)
+    winner = votes.most_common(1)[0][0] if votes else None
+    chosen = next((s for s in samples if task.canonical(s) == winner), "")
+    out["majority"] = task.check(ex, chosen).correct if winner is not None else False
+  if "pass@k" in modes:
+    out["pass@k"] = any(task.check(ex, s).correct for s in samples)
+  return out
