@@ -26,9 +26,11 @@ from ttsi_jax.model.transformer import KVCache, ModelConfig
 MIN_PROMPT_BUCKET = 32
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class SamplingParams:
-  max_new_tokens: int = 64
+  """Jitted functions take it as a pytree: `max_new_tokens` (a shape) is static, temperature and
+  top_p are traced, so greedy and sampled decoding share one compiled program."""
+  max_new_tokens: int = flax.struct.field(pytree_node=False, default=64)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
 
@@ -75,18 +77,24 @@ def fold_in(rng: Optional[jax.Array], data: int) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
 
 
-def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature: float,
-                 top_p: float) -> jax.Array:
-  if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV / temperature
-  if top_p < 1.0:
+def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature, top_p) -> jax.Array:
+  """Greedy at temperature 0, else a draw at `temperature` from the top-p nucleus. Temperature and
+  top_p may be traced: a branch (`lax.cond`) runs only what they ask for (no vocabulary sort for
+  greedy or top_p = 1)."""
+  def nucleus(logits_BV):
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p  # always keeps the top token
     threshold_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1)
-    logits_BV = jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+    return jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
+
+  def draw(logits_BV):
+    logits_BV = logits_BV / temperature
+    logits_BV = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits_BV)
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+  greedy = lambda logits_BV: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0.0, draw, greedy, logits_BV)
 
 
 @flax.struct.dataclass
@@ -158,7 +166,7 @@ def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingPara
   return jax.lax.while_loop(cond, body, state)[-1]
 
 
-_STATIC = ("config", "sampling", "stop_ids", "pad_id")
+_STATIC = ("config", "stop_ids", "pad_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
