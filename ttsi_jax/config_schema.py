@@ -88,6 +88,9 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+_MISSING = object()
+
+
 def _get(config: ml_collections.ConfigDict, field: str):
   node = config
   for part in field.split("."):
@@ -95,9 +98,6 @@ def _get(config: ml_collections.ConfigDict, field: str):
       return _MISSING
     node = node[part]
   return node
-
-
-_MISSING = object()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -370,8 +370,8 @@ class Block(nn.Module):
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
-    h, new_kv = Attention(c, self.prefill, name="attn")(h, positions_BT, mask_BTS, kv, _sub(lora, "attn"),
-                                         lora_hp, packing)
+    h, new_kv = Attention(c, self.prefill, name="attn")(h, positions_BT, mask_BTS, kv,
+                                                        _sub(lora, "attn"), lora_hp, packing)
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp,
@@ -466,8 +466,9 @@ def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=
   else:
     weights, hp = lora.weights, (lora.scale, lora.dropout)
   rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
-  return Transformer(config, remat, prefill).apply({"params": params}, tokens_BT, positions_BT, cache,
-                                          weights, hp, segments_BT, select_BI, packing, rngs=rngs)
+  return Transformer(config, remat, prefill).apply({"params": params}, tokens_BT, positions_BT,
+                                                   cache, weights, hp, segments_BT, select_BI,
+                                                   packing, rngs=rngs)
 
 
 def param_shapes(config: ModelConfig) -> Params:
