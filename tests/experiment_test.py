@@ -19,7 +19,7 @@ from ttsi_jax import checkpoints, experiment
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
-from ttsi_jax.ttsi import adaptation, answering
+from ttsi_jax.ttsi import adaptation, answering, records, uncertainty
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,8 +314,8 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
   verdicts = answering.verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]},
                                   ("majority",))
   assert verdicts == {"direct": True, "majority": False}
-  record = {"wave": 0, "wave_seconds": {}, "uncertain": True, "pairs": [], "variants": {},
-            "base": {"correct": verdicts}}
+  record = records.Record(0, ex.id, 0.5, 0.7, ["f", "g"], [0.75, 0.25], [1.0, 2.0], True,
+                          records.BaseAnswer(right, verdicts, ""), [], {})
   metrics = experiment.compute_metrics([record], ("base",), ("majority",), [])
   assert metrics["accuracy"] == {"base/majority": 0.0}
   assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0
@@ -372,14 +372,16 @@ def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperat
   three = Example("m", "q", ({"name": "a"}, {"name": "b"}, {"name": "c"}))
   one = Example("s", "q", ({"name": "only"},))
   examples = [three] * 2000 + [one]
-  stats = {"probs": [np.array([0.7, 0.3, 0.0])] * 2000 + [np.array([0.2, 0.8])]}
+  probs = [np.array([0.7, 0.3, 0.0])] * 2000 + [np.array([0.2, 0.8])]
+  stats = uncertainty.CandidateStats([], probs, [], np.zeros(2001), np.zeros(2001),
+                                     np.zeros(2001, int))
   answerer = types.SimpleNamespace(temperature=temperature)
   drawn = answering.Answerer.draw_functions(answerer, examples, stats,
                                              jax.random.split(jax.random.key(0), len(examples)))
   assert set(drawn[:-1]) == {0, 1} and drawn[-1] == 0  # never a zero-probability function
   assert abs(np.mean(drawn[:-1] == 0) - p_first) < 0.04
   greedy = types.SimpleNamespace(temperature=0.0)
-  stats["best"] = np.arange(len(examples)) % 2
+  stats.best_B = np.arange(len(examples)) % 2
   keys = jax.random.split(jax.random.key(1), len(examples))
   np.testing.assert_array_equal(
-      answering.Answerer.draw_functions(greedy, examples, stats, keys), stats["best"])
+      answering.Answerer.draw_functions(greedy, examples, stats, keys), stats.best_B)

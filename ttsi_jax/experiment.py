@@ -21,7 +21,7 @@ import os
 import re
 import time
 import zlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from ttsi_jax.tasks.base import Example, Task
 from ttsi_jax.text import constrained
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.ttsi import adaptation, answering, synthesis, uncertainty
+from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
 MODES = ("direct", "majority", "pass@k")
@@ -108,6 +109,11 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
   if cfg.name not in TASKS:
     raise ValueError(f"Unknown task {cfg.name!r}; valid tasks are {list(TASKS)}.")
   return bfcl.BfclTask(cfg.category, cfg.num_examples or None, cfg.data_dir or None)
+
+
+# G's output: per data source that writes pairs ("self", "teacher"), per input, what it wrote
+# (None where no variant needs it).
+Written = dict[str, list[Optional[synthesis.Written]]]
 
 
 def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
@@ -256,20 +262,19 @@ class Experiment:
     with timer("base"):
       base = self.answerer.answers(pre, examples, stats, _keys(seed, "base", ids), self.modes)
     with timer("G"):
-      self_pairs, teacher_pairs = self.synthesize(examples, flags)
-    plan = variants_lib.plan_adapters(
-        self.variants, flags, self._data_for(examples, self_pairs, teacher_pairs))
+      written = self.synthesize(examples, flags)
+    plan = variants_lib.plan_adapters(self.variants, flags, self._data_for(examples, written))
     with timer("T"):
       adapters, losses = self.train(plan, ids)
       kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
     with timer("adapted"):
-      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, self_pairs)
+      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, written["self"])
     with timer("check"):
-      records = [self._record(wave, i, ex, stats, flags, base, self_pairs, teacher_pairs, adapted,
-                              plan, losses) for i, ex in enumerate(examples)]
+      records = [self._record(wave, i, ex, stats, flags, base, written, adapted, plan, losses)
+                 for i, ex in enumerate(examples)]
     return records, kept
 
-  def measure(self, pre, examples: list[Example]) -> tuple[dict, np.ndarray]:
+  def measure(self, pre, examples: list[Example]) -> tuple[uncertainty.CandidateStats, np.ndarray]:
     """H: the candidate statistics of each input and its uncertainty flag."""
     u = self.config.uncertainty
     stats = self.answerer.score(pre, examples)
@@ -279,31 +284,30 @@ class Experiment:
     threshold = u.tau if u.measure == "margin" else u.entropy_threshold
     return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
 
-  def synthesize(self, examples: list[Example], flags: np.ndarray) -> tuple[list, list]:
-    """G: per input, the self-written pairs (None where no variant needs them) and the
-    teacher's (None where not needed, TEACHER_FAILED where its requests failed)."""
-    self_pairs, teacher_pairs = [None] * len(examples), [None] * len(examples)
-    for source, synthesizer, out in (("self", self.self_synth, self_pairs),
-                                     ("teacher", self.teacher, teacher_pairs)):
+  def synthesize(self, examples: list[Example], flags: np.ndarray) -> Written:
+    """G: per data source that writes pairs ("self", "teacher"), per input, what it wrote (None
+    where no variant needs it)."""
+    written: Written = {"self": [None] * len(examples), "teacher": [None] * len(examples)}
+    for source, synthesizer in (("self", self.self_synth), ("teacher", self.teacher)):
       chosen = variants_lib.inputs_needing(source, self.variants, flags)
       if not chosen or synthesizer is None:
         continue
       keys = _keys(self.config.seed, "synth" if source == "self" else "teacher",
                    [examples[i].id for i in chosen])
       for i, pairs in zip(chosen, synthesizer.synthesize([examples[i] for i in chosen], keys)):
-        out[i] = variants_lib.TEACHER_FAILED if source == "teacher" and pairs is None else pairs
-    return self_pairs, teacher_pairs
+        written[source][i] = synthesis.Written(pairs or [], failed=pairs is None)
+    return written
 
-  def _data_for(self, examples, self_pairs, teacher_pairs):
+  def _data_for(self, examples, written: Written):
     """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""
     def data_for(source: str, i: int) -> list:
       ex = examples[i]
       if source == "gold":
         return [adaptation.training_example(self.tokenizer, self.task, ex, ex.question,
                                             self.task.gold_answer(ex))]
-      pairs = teacher_pairs[i] if source == "teacher" else self_pairs[i]
+      kept = written[source][i].kept if written[source][i] else []
       return [adaptation.training_example(self.tokenizer, self.task, ex, p.request, p.call)
-              for p in (pairs if isinstance(pairs, list) else []) if p.kept]
+              for p in kept]
     return data_for
 
   def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
@@ -316,7 +320,7 @@ class Experiment:
     return self.trainer.train_all(self.params, [job.data for job in plan.jobs],
                                   self.tokenizer.pad_id, keys, self.adapters_per_call)
 
-  def answer_variants(self, plan, adapters, examples, prompts, flags, self_pairs) -> dict:
+  def answer_variants(self, plan, adapters, examples, prompts, flags, self_written) -> dict:
     """The answers of every variant that does not answer as base: {(variant, input): answers}.
     Each way of answering prefills its prompts once (per-input adapters, the sft adapter, ICL
     prompts with the kept pairs) and answers through the same `Answerer`."""
@@ -342,7 +346,7 @@ class Experiment:
       for i, answers in zip(rows, answer("sft", rows, prompts, lora=self.sft_adapter)):
         adapted[("sft", i)] = answers
     if "ttsi_icl" in self.variants:
-      demos = {i: [p for p in self_pairs[i] or [] if p.kept]
+      demos = {i: self_written[i].kept if self_written[i] else []
                for i in np.flatnonzero(variants_lib.targets("ttsi_icl", flags)).tolist()}
       rows = [i for i, pairs in demos.items() if pairs]
       if rows:
@@ -351,48 +355,41 @@ class Experiment:
           adapted[("ttsi_icl", i)] = answers
     return adapted
 
-  def _record(self, wave, i, ex, stats, flags, base, self_pairs, teacher_pairs, adapted, plan,
-              losses) -> dict:
-    """One line of results.jsonl: the input's H statistics, base answer, pairs and variants."""
+  def _record(self, wave, i, ex, stats, flags, base, written: Written, adapted, plan,
+              losses) -> records_lib.Record:
+    """Input i's line of results.jsonl: its H statistics, base answer, pairs and variants."""
     base_answers = {k: vals[i] for k, vals in base.items()}
-    base_verdict = answering.verdicts(self.task, ex, base_answers, self.modes)
-    n = len(stats["candidates"][i])
-    record = {
-        "wave": wave, "id": ex.id,
-        "margin": float(stats["margin"][i]), "entropy": float(stats["entropy"][i]),
-        "candidates": list(stats["candidates"][i]),
-        "probs": [float(p) for p in stats["probs"][i][:n]],
-        "perplexity": [float(p) for p in stats["perplexity"][i][:n]],
-        "uncertain": bool(flags[i]),
-        "base": {"answer": base_answers["direct"], "correct": base_verdict,
-                 "error": self.task.check(ex, base_answers["direct"]).error,
-                 **({"samples": base_answers["samples"]} if "samples" in base_answers else {})},
-        "pairs": [dataclasses.asdict(p) for p in self_pairs[i] or []],
-        "variants": {},
-    }
-    if self.teacher is not None and flags[i]:
-      tp = teacher_pairs[i]
-      record["teacher_pairs"] = tp if tp == variants_lib.TEACHER_FAILED else [
-          dataclasses.asdict(p) for p in tp or []]
+    base_answer = records_lib.BaseAnswer(
+        base_answers["direct"], answering.verdicts(self.task, ex, base_answers, self.modes),
+        self.task.check(ex, base_answers["direct"]).error, base_answers.get("samples"))
+    failed = {source for source, per_input in written.items()
+              if per_input[i] is not None and per_input[i].failed}
+    variants = {}
     for v in self.variants:
       if v == "base":
         continue
       answers = adapted.get((v, i))
       if answers is None:
-        targeted = bool(variants_lib.targets(v, flags)[i])
-        record["variants"][v] = {
-            "adapted": False,
-            "reason": variants_lib.not_adapted_reason(v, targeted, teacher_pairs[i]),
-            "answer": base_answers["direct"], "correct": base_verdict,
-            "error": record["base"]["error"]}
+        reason = variants_lib.not_adapted_reason(v, bool(variants_lib.targets(v, flags)[i]),
+                                                 failed)
+        variants[v] = records_lib.VariantAnswer(False, base_answer.answer, base_answer.correct,
+                                                base_answer.error, reason)
       else:
-        record["variants"][v] = {"adapted": True, "answer": answers["direct"],
-                                 "correct": answering.verdicts(self.task, ex, answers, self.modes),
-                                 "error": self.task.check(ex, answers["direct"]).error}
-    for (v, i2), j in plan.job_of.items():
-      if i2 == i:
-        record["variants"][v]["losses"] = [float(x) for x in losses[:, j] if not np.isnan(x)]
-    return record
+        variants[v] = records_lib.VariantAnswer(
+            True, answers["direct"], answering.verdicts(self.task, ex, answers, self.modes),
+            self.task.check(ex, answers["direct"]).error)
+      if (v, i) in plan.job_of:
+        variants[v].losses = [float(x) for x in losses[:, plan.job_of[(v, i)]] if not np.isnan(x)]
+    self_written, teacher = written["self"][i], written["teacher"][i]
+    n = len(stats.candidates[i])
+    return records_lib.Record(
+        wave=wave, id=ex.id, margin=float(stats.margin_B[i]), entropy=float(stats.entropy_B[i]),
+        candidates=list(stats.candidates[i]), probs=[float(p) for p in stats.probs[i][:n]],
+        perplexity=[float(p) for p in stats.perplexity[i][:n]], uncertain=bool(flags[i]),
+        base=base_answer, pairs=self_written.pairs if self_written else [], variants=variants,
+        teacher_pairs=None if self.teacher is None or not flags[i] else (
+            records_lib.TEACHER_FAILED if teacher and teacher.failed else
+            teacher.pairs if teacher else []))
 
   # ----------------------------------------------------------------------------------- the run
 
@@ -433,9 +430,8 @@ class Experiment:
 
         records, kept = self.run_wave(w, waves[w], timer)
         for r in records:
-          r["wave_seconds"] = dict(seconds)
-          r["host"] = host
-        return records, kept
+          r.wave_seconds, r.host = dict(seconds), host
+        return [r.to_dict() for r in records], kept
 
       # A wave that raised on one host stops every host; the waves before it are written.
       share, failure = multihost.guarded(run_share)
@@ -465,7 +461,7 @@ class Experiment:
 
     def report() -> dict:
       with open(results_path) as f:
-        records = [json.loads(line) for line in f]
+        records = [records_lib.Record.from_json(line) for line in f]
       metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
       with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -566,28 +562,24 @@ def _reason_kind(reason: str) -> str:
   return re.sub(r"'[^']*'", "'…'", reason.split(": ", 1)[-1] if ": " in reason else reason)
 
 
-def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
+def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skipped) -> dict:
   n = len(records)
   acc = {}
   for v in variants:
     for m in modes:
-      if v == "base":
-        correct = [r["base"]["correct"][m] for r in records]
-      else:
-        correct = [r["variants"][v]["correct"][m] for r in records]
+      correct = [(r.base if v == "base" else r.variants[v]).correct[m] for r in records]
       acc[f"{v}/{m}"] = float(np.mean(correct)) if n else 0.0
-  flagged = [r["uncertain"] for r in records]
-  wrong = [not r["base"]["correct"]["direct"] for r in records]
+  flagged = [r.uncertain for r in records]
+  wrong = [not r.base.correct["direct"] for r in records]
   caught = sum(f and w for f, w in zip(flagged, wrong))
-  pairs = [p for r in records for p in r["pairs"]]
-  reasons = collections.Counter(_reason_kind(p["rejected"]) for p in pairs if p["rejected"])
-  adapted = {v: sum(r["variants"][v]["adapted"] for r in records)
-             for v in variants if v != "base"}
-  fallback = {v: collections.Counter(r["variants"][v].get("reason") for r in records
-                                     if not r["variants"][v]["adapted"])
-              for v in variants if v != "base"}
+  pairs = [p for r in records for p in r.pairs]
+  reasons = collections.Counter(_reason_kind(p.rejected) for p in pairs if p.rejected)
+  others = [v for v in variants if v != "base"]
+  adapted = {v: sum(r.variants[v].adapted for r in records) for v in others}
+  fallback = {v: collections.Counter(r.variants[v].reason for r in records
+                                     if not r.variants[v].adapted) for v in others}
   seconds = collections.defaultdict(float)
-  for wave in {r["wave"]: r["wave_seconds"] for r in records}.values():
+  for wave in {r.wave: r.wave_seconds for r in records}.values():
     for stage, s in wave.items():
       seconds[stage] += s
   return {
@@ -596,7 +588,7 @@ def compute_metrics(records: list[dict], variants, modes, skipped) -> dict:
       "base_wrong": int(sum(wrong)), "flag_caught_wrong": int(caught),
       "flag_recall_of_wrong": caught / max(1, sum(wrong)),
       "flag_precision": caught / max(1, sum(flagged)),
-      "pairs": {"total": len(pairs), "kept": sum(not p["rejected"] for p in pairs),
+      "pairs": {"total": len(pairs), "kept": sum(p.kept for p in pairs),
                 "rejected_by_reason": dict(reasons)},
       "adapted_inputs": adapted,
       "not_adapted": {v: dict(c) for v, c in fallback.items()},

@@ -152,17 +152,19 @@ def test_dropout_changes_training_only_when_enabled(model):
 
 def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
   config, params = model
-  examples = [_examples(0, 1), _examples(1, 2), _examples(2, 1)]
-  rngs = jax.random.split(jax.random.key(5), 3)
+  # One pair each, lengths in one bucket: each way below compiles a single step program (mixed
+  # lengths and step counts are test_packed_training_equals_each_adapter_trained_alone's).
+  examples = [_examples(s, 1, 10, 14) for s in (2, 3, 4, 6)]
+  rngs = jax.random.split(jax.random.key(5), 4)
   trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": "off"}))
   together, losses = trainer.train_all(params, examples, 0, rngs)  # one packed call per step
-  for remat, per_call in (("on", 2),):
-    trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": remat}))
-    split, split_losses = trainer.train_all(params, examples, 0, rngs, per_call)
-    np.testing.assert_allclose(split_losses, losses, atol=1e-5)
-    for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(together)):
-      assert got.shape[0] == 3
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+  trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": "on"}))
+  split, split_losses = trainer.train_all(params, examples, 0, rngs, 2)  # two calls per step
+  assert trainer.step._cache_size() == 1
+  np.testing.assert_allclose(split_losses, losses, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(together)):
+    assert got.shape[0] == 4
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_waves_in_the_same_buckets_compile_once(model):

@@ -30,8 +30,22 @@ def test_rss_margin_entropy_match_numpy():
 
 
 def test_flags_follow_the_chosen_measure():
-  stats = {"margin": np.array([0.99, 0.5]), "entropy": np.array([0.05, 0.6])}
+  stats = uncertainty.CandidateStats([["a", "b"], ["c", "d"]], [], [], margin_B=np.array([0.99, 0.5]),
+                                     entropy_B=np.array([0.05, 0.6]), best_B=np.zeros(2, int))
   assert list(uncertainty.is_uncertain(stats, "margin", 0.95)) == [False, True]
   assert list(uncertainty.is_uncertain(stats, "entropy", 0.5)) == [False, True]
   with pytest.raises(ValueError, match=r"Unknown uncertainty measure 'ppl'.*margin.*entropy"):
     uncertainty.is_uncertain(stats, "ppl", 0.5)
+
+
+def test_rows_of_sampled_calls_replace_only_their_inputs_statistics():
+  names = uncertainty.CandidateStats.of([["f", "g"], ["h"]], np.log([[0.9, 0.1], [1.0, 0.0]]),
+                                        np.ones((2, 2)))
+  calls = uncertainty.CandidateStats.of([["f", "g"], ["h(a=1)", "h(a=2)"]],
+                                        np.log([[0.5, 0.5], [0.6, 0.4]]), np.ones((2, 2)))
+  merged = names.with_rows([1], calls)
+  assert merged.candidates == [["f", "g"], ["h(a=1)", "h(a=2)"]]
+  np.testing.assert_allclose(merged.margin_B, [0.8, 0.2], atol=1e-6)
+  np.testing.assert_allclose(merged.probs[1], [0.6, 0.4], atol=1e-6)
+  np.testing.assert_allclose(merged.probs[0], names.probs[0])
+  assert list(merged.best_B) == [0, 0] and names.candidates[1] == ["h"]  # names left as they were

@@ -52,12 +52,11 @@ def test_inputs_without_training_data_get_no_adapter_and_say_why():
   data_for, _ = _data({("self", 2): ["pair 2"], ("teacher", 0): ["teacher pair 0"]})
   plan = variants.plan_adapters(["ttsi", "ttd", "ttsi_icl", "sft"], FLAGS, data_for)
   assert sorted(plan.job_of) == [("ttd", 0), ("ttsi", 2)]  # ICL and sft train no per-input adapter
-  teacher_pairs = [["teacher pair 0"], None, variants.TEACHER_FAILED, None]
-  assert variants.not_adapted_reason("ttsi", True, teacher_pairs[0]) == "no kept pairs"
-  assert variants.not_adapted_reason("ttd", True, teacher_pairs[2]) == "teacher failed"
-  assert variants.not_adapted_reason("ttd", False, teacher_pairs[1]) == "not targeted"
+  assert variants.not_adapted_reason("ttsi", True, set()) == "no kept pairs"
+  assert variants.not_adapted_reason("ttd", True, {"teacher"}) == "teacher failed"
+  assert variants.not_adapted_reason("ttd", False, {"teacher"}) == "not targeted"
   # A failed teacher is the teacher's reason only.
-  assert variants.not_adapted_reason("ttsi", True, teacher_pairs[2]) == "no kept pairs"
+  assert variants.not_adapted_reason("ttsi", True, {"teacher"}) == "no kept pairs"
 
 
 def test_synthesis_is_asked_only_for_the_inputs_a_variant_needs():

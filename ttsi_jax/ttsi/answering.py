@@ -34,17 +34,16 @@ class Answerer:
   temperature: float
   top_p: float
 
-  def score(self, pre, examples: Sequence[Example], candidates=None):
+  def score(self, pre, examples: Sequence[Example], candidates=None) -> uncertainty.CandidateStats:
     """RSS statistics over the task's candidate actions (or the given candidate strings)."""
     enc = self.tokenizer.encode
     candidates = candidates or [self.task.candidates(ex) for ex in examples]
     loglik, counts = scoring.score_after(self.sampler, pre,
-                                             [[enc(c) for c in cands] for cands in candidates])
-    stats = jax.tree.map(np.asarray, uncertainty.rss_stats(loglik, counts))
-    stats["candidates"] = candidates
-    return stats
+                                         [[enc(c) for c in cands] for cands in candidates])
+    return uncertainty.CandidateStats.of(candidates, loglik, counts)
 
-  def sampled_call_stats(self, pre, examples, stats, rng, num_samples: int):
+  def sampled_call_stats(self, pre, examples, stats: uncertainty.CandidateStats, rng,
+                         num_samples: int) -> uncertainty.CandidateStats:
     """Uncertainty for inputs offering a single function (where the name margin is always 1):
     sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
     a model that cannot write the call is not certain of it), score each as a candidate.
@@ -52,9 +51,9 @@ class Answerer:
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
-    runs = [self.answer(pre, examples, stats["best"], sampler_lib.fold_in(rng, s), sample=True)
+    runs = [self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True)
             for s in range(num_samples)]
-    candidates = list(stats["candidates"])
+    candidates = list(stats.candidates)
     for i in single:
       ex = examples[i]
       calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
@@ -67,15 +66,7 @@ class Answerer:
                         "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
                         len(calls), pre.free())
       candidates[i] = calls[:fit]
-    calls = self.score(pre, examples, candidates)
-    out = dict(stats, candidates=list(stats["candidates"]))
-    for key in ("margin", "entropy"):
-      out[key] = np.where(np.isin(np.arange(len(stats[key])), single), calls[key], stats[key])
-    out["probs"], out["perplexity"] = list(stats["probs"]), list(stats["perplexity"])
-    for i in single:
-      out["probs"][i], out["perplexity"][i] = calls["probs"][i], calls["perplexity"][i]
-      out["candidates"][i] = candidates[i]
-    return out
+    return stats.with_rows(single, self.score(pre, examples, candidates))
 
   def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
@@ -87,32 +78,32 @@ class Answerer:
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
     return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 
-  def answers(self, pre, examples, stats, rng, modes) -> dict:
+  def answers(self, pre, examples, stats: uncertainty.CandidateStats, rng, modes) -> dict:
     """{"direct": [answer per input], "samples": [[n answers] per input] when voting}. The direct
     answer calls the most likely function; under well-formed decoding each sample first draws
     its function from the RSS probabilities (at the sampling temperature), so voting and pass@k
     can also change the function, as free sampling can."""
-    out = {"direct": self.answer(pre, examples, stats["best"], rng, sample=False)}
+    out = {"direct": self.answer(pre, examples, stats.best_B, rng, sample=False)}
     if set(modes) - {"direct"}:
       runs = []
       for s in range(self.num_samples):
         keys = sampler_lib.fold_in(rng, s + 1)
         functions = (self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
-                     if self.well_formed else stats["best"])
+                     if self.well_formed else stats.best_B)
         runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0),
                                 sample=True))
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
 
-  def draw_functions(self, examples, stats, keys_R) -> np.ndarray:
+  def draw_functions(self, examples, stats: uncertainty.CandidateStats, keys_R) -> np.ndarray:
     """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
     if self.temperature <= 0:  # greedy "samples": the most likely function
-      return np.asarray(stats["best"])[:len(examples)]
+      return stats.best_B[:len(examples)]
     logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
                         np.float32)
     for i, ex in enumerate(examples):
       n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
-      probs = np.asarray(stats["probs"][i][:n], np.float64) if n > 1 else np.ones(1)
+      probs = np.asarray(stats.probs[i][:n], np.float64) if n > 1 else np.ones(1)
       logits_RN[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
     return np.asarray(jax.vmap(jax.random.categorical)(keys_R, jnp.asarray(logits_RN)))
 

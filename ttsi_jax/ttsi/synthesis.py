@@ -52,6 +52,19 @@ class Pair:
     return not self.rejected
 
 
+@dataclasses.dataclass(frozen=True)
+class Written:
+  """What G wrote for one input from one source (the model itself, or the teacher): its pairs,
+  or `failed` when the source gave none (a teacher whose requests all failed)."""
+
+  pairs: list[Pair]
+  failed: bool = False
+
+  @property
+  def kept(self) -> list[Pair]:
+    return [p for p in self.pairs if p.kept]
+
+
 def messages(example: Example, k: int) -> list[dict]:
   functions = json.dumps(list(example.functions), ensure_ascii=False)
   return [{"role": "system", "content": _SYSTEM},

@@ -10,6 +10,9 @@ threshold); perplexity = exp(-l / num_tokens) per candidate.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +31,41 @@ def rss_stats(loglik_BN, num_tokens_BN):
           "perplexity": perplexity_BN, "best": jnp.argmax(loglik_BN, axis=-1)}
 
 
-def is_uncertain(stats: dict, measure: str, threshold: float) -> np.ndarray:
+@dataclasses.dataclass
+class CandidateStats:
+  """H's statistics of a batch of inputs, on the host (rows past the inputs are batch padding).
+  Rows may hold different candidates: an input offering one function scores sampled calls."""
+
+  candidates: list[list[str]]  # per input, the candidate strings scored
+  probs: list[np.ndarray]  # per row, RSS probability of each candidate slot (empty slots 0)
+  perplexity: list[np.ndarray]  # per row, per candidate slot (empty slots inf)
+  margin_B: np.ndarray
+  entropy_B: np.ndarray
+  best_B: np.ndarray  # index of the most likely candidate
+
+  @classmethod
+  def of(cls, candidates: Sequence[Sequence[str]], loglik_BN, num_tokens_BN) -> "CandidateStats":
+    stats = jax.tree.map(np.asarray, rss_stats(loglik_BN, num_tokens_BN))
+    return cls([list(c) for c in candidates], list(stats["probs"]), list(stats["perplexity"]),
+               stats["margin"], stats["entropy"], stats["best"])
+
+  def with_rows(self, rows: Sequence[int], other: "CandidateStats") -> "CandidateStats":
+    """These statistics with `rows` taken from `other` (the best candidate index stays)."""
+    take = np.isin(np.arange(len(self.margin_B)), rows)
+    out = dataclasses.replace(
+        self, candidates=list(self.candidates), probs=list(self.probs),
+        perplexity=list(self.perplexity), margin_B=np.where(take, other.margin_B, self.margin_B),
+        entropy_B=np.where(take, other.entropy_B, self.entropy_B))
+    for i in rows:
+      out.candidates[i], out.probs[i] = other.candidates[i], other.probs[i]
+      out.perplexity[i] = other.perplexity[i]
+    return out
+
+
+def is_uncertain(stats: CandidateStats, measure: str, threshold: float) -> np.ndarray:
   """Margin below tau, or entropy above its threshold."""
   if measure == "margin":
-    return np.asarray(stats["margin"]) < threshold
+    return stats.margin_B < threshold
   if measure == "entropy":
-    return np.asarray(stats["entropy"]) > threshold
+    return stats.entropy_B > threshold
   raise ValueError(f"Unknown uncertainty measure {measure!r}; valid: ['margin', 'entropy'].")

@@ -8,7 +8,7 @@ source, if new); `plan_adapters` and the records follow from the table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import numpy as np
 
@@ -46,7 +46,6 @@ TABLE = {
 }
 NAMES = tuple(TABLE)
 SOURCES = ("self", "teacher", "gold")
-TEACHER_FAILED = "failed"  # what a teacher's pairs are when its requests failed
 
 
 def targets(variant: str, flags_R: np.ndarray) -> np.ndarray:
@@ -99,10 +98,11 @@ def plan_adapters(variants: Sequence[str], flags_R: np.ndarray,
   return Plan(jobs, job_of)
 
 
-def not_adapted_reason(variant: str, targeted: bool, teacher_pairs) -> str:
-  """Why a variant answered an input as the base model did."""
+def not_adapted_reason(variant: str, targeted: bool, failed_sources: Collection[str]) -> str:
+  """Why a variant answered an input as the base model did; `failed_sources`: the data sources
+  that failed to write pairs for the input."""
   if not targeted:
     return "not targeted"
-  if TABLE[variant].source == "teacher" and teacher_pairs == TEACHER_FAILED:
-    return "teacher failed"
+  if TABLE[variant].source in failed_sources:
+    return f"{TABLE[variant].source} failed"
   return "no kept pairs"

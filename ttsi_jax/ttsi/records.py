@@ -1,0 +1,80 @@
+"""The format of results.jsonl, in one place: one `Record` per input, one JSON line each.
+
+Written by the run's check stage, read back by resume and by `compute_metrics`; any other
+reader (the notebook, a report) can rely on the fields below. Optional fields are left out of a
+line when they do not apply (a variant's `reason` when it adapted, `losses` when it trained no
+adapter, the base answer's `samples` without voting modes, `teacher_pairs` without a teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Union
+
+from ttsi_jax.ttsi.synthesis import Pair
+
+TEACHER_FAILED = "failed"  # `teacher_pairs` of an input whose teacher requests all failed
+
+
+@dataclasses.dataclass
+class BaseAnswer:
+  answer: str  # the direct (greedy) answer
+  correct: dict[str, bool]  # verdict per decoding mode ("direct" always)
+  error: str  # the checker's reason the direct answer is wrong ("" when right)
+  samples: Optional[list[str]] = None  # the sampled answers, with voting modes
+
+
+@dataclasses.dataclass
+class VariantAnswer:
+  adapted: bool  # False: the variant answered as base on this input (see `reason`)
+  answer: str
+  correct: dict[str, bool]
+  error: str
+  reason: Optional[str] = None  # why not adapted: "not targeted", "no kept pairs", "<source> failed"
+  losses: Optional[list[float]] = None  # the adapter's training loss per step
+
+
+@dataclasses.dataclass
+class Record:
+  wave: int
+  id: str
+  margin: float
+  entropy: float
+  candidates: list[str]  # the candidate actions scored by H
+  probs: list[float]  # their RSS probabilities
+  perplexity: list[float]
+  uncertain: bool  # H's flag
+  base: BaseAnswer
+  pairs: list[Pair]  # the self-written pairs (empty where no variant needed them)
+  variants: dict[str, VariantAnswer]  # every variant but base
+  teacher_pairs: Union[list[Pair], str, None] = None  # TEACHER_FAILED when the teacher failed
+  wave_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the wave's stages
+  host: int = 0  # the host that ran the wave
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self, dict_factory=_without_none)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict())
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Record":
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+      raise ValueError(f"a results record needs the fields {missing}")
+    teacher = d.get("teacher_pairs")
+    return cls(**{
+        **d, "base": BaseAnswer(**d["base"]), "pairs": [Pair(**p) for p in d["pairs"]],
+        "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
+        "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher})
+
+  @classmethod
+  def from_json(cls, line: str) -> "Record":
+    return cls.from_dict(json.loads(line))
+
+
+def _without_none(items) -> dict:
+  return {k: v for k, v in items if v is not None}
