@@ -171,7 +171,7 @@ def bench_adapt(config) -> dict:
   # The packed rows hold exactly these token ids (asserted, then handed to PEFT as they are).
   packed = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
   for a, ((prompt, answer),) in enumerate(data):
-    row = packed.tokens_RT[0][np.repeat(packed.adapter_RNA[0, :, a], adaptation.BLOCK)]
+    row = packed.tokens_BT[0][np.repeat(packed.adapter_BXA[0, :, a], adaptation.BLOCK)]
     assert row[:len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
 
   def ours(per_call):

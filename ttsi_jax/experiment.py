@@ -117,7 +117,7 @@ Written = dict[str, list[Optional[synthesis.Written]]]
 
 
 def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
-  """keys_R: one key per row, from the seed, the stage and the row's own name (its input id)
+  """keys_B: one key per row, from the seed, the stage and the row's own name (its input id)
   alone, so no sample depends on which inputs share a wave or a batch."""
   return jnp.stack([jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF)
                     for n in names])
@@ -311,7 +311,7 @@ class Experiment:
     return data_for
 
   def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
-    """T: (adapters [J, ...], losses [S, J]) for the plan's jobs; (None, None) when none.
+    """T: (adapters [jobs, ...], losses [steps, jobs]) for the plan's jobs; (None, None) when none.
     Keys by input alone: every data source starts from the same adapter init on an input, so
     variants differ by their data, not by their random draws."""
     if not plan.jobs:

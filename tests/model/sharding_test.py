@@ -98,13 +98,13 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   prompts = [[5, 6, 7], [9] * 12, [3, 1, 4, 1, 5], [2] * 7, [8] * 3, [7] * 9]
   candidates = [[[11, 12], [13]]] * len(prompts)
   sampling = sampler_lib.SamplingParams(max_new_tokens=6, temperature=1.0)
-  keys_R = jax.random.split(jax.random.key(0), len(prompts))
+  keys_B = jax.random.split(jax.random.key(0), len(prompts))
   results = []
   for p in (params, sharded):
     s = sampler_lib.Sampler(config, p, [255], 0)
     pre = s.prefill(prompts, reserve=32)
     loglik, _ = scoring.score_after(s, pre, candidates)
-    results.append((pre, loglik, s.continue_(pre, [[]] * len(prompts), sampling, keys_R)))
+    results.append((pre, loglik, s.continue_(pre, [[]] * len(prompts), sampling, keys_B)))
   (_, loglik, samples), (pre, sharded_loglik, sharded_samples) = results
   # 6 rows padded to 8, one per device: 6 would not split over 8 devices and be replicated.
   assert pre.batch == 8 and pre.prefix.cache.k_LBSKH.sharding.spec[1] == ("data", "fsdp")

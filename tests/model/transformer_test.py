@@ -130,7 +130,7 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_p
              for key, heads in zip(jax.random.split(jax.random.key(0), 3), (N, K, K)))
   length_B = np.array([[L], [300]])
   index = np.arange(L)
-  mask_BLL = ((index[None, None, :] <= index[None, :, None])
+  mask_BTT = ((index[None, None, :] <= index[None, :, None])
               & (index[None, None, :] < length_B[..., None]))
   valid_BL1 = (index[None, :] < length_B)[..., None]
   # No loss reads a padding query's output, so none flows back from it.
@@ -138,7 +138,7 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_p
   chunked = functools.partial(transformer._attend_causal, skip_padding=skip_padding)
   for attend in (transformer._attend, chunked):
     out, grads = jax.jit(lambda q, k, v: (lambda out, vjp: (out, vjp(cotangent)))(
-        *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BLL), q, k, v)))(q, k, v)
+        *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BTT), q, k, v)))(q, k, v)
     if attend is transformer._attend:
       want_out, want_grads = out, grads
   np.testing.assert_allclose(out * valid_BL1, want_out * valid_BL1, atol=1e-5)
@@ -148,20 +148,20 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_p
 
 def test_packing_regathers_rows_into_sequences_and_back_with_gather_gradients():
   # Row 0: sequence 0 in blocks 0-1, sequence 1 in block 2, block 3 padding; row 1: one sequence.
-  seq_blocks_RSW = np.array([[[0, 1], [2, 4]], [[1, 4], [4, 4]]], np.int32)
-  block_slots_RN = np.array([[0, 1, 2, 4], [4, 0, 4, 4]], np.int32)
-  packing = transformer.Packing(np.zeros((2, 4, 1), bool), seq_blocks_RSW, block_slots_RN)
-  x_RT = jnp.arange(2 * 8, dtype=jnp.float32).reshape(2, 8) + 1  # blocks of C = 2 tokens
-  seq_BL = packing.to_sequences(x_RT)
-  assert seq_BL.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [11, 12, 0, 0], [0, 0, 0, 0]]
-  back_RT = packing.to_rows(seq_BL)  # padding blocks come back as zeros
-  assert back_RT.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0], [0, 0, 11, 12, 0, 0, 0, 0]]
+  seq_blocks_BUW = np.array([[[0, 1], [2, 4]], [[1, 4], [4, 4]]], np.int32)
+  block_slots_BX = np.array([[0, 1, 2, 4], [4, 0, 4, 4]], np.int32)
+  packing = transformer.Packing(np.zeros((2, 4, 1), bool), seq_blocks_BUW, block_slots_BX)
+  x_BT = jnp.arange(2 * 8, dtype=jnp.float32).reshape(2, 8) + 1  # blocks of C = 2 tokens
+  seqs = packing.to_sequences(x_BT)
+  assert seqs.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [11, 12, 0, 0], [0, 0, 0, 0]]
+  back_BT = packing.to_rows(seqs)  # padding blocks come back as zeros
+  assert back_BT.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0], [0, 0, 11, 12, 0, 0, 0, 0]]
   # The custom gradient (a gather the other way) equals the plain gather's (a scatter-add).
-  w_BL = jax.random.normal(jax.random.key(0), seq_BL.shape)
+  w_seqs = jax.random.normal(jax.random.key(0), seqs.shape)
 
-  def plain(x_RT):
-    padded = jnp.concatenate([x_RT.reshape(2, 4, 2), jnp.zeros((2, 1, 2))], 1)
-    return jnp.take_along_axis(padded, seq_blocks_RSW.reshape(2, 4)[..., None], 1).reshape(4, 4)
+  def plain(x_BT):
+    padded = jnp.concatenate([x_BT.reshape(2, 4, 2), jnp.zeros((2, 1, 2))], 1)
+    return jnp.take_along_axis(padded, seq_blocks_BUW.reshape(2, 4)[..., None], 1).reshape(4, 4)
 
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(packing.to_sequences(x) * w_BL))(x_RT),
-                             jax.grad(lambda x: jnp.sum(plain(x) * w_BL))(x_RT), atol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(packing.to_sequences(x) * w_seqs))(x_BT),
+                             jax.grad(lambda x: jnp.sum(plain(x) * w_seqs))(x_BT), atol=1e-6)

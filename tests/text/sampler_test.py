@@ -58,14 +58,14 @@ def test_sampled_row_does_not_depend_on_its_batch_neighbours(sampler):
 def test_per_row_keys_make_a_row_independent_of_the_rows_beside_it(sampler):
   prompts = _prompts([5, 8, 13, 21])
   params = SamplingParams(max_new_tokens=10, temperature=1.0)
-  keys_R = jax.random.split(jax.random.key(3), 4)
-  together = sampler.generate(prompts, params, keys_R)
+  keys_B = jax.random.split(jax.random.key(3), 4)
+  together = sampler.generate(prompts, params, keys_B)
   # Other neighbours, another batch bucket and prompt bucket: rows 1 and 2 sample the same.
-  assert sampler.generate(prompts[1:3], params, keys_R[1:3]) == together[1:3]
+  assert sampler.generate(prompts[1:3], params, keys_B[1:3]) == together[1:3]
   pre = sampler.prefill(prompts[2:3], reserve=32)
-  assert sampler.continue_(pre, [[]], params, keys_R[2:3]) == together[2:3]
+  assert sampler.continue_(pre, [[]], params, keys_B[2:3]) == together[2:3]
   with pytest.raises(ValueError, match="3 row keys for 4 rows"):
-    sampler.generate(prompts, params, keys_R[:3])
+    sampler.generate(prompts, params, keys_B[:3])
 
 
 def test_tiny_top_p_is_greedy(sampler):

@@ -77,7 +77,7 @@ def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
   config, params = model
   trainer = adaptation.Trainer(config, cfg)
   steps = adaptation.make_steps(cfg, examples, 0, 4, block=16)
-  assert steps[0].tokens_RT.shape[0] == 1 and steps[0].adapter_RNA[0].any(0).all()  # one row
+  assert steps[0].tokens_BT.shape[0] == 1 and steps[0].adapter_BXA[0].any(0).all()  # one row
   together, losses = trainer.train(params, steps, rngs)
   num_steps = [cfg.epochs * -(-len(ex) // batch_size) for ex in examples]
   assert losses.shape == (max(num_steps), 4)
@@ -92,18 +92,18 @@ def test_packing_keeps_each_sequence_to_its_own_blocks():
   seqs = [(0, [1] * 10, [2] * 3), (1, [3] * 2, [4] * 2), (2, [5] * 29, [6])]
   out = adaptation.pack(seqs, num_rows=2, num_adapters=3, pad_id=0, block=8)
   # The longest (30 tokens, 4 blocks) alone in row 0; the other two share row 1.
-  assert out["adapter_RNA"][0, :3].argmax(-1).tolist() == [2, 2, 2]
-  assert out["adapter_RNA"][1, :3].argmax(-1).tolist() == [0, 0, 1]
-  assert not out["adapter_RNA"][1, 3:].any()  # padding blocks belong to no adapter
-  assert out["positions_RT"][1, 16:20].tolist() == [0, 1, 2, 3]
-  assert out["positions_RT"][1, 12:17].tolist() == [12, -1, -1, -1, 0]  # a last block's padding
+  assert out["adapter_BXA"][0, :3].argmax(-1).tolist() == [2, 2, 2]
+  assert out["adapter_BXA"][1, :3].argmax(-1).tolist() == [0, 0, 1]
+  assert not out["adapter_BXA"][1, 3:].any()  # padding blocks belong to no adapter
+  assert out["positions_BT"][1, 16:20].tolist() == [0, 1, 2, 3]
+  assert out["positions_BT"][1, 12:17].tolist() == [12, -1, -1, -1, 0]  # a last block's padding
   # Attention's layout: per row S=2 sequence slots of W=4 blocks (the longest's); N=4 pads them.
-  assert out["seq_blocks_RSW"].tolist() == [[[0, 1, 2, 3], [4, 4, 4, 4]],
+  assert out["seq_blocks_BUW"].tolist() == [[[0, 1, 2, 3], [4, 4, 4, 4]],
                                             [[0, 1, 4, 4], [2, 4, 4, 4]]]
-  assert out["block_slots_RN"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 8]]  # padding block: S x W
-  assert out["targets_RI"][1, :5].tolist() == [2, 2, 2, 4, 4]
-  assert out["answer_adapter_RI"][1, :5].tolist() == [0, 0, 0, 1, 1]
-  assert out["select_RI"][1, 3:5].tolist() == [16 + 1, 16 + 2]
+  assert out["block_slots_BX"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 8]]  # padding block: S x W
+  assert out["targets_BI"][1, :5].tolist() == [2, 2, 2, 4, 4]
+  assert out["answer_adapter_BI"][1, :5].tolist() == [0, 0, 0, 1, 1]
+  assert out["select_BI"][1, 3:5].tolist() == [16 + 1, 16 + 2]
 
 
 def test_an_adapter_never_sees_another_inputs_data(model):
@@ -181,6 +181,19 @@ def test_waves_in_the_same_buckets_compile_once(model):
   assert trainer.step._cache_size() == compiled
   trainer.train_all(params, [_examples(s, 1, 300, 301) for s in range(3)], 0, rngs)
   assert trainer.step._cache_size() == compiled + 1
+
+
+def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(model):
+  config, params = model
+  trainer = adaptation.Trainer(config, CFG)
+  keys = jax.random.split(jax.random.key(7), 2)
+  prompt = list(range(1, 11))
+  examples = [[(prompt, [3] * 2)], [(prompt, [4] * 20)]]  # alone: 8 and 24 answer slots
+  together, _ = trainer.train_all(params, examples, 0, keys, per_call=1)
+  assert trainer.step._cache_size() == 1
+  alone, _ = trainer.train_all(params, examples[:1], 0, keys[:1])
+  for got, want in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6, rtol=0)
 
 
 def test_remat_auto_follows_the_steps_activation_memory(model, monkeypatch):

@@ -5,6 +5,22 @@ with `nn.scan` (one compiled block, params with a leading layer axis L), the KV 
 pytree passed in and returned, and attention is masked by *positions* (a key is visible when
 0 <= key_pos <= query_pos), so left-padded prompts, right-padded training rows and incremental
 decoding all share one code path. Padding tokens carry position -1.
+
+Array names end in their shape, one letter per axis; each letter means one thing everywhere in
+the package:
+  A adapters                          N query heads
+  B rows of a batch (prompts, packed  O new tokens decoded
+    training rows)                    P prompt slots
+  C candidates per row                Q G x T (queries, head-major)
+  D embedding width                   R LoRA rank
+  E extension tokens                  S cache slots (keys)
+  G query heads per KV head (N / K)   T tokens of a forward pass (queries)
+  H head dim (h: H / 2)               U sequences per packed row
+  I selected positions (scored        V vocabulary
+    candidate or answer tokens)       W blocks per sequence slot
+  K KV heads                          X blocks per packed row
+  L layers                            Z tokens per block
+  M block slots of a row (U x W)      c trailing features of any width; 1 an axis of size one
 """
 
 from __future__ import annotations
@@ -86,22 +102,22 @@ class KVCache:
 
 
 @jax.custom_vjp
-def _regather(x_RNc: jax.Array, index_RM: jax.Array, inverse_RN: jax.Array) -> jax.Array:
-  """out[r, m] = x[r, index[r, m]], where index N reads a zero block. When `index` maps slots to
+def _regather(x_BXc: jax.Array, index_BM: jax.Array, inverse_BX: jax.Array) -> jax.Array:
+  """out[b, m] = x[b, index[b, m]], where index X reads a zero block. When `index` maps slots to
   distinct blocks and `inverse` maps each block back to its slot (M: none), the gradient is the
   same gather the other way round, so neither direction needs a scatter (slow on CPU)."""
-  zero_block = jnp.zeros((x_RNc.shape[0], 1) + x_RNc.shape[2:], x_RNc.dtype)
-  padded = jnp.concatenate([x_RNc, zero_block], axis=1)
-  return jax.vmap(lambda x, i: x.at[i].get(mode="promise_in_bounds"))(padded, index_RM)
+  zero_block = jnp.zeros((x_BXc.shape[0], 1) + x_BXc.shape[2:], x_BXc.dtype)
+  padded = jnp.concatenate([x_BXc, zero_block], axis=1)
+  return jax.vmap(lambda x, i: x.at[i].get(mode="promise_in_bounds"))(padded, index_BM)
 
 
-def _regather_fwd(x_RNc, index_RM, inverse_RN):
-  return _regather(x_RNc, index_RM, inverse_RN), (index_RM, inverse_RN)
+def _regather_fwd(x_BXc, index_BM, inverse_BX):
+  return _regather(x_BXc, index_BM, inverse_BX), (index_BM, inverse_BX)
 
 
-def _regather_bwd(res, g_RMc):
-  index_RM, inverse_RN = res
-  return _regather(g_RMc, inverse_RN, index_RM), None, None
+def _regather_bwd(res, g_BMc):
+  index_BM, inverse_BX = res
+  return _regather(g_BMc, inverse_BX, index_BM), None, None
 
 
 _regather.defvjp(_regather_fwd, _regather_bwd)
@@ -111,33 +127,33 @@ _regather.defvjp(_regather_fwd, _regather_bwd)
 class Packing:
   """Block layout of packed training rows (`ttsi_jax.ttsi.adaptation.pack` builds it).
 
-  Each row of T = N x C tokens is N blocks of C tokens; a sequence fills whole blocks (its last one
+  Each row of T = X x Z tokens is X blocks of Z tokens; a sequence fills whole blocks (its last one
   padded) and every block belongs to one adapter. The linear layers run on the rows; attention runs
-  on the sequences, each gathered into S slots of W blocks per row (`to_sequences`), so its cost
-  is that of each sequence alone. The LoRA branch of each block uses its own adapter, picked by a
+  on the sequences, each gathered into U slots of W blocks per row (`to_sequences`, M = U x W), so
+  its cost is that of each sequence alone. The LoRA branch of each block uses its own adapter, picked by a
   one-hot matmul (a gather's gradient is a scatter, slow on CPU).
   """
 
-  adapter_RNA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
-  seq_blocks_RSW: jax.Array  # int32 block w of the row's sequence s (N: padding)
-  block_slots_RN: jax.Array  # int32 slot s x W + w of each block (S x W: padding block)
+  adapter_BXA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
+  seq_blocks_BUW: jax.Array  # int32 block w of the row's sequence u (X: padding)
+  block_slots_BX: jax.Array  # int32 slot u x W + w of each block (M = U x W: padding block)
 
-  def to_sequences(self, x_RT: jax.Array) -> jax.Array:
-    """[R, T, ...] rows -> [R x S, W x C, ...] sequences (padding slots: zeros)."""
-    R, T = x_RT.shape[:2]
-    N, (S, W) = self.adapter_RNA.shape[1], self.seq_blocks_RSW.shape[1:]
-    C = T // N
-    x_RNc = x_RT.reshape((R, N, C) + x_RT.shape[2:])
-    x_RMc = _regather(x_RNc, self.seq_blocks_RSW.reshape(R, S * W), self.block_slots_RN)
-    return x_RMc.reshape((R * S, W * C) + x_RT.shape[2:])
+  def to_sequences(self, x_BT: jax.Array) -> jax.Array:
+    """[B, T, ...] rows -> [B x U, W x Z, ...] sequences (padding slots: zeros)."""
+    B, T = x_BT.shape[:2]
+    X, (U, W) = self.adapter_BXA.shape[1], self.seq_blocks_BUW.shape[1:]
+    Z = T // X
+    x_BXc = x_BT.reshape((B, X, Z) + x_BT.shape[2:])
+    x_BMc = _regather(x_BXc, self.seq_blocks_BUW.reshape(B, U * W), self.block_slots_BX)
+    return x_BMc.reshape((B * U, W * Z) + x_BT.shape[2:])
 
-  def to_rows(self, x_BL: jax.Array) -> jax.Array:
-    """The inverse of `to_sequences`: [R x S, W x C, ...] -> [R, T, ...] (padding blocks: zeros)."""
-    (R, N), (S, W) = self.adapter_RNA.shape[:2], self.seq_blocks_RSW.shape[1:]
-    C = x_BL.shape[1] // W
-    x_RMc = x_BL.reshape((R, S * W, C) + x_BL.shape[2:])
-    x_RNc = _regather(x_RMc, self.block_slots_RN, self.seq_blocks_RSW.reshape(R, S * W))
-    return x_RNc.reshape((R, N * C) + x_BL.shape[2:])
+  def to_rows(self, seqs: jax.Array) -> jax.Array:
+    """The inverse of `to_sequences`: [B x U, W x Z, ...] -> [B, T, ...] (padding blocks: zeros)."""
+    (B, X), (U, W) = self.adapter_BXA.shape[:2], self.seq_blocks_BUW.shape[1:]
+    Z = seqs.shape[1] // W
+    x_BMc = seqs.reshape((B, U * W, Z) + seqs.shape[2:])
+    x_BXc = _regather(x_BMc, self.block_slots_BX, self.seq_blocks_BUW.reshape(B, U * W))
+    return x_BXc.reshape((B, X * Z) + seqs.shape[2:])
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -191,7 +207,7 @@ class Linear(nn.Module):
   param_dtype: str
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_hp=None, adapter_RNA=None):
+  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                         self.param_dtype)
     y = x @ kernel.astype(self.dtype)
@@ -204,15 +220,17 @@ class Linear(nn.Module):
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
       a, b = lora["a"].astype(self.dtype), lora["b"].astype(self.dtype)
-      if adapter_RNA is None:  # one adapter for every token
+      if adapter_BXA is None:  # one adapter for every token
         y = y + ((x @ a) @ b) * scale
-      else:  # packed rows: each block of C tokens through its own adapter's a [A, in, R], b
-        R, N, _ = adapter_RNA.shape
-        onehot = adapter_RNA.astype(self.dtype)
-        x_RNCI = x.reshape(R, N, -1, x.shape[-1])
-        xa_RNCK = jnp.einsum("rnci,rnik->rnck", x_RNCI, jnp.einsum("rna,aik->rnik", onehot, a))
-        y_RNCO = jnp.einsum("rnck,rnko->rnco", xa_RNCK, jnp.einsum("rna,ako->rnko", onehot, b))
-        y = y + y_RNCO.reshape(y.shape) * scale
+      else:  # packed rows: each block of Z tokens through its own adapter's a [A, in, R], b
+        B, X, _ = adapter_BXA.shape
+        onehot_BXA = adapter_BXA.astype(self.dtype)
+        x_BXZc = x.reshape(B, X, -1, x.shape[-1])
+        a_BXcR = jnp.einsum("bxa,air->bxir", onehot_BXA, a)
+        xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR)
+        b_BXRc = jnp.einsum("bxa,aro->bxro", onehot_BXA, b)
+        y_BXZc = jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc)
+        y = y + y_BXZc.reshape(y.shape) * scale
     return y
 
 
@@ -250,7 +268,7 @@ _attend = jax.checkpoint(_attend, prevent_cse=False)
 MAX_QUERY_CHUNKS = 8
 
 
-def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
+def _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTT, min_chunk: int = 128,
                    skip_padding: bool = False) -> jax.Array:
   """Causal self-attention in up to 8 query chunks, chunk c attending only to keys up to its end:
   the keys after it are masked anyway, so this skips up to 7/16 of the work.
@@ -260,32 +278,32 @@ def _attend_causal(q_BLNH, k_BLKH, v_BLKH, mask_BLL, min_chunk: int = 128,
   slots are all as long as its longest sequence, a batch of prompts as long as its longest prompt;
   on accelerators the sequences' attention is better batched.
   """
-  L = q_BLNH.shape[1]
-  chunks = max(1, min(MAX_QUERY_CHUNKS, L // min_chunk))
-  n = L // chunks
-  if chunks == 1 or L % chunks:
-    return _attend(q_BLNH, k_BLKH, v_BLKH, mask_BLL)
+  T = q_BTNH.shape[1]
+  chunks = max(1, min(MAX_QUERY_CHUNKS, T // min_chunk))
+  n = T // chunks
+  if chunks == 1 or T % chunks:
+    return _attend(q_BTNH, k_BTKH, v_BTKH, mask_BTT)
 
-  def chunk(q_BLNH, k_BLKH, v_BLKH, mask_BLL, c):
-    return _attend(q_BLNH[:, c * n:(c + 1) * n], k_BLKH[:, :(c + 1) * n],
-                   v_BLKH[:, :(c + 1) * n], mask_BLL[:, c * n:(c + 1) * n, :(c + 1) * n])
+  def chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c):
+    return _attend(q_BTNH[:, c * n:(c + 1) * n], k_BTKH[:, :(c + 1) * n],
+                   v_BTKH[:, :(c + 1) * n], mask_BTT[:, c * n:(c + 1) * n, :(c + 1) * n])
 
   if not skip_padding:
-    return jnp.concatenate([chunk(q_BLNH, k_BLKH, v_BLKH, mask_BLL, c) for c in range(chunks)],
+    return jnp.concatenate([chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c) for c in range(chunks)],
                            axis=1)
 
   def one_sequence(qkvm):
-    q_1LNH, k_1LKH, v_1LKH, mask_1LL = (x[None] for x in qkvm)
-    empty = jnp.zeros((1, n, q_1LNH.shape[2] * q_1LNH.shape[3]), q_1LNH.dtype)
+    q_1TNH, k_1TKH, v_1TKH, mask_1TT = (x[None] for x in qkvm)
+    empty = jnp.zeros((1, n, q_1TNH.shape[2] * q_1TNH.shape[3]), q_1TNH.dtype)
     outs = []
     for c in range(chunks):
-      real_n = jnp.diagonal(mask_1LL[0])[c * n:(c + 1) * n]
+      real_n = jnp.diagonal(mask_1TT[0])[c * n:(c + 1) * n]
       outs.append(jax.lax.cond(jnp.any(real_n),
                                lambda *a, c=c: chunk(*a, c), lambda *a: empty,
-                               q_1LNH, k_1LKH, v_1LKH, mask_1LL))
+                               q_1TNH, k_1TKH, v_1TKH, mask_1TT))
     return jnp.concatenate(outs, axis=1)[0]
 
-  return jax.lax.map(one_sequence, (q_BLNH, k_BLKH, v_BLKH, mask_BLL))
+  return jax.lax.map(one_sequence, (q_BTNH, k_BTKH, v_BTKH, mask_BTT))
 
 
 class Attention(nn.Module):
@@ -295,9 +313,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None):
     c = self.config
-    per_block = None if packing is None else packing.adapter_RNA
+    per_block = None if packing is None else packing.adapter_BXA
     dense = lambda n, f, b: functools.partial(Linear(f, b, c.dtype, c.param_dtype, name=n),
-                                              adapter_RNA=per_block)
+                                              adapter_BXA=per_block)
     B, T, _ = x_BTD.shape
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"),
@@ -318,7 +336,7 @@ class Attention(nn.Module):
       seq = packing.to_sequences
       # A row of one sequence pads only its slot's bucket: skipping measured no faster there, and
       # the branches cost ~3.6 s more to compile a training step.
-      several = packing.seq_blocks_RSW.shape[1] > 1
+      several = packing.seq_blocks_BUW.shape[1] > 1
       out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS,
                                                 skip_padding=skip_padding and several))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
@@ -349,10 +367,10 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_hp, adapter_RNA=None):
+  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None):
     c = self.config
     dense = lambda n, f: functools.partial(Linear(f, False, c.dtype, c.param_dtype, name=n),
-                                           adapter_RNA=adapter_RNA)
+                                           adapter_BXA=adapter_BXA)
     gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp)
     up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp)
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
@@ -375,7 +393,7 @@ class Block(nn.Module):
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp,
-                                       None if packing is None else packing.adapter_RNA)
+                                       None if packing is None else packing.adapter_BXA)
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None

@@ -4,7 +4,7 @@ Prompts are left-padded to a length bucket and the batch is padded to a size buc
 compiles once per (batch bucket, prompt bucket, max_new_tokens), never once per prompt. Every row
 has its own RNG key (`fold_in(row_key, step)`), so a row's sample does not depend on its batch
 neighbours. `generate_tokens` is a pure function of (params, tokens, positions, keys, lora): it can be
-`jax.vmap`-ed over a leading adapter axis to decode with N adapted models in one call.
+`jax.vmap`-ed over a leading adapter axis to decode with A adapted models in one call.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
 
 
 def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
-  """keys_B for `rows` real rows padded to `batch`. `rng`: one key, split over the batch, or keys_R,
+  """keys_B for `rows` real rows padded to `batch`. `rng`: one key, split over the batch, or keys_B,
   one key per real row (a row then samples from its own key alone, whichever rows share its
   batch); padding rows reuse the last real row's key (they are inactive)."""
   rng = jax.random.key(0) if rng is None else rng
@@ -70,7 +70,7 @@ def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
 
 
 def fold_in(rng: Optional[jax.Array], data: int) -> jax.Array:
-  """`jax.random.fold_in` of one key, or of each of keys_R."""
+  """`jax.random.fold_in` of one key, or of each of keys_B."""
   rng = jax.random.key(0) if rng is None else rng
   if rng.ndim == 0:
     return jax.random.fold_in(rng, data)
@@ -133,9 +133,9 @@ def _extend(config, params, prefix: Prefix, tokens_BE, lengths_B, lora) -> Prefi
 
 def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingParams,
             stop_ids: tuple[int, ...], pad_id: int, active_B=None):
-  """New tokens_BN after a prefix (pad after a row's stop token; inactive rows stop at once)."""
+  """New tokens_BO after a prefix (pad after a row's stop token; inactive rows stop at once)."""
   B = keys_B.shape[0]
-  N = sampling.max_new_tokens
+  O = sampling.max_new_tokens
   stop = jnp.asarray(stop_ids, jnp.int32)
 
   def sample(logits_BV, step):
@@ -146,23 +146,23 @@ def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingPara
   done_B = jnp.isin(first_B, stop)
   if active_B is not None:
     done_B |= ~active_B
-  out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B)
+  out_BO = jnp.full((B, O), pad_id, jnp.int32).at[:, 0].set(first_B)
 
   def cond(state):
     step, _, _, done_B, _ = state
-    return (step < N) & ~jnp.all(done_B)
+    return (step < O) & ~jnp.all(done_B)
 
   def body(state):
-    step, last_B, cache, done_B, out_BN = state
+    step, last_B, cache, done_B, out_BO = state
     positions_B1 = (prefix.next_position_B + step - 1)[:, None]
     logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache,
                                             lora)
     new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
     done_B = done_B | jnp.isin(new_B, stop)
-    out_BN = jax.lax.dynamic_update_slice(out_BN, new_B[:, None], (0, step))
-    return step + 1, new_B, cache, done_B, out_BN
+    out_BO = jax.lax.dynamic_update_slice(out_BO, new_B[:, None], (0, step))
+    return step + 1, new_B, cache, done_B, out_BO
 
-  state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, out_BN)
+  state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, out_BO)
   return jax.lax.while_loop(cond, body, state)[-1]
 
 
@@ -172,7 +172,7 @@ _STATIC = ("config", "stop_ids", "pad_id")
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, config: ModelConfig,
                     sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int):
-  """New tokens_BN (pad after a row's stop token) for left-padded prompts."""
+  """New tokens_BO (pad after a row's stop token) for left-padded prompts."""
   prefix = _prefill(config, params, tokens_BP, positions_BP, lora,
                     tokens_BP.shape[1] + sampling.max_new_tokens)
   return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
@@ -194,7 +194,7 @@ def extend(params, prefix: Prefix, tokens_BE, lengths_B, lora=None, *, config: M
 def continue_tokens(params, prefix: Prefix, tokens_BE, lengths_B, keys_B, active_B, lora=None, *,
                     config: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, ...],
                     pad_id: int):
-  """New tokens_BN after prefix + the (left-padded) extension tokens_BE; only active rows run."""
+  """New tokens_BO after prefix + the (left-padded) extension tokens_BE; only active rows run."""
   prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
   return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
 
@@ -308,7 +308,7 @@ class Sampler:
                 sampling: SamplingParams, rng: Optional[jax.Array] = None,
                 active: Optional[Sequence[bool]] = None) -> list[list[int]]:
     """Completions after prefix + extension, per row (inactive rows return []); `rng`: one key or
-    keys_R, one per row (see `row_keys`)."""
+    keys_B, one per row (see `row_keys`)."""
     tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
     if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
       raise ValueError(f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
@@ -320,13 +320,13 @@ class Sampler:
                            stop_ids=self.stop_ids, pad_id=self.pad_id)
     out = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
                      *self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B)))
-    out_BN = np.asarray(out[:, 0] if pre.per_row else out)
-    return [self._trim(out_BN[b]) if active_B[b] else [] for b in range(pre.rows)]
+    out_BO = np.asarray(out[:, 0] if pre.per_row else out)
+    return [self._trim(out_BO[b]) if active_B[b] else [] for b in range(pre.rows)]
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
                rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
     """Completion token ids per prompt (stop token excluded), in prompt order; `rng`: one key or
-    keys_R, one per prompt (see `row_keys`); `lora`: None (the base model) or one Adapter for every
+    keys_B, one per prompt (see `row_keys`); `lora`: None (the base model) or one Adapter for every
     row (per-row adapters: `prefill(..., lora_per_row=True)`).
     """
     if not prompts:
@@ -341,8 +341,8 @@ class Sampler:
       batch = sharding.fill_batch_shards(self.mesh, bucket(len(chunk)))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
       keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
-      out_BN = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
-      results.extend(self._trim(out_BN[b]) for b in range(len(chunk)))
+      out_BO = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
+      results.extend(self._trim(out_BO[b]) for b in range(len(chunk)))
     return results
 
 

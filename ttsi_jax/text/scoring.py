@@ -1,6 +1,6 @@
 """Log-likelihoods of candidate continuations after a prefilled prompt.
 
-All N candidates of a row are packed back to back after the row's cached prefix, each in its own
+All C candidates of a row are packed back to back after the row's cached prefix, each in its own
 segment: one forward pass scores them all, each seeing the prompt and itself, never the other
 candidates, and logits are computed only where they predict a candidate token. H scores candidate
 actions this way (`ttsi_jax.ttsi.uncertainty`), and well-formed decoding its options
@@ -34,7 +34,7 @@ class PackedCandidates:
   select_BI: np.ndarray  # the position in the row whose logits predict target i
   targets_BI: np.ndarray  # the candidate token being scored
   owner_BI: np.ndarray  # which candidate target i belongs to; -1 for padding
-  num_candidates: int  # N (padded; rows with fewer candidates have empty slots)
+  num_candidates: int  # C (padded; rows with fewer candidates have empty slots)
 
 
 # In a candidate continuing a cached prefix, a last entry TAIL stands for "any token of the tail
@@ -60,12 +60,12 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
   fed = [[[t for t in cand if t != TAIL] for cand in cands] for cands in candidates]
   T = bucket(max((sum(map(len, c)) for c in fed), default=1), 8)
   I = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
-  N = bucket(max((len(c) for c in candidates), default=1), 2)
+  C = bucket(max((len(c) for c in candidates), default=1), 2)
   out = PackedCandidates(
       tokens_BT=np.full((batch, T), pad_id, np.int32), positions_BT=np.full((batch, T), -1, np.int32),
       segments_BT=np.full((batch, T), PAD_SEGMENT, np.int32),
       select_BI=np.full((batch, I), -1, np.int32), targets_BI=np.zeros((batch, I), np.int32),
-      owner_BI=np.full((batch, I), -1, np.int32), num_candidates=N)
+      owner_BI=np.full((batch, I), -1, np.int32), num_candidates=C)
   for b, (cands, fed_cands) in enumerate(zip(candidates, fed)):
     t = i = 0
     for k, (cand, tokens) in enumerate(zip(cands, fed_cands)):
@@ -85,7 +85,7 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
 def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
                             targets_BI, owner_BI, lora=None, tail_mask_V=None, *,
                             config: ModelConfig, num_candidates: int):
-  """(loglik_BN, num_tokens_BN): sum and count of the log-probs of candidates continuing a cached
+  """(loglik_BC, num_tokens_BC): sum and count of the log-probs of candidates continuing a cached
   `sampler.Prefix` (empty slots -inf, 0); TAIL targets score the log of the total probability of
   the tokens in `tail_mask_V`."""
   positions_BT = jnp.where(offsets_BT >= 0, prefix.next_position_B[:, None] + offsets_BT, -1)
@@ -114,7 +114,7 @@ def candidates_that_fit(candidates: Sequence[Sequence[int]], free: int) -> int:
 
 
 def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tail_mask_V=None):
-  """(loglik [rows, N], num_tokens [rows, N]) of candidates continuing a `sampler.Prefilled`;
+  """(loglik_BC, num_tokens_BC) of candidates continuing a `sampler.Prefilled`;
   `tail_mask_V` [vocab] bool is the token set a trailing TAIL target stands for."""
   if tail_mask_V is None and any(TAIL in c for cands in candidates for c in cands):
     raise ValueError("Candidates ending in TAIL need tail_mask_V.")
@@ -136,8 +136,8 @@ def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tai
 
 
 def _sum_by_candidate(token_logp_BI, owner_BI, num_candidates: int):
-  """(loglik_BN, num_tokens_BN) from per-token log-probs; empty candidate slots get -inf, 0."""
-  owned_BIN = owner_BI[..., None] == jnp.arange(num_candidates)
-  num_tokens_BN = jnp.sum(owned_BIN, axis=1)
-  loglik_BN = jnp.sum(jnp.where(owned_BIN, token_logp_BI[..., None], 0.0), axis=1)
-  return jnp.where(num_tokens_BN > 0, loglik_BN, -jnp.inf), num_tokens_BN
+  """(loglik_BC, num_tokens_BC) from per-token log-probs; empty candidate slots get -inf, 0."""
+  owned_BIC = owner_BI[..., None] == jnp.arange(num_candidates)
+  num_tokens_BC = jnp.sum(owned_BIC, axis=1)
+  loglik_BC = jnp.sum(jnp.where(owned_BIC, token_logp_BI[..., None], 0.0), axis=1)
+  return jnp.where(num_tokens_BC > 0, loglik_BC, -jnp.inf), num_tokens_BC

@@ -69,26 +69,26 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PackedStep:
-  """One training step of A adapters as R packed rows of N blocks (T = N x BLOCK tokens), with
-  I answer tokens per row; attention sees up to S sequences per row of up to W blocks each."""
+  """One training step of A adapters as B packed rows of X blocks (T = X x BLOCK tokens), with
+  I answer tokens per row; attention sees up to U sequences per row of up to W blocks each."""
 
-  tokens_RT: np.ndarray
-  positions_RT: np.ndarray  # -1 = padding
-  adapter_RNA: np.ndarray  # bool, one-hot adapter of each block
-  select_RI: np.ndarray  # indices whose logits predict the answer tokens
-  targets_RI: np.ndarray
-  weights_RI: np.ndarray  # 1 for answer tokens, 0 for padding
-  answer_adapter_RI: np.ndarray  # the adapter each answer token's loss belongs to
+  tokens_BT: np.ndarray
+  positions_BT: np.ndarray  # -1 = padding
+  adapter_BXA: np.ndarray  # bool, one-hot adapter of each block
+  select_BI: np.ndarray  # indices whose logits predict the answer tokens
+  targets_BI: np.ndarray
+  weights_BI: np.ndarray  # 1 for answer tokens, 0 for padding
+  answer_adapter_BI: np.ndarray  # the adapter each answer token's loss belongs to
   learning_rate_A: np.ndarray
-  seq_blocks_RSW: np.ndarray  # the row's blocks of each sequence (N: padding), see Packing
-  block_slots_RN: np.ndarray  # each block's slot s x W + w (S x W: padding)
+  seq_blocks_BUW: np.ndarray  # the row's blocks of each sequence (X: padding), see Packing
+  block_slots_BX: np.ndarray  # each block's slot u x W + w (U x W: padding)
   active_A: np.ndarray  # False once an adapter has run all its steps
 
   def rows(self) -> tuple[np.ndarray, ...]:
     """The arrays with a leading row axis (what the mesh's batch axes split)."""
-    return (self.tokens_RT, self.positions_RT, self.adapter_RNA, self.seq_blocks_RSW,
-            self.block_slots_RN, self.select_RI, self.targets_RI, self.weights_RI,
-            self.answer_adapter_RI)
+    return (self.tokens_BT, self.positions_BT, self.adapter_BXA, self.seq_blocks_BUW,
+            self.block_slots_BX, self.select_BI, self.targets_BI, self.weights_BI,
+            self.answer_adapter_BI)
 
 
 def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, num_adapters: int,
@@ -102,38 +102,46 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
     r = int(np.argmin(used))
     rows[r].append(i)
     used[r] += -(-len(sequences[i][1] + sequences[i][2]) // block)
-  N = bucket(max(used))  # bucketed shapes: one compile per bucket
-  S = bucket(max(len(row) for row in rows))
+  X = bucket(max(used))  # bucketed shapes: one compile per bucket
+  U = bucket(max(len(row) for row in rows))
   W = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
   I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
-  T = N * block
-  out = dict(tokens_RT=np.full((num_rows, T), pad_id, np.int32),
-             positions_RT=np.full((num_rows, T), -1, np.int32),
-             adapter_RNA=np.zeros((num_rows, N, num_adapters), bool),
-             seq_blocks_RSW=np.full((num_rows, S, W), N, np.int32),
-             block_slots_RN=np.full((num_rows, N), S * W, np.int32),
-             select_RI=np.zeros((num_rows, I), np.int32),
-             targets_RI=np.zeros((num_rows, I), np.int32),
-             weights_RI=np.zeros((num_rows, I), np.float32),
-             answer_adapter_RI=np.zeros((num_rows, I), np.int32))
+  T = X * block
+  out = dict(tokens_BT=np.full((num_rows, T), pad_id, np.int32),
+             positions_BT=np.full((num_rows, T), -1, np.int32),
+             adapter_BXA=np.zeros((num_rows, X, num_adapters), bool),
+             seq_blocks_BUW=np.full((num_rows, U, W), X, np.int32),
+             block_slots_BX=np.full((num_rows, X), U * W, np.int32),
+             select_BI=np.zeros((num_rows, I), np.int32),
+             targets_BI=np.zeros((num_rows, I), np.int32),
+             weights_BI=np.zeros((num_rows, I), np.float32),
+             answer_adapter_BI=np.zeros((num_rows, I), np.int32))
   for r, row in enumerate(rows):
     at, answered = 0, 0
-    for s, i in enumerate(row):
+    for u, i in enumerate(row):
       adapter, prompt, answer = sequences[i]
       seq, n, m = prompt + answer, len(prompt), len(answer)
-      out["tokens_RT"][r, at:at + len(seq)] = seq
-      out["positions_RT"][r, at:at + len(seq)] = np.arange(len(seq))
+      out["tokens_BT"][r, at:at + len(seq)] = seq
+      out["positions_BT"][r, at:at + len(seq)] = np.arange(len(seq))
       blocks = np.arange(at // block, -(-(at + len(seq)) // block))
-      out["adapter_RNA"][r, blocks, adapter] = True
-      out["seq_blocks_RSW"][r, s, :len(blocks)] = blocks
-      out["block_slots_RN"][r, blocks] = s * W + np.arange(len(blocks))
-      out["select_RI"][r, answered:answered + m] = at + np.arange(n - 1, n + m - 1)
-      out["targets_RI"][r, answered:answered + m] = answer
-      out["weights_RI"][r, answered:answered + m] = 1.0
-      out["answer_adapter_RI"][r, answered:answered + m] = adapter
+      out["adapter_BXA"][r, blocks, adapter] = True
+      out["seq_blocks_BUW"][r, u, :len(blocks)] = blocks
+      out["block_slots_BX"][r, blocks] = u * W + np.arange(len(blocks))
+      out["select_BI"][r, answered:answered + m] = at + np.arange(n - 1, n + m - 1)
+      out["targets_BI"][r, answered:answered + m] = answer
+      out["weights_BI"][r, answered:answered + m] = 1.0
+      out["answer_adapter_BI"][r, answered:answered + m] = adapter
       at += -(-len(seq) // block) * block
       answered += m
   return out
+
+
+def pad_answer_slots(step: PackedStep, slots: int) -> PackedStep:
+  """`step` with `slots` answer positions per row; the added ones weigh nothing in the loss."""
+  pad = lambda x_BI: np.pad(x_BI, ((0, 0), (0, slots - x_BI.shape[1])))
+  return dataclasses.replace(step, select_BI=pad(step.select_BI), targets_BI=pad(step.targets_BI),
+                             weights_BI=pad(step.weights_BI),
+                             answer_adapter_BI=pad(step.answer_adapter_BI))
 
 
 def training_example(tokenizer, task, ex, request: str, call: str) -> tuple[list, list]:
@@ -169,10 +177,10 @@ def make_steps(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], li
   return steps
 
 
-def answer_loss(config: ModelConfig, params, adapter, tokens_BL, positions_BL, select_BI,
+def answer_loss(config: ModelConfig, params, adapter, tokens_BT, positions_BT, select_BI,
                 targets_BI, weights_BI, dropout_rng=None):
   """Mean negative log-likelihood of the answer tokens (prompt tokens carry no loss)."""
-  logits_BIV, _ = transformer.forward(config, params, tokens_BL, positions_BL, lora=adapter,
+  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, lora=adapter,
                                       select_BI=select_BI, dropout_rng=dropout_rng)
   logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None],
                                 -1)[..., 0]
@@ -185,7 +193,7 @@ def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
   itemsize = jnp.dtype(config.dtype).itemsize
   per_token = (6 * config.embed_dim + 2 * config.num_heads * config.head_dim
                + 2 * config.num_kv_heads * config.head_dim + 3 * config.mlp_dim) * itemsize
-  return config.num_layers * step.tokens_RT.size * per_token
+  return config.num_layers * step.tokens_BT.size * per_token
 
 
 def device_memory_bytes() -> int:
@@ -221,24 +229,24 @@ class Trainer:
       return self.cfg.remat == "on"
     return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
-  def _step(self, params, adapters, opt_states, tokens_RT, positions_RT, adapter_RNA,
-            seq_blocks_RSW, block_slots_RN, select_RI, targets_RI, weights_RI, answer_adapter_RI,
+  def _step(self, params, adapters, opt_states, tokens_BT, positions_BT, adapter_BXA,
+            seq_blocks_BUW, block_slots_BX, select_BI, targets_BI, weights_BI, answer_adapter_BI,
             learning_rate_A, active_A, rng, *, remat):
     """One update of every active adapter from one packed forward and backward pass."""
-    packing = transformer.Packing(adapter_RNA, seq_blocks_RSW, block_slots_RN)
+    packing = transformer.Packing(adapter_BXA, seq_blocks_BUW, block_slots_BX)
     num_adapters = learning_rate_A.shape[0]
 
     def loss(adapters):
       # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
       by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
-      logits_RIV, _ = transformer.forward(
-          self.config, params, tokens_RT, positions_RT, lora=by_layer, select_BI=select_RI,
+      logits_BIV, _ = transformer.forward(
+          self.config, params, tokens_BT, positions_BT, lora=by_layer, select_BI=select_BI,
           packing=packing, remat=remat, dropout_rng=rng if self.cfg.dropout > 0 else None)
-      logp_RI = jnp.take_along_axis(jax.nn.log_softmax(logits_RIV, -1), targets_RI[..., None],
+      logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None],
                                     -1)[..., 0]
-      per_adapter = lambda x: jax.ops.segment_sum(x.ravel(), answer_adapter_RI.ravel(),
+      per_adapter = lambda x: jax.ops.segment_sum(x.ravel(), answer_adapter_BI.ravel(),
                                                   num_segments=num_adapters)
-      loss_A = -per_adapter(logp_RI * weights_RI) / jnp.maximum(per_adapter(weights_RI), 1.0)
+      loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(per_adapter(weights_BI), 1.0)
       return jnp.sum(loss_A), loss_A
 
     (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
@@ -255,7 +263,7 @@ class Trainer:
     return adapters, opt_states, loss_A
 
   def train(self, params, steps: Sequence[PackedStep], rngs_A: jax.Array):
-    """Fresh adapters (one key each), trained on `steps`: (adapters [A, ...], losses [S, A]).
+    """Fresh adapters (one key each), trained on `steps`: (adapters [A, ...], losses [steps, A]).
     On a mesh the packed rows are split over its batch axes (data, fsdp); adapters and their
     optimizer states are small and replicated."""
     mesh = sharding.mesh_of(params)
@@ -274,22 +282,28 @@ class Trainer:
                                              remat=self.remat_for(step))
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
-    active_SA = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
-    return adapters, np.where(active_SA, losses, np.nan)
+    active = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
+    return adapters, np.where(active, losses, np.nan)
 
   def train_all(self, params, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
                 pad_id: int, rngs_A: jax.Array, per_call: int = 0):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [S, A]); the result does not depend on `per_call`."""
+    losses [steps, A]); the result does not depend on `per_call`."""
     per_call = per_call or len(examples)
     rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
+    starts = range(0, len(examples), per_call)
+    chunks = [examples[start:start + per_call] for start in starts]
+    # A bucketed adapter count: one compile per size.
+    steps_of = [make_steps(self.cfg, chunk, pad_id, bucket(len(chunk)), rows) for chunk in chunks]
+    # One answer width for the whole call list: answers differ in length, and each width would
+    # compile a step of its own, where a wider one costs only a few more logits rows.
+    slots = max(s.select_BI.shape[1] for steps in steps_of for s in steps)
     parts, losses = [], []
-    for start in range(0, len(examples), per_call):
-      chunk = examples[start:start + per_call]
-      size = bucket(len(chunk))  # a bucketed adapter count: one compile per size
+    for start, chunk, steps in zip(starts, chunks, steps_of):
+      size = bucket(len(chunk))
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
-      adapters, loss = self.train(params, make_steps(self.cfg, chunk, pad_id, size, rows), keys)
+      adapters, loss = self.train(params, [pad_answer_slots(s, slots) for s in steps], keys)
       parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
       losses.append(loss[:, :len(chunk)])
     steps = max(l.shape[0] for l in losses)

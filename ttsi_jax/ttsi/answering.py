@@ -95,17 +95,17 @@ class Answerer:
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
 
-  def draw_functions(self, examples, stats: uncertainty.CandidateStats, keys_R) -> np.ndarray:
+  def draw_functions(self, examples, stats: uncertainty.CandidateStats, keys_B) -> np.ndarray:
     """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
     if self.temperature <= 0:  # greedy "samples": the most likely function
       return stats.best_B[:len(examples)]
-    logits_RN = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
+    logits_BC = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
                         np.float32)
     for i, ex in enumerate(examples):
       n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
       probs = np.asarray(stats.probs[i][:n], np.float64) if n > 1 else np.ones(1)
-      logits_RN[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
-    return np.asarray(jax.vmap(jax.random.categorical)(keys_R, jnp.asarray(logits_RN)))
+      logits_BC[i, :n] = np.log(probs, where=probs > 0, out=np.full(n, -np.inf)) / self.temperature
+    return np.asarray(jax.vmap(jax.random.categorical)(keys_B, jnp.asarray(logits_BC)))
 
 
 def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:

@@ -19,16 +19,16 @@ import numpy as np
 
 
 @jax.jit
-def rss_stats(loglik_BN, num_tokens_BN):
+def rss_stats(loglik_BC, num_tokens_BC):
   """RSS probabilities, margin, entropy and per-candidate perplexity; -inf logliks are empty slots."""
-  probs_BN = jax.nn.softmax(loglik_BN, axis=-1)  # exp(l - max l) / sum exp(l - max l)
-  top2_B2 = jax.lax.top_k(probs_BN, 2)[0]
+  probs_BC = jax.nn.softmax(loglik_BC, axis=-1)  # exp(l - max l) / sum exp(l - max l)
+  top2_B2 = jax.lax.top_k(probs_BC, 2)[0]
   margin_B = top2_B2[:, 0] - top2_B2[:, 1]
-  entropy_B = -jnp.sum(jnp.where(probs_BN > 0, probs_BN * jnp.log(probs_BN), 0.0), axis=-1)
-  perplexity_BN = jnp.where(num_tokens_BN > 0,
-                            jnp.exp(-loglik_BN / jnp.maximum(num_tokens_BN, 1)), jnp.inf)
-  return {"probs": probs_BN, "margin": margin_B, "entropy": entropy_B,
-          "perplexity": perplexity_BN, "best": jnp.argmax(loglik_BN, axis=-1)}
+  entropy_B = -jnp.sum(jnp.where(probs_BC > 0, probs_BC * jnp.log(probs_BC), 0.0), axis=-1)
+  perplexity_BC = jnp.where(num_tokens_BC > 0,
+                            jnp.exp(-loglik_BC / jnp.maximum(num_tokens_BC, 1)), jnp.inf)
+  return {"probs": probs_BC, "margin": margin_B, "entropy": entropy_B,
+          "perplexity": perplexity_BC, "best": jnp.argmax(loglik_BC, axis=-1)}
 
 
 @dataclasses.dataclass
@@ -44,8 +44,8 @@ class CandidateStats:
   best_B: np.ndarray  # index of the most likely candidate
 
   @classmethod
-  def of(cls, candidates: Sequence[Sequence[str]], loglik_BN, num_tokens_BN) -> "CandidateStats":
-    stats = jax.tree.map(np.asarray, rss_stats(loglik_BN, num_tokens_BN))
+  def of(cls, candidates: Sequence[Sequence[str]], loglik_BC, num_tokens_BC) -> "CandidateStats":
+    stats = jax.tree.map(np.asarray, rss_stats(loglik_BC, num_tokens_BC))
     return cls([list(c) for c in candidates], list(stats["probs"]), list(stats["perplexity"]),
                stats["margin"], stats["entropy"], stats["best"])
 

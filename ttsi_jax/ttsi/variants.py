@@ -48,17 +48,17 @@ NAMES = tuple(TABLE)
 SOURCES = ("self", "teacher", "gold")
 
 
-def targets(variant: str, flags_R: np.ndarray) -> np.ndarray:
+def targets(variant: str, flags_B: np.ndarray) -> np.ndarray:
   """bool per input: does `variant` adapt on (or, for ICL, demonstrate on) it."""
-  return _TARGETS[TABLE[variant].targets](np.asarray(flags_R, bool))
+  return _TARGETS[TABLE[variant].targets](np.asarray(flags_B, bool))
 
 
-def inputs_needing(source: str, variants: Sequence[str], flags_R: np.ndarray) -> list[int]:
+def inputs_needing(source: str, variants: Sequence[str], flags_B: np.ndarray) -> list[int]:
   """The inputs some variant targets with training data from `source` (what G must write)."""
-  needed = np.zeros(len(flags_R), bool)
+  needed = np.zeros(len(flags_B), bool)
   for v in variants:
     if TABLE[v].source == source:
-      needed |= targets(v, flags_R)
+      needed |= targets(v, flags_B)
   return [int(i) for i in np.flatnonzero(needed)]
 
 
@@ -78,7 +78,7 @@ class Plan:
   job_of: dict[tuple[str, int], int]
 
 
-def plan_adapters(variants: Sequence[str], flags_R: np.ndarray,
+def plan_adapters(variants: Sequence[str], flags_B: np.ndarray,
                   data_for: Callable[[str, int], list]) -> Plan:
   """The adapter jobs of a wave. `data_for(source, input)` gives the training examples (empty:
   nothing to train on, the variant answers as base on that input). No model needed."""
@@ -87,7 +87,7 @@ def plan_adapters(variants: Sequence[str], flags_R: np.ndarray,
     if TABLE[v].answers != "adapter":
       continue
     source = TABLE[v].source
-    for i in np.flatnonzero(targets(v, flags_R)).tolist():
+    for i in np.flatnonzero(targets(v, flags_B)).tolist():
       if (source, i) not in by_source:
         data = data_for(source, i)
         by_source[(source, i)] = len(jobs) if data else None
