@@ -139,7 +139,8 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
-    self.sft_tasks = sft_tasks(config) if "sft" in self.variants else []
+    self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
+    self.sft_tasks = sft_tasks(config) if self.uses_sft else []
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
@@ -268,7 +269,7 @@ class Experiment:
       adapters, losses = self.train(plan, ids)
       kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
     with timer("adapted"):
-      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, written["self"])
+      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, written)
     with timer("check"):
       records = [self._record(wave, i, ex, stats, flags, base, written, adapted, plan, losses)
                  for i, ex in enumerate(examples)]
@@ -320,14 +321,17 @@ class Experiment:
     return self.trainer.train_all(self.params, [job.data for job in plan.jobs],
                                   self.tokenizer.pad_id, keys, self.adapters_per_call)
 
-  def answer_variants(self, plan, adapters, examples, prompts, flags, self_written) -> dict:
+  def answer_variants(self, plan, adapters, examples, prompts, flags, written: Written) -> dict:
     """The answers of every variant that does not answer as base: {(variant, input): answers}.
-    Each way of answering prefills its prompts once (per-input adapters, the sft adapter, ICL
-    prompts with the kept pairs) and answers through the same `Answerer`."""
+    Each way of answering (the variant table's `answers`) prefills its prompts once: per-input
+    adapters, the sft adapter, or ICL prompts with the kept pairs; all answer through the same
+    `Answerer`."""
     seed, reserve, ids = self.config.seed, self.config.reserve, [ex.id for ex in examples]
     adapted = {}
 
     def answer(stage, rows, prompts_of_rows, **prefill):
+      if not rows:
+        return []
       rows_examples = [examples[i] for i in rows]
       pre = self.sampler.prefill(prompts_of_rows, reserve, **prefill)
       stats = self.answerer.score(pre, rows_examples)
@@ -335,24 +339,23 @@ class Experiment:
                                       _keys(seed, stage, [ids[i] for i in rows]), self.modes)
       return [{k: vals[r] for k, vals in answers.items()} for r in range(len(rows))]
 
-    if plan.jobs:
-      rows = [job.input for job in plan.jobs]
-      by_job = answer("adapted", rows, [prompts[i] for i in rows], lora=adapters,
-                      lora_per_row=True)
-      for (v, i), j in plan.job_of.items():
-        adapted[(v, i)] = by_job[j]
-    if "sft" in self.variants:
-      rows = list(range(len(examples)))
-      for i, answers in zip(rows, answer("sft", rows, prompts, lora=self.sft_adapter)):
-        adapted[("sft", i)] = answers
-    if "ttsi_icl" in self.variants:
-      demos = {i: self_written[i].kept if self_written[i] else []
-               for i in np.flatnonzero(variants_lib.targets("ttsi_icl", flags)).tolist()}
-      rows = [i for i, pairs in demos.items() if pairs]
-      if rows:
-        icl_prompts = [self._icl_prompt(examples[i], demos[i]) for i in rows]
-        for i, answers in zip(rows, answer("icl", rows, icl_prompts)):
-          adapted[("ttsi_icl", i)] = answers
+    rows = [job.input for job in plan.jobs]  # "adapter": one adapter per job, shared
+    by_job = answer("adapted", rows, [prompts[i] for i in rows], lora=adapters, lora_per_row=True)
+    for (v, i), j in plan.job_of.items():
+      adapted[(v, i)] = by_job[j]
+    for v in self.variants:
+      row = variants_lib.TABLE[v]
+      if row.answers == "sft":  # one adapter, trained before the run, for every input
+        rows = list(range(len(examples)))
+        answers = answer("sft", rows, prompts, lora=self.sft_adapter)
+      elif row.answers == "icl":  # the kept pairs as in-context examples
+        kept = {i: written[row.source][i].kept for i in np.flatnonzero(
+            variants_lib.targets(v, flags)).tolist() if written[row.source][i]}
+        rows = [i for i, pairs in kept.items() if pairs]
+        answers = answer("icl", rows, [self._icl_prompt(examples[i], kept[i]) for i in rows])
+      else:
+        continue
+      adapted.update({(v, i): a for i, a in zip(rows, answers)})
     return adapted
 
   def _record(self, wave, i, ex, stats, flags, base, written: Written, adapted, plan,
@@ -408,7 +411,7 @@ class Experiment:
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
-    if "sft" in self.variants and done < len(waves):
+    if self.uses_sft and done < len(waves):
       self.sft_adapter = self._sft_adapter()
     bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
                     unit="input", initial=sum(len(w) for w in waves[:done]), disable=not leader)
