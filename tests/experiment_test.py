@@ -366,6 +366,20 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
   assert len(path.read_text().splitlines()) == 4
 
 
+@pytest.mark.parametrize("line", ['{"wave": 0, "id": "b", "ans\n', '{"id": "b"}\n', '[1, 2]\n'])
+def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):
+  from ttsi_jax.tasks.base import Example
+  waves = [[Example(i, "q", ()) for i in ids] for ids in (["a", "b"], ["c", "d"])]
+  path = tmp_path / "results.jsonl"
+  _waves_file(path, [["a"]], tail=line + "".join(
+      json.dumps({"wave": w, "id": i}) + "\n" for w, i in ((1, "c"), (1, "d"))))
+  before = path.read_text()
+  with pytest.raises(ValueError, match=r"results.jsonl, line 2: not a results record .*new "
+                                       r"--workdir"):
+    experiment._finished_waves(str(path), waves)
+  assert path.read_text() == before  # the finished waves after it are kept
+
+
 @pytest.mark.parametrize("temperature, p_first", [(1.0, 0.7), (0.5, 0.49 / 0.58)])
 def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperature, p_first):
   from ttsi_jax.tasks.base import Example

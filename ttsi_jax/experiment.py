@@ -521,21 +521,29 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   """Number of leading waves fully present in results.jsonl; a partial tail (the last wave cut by
-  an interruption) is removed. Raises if a finished wave holds other inputs than this run's data
-  puts there (the data changed under the workdir), rather than dropping finished work."""
+  an interruption) is removed. Raises, rather than dropping finished work, on a line that is not a
+  record (unless it is the cut last line) and if a finished wave holds other inputs than this
+  run's data puts there (the data changed under the workdir)."""
   if not os.path.exists(path):
     return 0
   by_wave = collections.defaultdict(list)
   lines, cut = [], False
   with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        cut = True  # a line cut by the interruption
+    text = f.readlines()
+  for number, line in enumerate(text, 1):
+    try:
+      record = json.loads(line)
+      wave, input_id = record["wave"], record["id"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      if number == len(text) and not line.endswith("\n"):
+        cut = True  # the last line, cut by an interruption: its wave is redone
         break
-      by_wave[record["wave"]].append(record["id"])
-      lines.append((record["wave"], line))
+      raise ValueError(
+          f"{path}, line {number}: not a results record ({type(e).__name__}: {e}), so the waves "
+          "after it cannot be trusted to resume. Repair or delete that line (`ttsi_jax.ttsi."
+          "records` defines the format), or use a new --workdir.") from None
+    by_wave[wave].append(input_id)
+    lines.append((wave, line))
   done = 0
   while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:
     done += 1
