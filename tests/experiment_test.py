@@ -269,6 +269,13 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   config.sft.learning_rate = 5e-3
   experiment.run(config, workdir)
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
+  # A settings file cut while written: the adapter is trained again, not a JSON traceback.
+  settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
+  with open(settings, "r+") as f:
+    f.truncate(len(f.read()) // 2)
+  os.remove(path)
+  experiment.run(config, workdir)
+  assert len(trained) == 3
 
 
 @pytest.mark.parametrize("well_formed", [True, False])

@@ -194,8 +194,12 @@ class Experiment:
     def load_or_train() -> dict:
       saved = None
       if os.path.exists(settings_path):
-        with open(settings_path) as f:
-          saved = json.load(f)
+        try:
+          with open(settings_path) as f:
+            saved = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+          logging.warning("sft: %s is unreadable (%s); training the adapter anew.", settings_path,
+                          e)
       if saved == settings:
         adapter, _ = orbax_lib.load_adapter(path)
         logging.info("sft: loaded the baseline's adapter from %s", path)
@@ -213,8 +217,9 @@ class Experiment:
             self.params, [data], self.tokenizer.pad_id, _keys(self.config.seed, "sft", ["sft"]))
         adapter = lora_lib.unstack(adapters, 0)
         orbax_lib.save_adapter(path, adapter, checkpoints.resolve(self.config.model.path))
-        with open(settings_path, "w") as f:
+        with open(settings_path + ".tmp", "w") as f:  # swapped in whole: never half written
           json.dump(settings, f, indent=2)
+        os.replace(settings_path + ".tmp", settings_path)
         per_epoch = -(-len(data) // sft.batch_size)  # steps
         logging.info("sft: trained on %d examples in %.1f s (mean loss of the first epoch %.3f, "
                      "of the last %.3f), saved to %s", len(data), time.perf_counter() - start,

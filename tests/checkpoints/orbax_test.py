@@ -1,11 +1,14 @@
 """Orbax checkpoints restore onto a different device layout; adapters round-trip with metadata."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from tests.conftest import random_tokens
 from ttsi_jax import checkpoints
+from ttsi_jax.checkpoints import CheckpointError
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding, transformer
@@ -56,3 +59,20 @@ def test_adapter_round_trips_with_its_metadata(hf_checkpoints, tmp_path):
 def test_missing_adapter_is_explained(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a saved adapter.*keep_adapters"):
     orbax_lib.load_adapter(str(tmp_path))
+
+
+def test_a_corrupt_adapter_names_the_file_and_what_to_do(hf_checkpoints, tmp_path):
+  config, _ = checkpoints.load(hf_checkpoints["llama"][0])
+  adapter = lora_lib.init(config, jax.random.key(0), rank=4, targets=("q_proj",))
+  path = tmp_path / "a"
+  orbax_lib.save_adapter(str(path), adapter, base_model="base")
+  meta = path / orbax_lib.ADAPTER_META
+  text = meta.read_text()
+  meta.write_text(text[:len(text) // 2])  # cut while written
+  with pytest.raises(CheckpointError, match=r"adapter.json is corrupt .*delete the folder"):
+    orbax_lib.load_adapter(str(path))
+  meta.write_text(text)
+  shutil.rmtree(path / "weights")
+  (path / "weights").mkdir()  # weights lost
+  with pytest.raises(CheckpointError, match=r"weights cannot be restored .*delete the folder"):
+    orbax_lib.load_adapter(str(path))

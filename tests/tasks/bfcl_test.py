@@ -514,15 +514,16 @@ def test_malformed_rows_are_skipped_by_id(tmp_path):
       {"id": "multiple_4", "ground_truth": [{"get_weather": {"city": ["Rome"]}}]},
       {"id": "multiple_5", "ground_truth": [{"get_time": {"city": ["Rome"]}}]},
   ]
-  (tmp_path / "BFCL_v4_multiple.json").write_text("\n".join(questions) + "\n")
+  (tmp_path / "BFCL_v4_multiple.json").write_bytes(
+      ("\n".join(questions) + "\n").encode() + b'{"id": "multiple_6", "q": "caf\xe9"}\n')
   (tmp_path / "possible_answer" / "BFCL_v4_multiple.json").write_text(
       "\n".join(map(json.dumps, answers)) + "\n{not json\n")
   task = bfcl.BfclTask("multiple", data_dir=str(tmp_path))
   assert [e.id for e in task.examples()] == ["multiple_0", "multiple_4"]
   skipped = dict(task.skipped)
-  assert set(skipped) == {"line 2", "multiple_2", "multiple_3", "multiple_5",
+  assert set(skipped) == {"line 2", "multiple_2", "multiple_3", "multiple_5", "line 7",
                           "possible_answer line 5"}
-  assert "invalid JSON" in skipped["line 2"]
+  assert "invalid JSON" in skipped["line 2"] and "not UTF-8" in skipped["line 7"]
   assert "no possible answer" in skipped["multiple_2"]
   assert "question" in skipped["multiple_3"]
   assert "get_time" in skipped["multiple_5"]

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from ttsi_jax.checkpoints.hf import CheckpointError
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 
@@ -80,11 +81,21 @@ def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{path} is not a saved adapter (no {ADAPTER_META}); adapters are "
                             "saved by the main job with --config.keep_adapters.")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  like = {module: {name: {ab: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
-                          for ab, shape in pair.items()}
-                    for name, pair in targets.items()}
-          for module, targets in meta["shapes"].items()}
-  weights = restore(os.path.join(path, "weights"), like, this_process_only=True)
-  return lora_lib.Adapter(weights=weights, scale=meta["scale"], dropout=meta["dropout"]), meta
+  redo = ("delete the folder and save the adapter again (the main job saves adapters with "
+          "--config.keep_adapters; the sft baseline's is trained again when missing).")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    like = {module: {name: {ab: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
+                            for ab, shape in pair.items()}
+                      for name, pair in targets.items()}
+            for module, targets in meta["shapes"].items()}
+    scale, dropout = float(meta["scale"]), float(meta["dropout"])
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{meta_path} is corrupt ({type(e).__name__}: {e}): {redo}") from None
+  try:
+    weights = restore(os.path.join(path, "weights"), like, this_process_only=True)
+  except Exception as e:  # orbax raises many kinds for missing or damaged files
+    raise CheckpointError(f"{path}/weights cannot be restored as the adapter {ADAPTER_META} "
+                          f"describes ({type(e).__name__}: {str(e)[:300]}): {redo}") from None
+  return lora_lib.Adapter(weights=weights, scale=scale, dropout=dropout), meta

@@ -486,8 +486,13 @@ def package_data_dir() -> str:
 def _read_json_lines(path: str) -> list[tuple[int, Any, Optional[str]]]:
   """(line number, parsed row or None, error or None) per non-blank line."""
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        rows.append((number, None, f"not UTF-8 text: {e}"))
+        continue
       if not line.strip():
         continue
       try:
