@@ -468,8 +468,7 @@ class Experiment:
       bar.close()
 
     def report() -> dict:
-      with open(results_path) as f:
-        records = [records_lib.Record.from_json(line) for line in f]
+      records = records_lib.read(results_path)
       metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
       with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -48,3 +48,22 @@ def test_a_line_missing_fields_names_them():
   del d["margin"], d["base"]
   with pytest.raises(ValueError, match=r"needs the fields \['margin', 'base'\]"):
     records.Record.from_dict(d)
+
+
+def test_lines_carry_their_format_and_a_newer_one_is_refused():
+  d = json.loads(_record().to_json())
+  assert d["format"] == records.FORMAT
+  del d["format"]  # written before the format was versioned
+  assert records.Record.from_dict(d) == _record()
+  with pytest.raises(ValueError, match=r"format 99, newer than this ttsi_jax reads"):
+    records.Record.from_dict({**d, "format": 99})
+
+
+def test_reading_a_file_names_the_bad_line(tmp_path):
+  path = tmp_path / "results.jsonl"
+  d = json.loads(_record().to_json())
+  path.write_text(json.dumps(d) + "\n" + json.dumps({**d, "format": 2}) + "\n")
+  with pytest.raises(ValueError, match=r"results.jsonl, line 2: a results record of format 2"):
+    records.read(str(path))
+  path.write_text(json.dumps(d) + "\n")
+  assert records.read(str(path)) == [_record()]

@@ -15,6 +15,9 @@ from typing import Optional, Union
 from ttsi_jax.ttsi.synthesis import Pair
 
 TEACHER_FAILED = "failed"  # `teacher_pairs` of an input whose teacher requests all failed
+# The version of this format, in every line: raise it when a field changes meaning or goes away
+# (readers refuse newer lines; lines without it are version 1).
+FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class Record:
   teacher_pairs: Union[list[Pair], str, None] = None  # TEACHER_FAILED when the teacher failed
   wave_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the wave's stages
   host: int = 0  # the host that ran the wave
+  format: int = FORMAT
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self, dict_factory=_without_none)
@@ -60,6 +64,9 @@ class Record:
 
   @classmethod
   def from_dict(cls, d: dict) -> "Record":
+    if d.get("format", 1) > FORMAT:
+      raise ValueError(f"a results record of format {d['format']}, newer than this ttsi_jax reads "
+                       f"({FORMAT}); update ttsi_jax to read it")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in d and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -74,6 +81,18 @@ class Record:
   @classmethod
   def from_json(cls, line: str) -> "Record":
     return cls.from_dict(json.loads(line))
+
+
+def read(path: str) -> list[Record]:
+  """Every record of a results.jsonl file; a bad line raises naming the file and line."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      try:
+        out.append(Record.from_json(line))
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}, line {number}: {e}") from None
+  return out
 
 
 def _without_none(items) -> dict:
