@@ -113,7 +113,7 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
 
 # G's output: per data source that writes pairs ("self", "teacher"), per input, what it wrote
 # (None where no variant needs it).
-Written = dict[str, list[Optional[synthesis.Written]]]
+WrittenBySource = dict[str, list[Optional[synthesis.Written]]]
 
 
 def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
@@ -290,10 +290,10 @@ class Experiment:
     threshold = u.tau if u.measure == "margin" else u.entropy_threshold
     return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
 
-  def synthesize(self, examples: list[Example], flags: np.ndarray) -> Written:
+  def synthesize(self, examples: list[Example], flags: np.ndarray) -> WrittenBySource:
     """G: per data source that writes pairs ("self", "teacher"), per input, what it wrote (None
     where no variant needs it)."""
-    written: Written = {"self": [None] * len(examples), "teacher": [None] * len(examples)}
+    written: WrittenBySource = {"self": [None] * len(examples), "teacher": [None] * len(examples)}
     for source, synthesizer in (("self", self.self_synth), ("teacher", self.teacher)):
       chosen = variants_lib.inputs_needing(source, self.variants, flags)
       if not chosen or synthesizer is None:
@@ -304,7 +304,7 @@ class Experiment:
         written[source][i] = synthesis.Written(pairs or [], failed=pairs is None)
     return written
 
-  def _data_for(self, examples, written: Written):
+  def _data_for(self, examples, written: WrittenBySource):
     """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""
     def data_for(source: str, i: int) -> list:
       ex = examples[i]
@@ -326,7 +326,7 @@ class Experiment:
     return self.trainer.train_all(self.params, [job.data for job in plan.jobs],
                                   self.tokenizer.pad_id, keys, self.adapters_per_call)
 
-  def answer_variants(self, plan, adapters, examples, prompts, flags, written: Written) -> dict:
+  def answer_variants(self, plan, adapters, examples, prompts, flags, written: WrittenBySource) -> dict:
     """The answers of every variant that does not answer as base: {(variant, input): answers}.
     Each way of answering (the variant table's `answers`) prefills its prompts once: per-input
     adapters, the sft adapter, or ICL prompts with the kept pairs; all answer through the same
@@ -363,7 +363,7 @@ class Experiment:
       adapted.update({(v, i): a for i, a in zip(rows, answers)})
     return adapted
 
-  def _record(self, wave, i, ex, stats, flags, base, written: Written, adapted, plan,
+  def _record(self, wave, i, ex, stats, flags, base, written: WrittenBySource, adapted, plan,
               losses) -> records_lib.Record:
     """Input i's line of results.jsonl: its H statistics, base answer, pairs and variants."""
     base_answers = {k: vals[i] for k, vals in base.items()}

@@ -294,14 +294,14 @@ class Trainer:
     rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
     starts = range(0, len(examples), per_call)
     chunks = [examples[start:start + per_call] for start in starts]
-    # A bucketed adapter count: one compile per size.
-    steps_of = [make_steps(self.cfg, chunk, pad_id, bucket(len(chunk)), rows) for chunk in chunks]
+    sizes = [bucket(len(chunk)) for chunk in chunks]  # bucketed adapter counts: a compile each
+    steps_of = [make_steps(self.cfg, chunk, pad_id, size, rows)
+                for chunk, size in zip(chunks, sizes)]
     # One answer width for the whole call list: answers differ in length, and each width would
     # compile a step of its own, where a wider one costs only a few more logits rows.
-    slots = max(s.select_BI.shape[1] for steps in steps_of for s in steps)
+    slots = max((s.select_BI.shape[1] for steps in steps_of for s in steps), default=0)
     parts, losses = [], []
-    for start, chunk, steps in zip(starts, chunks, steps_of):
-      size = bucket(len(chunk))
+    for start, chunk, size, steps in zip(starts, chunks, sizes, steps_of):
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
       adapters, loss = self.train(params, [pad_answer_slots(s, slots) for s in steps], keys)
       parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
