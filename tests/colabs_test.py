@@ -29,10 +29,15 @@ def test_notebook_executes(path, tiny_qwen2_chat_model, monkeypatch):
   monkeypatch.setenv("TTSI_TAU", "1.01")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   notebook = nbformat.read(path, as_version=4)
-  NotebookClient(notebook, timeout=900, kernel_name="python3",
-                 resources={"metadata": {"path": ROOT}}).execute()
-  outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                    for o in cell.get("outputs", []))
+  NotebookClient(
+      notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+  ).execute()
+  outputs = "".join(
+      o.get("text", "")
+      for cell in notebook.cells
+      if cell.cell_type == "code"
+      for o in cell.get("outputs", [])
+  )
   assert "margin" in outputs and "base/direct" in outputs and "oracle/direct" in outputs
   assert "oracle ✓" in outputs or "oracle ✗" in outputs  # an adapted answer is shown
   assert "exporting" in outputs and "adapter_model.safetensors" in outputs  # a trained adapter

@@ -15,21 +15,24 @@ def test_the_shipped_configs_are_valid(config):
   config_schema.validate(config)
 
 
-@pytest.mark.parametrize("field,value,valid", [
-    ("task.num_examples", -1, "an integer >= 0 (0 = all)"),
-    ("decoding.temperature", -0.5, "a number >= 0 (0 = greedy)"),
-    ("synthesis.temperature", -1.0, "a number >= 0"),
-    ("teacher.retries", -1, "an integer >= 0"),
-    ("adaptation.learning_rate", 0.0, "a number > 0"),
-    ("sft.learning_rate", -1e-4, "a number > 0"),
-    ("decoding.max_args", 0, "an integer >= 1"),
-    ("decoding.max_value_tokens", 0, "an integer >= 1"),
-    ("model.dtype", "float64", "one of ['float32', 'bfloat16', 'float16']"),
-    ("decoding.top_p", 1.5, "a number in (0, 1]"),
-    ("adaptation.dropout", 1.0, "a number in [0, 1)"),
-    ("wave_size", True, "an integer >= 1"),
-    ("uncertainty.measure", "variance", "one of ['margin', 'entropy']"),
-])
+@pytest.mark.parametrize(
+    "field,value,valid",
+    [
+        ("task.num_examples", -1, "an integer >= 0 (0 = all)"),
+        ("decoding.temperature", -0.5, "a number >= 0 (0 = greedy)"),
+        ("synthesis.temperature", -1.0, "a number >= 0"),
+        ("teacher.retries", -1, "an integer >= 0"),
+        ("adaptation.learning_rate", 0.0, "a number > 0"),
+        ("sft.learning_rate", -1e-4, "a number > 0"),
+        ("decoding.max_args", 0, "an integer >= 1"),
+        ("decoding.max_value_tokens", 0, "an integer >= 1"),
+        ("model.dtype", "float64", "one of ['float32', 'bfloat16', 'float16']"),
+        ("decoding.top_p", 1.5, "a number in (0, 1]"),
+        ("adaptation.dropout", 1.0, "a number in [0, 1)"),
+        ("wave_size", True, "an integer >= 1"),
+        ("uncertainty.measure", "variance", "one of ['margin', 'entropy']"),
+    ],
+)
 def test_each_bad_value_is_refused_by_name_with_its_valid_range(field, value, valid):
   config = default.get_config()
   section, _, name = field.rpartition(".")
@@ -46,12 +49,15 @@ def test_every_bad_field_is_named_at_once():
     config_schema.validate(config)
 
 
-@pytest.mark.parametrize("cls,section", [(adaptation.AdaptConfig, "adaptation"),
-                                         (synthesis.SynthesisConfig, "synthesis")])
+@pytest.mark.parametrize(
+    "cls,section", [(adaptation.AdaptConfig, "adaptation"), (synthesis.SynthesisConfig, "synthesis")]
+)
 def test_stage_defaults_are_the_default_configs(cls, section):
-  built = config_schema.build(cls, default.get_config()[section],
-                              **({"targets": lora_lib.ALL_LINEAR} if section == "adaptation"
-                                 else {}))
+  built = config_schema.build(
+      cls,
+      default.get_config()[section],
+      **({"targets": lora_lib.ALL_LINEAR} if section == "adaptation" else {}),
+  )
   assert built == cls()
 
 

@@ -9,8 +9,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 # One persistent compilation cache for the session and the subprocesses it starts (CLI, hosts,
 # notebook kernel): whole runs repeat the same programs, and compiling dominates on a tiny model.
 _XLA_CACHE = tempfile.mkdtemp(prefix="ttsi_jax_tests_xla_cache_")
@@ -26,26 +27,45 @@ import transformers  # noqa: E402
 
 VOCAB = 256
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               rms_norm_eps=1e-6)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
 
 # One tiny model per supported variant: untied Llama with Llama-3 RoPE scaling, tied Qwen2 with
 # q/k/v biases, Qwen3 with q/k RMSNorm and a head_dim that is not hidden/heads, and Qwen3 with
 # attention_bias (q/k/v/o biases).
 ARCHS = {
     "llama": lambda: transformers.LlamaConfig(
-        **_COMMON, tie_word_embeddings=False, rope_theta=50000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        **_COMMON,
+        tie_word_embeddings=False,
+        rope_theta=50000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    ),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=24, tie_word_embeddings=False),
-    "qwen3_attention_bias": lambda: transformers.Qwen3Config(**_COMMON, attention_bias=True,
-                                                             tie_word_embeddings=True),
+    "qwen3_attention_bias": lambda: transformers.Qwen3Config(
+        **_COMMON, attention_bias=True, tie_word_embeddings=True
+    ),
 }
-MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "qwen3": transformers.Qwen3ForCausalLM,
-                 "qwen3_attention_bias": transformers.Qwen3ForCausalLM}
+MODEL_CLASSES = {
+    "llama": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+    "qwen3_attention_bias": transformers.Qwen3ForCausalLM,
+}
 
 
 def _perturb(model, norms: bool):
@@ -81,11 +101,20 @@ def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
 def _tiny_chat_checkpoint(folder: str, arch: str) -> str:
   """A tiny random `arch` model with the embedded SmolLM2 tokenizer and chat template."""
   from ttsi_jax.text import tokenizer as tokenizer_lib
+
   torch.manual_seed(0)
   config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](
-      vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+      vocab_size=49152,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=4096,
+      tie_word_embeddings=True,
+      bos_token_id=1,
+      eos_token_id=2,
+  )
   _perturb(MODEL_CLASSES[arch](config), norms=False).save_pretrained(folder)
   tokenizer_lib.load(None).hf.save_pretrained(folder)
   return folder

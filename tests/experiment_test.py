@@ -40,8 +40,7 @@ class _Teacher(http.server.BaseHTTPRequestHandler):
       function = json.loads(prompt.split("Functions available:\n")[1].split("\n\nExample")[0])[0]
       args = ", ".join(f"{p}=1" for p in function["parameters"].get("required", []))
       content = f"Request: please call it\nCall: [{function['name']}({args})]"
-      payload = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                     "content": content}}]}).encode()
+      payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
     self.send_response(200)
     self.send_header("Content-Type", "application/json")
     self.end_headers()
@@ -93,14 +92,24 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
   assert [r["id"] for r in lines] == [ex.id for ex in examples]
   for r in lines:
-    assert {"id", "margin", "entropy", "uncertain", "base", "pairs", "variants", "probs",
-            "perplexity", "candidates", "teacher_pairs"} <= set(r)
+    assert {
+        "id",
+        "margin",
+        "entropy",
+        "uncertain",
+        "base",
+        "pairs",
+        "variants",
+        "probs",
+        "perplexity",
+        "candidates",
+        "teacher_pairs",
+    } <= set(r)
     assert r["candidates"] == [f"[{f['name']}(" for f in examples[lines.index(r)].functions]
     assert {"answer", "correct", "error"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
     # The checker's reason for a wrong direct answer ("" when right), as BFCL's checker says it.
     assert (r["base"]["error"] == "") == r["base"]["correct"]["direct"]
-    assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only",
-                                  "oracle"}
+    assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle"}
     for v in r["variants"].values():
       assert set(v["correct"]) == {"direct", "majority", "pass@k"}
       assert (v["error"] == "") == v["correct"]["direct"]
@@ -109,19 +118,26 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
     assert len(r["variants"]["ttsi"]["losses"]) == 2 and "losses" not in r["variants"]["ttsi_icl"]
     # On a flagged input all_inputs trains on ttsi's pairs: one shared adapter, not a second draw.
     assert r["variants"]["all_inputs"] == r["variants"]["ttsi"]
-    assert r["variants"]["certain_only"] == {**r["variants"]["certain_only"], "adapted": False,
-                                             "reason": "not targeted"}
+    assert r["variants"]["certain_only"] == {
+        **r["variants"]["certain_only"],
+        "adapted": False,
+        "reason": "not targeted",
+    }
   # The teacher failed (garbage after a retry) on input 1: it falls back to the base answer.
   assert lines[1]["teacher_pairs"] == "failed"
-  assert lines[1]["variants"]["ttd"] == {**lines[1]["variants"]["ttd"], "adapted": False,
-                                         "reason": "teacher failed",
-                                         "answer": lines[1]["base"]["answer"]}
+  assert lines[1]["variants"]["ttd"] == {
+      **lines[1]["variants"]["ttd"],
+      "adapted": False,
+      "reason": "teacher failed",
+      "answer": lines[1]["base"]["answer"],
+  }
   assert sum(examples[1].question in c for c in _Teacher.calls) == 2  # first try + one retry
   assert lines[0]["variants"]["ttd"]["adapted"]
   assert metrics["not_adapted"]["ttd"] == {"teacher failed": 1}
   assert metrics["num_inputs"] == 4 and metrics["flagged_fraction"] == 1.0
-  assert set(metrics["accuracy"]) == {f"{v}/{m}" for v in config.variants.split(",")
-                                      for m in ("direct", "majority", "pass@k")}
+  assert set(metrics["accuracy"]) == {
+      f"{v}/{m}" for v in config.variants.split(",") for m in ("direct", "majority", "pass@k")
+  }
   assert metrics["pairs"]["total"] == metrics["pairs"]["kept"] == 4
   assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
   saved = json.load(open(os.path.join(workdir, "metrics.json")))
@@ -148,16 +164,27 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   kept = sorted(os.listdir(os.path.join(workdir, "adapters")))
   assert set(kept) == {"oracle", "ttd", "ttsi", "all_inputs"}  # the variants that trained on it
   assert all(os.listdir(os.path.join(workdir, "adapters", v)) == ["multiple_2"] for v in kept)
-  shared = [orbax_lib.load_adapter(f"{workdir}/adapters/{v}/multiple_2")[0].weights
-            for v in ("ttsi", "all_inputs")]  # one adapter, saved for both variants
+  shared = [
+      orbax_lib.load_adapter(f"{workdir}/adapters/{v}/multiple_2")[0].weights for v in ("ttsi", "all_inputs")
+  ]  # one adapter, saved for both variants
   jax.tree.map(np.testing.assert_array_equal, *shared)
   out = str(tmp_path / "hf")
   result = subprocess.run(
-      [sys.executable, "-m", "ttsi_jax.export", "--config=configs/tiny.py",
-       f"--config.model.path={tiny_chat_model}", f"--out={out}",
-       f"--adapter={workdir}/adapters/oracle/multiple_2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      [
+          sys.executable,
+          "-m",
+          "ttsi_jax.export",
+          "--config=configs/tiny.py",
+          f"--config.model.path={tiny_chat_model}",
+          f"--out={out}",
+          f"--adapter={workdir}/adapters/oracle/multiple_2",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   adapter, _ = orbax_lib.load_adapter(f"{workdir}/adapters/oracle/multiple_2")
@@ -169,8 +196,9 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
 
 
-def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(tiny_chat_model,
-                                                              tiny_qwen2_chat_model, tmp_path):
+def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
+    tiny_chat_model, tiny_qwen2_chat_model, tmp_path
+):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.task.num_examples = 1
@@ -188,15 +216,18 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(tiny_chat_model,
   assert record["variants"]["ttd"]["adapted"] and len(record["variants"]["ttd"]["losses"]) == 2
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("variants", "base,ttsi,magic", r"Unknown variant \['magic'\].*'ttsi_icl'"),
-    ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
-    ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
-    ("task.category", "multi", r"'multi'.*multiple"),
-    ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
-    ("wave_size", 0, r"wave_size=0 \(valid: an integer >= 1\)"),
-    ("adaptation.learning_rate", -1.0, r"adaptation.learning_rate=-1.0 \(valid: a number > 0\)"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("variants", "base,ttsi,magic", r"Unknown variant \['magic'\].*'ttsi_icl'"),
+        ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
+        ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
+        ("task.category", "multi", r"'multi'.*multiple"),
+        ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
+        ("wave_size", 0, r"wave_size=0 \(valid: an integer >= 1\)"),
+        ("adaptation.learning_rate", -1.0, r"adaptation.learning_rate=-1.0 \(valid: a number > 0\)"),
+    ],
+)
 def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message, tmp_path):
   config = tiny.get_config()
   section, _, name = field.rpartition(".")
@@ -205,19 +236,21 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     experiment.Experiment(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("variant,section,settings,message", [
-    ("ttd", "teacher", {}, "needs a teacher"),
-    ("ttd", "teacher", {"kind": "local"},
-     r"'local' needs teacher.path: set --config.teacher.path=..."),
-    ("ttd", "teacher", {"kind": "endpoint", "model": "m"},
-     r"'endpoint' needs teacher.base_url: set"),
-    ("ttd", "teacher", {"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
-    ("sft", "sft", {"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
-    ("sft", "sft", {"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
-    ("sft", "sft", {"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
-])
-def test_a_variants_missing_or_bad_settings_are_explained_at_start(variant, section, settings,
-                                                                   message, tmp_path):
+@pytest.mark.parametrize(
+    "variant,section,settings,message",
+    [
+        ("ttd", "teacher", {}, "needs a teacher"),
+        ("ttd", "teacher", {"kind": "local"}, r"'local' needs teacher.path: set --config.teacher.path=..."),
+        ("ttd", "teacher", {"kind": "endpoint", "model": "m"}, r"'endpoint' needs teacher.base_url: set"),
+        ("ttd", "teacher", {"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
+        ("sft", "sft", {"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),
+        ("sft", "sft", {"categories": "irrelevance"}, "'irrelevance' has no gold calls"),
+        ("sft", "sft", {"categories": "live_simpel"}, r"Unknown sft category \['live_simpel'\]"),
+    ],
+)
+def test_a_variants_missing_or_bad_settings_are_explained_at_start(
+    variant, section, settings, message, tmp_path
+):
   config = tiny.get_config()
   config.variants = f"base,{variant}"
   config[section].update(settings)
@@ -226,7 +259,8 @@ def test_a_variants_missing_or_bad_settings_are_explained_at_start(variant, sect
 
 
 def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
-    tiny_chat_model, tmp_path, monkeypatch):
+    tiny_chat_model, tmp_path, monkeypatch
+):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.variants = "base,sft"
@@ -240,8 +274,11 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   config.sft.learning_rate = 1e-2
   trained = []
   train_all = adaptation.Trainer.train_all
-  monkeypatch.setattr(adaptation.Trainer, "train_all",
-                      lambda self, *a, **k: trained.append(self.cfg) or train_all(self, *a, **k))
+  monkeypatch.setattr(
+      adaptation.Trainer,
+      "train_all",
+      lambda self, *a, **k: trained.append(self.cfg) or train_all(self, *a, **k),
+  )
   workdir = str(tmp_path / "run")
   metrics = experiment.run(config, workdir)
   # One adapter with the sft settings, on the 2 + 2 gold calls of the training categories.
@@ -250,8 +287,11 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert cfg.rank == config.adaptation.rank
   adapter, meta = orbax_lib.load_adapter(os.path.join(workdir, experiment.SFT_ADAPTER))
   assert meta["base_model"] == tiny_chat_model
-  assert all(np.abs(np.asarray(pair["b"])).max() > 0  # trained away from b = 0
-             for targets in adapter.weights.values() for pair in targets.values())
+  assert all(
+      np.abs(np.asarray(pair["b"])).max() > 0  # trained away from b = 0
+      for targets in adapter.weights.values()
+      for pair in targets.values()
+  )
   lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
   assert len(lines) == 2 and all(r["variants"]["sft"]["adapted"] for r in lines)
   assert metrics["adapted_inputs"]["sft"] == 2
@@ -279,8 +319,7 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
-def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, tmp_path,
-                                                               well_formed):
+def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, tmp_path, well_formed):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.task.category = "simple_python"
@@ -304,8 +343,7 @@ def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, 
     if len(candidates) == 1:
       assert r["margin"] == 1.0
     else:
-      np.testing.assert_allclose(r["margin"], sorted(r["probs"])[-1] - sorted(r["probs"])[-2],
-                                 atol=1e-6)
+      np.testing.assert_allclose(r["margin"], sorted(r["probs"])[-1] - sorted(r["probs"])[-2], atol=1e-6)
 
 
 def test_distinct_answers_merge_equal_calls_and_keep_unparseable_text():
@@ -318,11 +356,21 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
   task = BfclTask("multiple", 1)
   ex = task.examples()[0]
   right, wrong = task.gold_answer(ex), "[nothing()]"
-  verdicts = answering.verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]},
-                                  ("majority",))
+  verdicts = answering.verdicts(task, ex, {"direct": right, "samples": [wrong, wrong]}, ("majority",))
   assert verdicts == {"direct": True, "majority": False}
-  record = records.Record(0, ex.id, 0.5, 0.7, ["f", "g"], [0.75, 0.25], [1.0, 2.0], True,
-                          records.BaseAnswer(right, verdicts, ""), [], {})
+  record = records.Record(
+      0,
+      ex.id,
+      0.5,
+      0.7,
+      ["f", "g"],
+      [0.75, 0.25],
+      [1.0, 2.0],
+      True,
+      records.BaseAnswer(right, verdicts, ""),
+      [],
+      {},
+  )
   metrics = experiment.compute_metrics([record], ("base",), ("majority",), [])
   assert metrics["accuracy"] == {"base/majority": 0.0}
   assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0
@@ -355,34 +403,42 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
 
 
 def _waves_file(path, waves_ids, tail=""):
-  path.write_text("".join(json.dumps({"wave": w, "id": i}) + "\n"
-                          for w, ids in enumerate(waves_ids) for i in ids) + tail)
+  path.write_text(
+      "".join(json.dumps({"wave": w, "id": i}) + "\n" for w, ids in enumerate(waves_ids) for i in ids) + tail
+  )
 
 
 def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
   from ttsi_jax.tasks.base import Example
+
   waves = [[Example(i, "q", ()) for i in ids] for ids in (["a", "b"], ["c", "d"], ["e"])]
   path = tmp_path / "results.jsonl"
   _waves_file(path, [["a", "b"], ["c"]], tail='{"wave": 1, "id": "d", "ans')
   assert experiment._finished_waves(str(path), waves) == 1
   assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
   _waves_file(path, [["a", "b"], ["c", "x"]])  # finished work for other inputs: never dropped
-  with pytest.raises(ValueError, match=r"wave 1 holds inputs \['c', 'x'\] but this run's data "
-                                       r"puts \['c', 'd'\] there.*new --workdir"):
+  with pytest.raises(
+      ValueError,
+      match=r"wave 1 holds inputs \['c', 'x'\] but this run's data "
+      r"puts \['c', 'd'\] there.*new --workdir",
+  ):
     experiment._finished_waves(str(path), waves)
   assert len(path.read_text().splitlines()) == 4
 
 
-@pytest.mark.parametrize("line", ['{"wave": 0, "id": "b", "ans\n', '{"id": "b"}\n', '[1, 2]\n'])
+@pytest.mark.parametrize("line", ['{"wave": 0, "id": "b", "ans\n', '{"id": "b"}\n', "[1, 2]\n"])
 def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):
   from ttsi_jax.tasks.base import Example
+
   waves = [[Example(i, "q", ()) for i in ids] for ids in (["a", "b"], ["c", "d"])]
   path = tmp_path / "results.jsonl"
-  _waves_file(path, [["a"]], tail=line + "".join(
-      json.dumps({"wave": w, "id": i}) + "\n" for w, i in ((1, "c"), (1, "d"))))
+  _waves_file(
+      path,
+      [["a"]],
+      tail=line + "".join(json.dumps({"wave": w, "id": i}) + "\n" for w, i in ((1, "c"), (1, "d"))),
+  )
   before = path.read_text()
-  with pytest.raises(ValueError, match=r"results.jsonl, line 2: not a results record .*new "
-                                       r"--workdir"):
+  with pytest.raises(ValueError, match=r"results.jsonl, line 2: not a results record .*new " r"--workdir"):
     experiment._finished_waves(str(path), waves)
   assert path.read_text() == before  # the finished waves after it are kept
 
@@ -390,19 +446,21 @@ def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):
 @pytest.mark.parametrize("temperature, p_first", [(1.0, 0.7), (0.5, 0.49 / 0.58)])
 def test_sampled_answers_draw_their_function_from_the_rss_probabilities(temperature, p_first):
   from ttsi_jax.tasks.base import Example
+
   three = Example("m", "q", ({"name": "a"}, {"name": "b"}, {"name": "c"}))
   one = Example("s", "q", ({"name": "only"},))
   examples = [three] * 2000 + [one]
   probs = [np.array([0.7, 0.3, 0.0])] * 2000 + [np.array([0.2, 0.8])]
-  stats = uncertainty.CandidateStats([], probs, [], np.zeros(2001), np.zeros(2001),
-                                     np.zeros(2001, int))
+  stats = uncertainty.CandidateStats([], probs, [], np.zeros(2001), np.zeros(2001), np.zeros(2001, int))
   answerer = types.SimpleNamespace(temperature=temperature)
-  drawn = answering.Answerer.draw_functions(answerer, examples, stats,
-                                             jax.random.split(jax.random.key(0), len(examples)))
+  drawn = answering.Answerer.draw_functions(
+      answerer, examples, stats, jax.random.split(jax.random.key(0), len(examples))
+  )
   assert set(drawn[:-1]) == {0, 1} and drawn[-1] == 0  # never a zero-probability function
   assert abs(np.mean(drawn[:-1] == 0) - p_first) < 0.04
   greedy = types.SimpleNamespace(temperature=0.0)
   stats.best_B = np.arange(len(examples)) % 2
   keys = jax.random.split(jax.random.key(1), len(examples))
   np.testing.assert_array_equal(
-      answering.Answerer.draw_functions(greedy, examples, stats, keys), stats.best_B)
+      answering.Answerer.draw_functions(greedy, examples, stats, keys), stats.best_B
+  )

@@ -40,8 +40,9 @@ def test_merged_export_loads_in_transformers_with_our_logits(hf_checkpoints, tmp
   export.save_merged(str(tmp_path), config, params, adapter)
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   tokens = random_tokens(2, 11)
-  np.testing.assert_allclose(_torch_logits(model, tokens), _ours(config, params, tokens, adapter),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      _torch_logits(model, tokens), _ours(config, params, tokens, adapter), atol=1e-4, rtol=0
+  )
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -73,18 +74,26 @@ def test_embedded_gguf_exports_as_an_hf_checkpoint_with_our_greedy_tokens(tmp_pa
   config, params = checkpoints.load(None)
   tokenizer = tokenizer_lib.load(None)
   export.save_merged(str(tmp_path), config, params, tokenizer=tokenizer)
-  prompts = [tokenizer.encode_chat([{"role": "user", "content": q}])
-             for q in ("What is the capital of France?", "Name three colors.")]
+  prompts = [
+      tokenizer.encode_chat([{"role": "user", "content": q}])
+      for q in ("What is the capital of France?", "Name three colors.")
+  ]
   ours = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id).generate(
-      prompts, sampler_lib.SamplingParams(max_new_tokens=24))
+      prompts, sampler_lib.SamplingParams(max_new_tokens=24)
+  )
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   reloaded = tokenizer_lib.load(str(tmp_path))
   assert reloaded.encode_chat([{"role": "user", "content": "hi"}]) == tokenizer.encode_chat(
-      [{"role": "user", "content": "hi"}])
+      [{"role": "user", "content": "hi"}]
+  )
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    ref = out[0, len(prompt):].tolist()
+      out = model.generate(
+          torch.tensor([prompt]),
+          max_new_tokens=24,
+          do_sample=False,
+          attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      )
+    ref = out[0, len(prompt) :].tolist()
     stop = next((k for k, t in enumerate(ref) if t in tokenizer.stop_ids), len(ref))
     assert got == ref[:stop]

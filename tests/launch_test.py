@@ -9,23 +9,27 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU = {"TPU_NAME": "ttsi-v5", "TPU_ZONE": "us-west4-a", "TPU_TYPE": "v5litepod-16",
-       "TPU_PROJECT": "my-proj"}
+TPU = {"TPU_NAME": "ttsi-v5", "TPU_ZONE": "us-west4-a", "TPU_TYPE": "v5litepod-16", "TPU_PROJECT": "my-proj"}
 
 
 def _run(script, *args, **env):
   full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "GPU_"))}
   full_env.update(env)
-  return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
-                        env=full_env, capture_output=True, text=True, timeout=60)
+  return subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", script), *args],
+      cwd=ROOT,
+      env=full_env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
 
 
 def test_tpu_dry_run_prints_every_step_on_every_worker():
   result = _run("tpu_vm.sh", "--dry-run", "all", **TPU, EXTRA_ARGS="--config.wave_size=64")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[0].startswith("gcloud compute tpus tpu-vm create ttsi-v5 "
-                             "--accelerator-type=v5litepod-16")
+  assert lines[0].startswith("gcloud compute tpus tpu-vm create ttsi-v5 " "--accelerator-type=v5litepod-16")
   run_line = next(l for l in lines if "ttsi_jax.main" in l)
   assert "--worker=all" in run_line and "--distributed" in run_line
   assert "--config=configs/default.py" in run_line and "--config.wave_size=64" in run_line
@@ -80,8 +84,7 @@ def test_tpu_setup_ships_what_git_tracks_or_would_track(tmp_path):
 def test_a_failed_step_of_all_leaves_the_vm_and_says_how_to_delete_it(tmp_path):
   """gcloud and tar stand-ins: creating works, copying to the VM fails."""
   log = tmp_path / "gcloud.log"
-  (tmp_path / "gcloud").write_text(
-      f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *" scp "*) exit 1;; esac\n')
+  (tmp_path / "gcloud").write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *" scp "*) exit 1;; esac\n')
   (tmp_path / "tar").write_text("#!/bin/sh\n")
   for tool in ("gcloud", "tar"):
     os.chmod(tmp_path / tool, 0o755)
@@ -98,9 +101,14 @@ def test_dry_run_may_come_after_the_step():
   assert after.returncode == 0 and after.stdout == before.stdout
 
 
-@pytest.mark.parametrize("args, message", [(["--dry-run", "launch"], "usage:"),
-                                           (["--dryrun", "all"], "unknown option --dryrun"),
-                                           (["--dry-run", "run", "delete"], "one step at a time")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dry-run", "launch"], "usage:"),
+        (["--dryrun", "all"], "unknown option --dryrun"),
+        (["--dry-run", "run", "delete"], "one step at a time"),
+    ],
+)
 def test_bad_command_line_shows_usage(args, message):
   result = _run("tpu_vm.sh", *args, **TPU)
   assert result.returncode == 2 and message in result.stderr and "usage:" in result.stderr

@@ -36,17 +36,26 @@ def _free_port() -> int:
 
 
 def _command(model, workdir, *extra, main=("-m", "ttsi_jax.main")):
-  return [sys.executable, *main, "--config=configs/tiny.py",
-          f"--config.model.path={model}", "--config.variants=base,ttsi",
-          "--config.decoding.modes=direct", f"--config.task.num_examples={NUM_EXAMPLES}",
-          "--config.wave_size=1", "--config.uncertainty.tau=1.01", f"--workdir={workdir}", *extra]
+  return [
+      sys.executable,
+      *main,
+      "--config=configs/tiny.py",
+      f"--config.model.path={model}",
+      "--config.variants=base,ttsi",
+      "--config.decoding.modes=direct",
+      f"--config.task.num_examples={NUM_EXAMPLES}",
+      "--config.wave_size=1",
+      "--config.uncertainty.tau=1.01",
+      f"--workdir={workdir}",
+      *extra,
+  ]
 
 
 def _start(command):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(
+      command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _finish(procs, ok=True):
@@ -59,8 +68,20 @@ def _finish(procs, ok=True):
 
 def _two_hosts(model, workdir, **kwargs):
   port = _free_port()
-  return [_start(_command(model, workdir, "--distributed", f"--coordinator_address=localhost:{port}",
-                          "--num_processes=2", f"--process_id={i}", **kwargs)) for i in range(2)]
+  return [
+      _start(
+          _command(
+              model,
+              workdir,
+              "--distributed",
+              f"--coordinator_address=localhost:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+              **kwargs,
+          )
+      )
+      for i in range(2)
+  ]
 
 
 def _records(workdir):
@@ -138,8 +159,9 @@ failure.throw("on wave 7")
 
 def test_kept_adapters_reach_host_0_and_a_failed_step_stops_every_host(tmp_path):
   address = f"localhost:{_free_port()}"
-  outputs = _finish([_start([sys.executable, "-c", _KEEP, address, str(i), str(tmp_path)])
-                     for i in range(2)], ok=False)
+  outputs = _finish(
+      [_start([sys.executable, "-c", _KEEP, address, str(i), str(tmp_path)]) for i in range(2)], ok=False
+  )
   assert all("gathered [['input_0'], ['input_1']]" in out for out in outputs)
   for host in range(2):
     for variant in ("ttsi", "all_inputs"):

@@ -40,21 +40,35 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to tim
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs torch).")
-_STAGE = flags.DEFINE_enum("stage", "decode", ["decode", "adapt", "score"],
-                           "decode: sampler vs transformers generate; adapt: packed LoRA training "
-                           "vs transformers + PEFT; score: candidate log-likelihoods vs a "
-                           "transformers forward pass.")
-_ADAPTERS = flags.DEFINE_integer("adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, "
-                                 "prompts for --stage=score.")
+_STAGE = flags.DEFINE_enum(
+    "stage",
+    "decode",
+    ["decode", "adapt", "score"],
+    "decode: sampler vs transformers generate; adapt: packed LoRA training "
+    "vs transformers + PEFT; score: candidate log-likelihoods vs a "
+    "transformers forward pass.",
+)
+_ADAPTERS = flags.DEFINE_integer(
+    "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, " "prompts for --stage=score."
+)
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.",
-    "Explain recursion to a child.", "List three prime numbers.", "What does a compiler do?",
-    "Give me a recipe for pancakes.", "Why is the sky blue?", "Name five animals that live in the "
-    "ocean.", "Summarize the plot of Hamlet.", "How do I reverse a list in Python?",
-    "What is the boiling point of water?", "Translate 'good morning' into Spanish.",
-    "What is machine learning?", "Describe a sunset.", "How many legs does a spider have?",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "List three prime numbers.",
+    "What does a compiler do?",
+    "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+    "Name five animals that live in the " "ocean.",
+    "Summarize the plot of Hamlet.",
+    "How do I reverse a list in Python?",
+    "What is the boiling point of water?",
+    "Translate 'good morning' into Spanish.",
+    "What is machine learning?",
+    "Describe a sunset.",
+    "How many legs does a spider have?",
     "Suggest a name for a cat.",
 ]
 
@@ -74,11 +88,12 @@ def matmul_peak() -> dict:
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  out = {"jax": 2 * n ** 3 / _best_time(lambda: matmul(a).block_until_ready(), 3) / 1e9}
+  out = {"jax": 2 * n**3 / _best_time(lambda: matmul(a).block_until_ready(), 3) / 1e9}
   try:
     import torch
+
     t = torch.ones(n, n)
-    out["torch"] = 2 * n ** 3 / _best_time(lambda: t @ t, 3) / 1e9
+    out["torch"] = 2 * n**3 / _best_time(lambda: t @ t, 3) / 1e9
   except ImportError:
     pass
   return out
@@ -103,6 +118,7 @@ def model_flops(c, sequences, train: bool) -> float:
 def _hf_reference(config, dtype: str):
   import torch
   import transformers
+
   torch.set_num_threads(os.cpu_count() or 1)
   path = checkpoints.resolve(config.model.path)
   kwargs = dict(dtype=getattr(torch, dtype))  # the same precision as ours
@@ -118,28 +134,35 @@ def peft_train(model, cfg, examples, seeds) -> float:
   import peft
   import torch
   from ttsi_jax.ttsi import adaptation
+
   seconds = 0.0
   for data, seed in zip(examples, seeds):
     torch.manual_seed(seed)
-    lora = peft.get_peft_model(model, peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=list(cfg.targets), task_type="CAUSAL_LM"))
+    lora = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.targets),
+            task_type="CAUSAL_LM",
+        ),
+    )
     params = [p for p in lora.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     num_batches = math.ceil(len(data) / cfg.batch_size)
     schedule = adaptation.lr_schedule(cfg, cfg.epochs * num_batches)
     start = time.perf_counter()
     for step, lr in enumerate(schedule):
-      batch = data[(step % num_batches) * cfg.batch_size:][:cfg.batch_size]
+      batch = data[(step % num_batches) * cfg.batch_size :][: cfg.batch_size]
       length = max(len(p) + len(a) for p, a in batch)
       ids = torch.zeros((len(batch), length), dtype=torch.long)
       labels = torch.full((len(batch), length), -100, dtype=torch.long)
       mask = torch.zeros((len(batch), length), dtype=torch.long)
       for j, (p, a) in enumerate(batch):
-        ids[j, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[j, len(p):len(p) + len(a)] = torch.tensor(a)
-        mask[j, :len(p) + len(a)] = 1
+        ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)
+        mask[j, : len(p) + len(a)] = 1
       for group in optimizer.param_groups:
         group["lr"] = float(lr)
       loss = lora(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -156,10 +179,13 @@ def bench_adapt(config) -> dict:
   """T: our packed step (all adapters in one call; one per call) vs transformers + PEFT."""
   from ttsi_jax import experiment
   from ttsi_jax.ttsi import adaptation
+
   exp = experiment.Experiment(config, workdir="")
-  examples = exp.examples[:_ADAPTERS.value]
-  data = [[adaptation.training_example(exp.tokenizer, exp.task, ex, ex.question,
-                                        exp.task.gold_answer(ex))] for ex in examples]
+  examples = exp.examples[: _ADAPTERS.value]
+  data = [
+      [adaptation.training_example(exp.tokenizer, exp.task, ex, ex.question, exp.task.gold_answer(ex))]
+      for ex in examples
+  ]
   keys = jax.random.split(jax.random.key(0), len(data))
   cfg = exp.adapt_cfg
   trainer = exp.trainer
@@ -172,36 +198,58 @@ def bench_adapt(config) -> dict:
   packed = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
   for a, ((prompt, answer),) in enumerate(data):
     row = packed.tokens_BT[0][np.repeat(packed.adapter_BXA[0, :, a], adaptation.BLOCK)]
-    assert row[:len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
+    assert row[: len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
 
   def ours(per_call):
     return lambda: jax.block_until_ready(
-        trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0])
+        trainer.train_all(exp.params, data, exp.tokenizer.pad_id, keys, per_call)[0]
+    )
 
-  rows = [(name, _best_time(ours(per_call), _REPEATS.value), flops)
-          for name, per_call in (("ttsi_jax packed, all adapters in one call", 0),
-                                 ("ttsi_jax packed, one adapter per call", 1))]
+  rows = [
+      (name, _best_time(ours(per_call), _REPEATS.value), flops)
+      for name, per_call in (
+          ("ttsi_jax packed, all adapters in one call", 0),
+          ("ttsi_jax packed, one adapter per call", 1),
+      )
+  ]
   if _REFERENCE.value:
     model = _hf_reference(config, config.model.dtype)
     peft_train(model, dataclasses.replace(cfg, epochs=1), data[:1], [0])  # warm-up
-    rows.append(("transformers + PEFT, one after another",
-                 min(peft_train(model, cfg, data, range(len(data)))
-                     for _ in range(_REPEATS.value)), flops))
+    rows.append(
+        (
+            "transformers + PEFT, one after another",
+            min(peft_train(model, cfg, data, range(len(data))) for _ in range(_REPEATS.value)),
+            flops,
+        )
+    )
   peak = matmul_peak()
-  result = _table(f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
-                  f"{tokens // len(sequences)} tokens per sequence on average, remat "
-                  f"{cfg.remat}, best of {_REPEATS.value}",
-                  rows, tokens, len(data) * steps_per_adapter, "adapter-step", peak,
-                  reference="transformers + PEFT, one after another")
-  return {"stage": "adapt", "adapters": len(data), "steps_per_adapter": steps_per_adapter,
-          "tokens": tokens, "flops": flops, **result}
+  result = _table(
+      f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
+      f"{tokens // len(sequences)} tokens per sequence on average, remat "
+      f"{cfg.remat}, best of {_REPEATS.value}",
+      rows,
+      tokens,
+      len(data) * steps_per_adapter,
+      "adapter-step",
+      peak,
+      reference="transformers + PEFT, one after another",
+  )
+  return {
+      "stage": "adapt",
+      "adapters": len(data),
+      "steps_per_adapter": steps_per_adapter,
+      "tokens": tokens,
+      "flops": flops,
+      **result,
+  }
 
 
 def bench_score(config) -> dict:
   """H: candidate log-likelihoods, ours vs a transformers forward pass per prompt + candidate."""
   from ttsi_jax import experiment
+
   exp = experiment.Experiment(config, workdir="")
-  examples = exp.examples[:_ADAPTERS.value]
+  examples = exp.examples[: _ADAPTERS.value]
   prompts = [exp.tokenizer.encode_chat(exp.task.prompt(ex)) for ex in examples]
   candidates = [[exp.tokenizer.encode(c) for c in exp.task.candidates(ex)] for ex in examples]
 
@@ -213,15 +261,17 @@ def bench_score(config) -> dict:
   # for the candidate tokens); the reference runs prompt + candidate for every candidate (logits
   # for all its tokens, as a transformers forward computes them).
   flops = functools.partial(model_flops, exp.model_config, train=False)
-  ours_flops = sum(flops([(len(p), 0)]) + sum(
-      flops([(len(p) + len(a), len(a))]) - flops([(len(p), 0)]) for a in cs)
-      for p, cs in zip(prompts, candidates))
-  reference_flops = sum(flops([(len(p) + len(a), len(p) + len(a))])
-                        for p, cs in zip(prompts, candidates) for a in cs)
-  rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value),
-           ours_flops)]
+  ours_flops = sum(
+      flops([(len(p), 0)]) + sum(flops([(len(p) + len(a), len(a))]) - flops([(len(p), 0)]) for a in cs)
+      for p, cs in zip(prompts, candidates)
+  )
+  reference_flops = sum(
+      flops([(len(p) + len(a), len(p) + len(a))]) for p, cs in zip(prompts, candidates) for a in cs
+  )
+  rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value), ours_flops)]
   if _REFERENCE.value:
     import torch
+
     model = _hf_reference(config, config.model.dtype).eval()
 
     def reference():
@@ -230,20 +280,26 @@ def bench_score(config) -> dict:
         for p, cs in zip(prompts, candidates):
           logliks = []
           for c in cs:
-            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
             logp = torch.log_softmax(logits.float(), -1)
             logliks.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
           out.append(logliks)
       return out
 
-    rows.append(("transformers forward per candidate", _best_time(reference, _REPEATS.value),
-                 reference_flops))
-  tokens = sum(map(len, prompts)) + sum(
-      len(c) for cs in candidates for c in cs)
+    rows.append(
+        ("transformers forward per candidate", _best_time(reference, _REPEATS.value), reference_flops)
+    )
+  tokens = sum(map(len, prompts)) + sum(len(c) for cs in candidates for c in cs)
   peak = matmul_peak()
-  result = _table(f"H: {len(prompts)} BFCL prompts, {sum(map(len, candidates))} candidates, "
-                  f"best of {_REPEATS.value}", rows, tokens, len(prompts), "prompt", peak,
-                  reference="transformers forward per candidate")
+  result = _table(
+      f"H: {len(prompts)} BFCL prompts, {sum(map(len, candidates))} candidates, " f"best of {_REPEATS.value}",
+      rows,
+      tokens,
+      len(prompts),
+      "prompt",
+      peak,
+      reference="transformers forward per candidate",
+  )
   return {"stage": "score", "prompts": len(prompts), "tokens": tokens, **result}
 
 
@@ -251,24 +307,40 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
   """Prints and returns rows of (implementation, seconds, FLOPs it computes)."""
   best_peak = max(peak.values())
   print(title)
-  print("FLOPs counted from the model's shapes (bench.model_flops); float32 matmul peak measured "
-        "now: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
-  print(f"{'implementation':<44}{'seconds':>9}{'s/' + unit:>16}{'tokens/s':>10}"
-        f"{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'vs ref':>8}")
+  print(
+      "FLOPs counted from the model's shapes (bench.model_flops); float32 matmul peak measured "
+      "now: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items())
+  )
+  print(
+      f"{'implementation':<44}{'seconds':>9}{'s/' + unit:>16}{'tokens/s':>10}"
+      f"{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'vs ref':>8}"
+  )
   ref = {name: seconds for name, seconds, _ in rows}.get(reference)
   out = []
   for name, seconds, flops in rows:
-    entry = {"implementation": name, "seconds": seconds, f"seconds_per_{unit}": seconds / units,
-             "tokens_per_s": tokens / seconds, "flops": flops, "gflop_per_s": flops / seconds / 1e9,
-             "fraction_of_peak": flops / seconds / 1e9 / best_peak,
-             "vs_reference": ref / seconds if ref else None}
+    entry = {
+        "implementation": name,
+        "seconds": seconds,
+        f"seconds_per_{unit}": seconds / units,
+        "tokens_per_s": tokens / seconds,
+        "flops": flops,
+        "gflop_per_s": flops / seconds / 1e9,
+        "fraction_of_peak": flops / seconds / 1e9 / best_peak,
+        "vs_reference": ref / seconds if ref else None,
+    }
     out.append(entry)
     vs = f"{entry['vs_reference']:.2f}x" if ref else "-"
-    print(f"{name:<44}{seconds:>9.2f}{seconds / units:>16.2f}{entry['tokens_per_s']:>10.1f}"
-          f"{flops / 1e9:>8.0f}{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}"
-          f"{vs:>8}")
-  return {"matmul_peak_gflop_per_s": peak, "rows": out, "platform": jax.devices()[0].platform,
-          "devices": jax.device_count()}
+    print(
+        f"{name:<44}{seconds:>9.2f}{seconds / units:>16.2f}{entry['tokens_per_s']:>10.1f}"
+        f"{flops / 1e9:>8.0f}{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}"
+        f"{vs:>8}"
+    )
+  return {
+      "matmul_peak_gflop_per_s": peak,
+      "rows": out,
+      "platform": jax.devices()[0].platform,
+      "devices": jax.device_count(),
+  }
 
 
 def main(argv):
@@ -278,8 +350,11 @@ def main(argv):
     result = (bench_adapt if _STAGE.value == "adapt" else bench_score)(config)
     if _JSON.value:
       with open(_JSON.value, "w") as f:
-        json.dump({"model": checkpoints.resolve(config.model.path),
-                   "dtype": config.model.dtype, **result}, f, indent=2)
+        json.dump(
+            {"model": checkpoints.resolve(config.model.path), "dtype": config.model.dtype, **result},
+            f,
+            indent=2,
+        )
     return
   n = _NEW_TOKENS.value
   start = time.perf_counter()
@@ -301,6 +376,7 @@ def main(argv):
   if _REFERENCE.value:
     import torch
     import transformers
+
     torch.set_num_threads(os.cpu_count() or 1)
     path = checkpoints.resolve(config.model.path)
     kwargs = dict(dtype=getattr(torch, config.model.dtype))  # the same precision as ours
@@ -316,14 +392,22 @@ def main(argv):
 
       def run():
         with torch.no_grad():
-          ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=tokenizer.pad_id)
+          ref.generate(
+              ids,
+              attention_mask=mask,
+              max_new_tokens=n,
+              min_new_tokens=n,
+              do_sample=False,
+              pad_token_id=tokenizer.pad_id,
+          )
 
       seconds = _best_time(run, _REPEATS.value)
       rows.append(("transformers", b, seconds, b * n / seconds))
 
-  print(f"model: {checkpoints.resolve(config.model.path)}  dtype={config.model.dtype}  "
-        f"devices={jax.device_count()} ({jax.devices()[0].platform})")
+  print(
+      f"model: {checkpoints.resolve(config.model.path)}  dtype={config.model.dtype}  "
+      f"devices={jax.device_count()} ({jax.devices()[0].platform})"
+  )
   print(f"load (params + tokenizer): {load_s:.1f} s")
   print(f"greedy decode, {n} new tokens per row, best of {_REPEATS.value}:")
   print(f"{'impl':<14}{'batch':>6}{'seconds':>10}{'tokens/s':>12}")

@@ -17,18 +17,26 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _range(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-           high_open: bool = False, integer: bool = False, note: str = ""):
+def _range(
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    note: str = "",
+):
   """(check, what is valid) for a number in [low, high] (or open at either end)."""
+
   def check(v) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and v != int(v)):
       return False
-    return ((v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+    return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
   kind = "an integer" if integer else "a number"
   if high == math.inf:
     bound = f"{'>' if low_open else '>='} {low:g}"
   else:
-    bound = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
   return check, f"{kind} {bound}" + (f" ({note})" if note else "")
 
 

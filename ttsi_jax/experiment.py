@@ -51,14 +51,18 @@ SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter,
 # Config fields a run may resume under other values of (e.g. on another machine): they change its
 # speed (adapters_per_call, remat and mesh_shape only reorder float sums: results agree to ~1e-5),
 # what it saves besides the results, or only `generate` (sampling.*), not what the run computes.
-RESUME_MAY_CHANGE = ("adaptation.adapters_per_call", "adaptation.remat", "mesh_shape",
-                     "keep_adapters",
-                     "teacher.api_key_env", "sampling.")
+RESUME_MAY_CHANGE = (
+    "adaptation.adapters_per_call",
+    "adaptation.remat",
+    "mesh_shape",
+    "keep_adapters",
+    "teacher.api_key_env",
+    "sampling.",
+)
 
 
 def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
-  names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value)
-                if v.strip())
+  names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip())
   unknown = [n for n in names if n not in valid]
   if unknown or not names:
     raise ValueError(f"Unknown {what} {unknown or names!r}; valid {what}s are {list(valid)}.")
@@ -69,12 +73,17 @@ def _check_teacher(t: ml_collections.ConfigDict) -> None:
   """Variant 'ttd' needs a teacher that is fully named (an empty path would load the student)."""
   needed = {"local": ("path",), "endpoint": ("base_url", "model")}.get(t.kind)
   if needed is None:
-    raise ValueError("Variant 'ttd' needs a teacher: set --config.teacher.kind to 'local' (with "
-                     "teacher.path) or 'endpoint' (with teacher.base_url and teacher.model).")
+    raise ValueError(
+        "Variant 'ttd' needs a teacher: set --config.teacher.kind to 'local' (with "
+        "teacher.path) or 'endpoint' (with teacher.base_url and teacher.model)."
+    )
   missing = [f"teacher.{k}" for k in needed if not t[k]]
   if missing:
-    raise ValueError(f"Teacher kind {t.kind!r} needs {' and '.join(missing)}: set "
-                     + " ".join(f"--config.{m}=..." for m in missing) + ".")
+    raise ValueError(
+        f"Teacher kind {t.kind!r} needs {' and '.join(missing)}: set "
+        + " ".join(f"--config.{m}=..." for m in missing)
+        + "."
+    )
 
 
 def _kept_ids(value: str, ids: Sequence[str]):
@@ -84,22 +93,28 @@ def _kept_ids(value: str, ids: Sequence[str]):
   kept = {v.strip() for v in value.split(",") if v.strip()}
   unknown = sorted(kept - set(ids))
   if unknown:
-    raise ValueError(f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
-                     f"such as {list(ids[:3])}, or 'all'.")
+    raise ValueError(
+        f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
+        f"such as {list(ids[:3])}, or 'all'."
+    )
   return kept
 
 
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """The inductive baseline's training split: other BFCL categories, never the test category."""
-  categories = tuple(dict.fromkeys(  # in order, each once
-      _names(config.sft.categories, bfcl.CATEGORIES, "sft category")))
+  categories = tuple(
+      dict.fromkeys(_names(config.sft.categories, bfcl.CATEGORIES, "sft category"))  # in order, each once
+  )
   if config.task.category in categories:
-    raise ValueError(f"sft.categories {list(categories)} include the test category "
-                     f"{config.task.category!r}; train the baseline on other categories.")
+    raise ValueError(
+        f"sft.categories {list(categories)} include the test category "
+        f"{config.task.category!r}; train the baseline on other categories."
+    )
   if bfcl.IRRELEVANCE in categories:
     raise ValueError("sft.categories: 'irrelevance' has no gold calls to train on.")
-  tasks = [bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None)
-           for c in categories]
+  tasks = [
+      bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None) for c in categories
+  ]
   if not any(task.examples() for task in tasks):
     raise ValueError(f"sft.categories {list(categories)} hold no usable examples.")
   return tasks
@@ -119,11 +134,13 @@ WrittenBySource = dict[str, list[Optional[synthesis.Written]]]
 def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
   """keys_B: one key per row, from the seed, the stage and the row's own name (its input id)
   alone, so no sample depends on which inputs share a wave or a batch."""
-  return jnp.stack([jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF)
-                    for n in names])
+  return jnp.stack(
+      [jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF) for n in names]
+  )
 
 
 class Experiment:
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_schema.validate(config)
     self.config = config
@@ -148,18 +165,25 @@ class Experiment:
     self.model_config, self.params = model.config, model.params
     self.tokenizer, self.sampler = model.tokenizer, model.sampler
     d = config.decoding
-    self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens,
-                                           d.max_args)
-    self.answerer = answering.Answerer(self.task, self.sampler, self.tokenizer, self.decoder,
-                                       d.well_formed, d.max_new_tokens, d.num_samples,
-                                       d.temperature, d.top_p)
+    self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens, d.max_args)
+    self.answerer = answering.Answerer(
+        self.task,
+        self.sampler,
+        self.tokenizer,
+        self.decoder,
+        d.well_formed,
+        d.max_new_tokens,
+        d.num_samples,
+        d.temperature,
+        d.top_p,
+    )
     self.synth_cfg = config_schema.build(synthesis.SynthesisConfig, config.synthesis)
-    self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg,
-                                                 config.reserve)
+    self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg, config.reserve)
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
     self.adapt_cfg = config_schema.build(
-        adaptation.AdaptConfig, a, targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target"))
+        adaptation.AdaptConfig, a, targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")
+    )
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
@@ -170,11 +194,11 @@ class Experiment:
     t = self.config.teacher
     if t.kind == "endpoint":
       return synthesis.EndpointSynthesizer(
-          self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg)
+          self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg
+      )
     teacher = sampler_lib.load_model(t.path, self.config.model.dtype, self.mesh)
     d = self.config.decoding
-    decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens,
-                                      d.max_args)
+    decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens, d.max_args)
     return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)
 
   # ------------------------------------------------------------------- the inductive baseline
@@ -185,11 +209,17 @@ class Experiment:
     path = os.path.join(self.workdir, SFT_ADAPTER)
     settings_path = os.path.join(path, "settings.json")  # written last: the adapter is complete
     c = json.loads(self.config.to_json())
-    settings = {"sft": c["sft"], "model": c["model"], "seed": c["seed"],
-                "data_dir": c["task"]["data_dir"],
-                "adaptation": {k: v for k, v in c["adaptation"].items()
-                               if k not in ("learning_rate", "epochs", "batch_size",
-                                            "adapters_per_call", "remat")}}
+    settings = {
+        "sft": c["sft"],
+        "model": c["model"],
+        "seed": c["seed"],
+        "data_dir": c["task"]["data_dir"],
+        "adaptation": {
+            k: v
+            for k, v in c["adaptation"].items()
+            if k not in ("learning_rate", "epochs", "batch_size", "adapters_per_call", "remat")
+        },
+    }
 
     def load_or_train() -> dict:
       saved = None
@@ -198,34 +228,42 @@ class Experiment:
           with open(settings_path) as f:
             saved = json.load(f)
         except ValueError as e:  # not JSON, or not UTF-8
-          logging.warning("sft: %s is unreadable (%s); training the adapter anew.", settings_path,
-                          e)
+          logging.warning("sft: %s is unreadable (%s); training the adapter anew.", settings_path, e)
       if saved == settings:
         adapter, _ = orbax_lib.load_adapter(path)
         logging.info("sft: loaded the baseline's adapter from %s", path)
       else:
         if saved is not None:
           logging.warning("sft: %s was trained under other settings; training it anew.", path)
-        data = [adaptation.training_example(self.tokenizer, task, ex, ex.question,
-                                            task.gold_answer(ex))
-                for task in self.sft_tasks for ex in task.examples()]
+        data = [
+            adaptation.training_example(self.tokenizer, task, ex, ex.question, task.gold_answer(ex))
+            for task in self.sft_tasks
+            for ex in task.examples()
+        ]
         sft = self.config.sft
-        cfg = dataclasses.replace(self.adapt_cfg, learning_rate=sft.learning_rate,
-                                  epochs=sft.epochs, batch_size=sft.batch_size)
+        cfg = dataclasses.replace(
+            self.adapt_cfg, learning_rate=sft.learning_rate, epochs=sft.epochs, batch_size=sft.batch_size
+        )
         start = time.perf_counter()
         adapters, losses = adaptation.Trainer(self.model_config, cfg).train_all(
-            self.params, [data], self.tokenizer.pad_id, _keys(self.config.seed, "sft", ["sft"]))
+            self.params, [data], self.tokenizer.pad_id, _keys(self.config.seed, "sft", ["sft"])
+        )
         adapter = lora_lib.unstack(adapters, 0)
         orbax_lib.save_adapter(path, adapter, checkpoints.resolve(self.config.model.path))
         with open(settings_path + ".tmp", "w") as f:  # swapped in whole: never half written
           json.dump(settings, f, indent=2)
         os.replace(settings_path + ".tmp", settings_path)
         per_epoch = -(-len(data) // sft.batch_size)  # steps
-        logging.info("sft: trained on %d examples in %.1f s (mean loss of the first epoch %.3f, "
-                     "of the last %.3f), saved to %s", len(data), time.perf_counter() - start,
-                     losses[:per_epoch, 0].mean(), losses[-per_epoch:, 0].mean(), path)
-      return {"weights": jax.device_get(adapter.weights), "scale": adapter.scale,
-              "dropout": adapter.dropout}
+        logging.info(
+            "sft: trained on %d examples in %.1f s (mean loss of the first epoch %.3f, "
+            "of the last %.3f), saved to %s",
+            len(data),
+            time.perf_counter() - start,
+            losses[:per_epoch, 0].mean(),
+            losses[-per_epoch:, 0].mean(),
+            path,
+        )
+      return {"weights": jax.device_get(adapter.weights), "scale": adapter.scale, "dropout": adapter.dropout}
 
     tree, failure = multihost.guarded(load_or_train if multihost.is_leader() else lambda: None)
     if failure:
@@ -246,8 +284,15 @@ class Experiment:
     kept = []
     for (j, i), variants in variants_of.items():
       adapter = lora_lib.unstack(adapters, j)
-      kept.append({"variants": variants, "id": ids[i], "weights": jax.device_get(adapter.weights),
-                   "scale": adapter.scale, "dropout": adapter.dropout})
+      kept.append(
+          {
+              "variants": variants,
+              "id": ids[i],
+              "weights": jax.device_get(adapter.weights),
+              "scale": adapter.scale,
+              "dropout": adapter.dropout,
+          }
+      )
     return kept
 
   def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
@@ -276,8 +321,10 @@ class Experiment:
     with timer("adapted"):
       adapted = self.answer_variants(plan, adapters, examples, prompts, flags, written)
     with timer("check"):
-      records = [self._record(wave, i, ex, stats, flags, base, written, adapted, plan, losses)
-                 for i, ex in enumerate(examples)]
+      records = [
+          self._record(wave, i, ex, stats, flags, base, written, adapted, plan, losses)
+          for i, ex in enumerate(examples)
+      ]
     return records, kept
 
   def measure(self, pre, examples: list[Example]) -> tuple[uncertainty.CandidateStats, np.ndarray]:
@@ -285,10 +332,10 @@ class Experiment:
     u = self.config.uncertainty
     stats = self.answerer.score(pre, examples)
     stats = self.answerer.sampled_call_stats(
-        pre, examples, stats, _keys(self.config.seed, "H", [ex.id for ex in examples]),
-        u.sampled_candidates)
+        pre, examples, stats, _keys(self.config.seed, "H", [ex.id for ex in examples]), u.sampled_candidates
+    )
     threshold = u.tau if u.measure == "margin" else u.entropy_threshold
-    return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[:len(examples)]
+    return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[: len(examples)]
 
   def synthesize(self, examples: list[Example], flags: np.ndarray) -> WrittenBySource:
     """G: per data source that writes pairs ("self", "teacher"), per input, what it wrote (None
@@ -298,22 +345,25 @@ class Experiment:
       chosen = variants_lib.inputs_needing(source, self.variants, flags)
       if not chosen or synthesizer is None:
         continue
-      keys = _keys(self.config.seed, "synth" if source == "self" else "teacher",
-                   [examples[i].id for i in chosen])
+      keys = _keys(
+          self.config.seed, "synth" if source == "self" else "teacher", [examples[i].id for i in chosen]
+      )
       for i, pairs in zip(chosen, synthesizer.synthesize([examples[i] for i in chosen], keys)):
         written[source][i] = synthesis.Written(pairs or [], failed=pairs is None)
     return written
 
   def _data_for(self, examples, written: WrittenBySource):
     """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""
+
     def data_for(source: str, i: int) -> list:
       ex = examples[i]
       if source == "gold":
-        return [adaptation.training_example(self.tokenizer, self.task, ex, ex.question,
-                                            self.task.gold_answer(ex))]
+        return [
+            adaptation.training_example(self.tokenizer, self.task, ex, ex.question, self.task.gold_answer(ex))
+        ]
       kept = written[source][i].kept if written[source][i] else []
-      return [adaptation.training_example(self.tokenizer, self.task, ex, p.request, p.call)
-              for p in kept]
+      return [adaptation.training_example(self.tokenizer, self.task, ex, p.request, p.call) for p in kept]
+
     return data_for
 
   def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
@@ -323,8 +373,9 @@ class Experiment:
     if not plan.jobs:
       return None, None
     keys = _keys(self.config.seed, "adapter", [ids[job.input] for job in plan.jobs])
-    return self.trainer.train_all(self.params, [job.data for job in plan.jobs],
-                                  self.tokenizer.pad_id, keys, self.adapters_per_call)
+    return self.trainer.train_all(
+        self.params, [job.data for job in plan.jobs], self.tokenizer.pad_id, keys, self.adapters_per_call
+    )
 
   def answer_variants(self, plan, adapters, examples, prompts, flags, written: WrittenBySource) -> dict:
     """The answers of every variant that does not answer as base: {(variant, input): answers}.
@@ -340,8 +391,9 @@ class Experiment:
       rows_examples = [examples[i] for i in rows]
       pre = self.sampler.prefill(prompts_of_rows, reserve, **prefill)
       stats = self.answerer.score(pre, rows_examples)
-      answers = self.answerer.answers(pre, rows_examples, stats,
-                                      _keys(seed, stage, [ids[i] for i in rows]), self.modes)
+      answers = self.answerer.answers(
+          pre, rows_examples, stats, _keys(seed, stage, [ids[i] for i in rows]), self.modes
+      )
       return [{k: vals[r] for k, vals in answers.items()} for r in range(len(rows))]
 
     rows = [job.input for job in plan.jobs]  # "adapter": one adapter per job, shared
@@ -354,8 +406,11 @@ class Experiment:
         rows = list(range(len(examples)))
         answers = answer("sft", rows, prompts, lora=self.sft_adapter)
       elif row.answers == "icl":  # the kept pairs as in-context examples
-        kept = {i: written[row.source][i].kept for i in np.flatnonzero(
-            variants_lib.targets(v, flags)).tolist() if written[row.source][i]}
+        kept = {
+            i: written[row.source][i].kept
+            for i in np.flatnonzero(variants_lib.targets(v, flags)).tolist()
+            if written[row.source][i]
+        }
         rows = [i for i, pairs in kept.items() if pairs]
         answers = answer("icl", rows, [self._icl_prompt(examples[i], kept[i]) for i in rows])
       else:
@@ -363,41 +418,57 @@ class Experiment:
       adapted.update({(v, i): a for i, a in zip(rows, answers)})
     return adapted
 
-  def _record(self, wave, i, ex, stats, flags, base, written: WrittenBySource, adapted, plan,
-              losses) -> records_lib.Record:
+  def _record(
+      self, wave, i, ex, stats, flags, base, written: WrittenBySource, adapted, plan, losses
+  ) -> records_lib.Record:
     """Input i's line of results.jsonl: its H statistics, base answer, pairs and variants."""
     base_answers = {k: vals[i] for k, vals in base.items()}
     base_answer = records_lib.BaseAnswer(
-        base_answers["direct"], answering.verdicts(self.task, ex, base_answers, self.modes),
-        self.task.check(ex, base_answers["direct"]).error, base_answers.get("samples"))
-    failed = {source for source, per_input in written.items()
-              if per_input[i] is not None and per_input[i].failed}
+        base_answers["direct"],
+        answering.verdicts(self.task, ex, base_answers, self.modes),
+        self.task.check(ex, base_answers["direct"]).error,
+        base_answers.get("samples"),
+    )
+    failed = {
+        source for source, per_input in written.items() if per_input[i] is not None and per_input[i].failed
+    }
     variants = {}
     for v in self.variants:
       if v == "base":
         continue
       answers = adapted.get((v, i))
       if answers is None:
-        reason = variants_lib.not_adapted_reason(v, bool(variants_lib.targets(v, flags)[i]),
-                                                 failed)
-        variants[v] = records_lib.VariantAnswer(False, base_answer.answer, base_answer.correct,
-                                                base_answer.error, reason)
+        reason = variants_lib.not_adapted_reason(v, bool(variants_lib.targets(v, flags)[i]), failed)
+        variants[v] = records_lib.VariantAnswer(
+            False, base_answer.answer, base_answer.correct, base_answer.error, reason
+        )
       else:
         variants[v] = records_lib.VariantAnswer(
-            True, answers["direct"], answering.verdicts(self.task, ex, answers, self.modes),
-            self.task.check(ex, answers["direct"]).error)
+            True,
+            answers["direct"],
+            answering.verdicts(self.task, ex, answers, self.modes),
+            self.task.check(ex, answers["direct"]).error,
+        )
       if (v, i) in plan.job_of:
         variants[v].losses = [float(x) for x in losses[:, plan.job_of[(v, i)]] if not np.isnan(x)]
     self_written, teacher = written["self"][i], written["teacher"][i]
     n = len(stats.candidates[i])
     return records_lib.Record(
-        wave=wave, id=ex.id, margin=float(stats.margin_B[i]), entropy=float(stats.entropy_B[i]),
-        candidates=list(stats.candidates[i]), probs=[float(p) for p in stats.probs[i][:n]],
-        perplexity=[float(p) for p in stats.perplexity[i][:n]], uncertain=bool(flags[i]),
-        base=base_answer, pairs=self_written.pairs if self_written else [], variants=variants,
-        teacher_pairs=None if self.teacher is None or not flags[i] else (
-            records_lib.TEACHER_FAILED if teacher and teacher.failed else
-            teacher.pairs if teacher else []))
+        wave=wave,
+        id=ex.id,
+        margin=float(stats.margin_B[i]),
+        entropy=float(stats.entropy_B[i]),
+        candidates=list(stats.candidates[i]),
+        probs=[float(p) for p in stats.probs[i][:n]],
+        perplexity=[float(p) for p in stats.perplexity[i][:n]],
+        uncertain=bool(flags[i]),
+        base=base_answer,
+        pairs=self_written.pairs if self_written else [],
+        variants=variants,
+        teacher_pairs=None
+        if self.teacher is None or not flags[i]
+        else (records_lib.TEACHER_FAILED if teacher and teacher.failed else teacher.pairs if teacher else []),
+    )
 
   # ----------------------------------------------------------------------------------- the run
 
@@ -406,7 +477,7 @@ class Experiment:
     leader, num_hosts, host = multihost.is_leader(), jax.process_count(), jax.process_index()
     results_path = os.path.join(self.workdir, "results.jsonl")
     wave_size = self.config.wave_size
-    waves = [self.examples[i:i + wave_size] for i in range(0, len(self.examples), wave_size)]
+    waves = [self.examples[i : i + wave_size] for i in range(0, len(self.examples), wave_size)]
 
     def open_workdir() -> int:  # host 0 owns the workdir; the others learn what it found
       os.makedirs(self.workdir, exist_ok=True)
@@ -418,9 +489,18 @@ class Experiment:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
     if self.uses_sft and done < len(waves):
       self.sft_adapter = self._sft_adapter()
-    bars = {s: tqdm(total=len(self.examples), desc=f"{s:>7}", position=k, leave=True,
-                    unit="input", initial=sum(len(w) for w in waves[:done]), disable=not leader)
-            for k, s in enumerate(STAGES)}
+    bars = {
+        s: tqdm(
+            total=len(self.examples),
+            desc=f"{s:>7}",
+            position=k,
+            leave=True,
+            unit="input",
+            initial=sum(len(w) for w in waves[:done]),
+            disable=not leader,
+        )
+        for k, s in enumerate(STAGES)
+    }
     for round_waves in multihost.rounds(range(done, len(waves)), num_hosts):
 
       def run_share() -> tuple[list[dict], list[dict]]:  # called at once, in this round
@@ -452,8 +532,11 @@ class Experiment:
 
       def write():
         # Before the records: a logged wave has its adapters on disk.
-        save_kept_adapters(self.workdir, [k for ks in kept_by_host[:written] for k in ks],
-                           checkpoints.resolve(self.config.model.path))
+        save_kept_adapters(
+            self.workdir,
+            [k for ks in kept_by_host[:written] for k in ks],
+            checkpoints.resolve(self.config.model.path),
+        )
         with open(results_path, "a") as out:
           for r in (r for host_records in records_by_host[:written] for r in host_records):
             out.write(json.dumps(r) + "\n")
@@ -462,8 +545,10 @@ class Experiment:
 
       multihost.on_leader(write, f"to write {results_path}")
       if failure:
-        failure.throw(f"on wave {round_waves[failure.host]} (the waves before it are in "
-                      f"{results_path}; rerun with the same --workdir to resume)")
+        failure.throw(
+            f"on wave {round_waves[failure.host]} (the waves before it are in "
+            f"{results_path}; rerun with the same --workdir to resume)"
+        )
     for bar in bars.values():
       bar.close()
 
@@ -491,13 +576,15 @@ class Experiment:
       # behaviour from before they existed; fields since removed no longer act.
       added = sorted(now.keys() - before.keys())
       if added:
-        logging.info("%s predates config fields %s; resuming with their current values.", path,
-                     added)
-      changed = sorted(k for k in before.keys() & now.keys()
-                       if not k.startswith(RESUME_MAY_CHANGE) and before[k] != now[k])
+        logging.info("%s predates config fields %s; resuming with their current values.", path, added)
+      changed = sorted(
+          k for k in before.keys() & now.keys() if not k.startswith(RESUME_MAY_CHANGE) and before[k] != now[k]
+      )
       if changed:
-        raise ValueError(f"{self.workdir} holds results of a different config (differs in "
-                         f"{changed}); use a new --workdir or the same config to resume.")
+        raise ValueError(
+            f"{self.workdir} holds results of a different config (differs in "
+            f"{changed}); use a new --workdir or the same config to resume."
+        )
     with open(path, "w") as f:
       json.dump(current, f, indent=2)
 
@@ -508,8 +595,7 @@ def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
   for k in kept:
     adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
     for variant in k["variants"]:
-      orbax_lib.save_adapter(os.path.join(workdir, "adapters", variant, k["id"]), adapter,
-                             base_model)
+      orbax_lib.save_adapter(os.path.join(workdir, "adapters", variant, k["id"]), adapter, base_model)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -545,7 +631,8 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
       raise ValueError(
           f"{path}, line {number}: not a results record ({type(e).__name__}: {e}), so the waves "
           "after it cannot be trusted to resume. Repair or delete that line (`ttsi_jax.ttsi."
-          "records` defines the format), or use a new --workdir.") from None
+          "records` defines the format), or use a new --workdir."
+      ) from None
     by_wave[wave].append(input_id)
     lines.append((wave, line))
   done = 0
@@ -554,11 +641,12 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   if max(by_wave, default=-1) >= done:  # the first unfinished wave must be the cut last one
     found = by_wave.get(done, [])
     expected = [ex.id for ex in waves[done]] if done < len(waves) else []
-    if max(by_wave) > done or found != expected[:len(found)]:
+    if max(by_wave) > done or found != expected[: len(found)]:
       raise ValueError(
           f"{path}: wave {done} holds inputs {found} but this run's data puts {expected} there; "
           "the data changed under this workdir (bfcl-eval version, task.data_dir). Use a new "
-          "--workdir, or move results.jsonl aside to start over.")
+          "--workdir, or move results.jsonl aside to start over."
+      )
   keep = [line for wave, line in lines if wave < done]
   if cut or len(keep) < len(lines):
     # Rewritten aside and swapped in, so a kill during the rewrite never loses finished waves.
@@ -571,7 +659,7 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
 
 
 def _reason_kind(reason: str) -> str:
-  """"f: missing required argument 'x'" -> "missing required argument '…'" (for counting)."""
+  """ "f: missing required argument 'x'" -> "missing required argument '…'" (for counting)."""
   if reason.startswith("unparseable"):
     return "unparseable"
   return re.sub(r"'[^']*'", "'…'", reason.split(": ", 1)[-1] if ": " in reason else reason)
@@ -591,20 +679,23 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
   reasons = collections.Counter(_reason_kind(p.rejected) for p in pairs if p.rejected)
   others = [v for v in variants if v != "base"]
   adapted = {v: sum(r.variants[v].adapted for r in records) for v in others}
-  fallback = {v: collections.Counter(r.variants[v].reason for r in records
-                                     if not r.variants[v].adapted) for v in others}
+  fallback = {
+      v: collections.Counter(r.variants[v].reason for r in records if not r.variants[v].adapted)
+      for v in others
+  }
   seconds = collections.defaultdict(float)
   for wave in {r.wave: r.wave_seconds for r in records}.values():
     for stage, s in wave.items():
       seconds[stage] += s
   return {
-      "num_inputs": n, "accuracy": acc,
+      "num_inputs": n,
+      "accuracy": acc,
       "flagged_fraction": float(np.mean(flagged)) if n else 0.0,
-      "base_wrong": int(sum(wrong)), "flag_caught_wrong": int(caught),
+      "base_wrong": int(sum(wrong)),
+      "flag_caught_wrong": int(caught),
       "flag_recall_of_wrong": caught / max(1, sum(wrong)),
       "flag_precision": caught / max(1, sum(flagged)),
-      "pairs": {"total": len(pairs), "kept": sum(p.kept for p in pairs),
-                "rejected_by_reason": dict(reasons)},
+      "pairs": {"total": len(pairs), "kept": sum(p.kept for p in pairs), "rejected_by_reason": dict(reasons)},
       "adapted_inputs": adapted,
       "not_adapted": {v: dict(c) for v, c in fallback.items()},
       "skipped_rows": [list(s) for s in skipped],
@@ -613,19 +704,25 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
 
 
 def format_summary(m: dict) -> str:
-  lines = [f"inputs: {m['num_inputs']}   flagged: {m['flagged_fraction']:.1%}   base wrong: "
-           f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
-           f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
-           f"synthesized pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
-           + (f"  rejected: {rejected}" if (rejected := m["pairs"]["rejected_by_reason"]) else ""),
-           "", f"{'variant/mode':<24}{'accuracy':>10}{'adapted':>10}"]
+  lines = [
+      f"inputs: {m['num_inputs']}   flagged: {m['flagged_fraction']:.1%}   base wrong: "
+      f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
+      f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
+      f"synthesized pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
+      + (f"  rejected: {rejected}" if (rejected := m["pairs"]["rejected_by_reason"]) else ""),
+      "",
+      f"{'variant/mode':<24}{'accuracy':>10}{'adapted':>10}",
+  ]
   for key, value in m["accuracy"].items():
     variant = key.split("/")[0]
     adapted = m["adapted_inputs"].get(variant, "")
     lines.append(f"{key:<24}{value:>10.1%}{adapted:>10}")
-  lines += ["", "seconds per stage: " + "  ".join(
-      f"{k} {v:.1f}" for k, v in m["timing"]["seconds_per_stage"].items())
-            + f"   total {m['timing']['total_seconds']:.1f}"]
+  lines += [
+      "",
+      "seconds per stage: "
+      + "  ".join(f"{k} {v:.1f}" for k, v in m["timing"]["seconds_per_stage"].items())
+      + f"   total {m['timing']['total_seconds']:.1f}",
+  ]
   return "\n".join(lines)
 
 

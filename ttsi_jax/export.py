@@ -32,29 +32,33 @@ _ADAPTER = flags.DEFINE_string("adapter", "", "A saved adapter folder (--config.
 _FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"], "What to write.")
 
 
-def save_merged(folder: str, config: ModelConfig, params, adapter: Optional[lora_lib.Adapter] = None,
-                tokenizer=None) -> None:
+def save_merged(
+    folder: str, config: ModelConfig, params, adapter: Optional[lora_lib.Adapter] = None, tokenizer=None
+) -> None:
   """config.json + model.safetensors (+ tokenizer and generation config) loadable by
   transformers.AutoModelForCausalLM.from_pretrained."""
   os.makedirs(folder, exist_ok=True)
   if adapter is not None:
     params = lora_lib.merge(config, params, adapter)
-  save_file(hf.params_to_hf(config, params), os.path.join(folder, "model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+      hf.params_to_hf(config, params), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"}
+  )
   cfg = hf.config_to_hf(config)
   if tokenizer is not None:
     tokenizer.hf.save_pretrained(folder)
     cfg["eos_token_id"] = list(tokenizer.stop_ids)
     cfg["pad_token_id"] = tokenizer.pad_id
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
-      json.dump({"eos_token_id": list(tokenizer.stop_ids), "pad_token_id": tokenizer.pad_id,
-                 "do_sample": False}, f, indent=2)
+      json.dump(
+          {"eos_token_id": list(tokenizer.stop_ids), "pad_token_id": tokenizer.pad_id, "do_sample": False},
+          f,
+          indent=2,
+      )
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
 
 
-def save_peft(folder: str, config: ModelConfig, adapter: lora_lib.Adapter,
-              base_model: str = "") -> None:
+def save_peft(folder: str, config: ModelConfig, adapter: lora_lib.Adapter, base_model: str = "") -> None:
   """adapter_config.json + adapter_model.safetensors loadable by peft.PeftModel.from_pretrained."""
   os.makedirs(folder, exist_ok=True)
   peft_config, tensors = lora_lib.to_peft(config, adapter, base_model)

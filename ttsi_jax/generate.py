@@ -16,10 +16,12 @@ from ttsi_jax.model import sharding
 from ttsi_jax.text import sampler as sampler_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "User message(s); several are generated as "
-                                    "one batch, completions separated by blank lines.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None,
-                                       "Overrides config.sampling.max_new_tokens.")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt",
+    None,
+    "User message(s); several are generated as " "one batch, completions separated by blank lines.",
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Overrides config.sampling.max_new_tokens.")
 
 
 def main(argv):
@@ -28,13 +30,14 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh,
-                                 config.sampling.max_batch)
+  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh, config.sampling.max_batch)
   tokenizer = model.tokenizer
   logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model.config)
   sampling = sampler_lib.SamplingParams(
       max_new_tokens=_MAX_NEW_TOKENS.value or config.sampling.max_new_tokens,
-      temperature=config.sampling.temperature, top_p=config.sampling.top_p)
+      temperature=config.sampling.temperature,
+      top_p=config.sampling.top_p,
+  )
   prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in _PROMPT.value]
   completions = model.sampler.generate(prompts, sampling, jax.random.key(config.seed))
   sys.stdout.write("\n\n".join(tokenizer.decode(c) for c in completions) + "\n")

@@ -14,10 +14,14 @@ from ttsi_jax import experiment
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where results.jsonl and metrics.json go.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize(): one process per host, each host runs "
-    "its share of the waves (ttsi_jax.multihost). On Cloud TPU the settings below are detected.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (where it is not detected).")
+    "distributed",
+    False,
+    "Call jax.distributed.initialize(): one process per host, each host runs "
+    "its share of the waves (ttsi_jax.multihost). On Cloud TPU the settings below are detected.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (where it is not detected)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 

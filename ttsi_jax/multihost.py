@@ -34,13 +34,14 @@ def allgather_bytes(data: bytes) -> list[bytes]:
     return [data]
   array = np.frombuffer(data, np.uint8)
   limit = 2**31 - 1  # sizes travel as int32 (JAX without x64); every host sees an overflow
-  sizes = np.asarray(multihost_utils.process_allgather(
-      np.array([min(len(array), limit)], np.int32)))[:, 0]
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([min(len(array), limit)], np.int32)))[:, 0]
   if (sizes >= limit).any():
-    raise ValueError(f"A host has 2 GiB or more to gather (bytes per host: {sizes.tolist()}); keep "
-                     "fewer adapters per wave (config.keep_adapters) or use a smaller wave_size.")
+    raise ValueError(
+        f"A host has 2 GiB or more to gather (bytes per host: {sizes.tolist()}); keep "
+        "fewer adapters per wave (config.keep_adapters) or use a smaller wave_size."
+    )
   buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
-  buffer[:len(array)] = array
+  buffer[: len(array)] = array
   gathered = np.asarray(multihost_utils.process_allgather(buffer))
   return [bytes(row[:size]) for row, size in zip(gathered, sizes)]
 
@@ -108,4 +109,4 @@ def on_leader(step: Callable[[], Any], what: str) -> Any:
 
 def rounds(pending: Sequence[int], num_hosts: int) -> list[list[int]]:
   """Pending wave indices in rounds of `num_hosts`: host p runs the p-th wave of each round."""
-  return [list(pending[i:i + num_hosts]) for i in range(0, len(pending), num_hosts)]
+  return [list(pending[i : i + num_hosts]) for i in range(0, len(pending), num_hosts)]

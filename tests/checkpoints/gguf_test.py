@@ -13,8 +13,12 @@ from ttsi_jax.checkpoints.hf import CheckpointError
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text import tokenizer as tokenizer_lib
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
-           "Explain what a function call is in one sentence.", "List three prime numbers."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a function call is in one sentence.",
+    "List three prime numbers.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +38,21 @@ def test_embedded_greedy_tokens_equal_transformers(embedded):
   config, params, tokenizer = embedded
   prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
   ours = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id).generate(
-      prompts, sampler_lib.SamplingParams(max_new_tokens=32))
+      prompts, sampler_lib.SamplingParams(max_new_tokens=32)
+  )
   path = checkpoints.embedded_default_path()
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  ).eval()
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    ref = ref[0, len(prompt):].tolist()
+      ref = ref_model.generate(
+          torch.tensor([prompt]),
+          max_new_tokens=32,
+          do_sample=False,
+          attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      )
+    ref = ref[0, len(prompt) :].tolist()
     if ref and ref[-1] in tokenizer.stop_ids:
       ref = ref[:-1]  # we return the completion without its stop token
     assert got == ref
@@ -69,10 +79,13 @@ def test_missing_gguf_is_named(tmp_path):
     checkpoints.load(str(tmp_path / "nope.gguf"))
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"tensor": "rope_freqs.weight"}, r"\['rope_freqs.weight'\] are not supported"),
-    ({"scaling": "yarn"}, r"RoPE scaling 'yarn'"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"tensor": "rope_freqs.weight"}, r"\['rope_freqs.weight'\] are not supported"),
+        ({"scaling": "yarn"}, r"RoPE scaling 'yarn'"),
+    ],
+)
 def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, message):
   path = str(tmp_path / "model.gguf")
   writer = gguf.GGUFWriter(path, "llama")

@@ -41,8 +41,10 @@ def test_sharded_safetensors_index_loads(tmp_path, hf_checkpoints):
   assert os.path.exists(tmp_path / "model.safetensors.index.json")
   _, sharded = hf.load(str(tmp_path))
   _, single = hf.load(hf_checkpoints["llama"][0])
-  for a, b in zip(np.asarray(sharded["layers"]["mlp"]["up_proj"]["kernel"]),
-                  np.asarray(single["layers"]["mlp"]["up_proj"]["kernel"])):
+  for a, b in zip(
+      np.asarray(sharded["layers"]["mlp"]["up_proj"]["kernel"]),
+      np.asarray(single["layers"]["mlp"]["up_proj"]["kernel"]),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -60,6 +62,7 @@ def test_missing_folder_names_the_folder(tmp_path):
 
 def test_a_sliding_window_bounds_the_context_and_survives_export(tmp_path, hf_checkpoints):
   from ttsi_jax.text import sampler as sampler_lib
+
   dst = _copy(hf_checkpoints["llama"][0], tmp_path)
   cfg = json.loads((dst / "config.json").read_text())
   cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
@@ -73,10 +76,13 @@ def test_a_sliding_window_bounds_the_context_and_survives_export(tmp_path, hf_ch
     sampler.prefill([[1] * 30], reserve=64)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architectures": ["GPT2LMHeadModel"]}, r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"),
-    ({"hidden_act": "gelu"}, r"config.json: hidden_act='gelu' is not supported \(only silu\)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"),
+        ({"hidden_act": "gelu"}, r"config.json: hidden_act='gelu' is not supported \(only silu\)"),
+    ],
+)
 def test_unsupported_model_config_is_named(tmp_path, hf_checkpoints, change, message):
   dst = _copy(hf_checkpoints["llama"][0], tmp_path)
   cfg = json.loads((dst / "config.json").read_text())
@@ -104,6 +110,7 @@ def test_corrupt_safetensors_names_file_and_problem(tmp_path, hf_checkpoints):
 
 def test_missing_tensor_is_named(tmp_path, hf_checkpoints):
   from safetensors.numpy import load_file, save_file
+
   dst = _copy(hf_checkpoints["qwen2"][0], tmp_path)
   tensors = load_file(dst / "model.safetensors")
   tensors.pop("model.layers.1.self_attn.k_proj.bias")

@@ -41,18 +41,20 @@ def test_saved_on_8_devices_restores_on_1_and_back(hf_checkpoints, tmp_path):
   positions = np.broadcast_to(np.arange(6, dtype=np.int32), (2, 6))
   np.testing.assert_allclose(
       np.asarray(transformer.forward(config, resharded, tokens, positions)[0]),
-      np.asarray(transformer.forward(config, single, tokens, positions)[0]), atol=1e-5)
+      np.asarray(transformer.forward(config, single, tokens, positions)[0]),
+      atol=1e-5,
+  )
 
 
 def test_adapter_round_trips_with_its_metadata(hf_checkpoints, tmp_path):
   config, _ = checkpoints.load(hf_checkpoints["llama"][0])
-  adapter = lora_lib.init(config, jax.random.key(0), rank=4, alpha=8.0, dropout=0.1,
-                          targets=("q_proj", "down_proj"))
+  adapter = lora_lib.init(
+      config, jax.random.key(0), rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "down_proj")
+  )
   orbax_lib.save_adapter(str(tmp_path / "a"), adapter, base_model="/models/base")
   restored, meta = orbax_lib.load_adapter(str(tmp_path / "a"))
   _assert_equal(restored, adapter)
-  assert (restored.scale, restored.dropout, meta["rank"], meta["base_model"]) == (
-      2.0, 0.1, 4, "/models/base")
+  assert (restored.scale, restored.dropout, meta["rank"], meta["base_model"]) == (2.0, 0.1, 4, "/models/base")
   assert sorted(restored.weights) == ["attn", "mlp"]
 
 
@@ -68,7 +70,7 @@ def test_a_corrupt_adapter_names_the_file_and_what_to_do(hf_checkpoints, tmp_pat
   orbax_lib.save_adapter(str(path), adapter, base_model="base")
   meta = path / orbax_lib.ADAPTER_META
   text = meta.read_text()
-  meta.write_text(text[:len(text) // 2])  # cut while written
+  meta.write_text(text[: len(text) // 2])  # cut while written
   with pytest.raises(CheckpointError, match=r"adapter.json is corrupt .*delete the folder"):
     orbax_lib.load_adapter(str(path))
   meta.write_text(text)

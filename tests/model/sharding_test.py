@@ -32,14 +32,14 @@ def test_sharded_forward_equals_single_device(hf_checkpoints, mesh, arch):
   positions = np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10))
   ref, _ = transformer.forward(config, params, tokens, positions)
   tokens_sharded = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
-  out, _ = jax.jit(transformer.forward, static_argnums=0)(config, sharded, tokens_sharded,
-                                                          positions)
+  out, _ = jax.jit(transformer.forward, static_argnums=0)(config, sharded, tokens_sharded, positions)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
   cache = KVCache.init(config, 4, 16)
   cache = jax.device_put(cache, sharding.cache_sharding(mesh, cache))
-  out, cache = jax.jit(transformer.forward, static_argnums=0)(config, sharded, tokens_sharded,
-                                                              positions, cache)
+  out, cache = jax.jit(transformer.forward, static_argnums=0)(
+      config, sharded, tokens_sharded, positions, cache
+  )
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
@@ -81,8 +81,10 @@ def test_bad_mesh_shape_is_explained():
     sharding.make_mesh((8,))
 
 
-@pytest.mark.parametrize("shape, sizes", [((1, 8, 1), {1: 8, 6: 8, 8: 8, 12: 16}),
-                                          ((2, 2, 2), {3: 4, 6: 8, 8: 8}), ((1, 1, 8), {3: 3})])
+@pytest.mark.parametrize(
+    "shape, sizes",
+    [((1, 8, 1), {1: 8, 6: 8, 8: 8, 12: 16}), ((2, 2, 2), {3: 4, 6: 8, 8: 8}), ((1, 1, 8), {3: 3})],
+)
 def test_batches_fill_the_data_and_fsdp_shards(shape, sizes):
   mesh = sharding.make_mesh(shape)
   assert {n: sharding.fill_batch_shards(mesh, n) for n in sizes} == sizes
@@ -92,6 +94,7 @@ def test_batches_fill_the_data_and_fsdp_shards(shape, sizes):
 def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(hf_checkpoints):
   from ttsi_jax.text import scoring
   from ttsi_jax.ttsi import adaptation
+
   folder = hf_checkpoints["qwen2"][0]
   config, params = checkpoints.load(folder)
   _, sharded = checkpoints.load(folder, mesh=sharding.make_mesh((4, 2, 1)))
@@ -114,16 +117,20 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   # Packed training: each step's rows split over data x fsdp (8 rows, one per device), for a
   # wave of adapters and for a single adapter's batch (the sft baseline) alike.
   keys_A = jax.random.split(jax.random.key(1), 3)
-  for cfg, examples in ((adaptation.AdaptConfig(learning_rate=1e-3, epochs=2),
-                         [[(p, [3, 4])] for p in prompts[:3]]),
-                        (adaptation.AdaptConfig(learning_rate=1e-3, epochs=1, batch_size=8),
-                         [[(p, [3, 4]) for p in prompts + prompts[:2]]])):
+  for cfg, examples in (
+      (adaptation.AdaptConfig(learning_rate=1e-3, epochs=2), [[(p, [3, 4])] for p in prompts[:3]]),
+      (
+          adaptation.AdaptConfig(learning_rate=1e-3, epochs=1, batch_size=8),
+          [[(p, [3, 4]) for p in prompts + prompts[:2]]],
+      ),
+  ):
     trainer = adaptation.Trainer(config, cfg)
     specs, step = [], trainer.step
     trainer.step = lambda p, ad, opt, tokens, *rest, **kw: (
         specs.append((getattr(tokens, "sharding", None), tokens.shape))
-        or step(p, ad, opt, tokens, *rest, **kw))
-    keys = keys_A[:len(examples)]
+        or step(p, ad, opt, tokens, *rest, **kw)
+    )
+    keys = keys_A[: len(examples)]
     want, want_losses = trainer.train_all(params, examples, 0, keys)
     got, losses = trainer.train_all(sharded, examples, 0, keys)
     assert specs[0][0] is None and specs[0][1][0] == 1  # one device: one row

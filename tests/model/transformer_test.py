@@ -44,12 +44,12 @@ def test_incremental_decode_equals_full_forward(hf_checkpoints, arch):
   full = _torch_logits(model, tokens)
   cache = KVCache.init(config, B, T + 4)
   prefix = 5
-  logits, cache = transformer.forward(config, params, tokens[:, :prefix],
-                                      _positions(B, prefix), cache)
+  logits, cache = transformer.forward(config, params, tokens[:, :prefix], _positions(B, prefix), cache)
   steps = [np.asarray(logits)]
   for t in range(prefix, T):
-    logits, cache = transformer.forward(config, params, tokens[:, t:t + 1],
-                                        np.full((B, 1), t, np.int32), cache)
+    logits, cache = transformer.forward(
+        config, params, tokens[:, t : t + 1], np.full((B, 1), t, np.int32), cache
+    )
     steps.append(np.asarray(logits))
   assert int(cache.end_index) == T
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=0)
@@ -77,19 +77,24 @@ def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_check
   positions = np.stack([np.arange(P) - (P - n) for n in lengths]).astype(np.int32)
   positions[positions < 0] = -1
   valid = positions >= 0
-  run = jax.jit(lambda prefill: transformer.forward(
-      config, params, tokens, positions, KVCache.init(config, 2, P + 8), prefill=prefill),
-      static_argnums=0)
+  run = jax.jit(
+      lambda prefill: transformer.forward(
+          config, params, tokens, positions, KVCache.init(config, 2, P + 8), prefill=prefill
+      ),
+      static_argnums=0,
+  )
   (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
   np.testing.assert_allclose(np.asarray(chunked)[valid], np.asarray(full)[valid], atol=1e-4)
-  for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH),
-                    (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):
-    np.testing.assert_allclose(np.asarray(got)[:, :, :P][:, valid],
-                               np.asarray(want)[:, :, :P][:, valid], atol=1e-4)
+  for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH), (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):
+    np.testing.assert_allclose(
+        np.asarray(got)[:, :, :P][:, valid], np.asarray(want)[:, :, :P][:, valid], atol=1e-4
+    )
   # Decoding on from the chunked prefill gives the same next logits.
   next_tokens, next_positions = random_tokens(2, 1, seed=3), np.array([[P], [200]], np.int32)
-  after = [transformer.forward(config, params, next_tokens, next_positions, cache)[0]
-           for cache in (chunked_cache, full_cache)]
+  after = [
+      transformer.forward(config, params, next_tokens, next_positions, cache)[0]
+      for cache in (chunked_cache, full_cache)
+  ]
   np.testing.assert_allclose(np.asarray(after[0]), np.asarray(after[1]), atol=1e-4)
 
 
@@ -126,19 +131,23 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_p
   # 512 slots: 4 query chunks, each attending only to the keys up to its end. Sequence 1 is 300
   # tokens: its last chunk is padding (skipped with skip_padding), as are its padded tail keys.
   L, N, K, H = 512, 4, 2, 8
-  q, k, v = (jax.random.normal(key, (2, L, heads, H))
-             for key, heads in zip(jax.random.split(jax.random.key(0), 3), (N, K, K)))
+  q, k, v = (
+      jax.random.normal(key, (2, L, heads, H))
+      for key, heads in zip(jax.random.split(jax.random.key(0), 3), (N, K, K))
+  )
   length_B = np.array([[L], [300]])
   index = np.arange(L)
-  mask_BTT = ((index[None, None, :] <= index[None, :, None])
-              & (index[None, None, :] < length_B[..., None]))
+  mask_BTT = (index[None, None, :] <= index[None, :, None]) & (index[None, None, :] < length_B[..., None])
   valid_BL1 = (index[None, :] < length_B)[..., None]
   # No loss reads a padding query's output, so none flows back from it.
   cotangent = jax.random.normal(jax.random.key(1), (2, L, N * H)) * valid_BL1
   chunked = functools.partial(transformer._attend_causal, skip_padding=skip_padding)
   for attend in (transformer._attend, chunked):
-    out, grads = jax.jit(lambda q, k, v: (lambda out, vjp: (out, vjp(cotangent)))(
-        *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BTT), q, k, v)))(q, k, v)
+    out, grads = jax.jit(
+        lambda q, k, v: (lambda out, vjp: (out, vjp(cotangent)))(
+            *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BTT), q, k, v)
+        )
+    )(q, k, v)
     if attend is transformer._attend:
       want_out, want_grads = out, grads
   np.testing.assert_allclose(out * valid_BL1, want_out * valid_BL1, atol=1e-5)
@@ -163,5 +172,8 @@ def test_packing_regathers_rows_into_sequences_and_back_with_gather_gradients():
     padded = jnp.concatenate([x_BT.reshape(2, 4, 2), jnp.zeros((2, 1, 2))], 1)
     return jnp.take_along_axis(padded, seq_blocks_BUW.reshape(2, 4)[..., None], 1).reshape(4, 4)
 
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(packing.to_sequences(x) * w_seqs))(x_BT),
-                             jax.grad(lambda x: jnp.sum(plain(x) * w_seqs))(x_BT), atol=1e-6)
+  np.testing.assert_allclose(
+      jax.grad(lambda x: jnp.sum(packing.to_sequences(x) * w_seqs))(x_BT),
+      jax.grad(lambda x: jnp.sum(plain(x) * w_seqs))(x_BT),
+      atol=1e-6,
+  )

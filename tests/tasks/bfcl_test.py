@@ -18,8 +18,14 @@ from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example
 
 MODEL_NAME = "ttsi"  # what we pass to bfcl's checker; no "_" so its "_" -> "/" lookup is a no-op
-CHECKED_CATEGORIES = ("multiple", "live_multiple", "simple_python", "live_simple", "parallel",
-                      "parallel_multiple")
+CHECKED_CATEGORIES = (
+    "multiple",
+    "live_multiple",
+    "simple_python",
+    "live_simple",
+    "parallel",
+    "parallel_multiple",
+)
 MODEL_OUTPUTS = os.path.join(os.path.dirname(__file__), "testdata", "bfcl_model_outputs.jsonl")
 
 # Items whose ground truth no answer satisfies under BFCL's own checker (so `gold_answer` cannot be
@@ -28,7 +34,7 @@ MODEL_OUTPUTS = os.path.join(os.path.dirname(__file__), "testdata", "bfcl_model_
 UNSOLVABLE = {
     "live_simple_106-63-0": "auto_loan_payment_start / bank_hours_start have no acceptable value",
     "live_simple_112-68-0": "five parameters have no acceptable value",
-    "live_multiple_507-149-4": "required origin_airport may only be omitted ([\"\"])",
+    "live_multiple_507-149-4": 'required origin_airport may only be omitted ([""])',
     "live_multiple_862-181-3": "gold parameter journey_start_time is not in the schema",
     "live_multiple_964-207-0": "gold uses 'question', the schema requires 'statement'",
 }
@@ -43,9 +49,9 @@ def _import_bfcl_reference():
   }
   # ast_checker reads MODEL_CONFIG_MAPPING[name].underscore_to_dot for dotted function names.
   stubs["bfcl_eval.constants.model_config"].MODEL_CONFIG_MAPPING = {
-      MODEL_NAME: types.SimpleNamespace(underscore_to_dot=False)}
-  for name in ("retry", "retry_if_exception_message", "retry_if_exception_type",
-               "wait_random_exponential"):
+      MODEL_NAME: types.SimpleNamespace(underscore_to_dot=False)
+  }
+  for name in ("retry", "retry_if_exception_message", "retry_if_exception_type", "wait_random_exponential"):
     setattr(stubs["tenacity"], name, lambda *args, **kwargs: None)
   stubs["bfcl_eval.model_handler.parser.java_parser"].parse_java_function_call = None
   stubs["bfcl_eval.model_handler.parser.js_parser"].parse_javascript_function_call = None
@@ -62,8 +68,9 @@ def _import_bfcl_reference():
         sys.modules.pop(name, None)
       else:
         sys.modules[name] = module
-  return types.SimpleNamespace(checker=checker, handler_utils=handler_utils,
-                               data_utils=data_utils, enums=enums)
+  return types.SimpleNamespace(
+      checker=checker, handler_utils=handler_utils, data_utils=data_utils, enums=enums
+  )
 
 
 REF = _import_bfcl_reference()
@@ -71,8 +78,7 @@ REF = _import_bfcl_reference()
 
 def _bfcl_decode(output):
   """BFCL's decoding of a prompting model's output (raises when BFCL fails to decode)."""
-  return REF.handler_utils.default_decode_ast_prompting(output, REF.enums.ReturnFormat.PYTHON,
-                                                        False)
+  return REF.handler_utils.default_decode_ast_prompting(output, REF.enums.ReturnFormat.PYTHON, False)
 
 
 def bfcl_verdict(category, row, gold, output):
@@ -84,8 +90,9 @@ def bfcl_verdict(category, row, gold, output):
   if not REF.data_utils.is_function_calling_format_output(decoded):
     return False
   # (bfcl's Python checker does not mutate its inputs, so the rows are not copied.)
-  return REF.checker.ast_checker(row["function"], decoded, gold, REF.enums.Language.PYTHON,
-                                 category, MODEL_NAME)["valid"]
+  return REF.checker.ast_checker(
+      row["function"], decoded, gold, REF.enums.Language.PYTHON, category, MODEL_NAME
+  )["valid"]
 
 
 def bfcl_irrelevance_verdict(output):
@@ -197,7 +204,7 @@ def _with_first_of_type(calls, kind, transform):
     for param, value in call.args.items():
       if isinstance(value, kind) and value:
         args = {**call.args, param: transform(value)}
-        return _render(calls[:index] + [bfcl.Call(call.name, args)] + calls[index + 1:])
+        return _render(calls[:index] + [bfcl.Call(call.name, args)] + calls[index + 1 :])
   return None
 
 
@@ -254,8 +261,7 @@ def perturbed_outputs(task, example):
       "fenced_python": "```python\n" + task_gold + "\n```",
       "trailing_text": task_gold + "\nThis calls the function.",
       "wrong_name": _render([bfcl.Call(first.name + "_v2", first.args)] + calls[1:]),
-      "extra_arg": _render([bfcl.Call(first.name, {**first.args, "unknown_arg_xyz": 1})]
-                           + calls[1:]),
+      "extra_arg": _render([bfcl.Call(first.name, {**first.args, "unknown_arg_xyz": 1})] + calls[1:]),
       "duplicated_call": _render(calls + calls[:1]),
       "empty_list": "[]",
       "text": "None of the functions can be used.",
@@ -273,15 +279,19 @@ def perturbed_outputs(task, example):
     value = next(iter(first.args.values()))
     rest = ", ".join(f"{k}={v!r}" for k, v in list(first.args.items())[1:])
     outputs["positional"] = f"[{first.name}({value!r}{', ' + rest if rest else ''})]"
-  for label, transform in (("changed_value", _changed), ("wrong_type", _retyped),
-                           ("none_value", lambda v: None)):
+  for label, transform in (
+      ("changed_value", _changed),
+      ("wrong_type", _retyped),
+      ("none_value", lambda v: None),
+  ):
     perturbed = _with_first_arg(calls, transform)
     if perturbed is not None:
       outputs[label] = _render(perturbed)
   outputs["string_variants"] = _map_values(calls, _string_variant)
   outputs["nested_string_variants"] = _map_values(calls, _deep_string_variant)
   outputs["int_for_float"] = _map_values(
-      calls, lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
+      calls, lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
+  )
   outputs["nested_int_for_float"] = _map_values(calls, _deep_int_for_float)
   outputs["lists_as_tuples"] = _map_values(calls, lambda v: tuple(v) if isinstance(v, list) else v)
   outputs["bools_as_ints"] = _map_values(calls, lambda v: int(v) if isinstance(v, bool) else v)
@@ -290,7 +300,8 @@ def perturbed_outputs(task, example):
       ("list_element_dropped", list, lambda v: v[1:]),
       ("dict_key_dropped", dict, lambda v: dict(list(v.items())[:-1])),
       ("dict_value_changed", dict, lambda v: {**v, next(iter(v)): _changed(v[next(iter(v))])}),
-      ("last_string_changed", str, _changed)):
+      ("last_string_changed", str, _changed),
+  ):
     perturbed = _with_first_of_type(calls, kind, transform)
     if perturbed is not None:
       outputs[label] = perturbed
@@ -327,8 +338,16 @@ def test_verdicts_match_bfcl_on_every_item(tasks, category):
   solvable = len(examples) - sum(1 for e in examples if e.id in UNSOLVABLE)
   assert tally["gold"][1] == tally["bare"][1] == tally["fenced"][1] == solvable
   assert tally["fenced_python"][1] == tally["trailing_text"][1] == 0
-  for label in ("wrong_name", "extra_arg", "duplicated_call", "empty_list", "text",
-                "drop_required", "other_function", "dropped_call"):
+  for label in (
+      "wrong_name",
+      "extra_arg",
+      "duplicated_call",
+      "empty_list",
+      "text",
+      "drop_required",
+      "other_function",
+      "dropped_call",
+  ):
     assert tally.get(label, [0, 0])[1] == 0, label
   assert tally["changed_value"][0] > 0.9 * sum(tally["changed_value"])
   assert tally["wrong_type"][0] > 0.9 * sum(tally["wrong_type"])
@@ -344,11 +363,14 @@ def test_bfcl_quirks_are_mirrored(tasks):
   rows, answers = _raw_rows("parallel")
   # Greedy matching: gold call 0 accepts Apple or Microsoft on 2022-01-01, takes the first such
   # call (Apple), and then gold call 2 (Apple only) finds nothing, although a matching exists.
-  reordered = bfcl.format_calls([
-      ("get_stock_price", {"company_name": "Apple", "date": "2022-01-01"}),
-      ("get_stock_price", {"company_name": "Microsoft", "date": "2022-02-01"}),
-      ("get_stock_price", {"company_name": "Microsoft", "date": "2022-01-01"}),
-      ("get_stock_price", {"company_name": "Apple", "date": "2022-02-01"})])
+  reordered = bfcl.format_calls(
+      [
+          ("get_stock_price", {"company_name": "Apple", "date": "2022-01-01"}),
+          ("get_stock_price", {"company_name": "Microsoft", "date": "2022-02-01"}),
+          ("get_stock_price", {"company_name": "Microsoft", "date": "2022-01-01"}),
+          ("get_stock_price", {"company_name": "Apple", "date": "2022-02-01"}),
+      ]
+  )
   assert not bfcl_verdict("parallel", rows[example.id], answers[example.id], reordered)
   assert not parallel.check(example, reordered).correct
   assert parallel.check(example, parallel.gold_answer(example)).correct
@@ -356,13 +378,12 @@ def test_bfcl_quirks_are_mirrored(tasks):
   multiple = tasks["multiple"]
   triangle = multiple.examples()[0]
   assert not multiple.check(triangle, "[triangle_properties.get(5, 4, 3)]").correct
-  assert multiple.check(triangle, "[triangle_properties.get(True, side1=5, side2=4, side3=3)]"
-                        ).correct
+  assert multiple.check(triangle, "[triangle_properties.get(True, side1=5, side2=4, side3=3)]").correct
   # An optional parameter may also be given its listed value; a float is no integer.
-  assert multiple.check(triangle, "[triangle_properties.get(side1=5, side2=4, side3=3, "
-                        "get_area=True)]").correct
-  assert not multiple.check(triangle, "[triangle_properties.get(side1=5, side2=4, side3=3.0)]"
-                            ).correct
+  assert multiple.check(
+      triangle, "[triangle_properties.get(side1=5, side2=4, side3=3, " "get_area=True)]"
+  ).correct
+  assert not multiple.check(triangle, "[triangle_properties.get(side1=5, side2=4, side3=3.0)]").correct
 
 
 def test_gold_answers_fail_only_on_unsolvable_items(tasks):
@@ -380,8 +401,15 @@ def test_irrelevance_follows_bfcl_rule(tasks):
   for example in examples:
     assert example.gold == []
     some_call = "[" + example.functions[0]["name"] + "(x=1)]"
-    outputs = [task.gold_answer(example), "", "I cannot answer that with these tools.",
-               "```\n[]\n```", some_call, some_call[1:-1], "[" + some_call + "]"]
+    outputs = [
+        task.gold_answer(example),
+        "",
+        "I cannot answer that with these tools.",
+        "```\n[]\n```",
+        some_call,
+        some_call[1:-1],
+        "[" + some_call + "]",
+    ]
     for output in outputs:
       assert task.check(example, output).correct == bfcl_irrelevance_verdict(output), output
     assert task.gold_answer(example) == "[]"
@@ -438,15 +466,14 @@ def test_prompt_matches_bfcl_default_system_prompt(tasks):
     rows, _ = _raw_rows(category)
     for example in tasks[category].examples():
       row = copy.deepcopy(rows[example.id])
-      functions = REF.data_utils._func_doc_language_specific_pre_processing(row["function"],
-                                                                           category)
+      functions = REF.data_utils._func_doc_language_specific_pre_processing(row["function"], category)
       expected = REF.handler_utils.system_prompt_pre_processing_chat_model(
-          row["question"][0], functions, example.id)
+          row["question"][0], functions, example.id
+      )
       assert tasks[category].prompt(example) == expected, example.id
   # An example that is not a dataset row (e.g. synthesized) gets system + user.
   example = tasks["multiple"].examples()[0]
-  synthetic = Example(id="synthetic-1", question="Area of a 3-4-5 triangle?",
-                      functions=example.functions)
+  synthetic = Example(id="synthetic-1", question="Area of a 3-4-5 triangle?", functions=example.functions)
   messages = tasks["multiple"].prompt(synthetic)
   assert [m["role"] for m in messages] == ["system", "user"]
   assert messages[1]["content"] == "Area of a 3-4-5 triangle?"
@@ -465,16 +492,16 @@ def test_examples_fields_and_candidates(tasks):
   assert example.id == "multiple_0"
   assert example.question.startswith("Can I find the dimensions and properties of a triangle")
   assert isinstance(example.functions, tuple)
-  assert [f["name"] for f in example.functions] == ["triangle_properties.get",
-                                                    "circle_properties.get"]
+  assert [f["name"] for f in example.functions] == ["triangle_properties.get", "circle_properties.get"]
   assert example.gold[0]["triangle_properties.get"]["side1"] == [5]
   assert task.candidates(example) == ["[triangle_properties.get(", "[circle_properties.get("]
   assert task.gold_answer(example) == "[triangle_properties.get(side1=5, side2=4, side3=3)]"
   assert len(bfcl.BfclTask("multiple", num_examples=7).examples()) == 7
   # A row whose turn has its own system message: BFCL's prompt goes in front of it.
   rows, _ = _raw_rows("live_multiple")
-  live = next(e for e in tasks["live_multiple"].examples()
-              if rows[e.id]["question"][0][0]["role"] == "system")
+  live = next(
+      e for e in tasks["live_multiple"].examples() if rows[e.id]["question"][0][0]["role"] == "system"
+  )
   messages = tasks["live_multiple"].prompt(live)
   assert [m["role"] for m in messages] == ["system", "user"]
   assert messages[0]["content"].startswith("You are an expert in composing functions.")
@@ -490,11 +517,21 @@ def test_unknown_category_lists_valid_names():
 
 
 def _fixture_row(row_id, content="Weather in Paris?"):
-  return {"id": row_id, "question": [[{"role": "user", "content": content}]],
-          "function": [{"name": "get_weather", "description": "Current weather.",
-                        "parameters": {"type": "dict", "required": ["city"],
-                                       "properties": {"city": {"type": "string"},
-                                                      "unit": {"type": "string"}}}}]}
+  return {
+      "id": row_id,
+      "question": [[{"role": "user", "content": content}]],
+      "function": [
+          {
+              "name": "get_weather",
+              "description": "Current weather.",
+              "parameters": {
+                  "type": "dict",
+                  "required": ["city"],
+                  "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+              },
+          }
+      ],
+  }
 
 
 def test_malformed_rows_are_skipped_by_id(tmp_path):
@@ -508,21 +545,28 @@ def test_malformed_rows_are_skipped_by_id(tmp_path):
       json.dumps(_fixture_row("multiple_5")),  # gold names a function that is not offered
   ]
   answers = [
-      {"id": "multiple_0",
-       "ground_truth": [{"get_weather": {"city": ["Paris"], "unit": ["", "C"]}}]},
+      {"id": "multiple_0", "ground_truth": [{"get_weather": {"city": ["Paris"], "unit": ["", "C"]}}]},
       {"id": "multiple_3", "ground_truth": [{"get_weather": {"city": ["Paris"]}}]},
       {"id": "multiple_4", "ground_truth": [{"get_weather": {"city": ["Rome"]}}]},
       {"id": "multiple_5", "ground_truth": [{"get_time": {"city": ["Rome"]}}]},
   ]
   (tmp_path / "BFCL_v4_multiple.json").write_bytes(
-      ("\n".join(questions) + "\n").encode() + b'{"id": "multiple_6", "q": "caf\xe9"}\n')
+      ("\n".join(questions) + "\n").encode() + b'{"id": "multiple_6", "q": "caf\xe9"}\n'
+  )
   (tmp_path / "possible_answer" / "BFCL_v4_multiple.json").write_text(
-      "\n".join(map(json.dumps, answers)) + "\n{not json\n")
+      "\n".join(map(json.dumps, answers)) + "\n{not json\n"
+  )
   task = bfcl.BfclTask("multiple", data_dir=str(tmp_path))
   assert [e.id for e in task.examples()] == ["multiple_0", "multiple_4"]
   skipped = dict(task.skipped)
-  assert set(skipped) == {"line 2", "multiple_2", "multiple_3", "multiple_5", "line 7",
-                          "possible_answer line 5"}
+  assert set(skipped) == {
+      "line 2",
+      "multiple_2",
+      "multiple_3",
+      "multiple_5",
+      "line 7",
+      "possible_answer line 5",
+  }
   assert "invalid JSON" in skipped["line 2"] and "not UTF-8" in skipped["line 7"]
   assert "no possible answer" in skipped["multiple_2"]
   assert "question" in skipped["multiple_3"]
@@ -583,22 +627,32 @@ def test_parser_on_tricky_strings():
   assert parse("[f(a=-3, b=+3)]") == [("f", {"a": -3, "b": -3}, 0)]  # BFCL negates any unary op
   assert parse("[f(a=2 * 3 + 1, b='ab' + 'c')]") == [("f", {"a": 7, "b": "abc"}, 0)]
   assert parse("[f(a=x, c=data['k'], d=g(1), e=g(x=1))]") == [
-      ("f", {"a": "x", "c": "data['k']", "d": "g(1)", "e": {"g": {"x": 1}}}, 0)]
+      ("f", {"a": "x", "c": "data['k']", "d": "g(1)", "e": {"g": {"x": 1}}}, 0)
+  ]
   assert parse("f(a=1), g(b=2)") == [("f", {"a": 1}, 0), ("g", {"b": 2}, 0)]
   assert parse("") == [] and parse("[]") == []
   assert parse("[f(a=1,)") == [("f", {"a": 1}, 0)]  # a missing closing bracket is added
-  for bad in ("```python\n[f(a=1)]\n```", "[f(a=1)] and some text", "[f(a=1), 3]",
-              "[f(a=obj.attr)]", "[f(a=1 / 0)]", "[f(a=lambda: 1)]",
-              "[f(a=x + 1)]", "[f(a=9 ** 9 ** 9)]", "[f(a='a' * 10 ** 12)]", "[" * 500,
-              "[f(a=" + "[" * 300 + "]" * 300 + ")]", None):
+  for bad in (
+      "```python\n[f(a=1)]\n```",
+      "[f(a=1)] and some text",
+      "[f(a=1), 3]",
+      "[f(a=obj.attr)]",
+      "[f(a=1 / 0)]",
+      "[f(a=lambda: 1)]",
+      "[f(a=x + 1)]",
+      "[f(a=9 ** 9 ** 9)]",
+      "[f(a='a' * 10 ** 12)]",
+      "[" * 500,
+      "[f(a=" + "[" * 300 + "]" * 300 + ")]",
+      None,
+  ):
     with pytest.raises(bfcl.ParseError):
       bfcl.parse_calls(bad)
 
 
 def test_check_never_raises_on_garbage(tasks):
   example = tasks["parallel"].examples()[0]
-  for garbage in ("[" * 10000, "\x00", "[f(a=9 ** 9 ** 9)]", "[f(**{})]", "🙂", "[" + "f()," * 500
-                  + "]"):
+  for garbage in ("[" * 10000, "\x00", "[f(a=9 ** 9 ** 9)]", "[f(**{})]", "🙂", "[" + "f()," * 500 + "]"):
     assert not tasks["parallel"].check(example, garbage).correct
   assert tasks["parallel"].check(Example("x", "q", example.functions), "[f()]").error
 
@@ -621,8 +675,9 @@ def test_validate(tasks):
   assert task.validate(example, "[circle_properties.get(radius=2.0)]") is None
   assert "not offered" in task.validate(example, "[square.get(side=1)]")
   assert "side3" in task.validate(example, "[triangle_properties.get(side1=5, side2=4)]")
-  assert "colour" in task.validate(example, "[triangle_properties.get(side1=5, side2=4, side3=3, "
-                                            "colour='red')]")
+  assert "colour" in task.validate(
+      example, "[triangle_properties.get(side1=5, side2=4, side3=3, " "colour='red')]"
+  )
   assert "positional" in task.validate(example, "[triangle_properties.get(5, 4, 3)]")
   assert "unparseable" in task.validate(example, "I think the triangle has area 6.")
   assert "no call" in task.validate(example, "[]")

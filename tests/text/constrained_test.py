@@ -9,12 +9,24 @@ from ttsi_jax.text import constrained, scoring
 from ttsi_jax.text import sampler as sampler_lib
 
 
-@pytest.mark.parametrize("text,value", [
-    ("5, b=2)]", "5"), ("'Paris, France')]", "'Paris, France'"), ("[3, 4], x=1)", "[3, 4]"),
-    ("{'a': (1, 2)})", "{'a': (1, 2)}"), ("Paris)]", "'Paris'"), ("-2.5)", "-2.5"),
-    ("", None), ("(oops", None), (",", None), ("print(1))", None),
-    ("{'a', 'b'})", None), ("[{1}], x=2)", None), ("{'k': {1}})", None),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("5, b=2)]", "5"),
+        ("'Paris, France')]", "'Paris, France'"),
+        ("[3, 4], x=1)", "[3, 4]"),
+        ("{'a': (1, 2)})", "{'a': (1, 2)}"),
+        ("Paris)]", "'Paris'"),
+        ("-2.5)", "-2.5"),
+        ("", None),
+        ("(oops", None),
+        (",", None),
+        ("print(1))", None),
+        ("{'a', 'b'})", None),
+        ("[{1}], x=2)", None),
+        ("{'k': {1}})", None),
+    ],
+)
 def test_leading_literal(text, value):
   assert constrained.leading_literal(text) == value
   if value is not None:  # what the decoder writes, BFCL decodes
@@ -31,9 +43,20 @@ class _CharTokenizer:
     return bytes(i - 1 for i in ids if 0 < i <= 256).decode(errors="replace")
 
 
-FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "dict", "properties": {
-    "city": {"type": "string"}, "unit": {"type": "string"}, "days": {"type": "integer"}},
-    "required": ["city", "days"]}}]
+FUNCTIONS = [
+    {
+        "name": "get_weather",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string"},
+                "days": {"type": "integer"},
+            },
+            "required": ["city", "days"],
+        },
+    }
+]
 
 
 def test_decoded_calls_use_only_schema_keywords_and_keep_required_ones(hf_checkpoints):
@@ -80,6 +103,7 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
   makes the model continue from a split it never saw. The model's choices are scripted here."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
+
   tok = tokenizer_lib.load(None)
   config, params = checkpoints.load(tiny_chat_model)
   sampler = sampler_lib.Sampler(config, params, tok.stop_ids, tok.pad_id)

@@ -48,8 +48,9 @@ def test_sampled_row_does_not_depend_on_its_batch_neighbours(sampler):
   key = jax.random.key(7)
   batched = sampler.generate(prompts, params, key)
   # max_batch=1: every row decoded in a batch of its own, with the same per-row key.
-  alone = sampler_lib.Sampler(sampler.config, sampler.params, sampler.stop_ids, sampler.pad_id,
-                              max_batch=1).generate(prompts, params, key)
+  alone = sampler_lib.Sampler(
+      sampler.config, sampler.params, sampler.stop_ids, sampler.pad_id, max_batch=1
+  ).generate(prompts, params, key)
   assert batched == alone
   assert len(set(map(tuple, batched))) == 3
   assert sampler.generate(prompts, params, jax.random.key(8)) != batched
@@ -71,8 +72,9 @@ def test_per_row_keys_make_a_row_independent_of_the_rows_beside_it(sampler):
 def test_tiny_top_p_is_greedy(sampler):
   prompts = _prompts([6, 11])
   greedy = sampler.generate(prompts, SamplingParams(max_new_tokens=8))
-  nucleus = sampler.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0,
-                                                     top_p=1e-6), jax.random.key(3))
+  nucleus = sampler.generate(
+      prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6), jax.random.key(3)
+  )
   assert nucleus == greedy
 
 
@@ -81,21 +83,22 @@ def test_generation_stops_at_a_stop_token(sampler):
   full = sampler.generate(prompts, SamplingParams(max_new_tokens=12))[0]
   stop = full[4]
   stopper = sampler_lib.Sampler(sampler.config, sampler.params, stop_ids=[stop], pad_id=0)
-  assert stopper.generate(prompts, SamplingParams(max_new_tokens=12))[0] == full[:full.index(stop)]
+  assert stopper.generate(prompts, SamplingParams(max_new_tokens=12))[0] == full[: full.index(stop)]
 
 
 def test_generate_with_an_adapter_is_vmappable(sampler):
   """Three adapters decode in one vmapped call, each equal to its own single-adapter call."""
   config = sampler.config
-  adapters = [jax.tree.map(lambda x: x + 0.2 * i, lora_lib.init(config, jax.random.key(i), 2))
-              for i in range(3)]
+  adapters = [
+      jax.tree.map(lambda x: x + 0.2 * i, lora_lib.init(config, jax.random.key(i), 2)) for i in range(3)
+  ]
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *adapters)
   tokens, positions = sampler_lib.left_pad(_prompts([5, 9]), 32, 2, 0)
   keys = jax.random.split(jax.random.key(0), 2)
-  kwargs = dict(config=config, sampling=SamplingParams(max_new_tokens=6),
-                stop_ids=sampler.stop_ids, pad_id=0)
-  vmapped = jax.vmap(lambda a: sampler_lib.generate_tokens(sampler.params, tokens, positions, keys,
-                                                           a, **kwargs))(stacked)
+  kwargs = dict(config=config, sampling=SamplingParams(max_new_tokens=6), stop_ids=sampler.stop_ids, pad_id=0)
+  vmapped = jax.vmap(
+      lambda a: sampler_lib.generate_tokens(sampler.params, tokens, positions, keys, a, **kwargs)
+  )(stacked)
   for i, adapter in enumerate(adapters):
     single = sampler_lib.generate_tokens(sampler.params, tokens, positions, keys, adapter, **kwargs)
     np.testing.assert_array_equal(np.asarray(vmapped[i]), np.asarray(single))
@@ -103,8 +106,10 @@ def test_generate_with_an_adapter_is_vmappable(sampler):
 
 
 def test_only_a_prompt_longer_than_the_context_is_rejected(sampler):
-  with pytest.raises(ValueError, match="Prompt of 500 tokens \\+ max_new_tokens 64 exceeds the "
-                                       "model's context of 512 tokens"):
+  with pytest.raises(
+      ValueError,
+      match="Prompt of 500 tokens \\+ max_new_tokens 64 exceeds the " "model's context of 512 tokens",
+  ):
     sampler.generate(_prompts([500]), SamplingParams(max_new_tokens=64))
   # 400 + 64 fits the 512 context although 400's length bucket (512) would not leave room.
   (out,) = sampler.generate(_prompts([400]), SamplingParams(max_new_tokens=64))

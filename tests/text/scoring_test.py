@@ -15,9 +15,11 @@ def test_scores_after_a_cached_prefix_equal_token_logprobs_from_a_plain_forward(
   config, params = hf.load(hf_checkpoints["qwen3"][0])
   rs = np.random.RandomState(0)
   prompts = [rs.randint(1, VOCAB, n).tolist() for n in (9, 4, 15)]
-  candidates = [[rs.randint(1, VOCAB, m).tolist() for m in (3, 1, 5)],
-                [rs.randint(1, VOCAB, m).tolist() for m in (2, 2)],
-                [rs.randint(1, VOCAB, m).tolist() for m in (4,)]]
+  candidates = [
+      [rs.randint(1, VOCAB, m).tolist() for m in (3, 1, 5)],
+      [rs.randint(1, VOCAB, m).tolist() for m in (2, 2)],
+      [rs.randint(1, VOCAB, m).tolist() for m in (4,)],
+  ]
   sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
   loglik, counts = scoring.score_after(sampler, sampler.prefill(prompts, reserve=64), candidates)
   assert loglik.shape == (3, 3) and np.isneginf(loglik[1, 2:]).all()  # N bucket 3; empty slots
@@ -39,8 +41,7 @@ def test_a_tail_target_scores_the_total_probability_of_its_token_set(hf_checkpoi
   tail_mask_V[rs.choice(VOCAB, 20, replace=False)] = True
   candidates = [[[5, 9, scoring.TAIL], [7]], [[scoring.TAIL], [3, 4]]]
   sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
-  loglik, counts = scoring.score_after(sampler, sampler.prefill(prompts, reserve=64),
-                                       candidates, tail_mask_V)
+  loglik, counts = scoring.score_after(sampler, sampler.prefill(prompts, reserve=64), candidates, tail_mask_V)
   for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
     for n, cand in enumerate(cands):
       fed = [t for t in cand if t != scoring.TAIL]

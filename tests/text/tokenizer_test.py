@@ -26,16 +26,17 @@ def test_folder_tokenizer_matches_the_gguf_one(tiny_chat_model):
 
 def test_gguf_tokenizer_without_torch_says_what_to_install(monkeypatch):
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "torch" else real(name, *a))
-  with pytest.raises(CheckpointError, match=r"\.gguf: transformers reads GGUF tokenizers only with "
-                                            r"torch.*ttsi_jax\[hf\]"):
+  monkeypatch.setattr(
+      importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+  )
+  with pytest.raises(
+      CheckpointError, match=r"\.gguf: transformers reads GGUF tokenizers only with " r"torch.*ttsi_jax\[hf\]"
+  ):
     tokenizer_lib.load(checkpoints.embedded_default_path())
 
 
 @pytest.mark.parametrize("generation_eos", [[0, 2], None])
-def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(tmp_path,
-                                                                               generation_eos):
+def test_training_answers_end_with_the_templates_end_of_turn_not_the_first_eos(tmp_path, generation_eos):
   # As Qwen2.5-Instruct: eos ids [<|endoftext|>=0, <|im_end|>=2]; its chat turns close with 2.
   # Without a generation config (a GGUF), the turn's end still becomes a stop id.
   hf_tok = tokenizer_lib.load(None).hf
@@ -55,15 +56,20 @@ def test_chat_prompts_switch_thinking_off_where_the_template_can():
   tok.hf.chat_template = (  # Qwen3's generation prompt, reduced to its thinking switch
       "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
       "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
-      "<think>\n\n</think>\n\n{% endif %}")
+      "<think>\n\n</think>\n\n{% endif %}"
+  )
   assert tok.chat_prompt([{"role": "user", "content": "hi"}]).endswith(
-      "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+      "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+  )
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("<think>\nCall f? Maybe [g()].\n</think>\n\n[f(a=1)]", "[f(a=1)]"),
-    ("[f(a=1)]", "[f(a=1)]"),
-    ("<think>unfinished [g()]", "<think>unfinished [g()]"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("<think>\nCall f? Maybe [g()].\n</think>\n\n[f(a=1)]", "[f(a=1)]"),
+        ("[f(a=1)]", "[f(a=1)]"),
+        ("<think>unfinished [g()]", "<think>unfinished [g()]"),
+    ],
+)
 def test_strip_reasoning_keeps_the_answer_after_the_thinking_block(text, answer):
   assert tokenizer_lib.strip_reasoning(text) == answer

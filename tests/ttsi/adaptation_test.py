@@ -25,8 +25,10 @@ def model(hf_checkpoints):
 
 def _examples(seed, k, low=5, high=20):
   rs = np.random.RandomState(seed)
-  return [(rs.randint(1, VOCAB, rs.randint(low, high)).tolist(),
-           rs.randint(1, VOCAB, rs.randint(2, 6)).tolist()) for _ in range(k)]
+  return [
+      (rs.randint(1, VOCAB, rs.randint(low, high)).tolist(), rs.randint(1, VOCAB, rs.randint(2, 6)).tolist())
+      for _ in range(k)
+  ]
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -44,16 +46,18 @@ def _reference(model, examples, rng, cfg):
   num_batches = -(-len(examples) // cfg.batch_size)
   schedule = adaptation.lr_schedule(cfg, cfg.epochs * num_batches)
   for s, lr in enumerate(schedule):
-    batch = examples[(s % num_batches) * cfg.batch_size:(s % num_batches + 1) * cfg.batch_size]
+    batch = examples[(s % num_batches) * cfg.batch_size : (s % num_batches + 1) * cfg.batch_size]
     length, answers = 64, 8  # fixed shapes: one compile for every batch
-    tokens, positions = np.zeros((len(batch), length), np.int32), -np.ones((len(batch), length),
-                                                                          np.int32)
+    tokens, positions = np.zeros((len(batch), length), np.int32), -np.ones((len(batch), length), np.int32)
     select, targets = np.zeros((len(batch), answers), np.int32), np.zeros_like(tokens[:, :answers])
     weights = np.zeros((len(batch), answers), np.float32)
     for j, (p, a) in enumerate(batch):
-      tokens[j, :len(p + a)], positions[j, :len(p + a)] = p + a, np.arange(len(p + a))
-      select[j, :len(a)], targets[j, :len(a)], weights[j, :len(a)] = (
-          np.arange(len(p) - 1, len(p + a) - 1), a, 1)
+      tokens[j, : len(p + a)], positions[j, : len(p + a)] = p + a, np.arange(len(p + a))
+      select[j, : len(a)], targets[j, : len(a)], weights[j, : len(a)] = (
+          np.arange(len(p) - 1, len(p + a) - 1),
+          a,
+          1,
+      )
     grads = _grad(params, adapter, tokens, positions, select, targets, weights, config=config)
     adapter, opt_state = _adamw_step(trainer.optimizer, grads, opt_state, adapter, lr)
   return adapter
@@ -69,8 +73,7 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
   # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
-  cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3,
-                       "epochs": 2})
+  cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3, "epochs": 2})
   # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.
   examples = [_examples(0, 1), _examples(1, 3, 20, 40), _examples(2, 2), _examples(3, 1, 30, 31)]
   rngs = jax.random.split(jax.random.key(0), 4)
@@ -98,8 +101,7 @@ def test_packing_keeps_each_sequence_to_its_own_blocks():
   assert out["positions_BT"][1, 16:20].tolist() == [0, 1, 2, 3]
   assert out["positions_BT"][1, 12:17].tolist() == [12, -1, -1, -1, 0]  # a last block's padding
   # Attention's layout: per row S=2 sequence slots of W=4 blocks (the longest's); N=4 pads them.
-  assert out["seq_blocks_BUW"].tolist() == [[[0, 1, 2, 3], [4, 4, 4, 4]],
-                                            [[0, 1, 4, 4], [2, 4, 4, 4]]]
+  assert out["seq_blocks_BUW"].tolist() == [[[0, 1, 2, 3], [4, 4, 4, 4]], [[0, 1, 4, 4], [2, 4, 4, 4]]]
   assert out["block_slots_BX"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 8]]  # padding block: S x W
   assert out["targets_BI"][1, :5].tolist() == [2, 2, 2, 4, 4]
   assert out["answer_adapter_BI"][1, :5].tolist() == [0, 0, 0, 1, 1]
@@ -114,19 +116,26 @@ def test_an_adapter_never_sees_another_inputs_data(model):
   second, _ = trainer.train_all(params, [_examples(0, 1), _examples(9, 1, 30, 40)], 0, rngs)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-6)  # adapter 0
-  assert any(not np.allclose(np.asarray(a[1]), np.asarray(b[1]))
-             for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+  assert any(
+      not np.allclose(np.asarray(a[1]), np.asarray(b[1]))
+      for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second))
+  )
 
 
 def test_training_lowers_the_loss_on_its_example(model):
   config, params = model
-  (prompt, answer), = _examples(3, 1)
+  ((prompt, answer),) = _examples(3, 1)
   rngs = jax.random.split(jax.random.key(2), 1)
   trainer = adaptation.Trainer(config, CFG)
   adapters, _ = trainer.train_all(params, [[(prompt, answer)]], 0, rngs)
   seq = np.asarray([prompt + answer], np.int32)
-  args = (seq, np.arange(seq.shape[1])[None], np.arange(len(prompt) - 1, seq.shape[1] - 1)[None],
-          np.asarray([answer]), np.ones((1, len(answer)), np.float32))
+  args = (
+      seq,
+      np.arange(seq.shape[1])[None],
+      np.arange(len(prompt) - 1, seq.shape[1] - 1)[None],
+      np.asarray([answer]),
+      np.ones((1, len(answer)), np.float32),
+  )
   fresh = lora_lib.unstack(trainer.init(rngs)[0], 0)
   before = adaptation.answer_loss(config, params, fresh, *args)
   after = adaptation.answer_loss(config, params, lora_lib.unstack(adapters, 0), *args)
@@ -135,9 +144,11 @@ def test_training_lowers_the_loss_on_its_example(model):
 
 def test_schedule_warms_up_from_zero_then_decays_to_zero():
   lr = adaptation.lr_schedule(AdaptConfig(learning_rate=1e-3, warmup_ratio=0.03), 5)
-  np.testing.assert_allclose(lr, 1e-3 * np.array([0, 1, 0.5 * (1 + np.cos(np.pi / 4)),
-                                                   0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      lr,
+      1e-3 * np.array([0, 1, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
+      rtol=1e-6,
+  )
 
 
 def test_dropout_changes_training_only_when_enabled(model):
@@ -146,8 +157,10 @@ def test_dropout_changes_training_only_when_enabled(model):
   plain, _ = adaptation.Trainer(config, CFG).train_all(params, [_examples(5, 1)], 0, rngs)
   cfg = AdaptConfig(**{**CFG.__dict__, "dropout": 0.5})
   dropped, _ = adaptation.Trainer(config, cfg).train_all(params, [_examples(5, 1)], 0, rngs)
-  assert any(not np.allclose(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(dropped)))
+  assert any(
+      not np.allclose(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(dropped))
+  )
 
 
 def test_remat_and_adapters_per_call_change_nothing_but_speed(model):

@@ -10,15 +10,26 @@ from ttsi_jax.ttsi.synthesis import Pair
 
 def _record(**changes):
   fields = dict(
-      wave=1, id="multiple_3", margin=0.25, entropy=0.6, candidates=["[f(", "[g("],
-      probs=[0.625, 0.375], perplexity=[1.5, 2.5], uncertain=True,
+      wave=1,
+      id="multiple_3",
+      margin=0.25,
+      entropy=0.6,
+      candidates=["[f(", "[g("],
+      probs=[0.625, 0.375],
+      perplexity=[1.5, 2.5],
+      uncertain=True,
       base=records.BaseAnswer("[g(x=1)]", {"direct": False}, "wrong function"),
       pairs=[Pair("ask f", "[f(x=2)]"), Pair("```python", "[f(", "unparseable")],
-      variants={"ttsi": records.VariantAnswer(True, "[f(x=1)]", {"direct": True}, "",
-                                              losses=[2.0, 1.5]),
-                "ttd": records.VariantAnswer(False, "[g(x=1)]", {"direct": False},
-                                             "wrong function", reason="teacher failed")},
-      teacher_pairs=records.TEACHER_FAILED, wave_seconds={"H": 1.0}, host=1)
+      variants={
+          "ttsi": records.VariantAnswer(True, "[f(x=1)]", {"direct": True}, "", losses=[2.0, 1.5]),
+          "ttd": records.VariantAnswer(
+              False, "[g(x=1)]", {"direct": False}, "wrong function", reason="teacher failed"
+          ),
+      },
+      teacher_pairs=records.TEACHER_FAILED,
+      wave_seconds={"H": 1.0},
+      host=1,
+  )
   return records.Record(**{**fields, **changes})
 
 
@@ -27,9 +38,13 @@ def test_a_line_reads_back_as_the_record_that_wrote_it():
   line = record.to_json()
   assert records.Record.from_json(line) == record
   d = json.loads(line)
-  assert d["variants"]["ttd"] == {"adapted": False, "answer": "[g(x=1)]",
-                                  "correct": {"direct": False}, "error": "wrong function",
-                                  "reason": "teacher failed"}  # no losses: it trained nothing
+  assert d["variants"]["ttd"] == {
+      "adapted": False,
+      "answer": "[g(x=1)]",
+      "correct": {"direct": False},
+      "error": "wrong function",
+      "reason": "teacher failed",
+  }  # no losses: it trained nothing
   assert "reason" not in d["variants"]["ttsi"] and d["variants"]["ttsi"]["losses"] == [2.0, 1.5]
   assert "samples" not in d["base"] and d["teacher_pairs"] == "failed"
   assert d["pairs"][1] == {"request": "```python", "call": "[f(", "rejected": "unparseable"}

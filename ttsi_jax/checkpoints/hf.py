@@ -24,8 +24,7 @@ class CheckpointError(ValueError):
   """A checkpoint file or folder that cannot be used, with what to do about it."""
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 # --------------------------------------------------------------------------------------- config
@@ -42,11 +41,12 @@ def _rope(cfg: Mapping, where: str) -> tuple[float, Optional[RopeScaling]]:
     return float(theta), None
   if rope_type == "llama3":
     return float(theta), RopeScaling(
-        factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
+        factor=float(spec["factor"]),
+        low_freq_factor=float(spec["low_freq_factor"]),
         high_freq_factor=float(spec["high_freq_factor"]),
-        original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
-  raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: default, "
-                        "llama3).")
+        original_max_position_embeddings=int(spec["original_max_position_embeddings"]),
+    )
+  raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: default, " "llama3).")
 
 
 def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
@@ -54,8 +54,10 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
   archs = cfg.get("architectures") or []
   arch = archs[0] if archs else None
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise CheckpointError(f"{where}: architecture {arch!r} is not supported; supported "
-                          f"architectures are {list(SUPPORTED_ARCHITECTURES)}.")
+    raise CheckpointError(
+        f"{where}: architecture {arch!r} is not supported; supported "
+        f"architectures are {list(SUPPORTED_ARCHITECTURES)}."
+    )
   try:
     num_heads = int(cfg["num_attention_heads"])
     embed_dim = int(cfg["hidden_size"])
@@ -63,8 +65,7 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
     if cfg.get("mlp_bias"):
       raise CheckpointError(f"{where}: mlp_bias=true is not supported.")
     if cfg.get("hidden_act", "silu") != "silu":
-      raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only "
-                            "silu).")
+      raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only " "silu).")
     if cfg.get("use_sliding_window"):
       raise CheckpointError(f"{where}: sliding-window attention is not supported.")
     is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -88,8 +89,9 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
         qk_norm=arch == "Qwen3ForCausalLM",
         param_dtype=dtype,
         dtype=dtype,
-        sliding_window=(int(cfg["sliding_window"]) if arch == "MistralForCausalLM"
-                        and cfg.get("sliding_window") else None),
+        sliding_window=(
+            int(cfg["sliding_window"]) if arch == "MistralForCausalLM" and cfg.get("sliding_window") else None
+        ),
     )
   except KeyError as e:
     raise CheckpointError(f"{where}: required field {e.args[0]!r} is missing.") from None
@@ -97,17 +99,28 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
 
 def config_to_hf(config: ModelConfig) -> dict:
   """The config.json that transformers needs to rebuild this model (export direction)."""
-  model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[config.architecture]
+  model_type = {
+      "LlamaForCausalLM": "llama",
+      "MistralForCausalLM": "mistral",
+      "Qwen2ForCausalLM": "qwen2",
+      "Qwen3ForCausalLM": "qwen3",
+  }[config.architecture]
   cfg = {
-      "architectures": [config.architecture], "model_type": model_type,
-      "vocab_size": config.vocab_size, "hidden_size": config.embed_dim,
-      "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps,
+      "architectures": [config.architecture],
+      "model_type": model_type,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.embed_dim,
+      "intermediate_size": config.mlp_dim,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "rms_norm_eps": config.rms_norm_eps,
       "max_position_embeddings": config.max_position_embeddings,
-      "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-      "torch_dtype": "float32", "rope_theta": config.rope_theta,
+      "tie_word_embeddings": config.tie_embeddings,
+      "hidden_act": "silu",
+      "torch_dtype": "float32",
+      "rope_theta": config.rope_theta,
   }
   if config.architecture != "Qwen2ForCausalLM":  # Qwen2's q/k/v biases are implied by its type
     cfg["attention_bias"] = config.o_bias
@@ -178,9 +191,11 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-def params_from_hf(config: ModelConfig, get_tensor: Callable[[str], np.ndarray],
-                   place: Optional[Callable[[tuple[str, ...], np.ndarray], jax.Array]] = None
-                   ) -> dict:
+def params_from_hf(
+    config: ModelConfig,
+    get_tensor: Callable[[str], np.ndarray],
+    place: Optional[Callable[[tuple[str, ...], np.ndarray], jax.Array]] = None,
+) -> dict:
   """Builds the param tree leaf by leaf: host numpy -> `place(path, array)` (e.g. a sharded put).
 
   `get_tensor(hf_name)` returns a host array in HF layout; shapes are checked against the config.
@@ -196,9 +211,11 @@ def params_from_hf(config: ModelConfig, get_tensor: Callable[[str], np.ndarray],
     else:
       value = _to_ours(get_tensor(e.hf_name), e)
     if value.shape != tuple(want.shape):
-      raise CheckpointError(f"Tensor {e.hf_name} has shape {value.shape} in our layout but the "
-                            f"config implies {tuple(want.shape)}; the checkpoint and its config.json "
-                            "disagree.")
+      raise CheckpointError(
+          f"Tensor {e.hf_name} has shape {value.shape} in our layout but the "
+          f"config implies {tuple(want.shape)}; the checkpoint and its config.json "
+          "disagree."
+      )
     _set(params, e.path, place(e.path, value.astype(np.dtype(want.dtype))))
   return params
 
@@ -226,9 +243,18 @@ def _to_hf(x: np.ndarray, e: Entry) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- safetensors
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class SafetensorsFile:
@@ -245,15 +271,19 @@ class SafetensorsFile:
           raise ValueError(f"header length {header_len} exceeds the file size {size}")
         header = json.loads(f.read(header_len))
     except (OSError, ValueError, struct.error) as e:
-      raise CheckpointError(f"{path}: not a readable safetensors file ({e}). The file is corrupt or "
-                            "truncated; download or save it again.") from None
+      raise CheckpointError(
+          f"{path}: not a readable safetensors file ({e}). The file is corrupt or "
+          "truncated; download or save it again."
+      ) from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     for name, info in header.items():
       end = info["data_offsets"][1]
       if data_start + end > size:
-        raise CheckpointError(f"{path}: tensor {name} ends at byte {data_start + end} but the file "
-                              f"has {size} bytes: the file is truncated; download or save it again.")
+        raise CheckpointError(
+            f"{path}: tensor {name} ends at byte {data_start + end} but the file "
+            f"has {size} bytes: the file is truncated; download or save it again."
+        )
       if info["dtype"] not in _ST_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
     self._header = header
@@ -280,18 +310,23 @@ def open_safetensors_folder(folder: str) -> dict[str, SafetensorsFile]:
   if os.path.exists(single):
     st = SafetensorsFile(single)
     return {name: st for name in st.keys()}
-  raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found; "
-                        "save the model with safetensors (save_pretrained does by default).")
+  raise CheckpointError(
+      f"{folder}: no model.safetensors or model.safetensors.index.json found; "
+      "save the model with safetensors (save_pretrained does by default)."
+  )
 
 
 def read_config(folder: str, dtype: str = "float32") -> ModelConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.isdir(folder):
-    raise CheckpointError(f"Checkpoint folder {folder} does not exist; pass a folder holding "
-                          "config.json and *.safetensors, or a .gguf file.")
+    raise CheckpointError(
+        f"Checkpoint folder {folder} does not exist; pass a folder holding "
+        "config.json and *.safetensors, or a .gguf file."
+    )
   if not os.path.exists(path):
-    raise CheckpointError(f"{folder}: no config.json; a HF checkpoint folder needs config.json "
-                          "and *.safetensors.")
+    raise CheckpointError(
+        f"{folder}: no config.json; a HF checkpoint folder needs config.json " "and *.safetensors."
+    )
   try:
     with open(path) as f:
       cfg = json.load(f)
@@ -307,8 +342,10 @@ def load(folder: str, dtype: str = "float32", place=None) -> tuple[ModelConfig, 
 
   def get_tensor(name: str) -> np.ndarray:
     if name not in tensors:
-      raise CheckpointError(f"{folder}: tensor {name} is missing from the checkpoint (the config "
-                            f"asks for a {config.architecture} with {config.num_layers} layers).")
+      raise CheckpointError(
+          f"{folder}: tensor {name} is missing from the checkpoint (the config "
+          f"asks for a {config.architecture} with {config.num_layers} layers)."
+      )
     return tensors[name].get(name)
 
   return config, params_from_hf(config, get_tensor, place)

@@ -29,8 +29,9 @@ def _checkpointer(this_process_only: bool) -> ocp.StandardCheckpointer:
   gathered from all hosts, and loads the sft baseline's)."""
   options = ocp.options.MultiprocessingOptions()
   if this_process_only:
-    options = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                 active_processes={jax.process_index()})
+    options = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    )
   return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
@@ -49,8 +50,7 @@ def restore(path: str, like, shardings=None, this_process_only: bool = False):
   if shardings is None:
     device = SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, like)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
-                        shardings)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
   return _checkpointer(this_process_only).restore(os.path.abspath(path), target)
 
 
@@ -62,14 +62,21 @@ def restore_params(path: str, like, mesh: Optional[Mesh] = None):
 def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:
   """Saved by host 0 alone, as numpy arrays (orbax writes numpy leaves from process 0 only)."""
   if jax.process_index() != 0:
-    raise RuntimeError("Adapters are saved by host 0: gather them there first "
-                       "(ttsi_jax.multihost.allgather_trees).")
+    raise RuntimeError(
+        "Adapters are saved by host 0: gather them there first " "(ttsi_jax.multihost.allgather_trees)."
+    )
   save(os.path.join(path, "weights"), jax.device_get(adapter.weights), this_process_only=True)
-  shapes = {module: {name: {ab: list(x.shape) for ab, x in pair.items()}
-                     for name, pair in targets.items()}
-            for module, targets in adapter.weights.items()}
-  meta = {"scale": adapter.scale, "dropout": adapter.dropout, "base_model": base_model,
-          "rank": int(jax.tree.leaves(adapter.weights)[0].shape[-1]), "shapes": shapes}
+  shapes = {
+      module: {name: {ab: list(x.shape) for ab, x in pair.items()} for name, pair in targets.items()}
+      for module, targets in adapter.weights.items()
+  }
+  meta = {
+      "scale": adapter.scale,
+      "dropout": adapter.dropout,
+      "base_model": base_model,
+      "rank": int(jax.tree.leaves(adapter.weights)[0].shape[-1]),
+      "shapes": shapes,
+  }
   with open(os.path.join(path, ADAPTER_META), "w") as f:
     json.dump(meta, f, indent=2)
 
@@ -79,23 +86,32 @@ def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
   adapters are saved)."""
   meta_path = os.path.join(path, ADAPTER_META)
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{path} is not a saved adapter (no {ADAPTER_META}); adapters are "
-                            "saved by the main job with --config.keep_adapters.")
-  redo = ("delete the folder and save the adapter again (the main job saves adapters with "
-          "--config.keep_adapters; the sft baseline's is trained again when missing).")
+    raise FileNotFoundError(
+        f"{path} is not a saved adapter (no {ADAPTER_META}); adapters are "
+        "saved by the main job with --config.keep_adapters."
+    )
+  redo = (
+      "delete the folder and save the adapter again (the main job saves adapters with "
+      "--config.keep_adapters; the sft baseline's is trained again when missing)."
+  )
   try:
     with open(meta_path) as f:
       meta = json.load(f)
-    like = {module: {name: {ab: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
-                            for ab, shape in pair.items()}
-                      for name, pair in targets.items()}
-            for module, targets in meta["shapes"].items()}
+    like = {
+        module: {
+            name: {ab: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32) for ab, shape in pair.items()}
+            for name, pair in targets.items()
+        }
+        for module, targets in meta["shapes"].items()
+    }
     scale, dropout = float(meta["scale"]), float(meta["dropout"])
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{meta_path} is corrupt ({type(e).__name__}: {e}): {redo}") from None
   try:
     weights = restore(os.path.join(path, "weights"), like, this_process_only=True)
   except Exception as e:  # orbax raises many kinds for missing or damaged files
-    raise CheckpointError(f"{path}/weights cannot be restored as the adapter {ADAPTER_META} "
-                          f"describes ({type(e).__name__}: {str(e)[:300]}): {redo}") from None
+    raise CheckpointError(
+        f"{path}/weights cannot be restored as the adapter {ADAPTER_META} "
+        f"describes ({type(e).__name__}: {str(e)[:300]}): {redo}"
+    ) from None
   return lora_lib.Adapter(weights=weights, scale=scale, dropout=dropout), meta

@@ -18,8 +18,15 @@ import numpy as np
 from ttsi_jax.model import transformer
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MODULE_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_MODULE_OF = {
+    "q_proj": "attn",
+    "k_proj": "attn",
+    "v_proj": "attn",
+    "o_proj": "attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 @flax.struct.dataclass
@@ -29,8 +36,15 @@ class Adapter:
   dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
-def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: float = 16.0,
-         targets: Sequence[str] = ALL_LINEAR, dropout: float = 0.0, dtype=jnp.float32) -> Adapter:
+def init(
+    config: transformer.ModelConfig,
+    rng: jax.Array,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Sequence[str] = ALL_LINEAR,
+    dropout: float = 0.0,
+    dtype=jnp.float32,
+) -> Adapter:
   """A fresh adapter: a ~ Kaiming-uniform (as PEFT), b = 0."""
   unknown = sorted(set(targets) - set(ALL_LINEAR))
   if unknown:
@@ -41,8 +55,7 @@ def init(config: transformer.ModelConfig, rng: jax.Array, rank: int = 8, alpha: 
     module = _MODULE_OF[name]
     num_layers, fan_in, fan_out = kernels[module][name]["kernel"].shape
     bound = (1.0 / fan_in) ** 0.5  # kaiming_uniform(a=sqrt(5)) as in PEFT's lora_A init
-    a = jax.random.uniform(jax.random.fold_in(rng, i), (num_layers, fan_in, rank), dtype, -bound,
-                           bound)
+    a = jax.random.uniform(jax.random.fold_in(rng, i), (num_layers, fan_in, rank), dtype, -bound, bound)
     b = jnp.zeros((num_layers, rank, fan_out), dtype)
     weights.setdefault(module, {})[name] = {"a": a, "b": b}
   return Adapter(weights=weights, scale=alpha / rank, dropout=dropout)
@@ -68,9 +81,11 @@ def _check_fits(config: transformer.ModelConfig, adapter: Adapter) -> None:
       L, fan_in, fan_out = kernels[module][name]["kernel"].shape
       a, b = ab["a"].shape, ab["b"].shape
       if a[:2] != (L, fan_in) or b[0] != L or b[2] != fan_out or a[2] != b[1]:
-        raise ValueError(f"Adapter tensor {module}/{name} has a {tuple(a)} and b {tuple(b)}, which "
-                         f"do not fit the base kernel [L={L}, in={fan_in}, out={fan_out}]; the "
-                         "adapter was trained on a different base model.")
+        raise ValueError(
+            f"Adapter tensor {module}/{name} has a {tuple(a)} and b {tuple(b)}, which "
+            f"do not fit the base kernel [L={L}, in={fan_in}, out={fan_out}]; the "
+            "adapter was trained on a different base model."
+        )
 
 
 def merge(config: transformer.ModelConfig, params, adapter: Adapter):
@@ -82,16 +97,21 @@ def merge(config: transformer.ModelConfig, params, adapter: Adapter):
     layers[module] = dict(layers[module])
     for name, ab in targets.items():
       kernel = layers[module][name]["kernel"]
-      delta = jnp.einsum("lir,lro->lio", jnp.asarray(ab["a"], jnp.float32),
-                         jnp.asarray(ab["b"], jnp.float32)) * adapter.scale
-      layers[module][name] = {**layers[module][name],
-                              "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+      delta = (
+          jnp.einsum("lir,lro->lio", jnp.asarray(ab["a"], jnp.float32), jnp.asarray(ab["b"], jnp.float32))
+          * adapter.scale
+      )
+      layers[module][name] = {
+          **layers[module][name],
+          "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype),
+      }
   merged["layers"] = layers
   return merged
 
 
-def to_peft(config: transformer.ModelConfig, adapter: Adapter,
-            base_model: str = "") -> tuple[dict, dict[str, np.ndarray]]:
+def to_peft(
+    config: transformer.ModelConfig, adapter: Adapter, base_model: str = ""
+) -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config.json dict, adapter_model.safetensors tensors) in PEFT's LoRA format."""
   _check_fits(config, adapter)
   tensors = {}
@@ -107,9 +127,16 @@ def to_peft(config: transformer.ModelConfig, adapter: Adapter,
   targets = sorted(n for t in adapter.weights.values() for n in t)
   rank = int(jax.tree.leaves(adapter.weights)[0].shape[-1])
   peft_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
-      "lora_alpha": adapter.scale * rank, "lora_dropout": adapter.dropout, "bias": "none",
-      "target_modules": targets, "fan_in_fan_out": False, "inference_mode": True,
-      "base_model_name_or_path": base_model, "use_rslora": False,
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "r": rank,
+      "lora_alpha": adapter.scale * rank,
+      "lora_dropout": adapter.dropout,
+      "bias": "none",
+      "target_modules": targets,
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "base_model_name_or_path": base_model,
+      "use_rslora": False,
   }
   return peft_config, tensors

@@ -63,11 +63,14 @@ def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
   if len(shape) != len(MESH_AXES):
     raise ValueError(f"Mesh shape {shape} needs one size per axis {MESH_AXES}, e.g. (1, 8, 1).")
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"Mesh shape {shape} (data, fsdp, tensor) needs {int(np.prod(shape))} devices "
-                     f"but {len(devices)} are available; make the product equal the device count.")
+    raise ValueError(
+        f"Mesh shape {shape} (data, fsdp, tensor) needs {int(np.prod(shape))} devices "
+        f"but {len(devices)} are available; make the product equal the device count."
+    )
   # Auto axes: XLA propagates shardings from the placed params (no explicit-sharding typing).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def logical_to_spec(mesh: Mesh, logical: Sequence[str], shape: Sequence[int]) -> P:
@@ -87,8 +90,7 @@ def param_logical_axes(path: Sequence[str]) -> tuple[str, ...]:
     axes = PARAM_AXES.get(tuple(path[-n:]))
     if axes is not None:
       return axes
-  raise KeyError(f"Param {'/'.join(path)} has no entry in PARAM_AXES; every param needs a "
-                 "sharding rule.")
+  raise KeyError(f"Param {'/'.join(path)} has no entry in PARAM_AXES; every param needs a " "sharding rule.")
 
 
 def param_sharding(mesh: Mesh, path: Sequence[str], shape: Sequence[int]) -> NamedSharding:
@@ -102,7 +104,8 @@ def _path_names(key_path) -> tuple[str, ...]:
 def params_sharding(mesh: Mesh, params) -> dict:
   """NamedSharding for every leaf of a (possibly abstract) param tree."""
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: param_sharding(mesh, _path_names(kp), x.shape), params)
+      lambda kp, x: param_sharding(mesh, _path_names(kp), x.shape), params
+  )
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

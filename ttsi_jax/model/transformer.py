@@ -167,7 +167,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
   wavelen = 2 * np.pi / inv_freq
   smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-      s.high_freq_factor - s.low_freq_factor)
+      s.high_freq_factor - s.low_freq_factor
+  )
   smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
   out = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
   is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
@@ -208,12 +209,12 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
+    )
     y = x @ kernel.astype(self.dtype)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
-          self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
     if lora is not None:
       scale, rate = lora_hp
       if self.has_rng("dropout"):
@@ -250,8 +251,9 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
   G = N // K
   q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-  logits_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32).reshape(
-      B, K, G, T, S) * (H ** -0.5)
+  logits_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32).reshape(B, K, G, T, S) * (
+      H**-0.5
+  )
   # A finite fill keeps fully masked rows (padding queries) NaN-free; their outputs are never used.
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype).reshape(B, K, G * T, S)
@@ -268,8 +270,9 @@ _attend = jax.checkpoint(_attend, prevent_cse=False)
 MAX_QUERY_CHUNKS = 8
 
 
-def _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTT, min_chunk: int = 128,
-                   skip_padding: bool = False) -> jax.Array:
+def _attend_causal(
+    q_BTNH, k_BTKH, v_BTKH, mask_BTT, min_chunk: int = 128, skip_padding: bool = False
+) -> jax.Array:
   """Causal self-attention in up to 8 query chunks, chunk c attending only to keys up to its end:
   the keys after it are masked anyway, so this skips up to 7/16 of the work.
 
@@ -285,22 +288,33 @@ def _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTT, min_chunk: int = 128,
     return _attend(q_BTNH, k_BTKH, v_BTKH, mask_BTT)
 
   def chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c):
-    return _attend(q_BTNH[:, c * n:(c + 1) * n], k_BTKH[:, :(c + 1) * n],
-                   v_BTKH[:, :(c + 1) * n], mask_BTT[:, c * n:(c + 1) * n, :(c + 1) * n])
+    return _attend(
+        q_BTNH[:, c * n : (c + 1) * n],
+        k_BTKH[:, : (c + 1) * n],
+        v_BTKH[:, : (c + 1) * n],
+        mask_BTT[:, c * n : (c + 1) * n, : (c + 1) * n],
+    )
 
   if not skip_padding:
-    return jnp.concatenate([chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c) for c in range(chunks)],
-                           axis=1)
+    return jnp.concatenate([chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c) for c in range(chunks)], axis=1)
 
   def one_sequence(qkvm):
     q_1TNH, k_1TKH, v_1TKH, mask_1TT = (x[None] for x in qkvm)
     empty = jnp.zeros((1, n, q_1TNH.shape[2] * q_1TNH.shape[3]), q_1TNH.dtype)
     outs = []
     for c in range(chunks):
-      real_n = jnp.diagonal(mask_1TT[0])[c * n:(c + 1) * n]
-      outs.append(jax.lax.cond(jnp.any(real_n),
-                               lambda *a, c=c: chunk(*a, c), lambda *a: empty,
-                               q_1TNH, k_1TKH, v_1TKH, mask_1TT))
+      real_n = jnp.diagonal(mask_1TT[0])[c * n : (c + 1) * n]
+      outs.append(
+          jax.lax.cond(
+              jnp.any(real_n),
+              lambda *a, c=c: chunk(*a, c),
+              lambda *a: empty,
+              q_1TNH,
+              k_1TKH,
+              v_1TKH,
+              mask_1TT,
+          )
+      )
     return jnp.concatenate(outs, axis=1)[0]
 
   return jax.lax.map(one_sequence, (q_BTNH, k_BTKH, v_BTKH, mask_BTT))
@@ -314,14 +328,13 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None):
     c = self.config
     per_block = None if packing is None else packing.adapter_BXA
-    dense = lambda n, f, b: functools.partial(Linear(f, b, c.dtype, c.param_dtype, name=n),
-                                              adapter_BXA=per_block)
+    dense = lambda n, f, b: functools.partial(
+        Linear(f, b, c.dtype, c.param_dtype, name=n), adapter_BXA=per_block
+    )
     B, T, _ = x_BTD.shape
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
-    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"),
-                                                                  lora_hp)
-    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "v_proj"),
-                                                                  lora_hp)
+    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"), lora_hp)
+    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "v_proj"), lora_hp)
     q_BTNH = q.reshape(B, T, c.num_heads, c.head_dim)
     k_BTKH = k.reshape(B, T, c.num_kv_heads, c.head_dim)
     v_BTKH = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -337,8 +350,11 @@ class Attention(nn.Module):
       # A row of one sequence pads only its slot's bucket: skipping measured no faster there, and
       # the branches cost ~3.6 s more to compile a training step.
       several = packing.seq_blocks_BUW.shape[1] > 1
-      out_BTD = packing.to_rows(_attend_causal(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS,
-                                                skip_padding=skip_padding and several))
+      out_BTD = packing.to_rows(
+          _attend_causal(
+              seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS, skip_padding=skip_padding and several
+          )
+      )
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
@@ -347,10 +363,12 @@ class Attention(nn.Module):
       k_cache_LBSKH, v_cache_LBSKH, layer, start = kv
       zero = jnp.zeros((), jnp.int32)
       idx = (layer, zero, start, zero, zero)
-      k_cache_LBSKH = jax.lax.dynamic_update_slice(k_cache_LBSKH, k_BTKH[None].astype(
-          k_cache_LBSKH.dtype), idx)
-      v_cache_LBSKH = jax.lax.dynamic_update_slice(v_cache_LBSKH, v_BTKH[None].astype(
-          v_cache_LBSKH.dtype), idx)
+      k_cache_LBSKH = jax.lax.dynamic_update_slice(
+          k_cache_LBSKH, k_BTKH[None].astype(k_cache_LBSKH.dtype), idx
+      )
+      v_cache_LBSKH = jax.lax.dynamic_update_slice(
+          v_cache_LBSKH, v_BTKH[None].astype(v_cache_LBSKH.dtype), idx
+      )
       k_BSKH = k_cache_LBSKH[layer].astype(c.dtype)
       v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
@@ -369,8 +387,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None):
     c = self.config
-    dense = lambda n, f: functools.partial(Linear(f, False, c.dtype, c.param_dtype, name=n),
-                                           adapter_BXA=adapter_BXA)
+    dense = lambda n, f: functools.partial(
+        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA
+    )
     gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp)
     up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp)
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
@@ -388,12 +407,14 @@ class Block(nn.Module):
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
-    h, new_kv = Attention(c, self.prefill, name="attn")(h, positions_BT, mask_BTS, kv,
-                                                        _sub(lora, "attn"), lora_hp, packing)
+    h, new_kv = Attention(c, self.prefill, name="attn")(
+        h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing
+    )
     x_BTD = x_BTD + h
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp,
-                                       None if packing is None else packing.adapter_BXA)
+    x_BTD = x_BTD + MLP(c, name="mlp")(
+        h, _sub(lora, "mlp"), lora_hp, None if packing is None else packing.adapter_BXA
+    )
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
@@ -405,12 +426,21 @@ class Transformer(nn.Module):
   prefill: bool = False  # see `forward`
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, lora=None,
-               lora_hp=(1.0, 0.0), segments_BT=None, select_BI=None,
-               packing: Optional[Packing] = None):
+  def __call__(
+      self,
+      tokens_BT,
+      positions_BT,
+      cache: Optional[KVCache] = None,
+      lora=None,
+      lora_hp=(1.0, 0.0),
+      segments_BT=None,
+      select_BI=None,
+      packing: Optional[Packing] = None,
+  ):
     c = self.config
-    embedding_VD = self.param("embedding", nn.initializers.normal(0.02),
-                              (c.vocab_size, c.embed_dim), c.param_dtype)
+    embedding_VD = self.param(
+        "embedding", nn.initializers.normal(0.02), (c.vocab_size, c.embed_dim), c.param_dtype
+    )
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
     T = tokens_BT.shape[1]
 
@@ -422,10 +452,10 @@ class Transformer(nn.Module):
     else:
       start = cache.end_index
       at = (jnp.zeros((), jnp.int32), start)
-      key_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS,
-                                                      positions_BT.astype(jnp.int32), at)
-      key_segments_BS = jax.lax.dynamic_update_slice(cache.segments_BS,
-                                                     query_segments_BT.astype(jnp.int32), at)
+      key_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS, positions_BT.astype(jnp.int32), at)
+      key_segments_BS = jax.lax.dynamic_update_slice(
+          cache.segments_BS, query_segments_BT.astype(jnp.int32), at
+      )
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
     if packing is not None:  # packed rows: attention runs on their sequences (Packing)
       key_positions_BS = packing.to_sequences(positions_BT + 1) - 1  # padding slots: -1
@@ -433,10 +463,12 @@ class Transformer(nn.Module):
       mask_BTS = (key_positions_BS[:, None, :] >= 0) & (index_S[None, :, None] >= index_S)
     else:
       mask_BTS = (key_positions_BS[:, None, :] >= 0) & (
-          key_positions_BS[:, None, :] <= positions_BT[:, :, None])
+          key_positions_BS[:, None, :] <= positions_BT[:, :, None]
+      )
     if segments_BT is not None:  # packed rows: segment 0 (a shared prefix) is visible to all
       mask_BTS &= (key_segments_BS[:, None, :] == 0) | (
-          key_segments_BS[:, None, :] == query_segments_BT[:, :, None])
+          key_segments_BS[:, None, :] == query_segments_BT[:, :, None]
+      )
 
     layers = nn.scan(
         nn.remat(Block, prevent_cse=False) if self.remat else Block,
@@ -445,8 +477,16 @@ class Transformer(nn.Module):
         in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers,
     )(c, self.prefill, name="layers")
-    carry, _ = layers(carry, jnp.arange(c.num_layers), lora, positions_BT, mask_BTS, start,
-                      tuple(jnp.asarray(v, c.dtype) for v in lora_hp), packing)
+    carry, _ = layers(
+        carry,
+        jnp.arange(c.num_layers),
+        lora,
+        positions_BT,
+        mask_BTS,
+        start,
+        tuple(jnp.asarray(v, c.dtype) for v in lora_hp),
+        packing,
+    )
     x_BTD, k_cache, v_cache = carry
 
     if select_BI is not None:  # only the positions whose logits are needed (saves the V-sized head)
@@ -462,9 +502,21 @@ class Transformer(nn.Module):
     return logits_BTV.astype(jnp.float32), new_cache
 
 
-def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=None, lora=None,
-            *, segments_BT=None, select_BI=None, dropout_rng=None, packing=None, remat=True,
-            prefill=False):
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT,
+    positions_BT,
+    cache=None,
+    lora=None,
+    *,
+    segments_BT=None,
+    select_BI=None,
+    dropout_rng=None,
+    packing=None,
+    remat=True,
+    prefill=False,
+):
   """Pure forward pass: (logits float32, updated cache or None).
 
   `lora` is a `ttsi_jax.model.lora.Adapter` (or None: the base model, at no extra cost).
@@ -484,9 +536,18 @@ def forward(config: ModelConfig, params: Params, tokens_BT, positions_BT, cache=
   else:
     weights, hp = lora.weights, (lora.scale, lora.dropout)
   rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
-  return Transformer(config, remat, prefill).apply({"params": params}, tokens_BT, positions_BT,
-                                                   cache, weights, hp, segments_BT, select_BI,
-                                                   packing, rngs=rngs)
+  return Transformer(config, remat, prefill).apply(
+      {"params": params},
+      tokens_BT,
+      positions_BT,
+      cache,
+      weights,
+      hp,
+      segments_BT,
+      select_BI,
+      packing,
+      rngs=rngs,
+  )
 
 
 def param_shapes(config: ModelConfig) -> Params:

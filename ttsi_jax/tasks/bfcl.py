@@ -42,8 +42,15 @@ from typing import Any, Optional, Sequence
 from ttsi_jax.tasks.base import Example, Messages, Verdict
 
 DEFAULT_CATEGORY = "multiple"
-CATEGORIES = ("multiple", "live_multiple", "simple_python", "live_simple", "parallel",
-              "parallel_multiple", "irrelevance")
+CATEGORIES = (
+    "multiple",
+    "live_multiple",
+    "simple_python",
+    "live_simple",
+    "parallel",
+    "parallel_multiple",
+    "irrelevance",
+)
 VERSION_PREFIX = "BFCL_v4"
 IRRELEVANCE = "irrelevance"
 
@@ -55,21 +62,26 @@ IRRELEVANCE = "irrelevance"
 # ----------------------------------------------------------------------------------------------
 
 _PERSONA = "You are an expert in composing functions."
-_TASK = ("You are given a question and a set of possible functions. Based on the question, you "
-         "will need to make one or more function/tool calls to achieve the purpose. If none of the "
-         "functions can be used, point it out. If the given question lacks the parameters "
-         "required by the function, also point it out.")
-_OUTPUT_FORMAT = ("[func_name1(params_name1=params_value1, params_name2=params_value2...), "
-                  "func_name2(params)]")
+_TASK = (
+    "You are given a question and a set of possible functions. Based on the question, you "
+    "will need to make one or more function/tool calls to achieve the purpose. If none of the "
+    "functions can be used, point it out. If the given question lacks the parameters "
+    "required by the function, also point it out."
+)
+_OUTPUT_FORMAT = (
+    "[func_name1(params_name1=params_value1, params_name2=params_value2...), " "func_name2(params)]"
+)
 _TOOL_CALL_FORMAT = (
     "You should only return the function calls in your response.\n\nIf you decide to invoke any "
     f"of the function(s), you MUST put it in the format of {_OUTPUT_FORMAT}.  You SHOULD NOT "
-    "include any other text in the response.")
+    "include any other text in the response."
+)
 _MULTITURN_BEHAVIOR = (
     "At each turn, you should try your best to complete the tasks requested by the user within the "
     "current turn. Continue to output functions to call until you have fulfilled the user's "
     "request to the best of your ability. Once you have no more functions to call, the system will "
-    "consider the current turn complete and proceed to the next turn or task.")
+    "consider the current turn complete and proceed to the next turn or task."
+)
 _AVAILABLE_TOOLS = "Here is a list of functions in json format that you can invoke.\n{functions}\n"
 # BFCL appends this to every function description when it builds prompts for Python categories.
 PYTHON_SYNTAX_HINT = " Note that the provided function is in Python 3 syntax."
@@ -86,7 +98,7 @@ def with_python_hint(functions: Sequence[dict]) -> list[dict]:
 def system_prompt(functions: Sequence[dict]) -> str:
   """BFCL's default system prompt listing `functions` (already hinted) as indented JSON."""
   tools = _AVAILABLE_TOOLS.format(functions=json.dumps(list(functions), indent=4))
-  return (f"{_PERSONA}{_TASK}\n\n{_TOOL_CALL_FORMAT}\n\n{_MULTITURN_BEHAVIOR}\n\n{tools}")
+  return f"{_PERSONA}{_TASK}\n\n{_TOOL_CALL_FORMAT}\n\n{_MULTITURN_BEHAVIOR}\n\n{tools}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,14 +125,26 @@ class Call:
 
 
 _BINARY_OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-    ast.Pow: operator.pow, ast.LShift: operator.lshift, ast.RShift: operator.rshift,
-    ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.BitAnd: operator.and_,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.LShift: operator.lshift,
+    ast.RShift: operator.rshift,
+    ast.BitOr: operator.or_,
+    ast.BitXor: operator.xor,
+    ast.BitAnd: operator.and_,
     ast.MatMult: operator.matmul,
 }
-_UNARY_OPERATORS = {ast.UAdd: operator.pos, ast.USub: operator.neg, ast.Not: operator.not_,
-                    ast.Invert: operator.invert}
+_UNARY_OPERATORS = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+    ast.Not: operator.not_,
+    ast.Invert: operator.invert,
+}
 _MAX_RESULT_BITS = 1_000_000  # refuse `9**9**9`-like arguments instead of hanging on them
 _MAX_REPEATED_LENGTH = 1_000_000  # refuse `"a" * 10**12`-like arguments
 
@@ -135,8 +159,11 @@ def _check_arithmetic_size(op: ast.operator, left: Any, right: Any) -> None:
     raise ParseError("arithmetic argument too large to evaluate")
   if isinstance(op, ast.Mult):
     for sequence, count in ((left, right), (right, left)):
-      if (isinstance(sequence, (str, bytes, list, tuple)) and isinstance(count, int)
-          and len(sequence) * count > _MAX_REPEATED_LENGTH):
+      if (
+          isinstance(sequence, (str, bytes, list, tuple))
+          and isinstance(count, int)
+          and len(sequence) * count > _MAX_REPEATED_LENGTH
+      ):
         raise ParseError("arithmetic argument too large to evaluate")
 
 
@@ -159,8 +186,10 @@ def _evaluate_literal_arithmetic(node: ast.AST) -> Any:
   if isinstance(node, ast.Set):
     return {_evaluate_literal_arithmetic(e) for e in node.elts}
   if isinstance(node, ast.Dict) and None not in node.keys:
-    return {_evaluate_literal_arithmetic(k): _evaluate_literal_arithmetic(v)
-            for k, v in zip(node.keys, node.values)}
+    return {
+        _evaluate_literal_arithmetic(k): _evaluate_literal_arithmetic(v)
+        for k, v in zip(node.keys, node.values)
+    }
   raise ParseError(f"cannot evaluate {ast.unparse(node)!r} (only literal arithmetic)")
 
 
@@ -264,8 +293,9 @@ def _canonical_value(value: Any) -> str:
 
 
 def _canonical_call(call: Call) -> str:
-  args = sorted(("**" if name is None else name, _canonical_value(value))
-                for name, value in call.args.items())
+  args = sorted(
+      ("**" if name is None else name, _canonical_value(value)) for name, value in call.args.items()
+  )
   return call.name + "(" + ", ".join(f"{name}={value}" for name, value in args) + ")"
 
 
@@ -274,8 +304,7 @@ def format_calls(calls: Sequence[tuple[str, dict]]) -> str:
   decodes back to the same calls when values are literals."""
   rendered = []
   for name, args in calls:
-    rendered.append(name + "(" + ", ".join(f"{param}={value!r}" for param, value in args.items())
-                    + ")")
+    rendered.append(name + "(" + ", ".join(f"{param}={value!r}" for param, value in args.items()) + ")")
   return "[" + ", ".join(rendered) + "]"
 
 
@@ -283,8 +312,16 @@ def format_calls(calls: Sequence[tuple[str, dict]]) -> str:
 # The AST checker (BFCL's ast_checker, Python language path).
 # ----------------------------------------------------------------------------------------------
 
-PYTHON_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list,
-                "tuple": list, "dict": dict, "any": str}
+PYTHON_TYPES = {
+    "string": str,
+    "integer": int,
+    "float": float,
+    "boolean": bool,
+    "array": list,
+    "tuple": list,
+    "dict": dict,
+    "any": str,
+}
 NESTED_TYPES = ("array", "tuple")  # types whose items are type-checked one level deep
 _NORMALISED_AWAY = re.compile(r"[ ,./\-_*^]")
 
@@ -306,8 +343,14 @@ def _first_answer_type(acceptable: Sequence) -> Optional[type]:
   return None
 
 
-def _type_check(param: str, value: Any, acceptable: Sequence, expected_name: str,
-                expected_type: type, item_type: Optional[type]) -> tuple[bool, bool, str]:
+def _type_check(
+    param: str,
+    value: Any,
+    acceptable: Sequence,
+    expected_name: str,
+    expected_type: type,
+    item_type: Optional[type],
+) -> tuple[bool, bool, str]:
   """(valid, is_variable, error). A value whose type is the ground truth's own type (e.g. a string
   for an integer parameter whose gold value is a string) is a "variable" and compared verbatim."""
   answer_type = _first_answer_type(acceptable)
@@ -318,15 +361,17 @@ def _type_check(param: str, value: Any, acceptable: Sequence, expected_name: str
       return True, is_variable, ""
     for candidate in acceptable:
       if type(candidate) is not list or all(
-          _type_check(param, item, candidate, item_type.__name__, item_type, None)[0]
-          for item in value):
+          _type_check(param, item, candidate, item_type.__name__, item_type, None)[0] for item in value
+      ):
         return True, is_variable, ""
     nested_failed = True
-  error = (f"Nested type checking failed for parameter {param!r}. Expected outer type "
-           f"{expected_name} with inner type {item_type}. Parameter value: {value!r}."
-           if nested_failed else
-           f"Incorrect type for parameter {param!r}. Expected type {expected_name}, got "
-           f"{type(value).__name__}. Parameter value: {value!r}.")
+  error = (
+      f"Nested type checking failed for parameter {param!r}. Expected outer type "
+      f"{expected_name} with inner type {item_type}. Parameter value: {value!r}."
+      if nested_failed
+      else f"Incorrect type for parameter {param!r}. Expected type {expected_name}, got "
+      f"{type(value).__name__}. Parameter value: {value!r}."
+  )
   if answer_type is not None and type(value) is answer_type:
     return not nested_failed, True, "" if not nested_failed else error
   return False, is_variable, error
@@ -339,8 +384,7 @@ def _string_matches(value: str, acceptable: Sequence) -> bool:
 def _list_matches(value: list, acceptable: Sequence) -> bool:
   """Top-level string elements normalised; "" (may be omitted) only matches the empty list."""
   normalised = [_normalise_if_string(v) for v in value]
-  candidates = [[_normalise_if_string(e) for e in a] for a in acceptable
-                if isinstance(a, (list, str))]
+  candidates = [[_normalise_if_string(e) for e in a] for a in acceptable if isinstance(a, (list, str))]
   return normalised in candidates
 
 
@@ -358,10 +402,11 @@ def _dict_matches(value: Any, acceptable: Sequence) -> bool:
   for candidate in acceptable:
     if candidate == "" or not isinstance(candidate, dict):
       continue
-    if all(key in candidate and _normalise_if_string(item) in
-           [_normalise_if_string(a) for a in _as_sequence(candidate[key])]
-           for key, item in value.items()) and all(
-               key in value or "" in _as_sequence(allowed) for key, allowed in candidate.items()):
+    if all(
+        key in candidate
+        and _normalise_if_string(item) in [_normalise_if_string(a) for a in _as_sequence(candidate[key])]
+        for key, item in value.items()
+    ) and all(key in value or "" in _as_sequence(allowed) for key, allowed in candidate.items()):
       return True
   return False
 
@@ -406,8 +451,7 @@ def check_call(function: dict, call: Call, gold_call: dict) -> Verdict:
       value = list(value)  # JSON ground truth has no tuples
     if expected_name == "float" and type(value) is int:
       value = float(value)  # Python's implicit int -> float
-    valid, is_variable, error = _type_check(param, value, acceptable, expected_name,
-                                            expected_type, item_type)
+    valid, is_variable, error = _type_check(param, value, acceptable, expected_name, expected_type, item_type)
     if not valid:
       return Verdict(False, error)
     if not is_variable:
@@ -424,12 +468,12 @@ def check_call(function: dict, call: Call, gold_call: dict) -> Verdict:
     else:
       matched = value in acceptable
     if not matched:
-      return Verdict(False, f"Invalid value for parameter {param!r}: {value!r}. Expected one of "
-                     f"{acceptable}.")
+      return Verdict(
+          False, f"Invalid value for parameter {param!r}: {value!r}. Expected one of " f"{acceptable}."
+      )
   for param, acceptable in gold_params.items():
     if param not in call.args and "" not in acceptable:
-      return Verdict(False, f"Optional parameter {param!r} not provided and not marked as "
-                     "optional.")
+      return Verdict(False, f"Optional parameter {param!r} not provided and not marked as " "optional.")
   return Verdict(True)
 
 
@@ -437,8 +481,9 @@ def _function_named(functions: Sequence[dict], name: str) -> Optional[dict]:
   return next((f for f in functions if f.get("name") == name), None)
 
 
-def check_calls(category: str, functions: Sequence[dict], calls: Sequence[Call],
-                gold: Sequence[dict]) -> Verdict:
+def check_calls(
+    category: str, functions: Sequence[dict], calls: Sequence[Call], gold: Sequence[dict]
+) -> Verdict:
   """Decoded calls against the gold call list, routed like BFCL's ast_checker by category name."""
   if "parallel" in category:
     if len(calls) != len(gold):
@@ -449,12 +494,21 @@ def check_calls(category: str, functions: Sequence[dict], calls: Sequence[Call],
       if function is None:
         return Verdict(False, f"Gold function {next(iter(gold_call))!r} is not offered.")
       # Greedy, like BFCL: the first unmatched call that passes is taken.
-      match = next((i for i, call in enumerate(calls)
-                    if i not in matched and check_call(function, call, gold_call).correct), None)
+      match = next(
+          (
+              i
+              for i, call in enumerate(calls)
+              if i not in matched and check_call(function, call, gold_call).correct
+          ),
+          None,
+      )
       if match is None:
-        return Verdict(False, "Could not find a matching function among index "
-                       f"{[i for i in range(len(calls)) if i not in matched]} of model output "
-                       f"for index {gold_index} of possible answers.")
+        return Verdict(
+            False,
+            "Could not find a matching function among index "
+            f"{[i for i in range(len(calls)) if i not in matched]} of model output "
+            f"for index {gold_index} of possible answers.",
+        )
       matched.add(match)
     return Verdict(True)
   if "multiple" in category:
@@ -478,8 +532,9 @@ def package_data_dir() -> str:
   """`bfcl_eval/data` of the installed bfcl-eval package, found without importing it."""
   spec = importlib.util.find_spec("bfcl_eval")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("BFCL data not found: run `pip install --no-deps bfcl-eval`, or pass "
-                            "data_dir.")
+    raise FileNotFoundError(
+        "BFCL data not found: run `pip install --no-deps bfcl-eval`, or pass " "data_dir."
+    )
   return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
@@ -507,8 +562,10 @@ def _last_user_turn(question: Any) -> tuple[list[dict], str]:
   if not isinstance(question, list) or not question or not isinstance(question[-1], list):
     raise ValueError("'question' is not a non-empty list of turns")
   messages = question[-1]
-  if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-             and isinstance(m.get("content"), str) for m in messages):
+  if not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in messages
+  ):
     raise ValueError("a message lacks a string role or content")
   users = [m["content"] for m in messages if m["role"] == "user"]
   if not users:
@@ -581,11 +638,14 @@ def _gold_dict(acceptable_by_key: dict) -> dict:
 class BfclTask:
   """One BFCL v4 category. Rows are read once at construction; malformed ones go to `skipped`."""
 
-  def __init__(self, category: str = DEFAULT_CATEGORY, num_examples: Optional[int] = None,
-               data_dir: Optional[str] = None):
+  def __init__(
+      self,
+      category: str = DEFAULT_CATEGORY,
+      num_examples: Optional[int] = None,
+      data_dir: Optional[str] = None,
+  ):
     if category not in CATEGORIES:
-      raise ValueError(f"Unknown BFCL category {category!r}; valid categories: "
-                       f"{', '.join(CATEGORIES)}.")
+      raise ValueError(f"Unknown BFCL category {category!r}; valid categories: " f"{', '.join(CATEGORIES)}.")
     self.category = category
     self.name = f"bfcl_{category}"
     self.data_dir = data_dir or package_data_dir()
@@ -599,9 +659,11 @@ class BfclTask:
   def _path(self, *parts: str) -> str:
     path = os.path.join(self.data_dir, *parts)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"BFCL data file {path} does not exist; install the data with "
-                              "`pip install --no-deps bfcl-eval`, or set --config.task.data_dir to "
-                              "a folder with BFCL's data files.")
+      raise FileNotFoundError(
+          f"BFCL data file {path} does not exist; install the data with "
+          "`pip install --no-deps bfcl-eval`, or set --config.task.data_dir to "
+          "a folder with BFCL's data files."
+      )
     return path
 
   def _load_answers(self) -> dict[str, Any]:
@@ -610,8 +672,9 @@ class BfclTask:
     answers: dict[str, Any] = {}
     path = self._path("possible_answer", f"{VERSION_PREFIX}_{self.category}.json")
     for number, row, error in _read_json_lines(path):
-      if error is None and not (isinstance(row, dict) and isinstance(row.get("id"), str)
-                                and "ground_truth" in row):
+      if error is None and not (
+          isinstance(row, dict) and isinstance(row.get("id"), str) and "ground_truth" in row
+      ):
         error = "possible answer lacks a string 'id' or 'ground_truth'"
       if error is not None:
         self._skipped.append((f"possible_answer line {number}", error))
@@ -658,7 +721,7 @@ class BfclTask:
   # -- the Task protocol --
 
   def examples(self) -> list[Example]:
-    return list(self._examples[:self.num_examples])
+    return list(self._examples[: self.num_examples])
 
   @property
   def skipped(self) -> list[tuple[str, str]]:
@@ -693,8 +756,11 @@ class BfclTask:
         return Verdict(True)  # irrelevance: an answer that is not a call list makes no call
       return Verdict(False, f"Invalid syntax. Failed to decode AST. {e}")
     if not example.gold:
-      return Verdict(True) if not calls else Verdict(
-          False, "Valid syntax. Successfully decode AST when it should not.")
+      return (
+          Verdict(True)
+          if not calls
+          else Verdict(False, "Valid syntax. Successfully decode AST when it should not.")
+      )
     return check_calls(self.category, example.functions, calls, example.gold)
 
   def canonical(self, answer: str) -> Optional[str]:

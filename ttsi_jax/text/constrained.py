@@ -88,8 +88,7 @@ class CallDecoder:
   tokens, not a new pass over the prompt.
   """
 
-  def __init__(self, sampler: sampler_lib.Sampler, tokenizer, max_value_tokens: int = 24,
-               max_args: int = 10):
+  def __init__(self, sampler: sampler_lib.Sampler, tokenizer, max_value_tokens: int = 24, max_args: int = 10):
     self.sampler = sampler
     self.tokenizer = tokenizer
     self.max_value_tokens = max_value_tokens
@@ -98,10 +97,15 @@ class CallDecoder:
     pieces = [tokenizer.decode([i]) for i in range(sampler.config.vocab_size)]
     self.equals_mask_V = jnp.asarray([p.startswith("=") and not p.startswith("==") for p in pieces])
 
-  def decode(self, pre: sampler_lib.Prefilled, functions: Sequence[Sequence[dict]],
-             names: Sequence[str], leads: Optional[Sequence[str]] = None,
-             sampling: SamplingParams = SamplingParams(),
-             rng: Optional[jax.Array] = None) -> list[str]:
+  def decode(
+      self,
+      pre: sampler_lib.Prefilled,
+      functions: Sequence[Sequence[dict]],
+      names: Sequence[str],
+      leads: Optional[Sequence[str]] = None,
+      sampling: SamplingParams = SamplingParams(),
+      rng: Optional[jax.Array] = None,
+  ) -> list[str]:
     """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
 
     `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default;
@@ -124,21 +128,23 @@ class CallDecoder:
       texts = [lead + r.text for lead, r in zip(leads, rows)]
       text_ids = [enc(text) if a else [] for text, a in zip(texts, active)]
       option_ids = [[enc(text + o) for o in opts] for text, opts in zip(texts, options)]
-      heal = [_common_prefix([ids] + opts) if a else 0
-              for ids, opts, a in zip(text_ids, option_ids, active)]
+      heal = [_common_prefix([ids] + opts) if a else 0 for ids, opts, a in zip(text_ids, option_ids, active)]
       if not self._close_rows_without_room(pre, rows, active, option_ids, heal):
         continue
-      here = self.sampler.extend(pre, [ids[:h] if a else []
-                                       for ids, h, a in zip(text_ids, heal, active)])
+      here = self.sampler.extend(pre, [ids[:h] if a else [] for ids, h, a in zip(text_ids, heal, active)])
       # A keyword's score includes the probability that the next token starts with "=".
-      scored = [[ids[h:] + ([] if o == CLOSE else [scoring.TAIL]) for o, ids in zip(opts, row)]
-                if a else [enc(CLOSE)] for opts, row, h, a in zip(options, option_ids, heal, active)]
+      scored = [
+          [ids[h:] + ([] if o == CLOSE else [scoring.TAIL]) for o, ids in zip(opts, row)]
+          if a
+          else [enc(CLOSE)]
+          for opts, row, h, a in zip(options, option_ids, heal, active)
+      ]
       loglik, _ = scoring.score_after(self.sampler, here, scored, self.equals_mask_V)
       writing = [False] * len(rows)
       for i, row in enumerate(rows):
         if not active[i]:
           continue
-        row.pending = options[i][int(np.argmax(loglik[i, :len(options[i])]))]
+        row.pending = options[i][int(np.argmax(loglik[i, : len(options[i])]))]
         if row.pending == CLOSE or step == self.max_args:
           row.text += CLOSE
           row.done = True
@@ -147,12 +153,14 @@ class CallDecoder:
       if not any(writing):
         continue
       # The model writes "=" itself (healed); a row that does not is retried with "=" forced.
-      values = self._values(here, texts, heal, rows, writing, "", value_sampling,
-                            sampler_lib.fold_in(rng, 2 * step))
+      values = self._values(
+          here, texts, heal, rows, writing, "", value_sampling, sampler_lib.fold_in(rng, 2 * step)
+      )
       retry = [w and v is None for w, v in zip(writing, values)]
       if any(retry):
-        forced = self._values(here, texts, heal, rows, retry, "=", value_sampling,
-                              sampler_lib.fold_in(rng, 2 * step + 1))
+        forced = self._values(
+            here, texts, heal, rows, retry, "=", value_sampling, sampler_lib.fold_in(rng, 2 * step + 1)
+        )
         values = [f if r else v for v, f, r in zip(values, forced, retry)]
       for i, row in enumerate(rows):
         if not writing[i]:
@@ -169,13 +177,14 @@ class CallDecoder:
     """Closes the calls that leave no free cache slots for this stage, the most demanding first;
     False when no row is left. A stage extends the cache by the call text (shared width), then
     holds either all options (scored in one packed row) or one keyword and its value."""
+
     def need(i):  # (call text, what follows it) in slots, for row i alone
       tails = [len(o) - heal[i] + 1 for o in option_ids[i]]  # + 1: the "=" (TAIL or forced)
       return heal[i], max(bucket(sum(tails), 8), bucket(max(tails), 8) + self.max_value_tokens)
+
     while any(active):
       needs = {i: need(i) for i in range(len(rows)) if active[i]}
-      if (bucket(max(n[0] for n in needs.values()), 8)
-          + max(n[1] for n in needs.values())) <= pre.free():
+      if (bucket(max(n[0] for n in needs.values()), 8) + max(n[1] for n in needs.values())) <= pre.free():
         return True
       worst = max(needs, key=lambda i: sum(needs[i]))
       rows[worst].text += CLOSE
@@ -183,14 +192,30 @@ class CallDecoder:
       active[worst] = False
     return False
 
-  def _values(self, here: sampler_lib.Prefilled, texts, heal, rows, writing, forced: str,
-              sampling: SamplingParams, rng: jax.Array) -> list[Optional[str]]:
+  def _values(
+      self,
+      here: sampler_lib.Prefilled,
+      texts,
+      heal,
+      rows,
+      writing,
+      forced: str,
+      sampling: SamplingParams,
+      rng: jax.Array,
+  ) -> list[Optional[str]]:
     """Each writing row's value after `text + keyword + forced`; None where the model wrote no
     `=` (when not forced) or no complete literal."""
     enc = self.tokenizer.encode
     outs = self.sampler.continue_(
-        here, [enc(text + row.pending + forced)[h:] if w else []
-               for text, h, row, w in zip(texts, heal, rows, writing)], sampling, rng, writing)
+        here,
+        [
+            enc(text + row.pending + forced)[h:] if w else []
+            for text, h, row, w in zip(texts, heal, rows, writing)
+        ],
+        sampling,
+        rng,
+        writing,
+    )
     values = []
     for out, w in zip(outs, writing):
       text = forced + self.tokenizer.decode(out) if w else ""
@@ -209,4 +234,3 @@ class CallDecoder:
     if all(p in row.used for p in required):
       options.append(CLOSE)
     return options or [CLOSE]
-

@@ -30,6 +30,7 @@ MIN_PROMPT_BUCKET = 32
 class SamplingParams:
   """Jitted functions take it as a pytree: `max_new_tokens` (a shape) is static, temperature and
   top_p are traced, so greedy and sampled decoding share one compiled program."""
+
   max_new_tokens: int = flax.struct.field(pytree_node=False, default=64)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
@@ -42,8 +43,9 @@ def bucket(n: int, minimum: int = 1) -> int:
   return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
-             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
   """tokens_BP and positions_BP (position -1 marks padding); rows beyond len(prompts) are padding."""
   tokens_BP = np.full((batch, length), pad_id, np.int32)
   positions_BP = np.full((batch, length), -1, np.int32)
@@ -52,8 +54,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int,
     if n > length:
       raise ValueError(f"Prompt {b} has {n} tokens, more than the {length} allowed.")
     if n:
-      tokens_BP[b, length - n:] = ids
-      positions_BP[b, length - n:] = np.arange(n)
+      tokens_BP[b, length - n :] = ids
+      positions_BP[b, length - n :] = np.arange(n)
   return tokens_BP, positions_BP
 
 
@@ -81,6 +83,7 @@ def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature, top_p) ->
   """Greedy at temperature 0, else a draw at `temperature` from the top-p nucleus. Temperature and
   top_p may be traced: a branch (`lax.cond`) runs only what they ask for (no vocabulary sort for
   greedy or top_p = 1)."""
+
   def nucleus(logits_BV):
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
@@ -114,8 +117,9 @@ def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
   B, P = tokens_BP.shape
   cache = KVCache.init(config, B, length)
   last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
-  logits_B1V, cache = transformer.forward(config, params, tokens_BP, positions_BP, cache, lora,
-                                          select_BI=last_B1, prefill=True)
+  logits_B1V, cache = transformer.forward(
+      config, params, tokens_BP, positions_BP, cache, lora, select_BI=last_B1, prefill=True
+  )
   return Prefix(cache, logits_B1V[:, 0], jnp.max(positions_BP, axis=1) + 1)
 
 
@@ -125,14 +129,24 @@ def _extend(config, params, prefix: Prefix, tokens_BE, lengths_B, lora) -> Prefi
   offsets_BE = jnp.arange(E) - (E - lengths_B[:, None])
   positions_BE = jnp.where(offsets_BE >= 0, prefix.next_position_B[:, None] + offsets_BE, -1)
   last_B1 = jnp.full((tokens_BE.shape[0], 1), E - 1, jnp.int32)
-  logits_B1V, cache = transformer.forward(config, params, tokens_BE, positions_BE, prefix.cache,
-                                          lora, select_BI=last_B1)
+  logits_B1V, cache = transformer.forward(
+      config, params, tokens_BE, positions_BE, prefix.cache, lora, select_BI=last_B1
+  )
   last_BV = jnp.where(lengths_B[:, None] > 0, logits_B1V[:, 0], prefix.last_logits_BV)
   return Prefix(cache, last_BV, prefix.next_position_B + lengths_B)
 
 
-def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingParams,
-            stop_ids: tuple[int, ...], pad_id: int, active_B=None):
+def _decode(
+    config,
+    params,
+    prefix: Prefix,
+    keys_B,
+    lora,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    active_B=None,
+):
   """New tokens_BO after a prefix (pad after a row's stop token; inactive rows stop at once)."""
   B = keys_B.shape[0]
   O = sampling.max_new_tokens
@@ -155,8 +169,7 @@ def _decode(config, params, prefix: Prefix, keys_B, lora, sampling: SamplingPara
   def body(state):
     step, last_B, cache, done_B, out_BO = state
     positions_B1 = (prefix.next_position_B + step - 1)[:, None]
-    logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache,
-                                            lora)
+    logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache, lora)
     new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
     done_B = done_B | jnp.isin(new_B, stop)
     out_BO = jax.lax.dynamic_update_slice(out_BO, new_B[:, None], (0, step))
@@ -170,11 +183,22 @@ _STATIC = ("config", "stop_ids", "pad_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def generate_tokens(params, tokens_BP, positions_BP, keys_B, lora=None, *, config: ModelConfig,
-                    sampling: SamplingParams, stop_ids: tuple[int, ...], pad_id: int):
+def generate_tokens(
+    params,
+    tokens_BP,
+    positions_BP,
+    keys_B,
+    lora=None,
+    *,
+    config: ModelConfig,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+):
   """New tokens_BO (pad after a row's stop token) for left-padded prompts."""
-  prefix = _prefill(config, params, tokens_BP, positions_BP, lora,
-                    tokens_BP.shape[1] + sampling.max_new_tokens)
+  prefix = _prefill(
+      config, params, tokens_BP, positions_BP, lora, tokens_BP.shape[1] + sampling.max_new_tokens
+  )
   return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
 
 
@@ -191,9 +215,20 @@ def extend(params, prefix: Prefix, tokens_BE, lengths_B, lora=None, *, config: M
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def continue_tokens(params, prefix: Prefix, tokens_BE, lengths_B, keys_B, active_B, lora=None, *,
-                    config: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, ...],
-                    pad_id: int):
+def continue_tokens(
+    params,
+    prefix: Prefix,
+    tokens_BE,
+    lengths_B,
+    keys_B,
+    active_B,
+    lora=None,
+    *,
+    config: ModelConfig,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+):
   """New tokens_BO after prefix + the (left-padded) extension tokens_BE; only active rows run."""
   prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
   return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
@@ -219,14 +254,15 @@ class Prefilled:
     return self.capacity - self.used
 
 
-def left_pad_extensions(extensions: Sequence[Sequence[int]], batch: int,
-                        pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad_extensions(
+    extensions: Sequence[Sequence[int]], batch: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
   length = bucket(max((len(e) for e in extensions), default=1), 8)
   tokens_BE = np.full((batch, length), pad_id, np.int32)
   lengths_B = np.zeros((batch,), np.int32)
   for b, ext in enumerate(extensions):
     if ext:
-      tokens_BE[b, length - len(ext):] = ext
+      tokens_BE[b, length - len(ext) :] = ext
       lengths_B[b] = len(ext)
   return tokens_BE, lengths_B
 
@@ -234,8 +270,7 @@ def left_pad_extensions(extensions: Sequence[Sequence[int]], batch: int,
 class Sampler:
   """Host-side wrapper: bucketing, padding, chunking into batches and trimming at stop tokens."""
 
-  def __init__(self, config: ModelConfig, params, stop_ids: Sequence[int], pad_id: int,
-               max_batch: int = 64):
+  def __init__(self, config: ModelConfig, params, stop_ids: Sequence[int], pad_id: int, max_batch: int = 64):
     self.config = config
     self.params = params
     self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
@@ -254,8 +289,10 @@ class Sampler:
   def call_rows(self, fn, per_row: bool, lora, *row_args):
     """fn(params, *row_args, lora) for the whole batch, or vmapped over per-row adapters; the
     host arrays among `row_args` (leading axis: rows) are split over the mesh's batch axes."""
-    row_args = [sharding.shard_rows(self.mesh, a)[0] if isinstance(a, (np.ndarray, jax.Array))
-                else a for a in row_args]
+    row_args = [
+        sharding.shard_rows(self.mesh, a)[0] if isinstance(a, (np.ndarray, jax.Array)) else a
+        for a in row_args
+    ]
     if not per_row:
       return fn(self.params, *row_args, lora)
     return jax.vmap(lambda a, *args: fn(self.params, *args, a))(lora, *row_args)
@@ -270,12 +307,14 @@ class Sampler:
     and `room` more slots would pass the context but the prompts themselves fit."""
     longest = max(len(p) for p in prompts)
     if longest + room > self.config.context_length:
-      raise ValueError(f"Prompt of {longest} tokens + {what} {room} exceeds the model's context of "
-                       f"{self._context()}.")
+      raise ValueError(
+          f"Prompt of {longest} tokens + {what} {room} exceeds the model's context of " f"{self._context()}."
+      )
     return min(bucket(longest, MIN_PROMPT_BUCKET), self.config.context_length - room)
 
-  def prefill(self, prompts: Sequence[Sequence[int]], reserve: int, lora=None,
-              lora_per_row: bool = False) -> Prefilled:
+  def prefill(
+      self, prompts: Sequence[Sequence[int]], reserve: int, lora=None, lora_per_row: bool = False
+  ) -> Prefilled:
     """Prefills all prompts once, leaving `reserve` free cache slots for what follows."""
     length = self._prompt_slots(prompts, reserve, "reserve")
     capacity = length + reserve
@@ -286,8 +325,7 @@ class Sampler:
     fn = functools.partial(prefill, config=self.config, length=capacity)
     if lora_per_row:
       tokens_BP, positions_BP = tokens_BP[:, None], positions_BP[:, None]
-    prefix = self.call_rows(lambda p, t, q, a: fn(p, t, q, a), lora_per_row, lora, tokens_BP,
-                        positions_BP)
+    prefix = self.call_rows(lambda p, t, q, a: fn(p, t, q, a), lora_per_row, lora, tokens_BP, positions_BP)
     return Prefilled(prefix, len(prompts), batch, length, capacity, lora, lora_per_row)
 
   def _row_arrays(self, pre: Prefilled, arrays):
@@ -297,34 +335,55 @@ class Sampler:
     """A new handle with each row's extension tokens appended (the old one stays valid)."""
     tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
     if tokens_BE.shape[1] > pre.free():
-      raise ValueError(f"Extension of {tokens_BE.shape[1]} tokens exceeds the {pre.free()} free "
-                       "cache slots; prefill with a larger reserve.")
+      raise ValueError(
+          f"Extension of {tokens_BE.shape[1]} tokens exceeds the {pre.free()} free "
+          "cache slots; prefill with a larger reserve."
+      )
     fn = functools.partial(extend, config=self.config)
-    prefix = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
-                        *self._row_arrays(pre, (tokens_BE, lengths_B)))
+    prefix = self.call_rows(
+        fn, pre.per_row, pre.lora, pre.prefix, *self._row_arrays(pre, (tokens_BE, lengths_B))
+    )
     return dataclasses.replace(pre, prefix=prefix, used=pre.used + tokens_BE.shape[1])
 
-  def continue_(self, pre: Prefilled, extensions: Sequence[Sequence[int]],
-                sampling: SamplingParams, rng: Optional[jax.Array] = None,
-                active: Optional[Sequence[bool]] = None) -> list[list[int]]:
+  def continue_(
+      self,
+      pre: Prefilled,
+      extensions: Sequence[Sequence[int]],
+      sampling: SamplingParams,
+      rng: Optional[jax.Array] = None,
+      active: Optional[Sequence[bool]] = None,
+  ) -> list[list[int]]:
     """Completions after prefix + extension, per row (inactive rows return []); `rng`: one key or
     keys_B, one per row (see `row_keys`)."""
     tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
     if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
-      raise ValueError(f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
-                       f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve.")
+      raise ValueError(
+          f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
+          f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve."
+      )
     active_B = np.zeros((pre.batch,), bool)
-    active_B[:pre.rows] = True if active is None else np.asarray(active, bool)
+    active_B[: pre.rows] = True if active is None else np.asarray(active, bool)
     keys_B = row_keys(rng, pre.rows, pre.batch)
-    fn = functools.partial(continue_tokens, config=self.config, sampling=sampling,
-                           stop_ids=self.stop_ids, pad_id=self.pad_id)
-    out = self.call_rows(fn, pre.per_row, pre.lora, pre.prefix,
-                     *self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B)))
+    fn = functools.partial(
+        continue_tokens, config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id
+    )
+    out = self.call_rows(
+        fn,
+        pre.per_row,
+        pre.lora,
+        pre.prefix,
+        *self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B)),
+    )
     out_BO = np.asarray(out[:, 0] if pre.per_row else out)
     return [self._trim(out_BO[b]) if active_B[b] else [] for b in range(pre.rows)]
 
-  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
-               rng: Optional[jax.Array] = None, lora=None) -> list[list[int]]:
+  def generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      sampling: SamplingParams = SamplingParams(),
+      rng: Optional[jax.Array] = None,
+      lora=None,
+  ) -> list[list[int]]:
     """Completion token ids per prompt (stop token excluded), in prompt order; `rng`: one key or
     keys_B, one per prompt (see `row_keys`); `lora`: None (the base model) or one Adapter for every
     row (per-row adapters: `prefill(..., lora_per_row=True)`).
@@ -333,14 +392,15 @@ class Sampler:
       return []
     keys = row_keys(rng, len(prompts), len(prompts))
     length = self._prompt_slots(prompts, sampling.max_new_tokens, "max_new_tokens")
-    fn = functools.partial(generate_tokens, config=self.config, sampling=sampling,
-                           stop_ids=self.stop_ids, pad_id=self.pad_id)
+    fn = functools.partial(
+        generate_tokens, config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id
+    )
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
-      chunk = prompts[start:start + self.max_batch]
+      chunk = prompts[start : start + self.max_batch]
       batch = sharding.fill_batch_shards(self.mesh, bucket(len(chunk)))
       tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
-      keys_B = row_keys(keys[start:start + len(chunk)], len(chunk), batch)
+      keys_B = row_keys(keys[start : start + len(chunk)], len(chunk), batch)
       out_BO = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
       results.extend(self._trim(out_BO[b]) for b in range(len(chunk)))
     return results
@@ -359,7 +419,9 @@ def load_model(path: str, dtype: str, mesh, max_batch: int = 64) -> LoadedModel:
   of turn: the one way the main job, the teacher, generate and bench set up a model."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
+
   config, params = checkpoints.load(path, dtype, mesh)
   tokenizer = tokenizer_lib.load(path)
-  return LoadedModel(config, params, tokenizer,
-                     Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch))
+  return LoadedModel(
+      config, params, tokenizer, Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch)
+  )

@@ -42,8 +42,7 @@ class PackedCandidates:
 TAIL = -1
 
 
-def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
-               pad_id: int) -> PackedCandidates:
+def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int, pad_id: int) -> PackedCandidates:
   """Packs each row's candidates back to back, each in its own segment (it sees the prefix and
   itself, never the other candidates).
 
@@ -62,41 +61,64 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int,
   I = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
   C = bucket(max((len(c) for c in candidates), default=1), 2)
   out = PackedCandidates(
-      tokens_BT=np.full((batch, T), pad_id, np.int32), positions_BT=np.full((batch, T), -1, np.int32),
+      tokens_BT=np.full((batch, T), pad_id, np.int32),
+      positions_BT=np.full((batch, T), -1, np.int32),
       segments_BT=np.full((batch, T), PAD_SEGMENT, np.int32),
-      select_BI=np.full((batch, I), -1, np.int32), targets_BI=np.zeros((batch, I), np.int32),
-      owner_BI=np.full((batch, I), -1, np.int32), num_candidates=C)
+      select_BI=np.full((batch, I), -1, np.int32),
+      targets_BI=np.zeros((batch, I), np.int32),
+      owner_BI=np.full((batch, I), -1, np.int32),
+      num_candidates=C,
+  )
   for b, (cands, fed_cands) in enumerate(zip(candidates, fed)):
     t = i = 0
     for k, (cand, tokens) in enumerate(zip(cands, fed_cands)):
       m, n = len(tokens), len(cand)
-      out.tokens_BT[b, t:t + m] = tokens
-      out.positions_BT[b, t:t + m] = np.arange(m)
-      out.segments_BT[b, t:t + m] = k + 1
+      out.tokens_BT[b, t : t + m] = tokens
+      out.positions_BT[b, t : t + m] = np.arange(m)
+      out.segments_BT[b, t : t + m] = k + 1
       # Target j is predicted by the prefix's last logits (j = 0) or by fed token j - 1.
-      out.select_BI[b, i:i + n] = [-1] + list(range(t, t + n - 1))
-      out.targets_BI[b, i:i + n] = cand
-      out.owner_BI[b, i:i + n] = k
+      out.select_BI[b, i : i + n] = [-1] + list(range(t, t + n - 1))
+      out.targets_BI[b, i : i + n] = cand
+      out.owner_BI[b, i : i + n] = k
       t, i = t + m, i + n
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_candidates"))
-def candidate_logliks_after(params, prefix, tokens_BT, offsets_BT, segments_BT, select_BI,
-                            targets_BI, owner_BI, lora=None, tail_mask_V=None, *,
-                            config: ModelConfig, num_candidates: int):
+def candidate_logliks_after(
+    params,
+    prefix,
+    tokens_BT,
+    offsets_BT,
+    segments_BT,
+    select_BI,
+    targets_BI,
+    owner_BI,
+    lora=None,
+    tail_mask_V=None,
+    *,
+    config: ModelConfig,
+    num_candidates: int,
+):
   """(loglik_BC, num_tokens_BC): sum and count of the log-probs of candidates continuing a cached
   `sampler.Prefix` (empty slots -inf, 0); TAIL targets score the log of the total probability of
   the tokens in `tail_mask_V`."""
   positions_BT = jnp.where(offsets_BT >= 0, prefix.next_position_B[:, None] + offsets_BT, -1)
-  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, prefix.cache, lora,
-                                      segments_BT=segments_BT,
-                                      select_BI=jnp.maximum(select_BI, 0))
+  logits_BIV, _ = transformer.forward(
+      config,
+      params,
+      tokens_BT,
+      positions_BT,
+      prefix.cache,
+      lora,
+      segments_BT=segments_BT,
+      select_BI=jnp.maximum(select_BI, 0),
+  )
   logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
-  logp_BIV = jnp.where((select_BI < 0)[..., None],
-                       jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)[:, None], logp_BIV)
-  token_logp_BI = jnp.take_along_axis(logp_BIV, jnp.maximum(targets_BI, 0)[..., None],
-                                      axis=-1)[..., 0]
+  logp_BIV = jnp.where(
+      (select_BI < 0)[..., None], jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)[:, None], logp_BIV
+  )
+  token_logp_BI = jnp.take_along_axis(logp_BIV, jnp.maximum(targets_BI, 0)[..., None], axis=-1)[..., 0]
   if tail_mask_V is not None:
     tail_logp_BI = jax.nn.logsumexp(jnp.where(tail_mask_V, logp_BIV, -jnp.inf), axis=-1)
     token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI, token_logp_BI)
@@ -120,19 +142,30 @@ def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tai
     raise ValueError("Candidates ending in TAIL need tail_mask_V.")
   packed = pack_after(candidates, pre.batch, sampler.pad_id)
   if packed.tokens_BT.shape[1] > pre.free():
-    raise ValueError(f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
-                     f"{pre.free()} are free; prefill with a larger reserve.")
-  fn = functools.partial(candidate_logliks_after, tail_mask_V=tail_mask_V, config=sampler.config,
-                         num_candidates=packed.num_candidates)
-  arrays = (packed.tokens_BT, packed.positions_BT, packed.segments_BT, packed.select_BI,
-            packed.targets_BI, packed.owner_BI)
+    raise ValueError(
+        f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
+        f"{pre.free()} are free; prefill with a larger reserve."
+    )
+  fn = functools.partial(
+      candidate_logliks_after,
+      tail_mask_V=tail_mask_V,
+      config=sampler.config,
+      num_candidates=packed.num_candidates,
+  )
+  arrays = (
+      packed.tokens_BT,
+      packed.positions_BT,
+      packed.segments_BT,
+      packed.select_BI,
+      packed.targets_BI,
+      packed.owner_BI,
+  )
   if pre.per_row:
     arrays = tuple(a[:, None] for a in arrays)
   loglik, counts = sampler.call_rows(fn, pre.per_row, pre.lora, pre.prefix, *arrays)
   if pre.per_row:
     loglik, counts = loglik[:, 0], counts[:, 0]
-  return np.asarray(loglik)[:pre.rows], np.asarray(counts)[:pre.rows]
-
+  return np.asarray(loglik)[: pre.rows], np.asarray(counts)[: pre.rows]
 
 
 def _sum_by_candidate(token_logp_BI, owner_BI, num_candidates: int):

@@ -26,8 +26,10 @@ class Tokenizer:
     self.hf = hf_tokenizer
     self.stop_ids = tuple(dict.fromkeys(int(i) for i in stop_ids))  # the tokenizer's eos first
     if not self.stop_ids:
-      raise ValueError("The tokenizer defines no end-of-sequence token, so generation could not "
-                       "stop; set eos_token_id in the checkpoint's generation_config.json.")
+      raise ValueError(
+          "The tokenizer defines no end-of-sequence token, so generation could not "
+          "stop; set eos_token_id in the checkpoint's generation_config.json."
+      )
     pad = hf_tokenizer.pad_token_id
     self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
     self.end_of_turn_id = self._end_of_turn_id()
@@ -42,15 +44,18 @@ class Tokenizer:
       return self.stop_ids[0]
     try:
       text = self.hf.apply_chat_template(
-          [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}],
-          tokenize=False)
+          [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}], tokenize=False
+      )
     except (jinja2.TemplateError, ValueError):  # a template that renders no assistant turns
       return self.stop_ids[0]
     if _PROBE not in text:
       return self.stop_ids[0]
-    special = set(self.stop_ids) | set(self.hf.all_special_ids) | {
-        i for i, token in self.hf.added_tokens_decoder.items() if token.special}
-    after = self.encode(text[text.rfind(_PROBE) + len(_PROBE):])
+    special = (
+        set(self.stop_ids)
+        | set(self.hf.all_special_ids)
+        | {i for i, token in self.hf.added_tokens_decoder.items() if token.special}
+    )
+    after = self.encode(text[text.rfind(_PROBE) + len(_PROBE) :])
     return next((t for t in after if t in special), self.stop_ids[0])
 
   def encode(self, text: str) -> list[int]:
@@ -60,10 +65,13 @@ class Tokenizer:
     """The chat-templated text of `messages`, ending where the assistant's answer starts (with
     thinking switched off where the template has the switch, as in Qwen3)."""
     if not self.hf.chat_template:
-      raise ValueError("This tokenizer has no chat template; use an instruction-tuned (chat) "
-                       "checkpoint, or add a chat_template to its tokenizer_config.json.")
-    return self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
-                                       enable_thinking=False)
+      raise ValueError(
+          "This tokenizer has no chat template; use an instruction-tuned (chat) "
+          "checkpoint, or add a chat_template to its tokenizer_config.json."
+      )
+    return self.hf.apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=False, enable_thinking=False
+    )
 
   def encode_chat(self, messages: Messages, answer_prefix: str = "") -> list[int]:
     return self.encode(self.chat_prompt(messages) + answer_prefix)
@@ -92,12 +100,15 @@ def load(path: Optional[str]) -> Tokenizer:
   """The tokenizer of a HF folder or a .gguf file (None: the embedded default)."""
   path = checkpoints.resolve(path)
   if path.endswith(".gguf") and importlib.util.find_spec("torch") is None:
-    raise CheckpointError(f"{path}: transformers reads GGUF tokenizers only with torch installed; "
-                          "pip install 'ttsi_jax[hf]' (torch==2.13.0, CPU build).")
+    raise CheckpointError(
+        f"{path}: transformers reads GGUF tokenizers only with torch installed; "
+        "pip install 'ttsi_jax[hf]' (torch==2.13.0, CPU build)."
+    )
   try:
     if path.endswith(".gguf"):
-      hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                          gguf_file=os.path.basename(path))
+      hf_tok = transformers.AutoTokenizer.from_pretrained(
+          os.path.dirname(path), gguf_file=os.path.basename(path)
+      )
       extra: list[int] = []
     else:
       hf_tok = transformers.AutoTokenizer.from_pretrained(path)

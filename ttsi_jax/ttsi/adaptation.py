@@ -86,13 +86,26 @@ class PackedStep:
 
   def rows(self) -> tuple[np.ndarray, ...]:
     """The arrays with a leading row axis (what the mesh's batch axes split)."""
-    return (self.tokens_BT, self.positions_BT, self.adapter_BXA, self.seq_blocks_BUW,
-            self.block_slots_BX, self.select_BI, self.targets_BI, self.weights_BI,
-            self.answer_adapter_BI)
+    return (
+        self.tokens_BT,
+        self.positions_BT,
+        self.adapter_BXA,
+        self.seq_blocks_BUW,
+        self.block_slots_BX,
+        self.select_BI,
+        self.targets_BI,
+        self.weights_BI,
+        self.answer_adapter_BI,
+    )
 
 
-def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, num_adapters: int,
-         pad_id: int, block: int = BLOCK) -> dict:
+def pack(
+    sequences: Sequence[tuple[int, list[int], list[int]]],
+    num_rows: int,
+    num_adapters: int,
+    pad_id: int,
+    block: int = BLOCK,
+) -> dict:
   """Packs (adapter, prompt ids, answer ids) sequences into `num_rows` rows of whole blocks, the
   longest first into the emptiest row (rows are what the mesh's batch axes split)."""
   rows: list[list[int]] = [[] for _ in range(num_rows)]
@@ -107,30 +120,32 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
   W = bucket(max(-(-len(p + a) // block) for _, p, a in sequences))
   I = bucket(max(sum(len(sequences[i][2]) for i in row) for row in rows), 8)
   T = X * block
-  out = dict(tokens_BT=np.full((num_rows, T), pad_id, np.int32),
-             positions_BT=np.full((num_rows, T), -1, np.int32),
-             adapter_BXA=np.zeros((num_rows, X, num_adapters), bool),
-             seq_blocks_BUW=np.full((num_rows, U, W), X, np.int32),
-             block_slots_BX=np.full((num_rows, X), U * W, np.int32),
-             select_BI=np.zeros((num_rows, I), np.int32),
-             targets_BI=np.zeros((num_rows, I), np.int32),
-             weights_BI=np.zeros((num_rows, I), np.float32),
-             answer_adapter_BI=np.zeros((num_rows, I), np.int32))
+  out = dict(
+      tokens_BT=np.full((num_rows, T), pad_id, np.int32),
+      positions_BT=np.full((num_rows, T), -1, np.int32),
+      adapter_BXA=np.zeros((num_rows, X, num_adapters), bool),
+      seq_blocks_BUW=np.full((num_rows, U, W), X, np.int32),
+      block_slots_BX=np.full((num_rows, X), U * W, np.int32),
+      select_BI=np.zeros((num_rows, I), np.int32),
+      targets_BI=np.zeros((num_rows, I), np.int32),
+      weights_BI=np.zeros((num_rows, I), np.float32),
+      answer_adapter_BI=np.zeros((num_rows, I), np.int32),
+  )
   for r, row in enumerate(rows):
     at, answered = 0, 0
     for u, i in enumerate(row):
       adapter, prompt, answer = sequences[i]
       seq, n, m = prompt + answer, len(prompt), len(answer)
-      out["tokens_BT"][r, at:at + len(seq)] = seq
-      out["positions_BT"][r, at:at + len(seq)] = np.arange(len(seq))
+      out["tokens_BT"][r, at : at + len(seq)] = seq
+      out["positions_BT"][r, at : at + len(seq)] = np.arange(len(seq))
       blocks = np.arange(at // block, -(-(at + len(seq)) // block))
       out["adapter_BXA"][r, blocks, adapter] = True
-      out["seq_blocks_BUW"][r, u, :len(blocks)] = blocks
+      out["seq_blocks_BUW"][r, u, : len(blocks)] = blocks
       out["block_slots_BX"][r, blocks] = u * W + np.arange(len(blocks))
-      out["select_BI"][r, answered:answered + m] = at + np.arange(n - 1, n + m - 1)
-      out["targets_BI"][r, answered:answered + m] = answer
-      out["weights_BI"][r, answered:answered + m] = 1.0
-      out["answer_adapter_BI"][r, answered:answered + m] = adapter
+      out["select_BI"][r, answered : answered + m] = at + np.arange(n - 1, n + m - 1)
+      out["targets_BI"][r, answered : answered + m] = answer
+      out["weights_BI"][r, answered : answered + m] = 1.0
+      out["answer_adapter_BI"][r, answered : answered + m] = adapter
       at += -(-len(seq) // block) * block
       answered += m
   return out
@@ -139,9 +154,13 @@ def pack(sequences: Sequence[tuple[int, list[int], list[int]]], num_rows: int, n
 def pad_answer_slots(step: PackedStep, slots: int) -> PackedStep:
   """`step` with `slots` answer positions per row; the added ones weigh nothing in the loss."""
   pad = lambda x_BI: np.pad(x_BI, ((0, 0), (0, slots - x_BI.shape[1])))
-  return dataclasses.replace(step, select_BI=pad(step.select_BI), targets_BI=pad(step.targets_BI),
-                             weights_BI=pad(step.weights_BI),
-                             answer_adapter_BI=pad(step.answer_adapter_BI))
+  return dataclasses.replace(
+      step,
+      select_BI=pad(step.select_BI),
+      targets_BI=pad(step.targets_BI),
+      weights_BI=pad(step.weights_BI),
+      answer_adapter_BI=pad(step.answer_adapter_BI),
+  )
 
 
 def training_example(tokenizer, task, ex, request: str, call: str) -> tuple[list, list]:
@@ -151,9 +170,14 @@ def training_example(tokenizer, task, ex, request: str, call: str) -> tuple[list
   return prompt, tokenizer.encode(call) + [tokenizer.end_of_turn_id]
 
 
-def make_steps(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
-               pad_id: int, num_adapters: int, num_rows: int = 1,
-               block: int = BLOCK) -> list[PackedStep]:
+def make_steps(
+    cfg: AdaptConfig,
+    examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+    pad_id: int,
+    num_adapters: int,
+    num_rows: int = 1,
+    block: int = BLOCK,
+) -> list[PackedStep]:
   """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; adapters beyond len(examples)
   idle. Step s packs batch s of every adapter that still has steps left."""
   if any(not a for ex in examples for _, a in ex):
@@ -171,19 +195,33 @@ def make_steps(cfg: AdaptConfig, examples: Sequence[Sequence[tuple[list[int], li
         continue
       learning_rate_A[a], active_A[a] = schedules[a][s], True
       num_batches = math.ceil(len(ex) / b)
-      sequences += [(a, p, t) for p, t in ex[(s % num_batches) * b:(s % num_batches + 1) * b]]
-    steps.append(PackedStep(**pack(sequences, num_rows, num_adapters, pad_id, block),
-                            learning_rate_A=learning_rate_A, active_A=active_A))
+      sequences += [(a, p, t) for p, t in ex[(s % num_batches) * b : (s % num_batches + 1) * b]]
+    steps.append(
+        PackedStep(
+            **pack(sequences, num_rows, num_adapters, pad_id, block),
+            learning_rate_A=learning_rate_A,
+            active_A=active_A,
+        )
+    )
   return steps
 
 
-def answer_loss(config: ModelConfig, params, adapter, tokens_BT, positions_BT, select_BI,
-                targets_BI, weights_BI, dropout_rng=None):
+def answer_loss(
+    config: ModelConfig,
+    params,
+    adapter,
+    tokens_BT,
+    positions_BT,
+    select_BI,
+    targets_BI,
+    weights_BI,
+    dropout_rng=None,
+):
   """Mean negative log-likelihood of the answer tokens (prompt tokens carry no loss)."""
-  logits_BIV, _ = transformer.forward(config, params, tokens_BT, positions_BT, lora=adapter,
-                                      select_BI=select_BI, dropout_rng=dropout_rng)
-  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None],
-                                -1)[..., 0]
+  logits_BIV, _ = transformer.forward(
+      config, params, tokens_BT, positions_BT, lora=adapter, select_BI=select_BI, dropout_rng=dropout_rng
+  )
+  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
   return -jnp.sum(logp_BI * weights_BI) / jnp.maximum(jnp.sum(weights_BI), 1.0)
 
 
@@ -191,8 +229,12 @@ def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
   """What a step without remat keeps for its backward pass: per layer and token the linear layers'
   inputs and outputs (attention probabilities are recomputed in the backward pass)."""
   itemsize = jnp.dtype(config.dtype).itemsize
-  per_token = (6 * config.embed_dim + 2 * config.num_heads * config.head_dim
-               + 2 * config.num_kv_heads * config.head_dim + 3 * config.mlp_dim) * itemsize
+  per_token = (
+      6 * config.embed_dim
+      + 2 * config.num_heads * config.head_dim
+      + 2 * config.num_kv_heads * config.head_dim
+      + 3 * config.mlp_dim
+  ) * itemsize
   return config.num_layers * step.tokens_BT.size * per_token
 
 
@@ -215,13 +257,15 @@ class Trainer:
     # The learning rate is a per-adapter hyperparameter fed each step (own schedule per adapter).
     self.optimizer = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay))
+        optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay),
+    )
     self.init = jax.jit(jax.vmap(self._init_one))
     self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("remat",))
 
   def _init_one(self, rng):
-    adapter = lora_lib.init(self.config, rng, self.cfg.rank, self.cfg.alpha, self.cfg.targets,
-                            self.cfg.dropout)
+    adapter = lora_lib.init(
+        self.config, rng, self.cfg.rank, self.cfg.alpha, self.cfg.targets, self.cfg.dropout
+    )
     return adapter, self.optimizer.init(adapter)
 
   def remat_for(self, step: PackedStep) -> bool:
@@ -229,9 +273,26 @@ class Trainer:
       return self.cfg.remat == "on"
     return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
-  def _step(self, params, adapters, opt_states, tokens_BT, positions_BT, adapter_BXA,
-            seq_blocks_BUW, block_slots_BX, select_BI, targets_BI, weights_BI, answer_adapter_BI,
-            learning_rate_A, active_A, rng, *, remat):
+  def _step(
+      self,
+      params,
+      adapters,
+      opt_states,
+      tokens_BT,
+      positions_BT,
+      adapter_BXA,
+      seq_blocks_BUW,
+      block_slots_BX,
+      select_BI,
+      targets_BI,
+      weights_BI,
+      answer_adapter_BI,
+      learning_rate_A,
+      active_A,
+      rng,
+      *,
+      remat,
+  ):
     """One update of every active adapter from one packed forward and backward pass."""
     packing = transformer.Packing(adapter_BXA, seq_blocks_BUW, block_slots_BX)
     num_adapters = learning_rate_A.shape[0]
@@ -240,12 +301,20 @@ class Trainer:
       # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
       by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
       logits_BIV, _ = transformer.forward(
-          self.config, params, tokens_BT, positions_BT, lora=by_layer, select_BI=select_BI,
-          packing=packing, remat=remat, dropout_rng=rng if self.cfg.dropout > 0 else None)
-      logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None],
-                                    -1)[..., 0]
-      per_adapter = lambda x: jax.ops.segment_sum(x.ravel(), answer_adapter_BI.ravel(),
-                                                  num_segments=num_adapters)
+          self.config,
+          params,
+          tokens_BT,
+          positions_BT,
+          lora=by_layer,
+          select_BI=select_BI,
+          packing=packing,
+          remat=remat,
+          dropout_rng=rng if self.cfg.dropout > 0 else None,
+      )
+      logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
+      per_adapter = lambda x: jax.ops.segment_sum(
+          x.ravel(), answer_adapter_BI.ravel(), num_segments=num_adapters
+      )
       loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(per_adapter(weights_BI), 1.0)
       return jnp.sum(loss_A), loss_A
 
@@ -258,8 +327,7 @@ class Trainer:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
       return keep(new_adapter, adapter), keep(new_state, opt_state)
 
-    adapters, opt_states = jax.vmap(update)(grads, opt_states, adapters, learning_rate_A,
-                                            active_A)
+    adapters, opt_states = jax.vmap(update)(grads, opt_states, adapters, learning_rate_A, active_A)
     return adapters, opt_states, loss_A
 
   def train(self, params, steps: Sequence[PackedStep], rngs_A: jax.Array):
@@ -270,33 +338,44 @@ class Trainer:
     init_rngs_A, dropout_rngs_A = jnp.unstack(jax.vmap(jax.random.split)(rngs_A), axis=1)
     adapters, opt_states = self.init(init_rngs_A)
     if mesh is not None:  # replicated, as the step returns them: else its 2nd call compiles again
-      adapters, opt_states = jax.device_put((adapters, opt_states),
-                                            NamedSharding(mesh, PartitionSpec()))
+      adapters, opt_states = jax.device_put((adapters, opt_states), NamedSharding(mesh, PartitionSpec()))
     losses = []
     for s, step in enumerate(steps):
       # One dropout key per step (dropout > 0 draws its masks over the packed rows).
       rng = jax.random.fold_in(dropout_rngs_A[0], s)
       rows = sharding.shard_rows(mesh, *step.rows())
-      adapters, opt_states, loss = self.step(params, adapters, opt_states, *rows,
-                                             step.learning_rate_A, step.active_A, rng,
-                                             remat=self.remat_for(step))
+      adapters, opt_states, loss = self.step(
+          params,
+          adapters,
+          opt_states,
+          *rows,
+          step.learning_rate_A,
+          step.active_A,
+          rng,
+          remat=self.remat_for(step),
+      )
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     active = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
     return adapters, np.where(active, losses, np.nan)
 
-  def train_all(self, params, examples: Sequence[Sequence[tuple[list[int], list[int]]]],
-                pad_id: int, rngs_A: jax.Array, per_call: int = 0):
+  def train_all(
+      self,
+      params,
+      examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+      pad_id: int,
+      rngs_A: jax.Array,
+      per_call: int = 0,
+  ):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
     losses [steps, A]); the result does not depend on `per_call`."""
     per_call = per_call or len(examples)
     rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
     starts = range(0, len(examples), per_call)
-    chunks = [examples[start:start + per_call] for start in starts]
+    chunks = [examples[start : start + per_call] for start in starts]
     sizes = [bucket(len(chunk)) for chunk in chunks]  # bucketed adapter counts: a compile each
-    steps_of = [make_steps(self.cfg, chunk, pad_id, size, rows)
-                for chunk, size in zip(chunks, sizes)]
+    steps_of = [make_steps(self.cfg, chunk, pad_id, size, rows) for chunk, size in zip(chunks, sizes)]
     # One answer width for the whole call list: answers differ in length, and each width would
     # compile a step of its own, where a wider one costs only a few more logits rows.
     slots = max((s.select_BI.shape[1] for steps in steps_of for s in steps), default=0)
@@ -304,8 +383,8 @@ class Trainer:
     for start, chunk, size, steps in zip(starts, chunks, sizes, steps_of):
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
       adapters, loss = self.train(params, [pad_answer_slots(s, slots) for s in steps], keys)
-      parts.append(jax.tree.map(lambda x: x[:len(chunk)], adapters))
-      losses.append(loss[:, :len(chunk)])
+      parts.append(jax.tree.map(lambda x: x[: len(chunk)], adapters))
+      losses.append(loss[:, : len(chunk)])
     steps = max(l.shape[0] for l in losses)
     losses = [np.pad(l, ((0, steps - l.shape[0]), (0, 0)), constant_values=np.nan) for l in losses]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), np.concatenate(losses, axis=1)

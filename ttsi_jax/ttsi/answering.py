@@ -38,12 +38,12 @@ class Answerer:
     """RSS statistics over the task's candidate actions (or the given candidate strings)."""
     enc = self.tokenizer.encode
     candidates = candidates or [self.task.candidates(ex) for ex in examples]
-    loglik, counts = scoring.score_after(self.sampler, pre,
-                                         [[enc(c) for c in cands] for cands in candidates])
+    loglik, counts = scoring.score_after(self.sampler, pre, [[enc(c) for c in cands] for cands in candidates])
     return uncertainty.CandidateStats.of(candidates, loglik, counts)
 
-  def sampled_call_stats(self, pre, examples, stats: uncertainty.CandidateStats, rng,
-                         num_samples: int) -> uncertainty.CandidateStats:
+  def sampled_call_stats(
+      self, pre, examples, stats: uncertainty.CandidateStats, rng, num_samples: int
+  ) -> uncertainty.CandidateStats:
     """Uncertainty for inputs offering a single function (where the name margin is always 1):
     sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
     a model that cannot write the call is not certain of it), score each as a candidate.
@@ -51,30 +51,39 @@ class Answerer:
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
-    runs = [self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True)
-            for s in range(num_samples)]
+    runs = [
+        self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True)
+        for s in range(num_samples)
+    ]
     candidates = list(stats.candidates)
     for i in single:
       ex = examples[i]
       calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
       fit = scoring.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
       if not fit:
-        raise ValueError(f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
-                         "cache slots to be scored; raise config.reserve.")
+        raise ValueError(
+            f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
+            "cache slots to be scored; raise config.reserve."
+        )
       if fit < len(calls):
-        logging.warning("Input %s: scoring %d of its %d distinct sampled answers (the rest do not "
-                        "fit the %d free cache slots; raise config.reserve).", ex.id, fit,
-                        len(calls), pre.free())
+        logging.warning(
+            "Input %s: scoring %d of its %d distinct sampled answers (the rest do not "
+            "fit the %d free cache slots; raise config.reserve).",
+            ex.id,
+            fit,
+            len(calls),
+            pre.free(),
+        )
       candidates[i] = calls[:fit]
     return stats.with_rows(single, self.score(pre, examples, candidates))
 
   def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
-    sampling = SamplingParams(self.max_new_tokens, self.temperature if sample else 0.0,
-                              self.top_p if sample else 1.0)
+    sampling = SamplingParams(
+        self.max_new_tokens, self.temperature if sample else 0.0, self.top_p if sample else 1.0
+    )
     if self.well_formed:
-      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling,
-                                 rng=rng)
+      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling, rng=rng)
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
     return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 
@@ -88,19 +97,20 @@ class Answerer:
       runs = []
       for s in range(self.num_samples):
         keys = sampler_lib.fold_in(rng, s + 1)
-        functions = (self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
-                     if self.well_formed else stats.best_B)
-        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0),
-                                sample=True))
+        functions = (
+            self.draw_functions(examples, stats, sampler_lib.fold_in(keys, 1))
+            if self.well_formed
+            else stats.best_B
+        )
+        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0), sample=True))
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
 
   def draw_functions(self, examples, stats: uncertainty.CandidateStats, keys_B) -> np.ndarray:
     """A function index per input, drawn with its own key from softmax(log RSS prob / T)."""
     if self.temperature <= 0:  # greedy "samples": the most likely function
-      return stats.best_B[:len(examples)]
-    logits_BC = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf,
-                        np.float32)
+      return stats.best_B[: len(examples)]
+    logits_BC = np.full((len(examples), max(len(ex.functions) for ex in examples)), -np.inf, np.float32)
     for i, ex in enumerate(examples):
       n = len(ex.functions)  # a single function's "probs" are over sampled calls: keep it
       probs = np.asarray(stats.probs[i][:n], np.float64) if n > 1 else np.ones(1)

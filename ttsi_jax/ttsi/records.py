@@ -65,18 +65,27 @@ class Record:
   @classmethod
   def from_dict(cls, d: dict) -> "Record":
     if d.get("format", 1) > FORMAT:
-      raise ValueError(f"a results record of format {d['format']}, newer than this ttsi_jax reads "
-                       f"({FORMAT}); update ttsi_jax to read it")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in d and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+      raise ValueError(
+          f"a results record of format {d['format']}, newer than this ttsi_jax reads "
+          f"({FORMAT}); update ttsi_jax to read it"
+      )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
       raise ValueError(f"a results record needs the fields {missing}")
     teacher = d.get("teacher_pairs")
-    return cls(**{
-        **d, "base": BaseAnswer(**d["base"]), "pairs": [Pair(**p) for p in d["pairs"]],
-        "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
-        "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher})
+    return cls(
+        **{
+            **d,
+            "base": BaseAnswer(**d["base"]),
+            "pairs": [Pair(**p) for p in d["pairs"]],
+            "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
+            "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher,
+        }
+    )
 
   @classmethod
   def from_json(cls, line: str) -> "Record":

@@ -37,7 +37,8 @@ _USER = (
     "Write {k} new request(s) that a user could make which need the same kind of function call, "
     "with different wording and different argument values. After each request, give the function "
     "call that answers it in Python syntax. Use exactly this format:\n"
-    "Request: <the request>\nCall: [function_name(param=value, ...)]")
+    "Request: <the request>\nCall: [function_name(param=value, ...)]"
+)
 _PAIR = re.compile(r"Request:\s*(?P<request>.+?)\s*\n+\s*Call:\s*(?P<call>.+)")
 
 
@@ -67,9 +68,10 @@ class Written:
 
 def messages(example: Example, k: int) -> list[dict]:
   functions = json.dumps(list(example.functions), ensure_ascii=False)
-  return [{"role": "system", "content": _SYSTEM},
-          {"role": "user", "content": _USER.format(functions=functions, question=example.question,
-                                                   k=k)}]
+  return [
+      {"role": "system", "content": _SYSTEM},
+      {"role": "user", "content": _USER.format(functions=functions, question=example.question, k=k)},
+  ]
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -86,8 +88,9 @@ def judge(task: Task, example: Example, request: str, call: str, validate: bool)
   return Pair(request, call, reason)
 
 
-def judge_all(task: Task, example: Example, pairs: Sequence[tuple[str, str]], k: int,
-              validate: bool) -> list[Pair]:
+def judge_all(
+    task: Task, example: Example, pairs: Sequence[tuple[str, str]], k: int, validate: bool
+) -> list[Pair]:
   judged = [judge(task, example, r, c, validate) for r, c in pairs[:k]]
   # A generation with fewer than K parseable pairs: the missing ones count as rejected.
   judged += [Pair("", "", "no parseable pair")] * (k - len(judged))
@@ -108,8 +111,7 @@ class SynthesisConfig:
 class ModelSynthesizer:
   """Pairs from a local model (the model itself for TT-SI, a teacher checkpoint for TT-D)."""
 
-  def __init__(self, task: Task, decoder: constrained.CallDecoder, cfg: SynthesisConfig,
-               reserve: int = 384):
+  def __init__(self, task: Task, decoder: constrained.CallDecoder, cfg: SynthesisConfig, reserve: int = 384):
     """`decoder` writes the calls (and brings the model's sampler and tokenizer)."""
     self.task = task
     self.decoder = decoder
@@ -128,13 +130,14 @@ class ModelSynthesizer:
     return self._free(examples, rng)
 
   def _free(self, examples, rng):
-    sampling = SamplingParams(self.cfg.max_free_tokens * self.cfg.k, self.cfg.temperature,
-                              self.cfg.top_p)
+    sampling = SamplingParams(self.cfg.max_free_tokens * self.cfg.k, self.cfg.temperature, self.cfg.top_p)
     prompts = [self.tokenizer.encode_chat(messages(ex, self.cfg.k)) for ex in examples]
     outs = self.sampler.generate(prompts, sampling, rng)
     texts = [tokenizer_lib.strip_reasoning(self.tokenizer.decode(out)) for out in outs]
-    return [judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate)
-            for ex, text in zip(examples, texts)]
+    return [
+        judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate)
+        for ex, text in zip(examples, texts)
+    ]
 
   def _well_formed(self, examples, rng):
     """K rows per input: sample a request, pick the function by likelihood, decode the call."""
@@ -143,24 +146,24 @@ class ModelSynthesizer:
     if rng.ndim:  # keys_E -> one key per row: the example's key split k ways
       rng = jax.vmap(lambda key: jax.random.split(key, k))(rng).reshape(-1)
     enc = self.tokenizer.encode
-    pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows],
-                               self.reserve)
-    request_sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature,
-                                      self.cfg.top_p)
-    outs = self.sampler.continue_(pre, [enc("Request:")] * len(rows), request_sampling,
-                                  sampler_lib.fold_in(rng, 0))
+    pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows], self.reserve)
+    request_sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature, self.cfg.top_p)
+    outs = self.sampler.continue_(
+        pre, [enc("Request:")] * len(rows), request_sampling, sampler_lib.fold_in(rng, 0)
+    )
     requests = [self.tokenizer.decode(o).strip().split("\n")[0].strip() for o in outs]
     leads = [f"Request: {r}\nCall: " for r in requests]
     here = self.sampler.extend(pre, [enc(lead) for lead in leads])
     loglik, counts = scoring.score_after(
-        self.sampler, here, [[enc(c) for c in self.task.candidates(ex)] for ex in rows])
+        self.sampler, here, [[enc(c) for c in self.task.candidates(ex)] for ex in rows]
+    )
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
-    calls = self.decoder.decode(pre, [ex.functions for ex in rows], names, leads,
-                                rng=sampler_lib.fold_in(rng, 1))
-    judged = [judge(self.task, ex, r, c, self.cfg.validate)
-              for ex, r, c in zip(rows, requests, calls)]
-    return [judged[i * k:(i + 1) * k] for i in range(len(examples))]
+    calls = self.decoder.decode(
+        pre, [ex.functions for ex in rows], names, leads, rng=sampler_lib.fold_in(rng, 1)
+    )
+    judged = [judge(self.task, ex, r, c, self.cfg.validate) for ex, r, c in zip(rows, requests, calls)]
+    return [judged[i * k : (i + 1) * k] for i in range(len(examples))]
 
 
 class TeacherError(RuntimeError):
@@ -176,8 +179,7 @@ class TeacherRequestError(ValueError):
 # Refusals a retry cannot fix (other HTTP errors, 408 / 429 / 5xx, are retried): of the setup,
 # which stop the run; and of one request, which stop the run only while none has succeeded yet
 # (a wrong request field), else only fail that input (e.g. a prompt too long, a content filter).
-_REFUSED_SETUP = {401: "unauthorized", 403: "forbidden", 404: "not found",
-                  405: "method not allowed"}
+_REFUSED_SETUP = {401: "unauthorized", 403: "forbidden", 404: "not found", 405: "method not allowed"}
 _REFUSED_REQUEST = {400: "bad request", 413: "request too large", 422: "unprocessable request"}
 
 
@@ -202,8 +204,7 @@ class EndpointConfig:
     try:
       overrides = json.loads(self.request_json or "{}")
     except ValueError as e:
-      raise ValueError(f"teacher.request_json is not valid JSON ({e}): "
-                       f"{self.request_json!r}") from None
+      raise ValueError(f"teacher.request_json is not valid JSON ({e}): " f"{self.request_json!r}") from None
     if not isinstance(overrides, dict):
       raise ValueError(f"teacher.request_json must be a JSON object, got {self.request_json!r}.")
     return overrides
@@ -228,8 +229,13 @@ class EndpointSynthesizer:
     """The chat-completions body: model, messages, synthesis.temperature and max_tokens (top_p
     only through request_json: some endpoints refuse it beside temperature), then overrides."""
     e = self.endpoint
-    body = {"model": e.model, "messages": msgs, "temperature": self.cfg.temperature,
-            "max_tokens": e.max_tokens, **e.overrides()}
+    body = {
+        "model": e.model,
+        "messages": msgs,
+        "temperature": self.cfg.temperature,
+        "max_tokens": e.max_tokens,
+        **e.overrides(),
+    }
     return {k: v for k, v in body.items() if v is not None}
 
   def _complete(self, msgs: list[dict]) -> str:
@@ -245,8 +251,9 @@ class EndpointSynthesizer:
       if attempt:
         time.sleep(e.backoff_s * 2 ** (attempt - 1))
       try:
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers),
-                                    timeout=e.timeout_s) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, body, headers), timeout=e.timeout_s
+        ) as response:
           payload = json.loads(response.read())
         content = payload["choices"][0]["message"]["content"]
         if not isinstance(content, str):
@@ -262,21 +269,28 @@ class EndpointSynthesizer:
           detail = err.read().decode("utf-8", "replace")[:500]
         except OSError:
           detail = ""
-        message = (f"Teacher endpoint {url} refused the request: HTTP {err.code} ({refused}): "
-                   f"{detail}")
+        message = f"Teacher endpoint {url} refused the request: HTTP {err.code} ({refused}): " f"{detail}"
         if err.code in _REFUSED_SETUP or not self.answered:
           raise TeacherRequestError(
               f"{message}\nCheck teacher.base_url, teacher.model and ${e.api_key_env}; change "
-              "request fields with teacher.request_json.") from None
+              "request fields with teacher.request_json."
+          ) from None
         raise TeacherError(message) from None
-      except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError,
-              IndexError, TypeError) as err:
+      except (
+          urllib.error.URLError,
+          http.client.HTTPException,
+          OSError,
+          ValueError,
+          KeyError,
+          IndexError,
+          TypeError,
+      ) as err:
         last_error = f"{type(err).__name__}: {err}"
-    raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: "
-                       f"{last_error}")
+    raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: " f"{last_error}")
 
-  def synthesize(self, examples: Sequence[Example],
-                 rng: Optional[jax.Array] = None) -> list[Optional[list[Pair]]]:
+  def synthesize(
+      self, examples: Sequence[Example], rng: Optional[jax.Array] = None
+  ) -> list[Optional[list[Pair]]]:
     del rng  # sampling happens on the endpoint
     out: list[Optional[list[Pair]]] = []
     for ex in examples:

@@ -25,10 +25,14 @@ def rss_stats(loglik_BC, num_tokens_BC):
   top2_B2 = jax.lax.top_k(probs_BC, 2)[0]
   margin_B = top2_B2[:, 0] - top2_B2[:, 1]
   entropy_B = -jnp.sum(jnp.where(probs_BC > 0, probs_BC * jnp.log(probs_BC), 0.0), axis=-1)
-  perplexity_BC = jnp.where(num_tokens_BC > 0,
-                            jnp.exp(-loglik_BC / jnp.maximum(num_tokens_BC, 1)), jnp.inf)
-  return {"probs": probs_BC, "margin": margin_B, "entropy": entropy_B,
-          "perplexity": perplexity_BC, "best": jnp.argmax(loglik_BC, axis=-1)}
+  perplexity_BC = jnp.where(num_tokens_BC > 0, jnp.exp(-loglik_BC / jnp.maximum(num_tokens_BC, 1)), jnp.inf)
+  return {
+      "probs": probs_BC,
+      "margin": margin_B,
+      "entropy": entropy_B,
+      "perplexity": perplexity_BC,
+      "best": jnp.argmax(loglik_BC, axis=-1),
+  }
 
 
 @dataclasses.dataclass
@@ -46,16 +50,26 @@ class CandidateStats:
   @classmethod
   def of(cls, candidates: Sequence[Sequence[str]], loglik_BC, num_tokens_BC) -> "CandidateStats":
     stats = jax.tree.map(np.asarray, rss_stats(loglik_BC, num_tokens_BC))
-    return cls([list(c) for c in candidates], list(stats["probs"]), list(stats["perplexity"]),
-               stats["margin"], stats["entropy"], stats["best"])
+    return cls(
+        [list(c) for c in candidates],
+        list(stats["probs"]),
+        list(stats["perplexity"]),
+        stats["margin"],
+        stats["entropy"],
+        stats["best"],
+    )
 
   def with_rows(self, rows: Sequence[int], other: "CandidateStats") -> "CandidateStats":
     """These statistics with `rows` taken from `other` (the best candidate index stays)."""
     take = np.isin(np.arange(len(self.margin_B)), rows)
     out = dataclasses.replace(
-        self, candidates=list(self.candidates), probs=list(self.probs),
-        perplexity=list(self.perplexity), margin_B=np.where(take, other.margin_B, self.margin_B),
-        entropy_B=np.where(take, other.entropy_B, self.entropy_B))
+        self,
+        candidates=list(self.candidates),
+        probs=list(self.probs),
+        perplexity=list(self.perplexity),
+        margin_B=np.where(take, other.margin_B, self.margin_B),
+        entropy_B=np.where(take, other.entropy_B, self.entropy_B),
+    )
     for i in rows:
       out.candidates[i], out.probs[i] = other.candidates[i], other.probs[i]
       out.perplexity[i] = other.perplexity[i]

@@ -31,18 +31,21 @@ class Variant:
 
 TABLE = {
     "base": Variant("none", None, "base", "the model as it is"),
-    "ttsi": Variant("flagged", "self", "adapter",
-                    "TT-SI: uncertain inputs adapt on pairs the model writes itself"),
-    "ttd": Variant("flagged", "teacher", "adapter",
-                   "TT-D: uncertain inputs adapt on pairs a teacher writes"),
-    "ttsi_icl": Variant("flagged", "self", "icl",
-                        "uncertain inputs get the self-written pairs as in-context examples"),
+    "ttsi": Variant(
+        "flagged", "self", "adapter", "TT-SI: uncertain inputs adapt on pairs the model writes itself"
+    ),
+    "ttd": Variant("flagged", "teacher", "adapter", "TT-D: uncertain inputs adapt on pairs a teacher writes"),
+    "ttsi_icl": Variant(
+        "flagged", "self", "icl", "uncertain inputs get the self-written pairs as in-context examples"
+    ),
     "all_inputs": Variant("all", "self", "adapter", "TT-SI on every input (no flag)"),
-    "certain_only": Variant("certain", "self", "adapter",
-                            "TT-SI on the inputs the flag calls certain (the flag's control)"),
+    "certain_only": Variant(
+        "certain", "self", "adapter", "TT-SI on the inputs the flag calls certain (the flag's control)"
+    ),
     "oracle": Variant("all", "gold", "adapter", "every input adapts on its own gold call"),
-    "sft": Variant("all", None, "sft",
-                   "one adapter trained on the gold calls of other categories (inductive)"),
+    "sft": Variant(
+        "all", None, "sft", "one adapter trained on the gold calls of other categories (inductive)"
+    ),
 }
 NAMES = tuple(TABLE)
 SOURCES = ("self", "teacher", "gold")
@@ -65,6 +68,7 @@ def inputs_needing(source: str, variants: Sequence[str], flags_B: np.ndarray) ->
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One adapter to train: its data source, its input, and its training examples."""
+
   source: str
   input: int
   data: list
@@ -74,12 +78,12 @@ class Job:
 class Plan:
   """A wave's adapters, one per distinct (source, input); variants that train on the same data
   share one (`job_of[(variant, input)]` = its index in `jobs`)."""
+
   jobs: list[Job]
   job_of: dict[tuple[str, int], int]
 
 
-def plan_adapters(variants: Sequence[str], flags_B: np.ndarray,
-                  data_for: Callable[[str, int], list]) -> Plan:
+def plan_adapters(variants: Sequence[str], flags_B: np.ndarray, data_for: Callable[[str, int], list]) -> Plan:
   """The adapter jobs of a wave. `data_for(source, input)` gives the training examples (empty:
   nothing to train on, the variant answers as base on that input). No model needed."""
   jobs, job_of, by_source = [], {}, {}
