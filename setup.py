@@ -6,7 +6,7 @@ setuptools.setup(
     name="ttsi_jax",
     version="0.1.0",
     description="Test-time self-improvement for LLM agents: uncertainty, self-augmentation and "
-    "vmapped per-sample LoRA in JAX/Flax.",
+    "packed multi-adapter LoRA in JAX/Flax.",
     packages=setuptools.find_packages(include=["ttsi_jax", "ttsi_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -17,6 +17,8 @@ setuptools.setup(
         "transformers>=4.50",
         "tokenizers",
         "tensorflow-datasets",
+        "array_record",  # TFDS's file format, read without TensorFlow
+        "importlib_resources",  # TFDS builders need it, without declaring it
         "ml-collections",
         "absl-py",
         "gguf>=0.10",
@@ -24,6 +26,7 @@ setuptools.setup(
         "numpy",
         "tqdm",
         "jinja2",
+        "matplotlib",  # the report's plots
     ],
     extras_require={
         # Parity tests, HF export checks and the reference benchmark (CPU torch build).

@@ -22,9 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.name = "bfcl"
   config.task.category = "multiple"
   config.task.num_examples = 8  # 0 = all; one adapter step costs ~10-20 s on a 2-core CPU
-  config.task.data_dir = ""  # "" = the data inside the bfcl-eval package
+  config.task.data_dir = ""  # "" = the data inside the bfcl-eval package (tfds: ~/tensorflow_datasets)
+  # task.name = "tfds": a dataset of ttsi_jax/tasks/datasets.py ("user_tools", "bfcl/multiple", ...),
+  # its split, and the folder with the files a builder reads (user_tools: your test.jsonl).
+  config.task.dataset = "user_tools"
+  config.task.split = "test"
+  config.task.manual_dir = ""
 
-  # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, oracle, sft (comma separated)
+  # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, self_label, oracle, sft (comma separated)
   config.variants = "base,ttsi"
   # Inputs per wave. Its adapters (one per data source and targeted input: self pairs, teacher
   # pairs, gold; up to 2 x wave_size with configs/paper.py) train adapters_per_call at a time.
@@ -60,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthesis.top_p = 0.95
   config.synthesis.max_request_tokens = 48
   config.synthesis.max_free_tokens = 160
+  # A sampled request that is code, a call or a code fence is drawn again (with validation).
+  config.synthesis.request_retries = 2
 
   config.adaptation = ml_collections.ConfigDict()
   config.adaptation.rank = 8

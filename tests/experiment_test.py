@@ -15,11 +15,12 @@ import torch
 import transformers
 
 from configs import tiny
-from ttsi_jax import checkpoints, experiment
+from ttsi_jax import checkpoints, experiment, report
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
-from ttsi_jax.ttsi import adaptation, answering, records, uncertainty
+from ttsi_jax.text import tokenizer as tokenizer_lib
+from ttsi_jax.ttsi import adaptation, answering, records, uncertainty, variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +64,7 @@ def teacher_server():
 def _config(model, url):
   config = tiny.get_config()
   config.model.path = model
-  config.variants = "base,ttsi,ttd,ttsi_icl,all_inputs,certain_only,oracle"
+  config.variants = "base,ttsi,ttd,ttsi_icl,all_inputs,certain_only,oracle,self_label"
   config.uncertainty.tau = 1.01  # flag every input, so every variant has work on a random model
   # A random model's calls lack required arguments: keep its pairs anyway, so the self-pair
   # variants (ttsi, ttsi_icl, all_inputs) train and answer too. Validation has its own tests.
@@ -109,13 +110,24 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
     assert {"answer", "correct", "error"} <= set(r["base"]) and len(r["base"]["samples"]) == 2
     # The checker's reason for a wrong direct answer ("" when right), as BFCL's checker says it.
     assert (r["base"]["error"] == "") == r["base"]["correct"]["direct"]
-    assert set(r["variants"]) == {"ttsi", "ttd", "ttsi_icl", "all_inputs", "certain_only", "oracle"}
+    assert set(r["variants"]) == {
+        "ttsi",
+        "ttd",
+        "ttsi_icl",
+        "all_inputs",
+        "certain_only",
+        "oracle",
+        "self_label",
+    }
     for v in r["variants"].values():
       assert set(v["correct"]) == {"direct", "majority", "pass@k"}
       assert (v["error"] == "") == v["correct"]["direct"]
     assert r["variants"]["oracle"]["adapted"] and len(r["variants"]["oracle"]["losses"]) == 2
     assert all(r["variants"][v]["adapted"] for v in ("ttsi", "ttsi_icl", "all_inputs"))
     assert len(r["variants"]["ttsi"]["losses"]) == 2 and "losses" not in r["variants"]["ttsi_icl"]
+    # self_label trains on one pair of its own (the input and its base answer), not on ttsi's.
+    assert r["variants"]["self_label"]["adapted"] and len(r["variants"]["self_label"]["losses"]) == 2
+    assert r["variants"]["self_label"]["losses"] != r["variants"]["ttsi"]["losses"]
     # On a flagged input all_inputs trains on ttsi's pairs: one shared adapter, not a second draw.
     assert r["variants"]["all_inputs"] == r["variants"]["ttsi"]
     assert r["variants"]["certain_only"] == {
@@ -142,6 +154,12 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
   saved = json.load(open(os.path.join(workdir, "metrics.json")))
   assert _without_timing(saved) == _without_timing(json.loads(json.dumps(metrics)))
+  # The report of the run: every section and plot, the tau sweep included (all_inputs ran).
+  written = report.write_report(report.load_runs([workdir]), str(tmp_path / "report"))
+  text = open(written).read()
+  for png in ("accuracy.png", "tau.png", "margins.png", "stages.png"):
+    assert f"]({png})" in text and os.path.getsize(tmp_path / "report" / png) > 5000
+  assert "| self_label | adapted inputs | 4.0 |" in text
 
   # Interrupted during wave 1: its lines are cut. A restart finishes only that wave.
   results = os.path.join(workdir, "results.jsonl")
@@ -162,7 +180,7 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
 
   # Kept adapters (only the chosen input's, one per trained variant) export with the CLI.
   kept = sorted(os.listdir(os.path.join(workdir, "adapters")))
-  assert set(kept) == {"oracle", "ttd", "ttsi", "all_inputs"}  # the variants that trained on it
+  assert set(kept) == {"oracle", "ttd", "ttsi", "all_inputs", "self_label"}  # those that trained on it
   assert all(os.listdir(os.path.join(workdir, "adapters", v)) == ["multiple_2"] for v in kept)
   shared = [
       orbax_lib.load_adapter(f"{workdir}/adapters/{v}/multiple_2")[0].weights for v in ("ttsi", "all_inputs")
@@ -194,6 +212,21 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   with torch.no_grad():
     theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+
+
+def test_self_label_trains_on_the_inputs_own_request_answered_by_the_base_model(tiny_chat_model):
+  task = BfclTask("multiple", 2)
+  examples = task.examples()
+  owner = types.SimpleNamespace(tokenizer=tokenizer_lib.load(tiny_chat_model), task=task)
+  base = {"direct": ["[f(a=1)]", ""]}
+  data_for = experiment.Experiment._data_for(owner, examples, {"self": [None, None]}, base)
+  prompt, answer = data_for("self_label", 0)[0]
+  assert prompt == owner.tokenizer.encode_chat(task.prompt(examples[0]))  # the input's own request
+  assert answer == owner.tokenizer.encode("[f(a=1)]") + [owner.tokenizer.end_of_turn_id]
+  assert data_for("self_label", 1) == []  # nothing to learn from an empty answer
+  assert variants.not_adapted_reason("self_label", True, set()) == "empty base answer"
+  plan = variants.plan_adapters(["ttsi", "self_label", "oracle"], np.array([True, True]), data_for)
+  assert [(job.source, job.input) for job in plan.jobs] == [("self_label", 0), ("gold", 0), ("gold", 1)]
 
 
 def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(

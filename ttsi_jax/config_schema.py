@@ -69,6 +69,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "synthesis.top_p": _PROBABILITY_MASS,
     "synthesis.max_request_tokens": _COUNT,
     "synthesis.max_free_tokens": _COUNT,
+    "synthesis.request_retries": _range(0, integer=True, note="new draws of a rejected request"),
     "adaptation.rank": _COUNT,
     "adaptation.alpha": _range(0, low_open=True),
     "adaptation.dropout": _range(0, 1, high_open=True),

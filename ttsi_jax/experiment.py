@@ -45,7 +45,7 @@ from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
 MODES = ("direct", "majority", "pass@k")
-TASKS = ("bfcl",)
+TASKS = ("bfcl", "tfds")  # BFCL from its files; any dataset of ttsi_jax.tasks.datasets
 STAGES = ("H", "base", "G", "T", "adapted", "check")
 SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter, trained once
 # Config fields a run may resume under other values of (e.g. on another machine): they change its
@@ -123,6 +123,12 @@ def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
 def make_task(cfg: ml_collections.ConfigDict) -> Task:
   if cfg.name not in TASKS:
     raise ValueError(f"Unknown task {cfg.name!r}; valid tasks are {list(TASKS)}.")
+  if cfg.name == "tfds":  # imported here: TFDS takes seconds to import, BFCL runs need none of it
+    from ttsi_jax.tasks import datasets
+
+    return datasets.DatasetTask(
+        cfg.dataset, cfg.split, cfg.num_examples or None, cfg.data_dir or None, cfg.manual_dir or None
+    )
   return bfcl.BfclTask(cfg.category, cfg.num_examples or None, cfg.data_dir or None)
 
 
@@ -314,7 +320,7 @@ class Experiment:
       base = self.answerer.answers(pre, examples, stats, _keys(seed, "base", ids), self.modes)
     with timer("G"):
       written = self.synthesize(examples, flags)
-    plan = variants_lib.plan_adapters(self.variants, flags, self._data_for(examples, written))
+    plan = variants_lib.plan_adapters(self.variants, flags, self._data_for(examples, written, base))
     with timer("T"):
       adapters, losses = self.train(plan, ids)
       kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
@@ -352,15 +358,14 @@ class Experiment:
         written[source][i] = synthesis.Written(pairs or [], failed=pairs is None)
     return written
 
-  def _data_for(self, examples, written: WrittenBySource):
+  def _data_for(self, examples, written: WrittenBySource, base: dict):
     """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""
 
     def data_for(source: str, i: int) -> list:
       ex = examples[i]
-      if source == "gold":
-        return [
-            adaptation.training_example(self.tokenizer, self.task, ex, ex.question, self.task.gold_answer(ex))
-        ]
+      if source in ("gold", "self_label"):  # the input's own request, labelled
+        call = self.task.gold_answer(ex) if source == "gold" else base["direct"][i]
+        return [adaptation.training_example(self.tokenizer, self.task, ex, ex.question, call)] if call else []
       kept = written[source][i].kept if written[source][i] else []
       return [adaptation.training_example(self.tokenizer, self.task, ex, p.request, p.call) for p in kept]
 

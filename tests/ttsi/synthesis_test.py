@@ -36,18 +36,67 @@ def test_parse_pairs_reads_request_call_blocks():
 
 def test_validation_keeps_good_pairs_and_names_the_problem(example):
   task = BfclTask("multiple", 1)
+  request = "What is the area of a circle of radius 2?"
   pairs = [
-      ("r1", "[circle_properties.get(radius=2)]"),
-      ("r2", "[circle_properties.get()]"),
-      ("r3", "[no_such_function(x=1)]"),
-      ("r4", "the answer is 4"),
+      (request, "[circle_properties.get(radius=2)]"),
+      (request, "[circle_properties.get()]"),
+      (request, "[no_such_function(x=1)]"),
+      (request, "the answer is 4"),
+      ("```python", "[circle_properties.get(radius=2)]"),
   ]
-  judged = synthesis.judge_all(task, example, pairs, 5, validate=True)
-  assert [p.kept for p in judged] == [True, False, False, False, False]
+  judged = synthesis.judge_all(task, example, pairs, 6, validate=True)
+  assert [p.kept for p in judged] == [True, False, False, False, False, False]
   assert "radius" in judged[1].rejected and "no_such_function" in judged[2].rejected
-  assert "unparseable" in judged[3].rejected and judged[4].rejected == "no parseable pair"
-  unvalidated = synthesis.judge_all(task, example, pairs, 4, validate=False)
+  assert "unparseable" in judged[3].rejected and judged[4].rejected == "request is a code fence"
+  assert judged[5].rejected == "no parseable pair"
+  unvalidated = synthesis.judge_all(task, example, pairs, 5, validate=False)
   assert all(p.kept for p in unvalidated)  # the paper's setting: no filter
+
+
+@pytest.mark.parametrize(
+    "request_text, problem",
+    [
+        ("What is the area of a circle of radius 2?", ""),
+        ("find flights from Paris to Rome on 3 May", ""),
+        ("Berechne die Fläche eines Kreises mit Radius 2", ""),
+        ("请计算半径为2的圆的面积", ""),  # no spaces between words: counted by script
+        ("", "empty request"),
+        ("```python", "request is a code fence"),
+        ("```", "request is a code fence"),
+        ("[circle_properties.get(radius=2)]", "request is a function call"),
+        ("circle_properties.get(radius=2) please", "request is a function call"),
+        ("import math", "request is code"),
+        ('{"radius": 2}', "request is code"),
+        ("def area(r):", "request is code"),
+        ("Hello", "request has fewer than 3 words"),
+        ("2 + 2 = 4", "request has fewer than 3 words"),
+    ],
+)
+def test_requests_must_be_natural_language(request_text, problem):
+  assert synthesis.request_problem(request_text) == problem
+
+
+def test_a_rejected_request_is_drawn_again_and_a_kept_one_stays(tiny_chat_model, monkeypatch):
+  task = BfclTask("multiple", 4)
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  prompts = [tokenizer.encode_chat(synthesis.messages(ex, 1)) for ex in task.examples()]
+  pre = sampler.prefill(prompts, 64)
+  keys_E = jax.random.split(jax.random.key(0), len(prompts))
+
+  def requests(retries):
+    cfg = synthesis.SynthesisConfig(temperature=1.0, max_request_tokens=8, request_retries=retries)
+    return synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)._requests(
+        pre, keys_E
+    )
+
+  first = requests(0)
+  # A random model writes word salad: call the first draws of rows 0 and 2 code instead.
+  judged_code = {first[0], first[2]}
+  monkeypatch.setattr(synthesis, "request_problem", lambda r: "request is code" if r in judged_code else "")
+  retried = requests(2)
+  assert [after != before for before, after in zip(first, retried)] == [True, False, True, False]
 
 
 def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tiny_chat_model):
@@ -82,7 +131,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     type(self).last_request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     if self.mode == "slow":
       time.sleep(1.0)
-    content = "Request: r\nCall: [circle_properties.get(radius=1)]"
+    content = "Request: How big is a circle of radius 1?\nCall: [circle_properties.get(radius=1)]"
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
       content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
     status = {"refuse": 404, "too_long": 400}.get(self.mode, 200)
@@ -132,7 +181,9 @@ def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_
   _Handler.mode = mode
   out = _teacher(endpoint).synthesize([example])
   if expect_pairs:
-    assert [(p.request, p.call, p.kept) for p in out[0]] == [("r", "[circle_properties.get(radius=1)]", True)]
+    assert [(p.request, p.call, p.kept) for p in out[0]] == [
+        ("How big is a circle of radius 1?", "[circle_properties.get(radius=1)]", True)
+    ]
     assert _Handler.hits == 1
   else:
     assert out == [None] and _Handler.hits == 3  # first try + 2 retries

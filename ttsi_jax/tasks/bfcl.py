@@ -635,7 +635,126 @@ def _gold_dict(acceptable_by_key: dict) -> dict:
   return concrete
 
 
-class BfclTask:
+class FunctionCallingTask:
+  """The `Task` protocol for function calling, with BFCL's prompt, decoding and AST checker: the
+  shared base of every function-calling benchmark. A subclass loads `Example`s whose `gold` is in
+  BFCL's possible-answer form (a list of `{function name: {parameter: [acceptable values]}}`, ""
+  among the values: may be omitted; an empty list: the answer is to call nothing)."""
+
+  name: str
+  _examples: list[Example]
+  num_examples: Optional[int] = None
+
+  def __init__(self):
+    self._skipped: list[tuple[str, str]] = []
+    self._row_messages: dict[str, tuple[str, list[dict]]] = {}
+
+  def _category(self, example: Example) -> str:
+    """The checker's routing: several gold calls in any order, exactly one, or none."""
+    if not example.gold:
+      return IRRELEVANCE
+    return "parallel" if len(example.gold) > 1 else "multiple"
+
+  # -- the Task protocol --
+
+  def examples(self) -> list[Example]:
+    return list(self._examples[: self.num_examples])
+
+  @property
+  def skipped(self) -> list[tuple[str, str]]:
+    return list(self._skipped)
+
+  def prompt(self, example: Example) -> Messages:
+    """BFCL's system prompt (functions as JSON with its Python hint) then the user turn. For a
+    dataset row whose turn has its own system message, BFCL puts its prompt in front of it."""
+    system = system_prompt(with_python_hint(example.functions))
+    question, messages = self._row_messages.get(example.id, (None, None))
+    if messages is None or question != example.question:
+      return [{"role": "system", "content": system}, {"role": "user", "content": example.question}]
+    messages = copy.deepcopy(messages)
+    if messages[0]["role"] == "system":
+      messages[0]["content"] = system + "\n\n" + messages[0]["content"]
+    else:
+      messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+  def candidates(self, example: Example) -> list[str]:
+    return ["[" + function["name"] + "(" for function in example.functions]
+
+  def check(self, example: Example, answer: str) -> Verdict:
+    """BFCL's verdict, routed by `_category` (simple / multiple / parallel); an example whose gold
+    is the empty call list is judged by the irrelevance rule."""
+    if example.gold is None:
+      return Verdict(False, "No ground truth for this example.")
+    try:
+      calls = parse_calls(answer)
+    except ParseError as e:
+      if not example.gold:
+        return Verdict(True)  # irrelevance: an answer that is not a call list makes no call
+      return Verdict(False, f"Invalid syntax. Failed to decode AST. {e}")
+    if not example.gold:
+      return (
+          Verdict(True)
+          if not calls
+          else Verdict(False, "Valid syntax. Successfully decode AST when it should not.")
+      )
+    return check_calls(self._category(example), example.functions, calls, example.gold)
+
+  def canonical(self, answer: str) -> Optional[str]:
+    """Calls sorted, keyword arguments sorted, values as canonical reprs (dict keys sorted), so
+    answers BFCL decodes to the same calls in any order vote together. Values are compared as
+    written: 'Paris' / 'paris' and 1 / 1.0 vote apart, though BFCL may accept both."""
+    try:
+      calls = parse_calls(answer)
+    except ParseError:
+      return None
+    return "[" + ", ".join(sorted(_canonical_call(call) for call in calls)) + "]"
+
+  def gold_answer(self, example: Example) -> str:
+    """The gold calls, each parameter with its first acceptable value, e.g.
+    `[triangle_properties.get(side1=5, side2=4, side3=3)]`. A parameter whose first acceptable
+    value is "" (may be omitted) is left out unless the schema requires it (then its first non-""
+    value is used); so are gold parameters missing from the function's schema, which BFCL would
+    reject as unexpected. Irrelevance (no gold call): "[]", which decodes to no call."""
+    calls = []
+    for gold_call in example.gold or []:
+      name, params = next(iter(gold_call.items()))
+      schema = (_function_named(example.functions, name) or {}).get("parameters") or {}
+      properties = schema.get("properties") or {}
+      required = schema.get("required") or []
+      args = {}
+      for param, acceptable in params.items():
+        include, value = _preferred_value(acceptable, required=param in required)
+        if include and param in properties:
+          args[param] = _gold_value(value, properties[param])
+      calls.append((name, args))
+    return format_calls(calls)
+
+  def validate(self, example: Example, answer: str) -> Optional[str]:
+    try:
+      calls = parse_calls(answer)
+    except ParseError as e:
+      return f"unparseable: {e}"
+    if not calls and self._category(example) != IRRELEVANCE:
+      return "no call (only irrelevance inputs are answered with none)"
+    for call in calls:
+      function = _function_named(example.functions, call.name)
+      if function is None:
+        return f"function {call.name!r} is not offered"
+      if call.positional:
+        return f"{call.name}: positional arguments are not allowed (use name=value)"
+      schema = function.get("parameters") or {}
+      properties = schema.get("properties") or {}
+      for param in call.args:
+        if param not in properties:
+          return f"{call.name}: unknown argument {param!r}"
+      for param in schema.get("required") or []:
+        if param not in call.args:
+          return f"{call.name}: missing required argument {param!r}"
+    return None
+
+
+class BfclTask(FunctionCallingTask):
   """One BFCL v4 category. Rows are read once at construction; malformed ones go to `skipped`."""
 
   def __init__(
@@ -646,13 +765,15 @@ class BfclTask:
   ):
     if category not in CATEGORIES:
       raise ValueError(f"Unknown BFCL category {category!r}; valid categories: " f"{', '.join(CATEGORIES)}.")
+    super().__init__()
     self.category = category
     self.name = f"bfcl_{category}"
     self.data_dir = data_dir or package_data_dir()
     self.num_examples = num_examples
-    self._skipped: list[tuple[str, str]] = []
-    self._row_messages: dict[str, tuple[str, list[dict]]] = {}
     self._examples = self._load()
+
+  def _category(self, example: Example) -> str:
+    return self.category
 
   # -- loading --
 
@@ -717,101 +838,3 @@ class BfclTask:
       self._row_messages[row_id] = (question, messages)
       examples.append(Example(id=row_id, question=question, functions=tuple(functions), gold=gold))
     return examples
-
-  # -- the Task protocol --
-
-  def examples(self) -> list[Example]:
-    return list(self._examples[: self.num_examples])
-
-  @property
-  def skipped(self) -> list[tuple[str, str]]:
-    return list(self._skipped)
-
-  def prompt(self, example: Example) -> Messages:
-    """BFCL's system prompt (functions as JSON with its Python hint) then the user turn. For a
-    dataset row whose turn has its own system message, BFCL puts its prompt in front of it."""
-    system = system_prompt(with_python_hint(example.functions))
-    question, messages = self._row_messages.get(example.id, (None, None))
-    if messages is None or question != example.question:
-      return [{"role": "system", "content": system}, {"role": "user", "content": example.question}]
-    messages = copy.deepcopy(messages)
-    if messages[0]["role"] == "system":
-      messages[0]["content"] = system + "\n\n" + messages[0]["content"]
-    else:
-      messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-  def candidates(self, example: Example) -> list[str]:
-    return ["[" + function["name"] + "(" for function in example.functions]
-
-  def check(self, example: Example, answer: str) -> Verdict:
-    """BFCL's verdict, routed by this task's category (simple / multiple / parallel); an example
-    whose gold is the empty call list is judged by the irrelevance rule."""
-    if example.gold is None:
-      return Verdict(False, "No ground truth for this example.")
-    try:
-      calls = parse_calls(answer)
-    except ParseError as e:
-      if not example.gold:
-        return Verdict(True)  # irrelevance: an answer that is not a call list makes no call
-      return Verdict(False, f"Invalid syntax. Failed to decode AST. {e}")
-    if not example.gold:
-      return (
-          Verdict(True)
-          if not calls
-          else Verdict(False, "Valid syntax. Successfully decode AST when it should not.")
-      )
-    return check_calls(self.category, example.functions, calls, example.gold)
-
-  def canonical(self, answer: str) -> Optional[str]:
-    """Calls sorted, keyword arguments sorted, values as canonical reprs (dict keys sorted), so
-    answers BFCL decodes to the same calls in any order vote together. Values are compared as
-    written: 'Paris' / 'paris' and 1 / 1.0 vote apart, though BFCL may accept both."""
-    try:
-      calls = parse_calls(answer)
-    except ParseError:
-      return None
-    return "[" + ", ".join(sorted(_canonical_call(call) for call in calls)) + "]"
-
-  def gold_answer(self, example: Example) -> str:
-    """The gold calls, each parameter with its first acceptable value, e.g.
-    `[triangle_properties.get(side1=5, side2=4, side3=3)]`. A parameter whose first acceptable
-    value is "" (may be omitted) is left out unless the schema requires it (then its first non-""
-    value is used); so are gold parameters missing from the function's schema, which BFCL would
-    reject as unexpected. Irrelevance (no gold call): "[]", which decodes to no call."""
-    calls = []
-    for gold_call in example.gold or []:
-      name, params = next(iter(gold_call.items()))
-      schema = (_function_named(example.functions, name) or {}).get("parameters") or {}
-      properties = schema.get("properties") or {}
-      required = schema.get("required") or []
-      args = {}
-      for param, acceptable in params.items():
-        include, value = _preferred_value(acceptable, required=param in required)
-        if include and param in properties:
-          args[param] = _gold_value(value, properties[param])
-      calls.append((name, args))
-    return format_calls(calls)
-
-  def validate(self, example: Example, answer: str) -> Optional[str]:
-    try:
-      calls = parse_calls(answer)
-    except ParseError as e:
-      return f"unparseable: {e}"
-    if not calls and self.category != IRRELEVANCE:
-      return "no call (only irrelevance inputs are answered with none)"
-    for call in calls:
-      function = _function_named(example.functions, call.name)
-      if function is None:
-        return f"function {call.name!r} is not offered"
-      if call.positional:
-        return f"{call.name}: positional arguments are not allowed (use name=value)"
-      schema = function.get("parameters") or {}
-      properties = schema.get("properties") or {}
-      for param in call.args:
-        if param not in properties:
-          return f"{call.name}: unknown argument {param!r}"
-      for param in schema.get("required") or []:
-        if param not in call.args:
-          return f"{call.name}: missing required argument {param!r}"
-    return None

@@ -4,8 +4,10 @@ itself (TT-SI) or by a teacher (TT-D: a second local checkpoint or an OpenAI-com
 The synthesis prompt shows the input's functions and request, never its gold answer. Pairs are
 parsed from "Request: ... / Call: ..." text; with `well_formed`, the request is sampled freely and
 the call is written by the constrained `CallDecoder` (small models otherwise answer in prose).
-Validation (on by default) keeps only pairs whose call parses, names an offered function, has the
-required arguments and no unknown ones; every rejection is counted with its reason.
+Validation (on by default) keeps only pairs whose request is natural language (not code, a call
+or a code fence; such requests are drawn again a few times) and whose call parses, names an
+offered function, has the required arguments and no unknown ones; every rejection is counted with
+its reason.
 """
 
 from __future__ import annotations
@@ -79,12 +81,36 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
   return [(m.group("request").strip(), m.group("call").strip()) for m in _PAIR.finditer(text)]
 
 
+_CALL_TEXT = re.compile(r"^\[?\s*[A-Za-z_][\w.]*\(")  # f(...), [f(...)], mod.f(...)
+_CODE_TEXT = re.compile(r"^(import\s|from\s+\S+\s+import\s|def\s|class\s|return\s|[{\[<#$>`])")
+_WORD = re.compile(r"[^\W\d_]{2,}")  # a run of 2+ letters, any script
+_UNSPACED_SCRIPT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")  # kana, CJK, Hangul
+
+
+def request_problem(request: str) -> str:
+  """Why `request` is not a natural-language request ("" when it is): small models often write a
+  code fence, a call or code where the request belongs, and training on those teaches nothing."""
+  text = request.strip()
+  if not text:
+    return "empty request"
+  if text.startswith(("```", "~~~")):
+    return "request is a code fence"
+  if _CALL_TEXT.match(text):
+    return "request is a function call"
+  if _CODE_TEXT.match(text):
+    return "request is code"
+  if len(_WORD.findall(text)) < 3 and not _UNSPACED_SCRIPT.search(text):
+    return "request has fewer than 3 words"
+  return ""
+
+
 def judge(task: Task, example: Example, request: str, call: str, validate: bool) -> Pair:
+  """The pair with validation's verdict: the request must be natural language, the call valid."""
   reason = ""
-  if not request:
+  if not request.strip():
     reason = "empty request"
   elif validate:
-    reason = task.validate(example, call) or ""
+    reason = request_problem(request) or task.validate(example, call) or ""
   return Pair(request, call, reason)
 
 
@@ -106,6 +132,9 @@ class SynthesisConfig:
   top_p: float = 0.95
   max_request_tokens: int = 48
   max_free_tokens: int = 160
+  # With validation, a sampled request that is not natural language (`request_problem`) is drawn
+  # again up to this many times, on the same prefilled batch (well-formed decoding only).
+  request_retries: int = 2
 
 
 class ModelSynthesizer:
@@ -147,11 +176,7 @@ class ModelSynthesizer:
       rng = jax.vmap(lambda key: jax.random.split(key, k))(rng).reshape(-1)
     enc = self.tokenizer.encode
     pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows], self.reserve)
-    request_sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature, self.cfg.top_p)
-    outs = self.sampler.continue_(
-        pre, [enc("Request:")] * len(rows), request_sampling, sampler_lib.fold_in(rng, 0)
-    )
-    requests = [self.tokenizer.decode(o).strip().split("\n")[0].strip() for o in outs]
+    requests = self._requests(pre, rng)
     leads = [f"Request: {r}\nCall: " for r in requests]
     here = self.sampler.extend(pre, [enc(lead) for lead in leads])
     loglik, counts = scoring.score_after(
@@ -164,6 +189,23 @@ class ModelSynthesizer:
     )
     judged = [judge(self.task, ex, r, c, self.cfg.validate) for ex, r, c in zip(rows, requests, calls)]
     return [judged[i * k : (i + 1) * k] for i in range(len(examples))]
+
+  def _requests(self, pre: sampler_lib.Prefilled, rng) -> list[str]:
+    """One sampled request per row (its first line). With validation, the rows whose request is
+    not natural language sample again (fresh keys), up to `request_retries` times."""
+    sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature, self.cfg.top_p)
+    opening = [self.tokenizer.encode("Request:")] * pre.rows
+    requests, again = [""] * pre.rows, [True] * pre.rows
+    for attempt in range(1 + (self.cfg.request_retries if self.cfg.validate else 0)):
+      key = sampler_lib.fold_in(rng, 0 if attempt == 0 else 100 + attempt)
+      outs = self.sampler.continue_(pre, opening, sampling, key, active=again)
+      for i, out in enumerate(outs):
+        if again[i]:
+          requests[i] = self.tokenizer.decode(out).strip().split("\n")[0].strip()
+      again = [a and bool(request_problem(r)) for a, r in zip(again, requests)]
+      if not any(again):
+        break
+    return requests
 
 
 class TeacherError(RuntimeError):

@@ -24,7 +24,9 @@ _TARGETS = {
 @dataclasses.dataclass(frozen=True)
 class Variant:
   targets: str  # "none", "flagged", "certain" or "all" (see _TARGETS)
-  source: Optional[str]  # training data per targeted input: "self", "teacher", "gold" or None
+  # Training data per targeted input: "self" / "teacher" (pairs written by G), "self_label" (the
+  # input's own request with the base model's answer), "gold" (its gold call) or None.
+  source: Optional[str]
   answers: str  # "base", "adapter" (its own per-input adapter), "icl" or "sft"
   doc: str
 
@@ -33,6 +35,13 @@ TABLE = {
     "base": Variant("none", None, "base", "the model as it is"),
     "ttsi": Variant(
         "flagged", "self", "adapter", "TT-SI: uncertain inputs adapt on pairs the model writes itself"
+    ),
+    "self_label": Variant(
+        "flagged",
+        "self_label",
+        "adapter",
+        "uncertain inputs adapt on their own request answered by the base model (self-training, no "
+        "synthesis: the ablation that tells what the synthesized pairs add)",
     ),
     "ttd": Variant("flagged", "teacher", "adapter", "TT-D: uncertain inputs adapt on pairs a teacher writes"),
     "ttsi_icl": Variant(
@@ -48,7 +57,7 @@ TABLE = {
     ),
 }
 NAMES = tuple(TABLE)
-SOURCES = ("self", "teacher", "gold")
+SOURCES = ("self", "teacher", "self_label", "gold")
 
 
 def targets(variant: str, flags_B: np.ndarray) -> np.ndarray:
@@ -109,4 +118,6 @@ def not_adapted_reason(variant: str, targeted: bool, failed_sources: Collection[
     return "not targeted"
   if TABLE[variant].source in failed_sources:
     return f"{TABLE[variant].source} failed"
+  if TABLE[variant].source == "self_label":
+    return "empty base answer"
   return "no kept pairs"

@@ -1,0 +1,95 @@
+"""TFDS datasets: each builder builds, loads, prompts and scores through the shared task."""
+
+import json
+import os
+
+import pytest
+
+from configs import default
+from ttsi_jax import experiment
+from ttsi_jax.tasks import bfcl, datasets
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def user_tools(tmp_path_factory):
+  return datasets.DatasetTask(
+      "user_tools",
+      data_dir=str(tmp_path_factory.mktemp("tfds")),
+      manual_dir=os.path.join(FIXTURES, "user_tools"),
+  )
+
+
+def test_user_tools_rows_load_with_their_messages_functions_and_calls(user_tools):
+  weather, trip, haiku = user_tools.examples()
+  assert [weather.id, trip.id, haiku.id] == ["weather_paris", "line_2", "no_tool_fits"]
+  assert weather.question == "How warm is it in Paris right now?"
+  # OpenAI tools become functions with the checker's type names (number -> float).
+  assert [f["name"] for f in trip.functions] == ["get_weather", "convert_currency"]
+  assert trip.functions[1]["parameters"]["properties"]["amount"]["type"] == "float"
+  assert weather.gold == [{"get_weather": {"city": ["Paris"], "unit": ["celsius", ""]}}]
+  prompt = user_tools.prompt(trip)  # the row's own system message follows the task's
+  assert prompt[0]["role"] == "system" and prompt[0]["content"].endswith("You help travellers.")
+  assert '"convert_currency"' in prompt[0]["content"] and prompt[-1]["content"] == trip.question
+  assert user_tools.candidates(weather) == ["[get_weather(", "[convert_currency("]
+
+
+@pytest.mark.parametrize(
+    "row, answer, correct",
+    [
+        (0, "[get_weather(city='Paris')]", True),  # the optional unit may be left out
+        (0, "[get_weather(city='paris', unit='celsius')]", True),  # strings as BFCL compares them
+        (0, "[get_weather(city='Paris', unit='fahrenheit')]", False),
+        (0, "[convert_currency(amount=1, source='EUR', target='USD')]", False),
+        (1, "[get_weather(city='Kyoto'), convert_currency(amount=20, source='euro', target='JPY')]", True),
+        (1, "[convert_currency(amount=20.0, source='EUR', target='yen')]", False),  # one call missing
+        (2, "Autumn leaves drift down", True),  # no call is the right answer
+        (2, "[get_weather(city='Kyoto')]", False),
+    ],
+)
+def test_user_tools_answers_are_scored_by_the_shared_checker(user_tools, row, answer, correct):
+  assert user_tools.check(user_tools.examples()[row], answer).correct == correct
+
+
+def test_user_tools_gold_answers_are_right_and_well_formed(user_tools):
+  for ex in user_tools.examples():
+    gold = user_tools.gold_answer(ex)
+    assert user_tools.check(ex, gold).correct, gold
+    assert ex.gold == [] or user_tools.validate(ex, gold) is None
+
+
+def test_a_bad_user_tools_row_is_named_by_file_and_line(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  good = open(os.path.join(FIXTURES, "user_tools", "test.jsonl")).readline()
+  bad = json.loads(good)
+  bad["calls"] = [{"name": "book_flight", "arguments": {}}]
+  (manual / "test.jsonl").write_text(good + json.dumps(bad) + "\n")
+  with pytest.raises(ValueError, match=r"test.jsonl, line 2: .*'book_flight' is not among the offered"):
+    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+
+
+def test_missing_user_tools_files_say_what_is_expected(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"(?s)test.jsonl does not exist.*\"tools\".*\"calls\""):
+    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))
+
+
+def test_bfcl_dataset_equals_the_bfcl_task_row_for_row(tmp_path):
+  from_files = bfcl.BfclTask("parallel", 25)
+  from_tfds = datasets.DatasetTask("bfcl/parallel", num_examples=25, data_dir=str(tmp_path))
+  assert from_tfds.examples() == from_files.examples()  # in the files' order
+  for ex in from_files.examples():
+    assert from_tfds.prompt(ex) == from_files.prompt(ex)
+    assert from_tfds.check(ex, from_files.gold_answer(ex)).correct
+
+
+def test_the_run_config_reaches_a_dataset(tmp_path):
+  config = default.get_config()
+  config.task.name = "tfds"
+  config.task.dataset = "user_tools"
+  config.task.data_dir = str(tmp_path)
+  config.task.manual_dir = os.path.join(FIXTURES, "user_tools")
+  config.task.num_examples = 2
+  task = experiment.make_task(config.task)
+  assert task.name == "user_tools" and len(task.examples()) == 2

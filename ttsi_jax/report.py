@@ -1,0 +1,291 @@
+"""A Markdown report with PNG plots from finished runs, one workdir per seed.
+
+  python -m ttsi_jax.report --workdir=runs/s0,runs/s1,runs/s2 --out=docs/report
+
+Reads each workdir's `results.jsonl` and `config.json` (the runs must hold the same inputs) and
+writes `report.md` with accuracy per variant and mode (mean +- std over the runs), the uncertainty
+flag against tau, the margin histogram of base-right and base-wrong inputs, the training data used,
+and seconds per stage.
+
+The tau sweep comes from one run: with `all_inputs` every input has an adapted answer, and
+adapters are keyed by input, so TT-SI at tau is the `all_inputs` answer where margin < tau and the
+base answer elsewhere: what a run at that tau answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
+
+from ttsi_jax.ttsi import records as records_lib
+
+TAUS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2)) + (1.01,)  # 1.01 flags every input
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: str
+  config: dict
+  records: list[records_lib.Record]
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.get("seed", 0))
+
+
+def load_runs(workdirs: Sequence[str]) -> list[Run]:
+  """The runs of `workdirs`; they must have answered the same inputs (seeds of one setting)."""
+  if not workdirs:
+    raise ValueError("Give at least one workdir (--workdir=a,b,c).")
+  runs = []
+  for workdir in workdirs:
+    results, config = os.path.join(workdir, "results.jsonl"), os.path.join(workdir, "config.json")
+    for path in (results, config):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --workdir takes the workdirs of finished runs.")
+    with open(config) as f:
+      runs.append(Run(workdir, json.load(f), records_lib.read(results)))
+  ids = [r.id for r in runs[0].records]
+  for run in runs[1:]:
+    if [r.id for r in run.records] != ids:
+      raise ValueError(
+          f"{run.workdir} answered other inputs than {runs[0].workdir}: a report averages seeds of "
+          "one setting (same task, inputs and variants)."
+      )
+  return runs
+
+
+def _variants(run: Run) -> list[str]:
+  return ["base"] + list(run.records[0].variants) if run.records else ["base"]
+
+
+def _modes(run: Run) -> list[str]:
+  return list(run.records[0].base.correct) if run.records else []
+
+
+def _correct(records, variant: str, mode: str) -> np.ndarray:
+  return np.array([(r.base if variant == "base" else r.variants[variant]).correct[mode] for r in records])
+
+
+def accuracy(runs: Sequence[Run]) -> dict[str, dict[str, tuple[float, float]]]:
+  """{variant: {mode: (mean, std)}} of the accuracy over runs (std 0 for one run)."""
+  out = {}
+  for v in _variants(runs[0]):
+    out[v] = {}
+    for m in _modes(runs[0]):
+      per_run = [float(np.mean(_correct(run.records, v, m))) for run in runs]
+      out[v][m] = (float(np.mean(per_run)), float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0)
+  return out
+
+
+def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "direct") -> list[dict]:
+  """Per tau: the fraction flagged (margin < tau), TT-SI's accuracy (the `all_inputs` answer where
+  flagged, the base answer elsewhere), and the flag's true-positive rate (flagged among the inputs
+  the base model gets wrong) and precision (base wrong among the flagged)."""
+  if not records or "all_inputs" not in records[0].variants:
+    raise ValueError(
+        "The tau sweep needs a run with the all_inputs variant (an adapted answer for every input)."
+    )
+  margin = np.array([r.margin for r in records])
+  base = _correct(records, "base", mode)
+  adapted = _correct(records, "all_inputs", mode)
+  wrong = ~_correct(records, "base", "direct")
+  out = []
+  for tau in taus:
+    flagged = margin < tau
+    caught = int(np.sum(flagged & wrong))
+    out.append(
+        dict(
+            tau=float(tau),
+            flagged=float(np.mean(flagged)),
+            ttsi=float(np.mean(np.where(flagged, adapted, base))),
+            tpr=caught / max(1, int(np.sum(wrong))),
+            precision=caught / max(1, int(np.sum(flagged))),
+        )
+    )
+  return out
+
+
+def _seconds(runs: Sequence[Run]) -> dict[str, float]:
+  """Mean over runs of the seconds each stage took in the whole run."""
+  totals = []
+  for run in runs:
+    per_stage: dict[str, float] = {}
+    for wave_seconds in {r.wave: r.wave_seconds for r in run.records}.values():
+      for stage, s in wave_seconds.items():
+        per_stage[stage] = per_stage.get(stage, 0.0) + s
+    totals.append(per_stage)
+  stages = list(dict.fromkeys(s for t in totals for s in t))
+  return {s: float(np.mean([t.get(s, 0.0) for t in totals])) for s in stages}
+
+
+def _training(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
+  """Per variant, mean over runs: inputs adapted and training steps taken; and the pairs kept."""
+  out = {}
+  for v in _variants(runs[0])[1:]:
+    adapted = [sum(r.variants[v].adapted for r in run.records) for run in runs]
+    steps = [sum(len(r.variants[v].losses or []) for r in run.records) for run in runs]
+    out[v] = {"adapted inputs": float(np.mean(adapted)), "training steps": float(np.mean(steps))}
+  kept = [sum(p.kept for r in run.records for p in r.pairs) for run in runs]
+  total = [len([p for r in run.records for p in r.pairs]) for run in runs]
+  out["self-written pairs"] = {"kept": float(np.mean(kept)), "written": float(np.mean(total))}
+  return out
+
+
+def _plot_accuracy(acc, path: str) -> None:
+  variants, modes = list(acc), list(next(iter(acc.values())))
+  width = 0.8 / max(1, len(modes))
+  fig = Figure(figsize=(max(6, 1.2 * len(variants)), 4))
+  ax = fig.subplots()
+  for k, m in enumerate(modes):
+    x = np.arange(len(variants)) + k * width
+    means = [100 * acc[v][m][0] for v in variants]
+    stds = [100 * acc[v][m][1] for v in variants]
+    ax.bar(x, means, width, yerr=stds, capsize=3, label=m)
+  ax.set_xticks(np.arange(len(variants)) + width * (len(modes) - 1) / 2, variants, rotation=20)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.legend(title="mode")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _plot_tau(sweeps: Sequence[list[dict]], run_tau: float, base_acc: float, path: str) -> None:
+  taus = [p["tau"] for p in sweeps[0]]
+  mean = lambda key: 100 * np.mean([[p[key] for p in s] for s in sweeps], axis=0)
+  std = lambda key: 100 * np.std([[p[key] for p in s] for s in sweeps], axis=0, ddof=min(1, len(sweeps) - 1))
+  fig = Figure(figsize=(11, 4))
+  left, right = fig.subplots(1, 2)
+  left.errorbar(taus, mean("ttsi"), yerr=std("ttsi"), marker="o", ms=3, capsize=2, label="TT-SI at tau")
+  left.axhline(100 * base_acc, color="gray", ls="--", label="base")
+  left.set_xlabel("tau (flag: margin < tau)")
+  left.set_ylabel("accuracy, direct (%)")
+  left.legend()
+  for key, label in (("flagged", "flagged"), ("tpr", "true-positive rate"), ("precision", "precision")):
+    right.errorbar(taus, mean(key), yerr=std(key), marker="o", ms=3, capsize=2, label=label)
+  right.set_xlabel("tau")
+  right.set_ylabel("%")
+  right.set_ylim(0, 105)
+  right.legend()
+  for ax in (left, right):
+    ax.axvline(run_tau, color="k", lw=0.8, ls=":")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _plot_margins(runs: Sequence[Run], path: str) -> None:
+  records = [r for run in runs for r in run.records]
+  right = [r.margin for r in records if r.base.correct["direct"]]
+  wrong = [r.margin for r in records if not r.base.correct["direct"]]
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  bins = np.linspace(0, 1, 21)
+  ax.hist([right, wrong], bins=bins, label=["base right", "base wrong"], color=["tab:green", "tab:red"])
+  ax.set_xlabel("margin of the RSS probabilities")
+  ax.set_ylabel("inputs (all runs)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _plot_seconds(seconds: dict[str, float], path: str) -> None:
+  fig = Figure(figsize=(6, 3.5))
+  ax = fig.subplots()
+  ax.bar(list(seconds), list(seconds.values()), color="tab:blue")
+  ax.set_ylabel("seconds (mean over runs)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def write_report(runs: Sequence[Run], out: str) -> str:
+  """Writes `out`/report.md and its plots; returns the report's path."""
+  os.makedirs(out, exist_ok=True)
+  first = runs[0]
+  task, u = first.config.get("task", {}), first.config.get("uncertainty", {})
+  acc = accuracy(runs)
+  lines = [
+      "# TT-SI report",
+      "",
+      f"{len(runs)} run(s), seeds {[run.seed for run in runs]}, {len(first.records)} inputs of "
+      f"{task.get('name', '?')} `{task.get('category', '?')}`; model "
+      f"`{first.config.get('model', {}).get('path') or 'the default'}`; flag: "
+      f"{u.get('measure', 'margin')} (tau {u.get('tau', '?')}). Workdirs: "
+      f"{', '.join(run.workdir for run in runs)}.",
+      "",
+      "## Accuracy (%, mean ± std over runs)",
+      "",
+  ]
+  modes = _modes(first)
+  lines += _table(
+      ["variant"] + modes, [[v] + [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in acc[v].values()] for v in acc]
+  )
+  _plot_accuracy(acc, os.path.join(out, "accuracy.png"))
+  lines += ["", "![accuracy per variant and mode](accuracy.png)", ""]
+
+  lines += ["## The flag against tau", ""]
+  if "all_inputs" in _variants(first):
+    sweeps = [tau_sweep(run.records) for run in runs]
+    mean = lambda k, key: float(np.mean([s[k][key] for s in sweeps]))
+    lines += [
+        "TT-SI at each tau from the same runs: the `all_inputs` answer where margin < tau, the base "
+        "answer elsewhere (direct mode, mean over runs). TPR: flagged among the inputs the base model "
+        "gets wrong; precision: base wrong among the flagged.",
+        "",
+    ]
+    lines += _table(
+        ["tau", "flagged %", "TT-SI %", "TPR %", "precision %"],
+        [
+            [f"{p['tau']:.2f}"]
+            + [f"{100 * mean(k, key):.1f}" for key in ("flagged", "ttsi", "tpr", "precision")]
+            for k, p in enumerate(sweeps[0])
+        ],
+    )
+    _plot_tau(sweeps, float(u.get("tau", 0.95)), acc["base"]["direct"][0], os.path.join(out, "tau.png"))
+    lines += ["", "![TT-SI, flagged fraction, TPR and precision against tau](tau.png)", ""]
+  else:
+    lines += ["(Needs the `all_inputs` variant: rerun with it to sweep tau.)", ""]
+
+  _plot_margins(runs, os.path.join(out, "margins.png"))
+  lines += ["## Margins of base-right and base-wrong inputs", "", "![margin histogram](margins.png)", ""]
+
+  lines += ["## Training data (mean over runs)", ""]
+  training = _training(runs)
+  lines += _table(
+      ["variant", "what", "mean"], [[v, k, f"{x:.1f}"] for v, d in training.items() for k, x in d.items()]
+  )
+  seconds = _seconds(runs)
+  _plot_seconds(seconds, os.path.join(out, "stages.png"))
+  lines += ["", "## Seconds per stage (mean over runs)", ""]
+  lines += _table(list(seconds), [[f"{s:.1f}" for s in seconds.values()]])
+  lines += ["", "![seconds per stage](stages.png)", ""]
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+_WORKDIRS = flags.DEFINE_list("workdir", None, "Workdirs of finished runs (one per seed), comma separated.")
+_OUT = flags.DEFINE_string("out", "", "Where report.md and its plots go (default: <first workdir>/report).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runs = load_runs(_WORKDIRS.value)
+  print(write_report(runs, _OUT.value or os.path.join(_WORKDIRS.value[0], "report")))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,221 @@
+"""Function-calling benchmarks as TFDS datasets (array_record files; TensorFlow is not needed).
+
+Every builder writes the same features, so one task (`DatasetTask`) prompts and scores them all:
+
+  id         the row's id in its source file
+  messages   JSON: the chat turn that asks (system / user messages; the last user one is the request)
+  functions  JSON: the offered functions, `{"name", "description", "parameters": JSON schema}`
+  gold       JSON: the acceptable calls in BFCL's possible-answer form, a list of
+             `{function name: {parameter: [acceptable values]}}` ("" among the values: may be
+             left out); `[]`: the right answer calls nothing
+
+Builders:
+  bfcl        from the `bfcl-eval` package (the offline default), one config per category
+  user_tools  your own tools: JSON Lines files in the manual dir (format: `USER_TOOLS_FORMAT`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ttsi_jax.tasks import bfcl
+from ttsi_jax.tasks.base import Example
+
+_FEATURES = dict(
+    index=tfds.features.Scalar(np.int64),  # the row's place in its source (TFDS shuffles rows)
+    id=tfds.features.Text(),
+    messages=tfds.features.Text(),
+    functions=tfds.features.Text(),
+    gold=tfds.features.Text(),
+)
+
+
+def _row(
+    index: int, row_id: str, messages: list[dict], functions: list[dict], gold: list
+) -> tuple[str, dict]:
+  return row_id, dict(
+      index=index,
+      id=row_id,
+      messages=json.dumps(messages),
+      functions=json.dumps(functions),
+      gold=json.dumps(gold),
+  )
+
+
+class Bfcl(tfds.core.GeneratorBasedBuilder):
+  """BFCL v4, read from the installed `bfcl-eval` package (no download); split "test"."""
+
+  VERSION = tfds.core.Version("4.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in bfcl.CATEGORIES]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    return {"test": self._generate_examples()}
+
+  def _generate_examples(self):
+    task = bfcl.BfclTask(self.builder_config.name)
+    for index, ex in enumerate(task.examples()):
+      yield _row(index, ex.id, task._row_messages[ex.id][1], list(ex.functions), ex.gold)
+
+
+USER_TOOLS_FORMAT = """\
+One JSON object per line, in `test.jsonl` (and optionally `train.jsonl`) of the manual dir:
+  {"id": "weather_1",                                  # optional: the line number otherwise
+   "query": "How warm is Paris?",                      # or chat messages [{"role", "content"}]
+   "tools": [{"type": "function", "function": {"name": "get_weather", "description": "...",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                             "unit": {"type": "string"}}, "required": ["city"]}}}],
+   "calls": [{"name": "get_weather",
+              "arguments": {"city": "Paris", "unit": {"one_of": ["celsius", null]}}}]}
+`tools` is the OpenAI tools list (a bare {"name", "parameters", ...} function works too; JSON
+schema types, "number" checked as a float that may be written as an int). `calls`
+are all the calls the answer must make, in any order (`[]`: make none); an argument value is the
+one acceptable value, or {"one_of": [...]} for several (null among them: may be left out). An
+answer passing an argument that `calls` does not list is wrong, as in BFCL.
+"""
+
+
+def user_tools_row(row: Any, line: int, index: int) -> tuple[str, dict]:
+  """A `USER_TOOLS_FORMAT` row as dataset features; raises ValueError naming what is wrong."""
+  if not isinstance(row, dict):
+    raise ValueError("the row is not a JSON object")
+  row_id = row.get("id", f"line_{line}")
+  query = row.get("query")
+  if isinstance(query, str):
+    messages = [{"role": "user", "content": query}]
+  else:
+    messages = query
+  bfcl._last_user_turn([messages])  # raises when there is no user message
+  tools = row.get("tools")
+  if not isinstance(tools, list) or not tools:
+    raise ValueError("'tools' is not a non-empty list")
+  functions = [t["function"] if isinstance(t, dict) and "function" in t else t for t in tools]
+  bfcl._check_functions(functions)
+  functions = [{**f, "parameters": _bfcl_types(f["parameters"])} for f in functions]
+  calls = row.get("calls")
+  if not isinstance(calls, list):
+    raise ValueError("'calls' is not a list (use [] when the right answer calls nothing)")
+  gold = []
+  for call in calls:
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+      raise ValueError("a call has no string 'name'")
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, dict):
+      raise ValueError(f"the arguments of {call['name']!r} are not an object")
+    gold.append({call["name"]: {k: _acceptable(v) for k, v in arguments.items()}})
+  if gold:
+    bfcl._check_ground_truth(gold, functions)
+  return _row(index, str(row_id), messages, functions, gold)
+
+
+_BFCL_TYPE = {"number": "float", "object": "dict"}  # JSON schema -> the checker's type names
+
+
+def _bfcl_types(schema: Any) -> Any:
+  """A JSON schema with the type names BFCL's checker reads (number: float, object: dict)."""
+  if isinstance(schema, list):
+    return [_bfcl_types(s) for s in schema]
+  if not isinstance(schema, dict):
+    return schema
+  out = {k: _bfcl_types(v) for k, v in schema.items()}
+  if isinstance(schema.get("type"), str):
+    out["type"] = _BFCL_TYPE.get(schema["type"], schema["type"])
+  return out
+
+
+def _acceptable(value: Any) -> list:
+  """An argument's acceptable values in BFCL's form (None, may be left out, becomes "")."""
+  if isinstance(value, dict) and set(value) == {"one_of"}:
+    if not isinstance(value["one_of"], list) or not value["one_of"]:
+      raise ValueError("'one_of' needs a non-empty list of values")
+    return ["" if v is None else v for v in value["one_of"]]
+  return [value]
+
+
+class UserTools(tfds.core.GeneratorBasedBuilder):
+  """Your own tools and queries (see `USER_TOOLS_FORMAT`), from the manual dir."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = USER_TOOLS_FORMAT
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    splits = {}
+    for split in ("test", "train"):
+      path = os.path.join(dl_manager.manual_dir, f"{split}.jsonl")
+      if os.path.exists(path):
+        splits[split] = self._generate_examples(path)
+    if "test" not in splits:
+      raise FileNotFoundError(
+          f"{os.path.join(dl_manager.manual_dir, 'test.jsonl')} does not exist. Put your rows there, "
+          f"one per line:\n{USER_TOOLS_FORMAT}"
+      )
+    return splits
+
+  def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
+    seen = set()
+    for number, row, error in bfcl._read_json_lines(path):
+      try:
+        if error:
+          raise ValueError(error)
+        key, features = user_tools_row(row, number, len(seen))
+        if key in seen:
+          raise ValueError(f"duplicate id {key!r}")
+      except ValueError as e:
+        raise ValueError(f"{path}, line {number}: {e}") from None
+      seen.add(key)
+      yield key, features
+
+
+BUILDERS = {"bfcl": Bfcl, "user_tools": UserTools}
+
+
+class DatasetTask(bfcl.FunctionCallingTask):
+  """A function-calling task over a prepared dataset of this module (any builder: one format)."""
+
+  def __init__(
+      self,
+      dataset: str,
+      split: str = "test",
+      num_examples: Optional[int] = None,
+      data_dir: Optional[str] = None,
+      manual_dir: Optional[str] = None,
+  ):
+    super().__init__()
+    name, _, config = dataset.partition("/")
+    if name not in BUILDERS:
+      raise ValueError(f"Unknown dataset {name!r}; valid datasets are {list(BUILDERS)}.")
+    self.name = dataset.replace("/", "_")
+    self.num_examples = num_examples
+    builder = BUILDERS[name](config=config or None, data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
+        file_format="array_record",
+    )
+    if split not in builder.info.splits:
+      raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
+    self._examples = []
+    source = builder.as_data_source(split=split)
+    for row in sorted((source[i] for i in range(len(source))), key=lambda row: int(row["index"])):
+      row_id = _text(row["id"])
+      messages = json.loads(_text(row["messages"]))
+      question = [m["content"] for m in messages if m["role"] == "user"][-1]
+      self._row_messages[row_id] = (question, messages)
+      self._examples.append(
+          Example(
+              row_id, question, tuple(json.loads(_text(row["functions"]))), json.loads(_text(row["gold"]))
+          )
+      )
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
