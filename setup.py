@@ -19,6 +19,7 @@ setuptools.setup(
         "tensorflow-datasets",
         "array_record",  # TFDS's file format, read without TensorFlow
         "importlib_resources",  # TFDS builders need it, without declaring it
+        "pyarrow",  # NexusRaven's files are parquet
         "ml-collections",
         "absl-py",
         "gguf>=0.10",

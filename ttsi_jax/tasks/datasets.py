@@ -8,23 +8,27 @@ Every builder writes the same features, so one task (`DatasetTask`) prompts and 
   gold       JSON: the acceptable calls in BFCL's possible-answer form, a list of
              `{function name: {parameter: [acceptable values]}}` ("" among the values: may be
              left out); `[]`: the right answer calls nothing
+  skipped    why the row cannot be used ("" when it can): such rows are kept in the dataset and
+             reported by the task, never dropped silently
 
-Builders:
+Builders (the paper's four benchmarks are in `ttsi_jax.tasks.benchmarks`):
   bfcl        from the `bfcl-eval` package (the offline default), one config per category
   user_tools  your own tools: JSON Lines files in the manual dir (format: `USER_TOOLS_FORMAT`)
+
+A benchmark whose own scorer differs from BFCL's checker registers it in `SCORERS`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from ttsi_jax.tasks import bfcl
-from ttsi_jax.tasks.base import Example
+from ttsi_jax.tasks.base import Example, Verdict
 
 _FEATURES = dict(
     index=tfds.features.Scalar(np.int64),  # the row's place in its source (TFDS shuffles rows)
@@ -32,29 +36,40 @@ _FEATURES = dict(
     messages=tfds.features.Text(),
     functions=tfds.features.Text(),
     gold=tfds.features.Text(),
+    skipped=tfds.features.Text(),
 )
 
 
-def _row(
-    index: int, row_id: str, messages: list[dict], functions: list[dict], gold: list
+def row(
+    index: int, row_id: str, messages: list[dict], functions: list[dict], gold: list, skipped: str = ""
 ) -> tuple[str, dict]:
+  """A dataset row (key, features) in the shared format."""
   return row_id, dict(
       index=index,
       id=row_id,
       messages=json.dumps(messages),
       functions=json.dumps(functions),
       gold=json.dumps(gold),
+      skipped=skipped,
   )
 
 
-class Bfcl(tfds.core.GeneratorBasedBuilder):
+def skipped_row(index: int, row_id: str, reason: str) -> tuple[str, dict]:
+  return row(index, row_id, [], [], [], reason)
+
+
+class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder of the shared format."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES))
+
+
+class Bfcl(Builder):
   """BFCL v4, read from the installed `bfcl-eval` package (no download); split "test"."""
 
   VERSION = tfds.core.Version("4.0.0")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in bfcl.CATEGORIES]
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES))
 
   def _split_generators(self, dl_manager):
     return {"test": self._generate_examples()}
@@ -62,7 +77,7 @@ class Bfcl(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     task = bfcl.BfclTask(self.builder_config.name)
     for index, ex in enumerate(task.examples()):
-      yield _row(index, ex.id, task._row_messages[ex.id][1], list(ex.functions), ex.gold)
+      yield row(index, ex.id, task._row_messages[ex.id][1], list(ex.functions), ex.gold)
 
 
 USER_TOOLS_FORMAT = """\
@@ -112,7 +127,7 @@ def user_tools_row(row: Any, line: int, index: int) -> tuple[str, dict]:
     gold.append({call["name"]: {k: _acceptable(v) for k, v in arguments.items()}})
   if gold:
     bfcl._check_ground_truth(gold, functions)
-  return _row(index, str(row_id), messages, functions, gold)
+  return row(index, str(row_id), messages, functions, gold)
 
 
 _BFCL_TYPE = {"number": "float", "object": "dict"}  # JSON schema -> the checker's type names
@@ -139,14 +154,11 @@ def _acceptable(value: Any) -> list:
   return [value]
 
 
-class UserTools(tfds.core.GeneratorBasedBuilder):
+class UserTools(Builder):
   """Your own tools and queries (see `USER_TOOLS_FORMAT`), from the manual dir."""
 
   VERSION = tfds.core.Version("1.0.0")
   MANUAL_DOWNLOAD_INSTRUCTIONS = USER_TOOLS_FORMAT
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(_FEATURES))
 
   def _split_generators(self, dl_manager):
     splits = {}
@@ -176,7 +188,9 @@ class UserTools(tfds.core.GeneratorBasedBuilder):
       yield key, features
 
 
-BUILDERS = {"bfcl": Bfcl, "user_tools": UserTools}
+BUILDERS: dict[str, type] = {"bfcl": Bfcl, "user_tools": UserTools}
+# dataset name -> check(example, answer) -> Verdict, where the benchmark's scorer is not BFCL's.
+SCORERS: dict[str, Callable[[Example, str], Verdict]] = {}
 
 
 class DatasetTask(bfcl.FunctionCallingTask):
@@ -191,10 +205,13 @@ class DatasetTask(bfcl.FunctionCallingTask):
       manual_dir: Optional[str] = None,
   ):
     super().__init__()
+    from ttsi_jax.tasks import benchmarks  # noqa: F401  (registers its builders and scorers)
+
     name, _, config = dataset.partition("/")
     if name not in BUILDERS:
       raise ValueError(f"Unknown dataset {name!r}; valid datasets are {list(BUILDERS)}.")
     self.name = dataset.replace("/", "_")
+    self._scorer = SCORERS.get(name)
     self.num_examples = num_examples
     builder = BUILDERS[name](config=config or None, data_dir=data_dir)
     builder.download_and_prepare(
@@ -207,6 +224,9 @@ class DatasetTask(bfcl.FunctionCallingTask):
     source = builder.as_data_source(split=split)
     for row in sorted((source[i] for i in range(len(source))), key=lambda row: int(row["index"])):
       row_id = _text(row["id"])
+      if _text(row["skipped"]):
+        self._skipped.append((row_id, _text(row["skipped"])))
+        continue
       messages = json.loads(_text(row["messages"]))
       question = [m["content"] for m in messages if m["role"] == "user"][-1]
       self._row_messages[row_id] = (question, messages)
@@ -215,6 +235,12 @@ class DatasetTask(bfcl.FunctionCallingTask):
               row_id, question, tuple(json.loads(_text(row["functions"]))), json.loads(_text(row["gold"]))
           )
       )
+
+  def check(self, example: Example, answer: str) -> Verdict:
+    """The benchmark's own accuracy rule where it has one (`SCORERS`), else BFCL's checker."""
+    if self._scorer is not None:
+      return self._scorer(example, answer)
+    return super().check(example, answer)
 
 
 def _text(value) -> str:

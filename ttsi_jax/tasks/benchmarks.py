@@ -1,0 +1,545 @@
+"""The paper's benchmarks as TFDS builders of the shared format (`ttsi_jax.tasks.datasets`), each
+read from the files a user downloads (TFDS manual dir), with its own accuracy rule.
+
+| dataset      | files in the manual dir                          | accuracy here (its published scorer)   |
+|--------------|--------------------------------------------------|----------------------------------------|
+| nexusraven   | standardized_queries, standardized_api_list      | name and the full argument dict with   |
+|              | (.parquet as on the HF hub, or .jsonl / .json)   | defaults filled, floats cast to int    |
+|              |                                                  | (the same as raven/eval/evaluator.py)  |
+| seal_tools   | tool.jsonl, test_in_domain.jsonl,                | every call: API name and every         |
+|              | test_out_domain.jsonl, dev.jsonl                 | parameter equal as str(), no extra     |
+|              |                                                  | call (its scorer: micro P/R/F1 over    |
+|              |                                                  | APIs and parameters of the whole set)  |
+| api_bank     | level-1-api.json, level-2-api.json               | API name, the same argument names, and |
+|              | (test-data/ of API-Bank)                         | values equal after the declared type's |
+|              |                                                  | cast (its scorer runs the call on the  |
+|              |                                                  | simulated API and compares results     |
+|              |                                                  | with per-API rules: not reproduced)    |
+| toolalpaca   | eval_simulated.json, eval_real.json              | every gold step's call, name and JSON  |
+|              |                                                  | arguments equal (its scorer: a GPT-4   |
+|              |                                                  | judge of the process and the response) |
+
+Rows a format allows but this task cannot pose (a Seal-Tools argument that is another call's
+output, a ToolAlpaca step whose input is not JSON) are kept as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import re
+from typing import Any, Iterator, Optional
+
+import tensorflow_datasets as tfds
+
+from ttsi_jax.tasks import bfcl, datasets
+from ttsi_jax.tasks.base import Example, Verdict
+
+# The benchmarks' type names -> the checker's (JSON-schema-like) ones.
+_TYPES = {
+    "str": "string",
+    "string": "string",
+    "int": "integer",
+    "integer": "integer",
+    "float": "float",
+    "number": "float",
+    "bool": "boolean",
+    "boolean": "boolean",
+    "list": "array",
+    "array": "array",
+    "dict": "dict",
+    "object": "dict",
+}
+
+
+def _schema_type(name: Any) -> dict:
+  kind = _TYPES.get(str(name).lower(), "any")
+  return {"type": kind, "items": {"type": "string"}} if kind == "array" else {"type": kind}
+
+
+def _find(manual_dir: str, *patterns: str) -> Optional[str]:
+  """The first file in `manual_dir` (or a folder below it) matching one of `patterns`."""
+  for pattern in patterns:
+    found = sorted(glob.glob(os.path.join(manual_dir, "**", pattern), recursive=True))
+    if found:
+      return found[0]
+  return None
+
+
+def _need(manual_dir: str, what: str, where: str, *patterns: str) -> str:
+  path = _find(manual_dir, *patterns)
+  if path is None:
+    raise FileNotFoundError(
+        f"{manual_dir} holds no {what} (looked for {', '.join(patterns)}). {where} Pass the folder "
+        "with --config.task.manual_dir."
+    )
+  return path
+
+
+def _read_table(path: str) -> list[dict]:
+  """Rows of a .parquet, .jsonl or .json (a list) file."""
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq  # only for the HF hub's parquet files
+
+    return pq.read_table(path).to_pylist()
+  if path.endswith(".jsonl"):
+    rows = []
+    for number, item, error in bfcl._read_json_lines(path):
+      if error:
+        raise ValueError(f"{path}, line {number}: {error}")
+      rows.append(item)
+    return rows
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _gold(calls: list[tuple[str, dict]]) -> list[dict]:
+  return [{name: {k: [v] for k, v in args.items()}} for name, args in calls]
+
+
+def _one_call(answer: str) -> tuple[Optional[bfcl.Call], str]:
+  try:
+    calls = bfcl.parse_calls(answer)
+  except bfcl.ParseError as e:
+    return None, f"Invalid syntax: {e}"
+  if len(calls) != 1:
+    return None, f"Expected one call, got {len(calls)}."
+  return calls[0], ""
+
+
+# ------------------------------------------------------------------------------------ NexusRaven
+
+
+def _nexus_default(text: Any) -> Any:
+  """A default as NexusRaven's generated signature reads it: "None", "JSON:<json>", or source."""
+  if not isinstance(text, str):
+    return text
+  if text.startswith("JSON:"):
+    return json.loads(text[len("JSON:") :])
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _nexus_function(api: dict) -> dict:
+  properties, required = {}, []
+  for arg in api["args_dicts"]:
+    properties[arg["name"]] = {
+        **_schema_type(arg.get("type")),
+        "description": arg.get("description") or "",
+        "default": _nexus_default(arg.get("default", "None")),
+    }
+    if arg.get("required"):
+      required.append(arg["name"])
+  return {
+      "name": api["name"],
+      "description": api.get("description") or "",
+      "parameters": {"type": "dict", "properties": properties, "required": required},
+  }
+
+
+class Nexusraven(datasets.Builder):
+  """NexusRaven_API_evaluation: `standardized_queries` and `standardized_api_list`; split "test"."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "The `standardized_queries` and `standardized_api_list` subsets of the Hugging Face dataset "
+      "Nexusflow/NexusRaven_API_evaluation, as parquet (as on the hub) or .jsonl / .json files."
+  )
+
+  def _split_generators(self, dl_manager):
+    where = "Download them from the Hugging Face dataset Nexusflow/NexusRaven_API_evaluation."
+    find = lambda subset: _need(
+        dl_manager.manual_dir,
+        subset,
+        where,
+        f"{subset}*.parquet",
+        f"{subset}/*.parquet",
+        f"{subset}.jsonl",
+        f"{subset}.json",
+    )
+    return {"test": self._generate_examples(find("standardized_queries"), find("standardized_api_list"))}
+
+  def _generate_examples(self, queries: str, apis: str) -> Iterator[tuple[str, dict]]:
+    functions = {api["name"]: _nexus_function(api) for api in _read_table(apis)}
+    for index, q in enumerate(_read_table(queries)):
+      row_id = f"{q.get('dataset', 'nexusraven')}_{index}"
+      missing = [name for name in q["context_functions"] if name not in functions]
+      if q["python_function_name"] not in q["context_functions"]:
+        missing.append(q["python_function_name"])
+      if missing:
+        yield datasets.skipped_row(index, row_id, f"functions {missing} are not in the API list")
+        continue
+      args = q["python_args_dict"]
+      args = json.loads(args) if isinstance(args, str) else dict(args)
+      yield datasets.row(
+          index,
+          row_id,
+          [{"role": "user", "content": q["prompt"]}],
+          [functions[name] for name in q["context_functions"]],
+          _gold([(q["python_function_name"], args)]),
+      )
+
+
+def _nexus_args(function: dict, args: dict) -> tuple[Optional[dict], str]:
+  """Every parameter's value as NexusRaven's evaluator sees it after calling the function:
+  defaults filled in, float values cast to int; (None, why) where the call would raise."""
+  properties = function["parameters"]["properties"]
+  unknown = sorted(set(args) - set(properties))
+  if unknown:
+    return None, f"Unexpected arguments {unknown}."
+  missing = [p for p in function["parameters"]["required"] if p not in args]
+  if missing:
+    return None, f"Missing required arguments {missing}."
+  full = {p: args.get(p, schema.get("default")) for p, schema in properties.items()}
+  return {p: int(v) if isinstance(v, float) else v for p, v in full.items()}, ""
+
+
+def check_nexusraven(example: Example, answer: str) -> Verdict:
+  call, error = _one_call(answer)
+  if call is None:
+    return Verdict(False, error)
+  ((gold_name, gold_params),) = example.gold[0].items()
+  if call.name != gold_name:
+    return Verdict(False, f"Function {call.name!r} is not {gold_name!r}.")
+  function = next(f for f in example.functions if f["name"] == gold_name)
+  got, error = _nexus_args(function, call.args)
+  if got is None:
+    return Verdict(False, error)
+  want, _ = _nexus_args(function, {k: v[0] for k, v in gold_params.items()})
+  wrong = sorted(p for p in want if got[p] != want[p] or type(got[p]) is not type(want[p]))
+  return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
+
+
+# ------------------------------------------------------------------------------------ Seal-Tools
+
+_SEAL_SPLITS = ("test_in_domain", "test_out_domain", "dev")
+_SEAL_DISTRACTORS = 3  # tools of the same field offered beside the gold ones
+_PLACEHOLDER = re.compile(r"^API_call_\d+$")
+
+
+def _seal_function(tool: dict) -> dict:
+  properties = {
+      name: {**_schema_type(p.get("type")), "description": p.get("description") or ""}
+      for name, p in (tool.get("parameters") or {}).items()
+  }
+  return {
+      "name": tool["api_name"],
+      "description": tool.get("api_description") or "",
+      "parameters": {"type": "dict", "properties": properties, "required": list(tool.get("required") or [])},
+  }
+
+
+class SealTools(datasets.Builder):
+  """Seal-Tools: `tool.jsonl` and the test / dev files; splits test_in_domain, test_out_domain,
+  dev. Each input is offered its gold tools and 3 more of the same field, chosen by its id."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Seal-Tools_Dataset/ of github.com/fairyshine/Seal-Tools."
+
+  def _split_generators(self, dl_manager):
+    where = "They are in Seal-Tools_Dataset/ of github.com/fairyshine/Seal-Tools."
+    tools = _need(dl_manager.manual_dir, "tool.jsonl", where, "tool.jsonl")
+    splits = {}
+    for split in _SEAL_SPLITS:
+      path = _find(dl_manager.manual_dir, f"{split}.jsonl")
+      if path:
+        splits[split] = self._generate_examples(tools, path)
+    if not splits:
+      _need(dl_manager.manual_dir, "test or dev file", where, *(f"{s}.jsonl" for s in _SEAL_SPLITS))
+    return splits
+
+  def _generate_examples(self, tools_path: str, path: str) -> Iterator[tuple[str, dict]]:
+    tools = {t["api_name"]: t for t in _read_table(tools_path)}
+    by_field: dict[str, list[str]] = {}
+    for name in sorted(tools):
+      by_field.setdefault(tools[name].get("field", ""), []).append(name)
+    for index, r in enumerate(_read_table(path)):
+      row_id = str(r.get("id", f"{os.path.basename(path)}_{index}"))
+      calls = [(c["api"], dict(c.get("parameters") or {})) for c in r["calling"]]
+      missing = sorted({name for name, _ in calls if name not in tools})
+      nested = any(isinstance(v, str) and _PLACEHOLDER.match(v) for _, args in calls for v in args.values())
+      if missing or nested:
+        reason = (
+            f"tools {missing} are not in tool.jsonl"
+            if missing
+            else ("an argument is another call's output (nested calls are not posed here)")
+        )
+        yield datasets.skipped_row(index, row_id, reason)
+        continue
+      offered = list(dict.fromkeys(name for name, _ in calls))
+      seed = int(hashlib.md5(row_id.encode()).hexdigest(), 16)
+      for name in offered[:1]:
+        others = [t for t in by_field[tools[name].get("field", "")] if t not in offered]
+        for k in range(min(_SEAL_DISTRACTORS, len(others))):
+          offered.append(others[(seed + k) % len(others)])
+      yield datasets.row(
+          index,
+          row_id,
+          [{"role": "user", "content": r["query"]}],
+          [_seal_function(tools[name]) for name in offered],
+          _gold(calls),
+      )
+
+
+def check_seal_tools(example: Example, answer: str) -> Verdict:
+  """All gold calls made, each API with exactly its parameters, values equal as str()."""
+  try:
+    calls = bfcl.parse_calls(answer)
+  except bfcl.ParseError as e:
+    return Verdict(False, f"Invalid syntax: {e}")
+  gold = [
+      (name, {k: v[0] for k, v in params.items()}) for call in example.gold for name, params in call.items()
+  ]
+  if len(calls) != len(gold):
+    return Verdict(False, f"{len(calls)} calls where the answer makes {len(gold)}.")
+  unmatched = list(range(len(calls)))
+  for name, params in gold:
+    match = next(
+        (
+            i
+            for i in unmatched
+            if calls[i].name == name
+            and set(calls[i].args) == set(params)
+            and all(str(calls[i].args[k]) == str(v) for k, v in params.items())
+        ),
+        None,
+    )
+    if match is None:
+      return Verdict(False, f"No call matches {name}({params}).")
+    unmatched.remove(match)
+  return Verdict(True)
+
+
+# -------------------------------------------------------------------------------------- API-Bank
+
+_API_REQUEST = re.compile(r"API-Request:\s*(\[.*\])", re.S)
+
+
+def _api_descriptions(text: str) -> list[dict]:
+  """The API descriptions (JSON objects with a name and input_parameters) in a text."""
+  found, decoder = [], json.JSONDecoder()
+  for start in [m.start() for m in re.finditer(r"\{", text)]:
+    try:
+      value, _ = decoder.raw_decode(text[start:])
+    except ValueError:
+      continue
+    if isinstance(value, dict) and isinstance(value.get("name"), str) and "input_parameters" in value:
+      found.append(value)
+  return found
+
+
+def _api_bank_function(api: dict) -> dict:
+  params = api.get("input_parameters") or {}
+  properties = {
+      name: {**_schema_type(p.get("type")), "description": p.get("description") or ""}
+      for name, p in params.items()
+  }
+  return {
+      "name": api["name"],
+      "description": api.get("description") or "",
+      # API-Bank's tools raise on a missing argument: every input parameter is required.
+      "parameters": {"type": "dict", "properties": properties, "required": list(properties)},
+  }
+
+
+class ApiBank(datasets.Builder):
+  """API-Bank level-1 (API given) and level-2 (API retrieved by ToolSearcher) API-call rows of
+  `level-<n>-api.json`; split "test"."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="level-1"), tfds.core.BuilderConfig(name="level-2")]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "test-data/level-1-api.json and level-2-api.json of API-Bank."
+
+  def _split_generators(self, dl_manager):
+    name = f"{self.builder_config.name}-api.json"
+    where = "They are API-Bank's test-data/ (github.com/AlibabaResearch/DAMO-ConvAI, api-bank)."
+    return {"test": self._generate_examples(_need(dl_manager.manual_dir, name, where, name))}
+
+  def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
+    seen = set()
+    for index, r in enumerate(_read_table(path)):
+      row_id = f"{os.path.splitext(r.get('file', 'row'))[0]}_{r.get('id', index)}"
+      if row_id in seen:
+        row_id = f"{row_id}_{index}"
+      seen.add(row_id)
+      apis = {a["name"]: a for a in _api_descriptions(r["instruction"]) + _api_descriptions(r["input"])}
+      expected = _API_REQUEST.search(r["expected_output"])
+      try:
+        calls = bfcl.parse_calls(expected.group(1)) if expected else []
+      except bfcl.ParseError:
+        calls = []
+      if len(calls) != 1 or calls[0].name not in apis:
+        yield datasets.skipped_row(
+            index, row_id, "expected_output is not one API-Request of an API the row describes"
+        )
+        continue
+      dialogue = r["input"].replace("Generate API Request:", "").strip()
+      yield datasets.row(
+          index,
+          row_id,
+          [{"role": "user", "content": dialogue}],
+          [_api_bank_function(a) for a in apis.values()],
+          _gold([(calls[0].name, calls[0].args)]),
+      )
+
+
+def _api_bank_value(value: Any, kind: str) -> Any:
+  """A value as API-Bank's tool manager passes it: strings cast to the declared type."""
+  text = value if isinstance(value, str) else str(value)
+  try:
+    if kind == "integer":
+      return int(float(text))
+    if kind == "float":
+      return float(text)
+  except ValueError:
+    return text
+  if kind == "boolean":
+    return text == "True"
+  return text
+
+
+def check_api_bank(example: Example, answer: str) -> Verdict:
+  call, error = _one_call(answer.replace("API-Request:", "", 1))
+  if call is None:
+    return Verdict(False, error)
+  ((gold_name, gold_params),) = example.gold[0].items()
+  if call.name != gold_name:
+    return Verdict(False, f"API {call.name!r} is not {gold_name!r}.")
+  if set(call.args) != set(gold_params):
+    return Verdict(False, f"Arguments {sorted(call.args)} are not {sorted(gold_params)}.")
+  properties = next(f for f in example.functions if f["name"] == gold_name)["parameters"]["properties"]
+  kinds = {p: properties.get(p, {}).get("type", "string") for p in gold_params}
+  wrong = sorted(
+      p
+      for p, v in gold_params.items()
+      if _api_bank_value(call.args[p], kinds[p]) != _api_bank_value(v[0], kinds[p])
+  )
+  return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
+
+
+# ------------------------------------------------------------------------------------ ToolAlpaca
+
+_ALPACA_SPLITS = {"simulated": "eval_simulated.json", "real": "eval_real.json"}
+
+
+def _openapi_parameters(spec: dict, path: str, method: str) -> dict:
+  """A JSON schema of an OpenAPI operation's parameters and JSON request body."""
+  operation = ((spec.get("paths") or {}).get(path) or {}).get(method) or {}
+  properties, required = {}, []
+  for p in operation.get("parameters") or []:
+    if isinstance(p, dict) and isinstance(p.get("name"), str):
+      properties[p["name"]] = {
+          **_schema_type((p.get("schema") or {}).get("type")),
+          "description": p.get("description") or "",
+      }
+      if p.get("required"):
+        required.append(p["name"])
+  body = ((operation.get("requestBody") or {}).get("content") or {}).get("application/json") or {}
+  body_schema = body.get("schema") or {}
+  for name, p in (body_schema.get("properties") or {}).items():
+    properties[name] = {**_schema_type(p.get("type")), "description": p.get("description") or ""}
+  required += [r for r in body_schema.get("required") or [] if r in properties]
+  return {"type": "dict", "properties": properties, "required": required}
+
+
+def _alpaca_functions(tool: dict) -> dict[str, dict]:
+  spec = json.loads(tool["Documentation"]) if isinstance(tool.get("Documentation"), str) else {}
+  functions = {}
+  for name, text in (tool.get("Function_Description") or {}).items():
+    if name == "components":  # shared schema text, not a function
+      continue
+    path, method = (tool.get("Function_Projection") or {}).get(name, ["", ""])
+    functions[name] = {
+        "name": name,
+        "description": text if isinstance(text, str) else "",
+        "parameters": _openapi_parameters(spec, path, str(method).lower()),
+    }
+  return functions
+
+
+class Toolalpaca(datasets.Builder):
+  """ToolAlpaca's evaluation tools: splits "simulated" and "real", one row per instruction, the
+  tool's functions offered (parameters from its OpenAPI documentation)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "data/eval_simulated.json and data/eval_real.json of ToolAlpaca."
+
+  def _split_generators(self, dl_manager):
+    splits = {
+        split: self._generate_examples(path)
+        for split, name in _ALPACA_SPLITS.items()
+        if (path := _find(dl_manager.manual_dir, name))
+    }
+    if not splits:
+      where = "They are data/ of github.com/tangqiaoyu/ToolAlpaca."
+      _need(dl_manager.manual_dir, "ToolAlpaca evaluation file", where, *_ALPACA_SPLITS.values())
+    return splits
+
+  def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
+    index = 0
+    for tool in _read_table(path):
+      try:
+        functions = _alpaca_functions(tool)
+      except ValueError as e:  # a Documentation that is not JSON
+        functions, broken = {}, f"the tool's Documentation is not JSON: {e}"
+      else:
+        broken = ""
+      answers = tool.get("Golden_Answers") or []
+      for k, instruction in enumerate(tool.get("Instructions") or []):
+        row_id, index = f"{tool['Name']}_{k}", index + 1
+        reason, calls = broken, []
+        for step in answers[k] if k < len(answers) else []:
+          try:
+            args = json.loads(step["Action_Input"]) if step.get("Action_Input") else {}
+          except ValueError:
+            args = None
+          if reason:
+            break
+          if step.get("Action") not in functions:
+            reason = f"a gold step calls {step.get('Action')!r}, which the tool does not describe"
+          elif not isinstance(args, dict):
+            reason = "a gold step's Action_Input is not a JSON object"
+          else:
+            calls.append((step["Action"], args))
+        if not reason and not calls:
+          reason = "no gold steps"
+        if reason:
+          yield datasets.skipped_row(index, row_id, reason)
+          continue
+        yield datasets.row(
+            index, row_id, [{"role": "user", "content": instruction}], list(functions.values()), _gold(calls)
+        )
+
+
+def check_toolalpaca(example: Example, answer: str) -> Verdict:
+  """Every gold step made (in any order), each with exactly its JSON arguments."""
+  try:
+    calls = bfcl.parse_calls(answer)
+  except bfcl.ParseError as e:
+    return Verdict(False, f"Invalid syntax: {e}")
+  gold = [
+      (name, {k: v[0] for k, v in params.items()}) for call in example.gold for name, params in call.items()
+  ]
+  if len(calls) != len(gold):
+    return Verdict(False, f"{len(calls)} calls where the answer makes {len(gold)}.")
+  unmatched = list(range(len(calls)))
+  for name, params in gold:
+    match = next((i for i in unmatched if calls[i].name == name and calls[i].args == params), None)
+    if match is None:
+      return Verdict(False, f"No call matches {name}({params}).")
+    unmatched.remove(match)
+  return Verdict(True)
+
+
+datasets.BUILDERS.update(nexusraven=Nexusraven, seal_tools=SealTools, api_bank=ApiBank, toolalpaca=Toolalpaca)
+datasets.SCORERS.update(
+    nexusraven=check_nexusraven,
+    seal_tools=check_seal_tools,
+    api_bank=check_api_bank,
+    toolalpaca=check_toolalpaca,
+)
