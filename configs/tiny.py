@@ -10,6 +10,9 @@ def get_config():
   config.variants = "base,ttsi,ttsi_icl,all_inputs,certain_only,oracle"
   config.decoding.modes = "direct,majority,pass@k"
   config.decoding.num_samples = 2
+  # A random model rarely closes a value or a call: bound how long it may write.
+  config.decoding.max_value_tokens = 8
+  config.decoding.max_args = 3
   config.synthesis.max_request_tokens = 8
   # A random model's requests are word salad: redrawing them only costs time (tested on its own).
   config.synthesis.request_retries = 0

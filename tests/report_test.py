@@ -2,12 +2,17 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from ttsi_jax import report
+from configs import tiny
+from ttsi_jax import experiment, report
 from ttsi_jax.ttsi import records
 from ttsi_jax.ttsi.synthesis import Pair
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(i, margin, base_right, adapted_right, wave=0):
@@ -85,3 +90,42 @@ def test_report_refuses_runs_of_other_inputs_and_names_a_missing_workdir(tmp_pat
     report.load_runs([a, b])
   with pytest.raises(FileNotFoundError, match=r"nowhere/results.jsonl does not exist"):
     report.load_runs([str(tmp_path / "nowhere")])
+
+
+def test_the_tau_sweep_of_one_run_equals_a_run_at_that_tau(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.task.num_examples, config.wave_size = 2, 2
+  config.variants, config.decoding.modes = "base,ttsi,all_inputs", "direct"
+  config.synthesis.validate = False  # a random model's pairs: keep them, so every input trains
+  config.uncertainty.tau = 1.01  # every input flagged: all_inputs and ttsi adapt everywhere
+  experiment.run(config, str(tmp_path / "every"))
+  every = records.read(str(tmp_path / "every" / "results.jsonl"))
+  margins = sorted(r.margin for r in every)
+  config.uncertainty.tau = (margins[0] + margins[1]) / 2  # flags the least certain input only
+  experiment.run(config, str(tmp_path / "one"))
+  one = records.read(str(tmp_path / "one" / "results.jsonl"))
+  assert [r.uncertain for r in one] == [r.margin < config.uncertainty.tau for r in every]
+  assert sum(r.uncertain for r in one) == 1
+  # TT-SI at this tau, from the first run: all_inputs where flagged, base elsewhere.
+  for r_every, r_one in zip(every, one):
+    expected = r_every.variants["all_inputs"] if r_one.uncertain else r_every.base
+    assert r_one.variants["ttsi"].answer == expected.answer
+  (point,) = report.tau_sweep(every, taus=(config.uncertainty.tau,))
+  assert point["ttsi"] == sum(r.variants["ttsi"].correct["direct"] for r in one) / len(one)
+  assert point["flagged"] == 1 / 2
+
+
+def test_the_report_command_writes_the_report(tmp_path):
+  a = _workdir(tmp_path / "a", 0, [(0.1, False, True), (0.5, True, True)])
+  b = _workdir(tmp_path / "b", 1, [(0.3, True, True), (0.7, False, False)])
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "ttsi_jax.report", f"--workdir={a},{b}", f"--out={out}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == str(out / "report.md") and "seeds [0, 1]" in (out / "report.md").read_text()

@@ -275,17 +275,17 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   return path
 
 
-_WORKDIRS = flags.DEFINE_list("workdir", None, "Workdirs of finished runs (one per seed), comma separated.")
-_OUT = flags.DEFINE_string("out", "", "Where report.md and its plots go (default: <first workdir>/report).")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runs = load_runs(_WORKDIRS.value)
-  print(write_report(runs, _OUT.value or os.path.join(_WORKDIRS.value[0], "report")))
+  workdirs = flags.FLAGS.workdir
+  runs = load_runs(workdirs)
+  print(write_report(runs, flags.FLAGS.out or os.path.join(workdirs[0], "report")))
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the library functions above are imported beside other entrypoints.
+  flags.DEFINE_list("workdir", None, "Workdirs of finished runs (one per seed), comma separated.")
+  flags.DEFINE_string("out", "", "Where report.md and its plots go (default: <first workdir>/report).")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)
