@@ -5,6 +5,7 @@ to choose; the float32 default path is run by the end-to-end tests."""
 
 import glob
 import os
+import re
 
 import nbformat
 import pytest
@@ -40,4 +41,11 @@ def test_notebook_executes(path, tiny_qwen2_chat_model, monkeypatch):
   )
   assert "margin" in outputs and "base/direct" in outputs and "oracle/direct" in outputs
   assert "oracle ✓" in outputs or "oracle ✗" in outputs  # an adapted answer is shown
+  # The marks the notebook prints agree with the run's own metrics (one input: 100% or 0%).
+  shown = [("oracle", "oracle"), ("base", "base")] + [("ttsi", "TT-SI")] * (
+      "TT-SI not adapted" not in outputs
+  )
+  for variant, label in shown:
+    right = re.search(rf"{variant}/direct\s+100\.0%", outputs) is not None
+    assert f"{label} {'✓' if right else '✗'}" in outputs, variant
   assert "exporting" in outputs and "adapter_model.safetensors" in outputs  # a trained adapter

@@ -123,7 +123,10 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   ref, _ = transformer.forward(config, params, tokens, _positions(B, T))
   out, _ = transformer.forward(config16, params16, tokens, _positions(B, T))
   assert out.dtype == jnp.float32
-  assert float(jnp.max(jnp.abs(out - ref))) < 0.1
+  # bfloat16 keeps 8 mantissa bits (0.4% per rounding): logits within 2% of their scale (measured
+  # 0.75% here), and not bit-equal, which would mean float32 compute.
+  error, scale = float(jnp.max(jnp.abs(out - ref))), float(jnp.max(jnp.abs(ref)))
+  assert 0 < error < 0.02 * scale
 
 
 @pytest.mark.parametrize("skip_padding", [False, True])

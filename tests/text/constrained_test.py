@@ -59,7 +59,10 @@ FUNCTIONS = [
 ]
 
 
-def test_decoded_calls_use_only_schema_keywords_and_keep_required_ones(hf_checkpoints):
+def test_decoded_calls_parse_and_use_only_schema_keywords(hf_checkpoints):
+  # Required arguments come before the call may close (test_options_close_only_after_required_
+  # arguments); one whose value the model does not finish in max_value_tokens ends the call
+  # without it, as a random model's values here do.
   config, params = hf.load(hf_checkpoints["qwen2"][0])  # vocab 256 + 1 covers every byte
   sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)
   tok = _CharTokenizer()

@@ -97,24 +97,24 @@ answer passing an argument that `calls` does not list is wrong, as in BFCL.
 """
 
 
-def user_tools_row(row: Any, line: int, index: int) -> tuple[str, dict]:
+def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
   """A `USER_TOOLS_FORMAT` row as dataset features; raises ValueError naming what is wrong."""
-  if not isinstance(row, dict):
+  if not isinstance(item, dict):
     raise ValueError("the row is not a JSON object")
-  row_id = row.get("id", f"line_{line}")
-  query = row.get("query")
+  row_id = item.get("id", f"line_{line}")
+  query = item.get("query")
   if isinstance(query, str):
     messages = [{"role": "user", "content": query}]
   else:
     messages = query
   bfcl._last_user_turn([messages])  # raises when there is no user message
-  tools = row.get("tools")
+  tools = item.get("tools")
   if not isinstance(tools, list) or not tools:
     raise ValueError("'tools' is not a non-empty list")
   functions = [t["function"] if isinstance(t, dict) and "function" in t else t for t in tools]
   bfcl._check_functions(functions)
   functions = [{**f, "parameters": _bfcl_types(f["parameters"])} for f in functions]
-  calls = row.get("calls")
+  calls = item.get("calls")
   if not isinstance(calls, list):
     raise ValueError("'calls' is not a list (use [] when the right answer calls nothing)")
   gold = []
@@ -175,11 +175,11 @@ class UserTools(Builder):
 
   def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
     seen = set()
-    for number, row, error in bfcl._read_json_lines(path):
+    for number, item, error in bfcl._read_json_lines(path):
       try:
         if error:
           raise ValueError(error)
-        key, features = user_tools_row(row, number, len(seen))
+        key, features = user_tools_row(item, number, len(seen))
         if key in seen:
           raise ValueError(f"duplicate id {key!r}")
       except ValueError as e:
@@ -222,17 +222,20 @@ class DatasetTask(bfcl.FunctionCallingTask):
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self._examples = []
     source = builder.as_data_source(split=split)
-    for row in sorted((source[i] for i in range(len(source))), key=lambda row: int(row["index"])):
-      row_id = _text(row["id"])
-      if _text(row["skipped"]):
-        self._skipped.append((row_id, _text(row["skipped"])))
+    for features in sorted((source[i] for i in range(len(source))), key=lambda f: int(f["index"])):
+      row_id = _text(features["id"])
+      if _text(features["skipped"]):
+        self._skipped.append((row_id, _text(features["skipped"])))
         continue
-      messages = json.loads(_text(row["messages"]))
+      messages = json.loads(_text(features["messages"]))
       question = [m["content"] for m in messages if m["role"] == "user"][-1]
       self._row_messages[row_id] = (question, messages)
       self._examples.append(
           Example(
-              row_id, question, tuple(json.loads(_text(row["functions"]))), json.loads(_text(row["gold"]))
+              row_id,
+              question,
+              tuple(json.loads(_text(features["functions"]))),
+              json.loads(_text(features["gold"])),
           )
       )
 
