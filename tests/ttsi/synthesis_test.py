@@ -70,6 +70,8 @@ def test_validation_keeps_good_pairs_and_names_the_problem(example):
         ("def area(r):", "request is code"),
         ("Hello", "request has fewer than 3 words"),
         ("2 + 2 = 4", "request has fewer than 3 words"),
+        ("https://api.example.com/v1/list_top_favorites", "request has fewer than 3 words"),
+        ("kinetic_energy_of_a_10_kg_mass", "request has fewer than 3 words"),
     ],
 )
 def test_requests_must_be_natural_language(request_text, problem):

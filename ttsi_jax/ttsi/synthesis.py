@@ -83,7 +83,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 
 _CALL_TEXT = re.compile(r"^\[?\s*[A-Za-z_][\w.]*\(")  # f(...), [f(...)], mod.f(...)
 _CODE_TEXT = re.compile(r"^(import\s|from\s+\S+\s+import\s|def\s|class\s|return\s|[{\[<#$>`])")
-_WORD = re.compile(r"[^\W\d_]{2,}")  # a run of 2+ letters, any script
+_WORD = re.compile(r"[^\W\d_]{2,}")  # 2+ letters in a row, any script
 _UNSPACED_SCRIPT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")  # kana, CJK, Hangul
 
 
@@ -99,7 +99,8 @@ def request_problem(request: str) -> str:
     return "request is a function call"
   if _CODE_TEXT.match(text):
     return "request is code"
-  if len(_WORD.findall(text)) < 3 and not _UNSPACED_SCRIPT.search(text):
+  words = [w for w in text.split() if _WORD.search(w)]  # a URL or an_identifier is one word
+  if len(words) < 3 and not _UNSPACED_SCRIPT.search(text):
     return "request has fewer than 3 words"
   return ""
 
