@@ -211,7 +211,7 @@ def check_nexusraven(example: Example, answer: str) -> Verdict:
   if got is None:
     return Verdict(False, error)
   want, _ = _nexus_args(function, {k: v[0] for k, v in gold_params.items()})
-  wrong = sorted(p for p in want if got[p] != want[p] or type(got[p]) is not type(want[p]))
+  wrong = sorted(p for p in want if got[p] != want[p])  # Python's ==, as its evaluator compares
   return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
 
 
