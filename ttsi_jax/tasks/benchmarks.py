@@ -286,8 +286,9 @@ class SealTools(datasets.Builder):
       )
 
 
-def check_seal_tools(example: Example, answer: str) -> Verdict:
-  """All gold calls made, each API with exactly its parameters, values equal as str()."""
+def _every_gold_call_made(example: Example, answer: str, same_args) -> Verdict:
+  """Each gold call matched by its own answer call (any order, none left over): same name and
+  `same_args(answer args, gold args)`."""
   try:
     calls = bfcl.parse_calls(answer)
   except bfcl.ParseError as e:
@@ -299,20 +300,17 @@ def check_seal_tools(example: Example, answer: str) -> Verdict:
     return Verdict(False, f"{len(calls)} calls where the answer makes {len(gold)}.")
   unmatched = list(range(len(calls)))
   for name, params in gold:
-    match = next(
-        (
-            i
-            for i in unmatched
-            if calls[i].name == name
-            and set(calls[i].args) == set(params)
-            and all(str(calls[i].args[k]) == str(v) for k, v in params.items())
-        ),
-        None,
-    )
+    match = next((i for i in unmatched if calls[i].name == name and same_args(calls[i].args, params)), None)
     if match is None:
       return Verdict(False, f"No call matches {name}({params}).")
     unmatched.remove(match)
   return Verdict(True)
+
+
+def check_seal_tools(example: Example, answer: str) -> Verdict:
+  """All gold calls made, each API with exactly its parameters, values equal as str()."""
+  same = lambda got, want: set(got) == set(want) and all(str(got[k]) == str(v) for k, v in want.items())
+  return _every_gold_call_made(example, answer, same)
 
 
 # -------------------------------------------------------------------------------------- API-Bank
@@ -518,22 +516,7 @@ class Toolalpaca(datasets.Builder):
 
 def check_toolalpaca(example: Example, answer: str) -> Verdict:
   """Every gold step made (in any order), each with exactly its JSON arguments."""
-  try:
-    calls = bfcl.parse_calls(answer)
-  except bfcl.ParseError as e:
-    return Verdict(False, f"Invalid syntax: {e}")
-  gold = [
-      (name, {k: v[0] for k, v in params.items()}) for call in example.gold for name, params in call.items()
-  ]
-  if len(calls) != len(gold):
-    return Verdict(False, f"{len(calls)} calls where the answer makes {len(gold)}.")
-  unmatched = list(range(len(calls)))
-  for name, params in gold:
-    match = next((i for i in unmatched if calls[i].name == name and calls[i].args == params), None)
-    if match is None:
-      return Verdict(False, f"No call matches {name}({params}).")
-    unmatched.remove(match)
-  return Verdict(True)
+  return _every_gold_call_made(example, answer, lambda got, want: got == want)
 
 
 datasets.BUILDERS.update(nexusraven=Nexusraven, seal_tools=SealTools, api_bank=ApiBank, toolalpaca=Toolalpaca)
