@@ -6,14 +6,13 @@ The suite runs 2,000 answers (about a second); the full run:
 """
 
 import collections
-import math
 import os
 
 import numpy as np
 import pytest
 
 from ttsi_jax.tasks import bfcl
-from tests.tasks.bfcl_test import _bfcl_decode, _raw_rows, bfcl_irrelevance_verdict, bfcl_verdict
+from tests.tasks.bfcl_test import _bfcl_decode, _raw_rows, bfcl_irrelevance_verdict, bfcl_verdict, same
 
 NUM_ANSWERS = int(os.environ.get("TTSI_FUZZ_ANSWERS", "2000"))
 CATEGORIES = bfcl.CATEGORIES  # every category we support
@@ -25,19 +24,6 @@ CATEGORIES = bfcl.CATEGORIES  # every category we support
 KNOWN_DIFFERENCES = ("len('ab') + 1", "'a' * 2000000", "abs(-3) * 2")
 
 UNICODE = ["é", "ß", "中文", "😀", "\u200b", "\u2028", "a\\nb", "\\x00", "\\u00e9", "'", '\\"', "\\\\"]
-
-
-def same(a, b) -> bool:
-  """Equal values of equal types, all the way down."""
-  if type(a) is not type(b):
-    return False
-  if isinstance(a, dict):
-    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-  if isinstance(a, (list, tuple)):
-    return len(a) == len(b) and all(map(same, a, b))
-  if isinstance(a, float) and math.isnan(a):
-    return math.isnan(b)
-  return a == b
 
 
 class Generator:
