@@ -20,21 +20,28 @@ from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
 from ttsi_jax.text import tokenizer as tokenizer_lib
-from ttsi_jax.ttsi import adaptation, answering, records, uncertainty, variants
+from ttsi_jax.ttsi import adaptation, answering, records, synthesis, uncertainty, variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Teacher(http.server.BaseHTTPRequestHandler):
-  """OpenAI-compatible endpoint: garbage for requests about `FAIL_ON`, a valid pair otherwise."""
+  """OpenAI-compatible endpoint: garbage for requests about `FAIL_ON`, HTTP 401 while `REFUSE` is
+  set, a valid pair otherwise."""
 
   FAIL_ON = ""
+  REFUSE = False
   calls: list = []
 
   def do_POST(self):
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     prompt = body["messages"][-1]["content"]
     type(self).calls.append(prompt)
+    if self.REFUSE:
+      self.send_response(401)
+      self.end_headers()
+      self.wfile.write(b'{"error": "invalid api key"}')
+      return
     if self.FAIL_ON and self.FAIL_ON in prompt:
       payload = b"<html>not json</html>"
     else:
@@ -56,7 +63,7 @@ def teacher_server():
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
-  _Teacher.calls = []
+  _Teacher.calls, _Teacher.REFUSE = [], False
   yield f"http://127.0.0.1:{server.server_address[1]}/v1"
   server.shutdown()
 
@@ -84,12 +91,23 @@ def _without_timing(metrics):
   return {k: v for k, v in metrics.items() if k != "timing"}
 
 
-def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server, tmp_path):
+def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server, tmp_path, monkeypatch):
   examples = BfclTask("multiple", 4).examples()
   _Teacher.FAIL_ON = examples[1].question
   config = _config(tiny_chat_model, teacher_server)
   workdir = str(tmp_path / "run")
+  trained = []  # adapters per training call
+  train_all = adaptation.Trainer.train_all
+  monkeypatch.setattr(
+      adaptation.Trainer,
+      "train_all",
+      lambda self, params, examples, *a, **k: trained.append(len(examples))
+      or train_all(self, params, examples, *a, **k),
+  )
   metrics = experiment.run(config, workdir)
+  # One adapter per input and data source: ttsi's (all_inputs shares it), oracle's, self_label's,
+  # and ttd's where the teacher answered (3 of 4).
+  assert sum(trained) == 4 + 4 + 4 + 3
 
   lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
   assert [r["id"] for r in lines] == [ex.id for ex in examples]
@@ -151,7 +169,10 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert set(metrics["accuracy"]) == {
       f"{v}/{m}" for v in config.variants.split(",") for m in ("direct", "majority", "pass@k")
   }
-  assert metrics["pairs"]["total"] == metrics["pairs"]["kept"] == 4
+  # Validation off keeps every pair, also those it would reject (a random model's calls).
+  pairs = [(examples[i], p) for i, r in enumerate(lines) for p in r["pairs"]]
+  assert metrics["pairs"] == {"total": len(pairs), "kept": len(pairs), "rejected_by_reason": {}}
+  assert any(BfclTask("multiple", 4).validate(ex, p["call"]) for ex, p in pairs)
   assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
   saved = json.load(open(os.path.join(workdir, "metrics.json")))
   assert _without_timing(saved) == _without_timing(json.loads(json.dumps(metrics)))
@@ -168,6 +189,12 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   with open(results, "w") as f:
     f.writelines(text[:3])
     f.write(text[3][:40])
+  # The teacher refuses the key: the run stops with the endpoint's reason, wave 0 kept.
+  _Teacher.REFUSE = True
+  with pytest.raises(synthesis.TeacherRequestError, match=r"HTTP 401 .*invalid api key"):
+    experiment.run(config, workdir)
+  assert open(results).read() == "".join(text[:2])  # wave 0's records, the cut line dropped
+  _Teacher.REFUSE = False
   calls_before = len(_Teacher.calls)
   resumed = experiment.run(config, workdir)
   assert _without_timing(resumed) == _without_timing(metrics)
