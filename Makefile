@@ -30,7 +30,7 @@ test: $(VENV)/.test
 	$(PY) -m pyink --check --quiet .  # formatter (pyproject.toml); `make format` applies it
 	$(PY) -m ruff check .  # lint rules: pyproject.toml
 	# Two workers: most tests are single-threaded XLA compiles of tiny models.
-	$(PY) -m pytest -q -n 2 --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=10 tests
 
 format: $(VENV)/.test
 	$(PY) -m pyink --quiet .
