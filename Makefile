@@ -29,7 +29,8 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pyink --check --quiet .  # formatter (pyproject.toml); `make format` applies it
 	$(PY) -m ruff check .  # lint rules: pyproject.toml
-	# Two workers: most tests are single-threaded XLA compiles of tiny models.
+	# Two workers: most tests are single-threaded XLA compiles of tiny models; worksteal lets an idle
+	# worker take queued tests from the busy one, so the long whole-run tests spread over both.
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=10 tests
 
 format: $(VENV)/.test
