@@ -19,14 +19,7 @@ from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example
 
 MODEL_NAME = "ttsi"  # what we pass to bfcl's checker; no "_" so its "_" -> "/" lookup is a no-op
-CHECKED_CATEGORIES = (
-    "multiple",
-    "live_multiple",
-    "simple_python",
-    "live_simple",
-    "parallel",
-    "parallel_multiple",
-)
+CHECKED_CATEGORIES = tuple(c for c in bfcl.CATEGORIES if c != bfcl.IRRELEVANCE)  # with gold calls
 MODEL_OUTPUTS = os.path.join(os.path.dirname(__file__), "testdata", "bfcl_model_outputs.jsonl")
 
 # Items whose ground truth no answer satisfies under BFCL's own checker (so `gold_answer` cannot be
