@@ -5,6 +5,8 @@ resumes after the last finished wave. With --distributed, start one process per 
 does this on Cloud TPU); host 0 writes the workdir.
 """
 
+import os
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,11 +26,25 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser("~/.cache/ttsi_jax/xla"),
+    "Where compiled programs are kept between runs (JAX's persistent compilation cache): a rerun, "
+    "a resumed run or another seed of the same model and config skips most compiling. '' = off.",
+)
+
+
+def use_compilation_cache(path: str) -> None:
+  """Keeps compiled programs on disk (those that took JAX's
+  `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to compile)."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  use_compilation_cache(_COMPILATION_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX devices: %s", jax.devices())
