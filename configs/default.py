@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthesis.max_free_tokens = 160
   # A sampled request that is code, a call or a code fence is drawn again (with validation).
   config.synthesis.request_retries = 2
+  config.synthesis.request_opening = "Please"  # the request's first word(s); "" = the model's own
 
   config.adaptation = ml_collections.ConfigDict()
   config.adaptation.rank = 8

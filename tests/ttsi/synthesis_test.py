@@ -101,6 +101,23 @@ def test_a_rejected_request_is_drawn_again_and_a_kept_one_stays(tiny_chat_model,
   assert [after != before for before, after in zip(first, retried)] == [True, False, True, False]
 
 
+@pytest.mark.parametrize("opening", ["Please", ""])
+def test_requests_continue_from_the_opening_and_start_with_it(tiny_chat_model, opening):
+  task = BfclTask("multiple", 2)
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  pre = sampler.prefill([tokenizer.encode_chat(synthesis.messages(ex, 1)) for ex in task.examples()], 64)
+  cfg = synthesis.SynthesisConfig(temperature=1.0, max_request_tokens=8, request_opening=opening)
+  extensions = []
+  continue_ = sampler.continue_
+  sampler.continue_ = lambda pre, ext, *a, **k: extensions.append(ext) or continue_(pre, ext, *a, **k)
+  synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)
+  requests = synth._requests(pre, jax.random.split(jax.random.key(0), 2))
+  assert extensions[0] == [tokenizer.encode(f"Request: {opening}" if opening else "Request:")] * 2
+  assert all(r.startswith(opening) for r in requests) and len(set(requests)) == 2
+
+
 def test_per_example_keys_make_pairs_independent_of_the_examples_beside_them(tiny_chat_model):
   task = BfclTask("multiple", 2)
   config, params = checkpoints.load(tiny_chat_model)
