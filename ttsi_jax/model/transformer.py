@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttsi_jax.model import cpu_attention
+
 Params = Any
 
 
@@ -320,6 +322,20 @@ def _attend_causal(
   return jax.lax.map(one_sequence, (q_BTNH, k_BTKH, v_BTKH, mask_BTT))
 
 
+def _fused_cpu_attention(config: ModelConfig) -> bool:
+  """Whether attention runs in the fused CPU kernel (`cpu_attention`): on the CPU backend, for
+  head sizes it supports, when it built on this machine."""
+  return (
+      jax.default_backend() == "cpu" and cpu_attention.supports(config.head_dim) and cpu_attention.available()
+  )
+
+
+def _row_segments(positions_BT: jax.Array) -> jax.Array:
+  """Segment ids of packed rows (sequences back to back, each from position 0; -1: padding)."""
+  segments_BT = jnp.cumsum(positions_BT == 0, axis=1, dtype=jnp.int32) - 1
+  return jnp.where(positions_BT >= 0, segments_BT, -1)
+
+
 class Attention(nn.Module):
   config: ModelConfig
   prefill: bool = False  # see `forward`
@@ -345,6 +361,15 @@ class Attention(nn.Module):
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     skip_padding = jax.default_backend() == "cpu"
+    if packing is not None and _fused_cpu_attention(c):  # on the rows, each sequence to itself
+      out_BTNH = cpu_attention.causal_attention(
+          q_BTNH.astype(jnp.float32),
+          k_BTKH.astype(jnp.float32),
+          v_BTKH.astype(jnp.float32),
+          _row_segments(positions_BT),
+      )
+      out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
+      return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
       seq = packing.to_sequences
       # A row of one sequence pads only its slot's bucket: skipping measured no faster there, and
@@ -373,7 +398,15 @@ class Attention(nn.Module):
       v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
 
-    if self.prefill:  # the cache held nothing before these tokens: they attend to each other only
+    if self.prefill and _fused_cpu_attention(c):  # left-padded prompts: one segment per row
+      out_BTNH = cpu_attention.causal_attention(
+          q_BTNH.astype(jnp.float32),
+          k_BTKH.astype(jnp.float32),
+          v_BTKH.astype(jnp.float32),
+          _row_segments(positions_BT),
+      )
+      out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
+    elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
       out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
     else:
       out_BTD = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -527,10 +560,13 @@ def forward(
   then holds A adapters (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its
   own (see `Packing`).
   `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
-  `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that positions rise
-  along each row (left-padded prompts): the tokens then attend to each other in causal query
-  chunks, not over all the cache's slots (the free slots after the prompt hold nothing to see).
+  `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that each row is one
+  left-padded prompt (positions -1, then rising from 0): the tokens then attend to each other
+  causally (the fused kernel on CPU, query chunks elsewhere), not over all the cache's slots (the
+  free slots after the prompt hold nothing to see).
   """
+  if prefill and segments_BT is not None:
+    raise ValueError("forward(prefill=True) takes left-padded prompts, one per row, not segments_BT.")
   if lora is None:
     weights, hp = None, (1.0, 0.0)
   else:

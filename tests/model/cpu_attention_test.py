@@ -1,0 +1,91 @@
+"""The fused CPU attention kernel equals masked softmax attention, outputs and gradients, for
+packed rows of several sequences, padding, grouped heads and lengths off the 64-token tiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttsi_jax.model import cpu_attention
+from ttsi_jax.model import transformer
+
+
+def _reference(q_BTNH, k_BTKH, v_BTKH, segments_BT):
+  """Plain masked softmax attention (the kernel's contract), padding queries' outputs zero."""
+  T, N, H = q_BTNH.shape[1:]
+  G = N // k_BTKH.shape[2]
+  k_BTNH, v_BTNH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
+  index = jnp.arange(T)
+  mask_BTS = (
+      (segments_BT[:, :, None] == segments_BT[:, None, :])
+      & (segments_BT[:, None, :] >= 0)
+      & (index[None, None, :] <= index[None, :, None])
+  )
+  logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH) * H**-0.5
+  probs_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], logits_BNTS, -1e30), -1) * mask_BTS[:, None]
+  out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BTNH)
+  return out_BTNH * (segments_BT >= 0)[:, :, None, None]
+
+
+def _segments(T, layout):
+  """A row of T slots: (length, gap) runs, each a sequence followed by `gap` padding slots."""
+  row, at = np.full(T, -1, np.int32), 0
+  for u, (length, gap) in enumerate(layout):
+    row[at : at + length] = u
+    at += length + gap
+  return row
+
+
+def test_the_kernel_builds_and_serves_cpu_attention_here():
+  assert jax.default_backend() == "cpu"
+  assert cpu_attention.available(), "the kernel did not build: see the warning logged above"
+
+
+@pytest.mark.parametrize(
+    "T, N, K, H, layouts",
+    [
+        # One sequence over 12 tiles (the dense tiles and the diagonal ones).
+        (768, 9, 3, 64, [[(768, 0)]]),
+        # Packed rows: sequences starting mid-tile, padding between and after them, a sequence of
+        # one token; a row with a different layout; T off the tiles.
+        (200, 4, 2, 32, [[(70, 0), (1, 5), (60, 0)], [(130, 6), (40, 24)]]),
+        # No grouping, a row that is all padding.
+        (130, 2, 2, 16, [[(130, 0)], []]),
+    ],
+)
+def test_fused_attention_equals_masked_softmax_attention_with_gradients(T, N, K, H, layouts):
+  segments_BT = jnp.asarray(np.stack([_segments(T, layout) for layout in layouts]))
+  B = len(layouts)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (B, T, h, H)) for key, h in zip(keys, (N, K, K)))
+  # No loss reads a padding query's output, so none flows back from it.
+  cotangent = jax.random.normal(keys[3], (B, T, N, H)) * (segments_BT >= 0)[:, :, None, None]
+  results = []
+  for attend in (cpu_attention.causal_attention, _reference):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, segments_BT), q, k, v)
+    results.append((out, vjp(cotangent)))
+  (out, grads), (want_out, want_grads) = results
+  np.testing.assert_allclose(out, want_out, atol=2e-6, rtol=0)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_fused_attention_maps_over_leading_axes():
+  q, k, v = (jax.random.normal(key, (3, 1, 100, 4, 16)) for key in jax.random.split(jax.random.key(1), 3))
+  segments = jnp.asarray(np.stack([_segments(100, [(n, 0)]) for n in (100, 50, 7)]))[:, None]
+  got = jax.vmap(cpu_attention.causal_attention)(q, k, v, segments)
+  np.testing.assert_allclose(got, jax.vmap(_reference)(q, k, v, segments), atol=2e-6, rtol=0)
+
+
+def test_fused_attention_names_what_is_wrong_with_its_shapes():
+  q = jnp.zeros((1, 64, 4, 8))
+  with pytest.raises(Exception, match="multiple of 16"):
+    jax.block_until_ready(cpu_attention.causal_attention(q, q, q, jnp.zeros((1, 64), jnp.int32)))
+
+
+def test_row_segments_number_the_sequences_of_a_packed_row():
+  positions_BT = np.array([[0, 1, 2, -1, 0, 1, 0, -1, -1], [-1, -1, 0, 1, 2, 3, 4, 5, 6]])
+  assert transformer._row_segments(positions_BT).tolist() == [
+      [0, 0, 0, -1, 1, 1, 2, -1, -1],
+      [-1, -1, 0, 0, 0, 0, 0, 0, 0],
+  ]
