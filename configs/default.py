@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.weight_decay = 0.0
   config.adaptation.max_grad_norm = 1.0
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
-  # time on CPU, where the longer packed rows measured slower per adapter (README). Results do not
+  # time on CPU, where the longer packed rows measure no faster per adapter (README). Results do not
   # depend on it; a smaller number also bounds a step's memory.
   config.adaptation.adapters_per_call = 0
   # Recompute each layer in the backward pass: "auto" does when the activations a step keeps would
