@@ -24,6 +24,22 @@ def test_folder_tokenizer_matches_the_gguf_one(tiny_chat_model):
   assert folder.decode(ids).endswith("assistant\n[get_weather(")
 
 
+def test_a_gguf_tokenizer_is_built_once_and_its_saved_folder_tokenizes_the_same(tmp_path, monkeypatch):
+  monkeypatch.setenv("TTSI_JAX_TOKENIZER_DIR", str(tmp_path))
+  built = tokenizer_lib.load(None)  # from the GGUF file's vocabulary, then saved
+  (folder,) = tmp_path.iterdir()
+  assert (folder / "tokenizer.json").exists()
+  cached = tokenizer_lib.load(None)  # from the saved folder
+  assert type(cached.hf) is type(built.hf) and cached.stop_ids == built.stop_ids
+  texts = ["Hello world", " leading space", "[f(city='Paris', unit=\"C\")]", "ünï 多 \n\n\t x"]
+  for text in texts:
+    assert cached.encode(text) == built.encode(text)
+    assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
+  messages = [{"role": "system", "content": "Tools"}, {"role": "user", "content": "Call f"}]
+  assert cached.encode_chat(messages, answer_prefix="[f(") == built.encode_chat(messages, answer_prefix="[f(")
+  assert cached.end_of_turn_id == built.end_of_turn_id
+
+
 def test_gguf_tokenizer_without_torch_says_what_to_install(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(
