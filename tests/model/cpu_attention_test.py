@@ -89,3 +89,23 @@ def test_row_segments_number_the_sequences_of_a_packed_row():
       [0, 0, 0, -1, 1, 1, 2, -1, -1],
       [-1, -1, 0, 0, 0, 0, 0, 0, 0],
   ]
+
+
+@pytest.mark.parametrize(
+    "compiler, reason",
+    [(None, "no C++ compiler found"), ("false", "the kernel did not build")],
+)
+def test_without_a_working_compiler_attention_stays_on_xla_and_says_why(
+    compiler, reason, monkeypatch, tmp_path, caplog
+):
+  monkeypatch.setattr(cpu_attention, "_compiler", lambda: compiler)
+  monkeypatch.setenv("TTSI_JAX_KERNEL_DIR", str(tmp_path))  # nothing built here yet
+  cpu_attention._load.cache_clear()
+  cpu_attention._warn_once.cache_clear()
+  try:
+    with caplog.at_level("WARNING"):
+      assert not cpu_attention.available()
+    assert f"CPU attention runs on XLA ops, not the fused kernel: {reason}" in caplog.text
+  finally:
+    cpu_attention._load.cache_clear()
+    cpu_attention._warn_once.cache_clear()
