@@ -1,5 +1,6 @@
 """Our forward pass against transformers' own forward, with and without the KV cache."""
 
+import contextlib
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import torch
 
 from tests.conftest import ARCHS, random_tokens
 from ttsi_jax.checkpoints import hf
+from ttsi_jax.model import cpu_attention
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache
@@ -67,9 +69,11 @@ def test_left_padding_does_not_change_logits(hf_checkpoints):
   np.testing.assert_allclose(np.asarray(logits)[:, pad:], np.asarray(alone), atol=1e-5, rtol=0)
 
 
-def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_checkpoints):
-  # 512 left-padded prompt slots: 4 query chunks of 128. Row 1 holds 200 tokens, so its first two
-  # chunks are padding (skipped on CPU) and its third is part padding, part prompt.
+@pytest.mark.parametrize("fused_cpu_kernel", [True, False])
+def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_checkpoints, fused_cpu_kernel):
+  # 512 left-padded prompt slots: 4 query chunks of 128 (XLA's attention; the fused CPU kernel
+  # works in 64-token tiles). Row 1 holds 200 tokens, so its first two chunks are padding
+  # (skipped on CPU) and its third is part padding, part prompt.
   folder, _ = hf_checkpoints["llama"]
   config, params = hf.load(folder)
   P, lengths = 512, (512, 200)
@@ -83,7 +87,8 @@ def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_check
       ),
       static_argnums=0,
   )
-  (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
+  with contextlib.nullcontext() if fused_cpu_kernel else cpu_attention.xla_attention():
+    (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
   np.testing.assert_allclose(np.asarray(chunked)[valid], np.asarray(full)[valid], atol=1e-4)
   for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH), (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):
     np.testing.assert_allclose(

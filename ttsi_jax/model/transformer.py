@@ -403,7 +403,7 @@ class Attention(nn.Module):
           q_BTNH.astype(jnp.float32),
           k_BTKH.astype(jnp.float32),
           v_BTKH.astype(jnp.float32),
-          _row_segments(positions_BT),
+          jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32),
       )
       out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
     elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
@@ -561,7 +561,7 @@ def forward(
   own (see `Packing`).
   `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
   `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that each row is one
-  left-padded prompt (positions -1, then rising from 0): the tokens then attend to each other
+  left-padded prompt (positions -1, then rising): the tokens then attend to each other
   causally (the fused kernel on CPU, query chunks elsewhere), not over all the cache's slots (the
   free slots after the prompt hold nothing to see).
   """
