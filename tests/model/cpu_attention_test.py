@@ -83,11 +83,16 @@ def test_fused_attention_names_what_is_wrong_with_its_shapes():
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, jnp.zeros((1, 64), jnp.int32)))
 
 
-def test_row_segments_number_the_sequences_of_a_packed_row():
-  positions_BT = np.array([[0, 1, 2, -1, 0, 1, 0, -1, -1], [-1, -1, 0, 1, 2, 3, 4, 5, 6]])
-  assert transformer._row_segments(positions_BT).tolist() == [
-      [0, 0, 0, -1, 1, 1, 2, -1, -1],
-      [-1, -1, 0, 0, 0, 0, 0, 0, 0],
+def test_packing_numbers_each_tokens_sequence_for_the_kernel():
+  # Row 0 (blocks of 2): sequence 0 in blocks 0-1 (its last slot padding), sequence 1 in block 2,
+  # block 3 padding; row 1: one sequence in blocks 1-2.
+  seq_blocks_BUW = np.array([[[0, 1], [2, 4]], [[1, 2], [4, 4]]], np.int32)
+  block_slots_BX = np.array([[0, 1, 2, 4], [4, 0, 1, 4]], np.int32)
+  packing = transformer.Packing(np.zeros((2, 4, 1), bool), seq_blocks_BUW, block_slots_BX)
+  positions_BT = np.array([[0, 1, 2, -1, 0, 1, -1, -1], [-1, -1, 0, 1, 2, 3, -1, -1]])
+  assert packing.row_segments(positions_BT).tolist() == [
+      [0, 0, 0, -1, 1, 1, -1, -1],
+      [-1, -1, 0, 0, 0, 0, -1, -1],
   ]
 
 

@@ -132,7 +132,8 @@ class Packing:
   Each row of T = X x Z tokens is X blocks of Z tokens; a sequence fills whole blocks (its last one
   padded) and every block belongs to one adapter. The linear layers run on the rows; attention runs
   on the sequences, each gathered into U slots of W blocks per row (`to_sequences`, M = U x W), so
-  its cost is that of each sequence alone. The LoRA branch of each block uses its own adapter, picked by a
+  its cost is that of each sequence alone; the fused CPU kernel reads the rows as they are, each
+  token masked to its sequence (`row_segments`). The LoRA branch of each block uses its own adapter, picked by a
   one-hot matmul (a gather's gradient is a scatter, slow on CPU).
   """
 
@@ -148,6 +149,13 @@ class Packing:
     x_BXc = x_BT.reshape((B, X, Z) + x_BT.shape[2:])
     x_BMc = _regather(x_BXc, self.seq_blocks_BUW.reshape(B, U * W), self.block_slots_BX)
     return x_BMc.reshape((B * U, W * Z) + x_BT.shape[2:])
+
+  def row_segments(self, positions_BT: jax.Array) -> jax.Array:
+    """Each token's sequence u in its row (-1: padding, position -1), as the fused CPU attention
+    kernel takes them."""
+    X, W = self.adapter_BXA.shape[1], self.seq_blocks_BUW.shape[2]
+    sequence_BT = jnp.repeat(self.block_slots_BX // W, positions_BT.shape[1] // X, axis=1)
+    return jnp.where(positions_BT >= 0, sequence_BT, -1).astype(jnp.int32)
 
   def to_rows(self, seqs: jax.Array) -> jax.Array:
     """The inverse of `to_sequences`: [B x U, W x Z, ...] -> [B, T, ...] (padding blocks: zeros)."""
@@ -330,12 +338,6 @@ def _fused_cpu_attention(config: ModelConfig) -> bool:
   )
 
 
-def _row_segments(positions_BT: jax.Array) -> jax.Array:
-  """Segment ids of packed rows (sequences back to back, each from position 0; -1: padding)."""
-  segments_BT = jnp.cumsum(positions_BT == 0, axis=1, dtype=jnp.int32) - 1
-  return jnp.where(positions_BT >= 0, segments_BT, -1)
-
-
 class Attention(nn.Module):
   config: ModelConfig
   prefill: bool = False  # see `forward`
@@ -366,7 +368,7 @@ class Attention(nn.Module):
           q_BTNH.astype(jnp.float32),
           k_BTKH.astype(jnp.float32),
           v_BTKH.astype(jnp.float32),
-          _row_segments(positions_BT),
+          packing.row_segments(positions_BT),
       )
       out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
