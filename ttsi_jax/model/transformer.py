@@ -133,8 +133,8 @@ class Packing:
   padded) and every block belongs to one adapter. The linear layers run on the rows; attention runs
   on the sequences, each gathered into U slots of W blocks per row (`to_sequences`, M = U x W), so
   its cost is that of each sequence alone; the fused CPU kernel reads the rows as they are, each
-  token masked to its sequence (`row_segments`). The LoRA branch of each block uses its own adapter, picked by a
-  one-hot matmul (a gather's gradient is a scatter, slow on CPU).
+  token masked to its sequence (`row_segments`). The LoRA branch of each block uses its own
+  adapter, picked by a one-hot matmul (a gather's gradient is a scatter, slow on CPU).
   """
 
   adapter_BXA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
@@ -338,6 +338,13 @@ def _fused_cpu_attention(config: ModelConfig) -> bool:
   )
 
 
+def _fused_attend(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
+  """The fused CPU kernel (float32) on rows of segments; [B, T, N x H] in q's dtype."""
+  f32 = lambda x: x.astype(jnp.float32)
+  out_BTNH = cpu_attention.causal_attention(f32(q_BTNH), f32(k_BTKH), f32(v_BTKH), segments_BT)
+  return out_BTNH.reshape(q_BTNH.shape[:2] + (-1,)).astype(q_BTNH.dtype)
+
+
 class Attention(nn.Module):
   config: ModelConfig
   prefill: bool = False  # see `forward`
@@ -364,13 +371,7 @@ class Attention(nn.Module):
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     skip_padding = jax.default_backend() == "cpu"
     if packing is not None and _fused_cpu_attention(c):  # on the rows, each sequence to itself
-      out_BTNH = cpu_attention.causal_attention(
-          q_BTNH.astype(jnp.float32),
-          k_BTKH.astype(jnp.float32),
-          v_BTKH.astype(jnp.float32),
-          packing.row_segments(positions_BT),
-      )
-      out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
+      out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
       seq = packing.to_sequences
@@ -401,13 +402,7 @@ class Attention(nn.Module):
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
 
     if self.prefill and _fused_cpu_attention(c):  # left-padded prompts: one segment per row
-      out_BTNH = cpu_attention.causal_attention(
-          q_BTNH.astype(jnp.float32),
-          k_BTKH.astype(jnp.float32),
-          v_BTKH.astype(jnp.float32),
-          jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32),
-      )
-      out_BTD = out_BTNH.reshape(B, T, -1).astype(c.dtype)
+      out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32))
     elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
       out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
     else:
