@@ -31,6 +31,16 @@ def test_batched_greedy_equals_each_prompt_alone(sampler):
   assert all(len(c) == 12 for c in batched)  # random model: no stop token drawn
 
 
+@pytest.mark.parametrize("per_octave, waste", [(2, 1 / 3), (4, 1 / 5)])
+def test_buckets_bound_the_padding_and_the_number_of_shapes(per_octave, waste):
+  sizes = [sampler_lib.bucket(n, per_octave=per_octave) for n in range(1, 4097)]
+  assert all(0 <= size - n < waste * size for n, size in enumerate(sizes, 1))  # padding share
+  assert all(sampler_lib.bucket(size, per_octave=per_octave) == size for size in sizes)  # fixed points
+  assert len(set(sizes)) <= per_octave * 12 + 1  # per_octave shapes per doubling
+  assert sampler_lib.bucket(9, per_octave=per_octave) == {2: 12, 4: 10}[per_octave]
+  assert sampler_lib.bucket(3, minimum=32) == 32
+
+
 def test_one_compilation_per_bucket(sampler):
   params = SamplingParams(max_new_tokens=5)
   sampler.generate(_prompts([4, 6]), params)

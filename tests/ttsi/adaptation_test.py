@@ -108,6 +108,12 @@ def test_packing_keeps_each_sequence_to_its_own_blocks():
   assert out["select_BI"][1, 3:5].tolist() == [16 + 1, 16 + 2]
 
 
+def test_rows_pad_to_the_fine_buckets():
+  # 9 blocks of 8 tokens take a row of 10 blocks (the sampler's coarser buckets would give 12).
+  out = adaptation.pack([(0, [1] * 70, [2])], num_rows=1, num_adapters=1, pad_id=0, block=8)
+  assert out["tokens_BT"].shape == (1, 80)
+
+
 def test_an_adapter_never_sees_another_inputs_data(model):
   config, params = model
   trainer = adaptation.Trainer(config, CFG)

@@ -36,11 +36,14 @@ class SamplingParams:
   top_p: float = 1.0
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-  """Smallest size >= max(n, minimum) of the form 2^k or 1.5 * 2^k (at most 1/3 padding waste)."""
+def bucket(n: int, minimum: int = 1, per_octave: int = 2) -> int:
+  """Smallest size >= max(n, minimum) among 2^k + j * 2^k / per_octave (j < per_octave): with the
+  default 2, 2^k or 1.5 * 2^k (at most 1/3 padding waste); 4 wastes at most 1/5 for twice the
+  shapes (so twice the compilations)."""
   n = max(n, minimum, 1)
-  power = 1 << (n - 1).bit_length()
-  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
+  base = 1 << max(0, (n - 1).bit_length() - 1)  # n in (base, 2 * base]
+  step = max(1, base // per_octave)
+  return n if n <= 2 else base + -(-(n - base) // step) * step
 
 
 def left_pad(
