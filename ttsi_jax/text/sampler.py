@@ -43,7 +43,7 @@ def bucket(n: int, minimum: int = 1, per_octave: int = 2) -> int:
   n = max(n, minimum, 1)
   base = 1 << max(0, (n - 1).bit_length() - 1)  # n in (base, 2 * base]
   step = max(1, base // per_octave)
-  return n if n <= 2 else base + -(-(n - base) // step) * step
+  return base + -(-(n - base) // step) * step
 
 
 def left_pad(
