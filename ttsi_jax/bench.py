@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ttsi_jax import checkpoints
+from ttsi_jax import checkpoints, runtime
 from ttsi_jax.model import cpu_attention, sharding
 from ttsi_jax.text import sampler as sampler_lib
 
@@ -436,5 +436,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_huge_pages()
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ttsi_jax import experiment
+from ttsi_jax import experiment, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where results.jsonl and metrics.json go.")
@@ -52,5 +52,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_huge_pages()
   flags.mark_flags_as_required(["config"])
   app.run(main)
