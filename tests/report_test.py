@@ -83,6 +83,43 @@ def test_report_averages_seeds_and_writes_every_plot(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / "out" / png) > 5000
 
 
+def test_paired_counts_fixed_and_broken_inputs_and_bounds_the_difference(tmp_path):
+  # (margin, base right, adapted right) per input; input 0 fixed in both runs, input 1 broken in
+  # run 0, input 2 fixed in run 1, input 3 unchanged.
+  runs = report.load_runs(
+      [
+          _workdir(
+              tmp_path / "s0",
+              0,
+              [(0.1, False, True), (0.2, True, False), (0.3, False, False), (0.4, True, True)],
+          ),
+          _workdir(
+              tmp_path / "s1",
+              1,
+              [(0.1, False, True), (0.2, True, True), (0.3, False, True), (0.4, True, True)],
+          ),
+      ]
+  )
+  p = report.paired(runs, "ttsi")
+  assert (p["fixed"], p["broken"]) == (1.5, 0.5)
+  # Per input, averaged over runs: +1, -0.5, +0.5, 0 -> mean +0.25.
+  assert p["difference"] == pytest.approx(0.25)
+  assert -0.5 <= p["low"] < 0.25 < p["high"] <= 1.0
+  same = report.paired(runs, "ttsi", reference="all_inputs")  # the same answers: no difference
+  assert same == dict(fixed=0.0, broken=0.0, difference=0.0, low=0.0, high=0.0)
+  text = open(report.write_report(runs, str(tmp_path / "out"))).read()
+  assert "| ttsi | base | 1.5 | 0.5 | +25.0 [" in text and "TT-SI: uncertain inputs adapt" in text
+  assert "| ttsi | all_inputs | 0.0 | 0.0 | +0.0 [+0.0, +0.0] | what does adapting" in text
+  assert "| unparseable | 4.0 |" in text  # one rejected pair per input
+
+
+def test_rejection_kinds_drop_the_names_and_values():
+  assert report.rejection_kind("unparseable: invalid syntax (<unknown>, line 1)") == "unparseable"
+  assert report.rejection_kind("get_weather: unknown argument 'city'") == "unknown argument …"
+  assert report.rejection_kind("function 'f' is not offered") == "function … is not offered"
+  assert report.rejection_kind("request is a code fence") == "request is a code fence"
+
+
 def test_report_refuses_runs_of_other_inputs_and_names_a_missing_workdir(tmp_path):
   a = _workdir(tmp_path / "a", 0, [(0.1, False, True), (0.5, True, True)])
   b = _workdir(tmp_path / "b", 1, [(0.1, False, True)])
