@@ -31,102 +31,113 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTile = 64;
-typedef float v8 __attribute__((vector_size(32)));
+// One vector register of floats: 16 lanes where the compiler may use AVX-512 (-march=native on
+// such a CPU), else 8 (AVX2). Tiles, H and the GEMM blocks below are multiples of it.
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+constexpr int kRows = 8;  // GEMM block rows: 2 x kRows accumulators of AVX-512's 32 registers
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 6;  // 12 accumulators, 2 B vectors and a broadcast: AVX2's 16 registers
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-inline v8 Load8(const float* p) {
-  v8 v;
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void Store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Rows i..i+R of C[:, j..j+16] (+)= A B, kept in 2R registers over the whole K loop.
-template <int R, bool kTransA>
+// Rows i..i+R of C[:, j..j+V x kLanes] (+)= A B, kept in R x V registers over the whole K loop.
+template <int R, int V, bool kTransA>
 inline void GemmBlock(int i, int j, int K, const float* A, int lda, const float* B, int ldb, float* C,
                       int ldc, bool accumulate) {
-  v8 c[R][2];
-  for (int r = 0; r < R; ++r) {
-    c[r][0] = accumulate ? Load8(C + (i + r) * ldc + j) : v8{};
-    c[r][1] = accumulate ? Load8(C + (i + r) * ldc + j + 8) : v8{};
-  }
+  vf c[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < V; ++u) c[r][u] = accumulate ? Load(C + (i + r) * ldc + j + u * kLanes) : vf{};
   for (int k = 0; k < K; ++k) {
-    const v8 b0 = Load8(B + k * ldb + j), b1 = Load8(B + k * ldb + j + 8);
+    vf b[V];
+    for (int u = 0; u < V; ++u) b[u] = Load(B + k * ldb + j + u * kLanes);
     for (int r = 0; r < R; ++r) {
       const float a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
-      c[r][0] += a * b0;
-      c[r][1] += a * b1;
+      for (int u = 0; u < V; ++u) c[r][u] += a * b[u];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    Store8(C + (i + r) * ldc + j, c[r][0]);
-    Store8(C + (i + r) * ldc + j + 8, c[r][1]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < V; ++u) Store(C + (i + r) * ldc + j + u * kLanes, c[r][u]);
+}
+
+template <int V, bool kTransA>
+inline void GemmColumns(int M, int j, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                        int ldc, bool accumulate) {
+  int i = 0;
+  for (; i + kRows <= M; i += kRows) GemmBlock<kRows, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i + 2 <= M; i += 2) GemmBlock<2, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // C[M, N] (+)= A[M, K] B[K, N] (A stored as [K, M] when kTransA), row-major with leading
-// dimensions; M % 2 == 0, N % 16 == 0. Blocks of 6 x 16 outputs: 12 accumulators hide the FMA
-// latency, and with the 2 B vectors and a broadcast they fill AVX2's 16 registers.
+// dimensions; M % 2 == 0, N % 16 == 0. Blocks of kRows x 2 vectors of outputs, then (N not a
+// multiple of 2 x kLanes) one vector.
 template <bool kTransA>
 void Gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
           bool accumulate) {
-  for (int j = 0; j < N; j += 16) {
-    int i = 0;
-    for (; i + 6 <= M; i += 6) GemmBlock<6, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-    for (; i + 2 <= M; i += 2) GemmBlock<2, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  }
+  int j = 0;
+  for (; j + 2 * kLanes <= N; j += 2 * kLanes)
+    GemmColumns<2, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; j + kLanes <= N; j += kLanes) GemmColumns<1, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-typedef int32_t vi8 __attribute__((vector_size(32)));
-
-// exp(x) to about 2 ulp (Cephes' polynomial), 8 lanes at a time.
-inline v8 Exp8(v8 x) {
-  const v8 lo = v8{} - 87.0f, hi = v8{} + 88.0f, magic = v8{} + 12582912.0f;  // 1.5 x 2^23
+// exp(x) to about 2 ulp (Cephes' polynomial), a vector at a time.
+inline vf ExpV(vf x) {
+  const vf lo = vf{} - 87.0f, hi = vf{} + 88.0f, magic = vf{} + 12582912.0f;  // 1.5 x 2^23
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v8 n = (x * 1.44269504088896341f + magic) - magic;  // round to nearest
-  v8 g = x - n * 0.693359375f;
+  const vf n = (x * 1.44269504088896341f + magic) - magic;  // round to nearest
+  vf g = x - n * 0.693359375f;
   g -= n * -2.12194440e-4f;
-  v8 y = v8{} + 1.9875691500e-4f;
+  vf y = vf{} + 1.9875691500e-4f;
   y = y * g + 1.3981999507e-3f;
   y = y * g + 8.3334519073e-3f;
   y = y * g + 4.1665795894e-2f;
   y = y * g + 1.6666665459e-1f;
   y = y * g + 5.0000001201e-1f;
   y = y * g * g + g + 1.0f;
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  v8 scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
 
 // row[j] = exp(row[j] - shift) (x mask[j] unless mask is null), for j < kTile; returns the sum.
 inline float ExpRow(float* row, float shift, const float* mask) {
-  v8 sum = v8{};
-  for (int j = 0; j < kTile; j += 8) {
-    v8 p = Exp8(Load8(row + j) - shift);
-    if (mask) p *= Load8(mask + j);
-    Store8(row + j, p);
+  vf sum = vf{};
+  for (int j = 0; j < kTile; j += kLanes) {
+    vf p = ExpV(Load(row + j) - shift);
+    if (mask) p *= Load(mask + j);
+    Store(row + j, p);
     sum += p;
   }
   float total = 0.0f;
-  for (int i = 0; i < 8; ++i) total += sum[i];
+  for (int i = 0; i < kLanes; ++i) total += sum[i];
   return total;
 }
 
 // The largest row[j] (where mask[j] > 0, unless mask is null), at least `floor`.
 inline float RowMax(const float* row, const float* mask, float floor) {
-  v8 top = v8{} + floor;
-  for (int j = 0; j < kTile; j += 8) {
-    v8 x = Load8(row + j);
-    if (mask) x = Load8(mask + j) > 0 ? x : v8{} - 1e30f;
+  vf top = vf{} + floor;
+  for (int j = 0; j < kTile; j += kLanes) {
+    vf x = Load(row + j);
+    if (mask) x = Load(mask + j) > 0 ? x : vf{} - 1e30f;
     top = x > top ? x : top;
   }
   float out = floor;
-  for (int i = 0; i < 8; ++i) out = std::max(out, top[i]);
+  for (int i = 0; i < kLanes; ++i) out = std::max(out, top[i]);
   return out;
 }
 
-inline float Exp(float x) { return Exp8(v8{} + x)[0]; }
+inline float Exp(float x) { return ExpV(vf{} + x)[0]; }
 
 // Runs fn(0..n-1) on the calling thread and the pool's threads. Helpers that start after the
 // work is gone touch only the shared counters.
