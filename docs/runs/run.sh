@@ -1,0 +1,19 @@
+#!/bin/bash
+# The runs behind the report in docs/: every variant but ttd (no teacher offline), 3 seeds,
+# the embedded default model, on 100 BFCL `multiple` inputs and 50 `simple_python` ones.
+# Each run resumes after its last finished wave, so this script can be stopped and started again.
+#   RUNS=runs bash docs/runs/run.sh         (workdirs under $RUNS; records copied here as they land)
+# Then: python -m ttsi_jax.report --workdir=runs/multiple100/s0,runs/multiple100/s1,runs/multiple100/s2
+set -u
+RUNS=${RUNS:-runs}
+PYTHON=${PYTHON:-python}
+VARIANTS=base,ttsi,self_label,ttsi_icl,all_inputs,certain_only,oracle,sft
+run() {  # name seed category num_examples
+  local workdir=$RUNS/$1/s$2
+  mkdir -p "$workdir"
+  nice -n 10 "$PYTHON" -m ttsi_jax.main --config=configs/default.py --workdir="$workdir" \
+      --config.seed="$2" --config.task.category="$3" --config.task.num_examples="$4" \
+      --config.wave_size=10 --config.variants=$VARIANTS >> "$workdir.log" 2>&1
+}
+for seed in 0 1 2; do run multiple100 $seed multiple 100; done
+for seed in 0 1 2; do run simple50 $seed simple_python 50; done
