@@ -48,7 +48,7 @@ def test_one_compilation_per_bucket(sampler):
   sampler.generate(_prompts([10, 20], seed=1), params)  # same prompt bucket (32), same batch (2)
   sampler.generate(_prompts([31, 2], seed=2), params)
   assert sampler_lib.generate_tokens._cache_size() == before
-  sampler.generate(_prompts([40, 2]), params)  # prompt bucket 64: one new compilation
+  sampler.generate(_prompts([40, 2]), params)  # prompt bucket 40: one new compilation
   assert sampler_lib.generate_tokens._cache_size() == before + 1
 
 

@@ -24,6 +24,10 @@ from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache, ModelConfig
 
 MIN_PROMPT_BUCKET = 32
+# Prompt lengths pad to 2^k x {1, 1.25, 1.5, 1.75} (at most 1/5 padding): every padded slot costs
+# the prefill's linear layers a token. H on 8 BFCL prompts: 1.12 s per prompt against 1.20 s with
+# 2 buckets per octave (README).
+PROMPT_BUCKETS_PER_OCTAVE = 4
 
 
 @flax.struct.dataclass
@@ -313,7 +317,9 @@ class Sampler:
       raise ValueError(
           f"Prompt of {longest} tokens + {what} {room} exceeds the model's context of " f"{self._context()}."
       )
-    return min(bucket(longest, MIN_PROMPT_BUCKET), self.config.context_length - room)
+    return min(
+        bucket(longest, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE), self.config.context_length - room
+    )
 
   def prefill(
       self, prompts: Sequence[Sequence[int]], reserve: int, lora=None, lora_per_row: bool = False
