@@ -37,6 +37,13 @@ def test_does_nothing_when_set_already_or_turned_off():
   assert not _execve_calls({runtime.HUGE_PAGES_OPT_OUT: "0"})
 
 
+def test_does_nothing_off_glibc(monkeypatch):
+  monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))  # musl, say
+  assert not _execve_calls({})
+  monkeypatch.setattr(runtime.sys, "platform", "darwin")
+  assert not _execve_calls({})
+
+
 @needs_glibc
 def test_a_real_process_reruns_once_with_its_arguments(tmp_path):
   script = tmp_path / "entry.py"

@@ -21,6 +21,12 @@ each prompt again per candidate), and set beside the float32 matmul peak this ru
 
 from __future__ import annotations
 
+# Before the imports below: the re-run would otherwise import jax and the model code twice.
+if __name__ == "__main__":
+  from ttsi_jax import runtime
+
+  runtime.reexec_with_huge_pages()
+
 import dataclasses
 import functools
 import json
@@ -34,7 +40,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ttsi_jax import checkpoints, runtime
+from ttsi_jax import checkpoints
 from ttsi_jax.model import cpu_attention, sharding
 from ttsi_jax.text import sampler as sampler_lib
 
@@ -436,6 +442,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_huge_pages()
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -5,13 +5,19 @@ resumes after the last finished wave. With --distributed, start one process per 
 does this on Cloud TPU); host 0 writes the workdir.
 """
 
+# Before the imports below: the re-run would otherwise import jax and the model code twice.
+if __name__ == "__main__":
+  from ttsi_jax import runtime
+
+  runtime.reexec_with_huge_pages()
+
 import os
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ttsi_jax import experiment, runtime
+from ttsi_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where results.jsonl and metrics.json go.")
@@ -52,6 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_huge_pages()
   flags.mark_flags_as_required(["config"])
   app.run(main)
