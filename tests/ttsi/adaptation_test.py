@@ -2,16 +2,21 @@
 training learns; equal bucket sizes never recompile."""
 
 import functools
+import math
+import re
 
 import jax
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
+from ttsi_jax.model import cpu_attention
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
+from ttsi_jax.model import transformer
 from ttsi_jax.ttsi import adaptation
 from ttsi_jax.ttsi.adaptation import AdaptConfig
 
@@ -226,3 +231,53 @@ def test_remat_auto_follows_the_steps_activation_memory(model, monkeypatch):
   assert trainer.remat_for(step)
   with pytest.raises(ValueError, match="adaptation.remat"):
     adaptation.Trainer(config, AdaptConfig(remat="sometimes"))
+
+
+def _packed_step_args(trainer, step):
+  packing = transformer.Packing(step.adapter_BXA, step.seq_blocks_BUW, step.block_slots_BX)
+  rows = (step.tokens_BT, step.positions_BT, step.select_BI, step.targets_BI, step.weights_BI)
+  return packing, rows + (step.answer_adapter_BI,)
+
+
+def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
+  config, params = model
+  trainer = adaptation.Trainer(config, CFG)
+  step = adaptation.make_steps(CFG, [_examples(0, 1), _examples(1, 1)], 0, 2)[0]
+  adapters, _ = trainer.init(jax.random.split(jax.random.key(0), 2))
+  packing, rows = _packed_step_args(trainer, step)
+  loss = lambda ad: trainer.packed_loss(params, ad, packing, *rows, None, remat=False)[0]
+  print_saved_residuals(loss, adapters)
+  # The layer scan's stacked activations: [L, B, ...] arrays with a T axis.
+  (B, T), kept = step.tokens_BT.shape, 0
+  out = capsys.readouterr().out
+  for line in out.splitlines():
+    array = re.match(r"f(\d+)\[([\d,]+)\]", line)  # e.g. f32[2,1,128,64] output of scan ...
+    dims = [int(d) for d in array.group(2).split(",")] if array else []
+    if dims[:2] == [config.num_layers, B] and T in dims[2:]:
+      kept += math.prod(dims) * int(array.group(1)) // 8
+  assert kept == adaptation.activation_bytes(config, step), out
+
+
+def test_a_step_without_remat_runs_the_attention_kernel_forward_once(model):
+  """Its softmax statistics are kept for the backward pass, not recomputed."""
+  config, params = model
+  assert cpu_attention.available()
+  trainer = adaptation.Trainer(config, CFG)
+  step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
+  adapters, opt_states = trainer.init(jax.random.split(jax.random.key(0), 1))
+  for remat, forwards in ((False, 1), (True, 2)):
+    hlo = (
+        trainer.step.lower(
+            params,
+            adapters,
+            opt_states,
+            *step.rows(),
+            step.learning_rate_A,
+            step.active_A,
+            jax.random.key(0),
+            remat=remat,
+        )
+        .compile()
+        .as_text()
+    )
+    assert hlo.count('custom_call_target="ttsi_attention_forward"') == forwards, remat

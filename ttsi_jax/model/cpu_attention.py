@@ -25,6 +25,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax.ad_checkpoint import checkpoint_name
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
@@ -153,6 +154,9 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT):
 
 def _fwd(q, k, v, segments):
   out, lse = _forward_call(q, k, v, segments)
+  # The backward pass needs the output and softmax statistics: a remat policy that saves this name (the
+  # model's does) keeps them instead of running the forward kernel again.
+  out, lse = checkpoint_name(out, "saved"), checkpoint_name(lse, "saved")
   return out, (q, k, v, segments, out, lse)
 
 

@@ -34,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ttsi_jax.model import cpu_attention
 
@@ -367,8 +368,9 @@ class Attention(nn.Module):
       q_BTNH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="q_norm")(q_BTNH)
       k_BTKH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="k_norm")(k_BTKH)
     inv_freq = rope_inv_freq(c)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    q_BTNH = checkpoint_name(apply_rope(q_BTNH, positions_BT, inv_freq), "saved")
+    k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "saved")
+    v_BTKH = checkpoint_name(v_BTKH, "saved")
     skip_padding = jax.default_backend() == "cpu"
     if packing is not None and _fused_cpu_attention(c):  # on the rows, each sequence to itself
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))
@@ -383,6 +385,7 @@ class Attention(nn.Module):
               seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS, skip_padding=skip_padding and several
           )
       )
+      out_BTD = checkpoint_name(out_BTD, "saved")  # the fused kernel names its own
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
@@ -420,8 +423,8 @@ class MLP(nn.Module):
     dense = lambda n, f: functools.partial(
         Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA
     )
-    gate = dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp)
-    up = dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp)
+    gate = checkpoint_name(dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp), "saved")
+    up = checkpoint_name(dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp), "saved")
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
 
 
@@ -440,7 +443,7 @@ class Block(nn.Module):
     h, new_kv = Attention(c, self.prefill, name="attn")(
         h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing
     )
-    x_BTD = x_BTD + h
+    x_BTD = checkpoint_name(x_BTD + h, "saved")
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(
         h, _sub(lora, "mlp"), lora_hp, None if packing is None else packing.adapter_BXA
@@ -450,9 +453,16 @@ class Block(nn.Module):
     return (x_BTD, k_cache, v_cache), None
 
 
+# Without remat, the backward pass keeps only the values named "saved" (the matmul outputs it needs:
+# q, k, v, attention output, gate, up; and the residual stream) and recomputes the cheap rest (norms,
+# SiLU, the LoRA branches' rank-R products): each kept value is a copy into the scan's stacked
+# residuals and a copy back, which cost a CPU step more than the recomputation.
+SAVED_ONLY = jax.checkpoint_policies.save_only_these_names("saved")
+
+
 class Transformer(nn.Module):
   config: ModelConfig
-  remat: bool = True  # training keeps only each layer's input for the backward pass
+  remat: bool = True  # training keeps each layer's input (else SAVED_ONLY) for the backward pass
   prefill: bool = False  # see `forward`
 
   @nn.compact
@@ -501,7 +511,7 @@ class Transformer(nn.Module):
       )
 
     layers = nn.scan(
-        nn.remat(Block, prevent_cse=False) if self.remat else Block,
+        nn.remat(Block, prevent_cse=False, policy=None if self.remat else SAVED_ONLY),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -556,7 +566,8 @@ def forward(
   `dropout_rng` turns on LoRA dropout (training only). `packing` runs packed training rows: `lora`
   then holds A adapters (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its
   own (see `Packing`).
-  `remat` recomputes each layer in the backward pass (saves memory, costs a forward).
+  `remat` recomputes each layer in the backward pass (saves memory, costs a forward); without it
+  the backward pass keeps the matmul outputs it needs and recomputes the cheap rest (`SAVED_ONLY`).
   `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that each row is one
   left-padded prompt (positions -1, then rising): the tokens then attend to each other
   causally (the fused kernel on CPU, query chunks elsewhere), not over all the cache's slots (the

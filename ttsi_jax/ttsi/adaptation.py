@@ -228,14 +228,16 @@ def answer_loss(
 
 
 def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
-  """What a step without remat keeps for its backward pass: per layer and token the linear layers'
-  inputs and outputs (attention probabilities are recomputed in the backward pass)."""
+  """What a step without remat keeps for its backward pass (`transformer.SAVED_ONLY`): per layer
+  and token the residual stream twice, q, k, v, the attention output and its softmax statistics,
+  gate and up (the norms, SiLU and LoRA branches are recomputed)."""
   itemsize = jnp.dtype(config.dtype).itemsize
   per_token = (
-      6 * config.embed_dim
+      2 * config.embed_dim
       + 2 * config.num_heads * config.head_dim
       + 2 * config.num_kv_heads * config.head_dim
-      + 3 * config.mlp_dim
+      + config.num_heads
+      + 2 * config.mlp_dim
   ) * itemsize
   return config.num_layers * step.tokens_BT.size * per_token
 
@@ -275,6 +277,44 @@ class Trainer:
       return self.cfg.remat == "on"
     return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
+  def packed_loss(
+      self,
+      params,
+      adapters,
+      packing: transformer.Packing,
+      tokens_BT,
+      positions_BT,
+      select_BI,
+      targets_BI,
+      weights_BI,
+      answer_adapter_BI,
+      rng,
+      *,
+      remat: bool,
+  ):
+    """(sum of the adapters' losses, loss_A): each adapter's mean cross-entropy on its answer
+    tokens; the sum's gradient for each adapter is that adapter's own."""
+    num_adapters = jax.tree.leaves(adapters)[0].shape[0]
+    # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
+    by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
+    logits_BIV, _ = transformer.forward(
+        self.config,
+        params,
+        tokens_BT,
+        positions_BT,
+        lora=by_layer,
+        select_BI=select_BI,
+        packing=packing,
+        remat=remat,
+        dropout_rng=rng if self.cfg.dropout > 0 else None,
+    )
+    logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
+    per_adapter = lambda x: jax.ops.segment_sum(
+        x.ravel(), answer_adapter_BI.ravel(), num_segments=num_adapters
+    )
+    loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(per_adapter(weights_BI), 1.0)
+    return jnp.sum(loss_A), loss_A
+
   def _step(
       self,
       params,
@@ -297,29 +337,8 @@ class Trainer:
   ):
     """One update of every active adapter from one packed forward and backward pass."""
     packing = transformer.Packing(adapter_BXA, seq_blocks_BUW, block_slots_BX)
-    num_adapters = learning_rate_A.shape[0]
-
-    def loss(adapters):
-      # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
-      by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
-      logits_BIV, _ = transformer.forward(
-          self.config,
-          params,
-          tokens_BT,
-          positions_BT,
-          lora=by_layer,
-          select_BI=select_BI,
-          packing=packing,
-          remat=remat,
-          dropout_rng=rng if self.cfg.dropout > 0 else None,
-      )
-      logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
-      per_adapter = lambda x: jax.ops.segment_sum(
-          x.ravel(), answer_adapter_BI.ravel(), num_segments=num_adapters
-      )
-      loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(per_adapter(weights_BI), 1.0)
-      return jnp.sum(loss_A), loss_A
-
+    rows = (tokens_BT, positions_BT, select_BI, targets_BI, weights_BI, answer_adapter_BI)
+    loss = lambda adapters: self.packed_loss(params, adapters, packing, *rows, rng, remat=remat)
     (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
 
     def update(grads, opt_state, adapter, learning_rate, active):
