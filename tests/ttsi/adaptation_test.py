@@ -233,7 +233,7 @@ def test_remat_auto_follows_the_steps_activation_memory(model, monkeypatch):
     adaptation.Trainer(config, AdaptConfig(remat="sometimes"))
 
 
-def _packed_step_args(trainer, step):
+def _packed_step_args(step):
   packing = transformer.Packing(step.adapter_BXA, step.seq_blocks_BUW, step.block_slots_BX)
   rows = (step.tokens_BT, step.positions_BT, step.select_BI, step.targets_BI, step.weights_BI)
   return packing, rows + (step.answer_adapter_BI,)
@@ -244,7 +244,7 @@ def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
   trainer = adaptation.Trainer(config, CFG)
   step = adaptation.make_steps(CFG, [_examples(0, 1), _examples(1, 1)], 0, 2)[0]
   adapters, _ = trainer.init(jax.random.split(jax.random.key(0), 2))
-  packing, rows = _packed_step_args(trainer, step)
+  packing, rows = _packed_step_args(step)
   loss = lambda ad: trainer.packed_loss(params, ad, packing, *rows, None, remat=False)[0]
   print_saved_residuals(loss, adapters)
   # The layer scan's stacked activations: [L, B, ...] arrays with a T axis.
