@@ -6,7 +6,6 @@ import platform
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import version as _version
 
 import pytest
 
@@ -75,18 +74,21 @@ def test_a_real_process_reruns_once_with_its_arguments(tmp_path):
 
 def test_xla_cpu_flags_are_added_to_the_users_on_the_measured_jaxlib():
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
-  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2")
+  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=["jax", "jaxlib"])
   assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {runtime.YNN_FUSION_FLAG}"
-  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2")  # once only
+  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=[])  # once only
   assert environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
 
 
-def test_xla_cpu_flags_leave_other_jaxlibs_and_the_users_own_setting_alone():
+def test_xla_cpu_flags_leave_other_jaxlibs_accelerators_and_the_users_own_setting_alone():
   environ = {}
   runtime.set_xla_cpu_flags(environ, jaxlib_version="0.9.0")
   assert environ == {}
+  for plugin in ("libtpu", "jax-cuda12-plugin", "jax_rocm60_plugin"):
+    runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=["jax", plugin])
+    assert environ == {}, plugin
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-  runtime.set_xla_cpu_flags(own, jaxlib_version="0.10.2")
+  runtime.set_xla_cpu_flags(own, jaxlib_version="0.10.2", installed=[])
   assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
 
 
@@ -109,7 +111,9 @@ def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
-  if not _version("jaxlib").startswith(runtime.YNN_FUSION_JAXLIB):
-    pytest.skip("the flag is set on the measured jaxlib only")
+  here = {}
+  runtime.set_xla_cpu_flags(here)
+  if not here:
+    pytest.skip("the flag is set only on the measured jaxlib, without accelerator runtimes")
   assert ynn_fusions("0") >= 1
   assert ynn_fusions("1") == 0

@@ -13,10 +13,19 @@ YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 # The jaxlib releases where the flag is known and was measured: an XLA that does not know a flag
 # in XLA_FLAGS exits at start.
 YNN_FUSION_JAXLIB = ("0.10.",)
+# Accelerator runtimes (TPU, CUDA, ROCm plugins) parse XLA_FLAGS with their own XLA build: where
+# one is installed the flags are left alone (CPU-only settings gain nothing there).
+ACCELERATOR_PACKAGES = ("libtpu", "jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+
+
+def _installed_packages() -> list[str]:
+  return [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]
 
 
 def set_xla_cpu_flags(
-    environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None
+    environ: MutableMapping[str, str] = os.environ,
+    jaxlib_version: str | None = None,
+    installed: list[str] | None = None,
 ) -> None:
   """Adds to XLA_FLAGS the XLA:CPU settings this project measured faster; call before JAX starts
   its backend (XLA reads the flags once).
@@ -25,10 +34,14 @@ def set_xla_cpu_flags(
   log_softmax's max) ran at 1-2 GB/s: a [3072, 576] multiply-and-sum took 9.6 ms. Without them the
   4-adapter packed training step took 2.72 instead of 2.85 s per adapter-step, the one-adapter step
   2.54 instead of 2.59 (README, "what is left"). Nothing changes on other backends, on jaxlib
-  releases other than YNN_FUSION_JAXLIB, or when XLA_FLAGS already sets the fusion types.
+  releases other than YNN_FUSION_JAXLIB, where an accelerator runtime is installed, or when
+  XLA_FLAGS already sets the fusion types.
   """
   flags = environ.get("XLA_FLAGS", "")
   if "xla_cpu_experimental_ynn_fusion_type" in flags:
+    return
+  installed = _installed_packages() if installed is None else installed
+  if any(name.lower().startswith(ACCELERATOR_PACKAGES) for name in installed):
     return
   if jaxlib_version is None:
     try:
