@@ -125,3 +125,25 @@ def test_only_a_prompt_longer_than_the_context_is_rejected(sampler):
   (out,) = sampler.generate(_prompts([400]), SamplingParams(max_new_tokens=64))
   assert 0 < len(out) <= 64
   assert sampler.prefill(_prompts([400]), reserve=100).free() == 100
+
+
+def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, monkeypatch):
+  """On the fused CPU kernel `prefill` packs its prompts in one row; the Prefix equals the
+  left-padded batch's at every filled slot, and decoding continues the same."""
+  assert sampler.packs_prompts()
+  prompts = _prompts([3, 17, 9, 30, 1])
+  packed = sampler.prefill(prompts, reserve=16)
+  monkeypatch.setattr(sampler, "packs_prompts", lambda: False)
+  padded = sampler.prefill(prompts, reserve=16)
+  a, b = packed.prefix, padded.prefix
+  np.testing.assert_array_equal(a.cache.positions_BS, b.cache.positions_BS)
+  np.testing.assert_array_equal(a.next_position_B, b.next_position_B)
+  assert int(a.cache.end_index) == int(b.cache.end_index) == packed.used
+  filled_BS = np.asarray(b.cache.positions_BS) >= 0
+  for x, y in ((a.cache.k_LBSKH, b.cache.k_LBSKH), (a.cache.v_LBSKH, b.cache.v_LBSKH)):
+    np.testing.assert_allclose(np.asarray(x)[:, filled_BS], np.asarray(y)[:, filled_BS], atol=1e-5)
+  np.testing.assert_allclose(a.last_logits_BV[: len(prompts)], b.last_logits_BV[: len(prompts)], atol=1e-4)
+  greedy = SamplingParams(max_new_tokens=8)
+  assert sampler.continue_(packed, [[]] * len(prompts), greedy) == sampler.continue_(
+      padded, [[]] * len(prompts), greedy
+  )

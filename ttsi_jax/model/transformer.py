@@ -167,6 +167,22 @@ class Packing:
     return x_BXc.reshape((B, X * Z) + seqs.shape[2:])
 
 
+@flax.struct.dataclass
+class PackedPrompts:
+  """Prompts packed back to back in one row for a prefill (`ttsi_jax.text.sampler.pack_prompts`
+  builds it): the linear layers run on their real tokens only, attention keeps each prompt to
+  itself, and each prompt's keys and values land left-padded in its own cache row, the layout
+  every later call reads."""
+
+  segments_1T: jax.Array  # int32 prompt of each token, -1 for padding
+  to_cache_BP: jax.Array  # int32 token (T: none, the slot is padding) held by each cache slot
+
+  def to_cache(self, x_1Tc: jax.Array, fill) -> jax.Array:
+    """[1, T, ...] -> [B, P, ...]: each cache slot's token, `fill` in padding slots."""
+    pad = jnp.full((1,) + x_1Tc.shape[2:], fill, x_1Tc.dtype)
+    return jnp.concatenate([x_1Tc[0], pad])[self.to_cache_BP]
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   """Inverse frequencies [head_dim // 2], with the Llama-3 scaling when the checkpoint asks for it."""
   dim = config.head_dim
@@ -331,7 +347,7 @@ def _attend_causal(
   return jax.lax.map(one_sequence, (q_BTNH, k_BTKH, v_BTKH, mask_BTT))
 
 
-def _fused_cpu_attention(config: ModelConfig) -> bool:
+def fused_cpu_attention(config: ModelConfig) -> bool:
   """Whether attention runs in the fused CPU kernel (`cpu_attention`): on the CPU backend, for
   head sizes it supports, when it built on this machine."""
   return (
@@ -351,7 +367,7 @@ class Attention(nn.Module):
   prefill: bool = False  # see `forward`
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None, prompts=None):
     c = self.config
     per_block = None if packing is None else packing.adapter_BXA
     dense = lambda n, f, b: functools.partial(
@@ -372,7 +388,7 @@ class Attention(nn.Module):
     k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "saved")
     v_BTKH = checkpoint_name(v_BTKH, "saved")
     skip_padding = jax.default_backend() == "cpu"
-    if packing is not None and _fused_cpu_attention(c):  # on the rows, each sequence to itself
+    if packing is not None and fused_cpu_attention(c):  # on the rows, each sequence to itself
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)
@@ -394,17 +410,22 @@ class Attention(nn.Module):
       k_cache_LBSKH, v_cache_LBSKH, layer, start = kv
       zero = jnp.zeros((), jnp.int32)
       idx = (layer, zero, start, zero, zero)
+      k_new, v_new = k_BTKH, v_BTKH
+      if prompts is not None:  # packed prompts: each to its own cache row
+        k_new, v_new = prompts.to_cache(k_BTKH, 0), prompts.to_cache(v_BTKH, 0)
       k_cache_LBSKH = jax.lax.dynamic_update_slice(
-          k_cache_LBSKH, k_BTKH[None].astype(k_cache_LBSKH.dtype), idx
+          k_cache_LBSKH, k_new[None].astype(k_cache_LBSKH.dtype), idx
       )
       v_cache_LBSKH = jax.lax.dynamic_update_slice(
-          v_cache_LBSKH, v_BTKH[None].astype(v_cache_LBSKH.dtype), idx
+          v_cache_LBSKH, v_new[None].astype(v_cache_LBSKH.dtype), idx
       )
       k_BSKH = k_cache_LBSKH[layer].astype(c.dtype)
       v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
       new_kv = (k_cache_LBSKH, v_cache_LBSKH)
 
-    if self.prefill and _fused_cpu_attention(c):  # left-padded prompts: one segment per row
+    if prompts is not None:  # packed prompts (CPU kernel only): each prompt to itself
+      out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, prompts.segments_1T)
+    elif self.prefill and fused_cpu_attention(c):  # left-padded prompts: one segment per row
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32))
     elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
       out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
@@ -435,13 +456,13 @@ class Block(nn.Module):
   prefill: bool = False  # see `forward`
 
   @nn.compact
-  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing):
+  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing, prompts):
     c = self.config
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
     h, new_kv = Attention(c, self.prefill, name="attn")(
-        h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing
+        h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing, prompts
     )
     x_BTD = checkpoint_name(x_BTD + h, "saved")
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
@@ -476,6 +497,7 @@ class Transformer(nn.Module):
       segments_BT=None,
       select_BI=None,
       packing: Optional[Packing] = None,
+      prompts: Optional[PackedPrompts] = None,
   ):
     c = self.config
     embedding_VD = self.param(
@@ -492,12 +514,17 @@ class Transformer(nn.Module):
     else:
       start = cache.end_index
       at = (jnp.zeros((), jnp.int32), start)
-      key_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS, positions_BT.astype(jnp.int32), at)
-      key_segments_BS = jax.lax.dynamic_update_slice(
-          cache.segments_BS, query_segments_BT.astype(jnp.int32), at
-      )
+      new_positions = positions_BT if prompts is None else prompts.to_cache(positions_BT, -1)
+      key_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS, new_positions.astype(jnp.int32), at)
+      key_segments_BS = cache.segments_BS  # packed prompts: each cache row holds one
+      if prompts is None:
+        key_segments_BS = jax.lax.dynamic_update_slice(
+            cache.segments_BS, query_segments_BT.astype(jnp.int32), at
+        )
       carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
-    if packing is not None:  # packed rows: attention runs on their sequences (Packing)
+    if prompts is not None:  # the fused kernel masks by segments
+      mask_BTS = None
+    elif packing is not None:  # packed rows: attention runs on their sequences (Packing)
       key_positions_BS = packing.to_sequences(positions_BT + 1) - 1  # padding slots: -1
       index_S = jnp.arange(key_positions_BS.shape[1])
       mask_BTS = (key_positions_BS[:, None, :] >= 0) & (index_S[None, :, None] >= index_S)
@@ -514,7 +541,7 @@ class Transformer(nn.Module):
         nn.remat(Block, prevent_cse=False, policy=None if self.remat else SAVED_ONLY),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, 0) + (nn.broadcast,) * 6,
         length=c.num_layers,
     )(c, self.prefill, name="layers")
     carry, _ = layers(
@@ -526,6 +553,7 @@ class Transformer(nn.Module):
         start,
         tuple(jnp.asarray(v, c.dtype) for v in lora_hp),
         packing,
+        prompts,
     )
     x_BTD, k_cache, v_cache = carry
 
@@ -538,7 +566,8 @@ class Transformer(nn.Module):
       logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, name="lm_head")(x_BTD)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k_cache, v_cache, key_positions_BS, key_segments_BS, start + T)
+      filled = T if prompts is None else prompts.to_cache_BP.shape[1]
+      new_cache = KVCache(k_cache, v_cache, key_positions_BS, key_segments_BS, start + filled)
     return logits_BTV.astype(jnp.float32), new_cache
 
 
@@ -556,6 +585,7 @@ def forward(
     packing=None,
     remat=True,
     prefill=False,
+    prompts=None,
 ):
   """Pure forward pass: (logits float32, updated cache or None).
 
@@ -572,9 +602,13 @@ def forward(
   left-padded prompt (positions -1, then rising): the tokens then attend to each other
   causally (the fused kernel on CPU, query chunks elsewhere), not over all the cache's slots (the
   free slots after the prompt hold nothing to see).
+  `prompts` (with `prefill`, on the fused CPU kernel): the tokens are one row of prompts packed back to
+  back (`PackedPrompts`), written into the cache's rows left-padded as above.
   """
   if prefill and segments_BT is not None:
     raise ValueError("forward(prefill=True) takes left-padded prompts, one per row, not segments_BT.")
+  if prompts is not None and not (prefill and cache is not None and fused_cpu_attention(config)):
+    raise ValueError("forward(prompts=...) is a prefill into a fresh cache on the fused CPU kernel.")
   if lora is None:
     weights, hp = None, (1.0, 0.0)
   else:
@@ -590,6 +624,7 @@ def forward(
       segments_BT,
       select_BI,
       packing,
+      prompts,
       rngs=rngs,
   )
 

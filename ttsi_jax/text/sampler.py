@@ -66,6 +66,31 @@ def left_pad(
   return tokens_BP, positions_BP
 
 
+def pack_prompts(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int):
+  """One row of the prompts back to back (tokens_1T, positions_1T; the row pads to a length bucket),
+  the `transformer.PackedPrompts` that puts each into its cache row left-padded to `length` slots,
+  and last_1B, the row index of each prompt's last token (padding rows: 0)."""
+  total = sum(len(p) for p in prompts)
+  T = bucket(total, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE)
+  tokens_1T = np.full((1, T), pad_id, np.int32)
+  positions_1T = np.full((1, T), -1, np.int32)
+  segments_1T = np.full((1, T), -1, np.int32)
+  to_cache_BP = np.full((batch, length), T, np.int32)
+  last_1B = np.zeros((1, batch), np.int32)
+  at = 0
+  for b, ids in enumerate(prompts):
+    n = len(ids)
+    if n > length:
+      raise ValueError(f"Prompt {b} has {n} tokens, more than the {length} allowed.")
+    tokens_1T[0, at : at + n] = ids
+    positions_1T[0, at : at + n] = np.arange(n)
+    segments_1T[0, at : at + n] = b
+    to_cache_BP[b, length - n :] = np.arange(at, at + n)
+    last_1B[0, b] = at + n - 1 if n else 0
+    at += n
+  return tokens_1T, positions_1T, transformer.PackedPrompts(segments_1T, to_cache_BP), last_1B
+
+
 def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
   """keys_B for `rows` real rows padded to `batch`. `rng`: one key, split over the batch, or keys_B,
   one key per real row (a row then samples from its own key alone, whichever rows share its
@@ -128,6 +153,17 @@ def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
       config, params, tokens_BP, positions_BP, cache, lora, select_BI=last_B1, prefill=True
   )
   return Prefix(cache, logits_B1V[:, 0], jnp.max(positions_BP, axis=1) + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None, *, config, length: int):
+  """`prefill` of prompts packed in one row (`pack_prompts`): the same `Prefix`, without the
+  linear layers' work on left padding."""
+  cache = KVCache.init(config, prompts.to_cache_BP.shape[0], length)
+  logits_1BV, cache = transformer.forward(
+      config, params, tokens_1T, positions_1T, cache, lora, select_BI=last_1B, prefill=True, prompts=prompts
+  )
+  return Prefix(cache, logits_1BV[0], jnp.max(cache.positions_BS, axis=1) + 1)
 
 
 def _extend(config, params, prefix: Prefix, tokens_BE, lengths_B, lora) -> Prefix:
@@ -321,6 +357,11 @@ class Sampler:
         bucket(longest, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE), self.config.context_length - room
     )
 
+  def packs_prompts(self) -> bool:
+    """Whether `prefill` packs its prompts in one row: on the fused CPU attention kernel, unsharded
+    (a mesh splits a batch of left-padded rows instead)."""
+    return sharding.fill_batch_shards(self.mesh, 1) == 1 and transformer.fused_cpu_attention(self.config)
+
   def prefill(
       self, prompts: Sequence[Sequence[int]], reserve: int, lora=None, lora_per_row: bool = False
   ) -> Prefilled:
@@ -330,6 +371,12 @@ class Sampler:
     batch = sharding.fill_batch_shards(self.mesh, bucket(len(prompts)))
     if lora_per_row:
       lora = lora_lib.take_padded(lora, len(prompts), batch)
+    if not lora_per_row and self.packs_prompts():
+      tokens_1T, positions_1T, packed, last_1B = pack_prompts(prompts, length, batch, self.pad_id)
+      prefix = prefill_packed(
+          self.params, tokens_1T, positions_1T, packed, last_1B, lora, config=self.config, length=capacity
+      )
+      return Prefilled(prefix, len(prompts), batch, length, capacity, lora, lora_per_row)
     tokens_BP, positions_BP = left_pad(prompts, length, batch, self.pad_id)
     fn = functools.partial(prefill, config=self.config, length=capacity)
     if lora_per_row:
