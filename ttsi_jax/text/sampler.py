@@ -1,7 +1,9 @@
 """Batched generation: one jitted prefill + `lax.while_loop` decode over an explicit KV cache.
 
 Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a stage
-compiles once per (batch bucket, prompt bucket, max_new_tokens), never once per prompt. Every row
+compiles once per (batch bucket, prompt bucket, max_new_tokens), never once per prompt. On the fused
+CPU attention kernel `Sampler.prefill` packs the prompts back to back in one row instead (no linear
+work on padding) and fills the same left-padded cache. Every row
 has its own RNG key (`fold_in(row_key, step)`), so a row's sample does not depend on its batch
 neighbours. `generate_tokens` is a pure function of (params, tokens, positions, keys, lora): it can be
 `jax.vmap`-ed over a leading adapter axis to decode with A adapted models in one call.
