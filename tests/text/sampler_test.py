@@ -41,15 +41,20 @@ def test_buckets_bound_the_padding_and_the_number_of_shapes(per_octave, waste):
   assert sampler_lib.bucket(3, minimum=32) == 32
 
 
-def test_one_compilation_per_bucket(sampler):
+@pytest.mark.parametrize("packed", [True, False])
+def test_one_compilation_per_bucket(sampler, monkeypatch, packed):
+  """Left-padded rows compile once per (prompt bucket, batch bucket); packed prompts also per
+  bucket of their total length."""
+  monkeypatch.setattr(sampler, "packs_prompts", lambda: packed)
+  fn = sampler_lib.generate_tokens_packed if packed else sampler_lib.generate_tokens
   params = SamplingParams(max_new_tokens=5)
   sampler.generate(_prompts([4, 6]), params)
-  before = sampler_lib.generate_tokens._cache_size()
-  sampler.generate(_prompts([10, 20], seed=1), params)  # same prompt bucket (32), same batch (2)
-  sampler.generate(_prompts([31, 2], seed=2), params)
-  assert sampler_lib.generate_tokens._cache_size() == before
-  sampler.generate(_prompts([40, 2]), params)  # prompt bucket 40: one new compilation
-  assert sampler_lib.generate_tokens._cache_size() == before + 1
+  before = fn._cache_size()
+  sampler.generate(_prompts([10, 20], seed=1), params)  # same prompt bucket (32), batch (2), total (32)
+  sampler.generate(_prompts([25, 2], seed=2), params)
+  assert fn._cache_size() == before
+  sampler.generate(_prompts([40, 2]), params)  # prompt bucket 40, total 48: one new compilation
+  assert fn._cache_size() == before + 1
 
 
 def test_sampled_row_does_not_depend_on_its_batch_neighbours(sampler):
@@ -147,3 +152,13 @@ def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, mo
   assert sampler.continue_(packed, [[]] * len(prompts), greedy) == sampler.continue_(
       padded, [[]] * len(prompts), greedy
   )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_packed_prompts_generate_what_left_padded_rows_generate(sampler, monkeypatch, temperature):
+  assert sampler.packs_prompts()
+  prompts = _prompts([3, 17, 9, 30, 1], seed=3)
+  params = SamplingParams(max_new_tokens=10, temperature=temperature)
+  packed = sampler.generate(prompts, params, jax.random.key(5))
+  monkeypatch.setattr(sampler, "packs_prompts", lambda: False)
+  assert packed == sampler.generate(prompts, params, jax.random.key(5))

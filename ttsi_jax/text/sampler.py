@@ -2,8 +2,9 @@
 
 Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a stage
 compiles once per (batch bucket, prompt bucket, max_new_tokens), never once per prompt. On the fused
-CPU attention kernel `Sampler.prefill` packs the prompts back to back in one row instead (no linear
-work on padding) and fills the same left-padded cache. Every row
+CPU attention kernel `Sampler.prefill` and `Sampler.generate` pack the prompts back to back in one
+row instead (no linear work on padding) and fill the same left-padded cache; the row's length is a
+bucket of the prompts' total, one more shape to compile for. Every row
 has its own RNG key (`fold_in(row_key, step)`), so a row's sample does not depend on its batch
 neighbours. `generate_tokens` is a pure function of (params, tokens, positions, keys, lora): it can be
 `jax.vmap`-ed over a leading adapter axis to decode with A adapted models in one call.
@@ -157,9 +158,8 @@ def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
   return Prefix(cache, logits_B1V[:, 0], jnp.max(positions_BP, axis=1) + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length"))
-def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None, *, config, length: int):
-  """`prefill` of prompts packed in one row (`pack_prompts`): the same `Prefix`, without the
+def _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length) -> Prefix:
+  """`_prefill` of prompts packed in one row (`pack_prompts`): the same `Prefix`, without the
   linear layers' work on left padding."""
   cache = KVCache.init(config, prompts.to_cache_BP.shape[0], length)
   logits_1BV, cache = transformer.forward(
@@ -245,6 +245,33 @@ def generate_tokens(
       config, params, tokens_BP, positions_BP, lora, tokens_BP.shape[1] + sampling.max_new_tokens
   )
   return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_tokens_packed(
+    params,
+    tokens_1T,
+    positions_1T,
+    prompts,
+    last_1B,
+    keys_B,
+    lora=None,
+    *,
+    config: ModelConfig,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+):
+  """`generate_tokens` for prompts packed in one row (`pack_prompts`)."""
+  length = prompts.to_cache_BP.shape[1] + sampling.max_new_tokens
+  prefix = _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length)
+  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None, *, config, length: int):
+  """`prefill` of prompts packed in one row (`pack_prompts`)."""
+  return _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "length"))
@@ -360,8 +387,8 @@ class Sampler:
     )
 
   def packs_prompts(self) -> bool:
-    """Whether `prefill` packs its prompts in one row: on the fused CPU attention kernel, unsharded
-    (a mesh splits a batch of left-padded rows instead)."""
+    """Whether `prefill` and `generate` pack their prompts in one row: on the fused CPU attention
+    kernel, unsharded (a mesh splits a batch of left-padded rows instead)."""
     return sharding.fill_batch_shards(self.mesh, 1) == 1 and transformer.fused_cpu_attention(self.config)
 
   def prefill(
@@ -450,16 +477,20 @@ class Sampler:
       return []
     keys = row_keys(rng, len(prompts), len(prompts))
     length = self._prompt_slots(prompts, sampling.max_new_tokens, "max_new_tokens")
-    fn = functools.partial(
-        generate_tokens, config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id
-    )
+    static = dict(config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+    fn = functools.partial(generate_tokens, **static)
+    packed_fn = functools.partial(generate_tokens_packed, **static)
     results: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
       chunk = prompts[start : start + self.max_batch]
       batch = sharding.fill_batch_shards(self.mesh, bucket(len(chunk)))
-      tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
       keys_B = row_keys(keys[start : start + len(chunk)], len(chunk), batch)
-      out_BO = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
+      if self.packs_prompts():
+        tokens_1T, positions_1T, packed, last_1B = pack_prompts(chunk, length, batch, self.pad_id)
+        out_BO = np.asarray(packed_fn(self.params, tokens_1T, positions_1T, packed, last_1B, keys_B, lora))
+      else:
+        tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
+        out_BO = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
       results.extend(self._trim(out_BO[b]) for b in range(len(chunk)))
     return results
 
