@@ -8,8 +8,8 @@ setuptools.setup(
     description="Test-time self-improvement for LLM agents: uncertainty, self-augmentation and "
     "packed multi-adapter LoRA in JAX/Flax.",
     packages=setuptools.find_packages(include=["ttsi_jax", "ttsi_jax.*"]),
-    # The fused CPU attention kernel's source: compiled on first use (ttsi_jax/model/cpu_attention.py).
-    package_data={"ttsi_jax.model": ["cpu_attention.cc"]},
+    # The C++ CPU kernels' sources: compiled on first use (ttsi_jax/model/cpu_kernels.py).
+    package_data={"ttsi_jax.model": ["cpu_attention.cc", "cpu_lora.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -11,8 +11,8 @@
 - score (H): candidate log-likelihoods of BFCL prompts, ours (prompt prefilled once, candidates
   packed) beside a transformers forward pass per prompt + candidate.
 
-On CPU, adapt and score also time our rows with XLA's attention in place of the fused kernel
-(`ttsi_jax.model.cpu_attention`): its gain, measured in the same run.
+On CPU, adapt and score also time our rows with XLA's ops in place of the C++ kernels (attention;
+the LoRA branch of packed rows: `ttsi_jax.model.cpu_kernels`): their gain, measured in the same run.
 
 Compilation is excluded (one warm-up call). FLOPs are counted from the model's shapes
 (`model_flops`) for the work each implementation does (the same for T; for H the reference runs
@@ -42,7 +42,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ttsi_jax import checkpoints
-from ttsi_jax.model import cpu_attention, sharding
+from ttsi_jax.model import cpu_kernels, sharding
 from ttsi_jax.text import sampler as sampler_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -222,10 +222,10 @@ def bench_adapt(config) -> dict:
           ("ttsi_jax packed, one adapter per call", 1),
       )
   ]
-  if jax.default_backend() == "cpu" and cpu_attention.available():  # the kernel's gain, same run
-    with cpu_attention.xla_attention():
+  if jax.default_backend() == "cpu" and cpu_kernels.available():  # the kernels' gain, same run
+    with cpu_kernels.xla_ops():
       rows += [
-          (f"{name}, XLA attention", _best_time(ours(per_call), _REPEATS.value), flops)
+          (f"{name}, XLA ops", _best_time(ours(per_call), _REPEATS.value), flops)
           for name, per_call in (
               ("ttsi_jax packed, all adapters in one call", 0),
               ("ttsi_jax packed, one adapter per call", 1),
@@ -288,9 +288,9 @@ def bench_score(config) -> dict:
       flops([(len(p) + len(a), len(p) + len(a))]) for p, cs in zip(prompts, candidates) for a in cs
   )
   rows = [("ttsi_jax (prompt once, candidates packed)", _best_time(ours, _REPEATS.value), ours_flops)]
-  if jax.default_backend() == "cpu" and cpu_attention.available():  # the kernel's gain, same run
-    with cpu_attention.xla_attention():
-      rows.append(("ttsi_jax, XLA attention", _best_time(ours, _REPEATS.value), ours_flops))
+  if jax.default_backend() == "cpu" and cpu_kernels.available():  # the kernels' gain, same run
+    with cpu_kernels.xla_ops():
+      rows.append(("ttsi_jax, XLA ops", _best_time(ours, _REPEATS.value), ours_flops))
   if _REFERENCE.value:
     import torch
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttsi_jax.model import cpu_attention
+from ttsi_jax.model import cpu_attention, cpu_kernels
 from ttsi_jax.model import transformer
 
 
@@ -38,7 +38,7 @@ def _segments(T, layout):
 
 def test_the_kernel_builds_and_serves_cpu_attention_here():
   assert jax.default_backend() == "cpu"
-  assert cpu_attention.available(), "the kernel did not build: see the warning logged above"
+  assert cpu_kernels.available(), "the kernel did not build: see the warning logged above"
 
 
 @pytest.mark.parametrize(
@@ -98,19 +98,19 @@ def test_packing_numbers_each_tokens_sequence_for_the_kernel():
 
 @pytest.mark.parametrize(
     "compiler, reason",
-    [(None, "no C++ compiler found"), ("false", "the kernel did not build")],
+    [(None, "no C++ compiler found"), ("false", "the kernels did not build")],
 )
-def test_without_a_working_compiler_attention_stays_on_xla_and_says_why(
+def test_without_a_working_compiler_attention_and_lora_stay_on_xla_and_say_why(
     compiler, reason, monkeypatch, tmp_path, caplog
 ):
-  monkeypatch.setattr(cpu_attention, "_compiler", lambda: compiler)
+  monkeypatch.setattr(cpu_kernels, "_compiler", lambda: compiler)
   monkeypatch.setenv("TTSI_JAX_KERNEL_DIR", str(tmp_path))  # nothing built here yet
-  cpu_attention._load.cache_clear()
-  cpu_attention._warn_once.cache_clear()
+  cpu_kernels._load.cache_clear()
+  cpu_kernels._warn_once.cache_clear()
   try:
     with caplog.at_level("WARNING"):
-      assert not cpu_attention.available()
-    assert f"CPU attention runs on XLA ops, not the fused kernel: {reason}" in caplog.text
+      assert not cpu_kernels.available()
+    assert f"CPU attention and packed LoRA run on XLA ops, not the C++ kernels: {reason}" in caplog.text
   finally:
-    cpu_attention._load.cache_clear()
-    cpu_attention._warn_once.cache_clear()
+    cpu_kernels._load.cache_clear()
+    cpu_kernels._warn_once.cache_clear()

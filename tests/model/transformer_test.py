@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import ARCHS, random_tokens
 from ttsi_jax.checkpoints import hf
-from ttsi_jax.model import cpu_attention
+from ttsi_jax.model import cpu_kernels
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache
@@ -87,7 +87,7 @@ def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_check
       ),
       static_argnums=0,
   )
-  with contextlib.nullcontext() if fused_cpu_kernel else cpu_attention.xla_attention():
+  with contextlib.nullcontext() if fused_cpu_kernel else cpu_kernels.xla_ops():
     (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
   np.testing.assert_allclose(np.asarray(chunked)[valid], np.asarray(full)[valid], atol=1e-4)
   for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH), (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):

@@ -1,6 +1,7 @@
 """Packed adaptation equals training each adapter alone on plain rows; adapters are isolated;
 training learns; equal bucket sizes never recompile."""
 
+import contextlib
 import functools
 import math
 import re
@@ -13,7 +14,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
-from ttsi_jax.model import cpu_attention
+from ttsi_jax.model import cpu_kernels
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
@@ -75,8 +76,9 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
   return optax.apply_updates(adapter, updates), opt_state
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
+@pytest.mark.parametrize("batch_size, with_cpu_kernels", [(1, True), (2, True), (2, False)])
+def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, with_cpu_kernels):
+  """On CPU packed rows run attention and the LoRA branch in the C++ kernels, or on XLA's ops."""
   # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
   cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3, "epochs": 2})
   # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.
@@ -86,7 +88,8 @@ def test_packed_training_equals_each_adapter_trained_alone(model, batch_size):
   trainer = adaptation.Trainer(config, cfg)
   steps = adaptation.make_steps(cfg, examples, 0, 4, block=16)
   assert steps[0].tokens_BT.shape[0] == 1 and steps[0].adapter_BXA[0].any(0).all()  # one row
-  together, losses = trainer.train(params, steps, rngs)
+  with contextlib.nullcontext() if with_cpu_kernels else cpu_kernels.xla_ops():
+    together, losses = trainer.train(params, steps, rngs)
   num_steps = [cfg.epochs * -(-len(ex) // batch_size) for ex in examples]
   assert losses.shape == (max(num_steps), 4)
   for a, n in enumerate(num_steps):
@@ -258,26 +261,37 @@ def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
   assert kept == adaptation.activation_bytes(config, step), out
 
 
-def test_a_step_without_remat_runs_the_attention_kernel_forward_once(model):
-  """Its softmax statistics are kept for the backward pass, not recomputed."""
+def _compiled_step(model, remat):
   config, params = model
-  assert cpu_attention.available()
   trainer = adaptation.Trainer(config, CFG)
   step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
   adapters, opt_states = trainer.init(jax.random.split(jax.random.key(0), 1))
+  lowered = trainer.step.lower(
+      params,
+      adapters,
+      opt_states,
+      *step.rows(),
+      step.learning_rate_A,
+      step.active_A,
+      jax.random.key(0),
+      remat=remat,
+  )
+  return lowered.compile().as_text()
+
+
+def test_a_step_without_remat_runs_the_attention_kernel_forward_once(model):
+  """Its softmax statistics are kept for the backward pass, not recomputed."""
+  assert cpu_kernels.available()
   for remat, forwards in ((False, 1), (True, 2)):
-    hlo = (
-        trainer.step.lower(
-            params,
-            adapters,
-            opt_states,
-            *step.rows(),
-            step.learning_rate_A,
-            step.active_A,
-            jax.random.key(0),
-            remat=remat,
-        )
-        .compile()
-        .as_text()
-    )
+    hlo = _compiled_step(model, remat)
     assert hlo.count('custom_call_target="ttsi_attention_forward"') == forwards, remat
+
+
+def test_a_packed_step_runs_every_lora_branch_in_the_cpu_kernels(model):
+  """Per layer: each of the 7 targets adds its branch in place (wide_add) and gets its two weight
+  gradients (outer); no per-block batched dot is left."""
+  assert cpu_kernels.available()
+  hlo = _compiled_step(model, remat=False)
+  assert hlo.count('custom_call_target="ttsi_lora_wide_add"') == 7
+  assert hlo.count('custom_call_target="ttsi_lora_outer"') == 14
+  assert "bxzi,bxir->bxzr" not in hlo

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from ttsi_jax.model import cpu_attention
+from ttsi_jax.model import cpu_attention, cpu_kernels, cpu_lora
 
 Params = Any
 
@@ -135,7 +135,8 @@ class Packing:
   on the sequences, each gathered into U slots of W blocks per row (`to_sequences`, M = U x W), so
   its cost is that of each sequence alone; the fused CPU kernel reads the rows as they are, each
   token masked to its sequence (`row_segments`). The LoRA branch of each block uses its own
-  adapter, picked by a one-hot matmul (a gather's gradient is a scatter, slow on CPU).
+  adapter: in the C++ kernels on CPU (`cpu_lora`), else picked by a one-hot matmul (a gather's
+  gradient is a scatter, slow on CPU).
   """
 
   adapter_BXA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
@@ -247,18 +248,21 @@ class Linear(nn.Module):
       if self.has_rng("dropout"):
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+      if adapter_BXA is not None and packed_lora_kernel(x.shape[-1], self.features):
+        block_adapter_BX = jnp.where(adapter_BXA.any(-1), jnp.argmax(adapter_BXA, -1), -1).astype(jnp.int32)
+        return cpu_lora.add_lora(y, x, lora["a"], lora["b"], scale, block_adapter_BX)
       a, b = lora["a"].astype(self.dtype), lora["b"].astype(self.dtype)
+      # The scale multiplies the rank-R product: in the backward pass too, a [T, R] array, not [T, out].
       if adapter_BXA is None:  # one adapter for every token
-        y = y + ((x @ a) @ b) * scale
+        y = y + ((x @ a) * scale) @ b
       else:  # packed rows: each block of Z tokens through its own adapter's a [A, in, R], b
         B, X, _ = adapter_BXA.shape
         onehot_BXA = adapter_BXA.astype(self.dtype)
         x_BXZc = x.reshape(B, X, -1, x.shape[-1])
         a_BXcR = jnp.einsum("bxa,air->bxir", onehot_BXA, a)
-        xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR)
+        xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale
         b_BXRc = jnp.einsum("bxa,aro->bxro", onehot_BXA, b)
-        y_BXZc = jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc)
-        y = y + y_BXZc.reshape(y.shape) * scale
+        y = y + jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc).reshape(y.shape)
     return y
 
 
@@ -349,9 +353,19 @@ def _attend_causal(
 
 def fused_cpu_attention(config: ModelConfig) -> bool:
   """Whether attention runs in the fused CPU kernel (`cpu_attention`): on the CPU backend, for
-  head sizes it supports, when it built on this machine."""
+  head sizes it supports, when the kernels built on this machine."""
   return (
-      jax.default_backend() == "cpu" and cpu_attention.supports(config.head_dim) and cpu_attention.available()
+      jax.default_backend() == "cpu" and cpu_attention.supports(config.head_dim) and cpu_kernels.available()
+  )
+
+
+def packed_lora_kernel(in_features: int, out_features: int) -> bool:
+  """Whether the LoRA branch of packed rows runs in the CPU kernels (`cpu_lora`): on the CPU
+  backend, for layer widths they take, when they built on this machine."""
+  return (
+      jax.default_backend() == "cpu"
+      and cpu_lora.supports(in_features, out_features)
+      and cpu_kernels.available()
   )
 
 

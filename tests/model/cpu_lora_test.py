@@ -1,0 +1,61 @@
+"""The LoRA kernels of packed rows (cpu_lora.cc) equal the per-block einsums they replace, values
+and gradients, for every layout a packed step makes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttsi_jax.model import cpu_kernels, cpu_lora
+
+Z = 64  # tokens per block, as adaptation.BLOCK
+
+
+def _per_block(y, x, a, b, scale, block_adapter):
+  """The XLA formulation: each block's adapter picked by a one-hot matmul (-1: none)."""
+  B, X = block_adapter.shape
+  onehot = jax.nn.one_hot(block_adapter, a.shape[0])
+  x_BXZK = x.reshape(B, X, Z, x.shape[-1])
+  xa = jnp.einsum("bxzk,bxkr->bxzr", x_BXZK, jnp.einsum("bxa,akr->bxkr", onehot, a)) * scale
+  delta = jnp.einsum("bxzr,bxrn->bxzn", xa, jnp.einsum("bxa,arn->bxrn", onehot, b))
+  return y + delta.reshape(y.shape)
+
+
+@pytest.mark.parametrize(
+    "block_adapter, rank",
+    [
+        ([[0, 0, 1, 1, 1, 2, -1]], 8),  # one row: runs of three adapters, then a padding block
+        ([[1, 0, 1, -1], [2, 2, 0, 1]], 5),  # two rows; adapter 1 in runs apart; an odd rank
+        ([[0, 0, 0]], 1),
+    ],
+)
+def test_add_lora_and_its_gradients_equal_the_per_block_einsums(block_adapter, rank):
+  assert cpu_kernels.available()
+  block_adapter = jnp.asarray(block_adapter, jnp.int32)
+  (B, X), A, K, N = block_adapter.shape, 3, 48, 80
+  keys = jax.random.split(jax.random.key(0), 5)
+  y = jax.random.normal(keys[0], (B, X * Z, N))
+  x = jax.random.normal(keys[1], (B, X * Z, K))
+  a = jax.random.normal(keys[2], (A, K, rank))
+  b = jax.random.normal(keys[3], (A, rank, N))
+  dout = jax.random.normal(keys[4], (B, X * Z, N))
+  results = []
+  for add in (cpu_lora.add_lora, _per_block):
+    out, vjp = jax.vjp(lambda y, x, a, b: add(y, x, a, b, 2.0, block_adapter), y, x, a, b)
+    results.append((out, *vjp(dout)))
+  for name, got, want in zip(("out", "dy", "dx", "da", "db"), *results):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))), err_msg=name)
+  # Padding blocks get the base output and no gradient into x.
+  padding = np.repeat(np.asarray(block_adapter) < 0, Z, axis=1)
+  np.testing.assert_array_equal(np.asarray(results[0][0])[padding], np.asarray(y)[padding])
+  np.testing.assert_array_equal(np.asarray(results[0][2])[padding], 0.0)
+
+
+def test_tokens_that_are_not_whole_blocks_are_refused():
+  x = jnp.ones((1, 100, 16))
+  with pytest.raises(Exception, match="whole number of blocks"):
+    jax.block_until_ready(cpu_lora.narrow(x, jnp.ones((1, 4, 16)), jnp.zeros((1, 3), jnp.int32)))
+
+
+def test_widths_the_kernels_do_not_take_are_reported():
+  assert cpu_lora.supports(576, 1536) and not cpu_lora.supports(576, 100)

@@ -1,0 +1,133 @@
+"""The C++ kernels of XLA:CPU training and prefill, built once per machine and called through `jax.ffi`.
+
+XLA:CPU has no fused attention, and it runs the per-block rank-R products of packed LoRA rows as
+small batched dots far below matmul speed. `cpu_attention.cc` (flash attention, forward and
+backward) and `cpu_lora.cc` (the LoRA branch of packed rows and its gradients) do that work on
+XLA's intra-op threads. They are compiled once per machine with the system's C++ compiler into a
+cache folder and loaded from there; where no compiler works, `available()` says why and the model
+keeps XLA's ops. `cpu_attention.py` and `cpu_lora.py` hold the ops.
+
+`TTSI_JAX_CPU_KERNELS=xla` turns the kernels off; `xla_ops()` does so for a block (the bench times
+both in one run).
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc"))
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
+_TARGETS = {
+    "ttsi_attention_forward": "TtsiAttentionForward",
+    "ttsi_attention_backward": "TtsiAttentionBackward",
+    "ttsi_lora_narrow": "TtsiLoraNarrow",
+    "ttsi_lora_wide": "TtsiLoraWide",
+    "ttsi_lora_wide_add": "TtsiLoraWideAdd",
+    "ttsi_lora_outer": "TtsiLoraOuter",
+}
+
+
+def cache_dir() -> pathlib.Path:
+  """Where the compiled kernels live: `$TTSI_JAX_KERNEL_DIR`, else ~/.cache/ttsi_jax/kernels."""
+  return pathlib.Path(
+      os.environ.get("TTSI_JAX_KERNEL_DIR") or pathlib.Path.home() / ".cache/ttsi_jax/kernels"
+  )
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> pathlib.Path:
+  """The kernels' shared library, compiled unless the cache holds one for these sources, compiler,
+  jaxlib and machine (`-march=native`: a library is only valid on the CPU that built it)."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  key = hashlib.sha256(
+      "\n".join(
+          [
+              *(source.read_text() for source in SOURCES),
+              version,
+              " ".join(_FLAGS),
+              jaxlib.__version__,
+              platform.machine(),
+              platform.node(),
+          ]
+      ).encode()
+  ).hexdigest()[:16]
+  path = cache_dir() / f"cpu_kernels-{key}.so"
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent processes
+      out = pathlib.Path(tmp) / path.name
+      cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
+      result = subprocess.run(cmd, capture_output=True, text=True)
+      if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+      os.replace(out, path)
+  return path
+
+
+@functools.cache
+def _load() -> str | None:
+  """Builds and registers the kernels; returns None, or why they are not available."""
+  if os.environ.get("TTSI_JAX_CPU_KERNELS", "fused") == "xla":
+    return "TTSI_JAX_CPU_KERNELS=xla"
+  compiler = _compiler()
+  if compiler is None:
+    return "no C++ compiler found (install g++ or set CXX)"
+  try:
+    library = ctypes.CDLL(str(_build(compiler)))
+  except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+    return f"the kernels did not build: {e}"
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return None
+
+
+_disabled = False
+
+
+@contextlib.contextmanager
+def xla_ops():
+  """XLA's own ops in place of the kernels inside this block. Clears JAX's caches on entry and
+  exit: the choice is made when a function is traced."""
+  global _disabled
+  jax.clear_caches()
+  _disabled = True
+  try:
+    yield
+  finally:
+    _disabled = False
+    jax.clear_caches()
+
+
+def available() -> bool:
+  """Whether the kernels serve the CPU backend (built on first call; logs why not once)."""
+  if _disabled:
+    return False
+  reason = _load()
+  if reason is not None:
+    _warn_once(reason)
+  return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+  logging.warning("CPU attention and packed LoRA run on XLA ops, not the C++ kernels: %s", reason)
+
+
+def require() -> None:
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"The C++ CPU kernels are not available: {reason}.")

@@ -1,0 +1,291 @@
+// The LoRA branch of packed training rows on XLA:CPU, called through jax.ffi
+// (ttsi_jax/model/cpu_lora.py).
+//
+// Why: a packed row holds the tokens of several adapters in blocks of Z tokens, each block with its
+// own adapter. XLA runs the per-block rank-R products as batched dots of [Z, in] x [in, R] matrices
+// at 4-30 GFLOP/s, and jax.lax.ragged_dot as dense masked dots at about 4 GFLOP/s: the rank-8
+// branch cost a CPU step a sixth of its time for 3% of its FLOPs. Here each block is a product
+// with its adapter's weights at near matmul speed, and the weight gradients sum the blocks of each
+// adapter in one product per run of its blocks.
+//
+// Three ops, each other's gradients (g(t): the adapter of token t's block, -1: none, output 0):
+//   narrow: out[t, r] = sum_k x[t, k] w[g(t), r, k]     x [..., T, K], w [A, R, K] -> [..., T, R]
+//   wide:   out[t, n] = sum_r h[t, r] w[g(t), r, n]     h [..., T, R], w [A, R, N] -> [..., T, N]
+//   outer:  out[a, r, n] = sum_{t: g(t) = a} h[t, r] y[t, n]   h [..., T, R], y [..., T, N]
+// with block_adapter [..., X] int32 and T = X x Z. Float32 only; N a multiple of the vector width
+// and R even where they are a matmul's columns and rows (cpu_lora.py checks).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+constexpr int kRows = 8;
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 6;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+
+inline vf Load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline float Sum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// Rows i..i+M of C[:, j..j+V x kLanes] (+)= A B over the whole K loop, in registers.
+template <int M, int V, bool kTransA>
+inline void GemmBlock(int64_t i, int64_t j, int64_t K, const float* A, int64_t lda, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  vf c[M][V];
+  for (int r = 0; r < M; ++r)
+    for (int u = 0; u < V; ++u) c[r][u] = accumulate ? Load(C + (i + r) * ldc + j + u * kLanes) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[V];
+    for (int u = 0; u < V; ++u) b[u] = Load(B + k * ldb + j + u * kLanes);
+    for (int r = 0; r < M; ++r) {
+      const float a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
+      for (int u = 0; u < V; ++u) c[r][u] += a * b[u];
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    for (int u = 0; u < V; ++u) Store(C + (i + r) * ldc + j + u * kLanes, c[r][u]);
+}
+
+template <int V, bool kTransA>
+void GemmColumns(int64_t M, int64_t j, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) GemmBlock<kRows, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i + 2 <= M; i += 2) GemmBlock<2, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i < M; ++i) GemmBlock<1, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// C[M, N] (+)= A[M, K] B[K, N] (A stored [K, M] when kTransA), row-major; N % kLanes == 0.
+template <bool kTransA>
+void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= N; j += 2 * kLanes) GemmColumns<2, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; j + kLanes <= N; j += kLanes) GemmColumns<1, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// out[t, r0..r0+RB] = x[t, :] . w[r, :] for tokens t0, t0 + 1 (`pair`): each x vector loaded once
+// for RB weight rows.
+template <int RB>
+inline void NarrowTokens(bool pair, int64_t K, const float* x, const float* w, float* out, int64_t R) {
+  vf acc[2][RB];
+  for (int r = 0; r < RB; ++r) acc[0][r] = acc[1][r] = vf{};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    const vf x0 = Load(x + k), x1 = pair ? Load(x + K + k) : vf{};
+    for (int r = 0; r < RB; ++r) {
+      const vf wv = Load(w + r * K + k);
+      acc[0][r] += x0 * wv;
+      acc[1][r] += x1 * wv;
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float s0 = Sum(acc[0][r]), s1 = Sum(acc[1][r]);
+    for (int64_t kk = k; kk < K; ++kk) {
+      s0 += x[kk] * w[r * K + kk];
+      if (pair) s1 += x[K + kk] * w[r * K + kk];
+    }
+    out[r] = s0;
+    if (pair) out[R + r] = s1;
+  }
+}
+
+// Runs fn(0..n-1) on the calling thread and the pool's threads (as in cpu_attention.cc).
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t total = 0;
+    const std::function<void(int64_t)>* fn = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->total = n;
+  state->fn = &fn;
+  auto work = [](State& s) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) {
+      (*s.fn)(i);
+      if (s.done.fetch_add(1) + 1 == s.total) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), n) - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work]() { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
+}
+
+// Token and block counts of [..., T, C] activations with block adapters [..., X].
+struct Blocks {
+  int64_t blocks, Z;
+};
+
+ffi::Error BlocksOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S32>& block_adapter, Blocks& out) {
+  auto xd = x.dimensions();
+  auto gd = block_adapter.dimensions();
+  if (xd.size() < 2 || gd.size() != xd.size() - 1)
+    return ffi::Error::InvalidArgument("lora: x must be [..., T, C] and block_adapter [..., X]");
+  for (size_t i = 0; i + 1 < gd.size(); ++i)
+    if (gd[i] != xd[i]) return ffi::Error::InvalidArgument("lora: x and block_adapter disagree in shape");
+  const int64_t T = xd[xd.size() - 2], X = gd[gd.size() - 1];
+  if (X == 0 || T % X) return ffi::Error::InvalidArgument("lora: T must be a whole number of blocks");
+  out = Blocks{static_cast<int64_t>(block_adapter.element_count()), T / X};
+  return ffi::Error::Success();
+}
+
+ffi::Error Narrow(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::Buffer<ffi::S32> block_adapter, ffi::ResultBuffer<ffi::F32> out) {
+  Blocks blocks;
+  if (auto error = BlocksOf(x, block_adapter, blocks); error.failure()) return error;
+  const auto [num_blocks, Z] = blocks;
+  auto wd = w.dimensions();
+  const int64_t A = wd[0], R = wd[1], K = wd[2];
+  const float *xp = x.typed_data(), *wp = w.typed_data();
+  const int32_t* gp = block_adapter.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, num_blocks, [&](int64_t blk) {
+    float* o = op + blk * Z * R;
+    const int32_t g = gp[blk];
+    if (g < 0 || g >= A) {
+      std::fill(o, o + Z * R, 0.0f);
+      return;
+    }
+    for (int64_t t = 0; t < Z; t += 2) {
+      const bool pair = t + 1 < Z;
+      const float* xt = xp + (blk * Z + t) * K;
+      for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const float* wr = wp + (g * R + r0) * K;
+        float* ot = o + t * R + r0;
+        switch (std::min<int64_t>(8, R - r0)) {
+          case 8: NarrowTokens<8>(pair, K, xt, wr, ot, R); break;
+          case 7: NarrowTokens<7>(pair, K, xt, wr, ot, R); break;
+          case 6: NarrowTokens<6>(pair, K, xt, wr, ot, R); break;
+          case 5: NarrowTokens<5>(pair, K, xt, wr, ot, R); break;
+          case 4: NarrowTokens<4>(pair, K, xt, wr, ot, R); break;
+          case 3: NarrowTokens<3>(pair, K, xt, wr, ot, R); break;
+          case 2: NarrowTokens<2>(pair, K, xt, wr, ot, R); break;
+          default: NarrowTokens<1>(pair, K, xt, wr, ot, R); break;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out = h @ w[g] per block; with `base` (aliased to out by the caller), out = base + h @ w[g].
+ffi::Error WideInto(ffi::ThreadPool& pool, const float* base, ffi::Buffer<ffi::F32>& h, ffi::Buffer<ffi::F32>& w,
+                    ffi::Buffer<ffi::S32>& block_adapter, float* op) {
+  Blocks blocks;
+  if (auto error = BlocksOf(h, block_adapter, blocks); error.failure()) return error;
+  const auto [num_blocks, Z] = blocks;
+  auto wd = w.dimensions();
+  const int64_t A = wd[0], R = wd[1], N = wd[2];
+  if (N % kLanes) return ffi::Error::InvalidArgument("lora wide: N must be a multiple of the vector width");
+  const float *hp = h.typed_data(), *wp = w.typed_data();
+  const int32_t* gp = block_adapter.typed_data();
+  ParallelFor(pool, num_blocks, [&](int64_t blk) {
+    float* o = op + blk * Z * N;
+    if (base != nullptr && base != op) std::copy(base + blk * Z * N, base + (blk + 1) * Z * N, o);
+    const int32_t g = gp[blk];
+    if (g >= 0 && g < A) {
+      Gemm<false>(Z, N, R, hp + blk * Z * R, R, wp + g * R * N, N, o, N, base != nullptr);
+    } else if (base == nullptr) {
+      std::fill(o, o + Z * N, 0.0f);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Wide(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
+                ffi::Buffer<ffi::S32> block_adapter, ffi::ResultBuffer<ffi::F32> out) {
+  return WideInto(pool, nullptr, h, w, block_adapter, out->typed_data());
+}
+
+ffi::Error WideAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> base, ffi::Buffer<ffi::F32> h,
+                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> block_adapter,
+                   ffi::ResultBuffer<ffi::F32> out) {
+  return WideInto(pool, base.typed_data(), h, w, block_adapter, out->typed_data());
+}
+
+ffi::Error Outer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> y,
+                 ffi::Buffer<ffi::S32> block_adapter, ffi::ResultBuffer<ffi::F32> out) {
+  Blocks blocks;
+  if (auto error = BlocksOf(h, block_adapter, blocks); error.failure()) return error;
+  const auto [num_blocks, Z] = blocks;
+  auto od = out->dimensions();
+  const int64_t A = od[0], R = od[1], N = od[2];
+  if (N % kLanes) return ffi::Error::InvalidArgument("lora outer: N must be a multiple of the vector width");
+  const float *hp = h.typed_data(), *yp = y.typed_data();
+  const int32_t* gp = block_adapter.typed_data();
+  float* op = out->typed_data();
+  // Runs of consecutive blocks with one adapter: one product over all their tokens each.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(A);  // (first block, blocks)
+  for (int64_t blk = 0; blk < num_blocks;) {
+    int64_t end = blk + 1;
+    while (end < num_blocks && gp[end] == gp[blk]) ++end;
+    if (gp[blk] >= 0 && gp[blk] < A) runs[gp[blk]].push_back({blk, end - blk});
+    blk = end;
+  }
+  // Tasks: (adapter, chunk of columns); each writes only its own part of out.
+  const int64_t chunk = 8 * kLanes, chunks = (N + chunk - 1) / chunk;
+  ParallelFor(pool, A * chunks, [&](int64_t task) {
+    const int64_t a = task / chunks, j0 = (task % chunks) * chunk, width = std::min(chunk, N - j0);
+    float* o = op + a * R * N + j0;
+    for (int64_t r = 0; r < R; ++r) std::fill(o + r * N, o + r * N + width, 0.0f);
+    for (auto [first, count] : runs[a])
+      Gemm<true>(R, width, count * Z, hp + first * Z * R, R, yp + first * Z * N + j0, N, o, N, true);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define LORA_HANDLER(symbol, fn)                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,              \
+                                ffi::Ffi::Bind()         \
+                                    .Ctx<ffi::ThreadPool>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::S32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+LORA_HANDLER(TtsiLoraNarrow, Narrow)
+LORA_HANDLER(TtsiLoraWide, Wide)
+LORA_HANDLER(TtsiLoraOuter, Outer)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiLoraWideAdd, WideAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,84 @@
+"""The LoRA branch of packed training rows on XLA:CPU: the kernels of `cpu_lora.cc` (built and
+loaded by `cpu_kernels`).
+
+Each block of Z tokens goes through its own adapter. `narrow` (x [.., T, K] against w [A, R, K],
+-> [.., T, R]) and `wide` (h [.., T, R] times w [A, R, N], -> [.., T, N]) are each other's input
+gradients; `outer` (the sum of h^T y over each adapter's tokens, -> [A, R, N]) is the weight
+gradient of both. A block whose adapter index is -1 gives zeros.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ttsi_jax.model import cpu_kernels
+
+VECTOR = 16  # floats per AVX-512 register: `wide` and `outer` take N in whole vectors
+
+
+def supports(*widths: int) -> bool:
+  """Whether the kernels take activations of these widths (the layers' in and out features)."""
+  return all(width % VECTOR == 0 for width in widths)
+
+
+def _call(target, shape, *args):
+  cpu_kernels.require()
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(*args)
+
+
+def _outer(h, y, block_adapter, num_adapters):
+  R, N = h.shape[-1], y.shape[-1]
+  return _call("ttsi_lora_outer", (num_adapters, R, N), h, y, block_adapter)
+
+
+@jax.custom_vjp
+def narrow(x_BTK, w_ARK, block_adapter_BX):
+  """out[t, r] = x[t] . w[a, r] with a the adapter of token t's block."""
+  return _call("ttsi_lora_narrow", x_BTK.shape[:-1] + w_ARK.shape[1:2], x_BTK, w_ARK, block_adapter_BX)
+
+
+@jax.custom_vjp
+def wide(h_BTR, w_ARN, block_adapter_BX):
+  """out[t] = h[t] @ w[a] with a the adapter of token t's block."""
+  return _call("ttsi_lora_wide", h_BTR.shape[:-1] + w_ARN.shape[2:], h_BTR, w_ARN, block_adapter_BX)
+
+
+def _narrow_bwd(residuals, dout_BTR):
+  x_BTK, w_ARK, block_adapter_BX = residuals
+  dx = wide(dout_BTR, w_ARK, block_adapter_BX)
+  return dx, _outer(dout_BTR, x_BTK, block_adapter_BX, w_ARK.shape[0]), None
+
+
+def _wide_bwd(residuals, dout_BTN):
+  h_BTR, w_ARN, block_adapter_BX = residuals
+  dh = narrow(dout_BTN, w_ARN, block_adapter_BX)
+  return dh, _outer(h_BTR, dout_BTN, block_adapter_BX, w_ARN.shape[0]), None
+
+
+@jax.custom_vjp
+def wide_add(y_BTN, h_BTR, w_ARN, block_adapter_BX):
+  """y + wide(h, w), added in y's buffer (no [T, N] delta written and read again)."""
+  cpu_kernels.require()
+  return jax.ffi.ffi_call(
+      "ttsi_lora_wide_add",
+      jax.ShapeDtypeStruct(y_BTN.shape, jnp.float32),
+      vmap_method="sequential",
+      input_output_aliases={0: 0},
+  )(y_BTN, h_BTR, w_ARN, block_adapter_BX)
+
+
+def _wide_add_bwd(residuals, dout_BTN):
+  return (dout_BTN,) + _wide_bwd(residuals, dout_BTN)
+
+
+narrow.defvjp(lambda *args: (narrow(*args), args), _narrow_bwd)
+wide.defvjp(lambda *args: (wide(*args), args), _wide_bwd)
+wide_add.defvjp(lambda y, *args: (wide_add(y, *args), args), _wide_add_bwd)
+
+
+def add_lora(y_BTN, x_BTK, a_AKR, b_ARN, scale, block_adapter_BX):
+  """y + scale x (a_g) (b_g) per block g, in float32; the scale is applied to the rank-R product."""
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  xa_BTR = narrow(f32(x_BTK), jnp.swapaxes(f32(a_AKR), 1, 2), block_adapter_BX) * scale
+  return wide_add(f32(y_BTN), xa_BTR, f32(b_ARN), block_adapter_BX).astype(y_BTN.dtype)
