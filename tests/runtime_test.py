@@ -1,5 +1,6 @@
-"""The entry points' process settings: the re-exec with huge pages (once, with the same arguments,
-and off on request) and the XLA:CPU flags."""
+"""The entry points' process settings: the re-exec with glibc malloc tunables (once, with the same
+arguments, the user's own tunables kept, off on request; freed memory is then reused without page
+faults) and the XLA:CPU flags."""
 
 import os
 import platform
@@ -17,26 +18,27 @@ needs_glibc = pytest.mark.skipif(not _GLIBC_LINUX, reason="the tunable is glibc'
 
 def _execve_calls(environ):
   calls = []
-  runtime.reexec_with_huge_pages(environ, lambda *args: calls.append(args))
+  runtime.reexec_with_malloc_tunables(environ, lambda *args: calls.append(args))
   return calls
 
 
 @needs_glibc
-def test_reexecs_the_same_command_with_the_tunable_added_to_the_others():
-  (call,) = _execve_calls({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
+def test_reexecs_the_same_command_with_the_tunables_added_to_the_users():
+  (call,) = _execve_calls({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.foo=1", "HOME": "/h"})
   executable, argv, env = call
   assert executable == sys.executable
   assert argv == sys.orig_argv
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  ours = [f"{k}={v}" for k, v in runtime.MALLOC_TUNABLES.items() if k != "glibc.malloc.arena_max"]
+  assert env["GLIBC_TUNABLES"] == ":".join(["glibc.malloc.arena_max=2", "glibc.foo=1", *ours])  # theirs win
   assert env["HOME"] == "/h"
   (call,) = _execve_calls({})
-  assert call[2]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert call[2]["GLIBC_TUNABLES"] == ":".join(f"{k}={v}" for k, v in runtime.MALLOC_TUNABLES.items())
 
 
 def test_does_nothing_when_set_already_or_turned_off():
-  assert not _execve_calls({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
-  assert not _execve_calls({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})  # the user's choice
-  assert not _execve_calls({runtime.HUGE_PAGES_OPT_OUT: "0"})
+  every = ":".join(f"{k}=0" for k in runtime.MALLOC_TUNABLES)  # the user's choices
+  assert not _execve_calls({"GLIBC_TUNABLES": every})
+  assert not _execve_calls({runtime.MALLOC_OPT_OUT: "0"})
 
 
 def test_does_nothing_off_glibc(monkeypatch):
@@ -53,23 +55,50 @@ def test_a_real_process_reruns_once_with_its_arguments(tmp_path):
           import os, sys
           print("start", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
           from ttsi_jax import runtime
-          runtime.reexec_with_huge_pages()
+          runtime.reexec_with_malloc_tunables()
           print("running", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"))
           """))
   env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(runtime.__file__).rsplit("/ttsi_jax/", 1)[0]}
   lines = subprocess.run(
       [sys.executable, str(script), "--x=1"], env=env, capture_output=True, text=True, check=True
   ).stdout.splitlines()
-  assert lines == [
-      "start ['--x=1'] None",
-      "start ['--x=1'] glibc.malloc.hugetlb=1",
-      "running ['--x=1'] glibc.malloc.hugetlb=1",
-  ]
-  env[runtime.HUGE_PAGES_OPT_OUT] = "0"
+  ours = ":".join(f"{k}={v}" for k, v in runtime.MALLOC_TUNABLES.items())
+  assert lines == ["start ['--x=1'] None", f"start ['--x=1'] {ours}", f"running ['--x=1'] {ours}"]
+  env[runtime.MALLOC_OPT_OUT] = "0"
   lines = subprocess.run(
       [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
   ).stdout.splitlines()
   assert lines[0] == "start [] None" and len(lines) == 2
+
+
+@needs_glibc
+def test_with_the_tunables_freed_memory_is_reused_without_page_faults(tmp_path):
+  """A 512 MiB block allocated, freed and allocated again: malloc's defaults unmap it and the
+  second one is faulted in again; with the tunables the second comes back without faults."""
+  script = tmp_path / "alloc.py"
+  script.write_text(textwrap.dedent("""
+          import resource, numpy as np
+          from ttsi_jax import runtime
+          runtime.reexec_with_malloc_tunables()
+          faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          block = np.ones(1 << 27, np.float32)
+          del block
+          before = faults()
+          block = np.ones(1 << 27, np.float32)
+          print(faults() - before)
+          """))
+  env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(runtime.__file__).rsplit("/ttsi_jax/", 1)[0]}
+  second_faults = {}
+  for setting in ("1", "0"):
+    run = subprocess.run(
+        [sys.executable, str(script)],
+        env={**env, runtime.MALLOC_OPT_OUT: setting},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    second_faults[setting] = int(run.stdout.split()[-1])
+  assert second_faults["0"] >= 200 and second_faults["1"] < 10, second_faults  # 2 MiB pages: 256
 
 
 def test_xla_cpu_flags_are_added_to_the_users_on_the_measured_jaxlib():

@@ -10,7 +10,7 @@ if __name__ == "__main__":
   from ttsi_jax import runtime
 
   runtime.set_xla_cpu_flags()
-  runtime.reexec_with_huge_pages()
+  runtime.reexec_with_malloc_tunables()
 
 import os
 

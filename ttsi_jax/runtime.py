@@ -6,8 +6,16 @@ import platform
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_OPT_OUT = "TTSI_JAX_HUGE_PAGES"  # =0 keeps malloc's default pages
+# glibc malloc settings for XLA's per-step temporaries (see `reexec_with_malloc_tunables`): large
+# blocks on transparent huge pages; one arena, no mmap'd blocks and no trimming, so memory a step
+# frees is reused by the next one instead of going back to the kernel and being faulted in again.
+MALLOC_TUNABLES = {
+    "glibc.malloc.hugetlb": "1",
+    "glibc.malloc.arena_max": "1",
+    "glibc.malloc.mmap_max": "0",
+    "glibc.malloc.trim_threshold": str(1 << 40),
+}
+MALLOC_OPT_OUT = "TTSI_JAX_MALLOC_TUNABLES"  # =0 keeps malloc's defaults
 # No YNNPACK fusions of reductions on XLA:CPU (see `set_xla_cpu_flags`).
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 # The jaxlib releases where the flag is known and was measured: an XLA that does not know a flag
@@ -52,29 +60,34 @@ def set_xla_cpu_flags(
     environ["XLA_FLAGS"] = f"{flags} {YNN_FUSION_FLAG}".strip()
 
 
-def reexec_with_huge_pages(
+def reexec_with_malloc_tunables(
     environ: Mapping[str, str] = os.environ,
     execve: Callable[[str, list[str], dict[str, str]], None] = os.execve,
 ) -> None:
-  """Re-runs this process once, with glibc's malloc asking for transparent huge pages.
+  """Re-runs this process once, with `MALLOC_TUNABLES` added to GLIBC_TUNABLES.
 
-  Why: on the CPU a training step allocates gigabytes of fresh temporaries, and with 4 KiB pages
-  the kernel faults each one in. The 4-adapter packed step took 22.0 s with 5.5M page faults
-  without it, 18.7 s with 170k faults with it (README, "what is left"). glibc reads
+  Why: on the CPU a training step allocates gigabytes of fresh temporaries. With malloc's defaults
+  the large ones are mmap'd and unmapped every step, or freed into per-thread arenas that give them
+  back, and the kernel faults them in again, 4 KiB at a time: the 4-adapter packed step of the
+  bench spent 0.7-4.9 s of system time in 210k page faults per step (more when steps of other
+  shapes ran in between). With these tunables it faults nothing after its first run (README,
+  "Where T stands"). The price: memory a run has freed stays with it until it exits. glibc reads
   GLIBC_TUNABLES only when a process starts, so an entry point has to re-execute itself.
 
-  Does nothing off Linux/glibc, when a hugetlb tunable is already set (so it re-runs at most once,
-  and a user's own setting wins) or when TTSI_JAX_HUGE_PAGES=0.
+  Does nothing off Linux/glibc, when every tunable is set already (so it re-runs at most once;
+  a tunable the user set keeps the user's value) or when TTSI_JAX_MALLOC_TUNABLES=0.
   """
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return
-  if environ.get(HUGE_PAGES_OPT_OUT) == "0":
+  if environ.get(MALLOC_OPT_OUT) == "0":
     return
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.hugetlb" in tunables:
+  present = {t.split("=")[0] for t in tunables.split(":") if t}
+  missing = [f"{name}={value}" for name, value in MALLOC_TUNABLES.items() if name not in present]
+  if not missing:
     return
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, *missing) if t)
   sys.stdout.flush()
   sys.stderr.flush()
   execve(sys.executable, list(sys.orig_argv), env)
