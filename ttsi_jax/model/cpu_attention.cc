@@ -24,70 +24,13 @@
 #include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
 
-constexpr int kTile = 64;
-// One vector register of floats: 16 lanes where the compiler may use AVX-512 (-march=native on
-// such a CPU), else 8 (AVX2). Tiles, H and the GEMM blocks below are multiples of it.
-#ifdef __AVX512F__
-constexpr int kLanes = 16;
-constexpr int kRows = 8;  // GEMM block rows: 2 x kRows accumulators of AVX-512's 32 registers
-#else
-constexpr int kLanes = 8;
-constexpr int kRows = 6;  // 12 accumulators, 2 B vectors and a broadcast: AVX2's 16 registers
-#endif
-typedef float vf __attribute__((vector_size(4 * kLanes)));
-typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+using namespace ttsi_kernels;
 
-inline vf Load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-
-// Rows i..i+R of C[:, j..j+V x kLanes] (+)= A B, kept in R x V registers over the whole K loop.
-template <int R, int V, bool kTransA>
-inline void GemmBlock(int i, int j, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                      int ldc, bool accumulate) {
-  vf c[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < V; ++u) c[r][u] = accumulate ? Load(C + (i + r) * ldc + j + u * kLanes) : vf{};
-  for (int k = 0; k < K; ++k) {
-    vf b[V];
-    for (int u = 0; u < V; ++u) b[u] = Load(B + k * ldb + j + u * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
-      for (int u = 0; u < V; ++u) c[r][u] += a * b[u];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < V; ++u) Store(C + (i + r) * ldc + j + u * kLanes, c[r][u]);
-}
-
-template <int V, bool kTransA>
-inline void GemmColumns(int M, int j, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                        int ldc, bool accumulate) {
-  int i = 0;
-  for (; i + kRows <= M; i += kRows) GemmBlock<kRows, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (; i + 2 <= M; i += 2) GemmBlock<2, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-
-// C[M, N] (+)= A[M, K] B[K, N] (A stored as [K, M] when kTransA), row-major with leading
-// dimensions; M % 2 == 0, N % 16 == 0. Blocks of kRows x 2 vectors of outputs, then (N not a
-// multiple of 2 x kLanes) one vector.
-template <bool kTransA>
-void Gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-          bool accumulate) {
-  int j = 0;
-  for (; j + 2 * kLanes <= N; j += 2 * kLanes)
-    GemmColumns<2, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (; j + kLanes <= N; j += kLanes) GemmColumns<1, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
-}
+constexpr int kTile = 64;  // a multiple of kLanes, as are H and the GEMM blocks
 
 // exp(x) to about 2 ulp (Cephes' polynomial), a vector at a time.
 inline vf ExpV(vf x) {
@@ -138,35 +81,6 @@ inline float RowMax(const float* row, const float* mask, float floor) {
 }
 
 inline float Exp(float x) { return ExpV(vf{} + x)[0]; }
-
-// Runs fn(0..n-1) on the calling thread and the pool's threads. Helpers that start after the
-// work is gone touch only the shared counters.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t total = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->total = n;
-  state->fn = &fn;
-  auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) {
-      (*s.fn)(i);
-      if (s.done.fetch_add(1) + 1 == s.total) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), n) - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work]() { work(*state); });
-  work(*state);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
-}
 
 struct Dims {
   int64_t rows, T, N, K, H, G, tiles;

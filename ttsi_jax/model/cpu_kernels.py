@@ -27,6 +27,7 @@ import jax
 import jaxlib
 
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc"))
+HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")  # what both sources share
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {
     "ttsi_attention_forward": "TtsiAttentionForward",
@@ -56,7 +57,7 @@ def _build(compiler: str) -> pathlib.Path:
   key = hashlib.sha256(
       "\n".join(
           [
-              *(source.read_text() for source in SOURCES),
+              *(source.read_text() for source in (*SOURCES, HEADER)),
               version,
               " ".join(_FLAGS),
               jaxlib.__version__,

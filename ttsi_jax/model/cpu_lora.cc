@@ -25,68 +25,16 @@
 #include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
 
-#ifdef __AVX512F__
-constexpr int kLanes = 16;
-constexpr int kRows = 8;
-#else
-constexpr int kLanes = 8;
-constexpr int kRows = 6;
-#endif
-typedef float vf __attribute__((vector_size(4 * kLanes)));
+using namespace ttsi_kernels;
 
-inline vf Load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline float Sum(vf v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
-}
-
-// Rows i..i+M of C[:, j..j+V x kLanes] (+)= A B over the whole K loop, in registers.
-template <int M, int V, bool kTransA>
-inline void GemmBlock(int64_t i, int64_t j, int64_t K, const float* A, int64_t lda, const float* B,
-                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  vf c[M][V];
-  for (int r = 0; r < M; ++r)
-    for (int u = 0; u < V; ++u) c[r][u] = accumulate ? Load(C + (i + r) * ldc + j + u * kLanes) : vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    vf b[V];
-    for (int u = 0; u < V; ++u) b[u] = Load(B + k * ldb + j + u * kLanes);
-    for (int r = 0; r < M; ++r) {
-      const float a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
-      for (int u = 0; u < V; ++u) c[r][u] += a * b[u];
-    }
-  }
-  for (int r = 0; r < M; ++r)
-    for (int u = 0; u < V; ++u) Store(C + (i + r) * ldc + j + u * kLanes, c[r][u]);
-}
-
-template <int V, bool kTransA>
-void GemmColumns(int64_t M, int64_t j, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, bool accumulate) {
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) GemmBlock<kRows, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (; i + 2 <= M; i += 2) GemmBlock<2, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (; i < M; ++i) GemmBlock<1, V, kTransA>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-
-// C[M, N] (+)= A[M, K] B[K, N] (A stored [K, M] when kTransA), row-major; N % kLanes == 0.
-template <bool kTransA>
-void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool accumulate) {
-  int64_t j = 0;
-  for (; j + 2 * kLanes <= N; j += 2 * kLanes) GemmColumns<2, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (; j + kLanes <= N; j += kLanes) GemmColumns<1, kTransA>(M, j, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // out[t, r0..r0+RB] = x[t, :] . w[r, :] for tokens t0, t0 + 1 (`pair`): each x vector loaded once
@@ -113,34 +61,6 @@ inline void NarrowTokens(bool pair, int64_t K, const float* x, const float* w, f
     out[r] = s0;
     if (pair) out[R + r] = s1;
   }
-}
-
-// Runs fn(0..n-1) on the calling thread and the pool's threads (as in cpu_attention.cc).
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t total = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->total = n;
-  state->fn = &fn;
-  auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) {
-      (*s.fn)(i);
-      if (s.done.fetch_add(1) + 1 == s.total) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), n) - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work]() { work(*state); });
-  work(*state);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
 }
 
 // Token and block counts of [..., T, C] activations with block adapters [..., X].
