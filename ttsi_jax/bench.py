@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ttsi_jax import checkpoints
+from ttsi_jax import checkpoints, profiling
 from ttsi_jax.model import cpu_kernels, sharding
 from ttsi_jax.text import sampler as sampler_lib
 
@@ -62,6 +62,12 @@ _ADAPTERS = flags.DEFINE_integer(
     "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, " "prompts for --stage=score."
 )
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+_PROFILE = flags.DEFINE_bool(
+    "profile",
+    False,
+    "--stage=adapt: also print where the packed call's time goes (ttsi_jax.profiling: a "
+    "jax.profiler trace of its first step with all adapters in one call, by kind of op and op name).",
+)
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -241,6 +247,23 @@ def bench_adapt(config) -> dict:
             flops,
         )
     )
+  profile = None
+  if _PROFILE.value:
+    step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
+    adapters, opt_states = trainer.init(keys)
+    profile = profiling.op_table(
+        trainer.step,
+        exp.params,
+        adapters,
+        opt_states,
+        *step.rows(),
+        step.learning_rate_A,
+        step.active_A,
+        keys[0],
+        remat=trainer.remat_for(step),
+    )
+    print(f"Where the first step of all {len(data)} adapters in one call spends its time:")
+    profiling.print_table(profile)
   peak = matmul_peak()
   result = _table(
       f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
@@ -260,6 +283,7 @@ def bench_adapt(config) -> dict:
       "tokens": tokens,
       "flops": flops,
       **result,
+      **({"profile": profile} if profile else {}),
   }
 
 

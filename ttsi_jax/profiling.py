@@ -1,0 +1,133 @@
+"""Where a jitted call's time goes: a `jax.profiler` trace of a few calls, each moment of wall time
+shared among the XLA ops running at that moment, grouped by what the ops are and by their names in
+the model.
+
+Why wall time shared out, not each op's duration: XLA runs independent ops side by side (the gate
+and up matmuls, one per core), and a C++ kernel's helpers run on pool threads that the trace does
+not show; summed durations then count some seconds twice and miss others. Shared out, the table's
+seconds add up to the calls' wall time (less the moments with no op running).
+
+  table = profiling.op_table(jitted_fn, *args, calls=2)   # `python -m ttsi_jax.bench --profile`
+  profiling.print_table(table)
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+MATMUL = "matmul"
+SCAN_COPIES = "layer scan copies"
+OTHER = "elementwise and other"
+
+
+def _hlo_ops(hlo_text: str) -> dict[str, str]:
+  """The compiled module's instructions by name: name -> the line that defines it."""
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if m:
+      ops.setdefault(m.group(1), line)
+  return ops
+
+
+def _readable(op_name: str) -> str:
+  """JAX's op_name metadata, less the wrappers: "forward/layers/mlp/up_proj/dot_general"."""
+  op_name = re.sub(r"^jit\([^)]*\)/", "", op_name)
+  op_name = re.sub(r"transpose\(jvp\([^)]*\)\)", "backward", op_name)
+  op_name = re.sub(r"jvp\([^)]*\)", "forward", op_name)
+  for wrapper in ("while/body/", "closed_call/", "checkpoint/", "rematted_computation/"):
+    op_name = op_name.replace(wrapper, "")
+  return op_name
+
+
+def classify(line: str) -> tuple[str, str]:
+  """(kind, readable op name) of one compiled HLO instruction."""
+  m = re.search(r'op_name="([^"]*)"', line)
+  op_name = _readable(m.group(1)) if m else line.split(" = ")[0].strip()
+  target = re.search(r'custom_call_target="([^"]*)"', line)
+  if target:
+    return target.group(1), op_name
+  if re.search(r"(^|/)dot_general$", op_name) or " dot(" in line or " convolution(" in line:
+    return MATMUL, op_name
+  if "dynamic_update_slice" in op_name or "dynamic_slice" in op_name:
+    return SCAN_COPIES, op_name
+  return OTHER, op_name
+
+
+def op_table(fn, *args, calls: int = 2, **kwargs) -> dict:
+  """Traces `calls` calls of the jitted `fn(*args, **kwargs)` (after one warm-up call; each call
+  gets its own copy of the arrays, so `fn` may donate them) and returns {"wall_s", "idle_s",
+  "kinds": {kind: s}, "ops": [(kind, op name, s)]} in seconds per call."""
+  compiled = fn.lower(*args, **kwargs).compile().as_text()
+  module = re.match(r"HloModule ([\w.\-]+)", compiled).group(1)
+  hlo = _hlo_ops(compiled)
+
+  def call():
+    fresh = jax.block_until_ready(jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*fresh, **kwargs))
+    return time.perf_counter() - start
+
+  call()
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    try:
+      wall = sum(call() for _ in range(calls)) / calls
+    finally:
+      jax.profiler.stop_trace()
+    paths = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+    if not paths:
+      raise RuntimeError(
+          "jax.profiler wrote no perfetto trace (*.trace.json.gz): this JAX cannot profile here."
+      )
+    with gzip.open(paths[-1]) as f:
+      events = json.load(f)["traceEvents"]
+  edges = []  # (time, +1 start / -1 end, op) of this module's ops
+  for e in events:
+    where = e.get("args") or {}
+    if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in hlo:
+      edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
+  if not edges:
+    raise RuntimeError(f"The trace holds no op of {module}.")
+  edges.sort()
+  running = collections.Counter()
+  shared = collections.Counter()
+  last = edges[0][0]
+  for t, change, op in edges:
+    now = [name for name, n in running.items() if n > 0]
+    for name in now:
+      shared[name] += (t - last) / len(now)
+    last = t
+    running[op] += change
+  kinds, ops = collections.Counter(), collections.Counter()
+  for name, us in shared.items():
+    kind, op_name = classify(hlo[name])
+    kinds[kind] += us / 1e6 / calls
+    ops[(kind, op_name)] += us / 1e6 / calls
+  return {
+      "wall_s": wall,
+      "idle_s": max(0.0, wall - sum(kinds.values())),
+      "kinds": dict(kinds.most_common()),
+      "ops": [(kind, name, s) for (kind, name), s in ops.most_common()],
+  }
+
+
+def print_table(table: dict, top: int = 25) -> None:
+  """Prints the kinds, then the `top` ops, in seconds per call and shares of the wall time."""
+  wall = table["wall_s"]
+  print(f"wall {wall:.3f} s per call (no op running: {table['idle_s']:.3f} s)")
+  print(f"{'kind':<28}{'s/call':>9}{'share':>8}")
+  for kind, s in table["kinds"].items():
+    print(f"{kind:<28}{s:>9.3f}{s / wall:>8.1%}")
+  print(f"{'s/call':>9}{'share':>8}  {'kind':<24}op")
+  for kind, name, s in table["ops"][:top]:
+    print(f"{s:>9.3f}{s / wall:>8.1%}  {kind:<24}{name}")
