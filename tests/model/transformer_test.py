@@ -132,6 +132,19 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   # 0.75% here), and not bit-equal, which would mean float32 compute.
   error, scale = float(jnp.max(jnp.abs(out - ref))), float(jnp.max(jnp.abs(ref)))
   assert 0 < error < 0.02 * scale
+  # The linear layers' bfloat16 dots accumulate and return float32 (then cast): XLA:CPU runs
+  # bfloat16 dots on AMX only in that form (5-6x float32 here, README).
+  text = (
+      jax.jit(functools.partial(transformer.forward, config16))
+      .lower(params16, tokens, _positions(B, T))
+      .as_text()
+  )
+  dots = [  # the linear layers' (attention's own dots are batched over heads)
+      line
+      for line in text.splitlines()
+      if "dot_general" in line and "batching_dims" not in line and "bf16" in line.split("->")[0]
+  ]
+  assert len(dots) >= 7 and all(line.rstrip().endswith("f32>") for line in dots), dots
 
 
 @pytest.mark.parametrize("skip_padding", [False, True])

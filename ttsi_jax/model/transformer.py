@@ -240,7 +240,8 @@ class Linear(nn.Module):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
-    y = x @ kernel.astype(self.dtype)
+    # Accumulated and returned in float32, then cast: XLA:CPU runs bfloat16 dots on AMX only so.
+    y = jnp.matmul(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32).astype(self.dtype)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
     if lora is not None:
