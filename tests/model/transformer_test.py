@@ -147,6 +147,27 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   assert len(dots) >= 7 and all(line.rstrip().endswith("f32>") for line in dots), dots
 
 
+def test_bfloat16_matmul_accumulates_in_float32_forward_and_backward():
+  x, w, d_out = (
+      jax.random.normal(key, shape).astype(jnp.bfloat16)
+      for key, shape in zip(jax.random.split(jax.random.key(0), 3), ((2, 8, 64), (64, 32), (2, 8, 32)))
+  )
+  out, vjp = jax.vjp(transformer.matmul_f32_accumulate, x, w)
+  want_out, want_vjp = jax.vjp(lambda x, w: x @ w, *(a.astype(jnp.float32) for a in (x, w)))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(out), want_out, rtol=1e-2, atol=1e-2 * float(jnp.abs(want_out).max()))
+  for got, want, arg in zip(vjp(d_out), want_vjp(d_out.astype(jnp.float32)), (x, w)):
+    assert got.dtype == arg.dtype
+    np.testing.assert_allclose(np.float32(got), want, rtol=1e-2, atol=1e-2 * float(jnp.abs(want).max()))
+  # Every dot, the gradient's too, takes bfloat16 and returns float32 (AMX's form on XLA:CPU).
+  loss = lambda x, w: transformer.matmul_f32_accumulate(x, w).astype(jnp.float32).sum()
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  dots = [line for line in grad.lower(x, w).as_text().splitlines() if "dot_general" in line]
+  assert len(dots) == 3 and all(
+      "bf16" in d.split("->")[0] and d.rstrip().endswith("f32>") for d in dots
+  ), dots
+
+
 @pytest.mark.parametrize("skip_padding", [False, True])
 def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_padding):
   # 512 slots: 4 query chunks, each attending only to the keys up to its end. Sequence 1 is 300
