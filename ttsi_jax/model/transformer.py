@@ -260,7 +260,7 @@ class Linear(nn.Module):
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
     if jnp.dtype(self.dtype) == jnp.float32:
-      y = x @ kernel
+      y = x @ kernel.astype(self.dtype)
     else:  # measured slower for float32 (more elementwise work in the step), so only here
       y = matmul_f32_accumulate(x, kernel.astype(self.dtype))
     if self.use_bias:
