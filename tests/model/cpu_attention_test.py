@@ -70,6 +70,23 @@ def test_fused_attention_equals_masked_softmax_attention_with_gradients(T, N, K,
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_bfloat16_inputs_are_saved_as_they_came_and_get_bfloat16_gradients():
+  segments_BT = jnp.asarray(_segments(130, [(70, 0), (60, 0)]))[None]
+  keys = jax.random.split(jax.random.key(2), 4)
+  q, k, v = (jax.random.normal(key, (1, 130, h, 16)).astype(jnp.bfloat16) for key, h in zip(keys, (4, 2, 2)))
+  cotangent = jax.random.normal(keys[3], (1, 130, 4, 16))
+  attend = lambda q, k, v: cpu_attention.causal_attention(q, k, v, segments_BT)
+  out, vjp = jax.vjp(attend, q, k, v)
+  # The backward pass keeps k and v in bfloat16: no float32 copies of them among the residuals.
+  assert not [r for r in jax.tree.leaves(vjp) if r.shape == k.shape and r.dtype == jnp.float32]
+  grads = vjp(cotangent)
+  assert out.dtype == jnp.float32 and all(g.dtype == jnp.bfloat16 for g in grads)
+  want_out, want_vjp = jax.vjp(attend, *(a.astype(jnp.float32) for a in (q, k, v)))
+  np.testing.assert_array_equal(out, want_out)  # the same float32 values reach the kernel
+  for got, want in zip(grads, want_vjp(cotangent)):
+    np.testing.assert_allclose(np.float32(got), want, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(want))))
+
+
 def test_fused_attention_maps_over_leading_axes():
   q, k, v = (jax.random.normal(key, (3, 1, 100, 4, 16)) for key in jax.random.split(jax.random.key(1), 3))
   segments = jnp.asarray(np.stack([_segments(100, [(n, 0)]) for n in (100, 50, 7)]))[:, None]

@@ -59,3 +59,24 @@ def test_tokens_that_are_not_whole_blocks_are_refused():
 
 def test_widths_the_kernels_do_not_take_are_reported():
   assert cpu_lora.supports(576, 1536) and not cpu_lora.supports(576, 100)
+
+
+def test_bfloat16_activations_are_saved_as_they_came_and_get_bfloat16_gradients():
+  block_adapter = jnp.asarray([[0, 1, 1, -1]], jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 5)
+  y = jax.random.normal(keys[0], (1, 4 * Z, 80))
+  x = jax.random.normal(keys[1], (1, 4 * Z, 48)).astype(jnp.bfloat16)
+  a, b = jax.random.normal(keys[2], (2, 48, 8)), jax.random.normal(keys[3], (2, 8, 80))
+  dout = jax.random.normal(keys[4], (1, 4 * Z, 80))
+  add = lambda y, x, a, b: cpu_lora.add_lora(y, x, a, b, 2.0, block_adapter)
+  out, vjp = jax.vjp(add, y, x, a, b)
+  # The backward pass keeps x in bfloat16: no float32 copy of it among the residuals.
+  assert not [r for r in jax.tree.leaves(vjp) if r.shape == x.shape and r.dtype == jnp.float32]
+  grads = vjp(dout)
+  assert out.dtype == jnp.float32 and [g.dtype for g in grads] == [y.dtype, x.dtype, a.dtype, b.dtype]
+  want_out, want_vjp = jax.vjp(add, y, x.astype(jnp.float32), a, b)
+  np.testing.assert_array_equal(out, want_out)  # x is exact in float32: the same products
+  for name, got, want in zip(("dy", "dx", "da", "db"), grads, want_vjp(dout)):
+    np.testing.assert_allclose(
+        np.float32(got), want, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(want))), err_msg=name
+    )

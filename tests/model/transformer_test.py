@@ -4,6 +4,7 @@ import contextlib
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -154,18 +155,46 @@ def test_bfloat16_matmul_accumulates_in_float32_forward_and_backward():
   )
   out, vjp = jax.vjp(transformer.matmul_f32_accumulate, x, w)
   want_out, want_vjp = jax.vjp(lambda x, w: x @ w, *(a.astype(jnp.float32) for a in (x, w)))
-  assert out.dtype == jnp.bfloat16
+  assert out.dtype == jnp.float32
   np.testing.assert_allclose(np.float32(out), want_out, rtol=1e-2, atol=1e-2 * float(jnp.abs(want_out).max()))
-  for got, want, arg in zip(vjp(d_out), want_vjp(d_out.astype(jnp.float32)), (x, w)):
+  for got, want, arg in zip(vjp(d_out.astype(jnp.float32)), want_vjp(d_out.astype(jnp.float32)), (x, w)):
     assert got.dtype == arg.dtype
     np.testing.assert_allclose(np.float32(got), want, rtol=1e-2, atol=1e-2 * float(jnp.abs(want).max()))
   # Every dot, the gradient's too, takes bfloat16 and returns float32 (AMX's form on XLA:CPU).
-  loss = lambda x, w: transformer.matmul_f32_accumulate(x, w).astype(jnp.float32).sum()
+  loss = lambda x, w: transformer.matmul_f32_accumulate(x, w).sum()
   grad = jax.jit(jax.value_and_grad(loss, (0, 1)))
   dots = [line for line in grad.lower(x, w).as_text().splitlines() if "dot_general" in line]
   assert len(dots) == 3 and all(
       "bf16" in d.split("->")[0] and d.rstrip().endswith("f32>") for d in dots
   ), dots
+
+
+def test_bfloat16_values_saved_for_the_backward_pass_are_kept_as_bits_and_not_recomputed():
+  L, T, D = 3, 64, 32
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(keys[0], (T, D)).astype(jnp.bfloat16)
+  ws = (jax.random.normal(keys[1], (L, D, D)) * D**-0.5).astype(jnp.bfloat16)
+
+  def loss(save, x, ws):  # a layer scan under the model's remat policy
+    def layer(x, w):
+      h = save(transformer.matmul_f32_accumulate(x, w).astype(jnp.bfloat16))
+      return jnp.tanh(h) * h, None
+
+    y, _ = jax.lax.scan(jax.checkpoint(layer, policy=transformer.SAVED_ONLY, prevent_cse=False), x, ws)
+    return y.astype(jnp.float32).sum()
+
+  named = lambda h: checkpoint_name(h, "saved")
+  grads = {
+      save: jax.jit(jax.grad(functools.partial(loss, save), (0, 1))) for save in (transformer.saved, named)
+  }
+  for got, want in zip(grads[transformer.saved](x, ws), grads[named](x, ws)):
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+  lowered = {save: grad.lower(x, ws).as_text() for save, grad in grads.items()}
+  # The scan stacks the saved values as 16-bit integers (XLA:CPU writes those in place) ...
+  assert f"tensor<{L}x{T}x{D}xui16>" in lowered[transformer.saved]
+  # ... and the backward pass reads them back instead of running the layer's matmul again.
+  count = lambda text: text.count("stablehlo.dot_general")
+  assert count(lowered[transformer.saved]) == count(lowered[named])
 
 
 @pytest.mark.parametrize("skip_padding", [False, True])

@@ -12,6 +12,10 @@ def supports(head_dim: int) -> bool:
   return head_dim % 16 == 0
 
 
+def _f32(*arrays):
+  return tuple(x.astype(jnp.float32) for x in arrays)
+
+
 def _forward_call(q, k, v, segments):
   cpu_kernels.require()
   lead, (T, N) = q.shape[:-3], q.shape[-3:-1]
@@ -19,14 +23,18 @@ def _forward_call(q, k, v, segments):
       "ttsi_attention_forward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(lead + (N, T), jnp.float32)),
       vmap_method="broadcast_all",
-  )(q, k, v, segments)
+  )(*_f32(q, k, v), segments)
 
 
 @jax.custom_vjp
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT):
-  """Softmax attention of each token to the earlier tokens of its own segment (float32):
-  query i sees key j when j <= i and segments[j] == segments[i] >= 0; -1 marks padding (its
-  output is 0). Segments are contiguous runs, as packed training rows hold them."""
+  """Softmax attention of each token to the earlier tokens of its own segment, computed and returned
+  in float32: query i sees key j when j <= i and segments[j] == segments[i] >= 0; -1 marks padding
+  (its output is 0). Segments are contiguous runs, as packed training rows hold them.
+
+  q, k and v may come in any float dtype: they are converted at the kernel's call, so that the
+  backward pass saves them as they came (float32 copies of bfloat16 ones cost the layer scan
+  whole-stack conversions)."""
   return _forward_call(q_BTNH, k_BTKH, v_BTKH, segments_BT)[0]
 
 
@@ -44,8 +52,8 @@ def _bwd(residuals, dout):
       "ttsi_attention_backward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32),) + (jax.ShapeDtypeStruct(k.shape, jnp.float32),) * 2,
       vmap_method="broadcast_all",
-  )(q, k, v, segments, out, lse, dout.astype(jnp.float32))
-  return dq, dk, dv, None
+  )(*_f32(q, k, v), segments, out, lse, dout.astype(jnp.float32))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 causal_attention.defvjp(_fwd, _bwd)

@@ -5,9 +5,11 @@ Each block of Z tokens goes through its own adapter. `narrow` (x [.., T, K] agai
 -> [.., T, R]) and `wide` (h [.., T, R] times w [A, R, N], -> [.., T, N]) are each other's input
 gradients; `outer` (the sum of h^T y over each adapter's tokens, -> [A, R, N]) is the weight
 gradient of both. A block whose adapter index is -1 gives zeros.
-"""
 
-import functools
+The kernels compute in float32. The ops take activations in any float dtype and convert them at
+the call, so that the backward pass saves them as they came (bfloat16 stays bfloat16): a float32
+copy saved in the layer scan cost bfloat16 training whole-stack conversions, about 2 s a step.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,10 @@ def supports(*widths: int) -> bool:
   return all(width % VECTOR == 0 for width in widths)
 
 
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
 def _call(target, shape, *args):
   cpu_kernels.require()
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(*args)
@@ -29,43 +35,47 @@ def _call(target, shape, *args):
 
 def _outer(h, y, block_adapter, num_adapters):
   R, N = h.shape[-1], y.shape[-1]
-  return _call("ttsi_lora_outer", (num_adapters, R, N), h, y, block_adapter)
+  return _call("ttsi_lora_outer", (num_adapters, R, N), _f32(h), _f32(y), block_adapter)
 
 
 @jax.custom_vjp
 def narrow(x_BTK, w_ARK, block_adapter_BX):
-  """out[t, r] = x[t] . w[a, r] with a the adapter of token t's block."""
-  return _call("ttsi_lora_narrow", x_BTK.shape[:-1] + w_ARK.shape[1:2], x_BTK, w_ARK, block_adapter_BX)
+  """out[t, r] = x[t] . w[a, r] with a the adapter of token t's block (float32)."""
+  shape = x_BTK.shape[:-1] + w_ARK.shape[1:2]
+  return _call("ttsi_lora_narrow", shape, _f32(x_BTK), _f32(w_ARK), block_adapter_BX)
 
 
 @jax.custom_vjp
 def wide(h_BTR, w_ARN, block_adapter_BX):
-  """out[t] = h[t] @ w[a] with a the adapter of token t's block."""
-  return _call("ttsi_lora_wide", h_BTR.shape[:-1] + w_ARN.shape[2:], h_BTR, w_ARN, block_adapter_BX)
+  """out[t] = h[t] @ w[a] with a the adapter of token t's block (float32)."""
+  shape = h_BTR.shape[:-1] + w_ARN.shape[2:]
+  return _call("ttsi_lora_wide", shape, _f32(h_BTR), _f32(w_ARN), block_adapter_BX)
 
 
 def _narrow_bwd(residuals, dout_BTR):
   x_BTK, w_ARK, block_adapter_BX = residuals
-  dx = wide(dout_BTR, w_ARK, block_adapter_BX)
-  return dx, _outer(dout_BTR, x_BTK, block_adapter_BX, w_ARK.shape[0]), None
+  dx = wide(dout_BTR, w_ARK, block_adapter_BX).astype(x_BTK.dtype)
+  dw = _outer(dout_BTR, x_BTK, block_adapter_BX, w_ARK.shape[0]).astype(w_ARK.dtype)
+  return dx, dw, None
 
 
 def _wide_bwd(residuals, dout_BTN):
   h_BTR, w_ARN, block_adapter_BX = residuals
-  dh = narrow(dout_BTN, w_ARN, block_adapter_BX)
-  return dh, _outer(h_BTR, dout_BTN, block_adapter_BX, w_ARN.shape[0]), None
+  dh = narrow(dout_BTN, w_ARN, block_adapter_BX).astype(h_BTR.dtype)
+  dw = _outer(h_BTR, dout_BTN, block_adapter_BX, w_ARN.shape[0]).astype(w_ARN.dtype)
+  return dh, dw, None
 
 
 @jax.custom_vjp
 def wide_add(y_BTN, h_BTR, w_ARN, block_adapter_BX):
-  """y + wide(h, w), added in y's buffer (no [T, N] delta written and read again)."""
+  """y + wide(h, w) for a float32 y, added in y's buffer (no [T, N] delta written and read again)."""
   cpu_kernels.require()
   return jax.ffi.ffi_call(
       "ttsi_lora_wide_add",
       jax.ShapeDtypeStruct(y_BTN.shape, jnp.float32),
       vmap_method="sequential",
       input_output_aliases={0: 0},
-  )(y_BTN, h_BTR, w_ARN, block_adapter_BX)
+  )(y_BTN, _f32(h_BTR), _f32(w_ARN), block_adapter_BX)
 
 
 def _wide_add_bwd(residuals, dout_BTN):
@@ -78,7 +88,7 @@ wide_add.defvjp(lambda y, *args: (wide_add(y, *args), args), _wide_add_bwd)
 
 
 def add_lora(y_BTN, x_BTK, a_AKR, b_ARN, scale, block_adapter_BX):
-  """y + scale x (a_g) (b_g) per block g, in float32; the scale is applied to the rank-R product."""
-  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-  xa_BTR = narrow(f32(x_BTK), jnp.swapaxes(f32(a_AKR), 1, 2), block_adapter_BX) * scale
-  return wide_add(f32(y_BTN), xa_BTR, f32(b_ARN), block_adapter_BX).astype(y_BTN.dtype)
+  """y + scale x (a_g) (b_g) per block g, in float32 (returned so: the caller casts once); the scale
+  is applied to the rank-R product."""
+  xa_BTR = narrow(x_BTK, jnp.swapaxes(a_AKR, 1, 2), block_adapter_BX) * scale
+  return wide_add(_f32(y_BTN), xa_BTR, b_ARN, block_adapter_BX)

@@ -228,10 +228,11 @@ class RMSNorm(nn.Module):
 
 @jax.custom_vjp
 def matmul_f32_accumulate(x, w):
-  """x @ w accumulated and returned in float32, then cast to x's dtype, in the backward pass too:
-  XLA:CPU runs bfloat16 dots on AMX (5-6x float32) only in that form (bfloat16 in and out: 234-320
-  GFLOP/s here), and autodiff would feed the float32 product's cotangent into a float32 dot."""
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  """x @ w accumulated and returned in float32, and in the backward pass the gradients' dots too
+  (cast to x's and w's dtypes): XLA:CPU runs bfloat16 dots on AMX (5-6x float32) only in that form
+  (bfloat16 in and out: 234-320 GFLOP/s here), and autodiff would feed the float32 product's
+  cotangent into a float32 dot. The caller adds the LoRA branch to the float32 product, then casts."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
 
 
 def _matmul_f32_accumulate_bwd(residuals, d_out):
@@ -261,10 +262,13 @@ class Linear(nn.Module):
     )
     if jnp.dtype(self.dtype) == jnp.float32:
       y = x @ kernel.astype(self.dtype)
-    else:  # measured slower for float32 (more elementwise work in the step), so only here
+    else:  # float32 out; measured slower for float32 models (more elementwise work), so only here
       y = matmul_f32_accumulate(x, kernel.astype(self.dtype))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
+    return self._add_lora(y, x, lora, lora_hp, adapter_BXA).astype(self.dtype)
+
+  def _add_lora(self, y, x, lora, lora_hp, adapter_BXA):
     if lora is not None:
       scale, rate = lora_hp
       if self.has_rng("dropout"):
@@ -393,8 +397,7 @@ def packed_lora_kernel(in_features: int, out_features: int) -> bool:
 
 def _fused_attend(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
   """The fused CPU kernel (float32) on rows of segments; [B, T, N x H] in q's dtype."""
-  f32 = lambda x: x.astype(jnp.float32)
-  out_BTNH = cpu_attention.causal_attention(f32(q_BTNH), f32(k_BTKH), f32(v_BTKH), segments_BT)
+  out_BTNH = cpu_attention.causal_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT)
   return out_BTNH.reshape(q_BTNH.shape[:2] + (-1,)).astype(q_BTNH.dtype)
 
 
@@ -420,9 +423,9 @@ class Attention(nn.Module):
       q_BTNH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="q_norm")(q_BTNH)
       k_BTKH = RMSNorm(c.rms_norm_eps, c.param_dtype, name="k_norm")(k_BTKH)
     inv_freq = rope_inv_freq(c)
-    q_BTNH = checkpoint_name(apply_rope(q_BTNH, positions_BT, inv_freq), "saved")
-    k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "saved")
-    v_BTKH = checkpoint_name(v_BTKH, "saved")
+    q_BTNH = saved(apply_rope(q_BTNH, positions_BT, inv_freq))
+    k_BTKH = saved(apply_rope(k_BTKH, positions_BT, inv_freq))
+    v_BTKH = saved(v_BTKH)
     skip_padding = jax.default_backend() == "cpu"
     if packing is not None and fused_cpu_attention(c):  # on the rows, each sequence to itself
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))
@@ -437,7 +440,7 @@ class Attention(nn.Module):
               seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), mask_BTS, skip_padding=skip_padding and several
           )
       )
-      out_BTD = checkpoint_name(out_BTD, "saved")  # the fused kernel names its own
+      out_BTD = saved(out_BTD)  # the fused kernel saves its own
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
@@ -480,8 +483,8 @@ class MLP(nn.Module):
     dense = lambda n, f: functools.partial(
         Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA
     )
-    gate = checkpoint_name(dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp), "saved")
-    up = checkpoint_name(dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp), "saved")
+    gate = saved(dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp))
+    up = saved(dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp))
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
 
 
@@ -500,7 +503,7 @@ class Block(nn.Module):
     h, new_kv = Attention(c, self.prefill, name="attn")(
         h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing, prompts
     )
-    x_BTD = checkpoint_name(x_BTD + h, "saved")
+    x_BTD = saved(x_BTD + h)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(
         h, _sub(lora, "mlp"), lora_hp, None if packing is None else packing.adapter_BXA
@@ -508,6 +511,32 @@ class Block(nn.Module):
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
+
+
+def _through_bits(x):
+  bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), "saved")
+  return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@jax.custom_jvp
+def _saved_as_bits(x):
+  return _through_bits(x)
+
+
+@_saved_as_bits.defjvp
+def _saved_as_bits_jvp(primals, tangents):
+  # The primal inline, not a nested custom_jvp call: the remat policy sees only top-level names.
+  return _through_bits(primals[0]), tangents[0]
+
+
+def saved(x):
+  """x, named for the remat policy SAVED_ONLY to keep for the backward pass. A 16-bit float is kept
+  as its bits: XLA:CPU writes a bfloat16 array into the layer scan's stack of saved values by
+  converting the whole stack to float32 and back (its float normalization; 0.9 s of a 6 s
+  bfloat16 step), an integer one in place."""
+  if x.dtype in (jnp.bfloat16, jnp.float16):
+    return _saved_as_bits(x)
+  return checkpoint_name(x, "saved")
 
 
 # Without remat, the backward pass keeps only the values named "saved" (the matmul outputs it needs:
