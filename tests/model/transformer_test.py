@@ -120,8 +120,9 @@ def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
   assert float(jnp.max(jnp.abs(changed - base))) > 1e-3
 
 
-def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
-  folder, _ = hf_checkpoints["llama"]
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # separate and tied output embeddings
+def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints, arch):
+  folder, _ = hf_checkpoints[arch]
   config, params = hf.load(folder)
   config16, params16 = hf.load(folder, dtype="bfloat16")
   assert params16["embedding"].dtype == jnp.bfloat16
@@ -133,6 +134,9 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints):
   # 0.75% here), and not bit-equal, which would mean float32 compute.
   error, scale = float(jnp.max(jnp.abs(out - ref))), float(jnp.max(jnp.abs(ref)))
   assert 0 < error < 0.02 * scale
+  # The logits themselves come out of a float32 accumulation, not rounded to bfloat16 (which would
+  # move candidate log-likelihoods, and so the margins, by tenths).
+  assert bool(jnp.any(out.astype(jnp.bfloat16).astype(jnp.float32) != out))
   # The linear layers' bfloat16 dots accumulate and return float32 (then cast): XLA:CPU runs
   # bfloat16 dots on AMX only in that form (5-6x float32 here, README).
   text = (

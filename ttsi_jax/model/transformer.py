@@ -254,6 +254,7 @@ class Linear(nn.Module):
   use_bias: bool
   dtype: str
   param_dtype: str
+  out_dtype: str | None = None  # None: the compute dtype
 
   @nn.compact
   def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None):
@@ -266,7 +267,7 @@ class Linear(nn.Module):
       y = matmul_f32_accumulate(x, kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
-    return self._add_lora(y, x, lora, lora_hp, adapter_BXA).astype(self.dtype)
+    return self._add_lora(y, x, lora, lora_hp, adapter_BXA).astype(self.out_dtype or self.dtype)
 
   def _add_lora(self, y, x, lora, lora_hp, adapter_BXA):
     if lora is not None:
@@ -625,10 +626,14 @@ class Transformer(nn.Module):
     if select_BI is not None:  # only the positions whose logits are needed (saves the V-sized head)
       x_BTD = jnp.take_along_axis(x_BTD, select_BI[..., None], axis=1)
     x_BTD = RMSNorm(c.rms_norm_eps, c.param_dtype, name="norm")(x_BTD)
-    if c.tie_embeddings:
+    # Logits in float32 whatever the compute dtype: bfloat16 logits (3 significant digits) would
+    # shift candidate log-likelihoods, and so the margins, by tenths.
+    if not c.tie_embeddings:
+      logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, "float32", name="lm_head")(x_BTD)
+    elif jnp.dtype(c.dtype) == jnp.float32:
       logits_BTV = x_BTD @ embedding_VD.astype(c.dtype).T
     else:
-      logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, name="lm_head")(x_BTD)
+      logits_BTV = matmul_f32_accumulate(x_BTD, embedding_VD.astype(c.dtype).T)
     new_cache = None
     if cache is not None:
       filled = T if prompts is None else prompts.to_cache_BP.shape[1]
