@@ -81,9 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.weight_decay = 0.0
   config.adaptation.max_grad_norm = 1.0
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
-  # time on CPU, where the longer packed rows measure no faster per adapter (README). Results do not
-  # depend on it; a smaller number also bounds a step's memory.
+  # time on CPU, where the packed call measures 3-4% slower per adapter (README). Results do not
+  # depend on it.
   config.adaptation.adapters_per_call = 0
+  # Tokens per microbatch of a step's packed rows: the microbatches run one after another inside
+  # the step, their gradients summed, so a step keeps one microbatch's activations. 0 = auto: as
+  # many as keep them under a quarter of the device's memory (all of a step's tokens at once,
+  # unless that would not fit), so that remat is the last resort. Results do not depend on it.
+  config.adaptation.row_tokens = 0
   # Recompute each layer in the backward pass: "auto" does when the activations a step keeps would
   # pass a quarter of the device's memory (ttsi_jax.ttsi.adaptation.activation_bytes), else never.
   config.adaptation.remat = "auto"

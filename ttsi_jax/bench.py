@@ -203,8 +203,8 @@ def bench_adapt(config) -> dict:
       for ex in examples
   ]
   keys = jax.random.split(jax.random.key(0), len(data))
-  cfg = exp.adapt_cfg
   trainer = exp.trainer
+  cfg = trainer.cfg  # row_tokens resolved
   steps_per_adapter = cfg.epochs * math.ceil(max(map(len, data)) / cfg.batch_size)
   sequences = [(len(p) + len(a), len(a)) for ex in data for p, a in ex] * cfg.epochs
   tokens = sum(n for n, _ in sequences)
@@ -213,8 +213,8 @@ def bench_adapt(config) -> dict:
   # The packed rows hold exactly these token ids (asserted, then handed to PEFT as they are).
   packed = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
   for a, ((prompt, answer),) in enumerate(data):
-    row = packed.tokens_BT[0][np.repeat(packed.adapter_BXA[0, :, a], adaptation.BLOCK)]
-    assert row[: len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
+    ids = packed.tokens_MBT[np.repeat(packed.adapter_MBXA[..., a], adaptation.BLOCK, axis=-1)]
+    assert ids[: len(prompt) + len(answer)].tolist() == prompt + answer, "token ids differ"
 
   def ours(per_call):
     return lambda: jax.block_until_ready(
@@ -257,6 +257,7 @@ def bench_adapt(config) -> dict:
         adapters,
         opt_states,
         *step.rows(),
+        np.int32(step.microbatches),
         step.learning_rate_A,
         step.active_A,
         keys[0],

@@ -80,6 +80,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adaptation.weight_decay": _range(0),
     "adaptation.max_grad_norm": _range(0, low_open=True),
     "adaptation.adapters_per_call": _range(0, integer=True, note="0 = auto"),
+    "adaptation.row_tokens": _range(0, integer=True, note="0 = auto"),
     "adaptation.remat": _one_of("auto", "on", "off"),
     "teacher.kind": _one_of("", "local", "endpoint"),
     "teacher.timeout_s": _range(0, low_open=True),

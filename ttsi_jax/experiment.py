@@ -49,10 +49,12 @@ TASKS = ("bfcl", "tfds")  # BFCL from its files; any dataset of ttsi_jax.tasks.d
 STAGES = ("H", "base", "G", "T", "adapted", "check")
 SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter, trained once
 # Config fields a run may resume under other values of (e.g. on another machine): they change its
-# speed (adapters_per_call, remat and mesh_shape only reorder float sums: results agree to ~1e-5),
+# speed (adapters_per_call, row_tokens, remat and mesh_shape only reorder float sums: results agree
+# to ~1e-5),
 # what it saves besides the results, or only `generate` (sampling.*), not what the run computes.
 RESUME_MAY_CHANGE = (
     "adaptation.adapters_per_call",
+    "adaptation.row_tokens",
     "adaptation.remat",
     "mesh_shape",
     "keep_adapters",
@@ -188,12 +190,15 @@ class Experiment:
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
     self.adapt_cfg = config_schema.build(
-        adaptation.AdaptConfig, a, targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")
+        adaptation.AdaptConfig,
+        a,
+        targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target"),
+        row_tokens=a.get("row_tokens", 0),
     )
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
-    # where a longer packed row leaves the caches and measured slower per adapter (README).
+    # where the packed call measured 3-4% slower per adapter (README).
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
   def _make_teacher(self):
@@ -223,7 +228,7 @@ class Experiment:
         "adaptation": {
             k: v
             for k, v in c["adaptation"].items()
-            if k not in ("learning_rate", "epochs", "batch_size", "adapters_per_call", "remat")
+            if k not in ("learning_rate", "epochs", "batch_size", "adapters_per_call", "row_tokens", "remat")
         },
     }
 

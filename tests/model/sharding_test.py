@@ -115,13 +115,15 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
   assert sharded_samples == samples
 
   # Packed training: each step's rows split over data x fsdp (8 rows, one per device), for a
-  # wave of adapters and for a single adapter's batch (the sft baseline) alike.
+  # wave of adapters and for a single adapter's batch (the sft baseline) alike, the latter in
+  # microbatches of a 64-token block per row (2 microbatches of 8 rows on the mesh, 16 of one row
+  # on one device).
   keys_A = jax.random.split(jax.random.key(1), 3)
   for cfg, examples in (
       (adaptation.AdaptConfig(learning_rate=1e-3, epochs=2), [[(p, [3, 4])] for p in prompts[:3]]),
       (
-          adaptation.AdaptConfig(learning_rate=1e-3, epochs=1, batch_size=8),
-          [[(p, [3, 4]) for p in prompts + prompts[:2]]],
+          adaptation.AdaptConfig(learning_rate=1e-3, epochs=1, batch_size=16, row_tokens=64),
+          [[(p, [3, 4]) for p in 2 * prompts + prompts[:4]]],
       ),
   ):
     trainer = adaptation.Trainer(config, cfg)
@@ -133,8 +135,9 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     keys = keys_A[: len(examples)]
     want, want_losses = trainer.train_all(params, examples, 0, keys)
     got, losses = trainer.train_all(sharded, examples, 0, keys)
-    assert specs[0][0] is None and specs[0][1][0] == 1  # one device: one row
-    assert specs[-1][0].spec == P(("data", "fsdp"), None) and specs[-1][1][0] == 8
+    one_device, mesh = (16, 2) if cfg.row_tokens else (1, 1)  # microbatches
+    assert specs[0][0] is None and specs[0][1][:2] == (one_device, 1)
+    assert specs[-1][0].spec == P(None, ("data", "fsdp"), None) and specs[-1][1][:2] == (mesh, 8)
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
     for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

@@ -87,7 +87,7 @@ def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, wi
   config, params = model
   trainer = adaptation.Trainer(config, cfg)
   steps = adaptation.make_steps(cfg, examples, 0, 4, block=16)
-  assert steps[0].tokens_BT.shape[0] == 1 and steps[0].adapter_BXA[0].any(0).all()  # one row
+  assert steps[0].tokens_MBT.shape[:2] == (1, 1) and steps[0].adapter_MBXA[0, 0].any(0).all()  # one row
   with contextlib.nullcontext() if with_cpu_kernels else cpu_kernels.xla_ops():
     together, losses = trainer.train(params, steps, rngs)
   num_steps = [cfg.epochs * -(-len(ex) // batch_size) for ex in examples]
@@ -97,6 +97,28 @@ def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, wi
     alone = _reference(model, examples[a], rngs[a], cfg)
     for got, want in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
       np.testing.assert_allclose(np.asarray(got[a]), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_microbatched_steps_train_as_one_row_does(model):
+  """Rows of about `row_tokens` run one after another in the step, gradients summed; steps with
+  fewer microbatches than the call's M skip the padding ones. Batches of 2: an adapter's batch can
+  span microbatches, and its loss is still the mean over the whole batch."""
+  cfg = AdaptConfig(**{**CFG.__dict__, "learning_rate": 1e-3, "epochs": 2, "batch_size": 2})
+  examples = [_examples(0, 1), _examples(1, 3, 20, 40), _examples(2, 2), _examples(3, 1, 30, 31)]
+  rngs = jax.random.split(jax.random.key(0), 4)
+  config, params = model
+  one_row = adaptation.make_steps(cfg, examples, 0, 4, block=16)
+  split_cfg = AdaptConfig(**{**cfg.__dict__, "row_tokens": 32})
+  split = adaptation.make_steps(split_cfg, examples, 0, 4, block=16)
+  counts = [s.microbatches for s in split]
+  assert max(counts) > 1 and min(counts) < max(counts), counts
+  slots = max(s.select_MBI.shape[2] for s in split)
+  split = [adaptation.pad_step(s, max(counts) + 1, slots) for s in split]  # every step pads some
+  want, want_losses = adaptation.Trainer(config, cfg).train(params, one_row, rngs)
+  got, losses = adaptation.Trainer(config, split_cfg).train(params, split, rngs)
+  np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
 
 
 def test_packing_keeps_each_sequence_to_its_own_blocks():
@@ -223,23 +245,29 @@ def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(mode
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6, rtol=0)
 
 
-def test_remat_auto_follows_the_steps_activation_memory(model, monkeypatch):
+def test_auto_microbatches_fit_the_memory_budget_and_remat_is_the_last_resort(model, monkeypatch):
   config, _ = model
-  trainer = adaptation.Trainer(config, CFG)
-  step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
-  need = adaptation.activation_bytes(config, step)
-  monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: 100 * need)
-  assert not trainer.remat_for(step)
-  monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: 2 * need)
-  assert trainer.remat_for(step)
+  examples = [_examples(s, 1, 30, 50) for s in range(4)]  # one 64-token block each
+  per_token = adaptation.activation_bytes_per_token(config)
+  # (tokens a step may keep, microbatches, remat): the budget is a quarter of the memory.
+  for budget, microbatches, remat in ((1000, 1, False), (128, 2, False), (32, 4, True)):
+    memory = int(budget * per_token / adaptation.REMAT_MEMORY_FRACTION)
+    monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: memory)
+    trainer = adaptation.Trainer(config, CFG)  # row_tokens 0: auto
+    step = adaptation.make_steps(trainer.cfg, examples, 0, 4)[0]
+    assert step.microbatches == microbatches and trainer.remat_for(step) == remat, budget
   with pytest.raises(ValueError, match="adaptation.remat"):
     adaptation.Trainer(config, AdaptConfig(remat="sometimes"))
 
 
 def _packed_step_args(step):
-  packing = transformer.Packing(step.adapter_BXA, step.seq_blocks_BUW, step.block_slots_BX)
-  rows = (step.tokens_BT, step.positions_BT, step.select_BI, step.targets_BI, step.weights_BI)
-  return packing, rows + (step.answer_adapter_BI,)
+  """The packing and rows of the step's single microbatch, and its answer tokens per adapter."""
+  assert step.tokens_MBT.shape[0] == 1
+  packing = transformer.Packing(step.adapter_MBXA[0], step.seq_blocks_MBUW[0], step.block_slots_MBX[0])
+  rows = (step.tokens_MBT, step.positions_MBT, step.select_MBI, step.targets_MBI, step.weights_MBI)
+  A = step.adapter_MBXA.shape[-1]
+  answer_tokens_A = np.bincount(step.answer_adapter_MBI.ravel(), step.weights_MBI.ravel(), minlength=A)
+  return packing, tuple(x[0] for x in rows) + (step.answer_adapter_MBI[0], answer_tokens_A)
 
 
 def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
@@ -251,7 +279,7 @@ def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
   loss = lambda ad: trainer.packed_loss(params, ad, packing, *rows, None, remat=False)[0]
   print_saved_residuals(loss, adapters)
   # The layer scan's stacked activations: [L, B, ...] arrays with a T axis.
-  (B, T), kept = step.tokens_BT.shape, 0
+  (B, T), kept = step.tokens_MBT.shape[1:], 0
   out = capsys.readouterr().out
   for line in out.splitlines():
     array = re.match(r"f(\d+)\[([\d,]+)\]", line)  # e.g. f32[2,1,128,64] output of scan ...
@@ -271,6 +299,7 @@ def _compiled_step(model, remat):
       adapters,
       opt_states,
       *step.rows(),
+      np.int32(step.microbatches),
       step.learning_rate_A,
       step.active_A,
       jax.random.key(0),

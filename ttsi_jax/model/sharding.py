@@ -108,9 +108,11 @@ def params_sharding(mesh: Mesh, params) -> dict:
   )
 
 
-def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """Leading axis over (data, fsdp); the rest replicated."""
-  return NamedSharding(mesh, logical_to_spec(mesh, ("batch",) + ("seq",) * (len(shape) - 1), shape))
+def batch_sharding(mesh: Mesh, shape: Sequence[int], row_axis: int = 0) -> NamedSharding:
+  """Axis `row_axis` over (data, fsdp); the rest replicated."""
+  logical = ["seq"] * len(shape)
+  logical[row_axis] = "batch"
+  return NamedSharding(mesh, logical_to_spec(mesh, logical, shape))
 
 
 def mesh_of(params) -> Optional[Mesh]:
@@ -127,12 +129,13 @@ def fill_batch_shards(mesh: Optional[Mesh], size: int) -> int:
   return -(-size // shards) * shards
 
 
-def shard_rows(mesh: Optional[Mesh], *arrays):
-  """Arrays whose leading axis is the batch (or packed training rows), placed over the mesh's batch axes
-  (data, fsdp): each device group computes its own rows. Without a mesh they stay as they are."""
+def shard_rows(mesh: Optional[Mesh], *arrays, row_axis: int = 0):
+  """Arrays whose axis `row_axis` is the batch (or packed training rows), placed over the mesh's
+  batch axes (data, fsdp): each device group computes its own rows. Without a mesh they stay as
+  they are."""
   if mesh is None or mesh.size == 1:
     return arrays
-  return tuple(jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays)
+  return tuple(jax.device_put(x, batch_sharding(mesh, x.shape, row_axis)) for x in arrays)
 
 
 def cache_sharding(mesh: Mesh, cache):

@@ -9,6 +9,10 @@ and its own warmup-cosine schedule; an adapter whose data ran out is left out of
 kept unchanged, so training A adapters together equals training each alone.
 Loss: each adapter's mean cross-entropy on its answer tokens only; the step minimises their sum,
 whose gradient for each adapter is that adapter's own.
+A step's rows are split into M microbatches of up to `row_tokens` tokens that run one after another
+inside the jitted step, their gradients summed (gradient accumulation): the step keeps one
+microbatch's activations, so a wave too large for the device's memory needs no remat (a third more
+FLOPs) unless a single microbatch does not fit; padding microbatches are not run.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from ttsi_jax.text.sampler import bucket
 # Tokens per packed block: a sequence pads only its last block; attention and the LoRA branch work
 # block by block. Other sizes have not been measured yet.
 BLOCK = 64
-# Remat (recompute each layer in the backward pass) when the activations a step would keep exceed
-# this fraction of the device's memory ("auto").
+# The activations a step may keep, as a fraction of the device's memory: `row_tokens` = 0 (auto)
+# sizes microbatches to it, and remat = "auto" recomputes each layer in the backward pass only
+# when one microbatch would still keep more.
 REMAT_MEMORY_FRACTION = 0.25
 
 
@@ -51,6 +56,7 @@ class AdaptConfig:
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0
   remat: str = "auto"  # "auto" (by the step's activation memory), "on" or "off"
+  row_tokens: int = 0  # tokens per microbatch of packed rows; 0: what fits REMAT_MEMORY_FRACTION
 
 
 def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
@@ -69,33 +75,35 @@ def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PackedStep:
-  """One training step of A adapters as B packed rows of X blocks (T = X x BLOCK tokens), with
-  I answer tokens per row; attention sees up to U sequences per row of up to W blocks each."""
+  """One training step of A adapters as M microbatches of B packed rows of X blocks each
+  (T = X x BLOCK tokens), with I answer tokens per row; attention sees up to U sequences per row of
+  up to W blocks each. The first `microbatches` of the M hold the data, the rest are padding."""
 
-  tokens_BT: np.ndarray
-  positions_BT: np.ndarray  # -1 = padding
-  adapter_BXA: np.ndarray  # bool, one-hot adapter of each block
-  select_BI: np.ndarray  # indices whose logits predict the answer tokens
-  targets_BI: np.ndarray
-  weights_BI: np.ndarray  # 1 for answer tokens, 0 for padding
-  answer_adapter_BI: np.ndarray  # the adapter each answer token's loss belongs to
+  tokens_MBT: np.ndarray
+  positions_MBT: np.ndarray  # -1 = padding
+  adapter_MBXA: np.ndarray  # bool, one-hot adapter of each block
+  select_MBI: np.ndarray  # indices whose logits predict the answer tokens
+  targets_MBI: np.ndarray
+  weights_MBI: np.ndarray  # 1 for answer tokens, 0 for padding
+  answer_adapter_MBI: np.ndarray  # the adapter each answer token's loss belongs to
+  seq_blocks_MBUW: np.ndarray  # the row's blocks of each sequence (X: padding), see Packing
+  block_slots_MBX: np.ndarray  # each block's slot u x W + w (U x W: padding)
+  microbatches: int
   learning_rate_A: np.ndarray
-  seq_blocks_BUW: np.ndarray  # the row's blocks of each sequence (X: padding), see Packing
-  block_slots_BX: np.ndarray  # each block's slot u x W + w (U x W: padding)
   active_A: np.ndarray  # False once an adapter has run all its steps
 
   def rows(self) -> tuple[np.ndarray, ...]:
-    """The arrays with a leading row axis (what the mesh's batch axes split)."""
+    """The arrays with leading microbatch and row axes (the mesh's batch axes split the rows)."""
     return (
-        self.tokens_BT,
-        self.positions_BT,
-        self.adapter_BXA,
-        self.seq_blocks_BUW,
-        self.block_slots_BX,
-        self.select_BI,
-        self.targets_BI,
-        self.weights_BI,
-        self.answer_adapter_BI,
+        self.tokens_MBT,
+        self.positions_MBT,
+        self.adapter_MBXA,
+        self.seq_blocks_MBUW,
+        self.block_slots_MBX,
+        self.select_MBI,
+        self.targets_MBI,
+        self.weights_MBI,
+        self.answer_adapter_MBI,
     )
 
 
@@ -153,15 +161,39 @@ def pack(
   return out
 
 
-def pad_answer_slots(step: PackedStep, slots: int) -> PackedStep:
-  """`step` with `slots` answer positions per row; the added ones weigh nothing in the loss."""
-  pad = lambda x_BI: np.pad(x_BI, ((0, 0), (0, slots - x_BI.shape[1])))
+def microbatch(rows: dict, microbatches: int) -> dict:
+  """`pack`'s [M x B, ...] rows as [M, B, ...]."""
+  out = {}
+  for key, rows_B in rows.items():
+    name, axes = key.rsplit("_", 1)
+    out[f"{name}_M{axes}"] = rows_B.reshape(microbatches, -1, *rows_B.shape[1:])
+  return out
+
+
+def pad_step(step: PackedStep, microbatches: int, slots: int) -> PackedStep:
+  """`step` with M = `microbatches` (the added ones padding, never run) and `slots` answer
+  positions per row (the added ones weigh nothing in the loss): one compiled step for a call list."""
+  M, B, X, A = step.adapter_MBXA.shape
+  U, W = step.seq_blocks_MBUW.shape[2:]
+  more = microbatches - M
+
+  def pad(x, value, answer_axis=False):
+    widths = [(0, more)] + [(0, 0)] * (x.ndim - 1)
+    if answer_axis:
+      widths[2] = (0, slots - x.shape[2])
+    return np.pad(x, widths, constant_values=value)
+
   return dataclasses.replace(
       step,
-      select_BI=pad(step.select_BI),
-      targets_BI=pad(step.targets_BI),
-      weights_BI=pad(step.weights_BI),
-      answer_adapter_BI=pad(step.answer_adapter_BI),
+      tokens_MBT=pad(step.tokens_MBT, 0),
+      positions_MBT=pad(step.positions_MBT, -1),
+      adapter_MBXA=pad(step.adapter_MBXA, False),
+      seq_blocks_MBUW=pad(step.seq_blocks_MBUW, X),
+      block_slots_MBX=pad(step.block_slots_MBX, U * W),
+      select_MBI=pad(step.select_MBI, 0, True),
+      targets_MBI=pad(step.targets_MBI, 0, True),
+      weights_MBI=pad(step.weights_MBI, 0, True),
+      answer_adapter_MBI=pad(step.answer_adapter_MBI, 0, True),
   )
 
 
@@ -181,7 +213,8 @@ def make_steps(
     block: int = BLOCK,
 ) -> list[PackedStep]:
   """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; adapters beyond len(examples)
-  idle. Step s packs batch s of every adapter that still has steps left."""
+  idle. Step s packs batch s of every adapter that still has steps left, into `num_rows` rows per
+  microbatch and as many microbatches as `cfg.row_tokens` asks for (one without)."""
   if any(not a for ex in examples for _, a in ex):
     raise ValueError("Every training example needs answer tokens.")
   b = cfg.batch_size
@@ -198,9 +231,16 @@ def make_steps(
       learning_rate_A[a], active_A[a] = schedules[a][s], True
       num_batches = math.ceil(len(ex) / b)
       sequences += [(a, p, t) for p, t in ex[(s % num_batches) * b : (s % num_batches + 1) * b]]
+    microbatches = 1
+    if cfg.row_tokens:
+      tokens = sum(-(-len(p + t) // block) * block for _, p, t in sequences)
+      by_tokens = -(-tokens // (cfg.row_tokens * num_rows))
+      microbatches = max(1, min(by_tokens, -(-len(sequences) // num_rows)))  # no empty microbatch
+    rows = pack(sequences, microbatches * num_rows, num_adapters, pad_id, block)
     steps.append(
         PackedStep(
-            **pack(sequences, num_rows, num_adapters, pad_id, block),
+            **microbatch(rows, microbatches),
+            microbatches=microbatches,
             learning_rate_A=learning_rate_A,
             active_A=active_A,
         )
@@ -228,9 +268,14 @@ def answer_loss(
 
 
 def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
-  """What a step without remat keeps for its backward pass (`transformer.SAVED_ONLY`): per layer
-  and token the residual stream twice, q, k, v, the attention output and its softmax statistics,
-  gate and up (the norms, SiLU and LoRA branches are recomputed)."""
+  """What a step without remat keeps for its backward pass (`transformer.SAVED_ONLY`), for one
+  microbatch: they run one after another."""
+  return step.tokens_MBT[0].size * activation_bytes_per_token(config)
+
+
+def activation_bytes_per_token(config: ModelConfig) -> int:
+  """Per layer and token the residual stream twice, q, k, v, the attention output and its softmax
+  statistics, gate and up (the norms, SiLU and LoRA branches are recomputed)."""
   itemsize = jnp.dtype(config.dtype).itemsize
   per_token = (
       2 * config.embed_dim
@@ -239,7 +284,7 @@ def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
       + config.num_heads
       + 2 * config.mlp_dim
   ) * itemsize
-  return config.num_layers * step.tokens_BT.size * per_token
+  return config.num_layers * per_token
 
 
 def device_memory_bytes() -> int:
@@ -257,6 +302,9 @@ class Trainer:
     if cfg.remat not in ("auto", "on", "off"):
       raise ValueError(f"adaptation.remat must be 'auto', 'on' or 'off', not {cfg.remat!r}.")
     self.config = config
+    if cfg.row_tokens == 0:  # auto: microbatches whose activations fit the budget
+      budget = REMAT_MEMORY_FRACTION * device_memory_bytes()
+      cfg = dataclasses.replace(cfg, row_tokens=max(BLOCK, int(budget // activation_bytes_per_token(config))))
     self.cfg = cfg
     # The learning rate is a per-adapter hyperparameter fed each step (own schedule per adapter).
     self.optimizer = optax.chain(
@@ -288,13 +336,15 @@ class Trainer:
       targets_BI,
       weights_BI,
       answer_adapter_BI,
+      answer_tokens_A,
       rng,
       *,
       remat: bool,
   ):
-    """(sum of the adapters' losses, loss_A): each adapter's mean cross-entropy on its answer
-    tokens; the sum's gradient for each adapter is that adapter's own."""
-    num_adapters = jax.tree.leaves(adapters)[0].shape[0]
+    """(sum of the adapters' losses, loss_A): each adapter's cross-entropy summed over its answer
+    tokens in these rows, over `answer_tokens_A` (all of its answer tokens in the step, so that
+    microbatches add up to the mean); the sum's gradient for each adapter is that adapter's own."""
+    num_adapters = answer_tokens_A.shape[0]
     # [A, L, ...] -> [L, A, ...]: the layer scan slices L, each block picks its adapter from A.
     by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), adapters)
     logits_BIV, _ = transformer.forward(
@@ -315,7 +365,7 @@ class Trainer:
     per_adapter = lambda x: jax.ops.segment_sum(
         x.ravel(), answer_adapter_BI.ravel(), num_segments=num_adapters
     )
-    loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(per_adapter(weights_BI), 1.0)
+    loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(answer_tokens_A, 1.0)
     return jnp.sum(loss_A), loss_A
 
   def _step(
@@ -323,26 +373,47 @@ class Trainer:
       params,
       adapters,
       opt_states,
-      tokens_BT,
-      positions_BT,
-      adapter_BXA,
-      seq_blocks_BUW,
-      block_slots_BX,
-      select_BI,
-      targets_BI,
-      weights_BI,
-      answer_adapter_BI,
+      tokens_MBT,
+      positions_MBT,
+      adapter_MBXA,
+      seq_blocks_MBUW,
+      block_slots_MBX,
+      select_MBI,
+      targets_MBI,
+      weights_MBI,
+      answer_adapter_MBI,
+      microbatches,
       learning_rate_A,
       active_A,
       rng,
       *,
       remat,
   ):
-    """One update of every active adapter from one packed forward and backward pass."""
-    packing = transformer.Packing(adapter_BXA, seq_blocks_BUW, block_slots_BX)
-    rows = (tokens_BT, positions_BT, select_BI, targets_BI, weights_BI, answer_adapter_BI)
-    loss = lambda adapters: self.packed_loss(params, adapters, packing, *rows, rng, remat=remat)
-    (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
+    """One update of every active adapter from a packed forward and backward pass per microbatch
+    (the first `microbatches` of M; their gradients summed)."""
+    num_adapters = learning_rate_A.shape[0]
+    answer_tokens_A = jax.ops.segment_sum(
+        weights_MBI.ravel(), answer_adapter_MBI.ravel(), num_segments=num_adapters
+    )
+
+    def grads_of(m, rng):
+      packing = transformer.Packing(adapter_MBXA[m], seq_blocks_MBUW[m], block_slots_MBX[m])
+      rows = (tokens_MBT, positions_MBT, select_MBI, targets_MBI, weights_MBI, answer_adapter_MBI)
+      rows = tuple(x[m] for x in rows) + (answer_tokens_A,)
+      loss = lambda adapters: self.packed_loss(params, adapters, packing, *rows, rng, remat=remat)
+      (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
+      return grads, loss_A
+
+    if tokens_MBT.shape[0] == 1:
+      grads, loss_A = grads_of(0, rng)
+    else:  # one microbatch after another; the padding ones are not run
+
+      def accumulate(m, sums):
+        grads, loss_A = grads_of(m, jax.random.fold_in(rng, m))
+        return jax.tree.map(jnp.add, sums, (grads, loss_A))
+
+      zeros = jax.tree.map(jnp.zeros_like, (adapters, learning_rate_A))
+      grads, loss_A = jax.lax.fori_loop(0, microbatches, accumulate, zeros)
 
     def update(grads, opt_state, adapter, learning_rate, active):
       opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
@@ -367,12 +438,13 @@ class Trainer:
     for s, step in enumerate(steps):
       # One dropout key per step (dropout > 0 draws its masks over the packed rows).
       rng = jax.random.fold_in(dropout_rngs_A[0], s)
-      rows = sharding.shard_rows(mesh, *step.rows())
+      rows = sharding.shard_rows(mesh, *step.rows(), row_axis=1)
       adapters, opt_states, loss = self.step(
           params,
           adapters,
           opt_states,
           *rows,
+          np.int32(step.microbatches),
           step.learning_rate_A,
           step.active_A,
           rng,
@@ -400,13 +472,16 @@ class Trainer:
     chunks = [examples[start : start + per_call] for start in starts]
     sizes = [bucket(len(chunk)) for chunk in chunks]  # bucketed adapter counts: a compile each
     steps_of = [make_steps(self.cfg, chunk, pad_id, size, rows) for chunk, size in zip(chunks, sizes)]
-    # One answer width for the whole call list: answers differ in length, and each width would
-    # compile a step of its own, where a wider one costs only a few more logits rows.
-    slots = max((s.select_BI.shape[1] for steps in steps_of for s in steps), default=0)
+    # One answer width and microbatch count for the whole call list: answers differ in length, and
+    # each width would compile a step of its own, where a wider one costs only a few more logits
+    # rows; padding microbatches are not run.
+    every = [s for steps in steps_of for s in steps]
+    slots = max((s.select_MBI.shape[2] for s in every), default=0)
+    microbatches = max((s.microbatches for s in every), default=1)
     parts, losses = [], []
     for start, chunk, size, steps in zip(starts, chunks, sizes, steps_of):
       keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
-      adapters, loss = self.train(params, [pad_answer_slots(s, slots) for s in steps], keys)
+      adapters, loss = self.train(params, [pad_step(s, microbatches, slots) for s in steps], keys)
       parts.append(jax.tree.map(lambda x: x[: len(chunk)], adapters))
       losses.append(loss[:, : len(chunk)])
     steps = max(l.shape[0] for l in losses)
