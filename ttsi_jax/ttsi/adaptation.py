@@ -173,7 +173,7 @@ def microbatch(rows: dict, microbatches: int) -> dict:
 def pad_step(step: PackedStep, microbatches: int, slots: int) -> PackedStep:
   """`step` with M = `microbatches` (the added ones padding, never run) and `slots` answer
   positions per row (the added ones weigh nothing in the loss): one compiled step for a call list."""
-  M, B, X, A = step.adapter_MBXA.shape
+  M, _, X, _ = step.adapter_MBXA.shape
   U, W = step.seq_blocks_MBUW.shape[2:]
   more = microbatches - M
 
