@@ -193,7 +193,6 @@ class Experiment:
         adaptation.AdaptConfig,
         a,
         targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target"),
-        row_tokens=a.get("row_tokens", 0),
     )
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts

@@ -246,6 +246,12 @@ def _matmul_f32_accumulate_bwd(residuals, d_out):
 matmul_f32_accumulate.defvjp(lambda x, w: (matmul_f32_accumulate(x, w), (x, w)), _matmul_f32_accumulate_bwd)
 
 
+def linear_product(x, w):
+  """x @ w for a linear layer: float32 out for a 16-bit w (`matmul_f32_accumulate`), the plain
+  product for float32 (the custom VJP measured slower there: more elementwise work)."""
+  return x @ w if w.dtype == jnp.float32 else matmul_f32_accumulate(x, w)
+
+
 class Linear(nn.Module):
   """x @ kernel (+ bias), plus the low-rank update scale * (dropout(x) @ a) @ b when a LoRA slice is
   given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed."""
@@ -261,10 +267,7 @@ class Linear(nn.Module):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
-    if jnp.dtype(self.dtype) == jnp.float32:
-      y = x @ kernel.astype(self.dtype)
-    else:  # float32 out; measured slower for float32 models (more elementwise work), so only here
-      y = matmul_f32_accumulate(x, kernel.astype(self.dtype))
+    y = linear_product(x, kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
     return self._add_lora(y, x, lora, lora_hp, adapter_BXA).astype(self.out_dtype or self.dtype)
@@ -628,12 +631,10 @@ class Transformer(nn.Module):
     x_BTD = RMSNorm(c.rms_norm_eps, c.param_dtype, name="norm")(x_BTD)
     # Logits in float32 whatever the compute dtype: bfloat16 logits (3 significant digits) would
     # shift candidate log-likelihoods, and so the margins, by tenths.
-    if not c.tie_embeddings:
-      logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, "float32", name="lm_head")(x_BTD)
-    elif jnp.dtype(c.dtype) == jnp.float32:
-      logits_BTV = x_BTD @ embedding_VD.astype(c.dtype).T
+    if c.tie_embeddings:
+      logits_BTV = linear_product(x_BTD, embedding_VD.astype(c.dtype).T)
     else:
-      logits_BTV = matmul_f32_accumulate(x_BTD, embedding_VD.astype(c.dtype).T)
+      logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, "float32", name="lm_head")(x_BTD)
     new_cache = None
     if cache is not None:
       filled = T if prompts is None else prompts.to_cache_BP.shape[1]
