@@ -53,35 +53,6 @@ inline vf ExpV(vf x) {
   return y * scale;
 }
 
-// row[j] = exp(row[j] - shift) (x mask[j] unless mask is null), for j < kTile; returns the sum.
-inline float ExpRow(float* row, float shift, const float* mask) {
-  vf sum = vf{};
-  for (int j = 0; j < kTile; j += kLanes) {
-    vf p = ExpV(Load(row + j) - shift);
-    if (mask) p *= Load(mask + j);
-    Store(row + j, p);
-    sum += p;
-  }
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += sum[i];
-  return total;
-}
-
-// The largest row[j] (where mask[j] > 0, unless mask is null), at least `floor`.
-inline float RowMax(const float* row, const float* mask, float floor) {
-  vf top = vf{} + floor;
-  for (int j = 0; j < kTile; j += kLanes) {
-    vf x = Load(row + j);
-    if (mask) x = Load(mask + j) > 0 ? x : vf{} - 1e30f;
-    top = x > top ? x : top;
-  }
-  float out = floor;
-  for (int i = 0; i < kLanes; ++i) out = std::max(out, top[i]);
-  return out;
-}
-
-inline float Exp(float x) { return ExpV(vf{} + x)[0]; }
-
 struct Dims {
   int64_t rows, T, N, K, H, G, tiles;
 };
@@ -118,32 +89,81 @@ Pair Classify(const TileSegments& q, const TileSegments& k, int64_t qt, int64_t 
   return Pair::kMasked;
 }
 
-// mask[i, j] = 1 where query t0 + i sees key s0 + j.
-void Mask(const int32_t* seg, const Dims& d, int64_t t0, int64_t s0, float* mask) {
-  for (int i = 0; i < kTile; ++i) {
-    const int64_t t = t0 + i;
-    const int32_t qs = t < d.T ? seg[t] : -1;
-    for (int j = 0; j < kTile; ++j) {
-      const int64_t s = s0 + j;
-      mask[i * kTile + j] = (qs >= 0 && s <= t && s < d.T && seg[s] == qs) ? 1.0f : 0.0f;
+// The keys each query sees, [lo, hi] (lo > hi: none), per row, padded to whole tiles: a query
+// sees the earlier keys of its own segment, and segments are contiguous.
+struct Bounds {
+  std::vector<int32_t> lo, hi;  // [rows, Tp]
+};
+
+Bounds BoundsOf(const int32_t* seg, const Dims& d) {
+  const int64_t Tp = d.tiles * kTile;
+  Bounds out{std::vector<int32_t>(d.rows * Tp, 1), std::vector<int32_t>(d.rows * Tp, 0)};
+  for (int64_t b = 0; b < d.rows; ++b) {
+    const int32_t* row = seg + b * d.T;
+    int32_t first = 0;
+    for (int64_t t = 0; t < d.T; ++t) {
+      if (row[t] < 0) continue;
+      if (t == 0 || row[t - 1] != row[t]) first = static_cast<int32_t>(t);
+      out.lo[b * Tp + t] = first;
+      out.hi[b * Tp + t] = static_cast<int32_t>(t);
     }
   }
+  return out;
 }
 
-// out [rows, heads, Tp, H] = x [rows, T, heads, H] x scale, zero-padded to Tp = tiles x kTile;
-// `transpose`: [rows, heads, tiles, H, kTile], each tile transposed on its own (a [H, Tp] layout
-// would put a tile's rows Tp floats apart, where they evict each other from the cache).
-void HeadMajor(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads, float scale,
-               bool transpose, float* out) {
+inline vi LoadI(const int32_t* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Softmax tiles hold keys in rows and queries in vector lanes (sT[j, i] = k_j . q_i): a query's
+// statistics are then lane-wise vector operations, with no horizontal reductions or per-row masks.
+// `Visible` masks lane i of key s's row: query i sees key s.
+inline auto Visible(int32_t s, const int32_t* lo, const int32_t* hi) {
+  const vi key = vi{} + s;
+  return (key >= LoadI(lo)) & (key <= LoadI(hi));
+}
+
+// The rows of one head of x [rows, T, heads, H]: view.at(b, n, t) is token t's H values, token
+// t + 1's `ld` floats further on.
+struct Rows {
+  const float* base;
+  int64_t row, head, ld;
+  const float* at(int64_t b, int64_t n, int64_t t) const { return base + b * row + n * head + t * ld; }
+};
+
+// x itself when T is whole tiles (a tile's rows are then all there); else a copy [rows, heads, Tp,
+// H] zero-padded to Tp = tiles x kTile, in `storage`.
+Rows RowsOf(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads, std::vector<float>& storage) {
   const int64_t H = d.H, Tp = d.tiles * kTile;
+  if (d.T == Tp) return Rows{x, d.T * heads * H, H, heads * H};
+  storage.assign(d.rows * heads * Tp * H, 0.0f);
   ParallelFor(pool, d.rows * heads, [&](int64_t task) {
     const int64_t b = task / heads, n = task % heads;
-    float* o = out + task * Tp * H;
-    for (int64_t t = 0; t < Tp; ++t) {
+    for (int64_t t = 0; t < d.T; ++t) {
       const float* in = x + ((b * d.T + t) * heads + n) * H;
-      for (int64_t h = 0; h < H; ++h) {
-        const float value = t < d.T ? in[h] * scale : 0.0f;
-        (transpose ? o[((t / kTile) * H + h) * kTile + t % kTile] : o[t * H + h]) = value;
+      std::copy(in, in + H, storage.data() + (task * Tp + t) * H);
+    }
+  });
+  return Rows{storage.data(), heads * Tp * H, Tp * H, H};
+}
+
+// out [rows, heads, tiles, H, kTile] = x [rows, T, heads, H] x scale, each tile transposed on its
+// own (a [H, Tp] layout would put a tile's rows Tp floats apart, where they evict each other from
+// the cache) and zero-padded to whole tiles.
+void Transposed(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads, float scale, float* out) {
+  const int64_t H = d.H;
+  ParallelFor(pool, d.rows * heads * d.tiles, [&](int64_t task) {
+    const int64_t tile = task % d.tiles, n = (task / d.tiles) % heads, b = task / (d.tiles * heads);
+    float* o = out + task * H * kTile;
+    for (int64_t i = 0; i < kTile; ++i) {
+      const int64_t t = tile * kTile + i;
+      const float* in = x + ((b * d.T + t) * heads + n) * H;
+      if (t < d.T) {
+        for (int64_t h = 0; h < H; ++h) o[h * kTile + i] = in[h] * scale;
+      } else {
+        for (int64_t h = 0; h < H; ++h) o[h * kTile + i] = 0.0f;
       }
     }
   });
@@ -185,37 +205,51 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Dims d = DimsOf(q, k);
   const int64_t H = d.H, Tp = d.tiles * kTile;
   const auto tiles = Summarize(seg.typed_data(), d);
-  std::vector<float> qh(d.rows * d.N * Tp * H), kT(d.rows * d.K * H * Tp), vh(d.rows * d.K * Tp * H);
-  HeadMajor(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), false, qh.data());
-  HeadMajor(pool, k.typed_data(), d, d.K, 1.0f, true, kT.data());
-  HeadMajor(pool, v.typed_data(), d, d.K, 1.0f, false, vh.data());
-  const int32_t* sp = seg.typed_data();
+  const Bounds bounds = BoundsOf(seg.typed_data(), d);
+  std::vector<float> qT(d.rows * d.N * H * Tp), k_storage, v_storage;
+  Transposed(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), qT.data());
+  const Rows ks = RowsOf(pool, k.typed_data(), d, d.K, k_storage), vs = RowsOf(pool, v.typed_data(), d, d.K, v_storage);
   float *op = out->typed_data(), *lp = lse->typed_data();
   // Tasks (row, head, query tile), the longest (last tiles) first.
   ParallelFor(pool, d.rows * d.N * d.tiles, [&](int64_t task) {
     const int64_t qt = d.tiles - 1 - task % d.tiles, n = (task / d.tiles) % d.N,
-                  b = task / (d.tiles * d.N), kh = b * d.K + n / d.G, t0 = qt * kTile;
-    const float* qs = qh.data() + ((b * d.N + n) * Tp + t0) * H;
-    std::vector<float> s(kTile * kTile), mask(kTile * kTile), acc(kTile * H, 0.0f), m(kTile, -1e30f),
-        l(kTile, 0.0f);
+                  b = task / (d.tiles * d.N), kv = n / d.G, t0 = qt * kTile;
+    const float* qs = qT.data() + ((b * d.N + n) * Tp + t0) * H;  // [H, kTile]
+    const int32_t *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
+    std::vector<float> sT(kTile * kTile), acc(kTile * H, 0.0f), m(kTile, -1e30f), l(kTile, 0.0f);
     for (int64_t kt = 0; kt <= qt; ++kt) {
       const Pair pair = Classify(tiles[b * d.tiles + qt], tiles[b * d.tiles + kt], qt, kt);
       if (pair == Pair::kSkip) continue;
       const int64_t s0 = kt * kTile;
-      Gemm<false>(kTile, kTile, H, qs, H, kT.data() + (kh * Tp + s0) * H, kTile, s.data(), kTile, false);
       const bool masked = pair == Pair::kMasked;
-      if (masked) Mask(sp + b * d.T, d, t0, s0, mask.data());
-      for (int i = 0; i < kTile; ++i) {
-        float* row = s.data() + i * kTile;
-        const float* mrow = masked ? mask.data() + i * kTile : nullptr;
-        const float top = RowMax(row, mrow, m[i]);
-        const float correction = Exp(m[i] - top);
-        m[i] = top;
-        l[i] = l[i] * correction + ExpRow(row, top, mrow);
-        float* a = acc.data() + i * H;
-        for (int64_t h = 0; h < H; ++h) a[h] *= correction;
+      Gemm<false>(kTile, kTile, H, ks.at(b, kv, s0), ks.ld, qs, kTile, sT.data(), kTile, false);
+      for (int u = 0; u < kTile; u += kLanes) {  // kLanes queries at a time
+        vf top = Load(m.data() + u);
+        for (int j = 0; j < kTile; ++j) {
+          const vf x = Load(sT.data() + j * kTile + u);
+          const vf y = masked ? (Visible(s0 + j, lo + u, hi + u) ? x : vf{} - 1e30f) : x;
+          top = y > top ? y : top;
+        }
+        const vf correction = ExpV(Load(m.data() + u) - top);
+        vf sum = vf{};
+        for (int j = 0; j < kTile; ++j) {
+          float* row = sT.data() + j * kTile + u;
+          vf p = ExpV(Load(row) - top);
+          if (masked) p = Visible(s0 + j, lo + u, hi + u) ? p : vf{};
+          Store(row, p);
+          sum += p;
+        }
+        Store(m.data() + u, top);
+        Store(l.data() + u, Load(l.data() + u) * correction + sum);
+        for (int i = 0; i < kLanes; ++i)
+          if (correction[i] != 1.0f)
+            for (int64_t h = 0; h < H; h += kLanes) {
+              float* a = acc.data() + (u + i) * H + h;
+              Store(a, Load(a) * correction[i]);
+            }
       }
-      Gemm<false>(kTile, H, kTile, s.data(), kTile, vh.data() + (kh * Tp + s0) * H, H, acc.data(), H, true);
+      // acc[i] += sum_j sT[j, i] v[j]
+      Gemm<true>(kTile, H, kTile, sT.data(), kTile, vs.at(b, kv, s0), vs.ld, acc.data(), H, true);
     }
     for (int i = 0; i < kTile && t0 + i < d.T; ++i) {
       const int64_t t = t0 + i;
@@ -239,13 +273,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const int64_t H = d.H, Tp = d.tiles * kTile, heads = d.rows * d.N;
   const auto tiles = Summarize(seg.typed_data(), d);
-  std::vector<float> qh(heads * Tp * H), doh(heads * Tp * H), kh(d.rows * d.K * Tp * H),
-      kT(d.rows * d.K * H * Tp), vT(d.rows * d.K * H * Tp), delta(heads * Tp), lse_p(heads * Tp);
-  HeadMajor(pool, q.typed_data(), d, d.N, scale, false, qh.data());
-  HeadMajor(pool, dout.typed_data(), d, d.N, 1.0f, false, doh.data());
-  HeadMajor(pool, k.typed_data(), d, d.K, 1.0f, false, kh.data());
-  HeadMajor(pool, k.typed_data(), d, d.K, 1.0f, true, kT.data());
-  HeadMajor(pool, v.typed_data(), d, d.K, 1.0f, true, vT.data());
+  const Bounds bounds = BoundsOf(seg.typed_data(), d);
+  std::vector<float> qT(heads * H * Tp), doT(heads * H * Tp), delta(heads * Tp), lse_p(heads * Tp),
+      q_storage, do_storage, k_storage, v_storage;
+  Transposed(pool, q.typed_data(), d, d.N, scale, qT.data());
+  Transposed(pool, dout.typed_data(), d, d.N, 1.0f, doT.data());
+  const Rows qs_all = RowsOf(pool, q.typed_data(), d, d.N, q_storage),
+             dos_all = RowsOf(pool, dout.typed_data(), d, d.N, do_storage),
+             ks_all = RowsOf(pool, k.typed_data(), d, d.K, k_storage),
+             vs_all = RowsOf(pool, v.typed_data(), d, d.K, v_storage);
   // delta = rowsum(dout * out); the log-sum-exp padded like the tiles.
   const float *op = out.typed_data(), *dop = dout.typed_data(), *lp = lse.typed_data();
   ParallelFor(pool, heads, [&](int64_t bn) {
@@ -260,47 +296,50 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       lse_p[bn * Tp + t] = t < d.T ? lp[bn * d.T + t] : 1e30f;
     }
   });
-  // Each (row, head) splits its key tiles over `parts` tasks; each part keeps its own dq.
+  // Each (row, head) splits its key tiles over `parts` tasks (interleaved, so that each part gets
+  // long and short ones), enough for every worker to get the same number; each part keeps its own dq.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(d.tiles, (4 * workers + heads - 1) / heads));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(d.tiles, (8 * workers + heads - 1) / heads));
   std::vector<float> dq_parts(heads * parts * Tp * H, 0.0f), dk_heads(heads * Tp * H),
       dv_heads(heads * Tp * H);
-  const int32_t* sp = seg.typed_data();
   ParallelFor(pool, heads * parts, [&](int64_t task) {
-    const int64_t part = task % parts, bn = task / parts, b = bn / d.N, kv = b * d.K + (bn % d.N) / d.G;
+    const int64_t part = task % parts, bn = task / parts, b = bn / d.N, n = bn % d.N, kv = n / d.G;
     float* dqp = dq_parts.data() + task * Tp * H;
-    std::vector<float> p(kTile * kTile), ds(kTile * kTile), mask(kTile * kTile);
+    std::vector<float> pT(kTile * kTile), dsT(kTile * kTile);
     for (int64_t kt = part; kt < d.tiles; kt += parts) {
       const int64_t s0 = kt * kTile;
       float* dka = dk_heads.data() + (bn * Tp + s0) * H;
       float* dva = dv_heads.data() + (bn * Tp + s0) * H;
       std::fill(dka, dka + kTile * H, 0.0f);
       std::fill(dva, dva + kTile * H, 0.0f);
-      const float *ks = kh.data() + (kv * Tp + s0) * H, *kTs = kT.data() + (kv * Tp + s0) * H,
-                  *vTs = vT.data() + (kv * Tp + s0) * H;
+      const float *ks = ks_all.at(b, kv, s0), *vs = vs_all.at(b, kv, s0);
       for (int64_t qt = kt; qt < d.tiles; ++qt) {
         const Pair pair = Classify(tiles[b * d.tiles + qt], tiles[b * d.tiles + kt], qt, kt);
         if (pair == Pair::kSkip) continue;
         const int64_t t0 = qt * kTile;
-        const float *qs = qh.data() + (bn * Tp + t0) * H, *dos = doh.data() + (bn * Tp + t0) * H;
-        // p = softmax probabilities, recomputed from the saved log-sum-exp.
-        Gemm<false>(kTile, kTile, H, qs, H, kTs, kTile, p.data(), kTile, false);
         const bool masked = pair == Pair::kMasked;
-        if (masked) Mask(sp + b * d.T, d, t0, s0, mask.data());
-        for (int i = 0; i < kTile; ++i)
-          ExpRow(p.data() + i * kTile, lse_p[bn * Tp + t0 + i], masked ? mask.data() + i * kTile : nullptr);
-        Gemm<true>(kTile, H, kTile, p.data(), kTile, dos, H, dva, H, true);  // dv += p^T do
-        Gemm<false>(kTile, kTile, H, dos, H, vTs, kTile, ds.data(), kTile, false);  // dp = do v^T
-        for (int i = 0; i < kTile; ++i) {  // ds = p * (dp - delta)
-          const float dl = delta[bn * Tp + t0 + i];
-          for (int j = 0; j < kTile; ++j) ds[i * kTile + j] = p[i * kTile + j] * (ds[i * kTile + j] - dl);
-        }
-        Gemm<false>(kTile, H, kTile, ds.data(), kTile, ks, H, dqp + t0 * H, H, true);  // dq += ds k
-        Gemm<true>(kTile, H, kTile, ds.data(), kTile, qs, H, dka, H, true);  // dk += ds^T (q scale)
+        const float *qs = qs_all.at(b, n, t0), *qTs = qT.data() + (bn * Tp + t0) * H,
+                    *dos = dos_all.at(b, n, t0), *doTs = doT.data() + (bn * Tp + t0) * H,
+                    *lse_t = lse_p.data() + bn * Tp + t0, *delta_t = delta.data() + bn * Tp + t0;
+        const int32_t *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
+        // pT = softmax probabilities, recomputed from the saved log-sum-exp; dpT = v do^T.
+        Gemm<false>(kTile, kTile, H, ks, ks_all.ld, qTs, kTile, pT.data(), kTile, false);
+        Gemm<false>(kTile, kTile, H, vs, vs_all.ld, doTs, kTile, dsT.data(), kTile, false);
+        for (int j = 0; j < kTile; ++j)
+          for (int u = 0; u < kTile; u += kLanes) {  // dsT = pT * (dpT - delta)
+            float *p = pT.data() + j * kTile + u, *ds = dsT.data() + j * kTile + u;
+            vf prob = ExpV(Load(p) - Load(lse_t + u));
+            if (masked) prob = Visible(s0 + j, lo + u, hi + u) ? prob : vf{};
+            Store(p, prob);
+            Store(ds, prob * (Load(ds) - Load(delta_t + u)));
+          }
+        Gemm<false>(kTile, H, kTile, pT.data(), kTile, dos, dos_all.ld, dva, H, true);  // dv += pT do
+        Gemm<false>(kTile, H, kTile, dsT.data(), kTile, qs, qs_all.ld, dka, H, true);  // dk += dsT q
+        Gemm<true>(kTile, H, kTile, dsT.data(), kTile, ks, ks_all.ld, dqp + t0 * H, H, true);  // dq += ds k
       }
     }
   });
-  // Sum the parts of dq (times the scale) and the G query heads of each key head's dk, dv.
+  // Sum the parts of dq and the G query heads of each key head's dk, dv (dq and dk times the scale).
   float *dqo = dq->typed_data(), *dko = dk->typed_data(), *dvo = dv->typed_data();
   ParallelFor(pool, d.rows * d.tiles, [&](int64_t task) {
     const int64_t b = task / d.tiles, t_end = std::min<int64_t>(d.T, (task % d.tiles + 1) * kTile);
@@ -325,6 +364,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           const float* vi = dv_heads.data() + (bn * Tp + t) * H;
           for (int64_t h = 0; h < H; ++h) ko[h] += ki[h], vo[h] += vi[h];
         }
+        for (int64_t h = 0; h < H; ++h) ko[h] *= scale;
       }
     }
   });
