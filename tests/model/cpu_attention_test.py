@@ -100,6 +100,14 @@ def test_fused_attention_names_what_is_wrong_with_its_shapes():
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, jnp.zeros((1, 64), jnp.int32)))
 
 
+def test_fused_attention_refuses_a_segment_split_in_two_runs():
+  # The kernel's key bounds assume contiguous segments: a split one would see the wrong keys.
+  q = jnp.zeros((1, 64, 4, 16))
+  segments = jnp.asarray([[0] * 20 + [1] * 20 + [0] * 24], jnp.int32)
+  with pytest.raises(Exception, match="segment 0 appears in two places"):
+    jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
+
+
 def test_packing_numbers_each_tokens_sequence_for_the_kernel():
   # Row 0 (blocks of 2): sequence 0 in blocks 0-1 (its last slot padding), sequence 1 in block 2,
   # block 3 padding; row 1: one sequence in blocks 1-2.

@@ -9,7 +9,7 @@
 //
 // Layout: q [..., T, N, H], k and v [..., T, K, H] (N = G x K grouped query heads), segments
 // [..., T] int32. Query i sees key j when j <= i, segments[j] >= 0 and segments[i] ==
-// segments[j]: each segment is a contiguous sequence, -1 marks padding. Float32 only; H a multiple
+// segments[j]: each segment is a contiguous sequence (else an error), -1 marks padding. Float32 only; H a multiple
 // of 16.
 
 #include <algorithm>
@@ -22,6 +22,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -95,20 +97,27 @@ struct Bounds {
   std::vector<int32_t> lo, hi;  // [rows, Tp]
 };
 
-Bounds BoundsOf(const int32_t* seg, const Dims& d) {
+ffi::Error BoundsOf(const int32_t* seg, const Dims& d, Bounds& out) {
   const int64_t Tp = d.tiles * kTile;
-  Bounds out{std::vector<int32_t>(d.rows * Tp, 1), std::vector<int32_t>(d.rows * Tp, 0)};
+  out = Bounds{std::vector<int32_t>(d.rows * Tp, 1), std::vector<int32_t>(d.rows * Tp, 0)};
   for (int64_t b = 0; b < d.rows; ++b) {
     const int32_t* row = seg + b * d.T;
+    std::unordered_set<int32_t> seen;
     int32_t first = 0;
     for (int64_t t = 0; t < d.T; ++t) {
       if (row[t] < 0) continue;
-      if (t == 0 || row[t - 1] != row[t]) first = static_cast<int32_t>(t);
+      if (t == 0 || row[t - 1] != row[t]) {
+        if (!seen.insert(row[t]).second)
+          return ffi::Error::InvalidArgument("attention: each segment must be one contiguous run of "
+                                             "tokens; segment " + std::to_string(row[t]) +
+                                             " appears in two places of a row");
+        first = static_cast<int32_t>(t);
+      }
       out.lo[b * Tp + t] = first;
       out.hi[b * Tp + t] = static_cast<int32_t>(t);
     }
   }
-  return out;
+  return ffi::Error::Success();
 }
 
 inline vi LoadI(const int32_t* p) {
@@ -205,7 +214,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Dims d = DimsOf(q, k);
   const int64_t H = d.H, Tp = d.tiles * kTile;
   const auto tiles = Summarize(seg.typed_data(), d);
-  const Bounds bounds = BoundsOf(seg.typed_data(), d);
+  Bounds bounds;
+  if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
   std::vector<float> qT(d.rows * d.N * H * Tp), k_storage, v_storage;
   Transposed(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), qT.data());
   const Rows ks = RowsOf(pool, k.typed_data(), d, d.K, k_storage), vs = RowsOf(pool, v.typed_data(), d, d.K, v_storage);
@@ -273,7 +283,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const int64_t H = d.H, Tp = d.tiles * kTile, heads = d.rows * d.N;
   const auto tiles = Summarize(seg.typed_data(), d);
-  const Bounds bounds = BoundsOf(seg.typed_data(), d);
+  Bounds bounds;
+  if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
   std::vector<float> qT(heads * H * Tp), doT(heads * H * Tp), delta(heads * Tp), lse_p(heads * Tp),
       q_storage, do_storage, k_storage, v_storage;
   Transposed(pool, q.typed_data(), d, d.N, scale, qT.data());
