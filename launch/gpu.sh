@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs the TT-SI main job on a GPU machine reachable over ssh (CUDA 12 drivers installed).
 #
-# Usage: launch/gpu.sh [--dry-run] {setup|run|collect|all}
+# Usage: launch/gpu.sh [--dry-run] {setup|run|checks|collect|all}
 #   --dry-run   print the exact commands instead of running them
+#   checks      the GPU checks (after setup): adapted inputs/s and MFU of the packed update step for
+#               1, 8, 32 and 64 adapters per call on Qwen2.5-1.5B's shapes in bfloat16
+#               (bench --stage=scaling), and the quickstart notebook top to bottom in bfloat16 on a
+#               checkpoint folder (the embedded model exported to HF); results in WORKDIR/checks
 #
 # Settings (environment variables):
 #   GPU_HOST      ssh destination, e.g. user@gpu-box     required
@@ -13,7 +17,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--dry-run] {setup|run|collect|all}" >&2
+  echo "usage: $0 [--dry-run] {setup|run|checks|collect|all}" >&2
   exit 2
 }
 
@@ -27,7 +31,7 @@ RESULTS="${RESULTS:-results/gpu}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 REMOTE_DIR="ttsi_jax"
 
-if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|collect|all)$ ]]; then
+if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|checks|collect|all)$ ]]; then
   echo "error: GPU_HOST is not set (the ssh destination of the GPU machine)" >&2
   exit 2
 fi
@@ -35,13 +39,27 @@ fi
 setup() {
   run rsync -az --delete --exclude=.venv --exclude=workdir --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
-&& .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' \
+&& .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' nbclient nbformat ipykernel \
 && .venv/bin/pip install -q --no-deps -r data-packages.txt"
 }
 
 run_job() {
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && .venv/bin/python -m ttsi_jax.main --config=$CONFIG \
 --workdir=$WORKDIR $EXTRA_ARGS"
+}
+
+checks() {
+  local out="$WORKDIR/checks"
+  run ssh "$GPU_HOST" "cd $REMOTE_DIR && mkdir -p $out \
+&& .venv/bin/python -m ttsi_jax.bench --config=configs/default.py --stage=scaling \
+--shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64 --repeats=2 --config.model.dtype=bfloat16 \
+--json=$out/scaling.json \
+&& .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
+&& TTSI_MODEL_PATH=$out/smollm2_hf TTSI_DTYPE=bfloat16 .venv/bin/jupyter-execute --timeout=1800 \
+--output=$out/quickstart_executed colabs/quickstart.ipynb"
+  run mkdir -p "$RESULTS"
+  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" \
+    "$GPU_HOST:$REMOTE_DIR/$out/quickstart_executed.ipynb" "$RESULTS/"
 }
 
 collect() {
@@ -53,6 +71,7 @@ collect() {
 case "$STEP" in
   setup) setup ;;
   run) run_job ;;
+  checks) checks ;;
   collect) collect ;;
   all)
     setup

@@ -54,6 +54,20 @@ def test_gpu_dry_run_and_missing_host():
   assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
 
 
+def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folder():
+  result = _run("gpu.sh", "--dry-run", "checks", GPU_HOST="me@gpu-box", WORKDIR="wd")
+  assert result.returncode == 0, result.stderr
+  remote = " ".join(shlex.split(result.stdout.splitlines()[0]))
+  bench = "--stage=scaling --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64"
+  assert remote.startswith("ssh me@gpu-box") and bench in remote
+  assert "--config.model.dtype=bfloat16 --json=wd/checks/scaling.json" in remote
+  # The notebook loads the exported HF folder: a checkpoint path, not the embedded default.
+  assert "ttsi_jax.export --config=configs/default.py --out=wd/checks/smollm2_hf" in remote
+  assert "TTSI_MODEL_PATH=wd/checks/smollm2_hf TTSI_DTYPE=bfloat16" in remote
+  assert "colabs/quickstart.ipynb" in remote
+  assert "wd/checks/scaling.json" in result.stdout.splitlines()[-1]
+
+
 def test_setup_installs_what_the_default_model_needs():
   """The default GGUF model's tokenizer needs torch: the [hf] extra, from the CPU wheel index."""
   for script, env in (("tpu_vm.sh", TPU), ("gpu.sh", {"GPU_HOST": "me@gpu-box"})):

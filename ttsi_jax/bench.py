@@ -10,6 +10,11 @@
   threads; the token ids are asserted equal).
 - score (H): candidate log-likelihoods of BFCL prompts, ours (prompt prefilled once, candidates
   packed) beside a transformers forward pass per prompt + candidate.
+- scaling: what training many adapters in one call buys on this machine. For each A in
+  --adapter_counts, A fresh adapters of a random-weight model (--shapes; Qwen2.5-1.5B's by
+  default) train on one synthetic pair each (--sequence_tokens) in one packed call, with the
+  config's adaptation settings: adapted inputs/s, its gain over A = 1, and the FLOP/s of the update
+  step against the matmul peak measured in the same run, in the model's dtype (MFU).
 
 On CPU, adapt and score also time our rows with XLA's ops in place of the C++ kernels (attention;
 the LoRA branch of packed rows: `ttsi_jax.model.cpu_kernels`): their gain, measured in the same run.
@@ -42,7 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ttsi_jax import checkpoints, profiling
-from ttsi_jax.model import cpu_kernels, sharding
+from ttsi_jax.model import cpu_kernels, sharding, transformer
 from ttsi_jax.text import sampler as sampler_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -53,13 +58,25 @@ _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs
 _STAGE = flags.DEFINE_enum(
     "stage",
     "decode",
-    ["decode", "adapt", "score"],
+    ["decode", "adapt", "score", "scaling"],
     "decode: sampler vs transformers generate; adapt: packed LoRA training "
     "vs transformers + PEFT; score: candidate log-likelihoods vs a "
-    "transformers forward pass.",
+    "transformers forward pass; scaling: adapted inputs/s against adapters per call.",
 )
 _ADAPTERS = flags.DEFINE_integer(
     "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, " "prompts for --stage=score."
+)
+_SHAPES = flags.DEFINE_enum(
+    "shapes",
+    "qwen2.5-1.5b",
+    ["qwen2.5-1.5b", "smollm2-135m", "tiny"],
+    "--stage=scaling: a random-weight model of these shapes (in --config.model.dtype).",
+)
+_ADAPTER_COUNTS = flags.DEFINE_list(
+    "adapter_counts", ["1", "8", "32", "64"], "--stage=scaling: adapters per packed call."
+)
+_SEQUENCE_TOKENS = flags.DEFINE_list(
+    "sequence_tokens", ["576", "64"], "--stage=scaling: prompt and answer tokens of each training pair."
 )
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _PROFILE = flags.DEFINE_bool(
@@ -99,12 +116,15 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
-def matmul_peak() -> dict:
-  """float32 GFLOP/s of a square 2048 matmul, JAX and torch, on this machine in this run."""
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
+  """GFLOP/s of a square matmul (2048 on CPU, 8192 on accelerators), JAX and torch, on this
+  machine in this run."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   out = {"jax": 2 * n**3 / _best_time(lambda: matmul(a).block_until_ready(), 3) / 1e9}
+  if not torch_too:
+    return out
   try:
     import torch
 
@@ -129,6 +149,117 @@ def model_flops(c, sequences, train: bool) -> float:
     total += c.num_layers * (2 * linear * length + 4 * c.num_heads * c.head_dim * causal_keys)
     total += 2 * c.embed_dim * c.vocab_size * with_logits
   return total * (2 if train else 1)
+
+
+def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
+  """The shapes of a known model (random weights: speed does not depend on them)."""
+  common = dict(rms_norm_eps=1e-6, max_position_embeddings=32768, param_dtype=dtype, dtype=dtype)
+  if name == "qwen2.5-1.5b":
+    return transformer.ModelConfig(
+        "Qwen2ForCausalLM",
+        151936,
+        28,
+        1536,
+        12,
+        2,
+        128,
+        8960,
+        rope_theta=1e6,
+        tie_embeddings=True,
+        qkv_bias=True,
+        **common,
+    )
+  if name == "smollm2-135m":
+    return transformer.ModelConfig(
+        "LlamaForCausalLM",
+        49152,
+        30,
+        576,
+        9,
+        3,
+        64,
+        1536,
+        rope_theta=1e5,
+        tie_embeddings=True,
+        **common,
+    )
+  if name == "tiny":
+    return transformer.ModelConfig(
+        "LlamaForCausalLM", 512, 2, 64, 4, 2, 16, 128, rope_theta=1e4, tie_embeddings=True, **common
+    )
+  raise ValueError(f"Unknown model shapes {name!r}.")
+
+
+def bench_scaling(config) -> dict:
+  """Adapted inputs/s of one packed call of A adapters, for each A in --adapter_counts."""
+  from ttsi_jax import experiment
+  from ttsi_jax.ttsi import adaptation
+
+  c = model_shapes(_SHAPES.value, config.model.dtype)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  params = jax.jit(transformer.Transformer(c).init)(jax.random.key(0), tokens, tokens)["params"]
+  trainer = adaptation.Trainer(c, experiment.adapt_config(config))
+  prompt_tokens, answer_tokens = map(int, _SEQUENCE_TOKENS.value)
+  rng = np.random.default_rng(0)
+  counts = list(map(int, _ADAPTER_COUNTS.value))
+  steps = trainer.cfg.epochs  # one pair per adapter, batch size 1 or more: one step per epoch
+  peak = matmul_peak(config.model.dtype, torch_too=False)["jax"]
+  print(
+      f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, "
+      f"{prompt_tokens} + {answer_tokens} tokens per pair, {steps} steps per adapter, rank "
+      f"{trainer.cfg.rank}; {jax.device_count()} x {jax.devices()[0].device_kind}; "
+      f"{config.model.dtype} matmul peak measured now: jax {peak:.1f} GFLOP/s"
+  )
+  print(
+      f"{'adapters':>9}{'seconds':>10}{'inputs/s':>10}{'vs A=1':>8}{'GFLOP/s':>10}{'MFU':>7}"
+      f"{'loss: first step, last':>24}"
+  )
+  rows = []
+  for count in counts:
+    data = [
+        [
+            (
+                rng.integers(0, c.vocab_size, prompt_tokens).tolist(),
+                rng.integers(0, c.vocab_size, answer_tokens).tolist(),
+            )
+        ]
+        for _ in range(count)
+    ]
+    keys = jax.random.split(jax.random.key(1), count)
+    losses = None
+
+    def run():
+      nonlocal losses
+      adapters, losses = trainer.train_all(params, data, 0, keys, count)
+      jax.block_until_ready(adapters)
+
+    seconds = _best_time(run, _REPEATS.value)
+    flops = model_flops(c, [(prompt_tokens + answer_tokens, answer_tokens)] * count * steps, train=True)
+    row = {
+        "adapters": count,
+        "seconds": seconds,
+        "inputs_per_s": count / seconds,
+        "gflop_per_s": flops / seconds / 1e9,
+        "mfu": flops / seconds / 1e9 / peak,
+        "first_loss": float(np.nanmean(losses[0])),
+        "final_loss": float(np.nanmean(losses[-1])),
+    }
+    row["vs_one"] = row["inputs_per_s"] / rows[0]["inputs_per_s"] if rows else 1.0
+    rows.append(row)
+    print(
+        f"{count:>9}{seconds:>10.2f}{row['inputs_per_s']:>10.2f}{row['vs_one']:>7.2f}x"
+        f"{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{row['first_loss']:>16.3f}{row['final_loss']:>8.3f}"
+    )
+  return {
+      "stage": "scaling",
+      "shapes": _SHAPES.value,
+      "sequence_tokens": [prompt_tokens, answer_tokens],
+      "steps_per_adapter": steps,
+      "matmul_peak_gflop_per_s": peak,
+      "device_kind": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "rows": rows,
+  }
 
 
 def _hf_reference(config, dtype: str):
@@ -393,15 +524,17 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  if _STAGE.value in ("adapt", "score"):
-    result = (bench_adapt if _STAGE.value == "adapt" else bench_score)(config)
+  if _STAGE.value in ("adapt", "score", "scaling"):
+    stage = {"adapt": bench_adapt, "score": bench_score, "scaling": bench_scaling}[_STAGE.value]
+    result = stage(config)
     if _JSON.value:
+      model = (
+          f"random, {_SHAPES.value} shapes"
+          if _STAGE.value == "scaling"
+          else checkpoints.resolve(config.model.path)
+      )
       with open(_JSON.value, "w") as f:
-        json.dump(
-            {"model": checkpoints.resolve(config.model.path), "dtype": config.model.dtype, **result},
-            f,
-            indent=2,
-        )
+        json.dump({"model": model, "dtype": config.model.dtype, **result}, f, indent=2)
     return
   n = _NEW_TOKENS.value
   start = time.perf_counter()

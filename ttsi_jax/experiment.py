@@ -71,6 +71,14 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   return names
 
 
+def adapt_config(config: ml_collections.ConfigDict) -> adaptation.AdaptConfig:
+  """The config's `adaptation` settings as the trainer takes them."""
+  a = config.adaptation
+  return config_schema.build(
+      adaptation.AdaptConfig, a, targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target")
+  )
+
+
 def _check_teacher(t: ml_collections.ConfigDict) -> None:
   """Variant 'ttd' needs a teacher that is fully named (an empty path would load the student)."""
   needed = {"local": ("path",), "endpoint": ("base_url", "model")}.get(t.kind)
@@ -189,11 +197,7 @@ class Experiment:
     self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg, config.reserve)
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
-    self.adapt_cfg = config_schema.build(
-        adaptation.AdaptConfig,
-        a,
-        targets=_names(a.targets, lora_lib.ALL_LINEAR, "LoRA target"),
-    )
+    self.adapt_cfg = adapt_config(config)
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
