@@ -8,11 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
-
-from configs import default
-from ttsi_jax import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +39,7 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_a
 
 
 def test_scaling_gains_are_measured_against_one_adapter():
-  flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(adapter_counts=["2", "4"], shapes="tiny"):
-    with pytest.raises(ValueError, match="must start at 1"):
-      bench.bench_scaling(default.get_config())
+  cmd = [sys.executable, "-m", "ttsi_jax.bench", "--config=configs/default.py", "--stage=scaling",
+         "--shapes=tiny", "--adapter_counts=2,4"]  # fmt: skip
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "--adapter_counts must start at 1" in result.stderr
