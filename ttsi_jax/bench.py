@@ -51,6 +51,26 @@ from ttsi_jax import checkpoints, profiling
 from ttsi_jax.model import cpu_kernels, sharding, transformer
 from ttsi_jax.text import sampler as sampler_lib
 
+# Known models' shapes (from their config.json) for the scaling stage's random-weight models.
+MODEL_SHAPES = {
+    "qwen2.5-1.5b": dict(
+        architecture="Qwen2ForCausalLM", vocab_size=151936, num_layers=28, embed_dim=1536,
+        num_heads=12, num_kv_heads=2, head_dim=128, mlp_dim=8960, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    "smollm2-135m": dict(
+        architecture="LlamaForCausalLM", vocab_size=49152, num_layers=30, embed_dim=576,
+        num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536, rms_norm_eps=1e-5,
+        rope_theta=1e5, max_position_embeddings=8192, tie_embeddings=True,
+    ),
+    "tiny": dict(
+        architecture="LlamaForCausalLM", vocab_size=512, num_layers=2, embed_dim=64, num_heads=4,
+        num_kv_heads=2, head_dim=16, mlp_dim=128, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=2048, tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
@@ -70,7 +90,7 @@ _ADAPTERS = flags.DEFINE_integer(
 _SHAPES = flags.DEFINE_enum(
     "shapes",
     "qwen2.5-1.5b",
-    ["qwen2.5-1.5b", "smollm2-135m", "tiny"],
+    list(MODEL_SHAPES),
     "--stage=scaling: a random-weight model of these shapes (in --config.model.dtype).",
 )
 _ADAPTER_COUNTS = flags.DEFINE_list(
@@ -153,26 +173,6 @@ def model_flops(c, sequences, train: bool) -> float:
     total += c.num_layers * (2 * linear * length + 4 * c.num_heads * c.head_dim * causal_keys)
     total += 2 * c.embed_dim * c.vocab_size * with_logits
   return total * (2 if train else 1)
-
-
-# Known models' shapes (from their config.json) for the scaling stage's random-weight models.
-MODEL_SHAPES = {
-    "qwen2.5-1.5b": dict(
-        architecture="Qwen2ForCausalLM", vocab_size=151936, num_layers=28, embed_dim=1536,
-        num_heads=12, num_kv_heads=2, head_dim=128, mlp_dim=8960, rms_norm_eps=1e-6,
-        rope_theta=1e6, max_position_embeddings=32768, tie_embeddings=True, qkv_bias=True,
-    ),
-    "smollm2-135m": dict(
-        architecture="LlamaForCausalLM", vocab_size=49152, num_layers=30, embed_dim=576,
-        num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536, rms_norm_eps=1e-5,
-        rope_theta=1e5, max_position_embeddings=8192, tie_embeddings=True,
-    ),
-    "tiny": dict(
-        architecture="LlamaForCausalLM", vocab_size=512, num_layers=2, embed_dim=64, num_heads=4,
-        num_kv_heads=2, head_dim=16, mlp_dim=128, rms_norm_eps=1e-6, rope_theta=1e4,
-        max_position_embeddings=2048, tie_embeddings=True,
-    ),
-}  # fmt: skip
 
 
 def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
