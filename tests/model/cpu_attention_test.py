@@ -16,20 +16,22 @@ def _reference(q_BTNH, k_BTKH, v_BTKH, segments_BT):
   G = N // k_BTKH.shape[2]
   k_BTNH, v_BTNH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
   index = jnp.arange(T)
-  mask_BTS = (
-      (segments_BT[:, :, None] == segments_BT[:, None, :])
-      & (segments_BT[:, None, :] >= 0)
-      & (index[None, None, :] <= index[None, :, None])
+  query_BT1, key_B1S = segments_BT[:, :, None], segments_BT[:, None, :]
+  shared_B1S = (key_B1S == cpu_attention.SHARED_PREFIX) & (query_BT1 >= 0)
+  mask_BTS = (((query_BT1 == key_B1S) & (key_B1S != -1)) | shared_B1S) & (
+      index[None, None, :] <= index[None, :, None]
   )
   logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH) * H**-0.5
   probs_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], logits_BNTS, -1e30), -1) * mask_BTS[:, None]
   out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BTNH)
-  return out_BTNH * (segments_BT >= 0)[:, :, None, None]
+  return out_BTNH * (segments_BT != -1)[:, :, None, None]
 
 
-def _segments(T, layout):
-  """A row of T slots: (length, gap) runs, each a sequence followed by `gap` padding slots."""
-  row, at = np.full(T, -1, np.int32), 0
+def _segments(T, layout, shared=0):
+  """A row of T slots: a shared prefix of `shared` tokens, then (length, gap) runs, each a sequence
+  followed by `gap` padding slots."""
+  row, at = np.full(T, -1, np.int32), shared
+  row[:shared] = cpu_attention.SHARED_PREFIX
   for u, (length, gap) in enumerate(layout):
     row[at : at + length] = u
     at += length + gap
@@ -53,15 +55,20 @@ def test_the_kernel_builds_and_serves_cpu_attention_here():
         (130, 2, 2, 16, [[(130, 0)], []]),
         # Whole tiles (the kernel reads q, k, v where they lie, row by row), two rows.
         (128, 4, 2, 16, [[(128, 0)], [(64, 0), (40, 24)]]),
+        # Shared prefixes (packed prompts that begin alike): over two tiles and into a third, then
+        # prompts of their own; one of whole tiles; one of a token; a row without one.
+        (320, 4, 2, 16, [(150, [(30, 0), (1, 0), (100, 0)]), (64, [(64, 0), (100, 92)])]),
+        (200, 2, 1, 16, [(1, [(70, 0), (60, 69)]), (0, [(130, 70)])]),
     ],
 )
 def test_fused_attention_equals_masked_softmax_attention_with_gradients(T, N, K, H, layouts):
-  segments_BT = jnp.asarray(np.stack([_segments(T, layout) for layout in layouts]))
+  layouts = [layout if isinstance(layout, tuple) else (0, layout) for layout in layouts]
+  segments_BT = jnp.asarray(np.stack([_segments(T, layout, shared) for shared, layout in layouts]))
   B = len(layouts)
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(key, (B, T, h, H)) for key, h in zip(keys, (N, K, K)))
   # No loss reads a padding query's output, so none flows back from it.
-  cotangent = jax.random.normal(keys[3], (B, T, N, H)) * (segments_BT >= 0)[:, :, None, None]
+  cotangent = jax.random.normal(keys[3], (B, T, N, H)) * (segments_BT != -1)[:, :, None, None]
   results = []
   for attend in (cpu_attention.causal_attention, _reference):
     out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, segments_BT), q, k, v)
@@ -107,6 +114,13 @@ def test_fused_attention_refuses_a_segment_split_in_two_runs():
   q = jnp.zeros((1, 64, 4, 16))
   segments = jnp.asarray([[0] * 20 + [1] * 20 + [0] * 24], jnp.int32)
   with pytest.raises(Exception, match="segment 0 appears in two places"):
+    jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
+
+
+def test_fused_attention_refuses_a_shared_prefix_that_does_not_open_the_row():
+  q = jnp.zeros((1, 64, 4, 16))
+  segments = jnp.asarray([[0] * 20 + [cpu_attention.SHARED_PREFIX] * 44], jnp.int32)
+  with pytest.raises(Exception, match="shared prefix .* must be one run that opens the row"):
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
 
 

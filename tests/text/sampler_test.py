@@ -132,11 +132,36 @@ def test_only_a_prompt_longer_than_the_context_is_rejected(sampler):
   assert sampler.prefill(_prompts([400]), reserve=100).free() == 100
 
 
-def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, monkeypatch):
-  """On the fused CPU kernel `prefill` packs its prompts in one row; the Prefix equals the
-  left-padded batch's at every filled slot, and decoding continues the same."""
+def _prompts_that_begin_alike(shared, own_lengths, seed=0):
+  """Prompts of `shared` common tokens and then their own (a prompt of 0 own tokens is the shared
+  part itself, so exactly `shared` are common)."""
+  (prefix,) = _prompts([shared], seed)
+  return [prefix + own for own in _prompts(own_lengths, seed + 1)]
+
+
+def test_packed_prompts_run_the_tokens_they_begin_with_once():
+  prompts = _prompts_that_begin_alike(70, [0, 5, 40, 1])
+  assert sampler_lib.shared_prefix_length(prompts) == 70
+  assert sampler_lib.shared_prefix_length(prompts[:1]) == 0  # one prompt: nothing to share
+  assert sampler_lib.shared_prefix_length(_prompts([3, 4])) == 0
+  tokens_1T, positions_1T, packed, last_1B = sampler_lib.pack_prompts(prompts, 112, 4, 0)
+  segments = np.asarray(packed.segments_1T[0])
+  assert (segments == -2).sum() == 70 and (segments >= 0).sum() == 46  # 70 + 5 + 40 + 1 tokens
+  # Each cache row holds its whole prompt, left-padded; the shared part comes from the row's start.
+  for b, ids in enumerate(prompts):
+    slots = np.asarray(packed.to_cache_BP[b, 112 - len(ids) :])
+    assert tokens_1T[0, slots].tolist() == ids
+    assert positions_1T[0, slots].tolist() == list(range(len(ids)))
+    assert last_1B[0, b] == slots[-1]
+
+
+@pytest.mark.parametrize("alike", [False, True])
+def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, monkeypatch, alike):
+  """On the fused CPU kernel `prefill` packs its prompts in one row (prompts that begin alike run
+  that part once); the Prefix equals the left-padded batch's at every filled slot, and decoding
+  continues the same."""
   assert sampler.packs_prompts()
-  prompts = _prompts([3, 17, 9, 30, 1])
+  prompts = _prompts_that_begin_alike(70, [3, 17, 0, 30, 1]) if alike else _prompts([3, 17, 9, 30, 1])
   packed = sampler.prefill(prompts, reserve=16)
   monkeypatch.setattr(sampler, "packs_prompts", lambda: False)
   padded = sampler.prefill(prompts, reserve=16)
@@ -154,10 +179,11 @@ def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, mo
   )
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_packed_prompts_generate_what_left_padded_rows_generate(sampler, monkeypatch, temperature):
+@pytest.mark.parametrize("temperature, alike", [(0.0, False), (1.0, False), (0.0, True)])
+def test_packed_prompts_generate_what_left_padded_rows_generate(sampler, monkeypatch, temperature, alike):
   assert sampler.packs_prompts()
-  prompts = _prompts([3, 17, 9, 30, 1], seed=3)
+  lengths = [3, 17, 9, 30, 1]
+  prompts = _prompts_that_begin_alike(70, lengths, seed=3) if alike else _prompts(lengths, seed=3)
   params = SamplingParams(max_new_tokens=10, temperature=temperature)
   packed = sampler.generate(prompts, params, jax.random.key(5))
   monkeypatch.setattr(sampler, "packs_prompts", lambda: False)

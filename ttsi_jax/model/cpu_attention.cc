@@ -9,8 +9,9 @@
 //
 // Layout: q [..., T, N, H], k and v [..., T, K, H] (N = G x K grouped query heads), segments
 // [..., T] int32. Query i sees key j when j <= i, segments[j] >= 0 and segments[i] ==
-// segments[j]: each segment is a contiguous sequence (else an error), -1 marks padding. Float32 only; H a multiple
-// of 16.
+// segments[j]: each segment is a contiguous sequence (else an error), -1 marks padding. Segment -2
+// marks a shared prefix: a run that opens the row (else an error), seen by every later token of the
+// row (prompts that begin alike prefill it once). Float32 only; H a multiple of 16.
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +34,7 @@ namespace {
 using namespace ttsi_kernels;
 
 constexpr int kTile = 64;  // a multiple of kLanes, as are H and the GEMM blocks
+constexpr int32_t kShared = -2;  // the segment of a shared prefix
 
 // exp(x) to about 2 ulp (Cephes' polynomial), a vector at a time.
 inline vf ExpV(vf x) {
@@ -59,10 +61,12 @@ struct Dims {
   int64_t rows, T, N, K, H, G, tiles;
 };
 
-// The segments a tile holds (lo > hi: none) and whether all its tokens are real.
+// The segments a tile holds (lo > hi: none), whether it holds shared-prefix tokens and whether all
+// its tokens are real.
 struct TileSegments {
   int32_t lo = INT32_MAX, hi = INT32_MIN;
-  bool full = true;
+  bool shared = false, full = true;
+  bool empty() const { return lo > hi && !shared; }
 };
 
 std::vector<TileSegments> Summarize(const int32_t* seg, const Dims& d) {
@@ -72,7 +76,9 @@ std::vector<TileSegments> Summarize(const int32_t* seg, const Dims& d) {
       TileSegments& s = out[b * d.tiles + t];
       for (int64_t i = t * kTile; i < (t + 1) * kTile; ++i) {
         const int32_t v = i < d.T ? seg[b * d.T + i] : -1;
-        if (v < 0) {
+        if (v == kShared) {
+          s.shared = true;
+        } else if (v < 0) {
           s.full = false;
         } else {
           s.lo = std::min(s.lo, v);
@@ -85,26 +91,44 @@ std::vector<TileSegments> Summarize(const int32_t* seg, const Dims& d) {
 
 enum class Pair { kSkip, kDense, kMasked };
 
+// A key tile with shared-prefix tokens is seen by every later query tile; other tiles only by those
+// whose segments overlap theirs.
 Pair Classify(const TileSegments& q, const TileSegments& k, int64_t qt, int64_t kt) {
-  if (kt > qt || q.lo > q.hi || k.lo > k.hi || q.hi < k.lo || k.hi < q.lo) return Pair::kSkip;
-  if (kt < qt && q.full && k.full && q.lo == q.hi && k.lo == k.hi) return Pair::kDense;
+  if (kt > qt || q.empty() || k.empty()) return Pair::kSkip;
+  if (!k.shared && (q.hi < k.lo || k.hi < q.lo)) return Pair::kSkip;
+  if (kt < qt && q.full && k.full) {
+    if (k.shared && k.lo > k.hi) return Pair::kDense;  // all shared prefix
+    if (!q.shared && !k.shared && q.lo == q.hi && k.lo == k.hi) return Pair::kDense;
+  }
   return Pair::kMasked;
 }
 
-// The keys each query sees, [lo, hi] (lo > hi: none), per row, padded to whole tiles: a query
-// sees the earlier keys of its own segment, and segments are contiguous.
+// The keys each query sees, [0, shared) and [lo, hi] (lo > hi: none), per row, padded to whole
+// tiles: a query sees the earlier keys of its own segment (segments are contiguous) and, outside
+// the shared prefix, all of the row's shared prefix.
 struct Bounds {
-  std::vector<int32_t> lo, hi;  // [rows, Tp]
+  std::vector<int32_t> shared, lo, hi;  // [rows, Tp]
 };
 
 ffi::Error BoundsOf(const int32_t* seg, const Dims& d, Bounds& out) {
   const int64_t Tp = d.tiles * kTile;
-  out = Bounds{std::vector<int32_t>(d.rows * Tp, 1), std::vector<int32_t>(d.rows * Tp, 0)};
+  out = Bounds{std::vector<int32_t>(d.rows * Tp, 0), std::vector<int32_t>(d.rows * Tp, 1),
+               std::vector<int32_t>(d.rows * Tp, 0)};
   for (int64_t b = 0; b < d.rows; ++b) {
     const int32_t* row = seg + b * d.T;
+    int32_t prefix = 0;
+    while (prefix < d.T && row[prefix] == kShared) ++prefix;
     std::unordered_set<int32_t> seen;
     int32_t first = 0;
     for (int64_t t = 0; t < d.T; ++t) {
+      if (row[t] == kShared && t >= prefix)
+        return ffi::Error::InvalidArgument("attention: the shared prefix (segment -2) must be one run "
+                                           "that opens the row");
+      if (t < prefix) {
+        out.lo[b * Tp + t] = 0;
+        out.hi[b * Tp + t] = static_cast<int32_t>(t);
+        continue;
+      }
       if (row[t] < 0) continue;
       if (t == 0 || row[t - 1] != row[t]) {
         if (!seen.insert(row[t]).second)
@@ -113,6 +137,7 @@ ffi::Error BoundsOf(const int32_t* seg, const Dims& d, Bounds& out) {
                                              " appears in two places of a row");
         first = static_cast<int32_t>(t);
       }
+      out.shared[b * Tp + t] = prefix;
       out.lo[b * Tp + t] = first;
       out.hi[b * Tp + t] = static_cast<int32_t>(t);
     }
@@ -129,9 +154,9 @@ inline vi LoadI(const int32_t* p) {
 // Softmax tiles hold keys in rows and queries in vector lanes (sT[j, i] = k_j . q_i): a query's
 // statistics are then lane-wise vector operations, with no horizontal reductions or per-row masks.
 // `Visible` masks lane i of key s's row: query i sees key s.
-inline auto Visible(int32_t s, const int32_t* lo, const int32_t* hi) {
+inline auto Visible(int32_t s, const int32_t* shared, const int32_t* lo, const int32_t* hi) {
   const vi key = vi{} + s;
-  return (key >= LoadI(lo)) & (key <= LoadI(hi));
+  return (key < LoadI(shared)) | ((key >= LoadI(lo)) & (key <= LoadI(hi)));
 }
 
 // The rows of one head of x [rows, T, heads, H]: view.at(b, n, t) is token t's H values, token
@@ -225,7 +250,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const int64_t qt = d.tiles - 1 - task % d.tiles, n = (task / d.tiles) % d.N,
                   b = task / (d.tiles * d.N), kv = n / d.G, t0 = qt * kTile;
     const float* qs = qT.data() + ((b * d.N + n) * Tp + t0) * H;  // [H, kTile]
-    const int32_t *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
+    const int32_t *shared = bounds.shared.data() + b * Tp + t0, *lo = bounds.lo.data() + b * Tp + t0,
+                  *hi = bounds.hi.data() + b * Tp + t0;
     std::vector<float> sT(kTile * kTile), acc(kTile * H, 0.0f), m(kTile, -1e30f), l(kTile, 0.0f);
     for (int64_t kt = 0; kt <= qt; ++kt) {
       const Pair pair = Classify(tiles[b * d.tiles + qt], tiles[b * d.tiles + kt], qt, kt);
@@ -237,7 +263,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         vf top = Load(m.data() + u);
         for (int j = 0; j < kTile; ++j) {
           const vf x = Load(sT.data() + j * kTile + u);
-          const vf y = masked ? (Visible(s0 + j, lo + u, hi + u) ? x : vf{} - 1e30f) : x;
+          const vf y = masked ? (Visible(s0 + j, shared + u, lo + u, hi + u) ? x : vf{} - 1e30f) : x;
           top = y > top ? y : top;
         }
         const vf correction = ExpV(Load(m.data() + u) - top);
@@ -245,7 +271,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         for (int j = 0; j < kTile; ++j) {
           float* row = sT.data() + j * kTile + u;
           vf p = ExpV(Load(row) - top);
-          if (masked) p = Visible(s0 + j, lo + u, hi + u) ? p : vf{};
+          if (masked) p = Visible(s0 + j, shared + u, lo + u, hi + u) ? p : vf{};
           Store(row, p);
           sum += p;
         }
@@ -332,7 +358,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         const float *qs = qs_all.at(b, n, t0), *qTs = qT.data() + (bn * Tp + t0) * H,
                     *dos = dos_all.at(b, n, t0), *doTs = doT.data() + (bn * Tp + t0) * H,
                     *lse_t = lse_p.data() + bn * Tp + t0, *delta_t = delta.data() + bn * Tp + t0;
-        const int32_t *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
+        const int32_t *shared = bounds.shared.data() + b * Tp + t0,
+                      *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
         // pT = softmax probabilities, recomputed from the saved log-sum-exp; dpT = v do^T.
         Gemm<false>(kTile, kTile, H, ks, ks_all.ld, qTs, kTile, pT.data(), kTile, false);
         Gemm<false>(kTile, kTile, H, vs, vs_all.ld, doTs, kTile, dsT.data(), kTile, false);
@@ -340,7 +367,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           for (int u = 0; u < kTile; u += kLanes) {  // dsT = pT * (dpT - delta)
             float *p = pT.data() + j * kTile + u, *ds = dsT.data() + j * kTile + u;
             vf prob = ExpV(Load(p) - Load(lse_t + u));
-            if (masked) prob = Visible(s0 + j, lo + u, hi + u) ? prob : vf{};
+            if (masked) prob = Visible(s0 + j, shared + u, lo + u, hi + u) ? prob : vf{};
             Store(p, prob);
             Store(ds, prob * (Load(ds) - Load(delta_t + u)));
           }

@@ -7,6 +7,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ttsi_jax.model import cpu_kernels
 
+# The segment of a shared prefix: a run that opens a row, seen by every later token of the row.
+SHARED_PREFIX = -2
+
 
 def supports(head_dim: int) -> bool:
   return head_dim % 16 == 0
@@ -30,7 +33,8 @@ def _forward_call(q, k, v, segments):
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT):
   """Softmax attention of each token to the earlier tokens of its own segment, computed and returned
   in float32: query i sees key j when j <= i and segments[j] == segments[i] >= 0; -1 marks padding
-  (its output is 0). Segments are contiguous runs, as packed training rows hold them.
+  (its output is 0). Segments are contiguous runs, as packed rows hold them; a run of SHARED_PREFIX
+  that opens a row is seen by every later token of the row (prompts that begin alike, packed).
 
   q, k and v may come in any float dtype: they are converted at the kernel's call, so that the
   backward pass saves them as they came (float32 copies of bfloat16 ones cost the layer scan

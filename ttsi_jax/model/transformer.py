@@ -175,7 +175,7 @@ class PackedPrompts:
   itself, and each prompt's keys and values land left-padded in its own cache row, the layout
   every later call reads."""
 
-  segments_1T: jax.Array  # int32 prompt of each token, -1 for padding
+  segments_1T: jax.Array  # int32 prompt of each token, -1 for padding, SHARED_PREFIX for a shared prefix
   to_cache_BP: jax.Array  # int32 token (T: none, the slot is padding) held by each cache slot
 
   def to_cache(self, x_1Tc: jax.Array, fill) -> jax.Array:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttsi_jax.model import cpu_attention
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
@@ -69,28 +70,50 @@ def left_pad(
   return tokens_BP, positions_BP
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+  """How many leading tokens all the prompts (two or more) share: `pack_prompts` runs them once."""
+  if len(prompts) < 2:
+    return 0
+  first = np.asarray(prompts[0])
+  shared = min(len(p) for p in prompts)
+  for ids in prompts[1:]:
+    differ = np.flatnonzero(np.asarray(ids[:shared]) != first[:shared])
+    shared = int(differ[0]) if differ.size else shared
+  return shared
+
+
 def pack_prompts(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int):
   """One row of the prompts back to back (tokens_1T, positions_1T; the row pads to a length bucket),
   the `transformer.PackedPrompts` that puts each into its cache row left-padded to `length` slots,
-  and last_1B, the row index of each prompt's last token (padding rows: 0)."""
-  total = sum(len(p) for p in prompts)
+  and last_1B, the row index of each prompt's last token (padding rows: 0).
+
+  The tokens all prompts begin with (a task's system prompt: a third of a BFCL prompt) open the row
+  once, as a shared prefix that every prompt's own tokens see (`cpu_attention.SHARED_PREFIX`); each
+  cache row still gets the whole prompt."""
+  shared = shared_prefix_length(prompts)
+  total = shared + sum(len(p) - shared for p in prompts)
   T = bucket(total, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE)
   tokens_1T = np.full((1, T), pad_id, np.int32)
   positions_1T = np.full((1, T), -1, np.int32)
   segments_1T = np.full((1, T), -1, np.int32)
   to_cache_BP = np.full((batch, length), T, np.int32)
   last_1B = np.zeros((1, batch), np.int32)
-  at = 0
+  if shared:
+    tokens_1T[0, :shared] = prompts[0][:shared]
+    positions_1T[0, :shared] = np.arange(shared)
+    segments_1T[0, :shared] = cpu_attention.SHARED_PREFIX
+  at = shared
   for b, ids in enumerate(prompts):
     n = len(ids)
     if n > length:
       raise ValueError(f"Prompt {b} has {n} tokens, more than the {length} allowed.")
-    tokens_1T[0, at : at + n] = ids
-    positions_1T[0, at : at + n] = np.arange(n)
-    segments_1T[0, at : at + n] = b
-    to_cache_BP[b, length - n :] = np.arange(at, at + n)
-    last_1B[0, b] = at + n - 1 if n else 0
-    at += n
+    own = n - shared
+    tokens_1T[0, at : at + own] = ids[shared:]
+    positions_1T[0, at : at + own] = np.arange(shared, n)
+    segments_1T[0, at : at + own] = b
+    to_cache_BP[b, length - n :] = np.concatenate([np.arange(shared), np.arange(at, at + own)])
+    last_1B[0, b] = at + own - 1 if own else max(n - 1, 0)
+    at += own
   return tokens_1T, positions_1T, transformer.PackedPrompts(segments_1T, to_cache_BP), last_1B
 
 

@@ -114,13 +114,24 @@ def candidate_logliks_after(
       segments_BT=segments_BT,
       select_BI=jnp.maximum(select_BI, 0),
   )
-  logp_BIV = jax.nn.log_softmax(logits_BIV, axis=-1)
-  logp_BIV = jnp.where(
-      (select_BI < 0)[..., None], jax.nn.log_softmax(prefix.last_logits_BV, axis=-1)[:, None], logp_BIV
+  # Each target's logit less the log-partition, from the prefix's last logits where select_BI < 0:
+  # no [B, I, V] log-softmax is written (its passes over the vocabulary cost more than the
+  # candidates' linear layers).
+  from_prefix_BI = select_BI < 0
+  targets_BI1 = jnp.maximum(targets_BI, 0)[..., None]
+  prefix_logits_B1V = prefix.last_logits_BV[:, None]
+
+  def per_target(fn):
+    return jnp.where(from_prefix_BI, fn(prefix_logits_B1V), fn(logits_BIV))
+
+  token_logp_BI = per_target(
+      lambda logits: jnp.take_along_axis(logits, targets_BI1, -1)[..., 0] - jax.nn.logsumexp(logits, -1)
   )
-  token_logp_BI = jnp.take_along_axis(logp_BIV, jnp.maximum(targets_BI, 0)[..., None], axis=-1)[..., 0]
   if tail_mask_V is not None:
-    tail_logp_BI = jax.nn.logsumexp(jnp.where(tail_mask_V, logp_BIV, -jnp.inf), axis=-1)
+    tail_logp_BI = per_target(
+        lambda logits: jax.nn.logsumexp(jnp.where(tail_mask_V, logits, -jnp.inf), -1)
+        - jax.nn.logsumexp(logits, -1)
+    )
     token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI, token_logp_BI)
   return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
 
