@@ -110,7 +110,7 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     results.append((pre, loglik, s.continue_(pre, [[]] * len(prompts), sampling, keys_B)))
   (_, loglik, samples), (pre, sharded_loglik, sharded_samples) = results
   # 6 rows padded to 8, one per device: 6 would not split over 8 devices and be replicated.
-  assert pre.batch == 8 and pre.prefix.cache.k_LBSKH.sharding.spec[1] == ("data", "fsdp")
+  assert pre.batch == 8 and pre.prefix.cache.k_LBKSH.sharding.spec[1] == ("data", "fsdp")
   np.testing.assert_allclose(sharded_loglik, loglik, atol=1e-5, rtol=0)
   assert sharded_samples == samples
 

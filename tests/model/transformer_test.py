@@ -91,9 +91,12 @@ def test_prefill_in_causal_chunks_equals_attending_over_the_whole_cache(hf_check
   with contextlib.nullcontext() if fused_cpu_kernel else cpu_kernels.xla_ops():
     (chunked, chunked_cache), (full, full_cache) = run(True), run(False)
   np.testing.assert_allclose(np.asarray(chunked)[valid], np.asarray(full)[valid], atol=1e-4)
-  for got, want in ((chunked_cache.k_LBSKH, full_cache.k_LBSKH), (chunked_cache.v_LBSKH, full_cache.v_LBSKH)):
+  for got, want in ((chunked_cache.k_LBKSH, full_cache.k_LBKSH), (chunked_cache.v_LBKSH, full_cache.v_LBKSH)):
     np.testing.assert_allclose(
-        np.asarray(got)[:, :, :P][:, valid], np.asarray(want)[:, :, :P][:, valid], atol=1e-4
+        # [L, B, K, S, H] as [L, B, S, K, H]: the valid slots of each row
+        np.asarray(got).swapaxes(2, 3)[:, :, :P][:, valid],
+        np.asarray(want).swapaxes(2, 3)[:, :, :P][:, valid],
+        atol=1e-4,
     )
   # Decoding on from the chunked prefill gives the same next logits.
   next_tokens, next_positions = random_tokens(2, 1, seed=3), np.array([[P], [200]], np.int32)
@@ -217,13 +220,14 @@ def test_chunked_causal_attention_equals_full_attention_with_its_gradient(skip_p
   # No loss reads a padding query's output, so none flows back from it.
   cotangent = jax.random.normal(jax.random.key(1), (2, L, N * H)) * valid_BL1
   chunked = functools.partial(transformer._attend_causal, skip_padding=skip_padding)
-  for attend in (transformer._attend, chunked):
+  full = lambda q, k, v, mask: transformer._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+  for attend in (full, chunked):
     out, grads = jax.jit(
         lambda q, k, v: (lambda out, vjp: (out, vjp(cotangent)))(
             *jax.vjp(lambda q, k, v: attend(q, k, v, mask_BTT), q, k, v)
         )
     )(q, k, v)
-    if attend is transformer._attend:
+    if attend is full:
       want_out, want_grads = out, grads
   np.testing.assert_allclose(out * valid_BL1, want_out * valid_BL1, atol=1e-5)
   for got, want in zip(grads, want_grads):

@@ -170,8 +170,9 @@ def test_packed_prompts_prefill_the_same_cache_and_continue_the_same(sampler, mo
   np.testing.assert_array_equal(a.next_position_B, b.next_position_B)
   assert int(a.cache.end_index) == int(b.cache.end_index) == packed.used
   filled_BS = np.asarray(b.cache.positions_BS) >= 0
-  for x, y in ((a.cache.k_LBSKH, b.cache.k_LBSKH), (a.cache.v_LBSKH, b.cache.v_LBSKH)):
-    np.testing.assert_allclose(np.asarray(x)[:, filled_BS], np.asarray(y)[:, filled_BS], atol=1e-5)
+  for x, y in ((a.cache.k_LBKSH, b.cache.k_LBKSH), (a.cache.v_LBKSH, b.cache.v_LBKSH)):
+    x, y = np.asarray(x).swapaxes(2, 3), np.asarray(y).swapaxes(2, 3)  # [L, B, S, K, H]
+    np.testing.assert_allclose(x[:, filled_BS], y[:, filled_BS], atol=1e-5)
   np.testing.assert_allclose(a.last_logits_BV[: len(prompts)], b.last_logits_BV[: len(prompts)], atol=1e-4)
   greedy = SamplingParams(max_new_tokens=8)
   assert sampler.continue_(packed, [[]] * len(prompts), greedy) == sampler.continue_(

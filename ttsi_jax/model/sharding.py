@@ -53,7 +53,7 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("down_proj", "kernel"): ("layers", "mlp", "embed"),
 }
 
-CACHE_KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_KV_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
@@ -140,6 +140,6 @@ def shard_rows(mesh: Optional[Mesh], *arrays, row_axis: int = 0):
 
 def cache_sharding(mesh: Mesh, cache):
   """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
-  kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBSKH.shape))
+  kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBKSH.shape))
   rows = batch_sharding(mesh, cache.positions_BS.shape)
   return type(cache)(kv, kv, rows, rows, NamedSharding(mesh, P()))

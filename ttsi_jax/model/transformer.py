@@ -84,20 +84,22 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values for S slots; all rows write the same slot range (prompts are left-padded)."""
+  """Per-layer keys/values for S slots; all rows write the same slot range (prompts are left-padded).
+  Head-major ([L, B, K, S, H]): a decode step's attention reads a layer's slots as they lie, where
+  [L, B, S, K, H] cost a transposed copy of the whole cache per step (a third of a decode step)."""
 
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  k_LBKSH: jax.Array
+  v_LBKSH: jax.Array
   positions_BS: jax.Array  # int32 position of the token held in each slot, -1 when empty or padding
   segments_BS: jax.Array  # int32 segment of each slot (0 = shared prefix), see `forward`
   end_index: jax.Array  # int32 scalar: next slot to write
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     return cls(
-        k_LBSKH=jnp.zeros(shape, config.dtype),
-        v_LBSKH=jnp.zeros(shape, config.dtype),
+        k_LBKSH=jnp.zeros(shape, config.dtype),
+        v_LBKSH=jnp.zeros(shape, config.dtype),
         positions_BS=jnp.full((batch, length), -1, jnp.int32),
         segments_BS=jnp.zeros((batch, length), jnp.int32),
         end_index=jnp.zeros((), jnp.int32),
@@ -304,14 +306,17 @@ def _sub(lora, *names):
   return lora
 
 
-def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+def _heads_major(x_BSKH: jax.Array) -> jax.Array:
+  return x_BSKH.transpose(0, 2, 1, 3)
+
+
+def _attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
   """Softmax attention with grouped KV heads, computed head-major ([B, K, G x T, S]), the layout
-  whose gradient needs no transposed copies of the [T, S] probabilities."""
+  whose gradient needs no transposed copies of the [T, S] probabilities (and the cache's)."""
   B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1:3]
+  K, S = k_BKSH.shape[1:3]
   G = N // K
   q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   logits_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32).reshape(B, K, G, T, S) * (
       H**-0.5
   )
@@ -346,13 +351,13 @@ def _attend_causal(
   chunks = max(1, min(MAX_QUERY_CHUNKS, T // min_chunk))
   n = T // chunks
   if chunks == 1 or T % chunks:
-    return _attend(q_BTNH, k_BTKH, v_BTKH, mask_BTT)
+    return _attend(q_BTNH, _heads_major(k_BTKH), _heads_major(v_BTKH), mask_BTT)
 
   def chunk(q_BTNH, k_BTKH, v_BTKH, mask_BTT, c):
     return _attend(
         q_BTNH[:, c * n : (c + 1) * n],
-        k_BTKH[:, : (c + 1) * n],
-        v_BTKH[:, : (c + 1) * n],
+        _heads_major(k_BTKH[:, : (c + 1) * n]),
+        _heads_major(v_BTKH[:, : (c + 1) * n]),
         mask_BTT[:, c * n : (c + 1) * n, : (c + 1) * n],
     )
 
@@ -448,23 +453,23 @@ class Attention(nn.Module):
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     if kv is None:  # no cache: attend within the given tokens
-      k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
+      k_BKSH, v_BKSH, new_kv = _heads_major(k_BTKH), _heads_major(v_BTKH), None
     else:  # write this step's keys/values into the layer's slots, attend over all slots
-      k_cache_LBSKH, v_cache_LBSKH, layer, start = kv
+      k_cache_LBKSH, v_cache_LBKSH, layer, start = kv
       zero = jnp.zeros((), jnp.int32)
-      idx = (layer, zero, start, zero, zero)
+      idx = (layer, zero, zero, start, zero)
       k_new, v_new = k_BTKH, v_BTKH
       if prompts is not None:  # packed prompts: each to its own cache row
         k_new, v_new = prompts.to_cache(k_BTKH, 0), prompts.to_cache(v_BTKH, 0)
-      k_cache_LBSKH = jax.lax.dynamic_update_slice(
-          k_cache_LBSKH, k_new[None].astype(k_cache_LBSKH.dtype), idx
+      k_cache_LBKSH = jax.lax.dynamic_update_slice(
+          k_cache_LBKSH, _heads_major(k_new)[None].astype(k_cache_LBKSH.dtype), idx
       )
-      v_cache_LBSKH = jax.lax.dynamic_update_slice(
-          v_cache_LBSKH, v_new[None].astype(v_cache_LBSKH.dtype), idx
+      v_cache_LBKSH = jax.lax.dynamic_update_slice(
+          v_cache_LBKSH, _heads_major(v_new)[None].astype(v_cache_LBKSH.dtype), idx
       )
-      k_BSKH = k_cache_LBSKH[layer].astype(c.dtype)
-      v_BSKH = v_cache_LBSKH[layer].astype(c.dtype)
-      new_kv = (k_cache_LBSKH, v_cache_LBSKH)
+      k_BKSH = k_cache_LBKSH[layer].astype(c.dtype)
+      v_BKSH = v_cache_LBKSH[layer].astype(c.dtype)
+      new_kv = (k_cache_LBKSH, v_cache_LBKSH)
 
     if prompts is not None:  # packed prompts (CPU kernel only): each prompt to itself
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, prompts.segments_1T)
@@ -473,7 +478,7 @@ class Attention(nn.Module):
     elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
       out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
     else:
-      out_BTD = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+      out_BTD = _attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
     out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp)
     return out_BTD, new_kv
 
@@ -590,7 +595,7 @@ class Transformer(nn.Module):
         key_segments_BS = jax.lax.dynamic_update_slice(
             cache.segments_BS, query_segments_BT.astype(jnp.int32), at
         )
-      carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
+      carry = (x_BTD, cache.k_LBKSH, cache.v_LBKSH)
     if prompts is not None:  # the fused kernel masks by segments
       mask_BTS = None
     elif packing is not None:  # packed rows: attention runs on their sequences (Packing)
