@@ -96,6 +96,35 @@ def test_bfloat16_inputs_are_saved_as_they_came_and_get_bfloat16_gradients():
     np.testing.assert_allclose(np.float32(got), want, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize("T, N, K", [(1, 9, 3), (5, 4, 2), (40, 2, 2)])
+def test_cache_attention_equals_masked_softmax_over_the_layers_slots(T, N, K):
+  # A cache of 3 layers, rows that see a left-padded prompt and new tokens, a row that sees a
+  # shared first segment and its own slots, and a row that sees nothing (its output is 0).
+  L, B, S, H = 3, 4, 200, 16
+  keys = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(keys[0], (B, T, N, H))
+  k_cache, v_cache = (jax.random.normal(key, (L, B, K, S, H)) for key in keys[1:])
+  slot, query = np.arange(S), np.arange(T)[:, None]
+  mask_BTS = np.stack(
+      [
+          (slot >= 30) & (slot < 120 + query),  # left padding, then the prompt and new tokens
+          (slot < 20 + query),
+          (slot < 64) | ((slot >= 100 + 2 * query) & (slot < 100 + 2 * query + 3)),
+          np.zeros((T, S), bool),
+      ]
+  )
+  for layer in (0, 2):
+    got = cpu_attention.cache_attention(q, k_cache, v_cache, layer, mask_BTS)
+    want = transformer._attend(q, k_cache[layer], v_cache[layer], mask_BTS).reshape(B, T, N, H)
+    want = want * mask_BTS.any(-1)[:, :, None, None]
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  # Mapped over a leading axis (per-row adapters' calls), each index with its own layer.
+  got = jax.vmap(cpu_attention.cache_attention, in_axes=(None, None, None, 0, None))(
+      q, k_cache, v_cache, jnp.array([2, 0]), mask_BTS
+  )
+  np.testing.assert_allclose(got[1], cpu_attention.cache_attention(q, k_cache, v_cache, 0, mask_BTS), atol=0)
+
+
 def test_fused_attention_maps_over_leading_axes():
   q, k, v = (jax.random.normal(key, (3, 1, 100, 4, 16)) for key in jax.random.split(jax.random.key(1), 3))
   segments = jnp.asarray(np.stack([_segments(100, [(n, 0)]) for n in (100, 50, 7)]))[:, None]

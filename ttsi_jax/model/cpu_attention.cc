@@ -409,7 +409,106 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// Attention of a few new tokens over one layer of a KV cache (a decode step, an extension of a
+// prefix, candidates scored after it). XLA copied the layer's keys and values out of the stacked
+// cache on every call, and attended over all its slots; this reads them where they lie, and only
+// the slots some query of the row sees (a row's left padding and free slots are skipped).
+// q [..., B, T, N, H], caches [..., L, B, K, S, H], layer [...] (the layer to read), mask
+// [..., B, T, S] (query t sees slot s) -> out [..., B, T, N, H]. Float32; H a multiple of 16.
+ffi::Error CacheForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc,
+                        ffi::Buffer<ffi::F32> vc, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::PRED> mask,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = kc.dimensions(), vd = vc.dimensions(), md = mask.dimensions();
+  const size_t r = qd.size();
+  if (r < 4 || kd.size() != r + 1 || vd.size() != r + 1 || md.size() != r - 1)
+    return ffi::Error::InvalidArgument(
+        "cache attention: q must be [..., B, T, N, H], the caches [..., L, B, K, S, H], mask [..., B, T, S]");
+  const int64_t B = qd[r - 4], T = qd[r - 3], N = qd[r - 2], H = qd[r - 1];
+  const int64_t L = kd[r - 4], K = kd[r - 2], S = kd[r - 1];
+  for (size_t i = 0; i + 4 < r; ++i)
+    if (kd[i] != qd[i] || md[i] != qd[i])
+      return ffi::Error::InvalidArgument("cache attention: q, caches and mask disagree in leading axes");
+  for (size_t i = 0; i <= r; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("cache attention: k and v caches differ in shape");
+  if (kd[r - 3] != B || kd[r] != H || md[r - 4] != B || md[r - 3] != T || md[r - 2] != S)
+    return ffi::Error::InvalidArgument("cache attention: q, caches and mask disagree in shape");
+  if (N % K != 0 || H % 16 != 0)
+    return ffi::Error::InvalidArgument("cache attention: heads must group evenly and H be a multiple of 16");
+  const int64_t outer = B ? static_cast<int64_t>(q.element_count()) / (B * T * N * H) : 0;
+  if (layer.element_count() != 1 && static_cast<int64_t>(layer.element_count()) != outer)
+    return ffi::Error::InvalidArgument("cache attention: one layer index per leading index");
+  const int32_t* layers = layer.typed_data();
+  for (size_t i = 0; i < layer.element_count(); ++i)
+    if (layers[i] < 0 || layers[i] >= L) return ffi::Error::InvalidArgument("cache attention: layer out of range");
+  const int64_t G = N / K, Q = T * G, Qp = (Q + kLanes - 1) / kLanes * kLanes;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const float *qp = q.typed_data(), *kp = kc.typed_data(), *vp = vc.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  // Tasks (leading index, row, kv head); lane q of a tile is query token q / G, head q % G.
+  ParallelFor(pool, outer * B * K, [&](int64_t task) {
+    const int64_t kv = task % K, b = (task / K) % B, o = task / (K * B);
+    const int64_t l = layers[layer.element_count() == 1 ? 0 : o];
+    const bool* m = mp + (o * B + b) * T * S;  // [T, S]
+    int64_t lo = S, hi = -1;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < S; ++s)
+        if (m[t * S + s]) lo = std::min(lo, s), hi = std::max(hi, s);
+    auto out_at = [&](int64_t t, int64_t g) { return op + (((o * B + b) * T + t) * N + kv * G + g) * H; };
+    if (hi < lo) {  // no slot seen (padding rows)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < G; ++g) std::fill(out_at(t, g), out_at(t, g) + H, 0.0f);
+      return;
+    }
+    const int64_t n = hi - lo + 1, at = ((((o * L + l) * B + b) * K + kv) * S + lo) * H;
+    std::vector<float> qT(H * Qp, 0.0f), sT(n * Qp), acc(Qp * H);
+    std::vector<int32_t> seen(n * Qp, 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = qp + (((o * B + b) * T + t) * N + kv * G + g) * H;
+        for (int64_t h = 0; h < H; ++h) qT[h * Qp + t * G + g] = src[h] * scale;
+        for (int64_t j = 0; j < n; ++j) seen[j * Qp + t * G + g] = m[t * S + lo + j] ? -1 : 0;
+      }
+    Gemm<false>(n, Qp, H, kp + at, H, qT.data(), Qp, sT.data(), Qp, false);  // sT[j, q] = k_j . q
+    std::vector<float> sum(Qp);
+    for (int64_t u = 0; u < Qp; u += kLanes) {  // softmax over the slots, kLanes queries at a time
+      vf top = vf{} - 1e30f;
+      for (int64_t j = 0; j < n; ++j) {
+        const vf x = Load(sT.data() + j * Qp + u);
+        top = (LoadI(seen.data() + j * Qp + u) != 0) & (x > top) ? x : top;
+      }
+      vf total = vf{};
+      for (int64_t j = 0; j < n; ++j) {
+        float* row = sT.data() + j * Qp + u;
+        const vf p = LoadI(seen.data() + j * Qp + u) != 0 ? ExpV(Load(row) - top) : vf{};
+        Store(row, p);
+        total += p;
+      }
+      Store(sum.data() + u, total);
+    }
+    Gemm<true>(Qp, H, n, sT.data(), Qp, vp + at, H, acc.data(), H, false);  // acc[q] = sum_j sT[j, q] v_j
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t lane = t * G + g;
+        const float inv = sum[lane] > 0 ? 1.0f / sum[lane] : 0.0f;
+        float* dst = out_at(t, g);
+        for (int64_t h = 0; h < H; ++h) dst[h] = acc[lane * H + h] * inv;
+      }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiCacheAttention, CacheForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiAttentionForward, Forward,
                               ffi::Ffi::Bind()

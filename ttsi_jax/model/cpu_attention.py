@@ -61,3 +61,14 @@ def _bwd(residuals, dout):
 
 
 causal_attention.defvjp(_fwd, _bwd)
+
+
+def cache_attention(q_BTNH, k_cache_LBKSH, v_cache_LBKSH, layer, mask_BTS):
+  """Softmax attention of the tokens q over layer `layer` of a float32 KV cache, query t seeing
+  slot s where mask_BTS[b, t, s] (a token that sees none gets 0), computed in float32: decoding,
+  extending a prefix and scoring candidates after it read the layer where it lies in the stacked
+  cache and only the slots their row sees. Inference only (no gradient)."""
+  cpu_kernels.require()
+  return jax.ffi.ffi_call(
+      "ttsi_cache_attention", jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32), vmap_method="broadcast_all"
+  )(q_BTNH.astype(jnp.float32), k_cache_LBKSH, v_cache_LBKSH, jnp.asarray(layer, jnp.int32), mask_BTS)

@@ -1,9 +1,10 @@
-"""The C++ kernels of XLA:CPU training and prefill, built once per machine and called through `jax.ffi`.
+"""The C++ kernels of XLA:CPU training, prefill and decoding, built once per machine and called
+through `jax.ffi`.
 
 XLA:CPU has no fused attention, and it runs the per-block rank-R products of packed LoRA rows as
 small batched dots far below matmul speed. `cpu_attention.cc` (flash attention, forward and
-backward) and `cpu_lora.cc` (the LoRA branch of packed rows and its gradients) do that work on
-XLA's intra-op threads. They are compiled once per machine with the system's C++ compiler into a
+backward; attention over a layer of the KV cache where it lies) and `cpu_lora.cc` (the LoRA branch
+of packed rows and its gradients) do that work on XLA's intra-op threads. They are compiled once per machine with the system's C++ compiler into a
 cache folder and loaded from there; where no compiler works, `available()` says why and the model
 keeps XLA's ops. `cpu_attention.py` and `cpu_lora.py` hold the ops.
 
@@ -32,6 +33,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-e
 _TARGETS = {
     "ttsi_attention_forward": "TtsiAttentionForward",
     "ttsi_attention_backward": "TtsiAttentionBackward",
+    "ttsi_cache_attention": "TtsiCacheAttention",
     "ttsi_lora_narrow": "TtsiLoraNarrow",
     "ttsi_lora_wide": "TtsiLoraWide",
     "ttsi_lora_wide_add": "TtsiLoraWideAdd",

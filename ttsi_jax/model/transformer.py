@@ -452,9 +452,8 @@ class Attention(nn.Module):
       out_BTD = saved(out_BTD)  # the fused kernel saves its own
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
-    if kv is None:  # no cache: attend within the given tokens
-      k_BKSH, v_BKSH, new_kv = _heads_major(k_BTKH), _heads_major(v_BTKH), None
-    else:  # write this step's keys/values into the layer's slots, attend over all slots
+    new_kv = None  # no cache: attend within the given tokens
+    if kv is not None:  # write this step's keys/values into the layer's slots, attend over all slots
       k_cache_LBKSH, v_cache_LBKSH, layer, start = kv
       zero = jnp.zeros((), jnp.int32)
       idx = (layer, zero, zero, start, zero)
@@ -467,8 +466,6 @@ class Attention(nn.Module):
       v_cache_LBKSH = jax.lax.dynamic_update_slice(
           v_cache_LBKSH, _heads_major(v_new)[None].astype(v_cache_LBKSH.dtype), idx
       )
-      k_BKSH = k_cache_LBKSH[layer].astype(c.dtype)
-      v_BKSH = v_cache_LBKSH[layer].astype(c.dtype)
       new_kv = (k_cache_LBKSH, v_cache_LBKSH)
 
     if prompts is not None:  # packed prompts (CPU kernel only): each prompt to itself
@@ -477,7 +474,13 @@ class Attention(nn.Module):
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32))
     elif self.prefill:  # the cache held nothing before these tokens: they attend to each other only
       out_BTD = _attend_causal(q_BTNH, k_BTKH, v_BTKH, mask_BTS[:, :, :T], skip_padding=skip_padding)
+    elif kv is None:
+      out_BTD = _attend(q_BTNH, _heads_major(k_BTKH), _heads_major(v_BTKH), mask_BTS)
+    elif fused_cpu_attention(c) and k_cache_LBKSH.dtype == jnp.float32:  # the layer where it lies
+      out_BTNH = cpu_attention.cache_attention(q_BTNH, k_cache_LBKSH, v_cache_LBKSH, layer, mask_BTS)
+      out_BTD = out_BTNH.reshape(B, T, -1).astype(q_BTNH.dtype)
     else:
+      k_BKSH, v_BKSH = (x[layer].astype(c.dtype) for x in (k_cache_LBKSH, v_cache_LBKSH))
       out_BTD = _attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
     out_BTD = dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp)
     return out_BTD, new_kv
