@@ -118,11 +118,14 @@ def test_cache_attention_equals_masked_softmax_over_the_layers_slots(T, N, K):
     want = transformer._attend(q, k_cache[layer], v_cache[layer], mask_BTS).reshape(B, T, N, H)
     want = want * mask_BTS.any(-1)[:, :, None, None]
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
-  # Mapped over a leading axis (per-row adapters' calls), each index with its own layer.
-  got = jax.vmap(cpu_attention.cache_attention, in_axes=(None, None, None, 0, None))(
-      q, k_cache, v_cache, jnp.array([2, 0]), mask_BTS
-  )
-  np.testing.assert_allclose(got[1], cpu_attention.cache_attention(q, k_cache, v_cache, 0, mask_BTS), atol=0)
+  # Mapped over a leading axis (per-row adapters' calls): each index its own queries, caches, layer
+  # and mask.
+  qs, k_caches, v_caches = (jnp.stack([x, x[..., ::-1]]) for x in (q, k_cache, v_cache))
+  masks, layers = np.stack([mask_BTS, mask_BTS[::-1]]), jnp.array([2, 0])
+  got = jax.vmap(cpu_attention.cache_attention)(qs, k_caches, v_caches, layers, masks)
+  for i in range(2):
+    want = cpu_attention.cache_attention(qs[i], k_caches[i], v_caches[i], layers[i], masks[i])
+    np.testing.assert_array_equal(got[i], want)
 
 
 def test_fused_attention_maps_over_leading_axes():

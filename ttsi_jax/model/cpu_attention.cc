@@ -5,7 +5,8 @@
 // dots run far below matmul speed, so attention cost a training step more than all its linear
 // layers. This kernel works in 64 x 64 tiles (flash attention: an online softmax, nothing [T, S]
 // kept), skips the tiles that causality or the segments mask out, and spreads (sequence row,
-// head, tile) tasks over XLA's intra-op thread pool.
+// head, tile) tasks over XLA's intra-op thread pool. `CacheForward` (below) is the attention of a
+// few new tokens over one layer of a KV cache (decoding).
 //
 // Layout: q [..., T, N, H], k and v [..., T, K, H] (N = G x K grouped query heads), segments
 // [..., T] int32. Query i sees key j when j <= i, segments[j] >= 0 and segments[i] ==
@@ -432,9 +433,10 @@ ffi::Error CacheForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("cache attention: k and v caches differ in shape");
   if (kd[r - 3] != B || kd[r] != H || md[r - 4] != B || md[r - 3] != T || md[r - 2] != S)
     return ffi::Error::InvalidArgument("cache attention: q, caches and mask disagree in shape");
-  if (N % K != 0 || H % 16 != 0)
+  if (q.element_count() == 0) return ffi::Error::Success();
+  if (K == 0 || N % K != 0 || H % 16 != 0)
     return ffi::Error::InvalidArgument("cache attention: heads must group evenly and H be a multiple of 16");
-  const int64_t outer = B ? static_cast<int64_t>(q.element_count()) / (B * T * N * H) : 0;
+  const int64_t outer = static_cast<int64_t>(q.element_count()) / (B * T * N * H);
   if (layer.element_count() != 1 && static_cast<int64_t>(layer.element_count()) != outer)
     return ffi::Error::InvalidArgument("cache attention: one layer index per leading index");
   const int32_t* layers = layer.typed_data();

@@ -8,6 +8,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ttsi_jax.model import cpu_kernels
 
 # The segment of a shared prefix: a run that opens a row, seen by every later token of the row.
+# (Not `transformer.forward`'s segment 0, the slots every candidate after a cached prompt sees.)
 SHARED_PREFIX = -2
 
 
@@ -67,7 +68,8 @@ def cache_attention(q_BTNH, k_cache_LBKSH, v_cache_LBKSH, layer, mask_BTS):
   """Softmax attention of the tokens q over layer `layer` of a float32 KV cache, query t seeing
   slot s where mask_BTS[b, t, s] (a token that sees none gets 0), computed in float32: decoding,
   extending a prefix and scoring candidates after it read the layer where it lies in the stacked
-  cache and only the slots their row sees. Inference only (no gradient)."""
+  cache and only the slots their row sees. Inference only (no gradient). The call has no
+  partitioning rule: on a multi-device CPU mesh (tests) XLA gathers the cache for it."""
   cpu_kernels.require()
   return jax.ffi.ffi_call(
       "ttsi_cache_attention", jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32), vmap_method="broadcast_all"

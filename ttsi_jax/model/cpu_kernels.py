@@ -4,9 +4,10 @@ through `jax.ffi`.
 XLA:CPU has no fused attention, and it runs the per-block rank-R products of packed LoRA rows as
 small batched dots far below matmul speed. `cpu_attention.cc` (flash attention, forward and
 backward; attention over a layer of the KV cache where it lies) and `cpu_lora.cc` (the LoRA branch
-of packed rows and its gradients) do that work on XLA's intra-op threads. They are compiled once per machine with the system's C++ compiler into a
-cache folder and loaded from there; where no compiler works, `available()` says why and the model
-keeps XLA's ops. `cpu_attention.py` and `cpu_lora.py` hold the ops.
+of packed rows and its gradients) do that work on XLA's intra-op threads. They are compiled once
+per machine with the system's C++ compiler into a cache folder and loaded from there; where no
+compiler works, `available()` says why and the model keeps XLA's ops. `cpu_attention.py` and
+`cpu_lora.py` hold the ops.
 
 `TTSI_JAX_CPU_KERNELS=xla` turns the kernels off; `xla_ops()` does so for a block (the bench times
 both in one run).

@@ -91,7 +91,7 @@ class KVCache:
   k_LBKSH: jax.Array
   v_LBKSH: jax.Array
   positions_BS: jax.Array  # int32 position of the token held in each slot, -1 when empty or padding
-  segments_BS: jax.Array  # int32 segment of each slot (0 = shared prefix), see `forward`
+  segments_BS: jax.Array  # int32 segment of each slot (0 = seen by every segment), see `forward`
   end_index: jax.Array  # int32 scalar: next slot to write
 
   @classmethod
@@ -174,8 +174,9 @@ class Packing:
 class PackedPrompts:
   """Prompts packed back to back in one row for a prefill (`ttsi_jax.text.sampler.pack_prompts`
   builds it): the linear layers run on their real tokens only, attention keeps each prompt to
-  itself, and each prompt's keys and values land left-padded in its own cache row, the layout
-  every later call reads."""
+  itself (and to the tokens all prompts begin with, run once at the row's start), and each
+  prompt's keys and values land left-padded in its own cache row, the layout every later call
+  reads."""
 
   segments_1T: jax.Array  # int32 prompt of each token, -1 for padding, SHARED_PREFIX for a shared prefix
   to_cache_BP: jax.Array  # int32 token (T: none, the slot is padding) held by each cache slot
@@ -453,7 +454,7 @@ class Attention(nn.Module):
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
 
     new_kv = None  # no cache: attend within the given tokens
-    if kv is not None:  # write this step's keys/values into the layer's slots, attend over all slots
+    if kv is not None:  # write this step's keys/values into the layer's slots, attend over them
       k_cache_LBKSH, v_cache_LBKSH, layer, start = kv
       zero = jnp.zeros((), jnp.int32)
       idx = (layer, zero, zero, start, zero)
@@ -468,7 +469,7 @@ class Attention(nn.Module):
       )
       new_kv = (k_cache_LBKSH, v_cache_LBKSH)
 
-    if prompts is not None:  # packed prompts (CPU kernel only): each prompt to itself
+    if prompts is not None:  # packed prompts (CPU kernel only): each to itself and the shared prefix
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, prompts.segments_1T)
     elif self.prefill and fused_cpu_attention(c):  # left-padded prompts: one segment per row
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, jnp.where(positions_BT >= 0, 0, -1).astype(jnp.int32))
