@@ -153,6 +153,10 @@ def test_packed_prompts_run_the_tokens_they_begin_with_once():
     assert tokens_1T[0, slots].tolist() == ids
     assert positions_1T[0, slots].tolist() == list(range(len(ids)))
     assert last_1B[0, b] == slots[-1]
+  # The same prompt twice: all of it is shared, run once, and each row's last token is its end.
+  same = prompts[:1] * 2
+  _, _, packed, last_1B = sampler_lib.pack_prompts(same, 112, 2, 0)
+  assert (np.asarray(packed.segments_1T[0]) == -2).sum() == 70 and last_1B[0].tolist() == [69, 69]
 
 
 @pytest.mark.parametrize("alike", [False, True])
