@@ -193,3 +193,27 @@ def test_packed_prompts_generate_what_left_padded_rows_generate(sampler, monkeyp
   packed = sampler.generate(prompts, params, jax.random.key(5))
   monkeypatch.setattr(sampler, "packs_prompts", lambda: False)
   assert packed == sampler.generate(prompts, params, jax.random.key(5))
+
+
+def test_per_row_adapters_continue_as_each_row_with_its_adapter_alone(sampler):
+  """Each row of a per-row-adapter prefix decodes what its prompt decodes with its adapter alone
+  (one call loops over all rows' steps; `sampler._decode`)."""
+  keys = jax.random.split(jax.random.key(7), 3)
+  adapters = [
+      jax.tree.map(
+          lambda w, k=k: w + 0.3 * jax.random.normal(k, w.shape, w.dtype),
+          lora_lib.init(sampler.config, k, 4, 8.0, lora_lib.ALL_LINEAR, 0.0),
+      )
+      for k in keys
+  ]
+  prompts, extensions = _prompts([5, 12, 9], seed=4), [[3], [], [4, 5]]
+  params = SamplingParams(max_new_tokens=6)
+  stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters)
+  pre = sampler.prefill(prompts, reserve=32, lora=stacked, lora_per_row=True)
+  rows = sampler.continue_(pre, extensions, params)
+  alone = [
+      sampler.continue_(sampler.prefill([p], reserve=32, lora=a), [e], params)[0]
+      for p, e, a in zip(prompts, extensions, adapters)
+  ]
+  assert rows == alone
+  assert rows != sampler.continue_(sampler.prefill(prompts, reserve=32), extensions, params)  # they adapt

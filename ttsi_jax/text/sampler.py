@@ -171,6 +171,19 @@ class Prefix:
   next_position_B: jax.Array
 
 
+# vmap axes of one-row prefixes of per-row adapters: every row writes the same cache slots, so the
+# end index is one scalar (a per-row one makes each cache write a scatter).
+_ROW_CACHE_AXES = KVCache(0, 0, 0, 0, None)
+_ROWS_SHARE_END = Prefix(_ROW_CACHE_AXES, 0, 0)
+
+
+def _shared_end(prefix: Prefix) -> Prefix:
+  """Per-row one-row prefixes (vmapped calls return the end index once per row) with the one end
+  index they share."""
+  end = prefix.cache.end_index
+  return prefix.replace(cache=prefix.cache.replace(end_index=end.reshape(-1)[0]))
+
+
 def _prefill(config, params, tokens_BP, positions_BP, lora, length) -> Prefix:
   B, P = tokens_BP.shape
   cache = KVCache.init(config, B, length)
@@ -214,11 +227,35 @@ def _decode(
     stop_ids: tuple[int, ...],
     pad_id: int,
     active_B=None,
+    per_row: bool = False,
 ):
-  """New tokens_BO after a prefix (pad after a row's stop token; inactive rows stop at once)."""
+  """New tokens_BO after a prefix (pad after a row's stop token; inactive rows stop at once).
+
+  `per_row`: row b has its own adapter (`lora` leaves [B, ...]) and `prefix` holds B one-row
+  prefixes ([B, 1, ...]; the end index shared): the loop runs over all rows and each step's
+  forward pass is vmapped over them. (A loop vmapped over rows selects between its old and new
+  state, the whole cache, on every step.)"""
   B = keys_B.shape[0]
   O = sampling.max_new_tokens
   stop = jnp.asarray(stop_ids, jnp.int32)
+  if per_row:
+    forward_rows = jax.vmap(
+        lambda lora, tokens, positions, cache: transformer.forward(
+            config, params, tokens, positions, cache, lora
+        ),
+        in_axes=(0, 0, 0, _ROW_CACHE_AXES),
+        out_axes=(0, _ROW_CACHE_AXES),
+    )
+
+    def forward(tokens_B1, positions_B1, cache):
+      logits_B11V, cache = forward_rows(lora, tokens_B1[:, None], positions_B1[:, None], cache)
+      return logits_B11V[:, 0], cache
+
+    prefix = Prefix(prefix.cache, prefix.last_logits_BV[:, 0], prefix.next_position_B[:, 0])
+  else:
+    forward = lambda tokens_B1, positions_B1, cache: transformer.forward(
+        config, params, tokens_B1, positions_B1, cache, lora
+    )
 
   def sample(logits_BV, step):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
@@ -237,7 +274,7 @@ def _decode(
   def body(state):
     step, last_B, cache, done_B, out_BO = state
     positions_B1 = (prefix.next_position_B + step - 1)[:, None]
-    logits_B1V, cache = transformer.forward(config, params, last_B[:, None], positions_B1, cache, lora)
+    logits_B1V, cache = forward(last_B[:, None], positions_B1, cache)
     new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
     done_B = done_B | jnp.isin(new_B, stop)
     out_BO = jax.lax.dynamic_update_slice(out_BO, new_B[:, None], (0, step))
@@ -309,7 +346,7 @@ def extend(params, prefix: Prefix, tokens_BE, lengths_B, lora=None, *, config: M
   return _extend(config, params, prefix, tokens_BE, lengths_B, lora)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("per_row",))
 def continue_tokens(
     params,
     prefix: Prefix,
@@ -323,10 +360,19 @@ def continue_tokens(
     sampling: SamplingParams,
     stop_ids: tuple[int, ...],
     pad_id: int,
+    per_row: bool = False,
 ):
-  """New tokens_BO after prefix + the (left-padded) extension tokens_BE; only active rows run."""
-  prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
-  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
+  """New tokens_BO after prefix + the (left-padded) extension tokens_BE; only active rows run.
+  `per_row`: each row with its own adapter and one-row prefix (see `_decode`)."""
+  if not per_row:
+    prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
+    return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
+  prefix = jax.vmap(
+      lambda prefix, tokens, lengths, lora: _extend(config, params, prefix, tokens, lengths, lora),
+      in_axes=(_ROWS_SHARE_END, 0, 0, 0),
+      out_axes=_ROWS_SHARE_END,
+  )(prefix, tokens_BE, lengths_B, lora)
+  return _decode(config, params, prefix, keys_B[:, 0], lora, sampling, stop_ids, pad_id, active_B[:, 0], True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,16 +519,17 @@ class Sampler:
     active_B[: pre.rows] = True if active is None else np.asarray(active, bool)
     keys_B = row_keys(rng, pre.rows, pre.batch)
     fn = functools.partial(
-        continue_tokens, config=self.config, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id
+        continue_tokens,
+        config=self.config,
+        sampling=sampling,
+        stop_ids=self.stop_ids,
+        pad_id=self.pad_id,
+        per_row=pre.per_row,
     )
-    out = self.call_rows(
-        fn,
-        pre.per_row,
-        pre.lora,
-        pre.prefix,
-        *self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B)),
-    )
-    out_BO = np.asarray(out[:, 0] if pre.per_row else out)
+    # Per-row adapters: one call that loops over every row's steps, not a vmapped call (see `_decode`).
+    prefix = _shared_end(pre.prefix) if pre.per_row else pre.prefix
+    rows = self._row_arrays(pre, (tokens_BE, lengths_B, keys_B, active_B))
+    out_BO = np.asarray(self.call_rows(fn, False, pre.lora, prefix, *rows))
     return [self._trim(out_BO[b]) if active_B[b] else [] for b in range(pre.rows)]
 
   def generate(
