@@ -149,11 +149,18 @@ def test_fused_attention_refuses_a_segment_split_in_two_runs():
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
 
 
-def test_fused_attention_refuses_a_shared_prefix_that_does_not_open_the_row():
+@pytest.mark.parametrize("before", [[0] * 20, [-1] * 20])
+def test_fused_attention_refuses_a_shared_prefix_that_does_not_open_the_row(before):
   q = jnp.zeros((1, 64, 4, 16))
-  segments = jnp.asarray([[0] * 20 + [cpu_attention.SHARED_PREFIX] * 44], jnp.int32)
+  segments = jnp.asarray([before + [cpu_attention.SHARED_PREFIX] * 44], jnp.int32)
   with pytest.raises(Exception, match="shared prefix .* must be one run that opens the row"):
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
+
+
+def test_cache_attention_names_a_layer_out_of_range():
+  q, cache, mask = jnp.zeros((1, 1, 2, 16)), jnp.zeros((2, 1, 2, 8, 16)), jnp.ones((1, 1, 8), bool)
+  with pytest.raises(Exception, match="layer out of range"):
+    jax.block_until_ready(cpu_attention.cache_attention(q, cache, cache, 2, mask))
 
 
 def test_packing_numbers_each_tokens_sequence_for_the_kernel():
