@@ -124,15 +124,12 @@ def candidate_logliks_after(
   def per_target(fn):
     return jnp.where(from_prefix_BI, fn(prefix_logits_B1V), fn(logits_BIV))
 
-  token_logp_BI = per_target(
-      lambda logits: jnp.take_along_axis(logits, targets_BI1, -1)[..., 0] - jax.nn.logsumexp(logits, -1)
-  )
+  log_partition_BI = per_target(lambda logits: jax.nn.logsumexp(logits, -1))
+  token_logp_BI = per_target(lambda logits: jnp.take_along_axis(logits, targets_BI1, -1)[..., 0])
+  token_logp_BI -= log_partition_BI
   if tail_mask_V is not None:
-    tail_logp_BI = per_target(
-        lambda logits: jax.nn.logsumexp(jnp.where(tail_mask_V, logits, -jnp.inf), -1)
-        - jax.nn.logsumexp(logits, -1)
-    )
-    token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI, token_logp_BI)
+    tail_logp_BI = per_target(lambda logits: jax.nn.logsumexp(jnp.where(tail_mask_V, logits, -jnp.inf), -1))
+    token_logp_BI = jnp.where(targets_BI == TAIL, tail_logp_BI - log_partition_BI, token_logp_BI)
   return _sum_by_candidate(token_logp_BI, owner_BI, num_candidates)
 
 
