@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import transformer
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text.sampler import SamplingParams
 
@@ -217,3 +218,41 @@ def test_per_row_adapters_continue_as_each_row_with_its_adapter_alone(sampler):
   ]
   assert rows == alone
   assert rows != sampler.continue_(sampler.prefill(prompts, reserve=32), extensions, params)  # they adapt
+
+
+@pytest.mark.parametrize("lora_kernel", [True, False])
+def test_per_row_adapters_prefill_packed_as_each_prompt_padded_alone(sampler, monkeypatch, lora_kernel):
+  """Prompts of per-row adapters packed in one row (each block through its prompt's adapter, in
+  the LoRA kernels of packed training or their one-hot form) prefill what the vmapped
+  left-padded rows prefill, in the same per-row layout."""
+  assert sampler.packs_prompts()
+  monkeypatch.setattr(transformer, "packed_lora_kernel", lambda *widths: lora_kernel)
+  jax.clear_caches()  # the monkeypatched choice is made while tracing
+  keys = jax.random.split(jax.random.key(3), 4)
+  adapters = [
+      jax.tree.map(
+          lambda w, k=k: w + 0.3 * jax.random.normal(k, w.shape, w.dtype),
+          lora_lib.init(sampler.config, k, 4, 8.0, lora_lib.ALL_LINEAR, 0.0),
+      )
+      for k in keys
+  ]
+  stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters)
+  prompts = _prompts([21, 3, 40], seed=6)  # 3 rows of a batch of 4: the last is padding
+  tokens_1T, _, packed_prompts, _ = sampler_lib.pack_prompts(prompts, 48, 4, 0, per_row_adapters=True)
+  starts = [np.flatnonzero(np.asarray(packed_prompts.adapter_1XA[0, :, b]))[0] for b in range(3)]
+  assert [s * sampler_lib.PER_ROW_BLOCK for s in starts] == [0, 32, 48]  # each on a block of its own
+  packed = sampler.prefill(prompts, reserve=8, lora=stacked, lora_per_row=True)
+  monkeypatch.setattr(sampler, "packs_prompts", lambda: False)
+  padded = sampler.prefill(prompts, reserve=8, lora=stacked, lora_per_row=True)
+  a, b = packed.prefix, padded.prefix
+  assert jax.tree.map(np.shape, a) == jax.tree.map(np.shape, b)
+  np.testing.assert_array_equal(a.cache.positions_BS, b.cache.positions_BS)
+  np.testing.assert_array_equal(a.cache.end_index, b.cache.end_index)
+  np.testing.assert_array_equal(a.next_position_B[:3], b.next_position_B[:3])
+  filled = np.asarray(b.cache.positions_BS)[:3, 0] >= 0  # [rows, S]
+  for x, y in ((a.cache.k_LBKSH, b.cache.k_LBKSH), (a.cache.v_LBKSH, b.cache.v_LBKSH)):
+    x, y = (np.asarray(z)[:3, :, 0].transpose(0, 3, 1, 2, 4) for z in (x, y))  # [rows, S, L, K, H]
+    np.testing.assert_allclose(x[filled], y[filled], rtol=1e-4, atol=1e-4)  # sums in another order
+  np.testing.assert_allclose(a.last_logits_BV[:3], b.last_logits_BV[:3], rtol=1e-4, atol=1e-4)
+  base = sampler.prefill(prompts, reserve=8)
+  assert not np.allclose(a.last_logits_BV[:3, 0], base.prefix.last_logits_BV[:3], atol=1e-2)  # adapted

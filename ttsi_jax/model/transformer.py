@@ -180,11 +180,23 @@ class PackedPrompts:
 
   segments_1T: jax.Array  # int32 prompt of each token, -1 for padding, SHARED_PREFIX for a shared prefix
   to_cache_BP: jax.Array  # int32 token (T: none, the slot is padding) held by each cache slot
+  # Prompts of per-row adapters: the one-hot adapter (cache row) of each block of the row, whose
+  # tokens go through that adapter's LoRA branch as in packed training rows (`Packing`); None: one
+  # adapter (or none) for every token.
+  adapter_1XA: Optional[jax.Array] = None
 
   def to_cache(self, x_1Tc: jax.Array, fill) -> jax.Array:
     """[1, T, ...] -> [B, P, ...]: each cache slot's token, `fill` in padding slots."""
     pad = jnp.full((1,) + x_1Tc.shape[2:], fill, x_1Tc.dtype)
     return jnp.concatenate([x_1Tc[0], pad])[self.to_cache_BP]
+
+
+def block_adapters(packing: Optional[Packing], prompts: Optional[PackedPrompts]) -> Optional[jax.Array]:
+  """The one-hot adapter of each block of packed rows (training rows, or prompts of per-row
+  adapters), or None: one adapter for every token."""
+  if packing is not None:
+    return packing.adapter_BXA
+  return None if prompts is None else prompts.adapter_1XA
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -418,9 +430,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None, prompts=None):
     c = self.config
-    per_block = None if packing is None else packing.adapter_BXA
     dense = lambda n, f, b: functools.partial(
-        Linear(f, b, c.dtype, c.param_dtype, name=n), adapter_BXA=per_block
+        Linear(f, b, c.dtype, c.param_dtype, name=n), adapter_BXA=block_adapters(packing, prompts)
     )
     B, T, _ = x_BTD.shape
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
@@ -518,9 +529,7 @@ class Block(nn.Module):
     )
     x_BTD = saved(x_BTD + h)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(
-        h, _sub(lora, "mlp"), lora_hp, None if packing is None else packing.adapter_BXA
-    )
+    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp, block_adapters(packing, prompts))
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
@@ -683,7 +692,8 @@ def forward(
   causally (the fused kernel on CPU, query chunks elsewhere), not over all the cache's slots (the
   free slots after the prompt hold nothing to see).
   `prompts` (with `prefill`, on the fused CPU kernel): the tokens are one row of prompts packed back to
-  back (`PackedPrompts`), written into the cache's rows left-padded as above.
+  back (`PackedPrompts`), written into the cache's rows left-padded as above; with per-row adapters
+  (`PackedPrompts.adapter_1XA`) `lora` holds one adapter per cache row, laid out as for `packing`.
   """
   if prefill and segments_BT is not None:
     raise ValueError("forward(prefill=True) takes left-padded prompts, one per row, not segments_BT.")

@@ -32,6 +32,10 @@ MIN_PROMPT_BUCKET = 32
 # the prefill's linear layers a token. H on 8 BFCL prompts: 1.12 s per prompt against 1.20 s with
 # 2 buckets per octave (README).
 PROMPT_BUCKETS_PER_OCTAVE = 4
+# Prompts of per-row adapters packed in one row start on blocks of this many tokens, each block
+# through its prompt's adapter (the LoRA kernels of packed training rows); a prompt pads its last
+# block, so smaller blocks pad less.
+PER_ROW_BLOCK = 16
 
 
 @flax.struct.dataclass
@@ -82,22 +86,29 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
   return shared
 
 
-def pack_prompts(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int):
+def pack_prompts(
+    prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int, per_row_adapters: bool = False
+):
   """One row of the prompts back to back (tokens_1T, positions_1T; the row pads to a length bucket),
   the `transformer.PackedPrompts` that puts each into its cache row left-padded to `length` slots,
   and last_1B, the row index of each prompt's last token (padding rows: 0).
 
   The tokens all prompts begin with (a task's system prompt: a third of a BFCL prompt) open the row
   once, as a shared prefix that every prompt's own tokens see (`cpu_attention.SHARED_PREFIX`); each
-  cache row still gets the whole prompt."""
-  shared = shared_prefix_length(prompts)
-  total = shared + sum(len(p) - shared for p in prompts)
-  T = bucket(total, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE)
+  cache row still gets the whole prompt.
+  `per_row_adapters`: prompt b runs through adapter b. Each prompt then starts a block of
+  `PER_ROW_BLOCK` tokens, whose LoRA branch is its adapter's (`PackedPrompts.adapter_1XA`), and
+  nothing is shared: the same tokens under two adapters have different keys and values."""
+  block = PER_ROW_BLOCK if per_row_adapters else 1
+  shared = 0 if per_row_adapters else shared_prefix_length(prompts)
+  total = shared + sum(-(-(len(p) - shared) // block) * block for p in prompts)
+  T = -(-bucket(total, MIN_PROMPT_BUCKET, PROMPT_BUCKETS_PER_OCTAVE) // block) * block
   tokens_1T = np.full((1, T), pad_id, np.int32)
   positions_1T = np.full((1, T), -1, np.int32)
   segments_1T = np.full((1, T), -1, np.int32)
   to_cache_BP = np.full((batch, length), T, np.int32)
   last_1B = np.zeros((1, batch), np.int32)
+  adapter_1XA = np.zeros((1, T // block, batch), bool) if per_row_adapters else None
   if shared:
     tokens_1T[0, :shared] = prompts[0][:shared]
     positions_1T[0, :shared] = np.arange(shared)
@@ -113,8 +124,11 @@ def pack_prompts(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_
     segments_1T[0, at : at + own] = b
     to_cache_BP[b, length - n :] = np.concatenate([np.arange(shared), np.arange(at, at + own)])
     last_1B[0, b] = at + own - 1 if own else max(n - 1, 0)
-    at += own
-  return tokens_1T, positions_1T, transformer.PackedPrompts(segments_1T, to_cache_BP), last_1B
+    if per_row_adapters:
+      adapter_1XA[0, at // block : -(-(at + own) // block), b] = True
+    at += -(-own // block) * block
+  packed = transformer.PackedPrompts(segments_1T, to_cache_BP, adapter_1XA)
+  return tokens_1T, positions_1T, packed, last_1B
 
 
 def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
@@ -334,6 +348,35 @@ def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None,
   return _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length)
 
 
+def _per_row(prefix: Prefix) -> Prefix:
+  """A prefix of B rows as B one-row prefixes (leading axis B): the layout of per-row-adapter calls,
+  which vmap over the rows (`_ROW_CACHE_AXES`)."""
+  cache = prefix.cache
+  rows = cache.positions_BS.shape[0]
+  return Prefix(
+      KVCache(
+          k_LBKSH=jnp.moveaxis(cache.k_LBKSH, 1, 0)[:, :, None],
+          v_LBKSH=jnp.moveaxis(cache.v_LBKSH, 1, 0)[:, :, None],
+          positions_BS=cache.positions_BS[:, None],
+          segments_BS=cache.segments_BS[:, None],
+          end_index=jnp.broadcast_to(cache.end_index, (rows,)),
+      ),
+      prefix.last_logits_BV[:, None],
+      prefix.next_position_B[:, None],
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def prefill_packed_per_row(params, tokens_1T, positions_1T, prompts, last_1B, lora, *, config, length: int):
+  """`prefill_packed` of prompts packed for per-row adapters (`pack_prompts(per_row_adapters=True)`;
+  `lora` leaves [B, L, ...]), as B one-row prefixes (`_per_row`): one pass over all the prompts'
+  tokens, each block through its row's adapter, where a vmapped prefill pads every prompt to the
+  longest."""
+  by_layer = jax.tree.map(lambda w: jnp.swapaxes(w, 0, 1), lora)  # [L, B, ...]: the scan slices L
+  prefix = _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, by_layer, length)
+  return _per_row(prefix)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "length"))
 def prefill(params, tokens_BP, positions_BP, lora=None, *, config: ModelConfig, length: int):
   """A `Prefix` whose cache holds `length` slots (the prompt's and room for what follows)."""
@@ -469,9 +512,12 @@ class Sampler:
     batch = sharding.fill_batch_shards(self.mesh, bucket(len(prompts)))
     if lora_per_row:
       lora = lora_lib.take_padded(lora, len(prompts), batch)
-    if not lora_per_row and self.packs_prompts():
-      tokens_1T, positions_1T, packed, last_1B = pack_prompts(prompts, length, batch, self.pad_id)
-      prefix = prefill_packed(
+    if self.packs_prompts():
+      tokens_1T, positions_1T, packed, last_1B = pack_prompts(
+          prompts, length, batch, self.pad_id, lora_per_row
+      )
+      fn = prefill_packed_per_row if lora_per_row else prefill_packed
+      prefix = fn(
           self.params, tokens_1T, positions_1T, packed, last_1B, lora, config=self.config, length=capacity
       )
       return Prefilled(prefix, len(prompts), batch, length, capacity, lora, lora_per_row)
