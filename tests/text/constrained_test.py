@@ -33,6 +33,45 @@ def test_leading_literal(text, value):
     bfcl.parse_calls(f"[f(x={value})]")
 
 
+@pytest.mark.parametrize(
+    "text,end",
+    [
+        ("5, b=2)]", 1),
+        ("'Paris, France')]", 15),
+        ("[3, 4], x=1)", 6),
+        ("{'a': (1, 2)})", 13),
+        ("Paris)]", 5),
+        ('"it\'s, ok" , 2)', 11),
+        ("'a\\', b', c)", 8),  # an escaped quote does not close the string
+        ("'''x, y''', 1)", 10),
+        ("print(1))", 8),
+        ("(oops", None),
+        ("[" * 9 + "1" + "]" * 7 + ", 2]])", 17),  # nested deeper than LITERAL_DEPTH: ends early
+    ],
+)
+def test_literal_end_states_end_a_value_where_leading_literal_can_first_cut_it(text, end):
+  """Fed one character per token, the rule ends at the first ',' or ')' outside quotes and
+  brackets; before it `leading_literal` finds nothing, and there it finds what it finds in the
+  whole text (or nothing: the decoder then decodes in full). Multi-character tokens too."""
+  pieces = sorted(set(text)) + ["='", "',", "')]", "), ", "x"]
+  table_VS = constrained.literal_end_states(pieces)
+  assert table_VS.shape == (len(pieces), 6 * constrained.LITERAL_DEPTH + 1)
+
+  def run(tokens):  # the index of the token that ended it, or None
+    state = 0
+    for i, token in enumerate(tokens):
+      state = table_VS[pieces.index(token), state]
+      if state == table_VS.shape[1] - 1:
+        return i
+    return None
+
+  assert run(list(text)) == end
+  if end is not None:
+    assert all(constrained.leading_literal(text[:i]) is None for i in range(end + 1))
+    assert constrained.leading_literal(text[: end + 1]) in (constrained.leading_literal(text), None)
+  assert run(["='", "x", "',"]) == 2 and run(["='", "')]"]) == 1 and run(["='", "x", "), "]) is None
+
+
 class _CharTokenizer:
   """Bytes as tokens (ids 1..256), so the tiny test model can write any text."""
 
@@ -76,6 +115,27 @@ def test_decoded_calls_parse_and_use_only_schema_keywords(hf_checkpoints):
     assert not parsed[0].positional
   with pytest.raises(ValueError, match="'send_email' is not among the offered functions"):
     decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["send_email", "get_weather"])
+
+
+def test_values_end_early_and_equal_values_decoded_to_max_value_tokens(hf_checkpoints, monkeypatch):
+  """Value decoding ends at `literal_end_states`' end (and decodes again in full where no literal
+  is complete there): the calls equal those of values always decoded to max_value_tokens.
+  Sampled values of a random byte-level model, most of them incomplete."""
+  import jax
+
+  config, params = hf.load(hf_checkpoints["qwen2"][0])
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)
+  tok = _CharTokenizer()
+  decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=12, max_args=4)
+  prompts = [tok.encode(t) for t in ("Weather in Paris?", "city='Oslo', days=3)", "Hi", "x=1,")]
+  pre = sampler.prefill(prompts, reserve=256)
+  sampling = sampler_lib.SamplingParams(temperature=1.0)
+  args = ([FUNCTIONS] * 4, ["get_weather"] * 4)
+  calls = [decoder.decode(pre, *args, sampling=sampling, rng=jax.random.key(s)) for s in range(6)]
+  continue_, ended = sampler.continue_, []
+  monkeypatch.setattr(sampler, "continue_", lambda *a: ended.append(len(a) > 5) or continue_(*a[:5]))
+  assert calls == [decoder.decode(pre, *args, sampling=sampling, rng=jax.random.key(s)) for s in range(6)]
+  assert any(ended) and not all(ended)  # the rule's calls, and decodes again in full
 
 
 def test_calls_close_when_the_cache_has_no_room_for_another_argument(hf_checkpoints):
@@ -134,7 +194,7 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
     checked.append(pick)
     return loglik, np.ones_like(loglik, int)
 
-  def continue_(here, extensions, sampling, rng, active):
+  def continue_(here, extensions, sampling, rng, active, end_states_VS=None):
     text = tok.hf.decode(prompt + cached[-1] + extensions[0])
     assert tok.encode(text) == prompt + cached[-1] + extensions[0]
     assert not text.endswith("=")  # the model writes "=" itself

@@ -256,3 +256,26 @@ def test_per_row_adapters_prefill_packed_as_each_prompt_padded_alone(sampler, mo
   np.testing.assert_allclose(a.last_logits_BV[:3], b.last_logits_BV[:3], rtol=1e-4, atol=1e-4)
   base = sampler.prefill(prompts, reserve=8)
   assert not np.allclose(a.last_logits_BV[:3, 0], base.prefix.last_logits_BV[:3], atol=1e-2)  # adapted
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_an_end_rule_ends_a_row_at_the_token_that_reaches_its_last_state(sampler, per_row):
+  """`end_states_VS` ends each row after the token that drives it into the last state, with the
+  tokens before it those of a decode without the rule (per-row adapters too)."""
+  prompts = _prompts([5, 12, 9], seed=8)
+  prefill = {}
+  if per_row:
+    adapters = [lora_lib.init(sampler.config, k, 4, 8.0) for k in jax.random.split(jax.random.key(1), 3)]
+    prefill = dict(lora=jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters), lora_per_row=True)
+  pre = sampler.prefill(prompts, reserve=32, **prefill)
+  params = SamplingParams(max_new_tokens=10)
+  full = sampler.continue_(pre, [[]] * 3, params)
+  ends = {full[0][2], full[1][6]}  # a two-state rule: state 0 -> 1 (the end) at these tokens
+  end_states_VS = np.zeros((sampler.config.vocab_size, 2), np.int8)
+  end_states_VS[:, 1] = 1
+  end_states_VS[sorted(ends), 0] = 1
+  cut = sampler.continue_(pre, [[]] * 3, params, end_states_VS=jax.numpy.asarray(end_states_VS))
+  for row_full, row_cut in zip(full, cut):
+    first = next((i for i, t in enumerate(row_full) if t in ends), None)
+    assert row_cut == (row_full if first is None else row_full[: first + 1])
+  assert len(cut[0]) <= 3 < len(full[0])

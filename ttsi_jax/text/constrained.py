@@ -62,6 +62,54 @@ def leading_literal(text: str) -> Optional[str]:
   return None
 
 
+# Bracket depths the value rule tells apart; deeper nesting counts as this depth less one, so a
+# closing bracket there may end a value early (`CallDecoder._values` then decodes it in full).
+LITERAL_DEPTH = 8
+_QUOTES = "'\""
+_OPEN, _CLOSE_BRACKETS = "([{", ")]}"
+
+
+def _literal_state(quote: int, escaped: int, depth: int) -> int:
+  return (quote * 2 + escaped) * LITERAL_DEPTH + depth
+
+
+def literal_end_states(pieces: Sequence[str]) -> np.ndarray:
+  """The rule (`sampler._decode`'s end_states_VS, int8 [V, S]) that ends a value written after a
+  keyword at its first ',' or ')' outside quotes and brackets: the first place where
+  `leading_literal` can find a complete literal. States: (open quote: none, ' or "; after a
+  backslash in a quote; bracket depth); the last, S - 1, is the end. Tokens with none of the
+  characters the rule reads leave every state as it is."""
+  end = 3 * 2 * LITERAL_DEPTH
+  table_VS = np.tile(np.arange(end + 1, dtype=np.int8), (len(pieces), 1))
+  special = set(_QUOTES + _OPEN + _CLOSE_BRACKETS + ",\\")
+  for v, piece in enumerate(pieces):
+    if special.intersection(piece):
+      for quote in range(3):
+        for escaped in range(2):
+          for depth in range(LITERAL_DEPTH):
+            table_VS[v, _literal_state(quote, escaped, depth)] = _read(piece, quote, escaped, depth, end)
+  return table_VS
+
+
+def _read(piece: str, quote: int, escaped: int, depth: int, end: int) -> int:
+  """`literal_end_states`' state after `piece` from state (quote, escaped, depth)."""
+  for ch in piece:
+    if quote and escaped:
+      escaped = 0
+    elif quote:
+      escaped = int(ch == "\\")
+      quote = 0 if ch == _QUOTES[quote - 1] else quote
+    elif ch in _QUOTES:
+      quote = _QUOTES.index(ch) + 1
+    elif ch in _OPEN:
+      depth = min(depth + 1, LITERAL_DEPTH - 1)
+    elif depth == 0 and ch in ",)":
+      return end
+    elif ch in _CLOSE_BRACKETS:
+      depth = max(depth - 1, 0)
+  return _literal_state(quote, escaped, depth)
+
+
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
   """Length of the longest prefix shared by all token sequences."""
   n = min(len(s) for s in sequences)
@@ -96,6 +144,9 @@ class CallDecoder:
     # Tokens that begin with "=" but not "==": the healed boundary after a keyword.
     pieces = [tokenizer.decode([i]) for i in range(sampler.config.vocab_size)]
     self.equals_mask_V = jnp.asarray([p.startswith("=") and not p.startswith("==") for p in pieces])
+    # A value's decoding ends where its literal can first be complete, not after max_value_tokens.
+    self.value_end_VS = literal_end_states(pieces)
+    self.value_end_device_VS = jnp.asarray(self.value_end_VS)
 
   def decode(
       self,
@@ -204,24 +255,43 @@ class CallDecoder:
       rng: jax.Array,
   ) -> list[Optional[str]]:
     """Each writing row's value after `text + keyword + forced`; None where the model wrote no
-    `=` (when not forced) or no complete literal."""
+    `=` (when not forced) or no complete literal.
+
+    Decoding ends a row at the first ',' or ')' outside quotes and brackets (`literal_end_states`);
+    where no literal is complete there, the row is decoded again to max_new_tokens. Every value is
+    the one a decode to max_new_tokens finds: `leading_literal` takes the first complete literal,
+    and both decodes write the same tokens up to the end."""
     enc = self.tokenizer.encode
-    outs = self.sampler.continue_(
-        here,
-        [
-            enc(text + row.pending + forced)[h:] if w else []
-            for text, h, row, w in zip(texts, heal, rows, writing)
-        ],
-        sampling,
-        rng,
-        writing,
-    )
-    values = []
-    for out, w in zip(outs, writing):
-      text = forced + self.tokenizer.decode(out) if w else ""
-      head, eq, rest = text.lstrip().partition("=")
-      values.append(leading_literal(rest) if w and eq and not head else None)
+    extensions = [
+        enc(text + row.pending + forced)[h:] if w else []
+        for text, h, row, w in zip(texts, heal, rows, writing)
+    ]
+    outs = self.sampler.continue_(here, extensions, sampling, rng, writing, self.value_end_device_VS)
+    values = [self._value(out, forced) if w else None for out, w in zip(outs, writing)]
+    again = [  # a row that wrote "=" and ended with no complete literal: decode it in full
+        w and v is None and self._after_equals(out, forced) is not None and self._ended(out)
+        for out, v, w in zip(outs, values, writing)
+    ]
+    if any(again):
+      outs = self.sampler.continue_(here, extensions, sampling, rng, again)
+      values = [self._value(out, forced) if a else v for out, v, a in zip(outs, values, again)]
     return values
+
+  def _after_equals(self, out: Sequence[int], forced: str) -> Optional[str]:
+    """The text after "=" where the row's text begins with it (spaces aside), else None."""
+    head, eq, rest = (forced + self.tokenizer.decode(out)).lstrip().partition("=")
+    return rest if eq and not head else None
+
+  def _value(self, out: Sequence[int], forced: str) -> Optional[str]:
+    rest = self._after_equals(out, forced)
+    return None if rest is None else leading_literal(rest)
+
+  def _ended(self, out: Sequence[int]) -> bool:
+    """Whether `literal_end_states` ended these tokens (not a stop token or max_new_tokens)."""
+    state = 0
+    for token in out:
+      state = int(self.value_end_VS[token, state])
+    return state == self.value_end_VS.shape[1] - 1
 
   @staticmethod
   def _options(row: _Row) -> list[str]:

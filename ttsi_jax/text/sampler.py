@@ -242,8 +242,14 @@ def _decode(
     pad_id: int,
     active_B=None,
     per_row: bool = False,
+    end_states_VS=None,
 ):
   """New tokens_BO after a prefix (pad after a row's stop token; inactive rows stop at once).
+
+  `end_states_VS` (int8 [V, S]): a row also ends when its tokens drive a state machine (state 0 at
+  the start, state s to end_states_VS[token, s]) into its last state, S - 1, which is kept; its
+  output then shows the end as a stop token after that token. It ends a value where the caller's
+  text is complete (`constrained.literal_end_states`) rather than after all max_new_tokens.
 
   `per_row`: row b has its own adapter (`lora` leaves [B, ...]) and `prefix` holds B one-row
   prefixes ([B, 1, ...]; the end index shared): the loop runs over all rows and each step's
@@ -275,27 +281,43 @@ def _decode(
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     return sample_token(logits_BV, keys, sampling.temperature, sampling.top_p)
 
+  def advance(end_state_B, new_B):  # the rows' end-rule states after new_B; all 0 without one
+    if end_states_VS is None:
+      return end_state_B
+    return end_states_VS[new_B, end_state_B].astype(jnp.int32)
+
+  def ended(end_state_B):
+    if end_states_VS is None:
+      return jnp.zeros_like(end_state_B, bool)
+    return end_state_B == end_states_VS.shape[1] - 1
+
   first_B = sample(prefix.last_logits_BV, 0)
-  done_B = jnp.isin(first_B, stop)
+  end_state_B = advance(jnp.zeros((B,), jnp.int32), first_B)
+  done_B = jnp.isin(first_B, stop) | ended(end_state_B)
+  last_step_B = jnp.where(ended(end_state_B), 0, O)  # the step that ended a row by the rule
   if active_B is not None:
     done_B |= ~active_B
   out_BO = jnp.full((B, O), pad_id, jnp.int32).at[:, 0].set(first_B)
 
   def cond(state):
-    step, _, _, done_B, _ = state
+    step, _, _, done_B, _, _, _ = state
     return (step < O) & ~jnp.all(done_B)
 
   def body(state):
-    step, last_B, cache, done_B, out_BO = state
+    step, last_B, cache, done_B, end_state_B, last_step_B, out_BO = state
     positions_B1 = (prefix.next_position_B + step - 1)[:, None]
     logits_B1V, cache = forward(last_B[:, None], positions_B1, cache)
     new_B = jnp.where(done_B, pad_id, sample(logits_B1V[:, -1], step))
-    done_B = done_B | jnp.isin(new_B, stop)
+    end_state_B = jnp.where(done_B, end_state_B, advance(end_state_B, new_B))
+    last_step_B = jnp.where(~done_B & ended(end_state_B), step, last_step_B)
+    done_B = done_B | jnp.isin(new_B, stop) | ended(end_state_B)
     out_BO = jax.lax.dynamic_update_slice(out_BO, new_B[:, None], (0, step))
-    return step + 1, new_B, cache, done_B, out_BO
+    return step + 1, new_B, cache, done_B, end_state_B, last_step_B, out_BO
 
-  state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, out_BO)
-  return jax.lax.while_loop(cond, body, state)[-1]
+  state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, end_state_B, last_step_B, out_BO)
+  last_step_B, out_BO = jax.lax.while_loop(cond, body, state)[-2:]
+  # A row ended by the rule: a stop token after its last one (callers trim at stop tokens).
+  return jnp.where(jnp.arange(O) > last_step_B[:, None], stop[0], out_BO)
 
 
 _STATIC = ("config", "stop_ids", "pad_id")
@@ -398,6 +420,7 @@ def continue_tokens(
     keys_B,
     active_B,
     lora=None,
+    end_states_VS=None,
     *,
     config: ModelConfig,
     sampling: SamplingParams,
@@ -406,16 +429,17 @@ def continue_tokens(
     per_row: bool = False,
 ):
   """New tokens_BO after prefix + the (left-padded) extension tokens_BE; only active rows run.
-  `per_row`: each row with its own adapter and one-row prefix (see `_decode`)."""
+  `per_row`: each row with its own adapter and one-row prefix; `end_states_VS`: see `_decode`."""
+  decode = functools.partial(_decode, end_states_VS=end_states_VS)
   if not per_row:
     prefix = _extend(config, params, prefix, tokens_BE, lengths_B, lora)
-    return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
+    return decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
   prefix = jax.vmap(
       lambda prefix, tokens, lengths, lora: _extend(config, params, prefix, tokens, lengths, lora),
       in_axes=(_ROWS_SHARE_END, 0, 0, 0),
       out_axes=_ROWS_SHARE_END,
   )(prefix, tokens_BE, lengths_B, lora)
-  return _decode(config, params, prefix, keys_B[:, 0], lora, sampling, stop_ids, pad_id, active_B[:, 0], True)
+  return decode(config, params, prefix, keys_B[:, 0], lora, sampling, stop_ids, pad_id, active_B[:, 0], True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,9 +576,11 @@ class Sampler:
       sampling: SamplingParams,
       rng: Optional[jax.Array] = None,
       active: Optional[Sequence[bool]] = None,
+      end_states_VS: Optional[jax.Array] = None,
   ) -> list[list[int]]:
     """Completions after prefix + extension, per row (inactive rows return []); `rng`: one key or
-    keys_B, one per row (see `row_keys`)."""
+    keys_B, one per row (see `row_keys`); `end_states_VS`: a rule that ends a row before a stop
+    token (see `_decode`)."""
     tokens_BE, lengths_B = left_pad_extensions(extensions, pre.batch, self.pad_id)
     if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
       raise ValueError(
@@ -571,6 +597,7 @@ class Sampler:
         stop_ids=self.stop_ids,
         pad_id=self.pad_id,
         per_row=pre.per_row,
+        end_states_VS=end_states_VS,
     )
     # Per-row adapters: one call that loops over every row's steps, not a vmapped call (see `_decode`).
     prefix = _shared_end(pre.prefix) if pre.per_row else pre.prefix
