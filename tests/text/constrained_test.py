@@ -161,8 +161,8 @@ def test_options_close_only_after_required_arguments():
 
 
 def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, monkeypatch):
-  """With a real BPE tokenizer ("='", "',", "')]" are single tokens), every stage's cached prefix +
-  scored option, and prefix + forced keyword, are the canonical tokens of that text: no stage
+  """With a real BPE tokenizer ("='", "',", "')]" are single tokens), every stage's call so far +
+  scored option, and call + forced keyword, are the canonical tokens of that text: no stage
   makes the model continue from a split it never saw. The model's choices are scripted here."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
@@ -177,11 +177,9 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
   writes = iter(["='Paris', days", "=3)]"])
   cached, checked = [], []
 
-  def extend(p, extensions):
-    cached.append(extensions[0])
-    return sampler_lib.Sampler.extend(sampler, p, extensions)
-
-  def score_after(s, here, candidates, tail_mask_V=None):
+  def score_after(s, p, candidates, tail_mask_V=None, shared=None):
+    assert p is pre  # every stage continues the prompt's prefix: the call so far is fed again
+    cached.append(shared[0])
     pick = next(picks)
     loglik = np.full((1, len(candidates[0])), -5.0)
     for k, cand in enumerate(candidates[0]):
@@ -194,17 +192,17 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
     checked.append(pick)
     return loglik, np.ones_like(loglik, int)
 
-  def continue_(here, extensions, sampling, rng, active, end_states_VS=None):
-    text = tok.hf.decode(prompt + cached[-1] + extensions[0])
-    assert tok.encode(text) == prompt + cached[-1] + extensions[0]
+  def continue_(p, extensions, sampling, rng, active, end_states_VS=None):
+    assert p is pre and extensions[0][: len(cached[-1])] == cached[-1]
+    text = tok.hf.decode(prompt + extensions[0])
+    assert tok.encode(text) == prompt + extensions[0]
     assert not text.endswith("=")  # the model writes "=" itself
     return [tok.encode(next(writes))]
 
-  monkeypatch.setattr(sampler, "extend", extend)
   monkeypatch.setattr(sampler, "continue_", continue_)
   monkeypatch.setattr(scoring, "score_after", score_after)
   assert decoder.decode(pre, [FUNCTIONS], ["get_weather"]) == ["[get_weather(city='Paris', days=3)]"]
   assert checked == ["city", ", days", constrained.CLOSE]
   # The value "'Paris'" ends in a quote that merges with what follows ("',"): the stage after it
-  # caches the call without that quote and scores it together with each option.
+  # feeds the call without that quote and scores it together with each option.
   assert not tok.hf.decode(cached[1]).endswith("'")

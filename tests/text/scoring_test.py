@@ -68,3 +68,30 @@ def test_candidates_that_fit_are_exactly_those_score_after_can_pack(hf_checkpoin
   with pytest.raises(ValueError, match="cache slots"):
     scoring.score_after(sampler, pre, [candidates[:3]], np.ones(VOCAB, bool))
   assert scoring.candidates_that_fit(candidates, 1024) == 4
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_shared_tokens_score_as_an_extension_of_the_prefix(hf_checkpoints, per_row):
+  """Candidates after each row's `shared` tokens, fed in the scoring pass, score what they score
+  after the prefix extended by those tokens (per-row adapters too)."""
+  from ttsi_jax.model import lora as lora_lib
+
+  config, params = hf.load(hf_checkpoints["qwen2"][0])
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[VOCAB - 1], pad_id=0)
+  rs = np.random.RandomState(4)
+  prompts = [rs.randint(1, VOCAB, n).tolist() for n in (9, 4, 15)]
+  shared = [rs.randint(1, VOCAB, n).tolist() for n in (3, 0, 6)]
+  candidates = [[rs.randint(1, VOCAB, m).tolist() for m in (2, 4)] for _ in prompts]
+  prefill = {}
+  if per_row:
+    keys = jax.random.split(jax.random.key(2), 3)
+    adapters = [
+        jax.tree.map(lambda w, k=k: w + 0.1 * jax.random.normal(k, w.shape), lora_lib.init(config, k, 4, 8.0))
+        for k in keys
+    ]
+    prefill = dict(lora=jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters), lora_per_row=True)
+  pre = sampler.prefill(prompts, reserve=64, **prefill)
+  fed, _ = scoring.score_after(sampler, pre, candidates, shared=shared)
+  extended, _ = scoring.score_after(sampler, sampler.extend(pre, shared), candidates)
+  np.testing.assert_allclose(fed, extended, atol=1e-4)
+  assert not np.allclose(fed, scoring.score_after(sampler, pre, candidates)[0], atol=1e-2)

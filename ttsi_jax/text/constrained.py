@@ -131,9 +131,10 @@ class _Row:
 class CallDecoder:
   """Stage-wise constrained decoding over a prefilled batch (see module docstring).
 
-  The prompt is prefilled once; each stage appends the call written so far to that cached prefix,
-  scores the next options against it and writes the value from it, so a stage costs tens of
-  tokens, not a new pass over the prompt.
+  The prompt is prefilled once; each stage scores the next options after the call written so
+  far and writes the value after it, both continuing that cached prefix (the call's tokens fed in
+  the same pass as the options or the value), so a stage costs tens of tokens, not a new pass over
+  the prompt, and no copy of the cache holding the call.
   """
 
   def __init__(self, sampler: sampler_lib.Sampler, tokenizer, max_value_tokens: int = 24, max_args: int = 10):
@@ -182,7 +183,9 @@ class CallDecoder:
       heal = [_common_prefix([ids] + opts) if a else 0 for ids, opts, a in zip(text_ids, option_ids, active)]
       if not self._close_rows_without_room(pre, rows, active, option_ids, heal):
         continue
-      here = self.sampler.extend(pre, [ids[:h] if a else [] for ids, h, a in zip(text_ids, heal, active)])
+      # The options are scored after the call so far (up to the healed boundary), fed as tokens
+      # that all of a row's options see; the values continue from the prompt with it too.
+      calls = [ids[:h] if a else [] for ids, h, a in zip(text_ids, heal, active)]
       # A keyword's score includes the probability that the next token starts with "=".
       scored = [
           [ids[h:] + ([] if o == CLOSE else [scoring.TAIL]) for o, ids in zip(opts, row)]
@@ -190,7 +193,7 @@ class CallDecoder:
           else [enc(CLOSE)]
           for opts, row, h, a in zip(options, option_ids, heal, active)
       ]
-      loglik, _ = scoring.score_after(self.sampler, here, scored, self.equals_mask_V)
+      loglik, _ = scoring.score_after(self.sampler, pre, scored, self.equals_mask_V, calls)
       writing = [False] * len(rows)
       for i, row in enumerate(rows):
         if not active[i]:
@@ -205,12 +208,12 @@ class CallDecoder:
         continue
       # The model writes "=" itself (healed); a row that does not is retried with "=" forced.
       values = self._values(
-          here, texts, heal, rows, writing, "", value_sampling, sampler_lib.fold_in(rng, 2 * step)
+          pre, texts, calls, rows, writing, "", value_sampling, sampler_lib.fold_in(rng, 2 * step)
       )
       retry = [w and v is None for w, v in zip(writing, values)]
       if any(retry):
         forced = self._values(
-            here, texts, heal, rows, retry, "=", value_sampling, sampler_lib.fold_in(rng, 2 * step + 1)
+            pre, texts, calls, rows, retry, "=", value_sampling, sampler_lib.fold_in(rng, 2 * step + 1)
         )
         values = [f if r else v for v, f, r in zip(values, forced, retry)]
       for i, row in enumerate(rows):
@@ -226,18 +229,20 @@ class CallDecoder:
 
   def _close_rows_without_room(self, pre, rows, active, option_ids, heal) -> bool:
     """Closes the calls that leave no free cache slots for this stage, the most demanding first;
-    False when no row is left. A stage extends the cache by the call text (shared width), then
-    holds either all options (scored in one packed row) or one keyword and its value."""
+    False when no row is left. A stage holds, after the prompt, the call text (up to the healed
+    boundary) and either all options (scored in one packed row) or one keyword and its value."""
 
-    def need(i):  # (call text, what follows it) in slots, for row i alone
+    def need(i):  # (call text and all options, call text and one keyword) in tokens, row i alone
       tails = [len(o) - heal[i] + 1 for o in option_ids[i]]  # + 1: the "=" (TAIL or forced)
-      return heal[i], max(bucket(sum(tails), 8), bucket(max(tails), 8) + self.max_value_tokens)
+      return heal[i] + sum(tails), heal[i] + max(tails)
 
     while any(active):
       needs = {i: need(i) for i in range(len(rows)) if active[i]}
-      if (bucket(max(n[0] for n in needs.values()), 8) + max(n[1] for n in needs.values())) <= pre.free():
+      scored = bucket(max(n[0] for n in needs.values()), 8)
+      valued = bucket(max(n[1] for n in needs.values()), 8) + self.max_value_tokens
+      if max(scored, valued) <= pre.free():
         return True
-      worst = max(needs, key=lambda i: sum(needs[i]))
+      worst = max(needs, key=lambda i: needs[i][0] + needs[i][1])
       rows[worst].text += CLOSE
       rows[worst].done = True
       active[worst] = False
@@ -245,17 +250,18 @@ class CallDecoder:
 
   def _values(
       self,
-      here: sampler_lib.Prefilled,
+      pre: sampler_lib.Prefilled,
       texts,
-      heal,
+      calls,
       rows,
       writing,
       forced: str,
       sampling: SamplingParams,
       rng: jax.Array,
   ) -> list[Optional[str]]:
-    """Each writing row's value after `text + keyword + forced`; None where the model wrote no
-    `=` (when not forced) or no complete literal.
+    """Each writing row's value after `text + keyword + forced` (fed as the row's call tokens up
+    to the healed boundary, then the rest); None where the model wrote no `=` (when not forced) or
+    no complete literal.
 
     Decoding ends a row at the first ',' or ')' outside quotes and brackets (`literal_end_states`);
     where no literal is complete there, the row is decoded again to max_new_tokens. Every value is
@@ -263,17 +269,17 @@ class CallDecoder:
     and both decodes write the same tokens up to the end."""
     enc = self.tokenizer.encode
     extensions = [
-        enc(text + row.pending + forced)[h:] if w else []
-        for text, h, row, w in zip(texts, heal, rows, writing)
+        call + enc(text + row.pending + forced)[len(call) :] if w else []
+        for text, call, row, w in zip(texts, calls, rows, writing)
     ]
-    outs = self.sampler.continue_(here, extensions, sampling, rng, writing, self.value_end_device_VS)
+    outs = self.sampler.continue_(pre, extensions, sampling, rng, writing, self.value_end_device_VS)
     values = [self._value(out, forced) if w else None for out, w in zip(outs, writing)]
     again = [  # a row that wrote "=" and ended with no complete literal: decode it in full
         w and v is None and self._after_equals(out, forced) is not None and self._ended(out)
         for out, v, w in zip(outs, values, writing)
     ]
     if any(again):
-      outs = self.sampler.continue_(here, extensions, sampling, rng, again)
+      outs = self.sampler.continue_(pre, extensions, sampling, rng, again)
       values = [self._value(out, forced) if a else v for out, v, a in zip(outs, values, again)]
     return values
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,21 @@ class PackedCandidates:
 TAIL = -1
 
 
-def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int, pad_id: int) -> PackedCandidates:
+def pack_after(
+    candidates: Sequence[Sequence[Sequence[int]]],
+    batch: int,
+    pad_id: int,
+    shared: Optional[Sequence[Sequence[int]]] = None,
+) -> PackedCandidates:
   """Packs each row's candidates back to back, each in its own segment (it sees the prefix and
-  itself, never the other candidates).
+  itself, never the other candidates), after the row's `shared` tokens (segment 0: seen by all its
+  candidates, as if appended to the prefix).
 
   `positions_BT` holds offsets from each row's next position (-1 = padding); `select_BI` is -1
-  where the prefix's last logits predict the target (each candidate's first token). A trailing
-  TAIL target is scored but never fed.
+  where the prefix's last logits predict the target (each candidate's first token, when the row
+  shares nothing). A trailing TAIL target is scored but never fed.
   """
+  shared = shared or [[] for _ in candidates]
   for b, cands in enumerate(candidates):
     for k, cand in enumerate(cands):
       if not cand:
@@ -57,7 +64,7 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int, pad_id
       if TAIL in cand[:-1]:
         raise ValueError(f"Row {b}: candidate {k} has TAIL before its end.")
   fed = [[[t for t in cand if t != TAIL] for cand in cands] for cands in candidates]
-  T = bucket(max((sum(map(len, c)) for c in fed), default=1), 8)
+  T = bucket(max((len(s) + sum(map(len, c)) for s, c in zip(shared, fed)), default=1), 8)
   I = bucket(max((sum(map(len, c)) for c in candidates), default=1), 8)
   C = bucket(max((len(c) for c in candidates), default=1), 2)
   out = PackedCandidates(
@@ -69,15 +76,20 @@ def pack_after(candidates: Sequence[Sequence[Sequence[int]]], batch: int, pad_id
       owner_BI=np.full((batch, I), -1, np.int32),
       num_candidates=C,
   )
-  for b, (cands, fed_cands) in enumerate(zip(candidates, fed)):
-    t = i = 0
+  for b, (cands, fed_cands, shared_ids) in enumerate(zip(candidates, fed, shared)):
+    h = len(shared_ids)
+    out.tokens_BT[b, :h] = shared_ids
+    out.positions_BT[b, :h] = np.arange(h)
+    out.segments_BT[b, :h] = 0
+    t, i = h, 0
     for k, (cand, tokens) in enumerate(zip(cands, fed_cands)):
       m, n = len(tokens), len(cand)
       out.tokens_BT[b, t : t + m] = tokens
-      out.positions_BT[b, t : t + m] = np.arange(m)
+      out.positions_BT[b, t : t + m] = h + np.arange(m)
       out.segments_BT[b, t : t + m] = k + 1
-      # Target j is predicted by the prefix's last logits (j = 0) or by fed token j - 1.
-      out.select_BI[b, i : i + n] = [-1] + list(range(t, t + n - 1))
+      # Target j is predicted by fed token j - 1, target 0 by the last shared token (the prefix's
+      # last logits where none is shared).
+      out.select_BI[b, i : i + n] = [h - 1] + list(range(t, t + n - 1))
       out.targets_BI[b, i : i + n] = cand
       out.owner_BI[b, i : i + n] = k
       t, i = t + m, i + n
@@ -143,12 +155,20 @@ def candidates_that_fit(candidates: Sequence[Sequence[int]], free: int) -> int:
   return len(candidates)
 
 
-def score_after(sampler, pre, candidates: Sequence[Sequence[Sequence[int]]], tail_mask_V=None):
-  """(loglik_BC, num_tokens_BC) of candidates continuing a `sampler.Prefilled`;
-  `tail_mask_V` [vocab] bool is the token set a trailing TAIL target stands for."""
+def score_after(
+    sampler,
+    pre,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    tail_mask_V=None,
+    shared: Optional[Sequence[Sequence[int]]] = None,
+):
+  """(loglik_BC, num_tokens_BC) of candidates continuing a `sampler.Prefilled` (after each row's
+  `shared` tokens, if given: the same as scoring after the prefix extended by them, without
+  writing that extension into a new cache first); `tail_mask_V` [vocab] bool is the token set a
+  trailing TAIL target stands for."""
   if tail_mask_V is None and any(TAIL in c for cands in candidates for c in cands):
     raise ValueError("Candidates ending in TAIL need tail_mask_V.")
-  packed = pack_after(candidates, pre.batch, sampler.pad_id)
+  packed = pack_after(candidates, pre.batch, sampler.pad_id, shared)
   if packed.tokens_BT.shape[1] > pre.free():
     raise ValueError(
         f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
