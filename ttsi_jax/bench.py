@@ -79,13 +79,14 @@ _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs
 _STAGE = flags.DEFINE_enum(
     "stage",
     "decode",
-    ["decode", "adapt", "score", "scaling"],
+    ["decode", "adapt", "score", "answer", "scaling"],
     "decode: sampler vs transformers generate; adapt: packed LoRA training "
     "vs transformers + PEFT; score: candidate log-likelihoods vs a "
-    "transformers forward pass; scaling: adapted inputs/s against adapters per call.",
+    "transformers forward pass; answer: well-formed calls, base and adapted, beside transformers "
+    "generate of as many tokens; scaling: adapted inputs/s against adapters per call.",
 )
 _ADAPTERS = flags.DEFINE_integer(
-    "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, " "prompts for --stage=score."
+    "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, prompts for --stage=score / answer."
 )
 _SHAPES = flags.DEFINE_enum(
     "shapes",
@@ -486,6 +487,79 @@ def bench_score(config) -> dict:
   return {"stage": "score", "prompts": len(prompts), "tokens": tokens, **result}
 
 
+def bench_answer(config) -> dict:
+  """Answering (the base and adapted answers of a wave): prefill, candidate scores and well-formed
+  calls for BFCL prompts, with the base model and with an adapter per prompt, beside transformers
+  `generate` writing as many tokens greedily in one batch. The reference is a yardstick, not the
+  same work: plain decoding follows no schema and scores no options. FLOPs: each prompt and its
+  answer's tokens once, on every row (the work of writing the answers)."""
+  import torch
+
+  from ttsi_jax import experiment
+  from ttsi_jax.model import lora as lora_lib
+
+  exp = experiment.Experiment(config, workdir="")
+  examples = exp.examples[: _ADAPTERS.value]
+  prompts = [exp.tokenizer.encode_chat(exp.task.prompt(ex)) for ex in examples]
+  keys = jax.random.split(jax.random.key(0), len(examples))
+  adapters = [  # trained-like adapters: b = 0 would leave the model as it is
+      jax.tree.map(
+          lambda w, k=k: w + 0.01 * jax.random.normal(k, w.shape, w.dtype), lora_lib.init(exp.model_config, k)
+      )
+      for k in keys
+  ]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+  def ours(**prefill):
+    pre = exp.sampler.prefill(prompts, config.reserve, **prefill)
+    stats = exp.answerer.score(pre, examples)
+    return exp.answerer.answers(pre, examples, stats, keys, ("direct",))["direct"]
+
+  answer_tokens = [len(exp.tokenizer.encode(a)) for a in ours()]
+  flops = sum(
+      model_flops(exp.model_config, [(len(p) + n, n)], train=False) for p, n in zip(prompts, answer_tokens)
+  )
+  rows = [
+      ("ttsi_jax, base model", _best_time(ours, _REPEATS.value), flops),
+      (
+          "ttsi_jax, an adapter per prompt",
+          _best_time(lambda: ours(lora=stacked, lora_per_row=True), _REPEATS.value),
+          flops,
+      ),
+  ]
+  if _REFERENCE.value:
+    model = _hf_reference(config, config.model.dtype).eval()
+    longest, n = max(map(len, prompts)), max(answer_tokens)
+    pad = exp.tokenizer.pad_id
+    input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+
+    def reference():
+      with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+
+    rows.append(("transformers generate, as many tokens", _best_time(reference, _REPEATS.value), flops))
+  tokens = sum(map(len, prompts)) + sum(answer_tokens)
+  result = _table(
+      f"Answers: {len(prompts)} BFCL prompts, well-formed calls of {min(answer_tokens)}-"
+      f"{max(answer_tokens)} tokens, best of {_REPEATS.value}",
+      rows,
+      tokens,
+      len(prompts),
+      "prompt",
+      matmul_peak(),
+      reference="transformers generate, as many tokens",
+  )
+  return {"stage": "answer", "prompts": len(prompts), "answer_tokens": answer_tokens, **result}
+
+
 def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
   """Prints and returns rows of (implementation, seconds, FLOPs it computes)."""
   best_peak = max(peak.values())
@@ -529,8 +603,9 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  if _STAGE.value in ("adapt", "score", "scaling"):
-    stage = {"adapt": bench_adapt, "score": bench_score, "scaling": bench_scaling}[_STAGE.value]
+  if _STAGE.value in ("adapt", "score", "answer", "scaling"):
+    stages = {"adapt": bench_adapt, "score": bench_score, "answer": bench_answer, "scaling": bench_scaling}
+    stage = stages[_STAGE.value]
     result = stage(config)
     if _JSON.value:
       model = (
