@@ -257,6 +257,8 @@ def _decode(
   state, the whole cache, on every step.)"""
   B = keys_B.shape[0]
   O = sampling.max_new_tokens
+  if end_states_VS is not None and not stop_ids:
+    raise ValueError("An end rule (end_states_VS) marks a row's end with a stop token: give stop_ids.")
   stop = jnp.asarray(stop_ids, jnp.int32)
   if per_row:
     forward_rows = jax.vmap(
@@ -316,6 +318,8 @@ def _decode(
 
   state = (jnp.ones((), jnp.int32), first_B, prefix.cache, done_B, end_state_B, last_step_B, out_BO)
   last_step_B, out_BO = jax.lax.while_loop(cond, body, state)[-2:]
+  if end_states_VS is None:
+    return out_BO
   # A row ended by the rule: a stop token after its last one (callers trim at stop tokens).
   return jnp.where(jnp.arange(O) > last_step_B[:, None], stop[0], out_BO)
 
