@@ -23,6 +23,17 @@ def _prompts(lengths, seed=0):
   return [rs.randint(1, VOCAB - 1, n).tolist() for n in lengths]
 
 
+def _random_adapters(config, keys):
+  """One rank-4 adapter per key, b nonzero (a fresh adapter leaves the model as it is)."""
+  return [
+      jax.tree.map(
+          lambda w, k=k: w + 0.3 * jax.random.normal(k, w.shape, w.dtype),
+          lora_lib.init(config, k, 4, 8.0, lora_lib.ALL_LINEAR, 0.0),
+      )
+      for k in keys
+  ]
+
+
 def test_batched_greedy_equals_each_prompt_alone(sampler):
   prompts = _prompts([3, 17, 9, 30, 1])
   params = SamplingParams(max_new_tokens=12)
@@ -200,13 +211,7 @@ def test_per_row_adapters_continue_as_each_row_with_its_adapter_alone(sampler):
   """Each row of a per-row-adapter prefix decodes what its prompt decodes with its adapter alone
   (one call loops over all rows' steps; `sampler._decode`)."""
   keys = jax.random.split(jax.random.key(7), 3)
-  adapters = [
-      jax.tree.map(
-          lambda w, k=k: w + 0.3 * jax.random.normal(k, w.shape, w.dtype),
-          lora_lib.init(sampler.config, k, 4, 8.0, lora_lib.ALL_LINEAR, 0.0),
-      )
-      for k in keys
-  ]
+  adapters = _random_adapters(sampler.config, keys)
   prompts, extensions = _prompts([5, 12, 9], seed=4), [[3], [], [4, 5]]
   params = SamplingParams(max_new_tokens=6)
   stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters)
@@ -229,13 +234,7 @@ def test_per_row_adapters_prefill_packed_as_each_prompt_padded_alone(sampler, mo
   monkeypatch.setattr(transformer, "packed_lora_kernel", lambda *widths: lora_kernel)
   jax.clear_caches()  # the monkeypatched choice is made while tracing
   keys = jax.random.split(jax.random.key(3), 4)
-  adapters = [
-      jax.tree.map(
-          lambda w, k=k: w + 0.3 * jax.random.normal(k, w.shape, w.dtype),
-          lora_lib.init(sampler.config, k, 4, 8.0, lora_lib.ALL_LINEAR, 0.0),
-      )
-      for k in keys
-  ]
+  adapters = _random_adapters(sampler.config, keys)
   stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters)
   prompts = _prompts([21, 3, 40], seed=6)  # 3 rows of a batch of 4: the last is padding
   tokens_1T, _, packed_prompts, _ = sampler_lib.pack_prompts(prompts, 48, 4, 0, per_row_adapters=True)
@@ -279,3 +278,14 @@ def test_an_end_rule_ends_a_row_at_the_token_that_reaches_its_last_state(sampler
     first = next((i for i, t in enumerate(row_full) if t in ends), None)
     assert row_cut == (row_full if first is None else row_full[: first + 1])
   assert len(cut[0]) <= 3 < len(full[0])
+
+
+def test_without_stop_ids_every_row_writes_max_new_tokens(sampler):
+  """The decode bench's setting (no stop tokens); an end rule, which marks its end with one, then
+  says what it needs."""
+  plain = sampler_lib.Sampler(sampler.config, sampler.params, stop_ids=(), pad_id=0)
+  assert [len(c) for c in plain.generate(_prompts([3, 9]), SamplingParams(max_new_tokens=5))] == [5, 5]
+  pre = plain.prefill(_prompts([3]), reserve=16)
+  rule = jax.numpy.zeros((sampler.config.vocab_size, 2), jax.numpy.int8)
+  with pytest.raises(ValueError, match="give stop_ids"):
+    plain.continue_(pre, [[]], SamplingParams(max_new_tokens=4), end_states_VS=rule)
