@@ -1,6 +1,6 @@
 """Throughput benchmarks, side by side with the transformers reference in the same run.
 
-  python -m ttsi_jax.bench --config=configs/default.py [--stage=decode|adapt|score] [--json=F]
+  python -m ttsi_jax.bench --config=configs/default.py [--stage=decode|adapt|score|answer|scaling] [--json=F]
 
 - decode: greedy decode tokens/s (prefill included, every row forced to `new_tokens`) for our jitted
   sampler and for transformers' `generate` on the same prompts.
@@ -10,6 +10,9 @@
   threads; the token ids are asserted equal).
 - score (H): candidate log-likelihoods of BFCL prompts, ours (prompt prefilled once, candidates
   packed) beside a transformers forward pass per prompt + candidate.
+- answer: the base and adapted answers of a wave (prefill, candidate scores, well-formed calls) for
+  BFCL prompts, with the base model and an adapter per prompt, beside transformers' `generate`
+  writing as many tokens greedily (a yardstick: it follows no schema and scores nothing).
 - scaling: what training many adapters in one call buys on this machine. For each A in
   --adapter_counts, A fresh adapters of a random-weight model (--shapes; Qwen2.5-1.5B's by
   default) train on one synthetic pair each (--sequence_tokens) in one packed call, with the
@@ -268,6 +271,29 @@ def _hf_reference(config, dtype: str):
   return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+def _hf_greedy(model, prompts, new_tokens: int, pad_id: int):
+  """A call of transformers `generate` that writes exactly `new_tokens` greedy tokens after each
+  of the prompts, left-padded into one batch."""
+  import torch
+
+  length = max(map(len, prompts))
+  ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+
+  def run():
+    with torch.no_grad():
+      return model.generate(
+          ids,
+          attention_mask=mask,
+          max_new_tokens=new_tokens,
+          min_new_tokens=new_tokens,
+          do_sample=False,
+          pad_token_id=pad_id,
+      )
+
+  return run
+
+
 def peft_train(model, cfg, examples, seeds) -> float:
   """Seconds for transformers + PEFT to train one fresh adapter per `examples[a]`, one after
   another, with our hyperparameters and schedule (`adaptation.lr_schedule`)."""
@@ -493,8 +519,6 @@ def bench_answer(config) -> dict:
   `generate` writing as many tokens greedily in one batch. The reference is a yardstick, not the
   same work: plain decoding follows no schema and scores no options. FLOPs: each prompt and its
   answer's tokens once, on every row (the work of writing the answers)."""
-  import torch
-
   from ttsi_jax import experiment
   from ttsi_jax.model import lora as lora_lib
 
@@ -529,22 +553,7 @@ def bench_answer(config) -> dict:
   ]
   if _REFERENCE.value:
     model = _hf_reference(config, config.model.dtype).eval()
-    longest, n = max(map(len, prompts)), max(answer_tokens)
-    pad = exp.tokenizer.pad_id
-    input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-
-    def reference():
-      with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-
+    reference = _hf_greedy(model, prompts, max(answer_tokens), exp.tokenizer.pad_id)
     rows.append(("transformers generate, as many tokens", _best_time(reference, _REPEATS.value), flops))
   tokens = sum(map(len, prompts)) + sum(answer_tokens)
   result = _table(
@@ -634,34 +643,10 @@ def main(argv):
     rows.append(("ttsi_jax", b, seconds, b * n / seconds))
 
   if _REFERENCE.value:
-    import torch
-    import transformers
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    path = checkpoints.resolve(config.model.path)
-    kwargs = dict(dtype=getattr(torch, config.model.dtype))  # the same precision as ours
-    if path.endswith(".gguf"):
-      kwargs["gguf_file"] = os.path.basename(path)
-      path = os.path.dirname(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    ref = _hf_reference(config, config.model.dtype).eval()
     for b in map(int, _BATCH_SIZES.value):
       batch = [prompts[i % len(prompts)] for i in range(b)]
-      length = max(map(len, batch))
-      ids = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in batch])
-      mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch])
-
-      def run():
-        with torch.no_grad():
-          ref.generate(
-              ids,
-              attention_mask=mask,
-              max_new_tokens=n,
-              min_new_tokens=n,
-              do_sample=False,
-              pad_token_id=tokenizer.pad_id,
-          )
-
-      seconds = _best_time(run, _REPEATS.value)
+      seconds = _best_time(_hf_greedy(ref, batch, n, tokenizer.pad_id), _REPEATS.value)
       rows.append(("transformers", b, seconds, b * n / seconds))
 
   print(
