@@ -289,23 +289,51 @@ def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
   assert kept == adaptation.activation_bytes(config, step), out
 
 
-def _compiled_step(model, remat):
+def _compiled_step(model, remat, uninitialized=False):
   config, params = model
   trainer = adaptation.Trainer(config, CFG)
   step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
   adapters, opt_states = trainer.init(jax.random.split(jax.random.key(0), 1))
-  lowered = trainer.step.lower(
-      params,
-      adapters,
-      opt_states,
-      *step.rows(),
-      np.int32(step.microbatches),
-      step.learning_rate_A,
-      step.active_A,
-      jax.random.key(0),
-      remat=remat,
-  )
+  with cpu_kernels.uninitialized_scan_outputs(single_device=uninitialized):
+    lowered = trainer.step.lower(
+        params,
+        adapters,
+        opt_states,
+        *step.rows(),
+        np.int32(step.microbatches),
+        step.learning_rate_A,
+        step.active_A,
+        jax.random.key(0),
+        remat=remat,
+    )
   return lowered.compile().as_text()
+
+
+def test_the_layer_scan_stacks_its_activations_unfilled_and_trains_the_same(model, monkeypatch):
+  """The [L, B, T, ...] stacks the backward pass reads come from the empty custom call, not from a
+  broadcast of zeros; training with them equals training without, bit for bit."""
+  assert cpu_kernels.available()
+  config, _ = model
+  step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
+  stack = re.compile(rf"f32\[{config.num_layers},1,{step.tokens_MBT.shape[-1]}[,\]]")
+  for uninitialized in (False, True):
+    hlo = _compiled_step(model, remat=False, uninitialized=uninitialized)
+    stacks = [
+        line for line in hlo.splitlines() if re.search(r"= " + stack.pattern, line.strip().split("%", 1)[-1])
+    ]
+    empty = [line for line in stacks if 'custom_call_target="ttsi_uninitialized"' in line]
+    zeros = [line for line in stacks if "broadcast" in line]
+    assert (len(empty) > 0, len(zeros) > 0) == (uninitialized, not uninitialized), "\n".join(stacks)
+
+  examples = [_examples(0, 1), _examples(1, 2, 20, 40)]
+  rngs = jax.random.split(jax.random.key(0), 2)
+  steps = adaptation.make_steps(CFG, examples, 0, 2, block=16)
+  unfilled = adaptation.Trainer(config, CFG).train(model[1], steps, rngs)
+  with monkeypatch.context() as m:
+    m.setattr(cpu_kernels, "uninitialized_scan_outputs", lambda single_device: contextlib.nullcontext())
+    zero_filled = adaptation.Trainer(config, CFG).train(model[1], steps, rngs)
+  for got, want in zip(jax.tree.leaves(unfilled), jax.tree.leaves(zero_filled)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_a_step_without_remat_runs_the_attention_kernel_forward_once(model):

@@ -9,6 +9,9 @@ per machine with the system's C++ compiler into a cache folder and loaded from t
 compiler works, `available()` says why and the model keeps XLA's ops. `cpu_attention.py` and
 `cpu_lora.py` hold the ops.
 
+`uninitialized_scan_outputs` is not a kernel but rides on the same library: a layer scan's stacked
+outputs in buffers that nobody zero-fills first.
+
 `TTSI_JAX_CPU_KERNELS=xla` turns the kernels off; `xla_ops()` does so for a block (the bench times
 both in one run).
 """
@@ -17,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import pathlib
@@ -27,6 +31,7 @@ import tempfile
 
 import jax
 import jaxlib
+from jax._src.lax.control_flow import loops as jax_loops
 
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc"))
 HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")  # what both sources share
@@ -39,6 +44,7 @@ _TARGETS = {
     "ttsi_lora_wide": "TtsiLoraWide",
     "ttsi_lora_wide_add": "TtsiLoraWideAdd",
     "ttsi_lora_outer": "TtsiLoraOuter",
+    "ttsi_uninitialized": "TtsiUninitialized",
 }
 
 
@@ -135,3 +141,37 @@ def require() -> None:
   reason = _load()
   if reason is not None:
     raise RuntimeError(f"The C++ CPU kernels are not available: {reason}.")
+
+
+@contextlib.contextmanager
+def uninitialized_scan_outputs(single_device: bool):
+  """Functions lowered inside this block stack their scans' per-iteration outputs in uninitialized
+  buffers, where the kernels serve the CPU backend and the caller says its computation runs on one
+  device (sharded, an unfilled buffer without a sharding could be laid out replicated).
+
+  Why: under `jax.grad`, the layer scan stacks the activations its backward pass keeps ([L, T, ...]
+  per saved tensor, 2.1 GB for the bench's 4-adapter step). JAX lowers each stack as a broadcast
+  of zeros (`loops._empty_array`; it would use `lax.empty`, which XLA:CPU fills with zeros too),
+  and XLA then copies the zeros once per stack that shares them; the scan overwrites every slot
+  anyway. An empty custom call allocates without writing (bit-identical results; the README's T
+  section has the measurement). This replaces a private JAX function while the block runs, for
+  the lowering that happens inside it (a jitted function's first call of a shape): elsewhere
+  (several devices, another backend, no kernels, a JAX without that function) nothing changes.
+  """
+  original = getattr(jax_loops, "_empty_array", None)
+  if not single_device or original is None or jax.default_backend() != "cpu" or not available():
+    yield
+    return
+  index = itertools.count()
+
+  def _empty_array(prefix, length_spec, aval):
+    if getattr(getattr(aval, "mat", None), "varying", None):  # inside shard_map: JAX's own
+      return original(prefix, length_spec, aval)
+    shape = jax.ShapeDtypeStruct((*prefix, *aval.shape), aval.dtype)
+    return jax.ffi.ffi_call("ttsi_uninitialized", shape)(index=next(index))
+
+  jax_loops._empty_array = _empty_array
+  try:
+    yield
+  finally:
+    jax_loops._empty_array = original

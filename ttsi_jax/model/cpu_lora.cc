@@ -209,3 +209,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiLoraWideAdd, WideAdd,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// An output that XLA allocates and nobody fills: the stacked per-layer outputs of a layer scan,
+// which the scan overwrites layer by layer (see `cpu_kernels.uninitialized_scan_outputs`). The
+// index attribute keeps XLA from merging two of them into one buffer.
+namespace {
+ffi::Error Uninitialized(ffi::Result<ffi::AnyBuffer>, int64_t) { return ffi::Error::Success(); }
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiUninitialized, Uninitialized,
+                              ffi::Ffi::Bind().Ret<ffi::AnyBuffer>().Attr<int64_t>("index"));

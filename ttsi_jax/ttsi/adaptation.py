@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ttsi_jax.model import cpu_kernels
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
@@ -439,17 +440,18 @@ class Trainer:
       # One dropout key per step (dropout > 0 draws its masks over the packed rows).
       rng = jax.random.fold_in(dropout_rngs_A[0], s)
       rows = sharding.shard_rows(mesh, *step.rows(), row_axis=1)
-      adapters, opt_states, loss = self.step(
-          params,
-          adapters,
-          opt_states,
-          *rows,
-          np.int32(step.microbatches),
-          step.learning_rate_A,
-          step.active_A,
-          rng,
-          remat=self.remat_for(step),
-      )
+      with cpu_kernels.uninitialized_scan_outputs(single_device=mesh is None or mesh.size == 1):
+        adapters, opt_states, loss = self.step(
+            params,
+            adapters,
+            opt_states,
+            *rows,
+            np.int32(step.microbatches),
+            step.learning_rate_A,
+            step.active_A,
+            rng,
+            remat=self.remat_for(step),
+        )
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     active = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
