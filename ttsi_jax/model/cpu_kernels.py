@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import inspect
 import itertools
 import logging
 import os
@@ -143,6 +144,9 @@ def require() -> None:
     raise RuntimeError(f"The C++ CPU kernels are not available: {reason}.")
 
 
+_EMPTY_ARRAY_ARGS = ["prefix", "length_spec", "aval"]  # jax 0.10's `loops._empty_array`
+
+
 @contextlib.contextmanager
 def uninitialized_scan_outputs(single_device: bool):
   """Functions lowered inside this block stack their scans' per-iteration outputs in uninitialized
@@ -156,10 +160,12 @@ def uninitialized_scan_outputs(single_device: bool):
   anyway. An empty custom call allocates without writing (bit-identical results; the README's T
   section has the measurement). This replaces a private JAX function while the block runs, for
   the lowering that happens inside it (a jitted function's first call of a shape): elsewhere
-  (several devices, another backend, no kernels, a JAX without that function) nothing changes.
+  (several devices, another backend, no kernels, a JAX without that function or with another
+  signature for it) nothing changes.
   """
   original = getattr(jax_loops, "_empty_array", None)
-  if not single_device or original is None or jax.default_backend() != "cpu" or not available():
+  known = original is not None and list(inspect.signature(original).parameters) == _EMPTY_ARRAY_ARGS
+  if not single_device or not known or jax.default_backend() != "cpu" or not available():
     yield
     return
   index = itertools.count()
