@@ -404,8 +404,8 @@ def bench_adapt(config) -> dict:
   if _PROFILE.value:
     step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
     adapters, opt_states = trainer.init(keys)
-    mesh = sharding.mesh_of(exp.params)
-    with cpu_kernels.uninitialized_scan_outputs(single_device=mesh is None or mesh.size == 1):
+    one_device = sharding.on_one_device(sharding.mesh_of(exp.params))
+    with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
       profile = profiling.op_table(
           trainer.step,
           exp.params,

@@ -121,6 +121,11 @@ def mesh_of(params) -> Optional[Mesh]:
   return placed.mesh if isinstance(placed, NamedSharding) else None
 
 
+def on_one_device(mesh: Optional[Mesh]) -> bool:
+  """Whether a computation over params on this mesh (None: not on a mesh) runs on one device."""
+  return mesh is None or mesh.size == 1
+
+
 def fill_batch_shards(mesh: Optional[Mesh], size: int) -> int:
   """`size` rounded up to a multiple of the ways the mesh splits a batch (data x fsdp). A batch
   that does not divide evenly would be replicated, every device computing every row: padding rows
@@ -133,7 +138,7 @@ def shard_rows(mesh: Optional[Mesh], *arrays, row_axis: int = 0):
   """Arrays whose axis `row_axis` is the batch (or packed training rows), placed over the mesh's
   batch axes (data, fsdp): each device group computes its own rows. Without a mesh they stay as
   they are."""
-  if mesh is None or mesh.size == 1:
+  if on_one_device(mesh):
     return arrays
   return tuple(jax.device_put(x, batch_sharding(mesh, x.shape, row_axis)) for x in arrays)
 

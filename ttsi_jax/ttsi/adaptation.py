@@ -436,11 +436,12 @@ class Trainer:
     if mesh is not None:  # replicated, as the step returns them: else its 2nd call compiles again
       adapters, opt_states = jax.device_put((adapters, opt_states), NamedSharding(mesh, PartitionSpec()))
     losses = []
-    for s, step in enumerate(steps):
-      # One dropout key per step (dropout > 0 draws its masks over the packed rows).
-      rng = jax.random.fold_in(dropout_rngs_A[0], s)
-      rows = sharding.shard_rows(mesh, *step.rows(), row_axis=1)
-      with cpu_kernels.uninitialized_scan_outputs(single_device=mesh is None or mesh.size == 1):
+    # Steps lower (on their first call of a shape) with the layer scan's stacks unfilled.
+    with cpu_kernels.uninitialized_scan_outputs(single_device=sharding.on_one_device(mesh)):
+      for s, step in enumerate(steps):
+        # One dropout key per step (dropout > 0 draws its masks over the packed rows).
+        rng = jax.random.fold_in(dropout_rngs_A[0], s)
+        rows = sharding.shard_rows(mesh, *step.rows(), row_axis=1)
         adapters, opt_states, loss = self.step(
             params,
             adapters,
@@ -452,7 +453,7 @@ class Trainer:
             rng,
             remat=self.remat_for(step),
         )
-      losses.append(loss)
+        losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
     active = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
     return adapters, np.where(active, losses, np.nan)
