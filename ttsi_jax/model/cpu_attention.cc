@@ -242,15 +242,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const auto tiles = Summarize(seg.typed_data(), d);
   Bounds bounds;
   if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
-  std::vector<float> qT(d.rows * d.N * H * Tp), k_storage, v_storage;
-  Transposed(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), qT.data());
+  const auto qT = Scratch(d.rows * d.N * H * Tp);
+  std::vector<float> k_storage, v_storage;
+  Transposed(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), qT.get());
   const Rows ks = RowsOf(pool, k.typed_data(), d, d.K, k_storage), vs = RowsOf(pool, v.typed_data(), d, d.K, v_storage);
   float *op = out->typed_data(), *lp = lse->typed_data();
   // Tasks (row, head, query tile), the longest (last tiles) first.
   ParallelFor(pool, d.rows * d.N * d.tiles, [&](int64_t task) {
     const int64_t qt = d.tiles - 1 - task % d.tiles, n = (task / d.tiles) % d.N,
                   b = task / (d.tiles * d.N), kv = n / d.G, t0 = qt * kTile;
-    const float* qs = qT.data() + ((b * d.N + n) * Tp + t0) * H;  // [H, kTile]
+    const float* qs = qT.get() + ((b * d.N + n) * Tp + t0) * H;  // [H, kTile]
     const int32_t *shared = bounds.shared.data() + b * Tp + t0, *lo = bounds.lo.data() + b * Tp + t0,
                   *hi = bounds.hi.data() + b * Tp + t0;
     std::vector<float> sT(kTile * kTile), acc(kTile * H, 0.0f), m(kTile, -1e30f), l(kTile, 0.0f);
@@ -312,10 +313,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const auto tiles = Summarize(seg.typed_data(), d);
   Bounds bounds;
   if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
-  std::vector<float> qT(heads * H * Tp), doT(heads * H * Tp), delta(heads * Tp), lse_p(heads * Tp),
-      q_storage, do_storage, k_storage, v_storage;
-  Transposed(pool, q.typed_data(), d, d.N, scale, qT.data());
-  Transposed(pool, dout.typed_data(), d, d.N, 1.0f, doT.data());
+  // Scratch written in full before it is read: a vector's zero fill ran on the calling thread
+  // alone while the other workers waited (dq's parts are zeroed in their own tasks instead).
+  const auto qT = Scratch(heads * H * Tp), doT = Scratch(heads * H * Tp),
+             delta = Scratch(heads * Tp), lse_p = Scratch(heads * Tp);
+  std::vector<float> q_storage, do_storage, k_storage, v_storage;
+  Transposed(pool, q.typed_data(), d, d.N, scale, qT.get());
+  Transposed(pool, dout.typed_data(), d, d.N, 1.0f, doT.get());
   const Rows qs_all = RowsOf(pool, q.typed_data(), d, d.N, q_storage),
              dos_all = RowsOf(pool, dout.typed_data(), d, d.N, do_storage),
              ks_all = RowsOf(pool, k.typed_data(), d, d.K, k_storage),
@@ -338,16 +342,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   // long and short ones), enough for every worker to get the same number; each part keeps its own dq.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(d.tiles, (8 * workers + heads - 1) / heads));
-  std::vector<float> dq_parts(heads * parts * Tp * H, 0.0f), dk_heads(heads * Tp * H),
-      dv_heads(heads * Tp * H);
+  const auto dq_parts = Scratch(heads * parts * Tp * H), dk_heads = Scratch(heads * Tp * H),
+             dv_heads = Scratch(heads * Tp * H);
   ParallelFor(pool, heads * parts, [&](int64_t task) {
     const int64_t part = task % parts, bn = task / parts, b = bn / d.N, n = bn % d.N, kv = n / d.G;
-    float* dqp = dq_parts.data() + task * Tp * H;
+    float* dqp = dq_parts.get() + task * Tp * H;
+    std::fill(dqp, dqp + Tp * H, 0.0f);
     std::vector<float> pT(kTile * kTile), dsT(kTile * kTile);
     for (int64_t kt = part; kt < d.tiles; kt += parts) {
       const int64_t s0 = kt * kTile;
-      float* dka = dk_heads.data() + (bn * Tp + s0) * H;
-      float* dva = dv_heads.data() + (bn * Tp + s0) * H;
+      float* dka = dk_heads.get() + (bn * Tp + s0) * H;
+      float* dva = dv_heads.get() + (bn * Tp + s0) * H;
       std::fill(dka, dka + kTile * H, 0.0f);
       std::fill(dva, dva + kTile * H, 0.0f);
       const float *ks = ks_all.at(b, kv, s0), *vs = vs_all.at(b, kv, s0);
@@ -356,9 +361,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         if (pair == Pair::kSkip) continue;
         const int64_t t0 = qt * kTile;
         const bool masked = pair == Pair::kMasked;
-        const float *qs = qs_all.at(b, n, t0), *qTs = qT.data() + (bn * Tp + t0) * H,
-                    *dos = dos_all.at(b, n, t0), *doTs = doT.data() + (bn * Tp + t0) * H,
-                    *lse_t = lse_p.data() + bn * Tp + t0, *delta_t = delta.data() + bn * Tp + t0;
+        const float *qs = qs_all.at(b, n, t0), *qTs = qT.get() + (bn * Tp + t0) * H,
+                    *dos = dos_all.at(b, n, t0), *doTs = doT.get() + (bn * Tp + t0) * H,
+                    *lse_t = lse_p.get() + bn * Tp + t0, *delta_t = delta.get() + bn * Tp + t0;
         const int32_t *shared = bounds.shared.data() + b * Tp + t0,
                       *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
         // pT = softmax probabilities, recomputed from the saved log-sum-exp; dpT = v do^T.
@@ -387,7 +392,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         float* o = dqo + ((b * d.T + t) * d.N + n) * H;
         std::fill(o, o + H, 0.0f);
         for (int64_t part = 0; part < parts; ++part) {
-          const float* in = dq_parts.data() + (((b * d.N + n) * parts + part) * Tp + t) * H;
+          const float* in = dq_parts.get() + (((b * d.N + n) * parts + part) * Tp + t) * H;
           for (int64_t h = 0; h < H; ++h) o[h] += in[h];
         }
         for (int64_t h = 0; h < H; ++h) o[h] *= scale;
@@ -399,8 +404,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         std::fill(vo, vo + H, 0.0f);
         for (int64_t g = 0; g < d.G; ++g) {
           const int64_t bn = b * d.N + kv * d.G + g;
-          const float* ki = dk_heads.data() + (bn * Tp + t) * H;
-          const float* vi = dv_heads.data() + (bn * Tp + t) * H;
+          const float* ki = dk_heads.get() + (bn * Tp + t) * H;
+          const float* vi = dv_heads.get() + (bn * Tp + t) * H;
           for (int64_t h = 0; h < H; ++h) ko[h] += ki[h], vo[h] += vi[h];
         }
         for (int64_t h = 0; h < H; ++h) ko[h] *= scale;

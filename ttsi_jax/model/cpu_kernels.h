@@ -38,6 +38,8 @@ inline vf Load(const float* p) {
   return v;
 }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+// n floats that nobody zero-fills: for scratch a kernel writes in full before it reads.
+inline std::unique_ptr<float[]> Scratch(size_t n) { return std::unique_ptr<float[]>(new float[n]); }
 // Rows i..i+M of C[:, j..j+V x kLanes] (+)= A B over the whole K loop, in registers.
 template <int M, int V, bool kTransA>
 inline void GemmBlock(int64_t i, int64_t j, int64_t K, const float* A, int64_t lda, const float* B,
