@@ -35,6 +35,8 @@ namespace {
 using namespace ttsi_kernels;
 
 constexpr int kTile = 64;  // a multiple of kLanes, as are H and the GEMM blocks
+constexpr int kBlock = 32;  // queries whose keys are bounded together: two blocks per tile
+static_assert(kTile == 2 * kBlock, "the backward pass takes a tile as one or two blocks");
 constexpr int32_t kShared = -2;  // the segment of a shared prefix
 
 // exp(x) to about 2 ulp (Cephes' polynomial), a vector at a time.
@@ -61,48 +63,6 @@ inline vf ExpV(vf x) {
 struct Dims {
   int64_t rows, T, N, K, H, G, tiles;
 };
-
-// The segments a tile holds (lo > hi: none), whether it holds shared-prefix tokens and whether all
-// its tokens are real.
-struct TileSegments {
-  int32_t lo = INT32_MAX, hi = INT32_MIN;
-  bool shared = false, full = true;
-  bool empty() const { return lo > hi && !shared; }
-};
-
-std::vector<TileSegments> Summarize(const int32_t* seg, const Dims& d) {
-  std::vector<TileSegments> out(d.rows * d.tiles);
-  for (int64_t b = 0; b < d.rows; ++b)
-    for (int64_t t = 0; t < d.tiles; ++t) {
-      TileSegments& s = out[b * d.tiles + t];
-      for (int64_t i = t * kTile; i < (t + 1) * kTile; ++i) {
-        const int32_t v = i < d.T ? seg[b * d.T + i] : -1;
-        if (v == kShared) {
-          s.shared = true;
-        } else if (v < 0) {
-          s.full = false;
-        } else {
-          s.lo = std::min(s.lo, v);
-          s.hi = std::max(s.hi, v);
-        }
-      }
-    }
-  return out;
-}
-
-enum class Pair { kSkip, kDense, kMasked };
-
-// A key tile with shared-prefix tokens is seen by every later query tile; other tiles only by those
-// whose segments overlap theirs.
-Pair Classify(const TileSegments& q, const TileSegments& k, int64_t qt, int64_t kt) {
-  if (kt > qt || q.empty() || k.empty()) return Pair::kSkip;
-  if (!k.shared && (q.hi < k.lo || k.hi < q.lo)) return Pair::kSkip;
-  if (kt < qt && q.full && k.full) {
-    if (k.shared && k.lo > k.hi) return Pair::kDense;  // all shared prefix
-    if (!q.shared && !k.shared && q.lo == q.hi && k.lo == k.hi) return Pair::kDense;
-  }
-  return Pair::kMasked;
-}
 
 // The keys each query sees, [0, shared) and [lo, hi] (lo > hi: none), per row, padded to whole
 // tiles: a query sees the earlier keys of its own segment (segments are contiguous) and, outside
@@ -146,6 +106,55 @@ ffi::Error BoundsOf(const int32_t* seg, const Dims& d, Bounds& out) {
   return ffi::Error::Success();
 }
 
+// What the queries of one block of kBlock see, in aggregate: enough to bound the keys of a tile
+// that some of them see, and to tell when every one of them sees all of those.
+struct BlockStats {
+  int32_t min_lo = INT32_MAX, max_lo = INT32_MIN, min_hi = INT32_MAX, max_hi = INT32_MIN;
+  int32_t min_shared = INT32_MAX, max_shared = 0;
+  bool all_valid = true;  // no padding query
+};
+
+std::vector<BlockStats> BlockStatsOf(const Bounds& bounds, const Dims& d) {
+  const int64_t blocks = d.rows * d.tiles * (kTile / kBlock);
+  std::vector<BlockStats> out(blocks);
+  for (int64_t block = 0; block < blocks; ++block) {
+    BlockStats& s = out[block];
+    for (int64_t t = block * kBlock; t < (block + 1) * kBlock; ++t) {
+      const int32_t shared = bounds.shared[t], lo = bounds.lo[t], hi = bounds.hi[t];
+      s.min_shared = std::min(s.min_shared, shared);
+      s.max_shared = std::max(s.max_shared, shared);
+      if (lo > hi) {  // every real token sees its own earlier keys, at least itself
+        s.all_valid = false;
+        continue;
+      }
+      s.min_lo = std::min(s.min_lo, lo), s.max_lo = std::max(s.max_lo, lo);
+      s.min_hi = std::min(s.min_hi, hi), s.max_hi = std::max(s.max_hi, hi);
+    }
+  }
+  return out;
+}
+
+// The keys [j0, j1) of the tile at s0 (offsets in it) that some query of a block sees, none when
+// j0 >= j1; dense when every query of the block sees every one of them (no mask to apply). The
+// span of a block on the diagonal, or across the end of a sequence, is what it computes of a tile.
+struct Span {
+  int j0 = 0, j1 = 0;
+  bool dense = false;
+};
+
+inline Span SpanOf(const BlockStats& s, int64_t s0) {
+  const int64_t e0 = s0 + kTile;
+  int64_t a = e0, z = s0;
+  if (s.max_shared > s0) a = s0, z = std::min<int64_t>(s.max_shared, e0);  // the shared prefix
+  if (s.min_lo <= s.max_hi) {  // the queries' own segments
+    const int64_t own_a = std::max<int64_t>(s.min_lo, s0), own_z = std::min<int64_t>(s.max_hi + 1, e0);
+    if (own_a < own_z) a = std::min(a, own_a), z = std::max(z, own_z);
+  }
+  if (a >= z) return Span{};
+  const bool dense = s.all_valid && (z <= s.min_shared || (a >= s.max_lo && z <= s.min_hi + 1));
+  return Span{static_cast<int>(a - s0), static_cast<int>(z - s0), dense};
+}
+
 inline vi LoadI(const int32_t* p) {
   vi v;
   std::memcpy(&v, p, sizeof(v));
@@ -184,23 +193,43 @@ Rows RowsOf(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads,
   return Rows{storage.data(), heads * Tp * H, Tp * H, H};
 }
 
+// Transposes kLanes rows of kLanes floats in registers: log2(kLanes) stages, each swapping the
+// off-diagonal halves of every square sub-block of that stage's size.
+inline void TransposeInRegisters(vf (&r)[kLanes]) {
+  for (int s = kLanes / 2; s >= 1; s /= 2) {
+    vi first, second;  // lanes of the pair (r[i], r[i + s]) that each takes
+    for (int l = 0; l < kLanes; ++l) {
+      first[l] = (l & s) ? kLanes + l - s : l;
+      second[l] = (l & s) ? kLanes + l : l + s;
+    }
+    for (int i = 0; i < kLanes; ++i)
+      if (!(i & s)) {
+        const vf a = r[i], b = r[i + s];
+        r[i] = __builtin_shuffle(a, b, first);
+        r[i + s] = __builtin_shuffle(a, b, second);
+      }
+  }
+}
+
 // out [rows, heads, tiles, H, kTile] = x [rows, T, heads, H] x scale, each tile transposed on its
 // own (a [H, Tp] layout would put a tile's rows Tp floats apart, where they evict each other from
-// the cache) and zero-padded to whole tiles.
+// the cache) and zero-padded to whole tiles; kLanes x kLanes blocks at a time, in registers (a
+// float at a time it took a tenth of the attention kernel's time).
 void Transposed(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads, float scale, float* out) {
   const int64_t H = d.H;
   ParallelFor(pool, d.rows * heads * d.tiles, [&](int64_t task) {
     const int64_t tile = task % d.tiles, n = (task / d.tiles) % heads, b = task / (d.tiles * heads);
     float* o = out + task * H * kTile;
-    for (int64_t i = 0; i < kTile; ++i) {
-      const int64_t t = tile * kTile + i;
-      const float* in = x + ((b * d.T + t) * heads + n) * H;
-      if (t < d.T) {
-        for (int64_t h = 0; h < H; ++h) o[h * kTile + i] = in[h] * scale;
-      } else {
-        for (int64_t h = 0; h < H; ++h) o[h * kTile + i] = 0.0f;
+    for (int64_t i = 0; i < kTile; i += kLanes)
+      for (int64_t h = 0; h < H; h += kLanes) {
+        vf r[kLanes];
+        for (int u = 0; u < kLanes; ++u) {
+          const int64_t t = tile * kTile + i + u;
+          r[u] = t < d.T ? Load(x + ((b * d.T + t) * heads + n) * H + h) * scale : vf{};
+        }
+        TransposeInRegisters(r);
+        for (int u = 0; u < kLanes; ++u) Store(o + (h + u) * kTile + i, r[u]);
       }
-    }
   });
 }
 
@@ -239,9 +268,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (auto error = Check(q, k, v, seg); error.failure()) return error;
   const Dims d = DimsOf(q, k);
   const int64_t H = d.H, Tp = d.tiles * kTile;
-  const auto tiles = Summarize(seg.typed_data(), d);
   Bounds bounds;
   if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
+  const auto stats = BlockStatsOf(bounds, d);
   const auto qT = Scratch(d.rows * d.N * H * Tp);
   std::vector<float> k_storage, v_storage;
   Transposed(pool, q.typed_data(), d, d.N, 1.0f / std::sqrt(static_cast<float>(H)), qT.get());
@@ -254,40 +283,46 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const float* qs = qT.get() + ((b * d.N + n) * Tp + t0) * H;  // [H, kTile]
     const int32_t *shared = bounds.shared.data() + b * Tp + t0, *lo = bounds.lo.data() + b * Tp + t0,
                   *hi = bounds.hi.data() + b * Tp + t0;
+    const BlockStats* block_stats = stats.data() + (b * Tp + t0) / kBlock;
     std::vector<float> sT(kTile * kTile), acc(kTile * H, 0.0f), m(kTile, -1e30f), l(kTile, 0.0f);
     for (int64_t kt = 0; kt <= qt; ++kt) {
-      const Pair pair = Classify(tiles[b * d.tiles + qt], tiles[b * d.tiles + kt], qt, kt);
-      if (pair == Pair::kSkip) continue;
       const int64_t s0 = kt * kTile;
-      const bool masked = pair == Pair::kMasked;
-      Gemm<false>(kTile, kTile, H, ks.at(b, kv, s0), ks.ld, qs, kTile, sT.data(), kTile, false);
-      for (int u = 0; u < kTile; u += kLanes) {  // kLanes queries at a time
-        vf top = Load(m.data() + u);
-        for (int j = 0; j < kTile; ++j) {
-          const vf x = Load(sT.data() + j * kTile + u);
-          const vf y = masked ? (Visible(s0 + j, shared + u, lo + u, hi + u) ? x : vf{} - 1e30f) : x;
-          top = y > top ? y : top;
+      for (int c = 0; c < kTile; c += kBlock) {  // the queries c..c+kBlock over the keys they see
+        const Span span = SpanOf(block_stats[c / kBlock], s0);
+        const int j0 = span.j0, j1 = span.j1;
+        if (j0 >= j1) continue;
+        const bool masked = !span.dense;
+        Gemm<false>(j1 - j0, kBlock, H, ks.at(b, kv, s0 + j0), ks.ld, qs + c, kTile, sT.data() + j0 * kTile + c,
+                    kTile, false);
+        for (int u = c; u < c + kBlock; u += kLanes) {  // kLanes queries at a time
+          vf top = Load(m.data() + u);
+          for (int j = j0; j < j1; ++j) {
+            const vf x = Load(sT.data() + j * kTile + u);
+            const vf y = masked ? (Visible(s0 + j, shared + u, lo + u, hi + u) ? x : vf{} - 1e30f) : x;
+            top = y > top ? y : top;
+          }
+          const vf correction = ExpV(Load(m.data() + u) - top);
+          vf sum = vf{};
+          for (int j = j0; j < j1; ++j) {
+            float* row = sT.data() + j * kTile + u;
+            vf p = ExpV(Load(row) - top);
+            if (masked) p = Visible(s0 + j, shared + u, lo + u, hi + u) ? p : vf{};
+            Store(row, p);
+            sum += p;
+          }
+          Store(m.data() + u, top);
+          Store(l.data() + u, Load(l.data() + u) * correction + sum);
+          for (int i = 0; i < kLanes; ++i)
+            if (correction[i] != 1.0f)
+              for (int64_t h = 0; h < H; h += kLanes) {
+                float* a = acc.data() + (u + i) * H + h;
+                Store(a, Load(a) * correction[i]);
+              }
         }
-        const vf correction = ExpV(Load(m.data() + u) - top);
-        vf sum = vf{};
-        for (int j = 0; j < kTile; ++j) {
-          float* row = sT.data() + j * kTile + u;
-          vf p = ExpV(Load(row) - top);
-          if (masked) p = Visible(s0 + j, shared + u, lo + u, hi + u) ? p : vf{};
-          Store(row, p);
-          sum += p;
-        }
-        Store(m.data() + u, top);
-        Store(l.data() + u, Load(l.data() + u) * correction + sum);
-        for (int i = 0; i < kLanes; ++i)
-          if (correction[i] != 1.0f)
-            for (int64_t h = 0; h < H; h += kLanes) {
-              float* a = acc.data() + (u + i) * H + h;
-              Store(a, Load(a) * correction[i]);
-            }
+        // acc[i] += sum_j sT[j, i] v[j]
+        Gemm<true>(kBlock, H, j1 - j0, sT.data() + j0 * kTile + c, kTile, vs.at(b, kv, s0 + j0), vs.ld,
+                   acc.data() + c * H, H, true);
       }
-      // acc[i] += sum_j sT[j, i] v[j]
-      Gemm<true>(kTile, H, kTile, sT.data(), kTile, vs.at(b, kv, s0), vs.ld, acc.data(), H, true);
     }
     for (int i = 0; i < kTile && t0 + i < d.T; ++i) {
       const int64_t t = t0 + i;
@@ -310,9 +345,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const Dims d = DimsOf(q, k);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const int64_t H = d.H, Tp = d.tiles * kTile, heads = d.rows * d.N;
-  const auto tiles = Summarize(seg.typed_data(), d);
   Bounds bounds;
   if (auto error = BoundsOf(seg.typed_data(), d, bounds); error.failure()) return error;
+  const auto stats = BlockStatsOf(bounds, d);
   // Scratch written in full before it is read: a vector's zero fill ran on the calling thread
   // alone while the other workers waited (dq's parts are zeroed in their own tasks instead).
   const auto qT = Scratch(heads * H * Tp), doT = Scratch(heads * H * Tp),
@@ -357,29 +392,41 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       std::fill(dva, dva + kTile * H, 0.0f);
       const float *ks = ks_all.at(b, kv, s0), *vs = vs_all.at(b, kv, s0);
       for (int64_t qt = kt; qt < d.tiles; ++qt) {
-        const Pair pair = Classify(tiles[b * d.tiles + qt], tiles[b * d.tiles + kt], qt, kt);
-        if (pair == Pair::kSkip) continue;
         const int64_t t0 = qt * kTile;
-        const bool masked = pair == Pair::kMasked;
         const float *qs = qs_all.at(b, n, t0), *qTs = qT.get() + (bn * Tp + t0) * H,
                     *dos = dos_all.at(b, n, t0), *doTs = doT.get() + (bn * Tp + t0) * H,
                     *lse_t = lse_p.get() + bn * Tp + t0, *delta_t = delta.get() + bn * Tp + t0;
         const int32_t *shared = bounds.shared.data() + b * Tp + t0,
                       *lo = bounds.lo.data() + b * Tp + t0, *hi = bounds.hi.data() + b * Tp + t0;
-        // pT = softmax probabilities, recomputed from the saved log-sum-exp; dpT = v do^T.
-        Gemm<false>(kTile, kTile, H, ks, ks_all.ld, qTs, kTile, pT.data(), kTile, false);
-        Gemm<false>(kTile, kTile, H, vs, vs_all.ld, doTs, kTile, dsT.data(), kTile, false);
-        for (int j = 0; j < kTile; ++j)
-          for (int u = 0; u < kTile; u += kLanes) {  // dsT = pT * (dpT - delta)
-            float *p = pT.data() + j * kTile + u, *ds = dsT.data() + j * kTile + u;
-            vf prob = ExpV(Load(p) - Load(lse_t + u));
-            if (masked) prob = Visible(s0 + j, shared + u, lo + u, hi + u) ? prob : vf{};
-            Store(p, prob);
-            Store(ds, prob * (Load(ds) - Load(delta_t + u)));
-          }
-        Gemm<false>(kTile, H, kTile, pT.data(), kTile, dos, dos_all.ld, dva, H, true);  // dv += pT do
-        Gemm<false>(kTile, H, kTile, dsT.data(), kTile, qs, qs_all.ld, dka, H, true);  // dk += dsT q
-        Gemm<true>(kTile, H, kTile, dsT.data(), kTile, ks, ks_all.ld, dqp + t0 * H, H, true);  // dq += ds k
+        // The queries c..c+width over the keys j0..j1 of the tile that they see.
+        auto queries = [&](int c, int width, const Span& span) {
+          const int j0 = span.j0, j1 = span.j1, rows = j1 - j0;
+          const bool masked = !span.dense;
+          float *p_at = pT.data() + j0 * kTile + c, *ds_at = dsT.data() + j0 * kTile + c;
+          // pT = softmax probabilities, recomputed from the saved log-sum-exp; dpT = v do^T.
+          Gemm<false>(rows, width, H, ks + j0 * ks_all.ld, ks_all.ld, qTs + c, kTile, p_at, kTile, false);
+          Gemm<false>(rows, width, H, vs + j0 * vs_all.ld, vs_all.ld, doTs + c, kTile, ds_at, kTile, false);
+          for (int j = j0; j < j1; ++j)
+            for (int u = c; u < c + width; u += kLanes) {  // dsT = pT * (dpT - delta)
+              float *p = pT.data() + j * kTile + u, *ds = dsT.data() + j * kTile + u;
+              vf prob = ExpV(Load(p) - Load(lse_t + u));
+              if (masked) prob = Visible(s0 + j, shared + u, lo + u, hi + u) ? prob : vf{};
+              Store(p, prob);
+              Store(ds, prob * (Load(ds) - Load(delta_t + u)));
+            }
+          Gemm<false>(rows, H, width, p_at, kTile, dos + c * dos_all.ld, dos_all.ld, dva + j0 * H, H, true);  // dv += pT do
+          Gemm<false>(rows, H, width, ds_at, kTile, qs + c * qs_all.ld, qs_all.ld, dka + j0 * H, H, true);  // dk += dsT q
+          Gemm<true>(width, H, rows, ds_at, kTile, ks + j0 * ks_all.ld, ks_all.ld, dqp + (t0 + c) * H, H,
+                     true);  // dq += ds k
+        };
+        const BlockStats* block_stats = stats.data() + (b * Tp + t0) / kBlock;
+        const Span first = SpanOf(block_stats[0], s0), second = SpanOf(block_stats[1], s0);
+        if (first.j0 == second.j0 && first.j1 == second.j1 && first.dense == second.dense) {
+          if (first.j0 < first.j1) queries(0, kTile, first);  // one span: the whole tile at once
+        } else {
+          if (first.j0 < first.j1) queries(0, kBlock, first);
+          if (second.j0 < second.j1) queries(kBlock, kBlock, second);
+        }
       }
     }
   });
