@@ -174,6 +174,11 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert metrics["pairs"] == {"total": len(pairs), "kept": len(pairs), "rejected_by_reason": {}}
   assert any(BfclTask("multiple", 4).validate(ex, p["call"]) for ex, p in pairs)
   assert set(metrics["timing"]["seconds_per_stage"]) == set(experiment.STAGES)
+  # Each wave's records carry the process's peak memory by then: it never falls, and the metrics
+  # report the largest.
+  peaks = [r["peak_memory_bytes"] for r in lines]
+  assert peaks == sorted(peaks) and peaks[0] > 100 * 2**20
+  assert metrics["timing"]["peak_memory_bytes"] == peaks[-1]
   saved = json.load(open(os.path.join(workdir, "metrics.json")))
   assert _without_timing(saved) == _without_timing(json.loads(json.dumps(metrics)))
   # The report of the run: every section and plot, the tau sweep included (all_inputs ran).
@@ -199,7 +204,9 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   resumed = experiment.run(config, workdir)
   assert _without_timing(resumed) == _without_timing(metrics)
   # The redone wave's records equal the first run's (its seconds aside).
-  untimed = lambda line: {k: v for k, v in json.loads(line).items() if k != "wave_seconds"}
+  untimed = lambda line: {
+      k: v for k, v in json.loads(line).items() if k not in ("wave_seconds", "peak_memory_bytes")
+  }
   assert [untimed(l) for l in open(results)] == [untimed(l) for l in text]
   assert all(examples[0].question not in c for c in _Teacher.calls[calls_before:])
 

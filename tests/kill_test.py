@@ -80,8 +80,8 @@ def _config(model):
 
 
 def _untimed(path):
-  """The records without what depends on when and how they were run (seconds, host, wave)."""
-  drop = {"wave_seconds", "host", "wave"}
+  """The records without what depends on when and how they were run (seconds, memory, host, wave)."""
+  drop = {"wave_seconds", "peak_memory_bytes", "host", "wave"}
   return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in open(path)]
 
 

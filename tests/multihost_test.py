@@ -88,6 +88,7 @@ def _records(workdir):
   lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
   for r in lines:
     r.pop("wave_seconds")
+    r.pop("peak_memory_bytes")
     r.pop("host")
   return lines
 

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ttsi_jax import checkpoints, config_schema, multihost
+from ttsi_jax import checkpoints, config_schema, multihost, runtime
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
@@ -530,8 +530,9 @@ class Experiment:
           bars[stage].update(size)
 
         records, kept = self.run_wave(w, waves[w], timer)
+        peak = runtime.peak_memory_bytes()
         for r in records:
-          r.wave_seconds, r.host = dict(seconds), host
+          r.wave_seconds, r.host, r.peak_memory_bytes = dict(seconds), host, peak
         return [r.to_dict() for r in records], kept
 
       # A wave that raised on one host stops every host; the waves before it are written.
@@ -700,6 +701,10 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
   for wave in {r.wave: r.wave_seconds for r in records}.values():
     for stage, s in wave.items():
       seconds[stage] += s
+  peaks = [r.peak_memory_bytes for r in records if r.peak_memory_bytes is not None]
+  timing = {"seconds_per_stage": dict(seconds), "total_seconds": sum(seconds.values())}
+  if peaks:  # the largest of any host's process, over the waves of this results file
+    timing["peak_memory_bytes"] = max(peaks)
   return {
       "num_inputs": n,
       "accuracy": acc,
@@ -712,7 +717,7 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
       "adapted_inputs": adapted,
       "not_adapted": {v: dict(c) for v, c in fallback.items()},
       "skipped_rows": [list(s) for s in skipped],
-      "timing": {"seconds_per_stage": dict(seconds), "total_seconds": sum(seconds.values())},
+      "timing": timing,
   }
 
 
@@ -734,7 +739,8 @@ def format_summary(m: dict) -> str:
       "",
       "seconds per stage: "
       + "  ".join(f"{k} {v:.1f}" for k, v in m["timing"]["seconds_per_stage"].items())
-      + f"   total {m['timing']['total_seconds']:.1f}",
+      + f"   total {m['timing']['total_seconds']:.1f}"
+      + (f"   peak memory {peak / 2**30:.1f} GiB" if (peak := m["timing"].get("peak_memory_bytes")) else ""),
   ]
   return "\n".join(lines)
 

@@ -30,6 +30,17 @@ def _installed_packages() -> list[str]:
   return [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]
 
 
+def peak_memory_bytes() -> int | None:
+  """The process's peak resident memory so far (the kernel's high-water mark), or None where the
+  platform does not report it: each wave's records carry it, so that a run's growth shows."""
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:  # Windows
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
 def set_xla_cpu_flags(
     environ: MutableMapping[str, str] = os.environ,
     jaxlib_version: str | None = None,

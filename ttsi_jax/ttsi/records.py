@@ -54,6 +54,7 @@ class Record:
   teacher_pairs: Union[list[Pair], str, None] = None  # TEACHER_FAILED when the teacher failed
   wave_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the wave's stages
   host: int = 0  # the host that ran the wave
+  peak_memory_bytes: Optional[int] = None  # the host process's peak resident memory after the wave
   format: int = FORMAT
 
   def to_dict(self) -> dict:
