@@ -26,6 +26,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -193,22 +194,30 @@ Rows RowsOf(ffi::ThreadPool& pool, const float* x, const Dims& d, int64_t heads,
   return Rows{storage.data(), heads * Tp * H, Tp * H, H};
 }
 
-// Transposes kLanes rows of kLanes floats in registers: log2(kLanes) stages, each swapping the
-// off-diagonal halves of every square sub-block of that stage's size.
-inline void TransposeInRegisters(vf (&r)[kLanes]) {
-  for (int s = kLanes / 2; s >= 1; s /= 2) {
-    vi first, second;  // lanes of the pair (r[i], r[i + s]) that each takes
-    for (int l = 0; l < kLanes; ++l) {
-      first[l] = (l & s) ? kLanes + l - s : l;
-      second[l] = (l & s) ? kLanes + l : l + s;
+// Two vectors' lanes picked by constant indices (2 x kLanes of them, b's after a's): GCC 12+ and
+// Clang have __builtin_shufflevector, older GCC only its own __builtin_shuffle.
+#if defined(__clang__) || __GNUC__ >= 12
+#define TTSI_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define TTSI_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+
+// One stage of the transpose below: the pair of rows (a, b), S apart, swap the off-diagonal halves
+// of their S x S sub-blocks; then the stage of half the size.
+template <int S, int... L>
+inline void TransposeStage(vf (&r)[kLanes], std::integer_sequence<int, L...> lanes) {
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & S)) {
+      const vf a = r[i], b = r[i + S];
+      r[i] = TTSI_SHUFFLE(a, b, ((L & S) ? kLanes + L - S : L)...);
+      r[i + S] = TTSI_SHUFFLE(a, b, ((L & S) ? kLanes + L : L + S)...);
     }
-    for (int i = 0; i < kLanes; ++i)
-      if (!(i & s)) {
-        const vf a = r[i], b = r[i + s];
-        r[i] = __builtin_shuffle(a, b, first);
-        r[i + s] = __builtin_shuffle(a, b, second);
-      }
-  }
+  if constexpr (S > 1) TransposeStage<S / 2>(r, lanes);
+}
+
+// Transposes kLanes rows of kLanes floats in registers, in log2(kLanes) stages.
+inline void TransposeInRegisters(vf (&r)[kLanes]) {
+  TransposeStage<kLanes / 2>(r, std::make_integer_sequence<int, kLanes>{});
 }
 
 // out [rows, heads, tiles, H, kTile] = x [rows, T, heads, H] x scale, each tile transposed on its
