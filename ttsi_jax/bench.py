@@ -411,10 +411,7 @@ def bench_adapt(config) -> dict:
           exp.params,
           adapters,
           opt_states,
-          *step.rows(),
-          np.int32(step.microbatches),
-          step.learning_rate_A,
-          step.active_A,
+          *step.step_args(),
           keys[0],
           remat=trainer.remat_for(step),
       )

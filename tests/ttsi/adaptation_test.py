@@ -299,10 +299,7 @@ def _compiled_step(model, remat, uninitialized=False):
         params,
         adapters,
         opt_states,
-        *step.rows(),
-        np.int32(step.microbatches),
-        step.learning_rate_A,
-        step.active_A,
+        *step.step_args(),
         jax.random.key(0),
         remat=remat,
     )

@@ -107,6 +107,12 @@ class PackedStep:
         self.answer_adapter_MBI,
     )
 
+  def step_args(self, rows: Sequence[jax.Array] | None = None) -> tuple:
+    """`Trainer.step`'s arguments after the adapters' state and before the dropout key: the rows
+    (`rows()`, or those given, e.g. sharded over a mesh), microbatch count, rates and active flags."""
+    rows = self.rows() if rows is None else tuple(rows)
+    return (*rows, np.int32(self.microbatches), self.learning_rate_A, self.active_A)
+
 
 def pack(
     sequences: Sequence[tuple[int, list[int], list[int]]],
@@ -446,10 +452,7 @@ class Trainer:
             params,
             adapters,
             opt_states,
-            *rows,
-            np.int32(step.microbatches),
-            step.learning_rate_A,
-            step.active_A,
+            *step.step_args(rows),
             rng,
             remat=self.remat_for(step),
         )
