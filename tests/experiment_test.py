@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from configs import tiny
-from ttsi_jax import checkpoints, experiment, report
+from ttsi_jax import checkpoints, experiment, report, runtime
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
@@ -104,7 +104,14 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
       lambda self, params, examples, *a, **k: trained.append(len(examples))
       or train_all(self, params, examples, *a, **k),
   )
+  # Every wave ends past the memory-mapping limit: the compiled functions are dropped after each.
+  # (The resumed wave 1 below, computed without that, gives the same records.)
+  cleared = []
+  monkeypatch.setattr(runtime, "memory_maps", lambda: (2, 3))
+  monkeypatch.setattr(jax, "clear_caches", lambda clear=jax.clear_caches: cleared.append(1) or clear())
   metrics = experiment.run(config, workdir)
+  assert len(cleared) == 2  # after each of the 2 waves
+  monkeypatch.setattr(runtime, "memory_maps", lambda: (1, 3))
   # One adapter per input and data source: ttsi's (all_inputs shares it), oracle's, self_label's,
   # and ttd's where the teacher answered (3 of 4).
   assert sum(trained) == 4 + 4 + 4 + 3
@@ -249,6 +256,18 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   with torch.no_grad():
     theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+
+
+def test_compiled_functions_are_dropped_only_past_the_share_of_the_mapping_limit(monkeypatch):
+  double = jax.jit(lambda x: 2 * x)
+  double(np.ones(3))
+  monkeypatch.setattr(runtime, "memory_maps", lambda: (70, 100))
+  assert not experiment.release_compiled_code_near_map_limit(fraction=0.75)
+  assert double._cache_size() == 1
+  assert experiment.release_compiled_code_near_map_limit(fraction=0.5)
+  assert double._cache_size() == 0
+  monkeypatch.setattr(runtime, "memory_maps", lambda: None)  # a platform that does not say
+  assert not experiment.release_compiled_code_near_map_limit(fraction=0.0)
 
 
 def test_self_label_trains_on_the_inputs_own_request_answered_by_the_base_model(tiny_chat_model):

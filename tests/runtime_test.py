@@ -2,6 +2,7 @@
 arguments, the user's own tunables kept, off on request; freed memory is then reused without page
 faults) and the XLA:CPU flags."""
 
+import mmap
 import os
 import platform
 import subprocess
@@ -146,3 +147,13 @@ def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack()
     pytest.skip("the flag is set only on the measured jaxlib, without accelerator runtimes")
   assert ynn_fusions("0") >= 1
   assert ynn_fusions("1") == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_memory_maps_counts_this_processs_mappings_against_the_kernels_limit(tmp_path):
+  before, limit = runtime.memory_maps()
+  assert limit == int(open("/proc/sys/vm/max_map_count").read()) and 0 < before < limit
+  path = tmp_path / "mapped"
+  path.write_bytes(b"\0" * mmap.PAGESIZE)
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+    assert runtime.memory_maps()[0] >= before + 1  # a file's mapping merges with no other

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -153,6 +154,26 @@ def _keys(seed: int, stage: str, names: Sequence) -> jax.Array:
   return jnp.stack(
       [jax.random.key(zlib.crc32(json.dumps([seed, stage, n]).encode()) & 0x7FFFFFFF) for n in names]
   )
+
+
+def release_compiled_code_near_map_limit(fraction: float = 0.5) -> bool:
+  """Drops JAX's in-memory caches of compiled functions once the process holds more than
+  `fraction` of the kernel's memory mappings; returns whether it did.
+
+  Why: XLA:CPU maps each compiled kernel's code and data into the process (about three mappings a
+  kernel, a few thousand a training step), and JAX keeps every executable as long as the process
+  lives. A run meets new shapes wave after wave: a 100-input run of the default config held
+  ~5,000 more mappings after each wave of 4 inputs, reached Linux's default limit of 65,530 at
+  its 17th wave and died (LLVM: "Cannot allocate memory", then a segmentation fault). Dropped
+  executables are compiled again when next called, the slow ones loaded from the persistent
+  compilation cache."""
+  maps = runtime.memory_maps()
+  if maps is None or maps[0] <= fraction * maps[1]:
+    return False
+  logging.info("%d of at most %d memory mappings in use: dropping compiled functions", *maps)
+  jax.clear_caches()
+  gc.collect()  # the executables go with their last references
+  return True
 
 
 class Experiment:
@@ -563,6 +584,7 @@ class Experiment:
             f"on wave {round_waves[failure.host]} (the waves before it are in "
             f"{results_path}; rerun with the same --workdir to resume)"
         )
+      release_compiled_code_near_map_limit()
     for bar in bars.values():
       bar.close()
 

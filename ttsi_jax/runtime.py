@@ -41,6 +41,16 @@ def peak_memory_bytes() -> int | None:
   return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
+def memory_maps() -> tuple[int, int] | None:
+  """(memory mappings of this process now, the kernel's limit `vm.max_map_count`), or None where
+  the platform does not say (not Linux)."""
+  try:
+    with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
+      return sum(1 for _ in maps), int(limit.read())
+  except (OSError, ValueError):
+    return None
+
+
 def set_xla_cpu_flags(
     environ: MutableMapping[str, str] = os.environ,
     jaxlib_version: str | None = None,
