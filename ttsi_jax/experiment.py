@@ -163,8 +163,8 @@ def release_compiled_code_near_map_limit(fraction: float = 0.5) -> bool:
   Why: XLA:CPU maps each compiled kernel's code and data into the process (about three mappings a
   kernel, a few thousand a training step), and JAX keeps every executable as long as the process
   lives. A run meets new shapes wave after wave: a 100-input run of the default config held
-  ~5,000 more mappings after each wave of 4 inputs, reached Linux's default limit of 65,530 at
-  its 17th wave and died (LLVM: "Cannot allocate memory", then a segmentation fault). Dropped
+  3,000-5,000 more mappings after each wave of 4 inputs, reached Linux's default limit of 65,530
+  in wave 17 and died (LLVM: "Cannot allocate memory", then a segmentation fault). Dropped
   executables are compiled again when next called, the slow ones loaded from the persistent
   compilation cache."""
   maps = runtime.memory_maps()
