@@ -123,6 +123,37 @@ def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
   assert float(jnp.max(jnp.abs(changed - base))) > 1e-3
 
 
+@pytest.mark.parametrize("targets", [lora_lib.ALL_LINEAR, ("q_proj", "v_proj", "up_proj", "down_proj")])
+def test_layers_that_share_an_input_share_its_lora_product_with_the_same_values_and_gradients(
+    hf_checkpoints, monkeypatch, targets
+):
+  """q/k/v (and gate/up) take their LoRA branches' rank-R inputs from one product with their a's
+  concatenated; the logits and the adapter's gradients equal those of one product per layer (with a
+  subset of targets, only the targeted layers share: here q and v, and up alone)."""
+  config, params = hf.load(hf_checkpoints["llama"][0])
+  tokens = random_tokens(B, T)
+  adapter = lora_lib.init(config, jax.random.key(0), rank=4, targets=targets)
+  adapter = jax.tree.map(lambda x: x + 0.05, adapter)  # b != 0: every branch contributes
+
+  def logits_and_grads():
+    jax.clear_caches()  # the choice below is made while tracing
+    loss = lambda ad: jnp.mean(transformer.forward(config, params, tokens, _positions(B, T), lora=ad)[0] ** 2)
+    return transformer.forward(config, params, tokens, _positions(B, T), lora=adapter)[0], jax.grad(loss)(
+        adapter
+    )
+
+  shared = logits_and_grads()
+  calls = []
+  real = transformer.shared_lora_inputs
+  monkeypatch.setattr(
+      transformer, "shared_lora_inputs", lambda *args: calls.append(real(*args)) or [None] * len(args[1])
+  )
+  separate = logits_and_grads()
+  assert calls and any(xa is not None for xas in calls for xa in xas)  # the shared path was real
+  for got, want in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # separate and tied output embeddings
 def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints, arch):
   folder, _ = hf_checkpoints[arch]

@@ -342,10 +342,19 @@ def test_a_step_without_remat_runs_the_attention_kernel_forward_once(model):
 
 
 def test_a_packed_step_runs_every_lora_branch_in_the_cpu_kernels(model):
-  """Per layer: each of the 7 targets adds its branch in place (wide_add) and gets its two weight
-  gradients (outer); no per-block batched dot is left."""
+  """Per layer: each of the 7 targets adds its branch in place (wide_add) and gets its b's gradient
+  and its rank-R input's gradient in one pass (wide_grads); the layers that read one input (q/k/v,
+  gate/up) share one rank-R product of it (narrow, recomputed in the backward pass), so the 4 inputs
+  take 2 x 4 narrow products, 4 gradients of the inputs (wide) and 4 of the a's (outer); no per-block
+  batched dot is left."""
   assert cpu_kernels.available()
   hlo = _compiled_step(model, remat=False)
-  assert hlo.count('custom_call_target="ttsi_lora_wide_add"') == 7
-  assert hlo.count('custom_call_target="ttsi_lora_outer"') == 14
+  count = lambda op: hlo.count(f'custom_call_target="ttsi_lora_{op}"')
+  assert (count("wide_add"), count("wide_grads"), count("narrow"), count("wide"), count("outer")) == (
+      7,
+      7,
+      8,
+      4,
+      4,
+  )
   assert "bxzi,bxir->bxzr" not in hlo

@@ -44,6 +44,7 @@ _TARGETS = {
     "ttsi_lora_narrow": "TtsiLoraNarrow",
     "ttsi_lora_wide": "TtsiLoraWide",
     "ttsi_lora_wide_add": "TtsiLoraWideAdd",
+    "ttsi_lora_wide_grads": "TtsiLoraWideGrads",
     "ttsi_lora_outer": "TtsiLoraOuter",
     "ttsi_uninitialized": "TtsiUninitialized",
 }

@@ -8,7 +8,7 @@
 // with its adapter's weights at near matmul speed, and the weight gradients sum the blocks of each
 // adapter in one product per run of its blocks.
 //
-// Three ops, each other's gradients (g(t): the adapter of token t's block, -1: none, output 0):
+// Three ops, each other's gradients (and wide's two in one pass: WideGrads, below) (g(t): the adapter of token t's block, -1: none, output 0):
 //   narrow: out[t, r] = sum_k x[t, k] w[g(t), r, k]     x [..., T, K], w [A, R, K] -> [..., T, R]
 //   wide:   out[t, n] = sum_r h[t, r] w[g(t), r, n]     h [..., T, R], w [A, R, N] -> [..., T, N]
 //   outer:  out[a, r, n] = sum_{t: g(t) = a} h[t, r] y[t, n]   h [..., T, R], y [..., T, N]
@@ -186,6 +186,67 @@ ffi::Error Outer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+// wide's gradients in one pass over dout, where narrow and outer would each read all of it:
+//   dh[t, r] = sum_n dout[t, n] w[g(t), r, n]           (narrow of dout)
+//   dw[a, r, n] = sum_{t: g(t) = a} h[t, r] dout[t, n]  (outer of h and dout)
+// Each block's tokens of dout are read from memory once and again from the cache; each block
+// adds its part of dw in scratch of its own, summed per adapter at the end.
+ffi::Error WideGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::S32> block_adapter,
+                     ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dw) {
+  Blocks blocks;
+  if (auto error = BlocksOf(dout, block_adapter, blocks); error.failure()) return error;
+  const auto [num_blocks, Z] = blocks;
+  auto wd = w.dimensions();
+  const int64_t A = wd[0], R = wd[1], N = wd[2];
+  if (N % kLanes) return ffi::Error::InvalidArgument("lora wide grads: N must be a multiple of the vector width");
+  const float *hp = h.typed_data(), *wp = w.typed_data(), *dp = dout.typed_data();
+  const int32_t* gp = block_adapter.typed_data();
+  float *dhp = dh->typed_data(), *dwp = dw->typed_data();
+  const auto parts = Scratch(num_blocks * R * N);
+  ParallelFor(pool, num_blocks, [&](int64_t blk) {
+    float* o = dhp + blk * Z * R;
+    const int32_t g = gp[blk];
+    if (g < 0 || g >= A) {
+      std::fill(o, o + Z * R, 0.0f);
+      return;
+    }
+    const float* d = dp + blk * Z * N;
+    for (int64_t t = 0; t < Z; t += 2) {
+      const bool pair = t + 1 < Z;
+      for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const float* wr = wp + (g * R + r0) * N;
+        float* ot = o + t * R + r0;
+        switch (std::min<int64_t>(8, R - r0)) {
+          case 8: NarrowTokens<8>(pair, N, d + t * N, wr, ot, R); break;
+          case 7: NarrowTokens<7>(pair, N, d + t * N, wr, ot, R); break;
+          case 6: NarrowTokens<6>(pair, N, d + t * N, wr, ot, R); break;
+          case 5: NarrowTokens<5>(pair, N, d + t * N, wr, ot, R); break;
+          case 4: NarrowTokens<4>(pair, N, d + t * N, wr, ot, R); break;
+          case 3: NarrowTokens<3>(pair, N, d + t * N, wr, ot, R); break;
+          case 2: NarrowTokens<2>(pair, N, d + t * N, wr, ot, R); break;
+          default: NarrowTokens<1>(pair, N, d + t * N, wr, ot, R); break;
+        }
+      }
+    }
+    Gemm<true>(R, N, Z, hp + blk * Z * R, R, d, N, parts.get() + blk * R * N, N, false);
+  });
+  // Tasks (adapter, chunk of columns): the sum of its blocks' parts.
+  const int64_t chunk = 8 * kLanes, chunks = (N + chunk - 1) / chunk;
+  ParallelFor(pool, A * chunks, [&](int64_t task) {
+    const int64_t a = task / chunks, j0 = (task % chunks) * chunk, width = std::min(chunk, N - j0);
+    float* out = dwp + a * R * N + j0;
+    for (int64_t r = 0; r < R; ++r) std::fill(out + r * N, out + r * N + width, 0.0f);
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      if (gp[blk] != a) continue;
+      const float* part = parts.get() + blk * R * N + j0;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < width; j += kLanes) Store(out + r * N + j, Load(out + r * N + j) + Load(part + r * N + j));
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define LORA_HANDLER(symbol, fn)                         \
@@ -200,6 +261,16 @@ ffi::Error Outer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi:
 LORA_HANDLER(TtsiLoraNarrow, Narrow)
 LORA_HANDLER(TtsiLoraWide, Wide)
 LORA_HANDLER(TtsiLoraOuter, Outer)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiLoraWideGrads, WideGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TtsiLoraWideAdd, WideAdd,
                               ffi::Ffi::Bind()

@@ -4,7 +4,8 @@ loaded by `cpu_kernels`).
 Each block of Z tokens goes through its own adapter. `narrow` (x [.., T, K] against w [A, R, K],
 -> [.., T, R]) and `wide` (h [.., T, R] times w [A, R, N], -> [.., T, N]) are each other's input
 gradients; `outer` (the sum of h^T y over each adapter's tokens, -> [A, R, N]) is the weight
-gradient of both. A block whose adapter index is -1 gives zeros.
+gradient of both; `wide`'s two gradients come from one kernel that reads the output gradient once.
+A block whose adapter index is -1 gives zeros.
 
 The kernels compute in float32. The ops take activations in any float dtype and convert them at
 the call, so that the backward pass saves them as they came (bfloat16 stays bfloat16): a float32
@@ -60,10 +61,15 @@ def _narrow_bwd(residuals, dout_BTR):
 
 
 def _wide_bwd(residuals, dout_BTN):
+  """narrow(dout, w) and outer(h, dout) in one kernel that reads dout once."""
   h_BTR, w_ARN, block_adapter_BX = residuals
-  dh = narrow(dout_BTN, w_ARN, block_adapter_BX).astype(h_BTR.dtype)
-  dw = _outer(h_BTR, dout_BTN, block_adapter_BX, w_ARN.shape[0]).astype(w_ARN.dtype)
-  return dh, dw, None
+  cpu_kernels.require()
+  dh, dw = jax.ffi.ffi_call(
+      "ttsi_lora_wide_grads",
+      (jax.ShapeDtypeStruct(h_BTR.shape, jnp.float32), jax.ShapeDtypeStruct(w_ARN.shape, jnp.float32)),
+      vmap_method="sequential",
+  )(_f32(h_BTR), _f32(w_ARN), _f32(dout_BTN), block_adapter_BX)
+  return dh.astype(h_BTR.dtype), dw.astype(w_ARN.dtype), None
 
 
 @jax.custom_vjp
@@ -85,10 +91,3 @@ def _wide_add_bwd(residuals, dout_BTN):
 narrow.defvjp(lambda *args: (narrow(*args), args), _narrow_bwd)
 wide.defvjp(lambda *args: (wide(*args), args), _wide_bwd)
 wide_add.defvjp(lambda y, *args: (wide_add(y, *args), args), _wide_add_bwd)
-
-
-def add_lora(y_BTN, x_BTK, a_AKR, b_ARN, scale, block_adapter_BX):
-  """y + scale x (a_g) (b_g) per block g, in float32 (returned so: the caller casts once); the scale
-  is applied to the rank-R product."""
-  xa_BTR = narrow(x_BTK, jnp.swapaxes(a_AKR, 1, 2), block_adapter_BX) * scale
-  return wide_add(_f32(y_BTN), xa_BTR, b_ARN, block_adapter_BX)

@@ -269,7 +269,9 @@ def linear_product(x, w):
 
 class Linear(nn.Module):
   """x @ kernel (+ bias), plus the low-rank update scale * (dropout(x) @ a) @ b when a LoRA slice is
-  given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed."""
+  given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed.
+  `xa` is the branch's rank-R input scale * (x @ a), when the caller computed it for several layers
+  that read the same x (`shared_lora_inputs`)."""
 
   features: int
   use_bias: bool
@@ -278,37 +280,77 @@ class Linear(nn.Module):
   out_dtype: str | None = None  # None: the compute dtype
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None):
+  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None, xa=None):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
     y = linear_product(x, kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
-    return self._add_lora(y, x, lora, lora_hp, adapter_BXA).astype(self.out_dtype or self.dtype)
-
-  def _add_lora(self, y, x, lora, lora_hp, adapter_BXA):
     if lora is not None:
-      scale, rate = lora_hp
-      if self.has_rng("dropout"):
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-      if adapter_BXA is not None and packed_lora_kernel(x.shape[-1], self.features):
-        block_adapter_BX = jnp.where(adapter_BXA.any(-1), jnp.argmax(adapter_BXA, -1), -1).astype(jnp.int32)
-        return cpu_lora.add_lora(y, x, lora["a"], lora["b"], scale, block_adapter_BX)
-      a, b = lora["a"].astype(self.dtype), lora["b"].astype(self.dtype)
-      # The scale multiplies the rank-R product: in the backward pass too, a [T, R] array, not [T, out].
-      if adapter_BXA is None:  # one adapter for every token
-        y = y + ((x @ a) * scale) @ b
-      else:  # packed rows: each block of Z tokens through its own adapter's a [A, in, R], b
-        B, X, _ = adapter_BXA.shape
-        onehot_BXA = adapter_BXA.astype(self.dtype)
-        x_BXZc = x.reshape(B, X, -1, x.shape[-1])
-        a_BXcR = jnp.einsum("bxa,air->bxir", onehot_BXA, a)
-        xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale
-        b_BXRc = jnp.einsum("bxa,aro->bxro", onehot_BXA, b)
-        y = y + jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc).reshape(y.shape)
-    return y
+      if xa is None:
+        scale, rate = lora_hp
+        if self.has_rng("dropout"):
+          keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+          x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        xa = _lora_input(x, lora["a"], scale, adapter_BXA, self.dtype)
+      y = _lora_output(y, xa, lora["b"], adapter_BXA, self.dtype)
+    return y.astype(self.out_dtype or self.dtype)
+
+
+def _block_adapter_ids(adapter_BXA: jax.Array) -> jax.Array:
+  """Each block's adapter index (-1: a padding block), as the CPU kernels take them."""
+  return jnp.where(adapter_BXA.any(-1), jnp.argmax(adapter_BXA, -1), -1).astype(jnp.int32)
+
+
+def _lora_input(x, a, scale, adapter_BXA, dtype):
+  """scale * (x @ a): the LoRA branch's rank-R input. a is [in, R] for one adapter, [A, in, R] for
+  packed rows (each block of Z tokens through its own adapter). The scale multiplies the rank-R
+  product: in the backward pass too, a [T, R] array, not [T, out]. float32 from the CPU kernels
+  (`packed_lora_kernel`; `_lora_output` adds it in float32), else `dtype`."""
+  if adapter_BXA is not None and packed_lora_kernel(x.shape[-1]):
+    return cpu_lora.narrow(x, jnp.swapaxes(a, 1, 2), _block_adapter_ids(adapter_BXA)) * scale
+  a = a.astype(dtype)
+  if adapter_BXA is None:  # one adapter for every token
+    return (x @ a) * scale
+  B, X, _ = adapter_BXA.shape
+  x_BXZc = x.reshape(B, X, -1, x.shape[-1])
+  a_BXcR = jnp.einsum("bxa,air->bxir", adapter_BXA.astype(dtype), a)
+  xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale
+  return xa_BXZR.reshape(x.shape[:-1] + a.shape[-1:])
+
+
+def _lora_output(y, xa, b, adapter_BXA, dtype):
+  """y + xa @ b (b [R, out], or [A, R, out] per block of packed rows); float32 from the CPU kernels
+  (the caller casts once)."""
+  if adapter_BXA is not None and packed_lora_kernel(b.shape[-1]):
+    return cpu_lora.wide_add(y.astype(jnp.float32), xa, b, _block_adapter_ids(adapter_BXA))
+  b = b.astype(dtype)
+  xa = xa.astype(dtype)
+  if adapter_BXA is None:
+    return y + xa @ b
+  B, X, _ = adapter_BXA.shape
+  xa_BXZR = xa.reshape(B, X, -1, xa.shape[-1])
+  b_BXRc = jnp.einsum("bxa,aro->bxro", adapter_BXA.astype(dtype), b)
+  return y + jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc).reshape(y.shape)
+
+
+def shared_lora_inputs(x, loras, lora_hp, adapter_BXA, dtype, dropout: bool):
+  """The LoRA branches' rank-R inputs (`_lora_input`) of layers that read the same x (q/k/v;
+  gate/up), as one product over their a's concatenated along the rank: x is read once, and in the
+  backward pass its gradient and the a's gradients each come out of one product, not one per layer
+  (2-3% of a layer's time in isolation). None for a layer without LoRA, and for every layer when
+  dropout is on (each layer draws its own mask)."""
+  present = [i for i, lora in enumerate(loras) if lora is not None]
+  if dropout or len(present) < 2:
+    return [None] * len(loras)
+  ranks = [loras[i]["a"].shape[-1] for i in present]
+  a = jnp.concatenate([loras[i]["a"] for i in present], axis=-1)
+  xa = _lora_input(x, a, lora_hp[0], adapter_BXA, dtype)
+  out = [None] * len(loras)
+  for i, part in zip(present, jnp.split(xa, np.cumsum(ranks)[:-1], axis=-1)):
+    out[i] = part
+  return out
 
 
 def _sub(lora, *names):
@@ -407,14 +449,11 @@ def fused_cpu_attention(config: ModelConfig) -> bool:
   )
 
 
-def packed_lora_kernel(in_features: int, out_features: int) -> bool:
-  """Whether the LoRA branch of packed rows runs in the CPU kernels (`cpu_lora`): on the CPU
-  backend, for layer widths they take, when they built on this machine."""
-  return (
-      jax.default_backend() == "cpu"
-      and cpu_lora.supports(in_features, out_features)
-      and cpu_kernels.available()
-  )
+def packed_lora_kernel(width: int) -> bool:
+  """Whether the side of a LoRA branch of packed rows that meets a layer's input or output of this
+  width runs in the CPU kernels (`cpu_lora`): on the CPU backend, for widths they take, when they
+  built on this machine."""
+  return jax.default_backend() == "cpu" and cpu_lora.supports(width) and cpu_kernels.available()
 
 
 def _fused_attend(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
@@ -434,9 +473,13 @@ class Attention(nn.Module):
         Linear(f, b, c.dtype, c.param_dtype, name=n), adapter_BXA=block_adapters(packing, prompts)
     )
     B, T, _ = x_BTD.shape
-    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "q_proj"), lora_hp)
-    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "k_proj"), lora_hp)
-    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, _sub(lora, "v_proj"), lora_hp)
+    loras = [_sub(lora, name) for name in ("q_proj", "k_proj", "v_proj")]
+    xa_q, xa_k, xa_v = shared_lora_inputs(
+        x_BTD, loras, lora_hp, block_adapters(packing, prompts), c.dtype, self.has_rng("dropout")
+    )
+    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, loras[0], lora_hp, xa=xa_q)
+    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, loras[1], lora_hp, xa=xa_k)
+    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, loras[2], lora_hp, xa=xa_v)
     q_BTNH = q.reshape(B, T, c.num_heads, c.head_dim)
     k_BTKH = k.reshape(B, T, c.num_kv_heads, c.head_dim)
     v_BTKH = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -507,8 +550,10 @@ class MLP(nn.Module):
     dense = lambda n, f: functools.partial(
         Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA
     )
-    gate = saved(dense("gate_proj", c.mlp_dim)(x_BTD, _sub(lora, "gate_proj"), lora_hp))
-    up = saved(dense("up_proj", c.mlp_dim)(x_BTD, _sub(lora, "up_proj"), lora_hp))
+    loras = [_sub(lora, "gate_proj"), _sub(lora, "up_proj")]
+    xa_gate, xa_up = shared_lora_inputs(x_BTD, loras, lora_hp, adapter_BXA, c.dtype, self.has_rng("dropout"))
+    gate = saved(dense("gate_proj", c.mlp_dim)(x_BTD, loras[0], lora_hp, xa=xa_gate))
+    up = saved(dense("up_proj", c.mlp_dim)(x_BTD, loras[1], lora_hp, xa=xa_up))
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
 
 
