@@ -63,6 +63,27 @@ inline void NarrowTokens(bool pair, int64_t K, const float* x, const float* w, f
   }
 }
 
+// out[t, r] = x[t, :] . w[r, :] for the Z tokens of one block (x [Z, K], w [R, K], out [Z, R]).
+void NarrowBlock(int64_t Z, int64_t K, const float* x, const float* w, int64_t R, float* out) {
+  for (int64_t t = 0; t < Z; t += 2) {
+    const bool pair = t + 1 < Z;
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+      const float *xt = x + t * K, *wr = w + r0 * K;
+      float* ot = out + t * R + r0;
+      switch (std::min<int64_t>(8, R - r0)) {
+        case 8: NarrowTokens<8>(pair, K, xt, wr, ot, R); break;
+        case 7: NarrowTokens<7>(pair, K, xt, wr, ot, R); break;
+        case 6: NarrowTokens<6>(pair, K, xt, wr, ot, R); break;
+        case 5: NarrowTokens<5>(pair, K, xt, wr, ot, R); break;
+        case 4: NarrowTokens<4>(pair, K, xt, wr, ot, R); break;
+        case 3: NarrowTokens<3>(pair, K, xt, wr, ot, R); break;
+        case 2: NarrowTokens<2>(pair, K, xt, wr, ot, R); break;
+        default: NarrowTokens<1>(pair, K, xt, wr, ot, R); break;
+      }
+    }
+  }
+}
+
 // Token and block counts of [..., T, C] activations with block adapters [..., X].
 struct Blocks {
   int64_t blocks, Z;
@@ -98,24 +119,7 @@ ffi::Error Narrow(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       std::fill(o, o + Z * R, 0.0f);
       return;
     }
-    for (int64_t t = 0; t < Z; t += 2) {
-      const bool pair = t + 1 < Z;
-      const float* xt = xp + (blk * Z + t) * K;
-      for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        const float* wr = wp + (g * R + r0) * K;
-        float* ot = o + t * R + r0;
-        switch (std::min<int64_t>(8, R - r0)) {
-          case 8: NarrowTokens<8>(pair, K, xt, wr, ot, R); break;
-          case 7: NarrowTokens<7>(pair, K, xt, wr, ot, R); break;
-          case 6: NarrowTokens<6>(pair, K, xt, wr, ot, R); break;
-          case 5: NarrowTokens<5>(pair, K, xt, wr, ot, R); break;
-          case 4: NarrowTokens<4>(pair, K, xt, wr, ot, R); break;
-          case 3: NarrowTokens<3>(pair, K, xt, wr, ot, R); break;
-          case 2: NarrowTokens<2>(pair, K, xt, wr, ot, R); break;
-          default: NarrowTokens<1>(pair, K, xt, wr, ot, R); break;
-        }
-      }
-    }
+    NarrowBlock(Z, K, xp + blk * Z * K, wp + g * R * K, R, o);
   });
   return ffi::Error::Success();
 }
@@ -212,23 +216,7 @@ ffi::Error WideGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<
       return;
     }
     const float* d = dp + blk * Z * N;
-    for (int64_t t = 0; t < Z; t += 2) {
-      const bool pair = t + 1 < Z;
-      for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        const float* wr = wp + (g * R + r0) * N;
-        float* ot = o + t * R + r0;
-        switch (std::min<int64_t>(8, R - r0)) {
-          case 8: NarrowTokens<8>(pair, N, d + t * N, wr, ot, R); break;
-          case 7: NarrowTokens<7>(pair, N, d + t * N, wr, ot, R); break;
-          case 6: NarrowTokens<6>(pair, N, d + t * N, wr, ot, R); break;
-          case 5: NarrowTokens<5>(pair, N, d + t * N, wr, ot, R); break;
-          case 4: NarrowTokens<4>(pair, N, d + t * N, wr, ot, R); break;
-          case 3: NarrowTokens<3>(pair, N, d + t * N, wr, ot, R); break;
-          case 2: NarrowTokens<2>(pair, N, d + t * N, wr, ot, R); break;
-          default: NarrowTokens<1>(pair, N, d + t * N, wr, ot, R); break;
-        }
-      }
-    }
+    NarrowBlock(Z, N, d, wp + g * R * N, R, o);
     Gemm<true>(R, N, Z, hp + blk * Z * R, R, d, N, parts.get() + blk * R * N, N, false);
   });
   // Tasks (adapter, chunk of columns): the sum of its blocks' parts.
