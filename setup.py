@@ -9,7 +9,7 @@ setuptools.setup(
     "packed multi-adapter LoRA in JAX/Flax.",
     packages=setuptools.find_packages(include=["ttsi_jax", "ttsi_jax.*"]),
     # The C++ CPU kernels' sources: compiled on first use (ttsi_jax/model/cpu_kernels.py).
-    package_data={"ttsi_jax.model": ["cpu_attention.cc", "cpu_lora.cc", "cpu_kernels.h"]},
+    package_data={"ttsi_jax.model": ["cpu_attention.cc", "cpu_lora.cc", "cpu_matmul.cc", "cpu_kernels.h"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -30,6 +30,7 @@ setuptools.setup(
         "tqdm",
         "jinja2",
         "matplotlib",  # the report's plots
+        "scipy-openblas32",  # OpenBLAS for the C++ CPU kernels' float32 linear layers (cpu_matmul.cc)
     ],
     extras_require={
         # Parity tests, HF export checks and the reference benchmark (CPU torch build).

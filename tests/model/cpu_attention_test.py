@@ -190,7 +190,10 @@ def test_without_a_working_compiler_attention_and_lora_stay_on_xla_and_say_why(
   try:
     with caplog.at_level("WARNING"):
       assert not cpu_kernels.available()
-    assert f"CPU attention and packed LoRA run on XLA ops, not the C++ kernels: {reason}" in caplog.text
+    assert (
+        f"CPU attention, packed LoRA and float32 linear layers run on XLA ops, not the C++ kernels: {reason}"
+        in caplog.text
+    )
   finally:
     cpu_kernels._load.cache_clear()
     cpu_kernels._warn_once.cache_clear()

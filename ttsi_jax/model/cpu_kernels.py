@@ -1,13 +1,14 @@
 """The C++ kernels of XLA:CPU training, prefill and decoding, built once per machine and called
 through `jax.ffi`.
 
-XLA:CPU has no fused attention, and it runs the per-block rank-R products of packed LoRA rows as
-small batched dots far below matmul speed. `cpu_attention.cc` (flash attention, forward and
-backward; attention over a layer of the KV cache where it lies) and `cpu_lora.cc` (the LoRA branch
-of packed rows and its gradients) do that work on XLA's intra-op threads. They are compiled once
-per machine with the system's C++ compiler into a cache folder and loaded from there; where no
-compiler works, `available()` says why and the model keeps XLA's ops. `cpu_attention.py` and
-`cpu_lora.py` hold the ops.
+XLA:CPU has no fused attention, it runs the per-block rank-R products of packed LoRA rows as
+small batched dots far below matmul speed, and its float32 dot trails OpenBLAS's by 15-20%.
+`cpu_attention.cc` (flash attention, forward and backward; attention over a layer of the KV cache
+where it lies), `cpu_lora.cc` (the LoRA branch of packed rows and its gradients) and
+`cpu_matmul.cc` (float32 linear layers through OpenBLAS, from the `scipy-openblas32` wheel) do that
+work on XLA's intra-op threads. They are compiled once per machine with the system's C++ compiler
+into a cache folder and loaded from there; where no compiler works, `available()` says why and the
+model keeps XLA's ops. `cpu_attention.py`, `cpu_lora.py` and `cpu_matmul.py` hold the ops.
 
 `uninitialized_scan_outputs` is not a kernel but rides on the same library: a layer scan's stacked
 outputs in buffers that nobody zero-fills first.
@@ -20,6 +21,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import itertools
 import logging
@@ -34,7 +36,9 @@ import jax
 import jaxlib
 from jax._src.lax.control_flow import loops as jax_loops
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc"))
+SOURCES = tuple(
+    pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc", "cpu_matmul.cc")
+)
 HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")  # what both sources share
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {
@@ -46,6 +50,7 @@ _TARGETS = {
     "ttsi_lora_wide_add": "TtsiLoraWideAdd",
     "ttsi_lora_wide_grads": "TtsiLoraWideGrads",
     "ttsi_lora_outer": "TtsiLoraOuter",
+    "ttsi_matmul": "TtsiMatmul",
     "ttsi_uninitialized": "TtsiUninitialized",
 }
 
@@ -61,16 +66,31 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+def _blas_flags() -> list[str]:
+  """Compiler flags that link OpenBLAS from the `scipy-openblas32` wheel (`cpu_matmul.cc`)."""
+  import scipy_openblas32  # here: without it the kernels are off, not the package
+
+  lib_dir = scipy_openblas32.get_lib_dir()
+  return [
+      f"-I{scipy_openblas32.get_include_dir()}",
+      f"-L{lib_dir}",
+      f"-Wl,-rpath,{lib_dir}",
+      "-lscipy_openblas",
+  ]
+
+
 def _build(compiler: str) -> pathlib.Path:
   """The kernels' shared library, compiled unless the cache holds one for these sources, compiler,
-  jaxlib and machine (`-march=native`: a library is only valid on the CPU that built it)."""
+  jaxlib, OpenBLAS and machine (`-march=native`: a library is only valid on the CPU that built it)."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  blas_flags = _blas_flags()
   key = hashlib.sha256(
       "\n".join(
           [
               *(source.read_text() for source in (*SOURCES, HEADER)),
               version,
-              " ".join(_FLAGS),
+              " ".join(_FLAGS + tuple(blas_flags)),
+              importlib.metadata.version("scipy-openblas32"),
               jaxlib.__version__,
               platform.machine(),
               platform.node(),
@@ -82,7 +102,7 @@ def _build(compiler: str) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent processes
       out = pathlib.Path(tmp) / path.name
-      cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
+      cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), *blas_flags, "-o", str(out)]
       result = subprocess.run(cmd, capture_output=True, text=True)
       if result.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -100,6 +120,8 @@ def _load() -> str | None:
     return "no C++ compiler found (install g++ or set CXX)"
   try:
     library = ctypes.CDLL(str(_build(compiler)))
+  except ImportError as e:
+    return f"OpenBLAS for the linear layers is missing ({e}): pip install scipy-openblas32"
   except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
     return f"the kernels did not build: {e}"
   for target, symbol in _TARGETS.items():
@@ -136,7 +158,9 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-  logging.warning("CPU attention and packed LoRA run on XLA ops, not the C++ kernels: %s", reason)
+  logging.warning(
+      "CPU attention, packed LoRA and float32 linear layers run on XLA ops, not the C++ kernels: %s", reason
+  )
 
 
 def require() -> None:

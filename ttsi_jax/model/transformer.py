@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from ttsi_jax.model import cpu_attention, cpu_kernels, cpu_lora
+from ttsi_jax.model import cpu_attention, cpu_kernels, cpu_lora, cpu_matmul
 
 Params = Any
 
@@ -261,9 +261,13 @@ def _matmul_f32_accumulate_bwd(residuals, d_out):
 matmul_f32_accumulate.defvjp(lambda x, w: (matmul_f32_accumulate(x, w), (x, w)), _matmul_f32_accumulate_bwd)
 
 
-def linear_product(x, w):
-  """x @ w for a linear layer: float32 out for a 16-bit w (`matmul_f32_accumulate`), the plain
-  product for float32 (the custom VJP measured slower there: more elementwise work)."""
+def linear_product(x, w, transpose_w: bool = False):
+  """x @ w (x @ w.T with transpose_w: a tied embedding) for a linear layer: float32 out for a
+  16-bit w (`matmul_f32_accumulate`); for float32, OpenBLAS's sgemm on the CPU backend
+  (`cpu_matmul`, where the kernels serve it and x has enough rows), else XLA's dot."""
+  if w.dtype == jnp.float32 and x.dtype == jnp.float32 and blas_linear(x.shape):
+    return cpu_matmul.matmul(x, w, transpose_w)
+  w = w.T if transpose_w else w
   return x @ w if w.dtype == jnp.float32 else matmul_f32_accumulate(x, w)
 
 
@@ -439,6 +443,12 @@ def _attend_causal(
     return jnp.concatenate(outs, axis=1)[0]
 
   return jax.lax.map(one_sequence, (q_BTNH, k_BTKH, v_BTKH, mask_BTT))
+
+
+def blas_linear(x_shape: tuple[int, ...]) -> bool:
+  """Whether a float32 linear layer's product runs in OpenBLAS (`cpu_matmul`): on the CPU backend,
+  for inputs with enough rows, when the kernels are available."""
+  return jax.default_backend() == "cpu" and cpu_matmul.supports(x_shape) and cpu_kernels.available()
 
 
 def fused_cpu_attention(config: ModelConfig) -> bool:
@@ -695,7 +705,7 @@ class Transformer(nn.Module):
     # Logits in float32 whatever the compute dtype: bfloat16 logits (3 significant digits) would
     # shift candidate log-likelihoods, and so the margins, by tenths.
     if c.tie_embeddings:
-      logits_BTV = linear_product(x_BTD, embedding_VD.astype(c.dtype).T)
+      logits_BTV = linear_product(x_BTD, embedding_VD.astype(c.dtype), transpose_w=True)
     else:
       logits_BTV = Linear(c.vocab_size, False, c.dtype, c.param_dtype, "float32", name="lm_head")(x_BTD)
     new_cache = None

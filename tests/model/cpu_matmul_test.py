@@ -1,0 +1,83 @@
+"""The OpenBLAS product of float32 linear layers equals XLA's dot, values and gradients, and the
+model routes its float32 linear layers there only where it applies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttsi_jax.model import cpu_kernels, cpu_matmul, transformer
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [
+        ((3, 301, 96), (96, 160)),  # rows that split unevenly over the threads, leading axes
+        ((129, 7), (7, 5)),  # widths off every vector and block size
+        ((40, 64), (64, 48)),  # fewer rows than a chunk: one call on one thread
+    ],
+)
+def test_matmul_and_its_gradients_equal_xlas_dot(x_shape, w_shape):
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  cotangent = jax.random.normal(kd, x_shape[:-1] + w_shape[-1:])
+  got, got_vjp = jax.vjp(cpu_matmul.matmul, x, w)
+  want, want_vjp = jax.vjp(lambda x, w: jnp.matmul(x, w, precision="highest"), x, w)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(got_grad, want_grad, atol=2e-4, rtol=1e-5)
+
+
+def test_vmapped_over_rows_with_one_weight_equals_the_dot():
+  x = jax.random.normal(jax.random.key(1), (4, 150, 32))
+  w = jax.random.normal(jax.random.key(2), (32, 16))
+  got = jax.jit(jax.vmap(cpu_matmul.matmul, in_axes=(0, None)))(x, w)
+  np.testing.assert_allclose(got, jnp.matmul(x, w, precision="highest"), atol=2e-5, rtol=1e-5)
+
+
+def test_a_weight_per_row_is_refused_by_name():
+  x = jax.random.normal(jax.random.key(1), (2, 150, 32))
+  w = jax.random.normal(jax.random.key(2), (2, 32, 16))
+  with pytest.raises(Exception, match="leading dimensions must all be 1"):
+    jax.block_until_ready(jax.vmap(cpu_matmul.matmul)(x, w))
+
+
+def _targets(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).as_text()
+
+
+def test_float32_layers_with_enough_rows_use_blas_and_others_xla():
+  w = jnp.ones((64, 32))
+  many, few = jnp.ones((cpu_matmul.MIN_ROWS, 64)), jnp.ones((cpu_matmul.MIN_ROWS - 1, 64))
+  assert "ttsi_matmul" in _targets(transformer.linear_product, many, w)
+  assert "ttsi_matmul" not in _targets(transformer.linear_product, few, w)
+  as_bf16 = lambda x, w: transformer.linear_product(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert "ttsi_matmul" not in _targets(as_bf16, many, w)
+  with cpu_kernels.xla_ops():
+    assert "ttsi_matmul" not in _targets(transformer.linear_product, many, w)
+
+
+def test_without_openblas_the_kernels_stay_off_and_say_what_to_install(monkeypatch, tmp_path):
+  def missing():
+    raise ImportError("No module named 'scipy_openblas32'")
+
+  monkeypatch.setattr(cpu_kernels, "_blas_flags", missing)
+  monkeypatch.setenv("TTSI_JAX_KERNEL_DIR", str(tmp_path))
+  cpu_kernels._load.cache_clear()
+  try:
+    assert "pip install scipy-openblas32" in cpu_kernels._load()
+  finally:
+    cpu_kernels._load.cache_clear()
+
+
+def test_a_transposed_weight_is_read_where_it_lies_with_gradients():
+  """The tied embedding's head: x @ w.T for w [V, K], without a transposed copy of w."""
+  kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+  x, w_VK = jax.random.normal(kx, (2, 70, 48)), jax.random.normal(kw, (200, 48))
+  cotangent = jax.random.normal(kd, (2, 70, 200))
+  got, got_vjp = jax.vjp(lambda x, w: cpu_matmul.matmul(x, w, True), x, w_VK)
+  want, want_vjp = jax.vjp(lambda x, w: jnp.matmul(x, w.T, precision="highest"), x, w_VK)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(got_grad, want_grad, atol=2e-4, rtol=1e-5)
+  assert "transpose" not in _targets(lambda x, w: cpu_matmul.matmul(x, w, True), x, w_VK)
