@@ -25,7 +25,7 @@ namespace {
 using namespace ttsi_kernels;
 
 // Rows per chunk at least this many: fewer rows repack all of w for little work.
-constexpr int64_t kMinChunkRows = 128;
+constexpr int64_t kMinChunkRows = 256;
 
 struct OneBlasThread {
   OneBlasThread() { scipy_openblas_set_num_threads(1); }
