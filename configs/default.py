@@ -81,8 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.weight_decay = 0.0
   config.adaptation.max_grad_norm = 1.0
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
-  # time on CPU, where the packed call costs the same per adapter at steady state but compiles a
-  # step for each new wave shape and holds 2-3x the memory (README). Results do not depend on it.
+  # time on CPU, where the packed call costs the same per adapter at steady state, but the demo's
+  # T ran 20-30% slower packed, at 2-3x the memory (README). Results do not depend on it.
   config.adaptation.adapters_per_call = 0
   # Tokens per microbatch of a step's packed rows: the microbatches run one after another inside
   # the step, their gradients summed, so a step keeps one microbatch's activations. 0 = auto: as

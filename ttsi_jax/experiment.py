@@ -222,8 +222,8 @@ class Experiment:
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
-    # where the packed call costs the same per adapter at steady state but compiles a step for
-    # each new wave shape and holds 2-3x the memory: the demo's T is faster one at a time (README).
+    # where the packed call costs the same per adapter at steady state, but the demo's T ran
+    # 20-30% slower packed, at 2-3x the memory (README).
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
   def _make_teacher(self):
