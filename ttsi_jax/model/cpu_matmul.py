@@ -1,7 +1,9 @@
 """The frozen linear layers' float32 products on XLA:CPU: OpenBLAS's sgemm through `cpu_matmul.cc`
-(built and loaded by `cpu_kernels`), 15-20% faster than XLA's dot on a training step's shapes."""
+(built and loaded by `cpu_kernels`): 15-20% faster than XLA's dot alone on a training step's shapes,
+7% inside the step (README)."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,7 @@ MIN_ROWS = 512
 
 def supports(x_shape: tuple[int, ...]) -> bool:
   """Whether a product with x of this shape runs in the kernel (enough rows to split)."""
-  rows = 1
-  for size in x_shape[:-1]:
-    rows *= size
-  return rows >= MIN_ROWS
+  return math.prod(x_shape[:-1]) >= MIN_ROWS
 
 
 def _call(x, w, trans_w: bool):
