@@ -42,6 +42,11 @@ def test_a_weight_per_row_is_refused_by_name():
     jax.block_until_ready(jax.vmap(cpu_matmul.matmul)(x, w))
 
 
+def test_a_weight_of_another_width_is_refused_by_name():
+  with pytest.raises(Exception, match="x's and w's K differ"):
+    jax.block_until_ready(cpu_matmul._call(jnp.ones((200, 32)), jnp.ones((16, 8)), False))
+
+
 def _targets(fn, *args) -> str:
   return jax.jit(fn).lower(*args).as_text()
 
