@@ -1,4 +1,4 @@
-// What the C++ CPU kernels share (cpu_attention.cc, cpu_lora.cc): vectors of floats, a
+// What the C++ CPU kernels share (cpu_attention.cc, cpu_lora.cc, cpu_matmul.cc): vectors of floats, a
 // register-blocked float32 GEMM and a parallel loop on XLA's intra-op thread pool.
 
 #ifndef TTSI_JAX_MODEL_CPU_KERNELS_H_

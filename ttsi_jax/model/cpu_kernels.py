@@ -39,7 +39,7 @@ from jax._src.lax.control_flow import loops as jax_loops
 SOURCES = tuple(
     pathlib.Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_lora.cc", "cpu_matmul.cc")
 )
-HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")  # what both sources share
+HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")  # what the sources share
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {
     "ttsi_attention_forward": "TtsiAttentionForward",
