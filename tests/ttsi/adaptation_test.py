@@ -14,7 +14,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from tests.conftest import VOCAB
 from ttsi_jax.checkpoints import hf
-from ttsi_jax.model import cpu_kernels
+from ttsi_jax.model import cpu_kernels, cpu_matmul
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
@@ -77,8 +77,10 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
 
 
 @pytest.mark.parametrize("batch_size, with_cpu_kernels", [(1, True), (2, True), (2, False)])
-def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, with_cpu_kernels):
-  """On CPU packed rows run attention and the LoRA branch in the C++ kernels, or on XLA's ops."""
+def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, with_cpu_kernels, monkeypatch):
+  """On CPU packed rows run attention, the LoRA branch and the linear layers (padding rows and the
+  last layer's unread rows left out) in the C++ kernels, or on XLA's ops."""
+  monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 1)
   # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
   cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3, "epochs": 2})
   # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.

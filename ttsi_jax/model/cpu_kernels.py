@@ -51,6 +51,7 @@ _TARGETS = {
     "ttsi_lora_wide_grads": "TtsiLoraWideGrads",
     "ttsi_lora_outer": "TtsiLoraOuter",
     "ttsi_matmul": "TtsiMatmul",
+    "ttsi_matmul_real_rows": "TtsiMatmulRealRows",
     "ttsi_uninitialized": "TtsiUninitialized",
 }
 

@@ -20,29 +20,41 @@ def supports(x_shape: tuple[int, ...]) -> bool:
   return math.prod(x_shape[:-1]) >= MIN_ROWS
 
 
-def _call(x, w, trans_w: bool):
+def _call(x, w, real, trans_w: bool):
   cpu_kernels.require()
   N = w.shape[-2] if trans_w else w.shape[-1]
-  return jax.ffi.ffi_call(
-      "ttsi_matmul", jax.ShapeDtypeStruct(x.shape[:-1] + (N,), jnp.float32), vmap_method="expand_dims"
-  )(x, w, trans_w=trans_w)
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (N,), jnp.float32)
+  if real is None:
+    return jax.ffi.ffi_call("ttsi_matmul", out, vmap_method="expand_dims")(x, w, trans_w=trans_w)
+  try:
+    real = jnp.broadcast_to(real, x.shape[:-1])
+  except ValueError:
+    raise ValueError(f"matmul: real's rows {real.shape} do not fit x's rows {x.shape[:-1]}.") from None
+  return jax.ffi.ffi_call("ttsi_matmul_real_rows", out, vmap_method="expand_dims")(
+      x, w, real, trans_w=trans_w
+  )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x_BTK, w, transpose_w: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def matmul(x_BTK, w, real_BT=None, transpose_w: bool = False):
   """x @ w (x @ w.T with transpose_w: a tied embedding [V, K] read where it lies) in float32, for
   one w shared by every row (vmapped over rows, w stays unbatched; a batched w is an error of the
-  kernel)."""
-  return _call(x_BTK, w, transpose_w)
+  kernel). With `real_BT` (bool, x's rows) only the real rows are computed, the others (padding)
+  come out as zeros, in the backward pass too."""
+  return _call(x_BTK, w, real_BT, transpose_w)
+
+
+def _matmul_fwd(x_BTK, w, real_BT, transpose_w):
+  return matmul(x_BTK, w, real_BT, transpose_w), (x_BTK, w, real_BT)
 
 
 def _matmul_bwd(transpose_w, residuals, dout_BTN):
-  x_BTK, w = residuals
-  dx = _call(dout_BTN, w, not transpose_w)
+  x_BTK, w, real_BT = residuals
+  dx = _call(dout_BTN, w, real_BT, not transpose_w)
   # A frozen weight's gradient is never used, and XLA drops it; where it is, XLA's dot computes it.
   dw_KN = jnp.einsum("...k,...n->kn", x_BTK, dout_BTN)
   dw = dw_KN.T if transpose_w else dw_KN
-  return dx, dw
+  return dx, dw, None
 
 
-matmul.defvjp(lambda x, w, transpose_w: (matmul(x, w, transpose_w), (x, w)), _matmul_bwd)
+matmul.defvjp(_matmul_fwd, _matmul_bwd)

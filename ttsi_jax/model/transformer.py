@@ -261,12 +261,14 @@ def _matmul_f32_accumulate_bwd(residuals, d_out):
 matmul_f32_accumulate.defvjp(lambda x, w: (matmul_f32_accumulate(x, w), (x, w)), _matmul_f32_accumulate_bwd)
 
 
-def linear_product(x, w, transpose_w: bool = False):
+def linear_product(x, w, transpose_w: bool = False, real=None):
   """x @ w (x @ w.T with transpose_w: a tied embedding) for a linear layer: float32 out for a
   16-bit w (`matmul_f32_accumulate`); for float32, OpenBLAS's sgemm on the CPU backend
-  (`cpu_matmul`, where the kernels serve it and x has enough rows), else XLA's dot."""
+  (`cpu_matmul`, where the kernels serve it and x has enough rows), else XLA's dot. `real` (bool,
+  x's rows; None: all) marks the rows that hold tokens: the kernel leaves the others (padding) out
+  and returns zeros there; elsewhere every row is computed."""
   if w.dtype == jnp.float32 and x.dtype == jnp.float32 and blas_linear(x.shape):
-    return cpu_matmul.matmul(x, w, transpose_w)
+    return cpu_matmul.matmul(x, w, real, transpose_w)
   w = w.T if transpose_w else w
   return x @ w if w.dtype == jnp.float32 else matmul_f32_accumulate(x, w)
 
@@ -275,7 +277,8 @@ class Linear(nn.Module):
   """x @ kernel (+ bias), plus the low-rank update scale * (dropout(x) @ a) @ b when a LoRA slice is
   given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed.
   `xa` is the branch's rank-R input scale * (x @ a), when the caller computed it for several layers
-  that read the same x (`shared_lora_inputs`)."""
+  that read the same x (`shared_lora_inputs`). `real` marks the rows of x that hold tokens: the
+  product may skip the others (`linear_product`), whose outputs are then not x @ kernel."""
 
   features: int
   use_bias: bool
@@ -284,11 +287,11 @@ class Linear(nn.Module):
   out_dtype: str | None = None  # None: the compute dtype
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None, xa=None):
+  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None, xa=None, real=None):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
-    y = linear_product(x, kernel.astype(self.dtype))
+    y = linear_product(x, kernel.astype(self.dtype), real=real)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
     if lora is not None:
@@ -477,10 +480,17 @@ class Attention(nn.Module):
   prefill: bool = False  # see `forward`
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None, prompts=None):
+  def __call__(
+      self, x_BTD, positions_BT, mask_BTS, kv, lora, lora_hp, packing=None, prompts=None, wanted_BT=None
+  ):
+    """`wanted_BT`: the rows whose output is needed (None: every token's); keys and values are
+    computed for every token."""
     c = self.config
+    real_BT = positions_BT >= 0
     dense = lambda n, f, b: functools.partial(
-        Linear(f, b, c.dtype, c.param_dtype, name=n), adapter_BXA=block_adapters(packing, prompts)
+        Linear(f, b, c.dtype, c.param_dtype, name=n),
+        adapter_BXA=block_adapters(packing, prompts),
+        real=wanted_BT if n in ("q_proj", "o_proj") and wanted_BT is not None else real_BT,
     )
     B, T, _ = x_BTD.shape
     loras = [_sub(lora, name) for name in ("q_proj", "k_proj", "v_proj")]
@@ -555,10 +565,10 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None):
+  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None, real_BT=None):
     c = self.config
     dense = lambda n, f: functools.partial(
-        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA
+        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA, real=real_BT
     )
     loras = [_sub(lora, "gate_proj"), _sub(lora, "up_proj")]
     xa_gate, xa_up = shared_lora_inputs(x_BTD, loras, lora_hp, adapter_BXA, c.dtype, self.has_rng("dropout"))
@@ -574,17 +584,27 @@ class Block(nn.Module):
   prefill: bool = False  # see `forward`
 
   @nn.compact
-  def __call__(self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing, prompts):
+  def __call__(
+      self, carry, layer, lora, positions_BT, mask_BTS, start, lora_hp, packing, prompts, last_rows_BT
+  ):
+    """`last_rows_BT`: the rows of the last layer's output that are read (the selected logits'),
+    None: all; the last layer's other rows need only their keys and values, and the linear
+    layers' kernel skips their other products (`linear_product`): their output is not the layer's."""
     c = self.config
     x_BTD, k_cache, v_cache = carry
     kv = None if k_cache is None else (k_cache, v_cache, layer, start)
+    wanted_BT = positions_BT >= 0
+    if last_rows_BT is not None:
+      wanted_BT &= (layer < c.num_layers - 1) | last_rows_BT
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
     h, new_kv = Attention(c, self.prefill, name="attn")(
-        h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing, prompts
+        h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing, prompts, wanted_BT
     )
     x_BTD = saved(x_BTD + h)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(h, _sub(lora, "mlp"), lora_hp, block_adapters(packing, prompts))
+    x_BTD = x_BTD + MLP(c, name="mlp")(
+        h, _sub(lora, "mlp"), lora_hp, block_adapters(packing, prompts), wanted_BT
+    )
     if new_kv is not None:
       k_cache, v_cache = new_kv
     return (x_BTD, k_cache, v_cache), None
@@ -679,11 +699,15 @@ class Transformer(nn.Module):
           key_segments_BS[:, None, :] == query_segments_BT[:, :, None]
       )
 
+    last_rows_BT = None
+    if select_BI is not None:
+      rows_B1 = jnp.arange(tokens_BT.shape[0])[:, None]
+      last_rows_BT = jnp.zeros(tokens_BT.shape, bool).at[rows_B1, select_BI].set(True)
     layers = nn.scan(
         nn.remat(Block, prevent_cse=False, policy=None if self.remat else SAVED_ONLY),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, 0) + (nn.broadcast,) * 6,
+        in_axes=(0, 0) + (nn.broadcast,) * 7,
         length=c.num_layers,
     )(c, self.prefill, name="layers")
     carry, _ = layers(
@@ -696,6 +720,7 @@ class Transformer(nn.Module):
         tuple(jnp.asarray(v, c.dtype) for v in lora_hp),
         packing,
         prompts,
+        last_rows_BT,
     )
     x_BTD, k_cache, v_cache = carry
 
