@@ -487,10 +487,11 @@ class Attention(nn.Module):
     computed for every token."""
     c = self.config
     real_BT = positions_BT >= 0
+    wanted_BT = real_BT if wanted_BT is None else wanted_BT
     dense = lambda n, f, b: functools.partial(
         Linear(f, b, c.dtype, c.param_dtype, name=n),
         adapter_BXA=block_adapters(packing, prompts),
-        real=wanted_BT if n in ("q_proj", "o_proj") and wanted_BT is not None else real_BT,
+        real=wanted_BT if n in ("q_proj", "o_proj") else real_BT,
     )
     B, T, _ = x_BTD.shape
     loras = [_sub(lora, name) for name in ("q_proj", "k_proj", "v_proj")]
@@ -565,10 +566,11 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None, real_BT=None):
+  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None, wanted_BT=None):
+    """`wanted_BT`: the rows whose output is needed (None: all)."""
     c = self.config
     dense = lambda n, f: functools.partial(
-        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA, real=real_BT
+        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA, real=wanted_BT
     )
     loras = [_sub(lora, "gate_proj"), _sub(lora, "up_proj")]
     xa_gate, xa_up = shared_lora_inputs(x_BTD, loras, lora_hp, adapter_BXA, c.dtype, self.has_rng("dropout"))
