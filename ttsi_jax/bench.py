@@ -134,14 +134,19 @@ QUESTIONS = [
 ]
 
 
-def _best_time(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation / first-call allocations
-  best = float("inf")
-  for _ in range(repeats):
+def _first_and_best_time(fn, repeats: int) -> tuple[float, float]:
+  """Seconds of the first call (compilation and first-call allocations included) and the best
+  of `repeats` calls after it."""
+  times = []
+  for _ in range(repeats + 1):
     start = time.perf_counter()
     fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+    times.append(time.perf_counter() - start)
+  return times[0], min(times[1:])
+
+
+def _best_time(fn, repeats: int) -> float:
+  return _first_and_best_time(fn, repeats)[1]
 
 
 def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
@@ -210,10 +215,20 @@ def bench_scaling(config) -> dict:
       f"{config.model.dtype} matmul peak measured now: jax {peak:.1f} GFLOP/s"
   )
   print(
-      f"{'adapters':>9}{'seconds':>10}{'inputs/s':>10}{'vs A=1':>8}{'GFLOP/s':>10}{'MFU':>7}"
-      f"{'loss: first step, last':>24}"
+      f"{'adapters':>9}{'first call s':>14}{'seconds':>10}{'inputs/s':>10}{'vs A=1':>8}{'GFLOP/s':>10}"
+      f"{'MFU':>7}{'loss: first step, last':>24}"
   )
   rows = []
+  report = {
+      "stage": "scaling",
+      "shapes": _SHAPES.value,
+      "sequence_tokens": [prompt_tokens, answer_tokens],
+      "steps_per_adapter": steps,
+      "matmul_peak_gflop_per_s": peak,
+      "device_kind": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "rows": rows,
+  }
   for count in counts:
     data = [
         [
@@ -232,10 +247,11 @@ def bench_scaling(config) -> dict:
       adapters, losses = trainer.train_all(params, data, 0, keys, count)
       jax.block_until_ready(adapters)
 
-    seconds = _best_time(run, _REPEATS.value)
+    first_seconds, seconds = _first_and_best_time(run, _REPEATS.value)
     flops = model_flops(c, [(prompt_tokens + answer_tokens, answer_tokens)] * count * steps, train=True)
     row = {
         "adapters": count,
+        "first_call_seconds": first_seconds,  # a new count's step compiles in its first call
         "seconds": seconds,
         "inputs_per_s": count / seconds,
         "gflop_per_s": flops / seconds / 1e9,
@@ -246,19 +262,12 @@ def bench_scaling(config) -> dict:
     row["vs_one"] = row["inputs_per_s"] / rows[0]["inputs_per_s"] if rows else 1.0
     rows.append(row)
     print(
-        f"{count:>9}{seconds:>10.2f}{row['inputs_per_s']:>10.2f}{row['vs_one']:>7.2f}x"
-        f"{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{row['first_loss']:>16.3f}{row['final_loss']:>8.3f}"
+        f"{count:>9}{first_seconds:>14.2f}{seconds:>10.2f}{row['inputs_per_s']:>10.2f}"
+        f"{row['vs_one']:>7.2f}x{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{row['first_loss']:>16.3f}"
+        f"{row['final_loss']:>8.3f}"
     )
-  return {
-      "stage": "scaling",
-      "shapes": _SHAPES.value,
-      "sequence_tokens": [prompt_tokens, answer_tokens],
-      "steps_per_adapter": steps,
-      "matmul_peak_gflop_per_s": peak,
-      "device_kind": jax.devices()[0].device_kind,
-      "devices": jax.device_count(),
-      "rows": rows,
-  }
+    _write_json(config, report)  # each finished count is kept if a later one runs out of time
+  return report
 
 
 def _hf_reference(config, dtype: str):
@@ -611,21 +620,26 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
   }
 
 
+def _write_json(config, result: dict) -> None:
+  """`result` with its model and dtype to --json's file, if one was asked for."""
+  if not _JSON.value:
+    return
+  model = (
+      f"random, {_SHAPES.value} shapes"
+      if _STAGE.value == "scaling"
+      else checkpoints.resolve(config.model.path)
+  )
+  with open(_JSON.value, "w") as f:
+    json.dump({"model": model, "dtype": config.model.dtype, **result}, f, indent=2)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   if _STAGE.value in ("adapt", "score", "answer", "scaling"):
     stages = {"adapt": bench_adapt, "score": bench_score, "answer": bench_answer, "scaling": bench_scaling}
     stage = stages[_STAGE.value]
-    result = stage(config)
-    if _JSON.value:
-      model = (
-          f"random, {_SHAPES.value} shapes"
-          if _STAGE.value == "scaling"
-          else checkpoints.resolve(config.model.path)
-      )
-      with open(_JSON.value, "w") as f:
-        json.dump({"model": model, "dtype": config.model.dtype, **result}, f, indent=2)
+    _write_json(config, stage(config))
     return
   n = _NEW_TOKENS.value
   start = time.perf_counter()
