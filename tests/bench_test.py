@@ -33,6 +33,10 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_a
     assert counted == pytest.approx(per_sequence_step * 5 * r["adapters"], rel=1e-9)
     assert 0 < r["mfu"] < 1
     assert r["first_call_seconds"] > r["seconds"]  # the first call of a count compiles its step
+    # The update steps alone (no host-side packing): the same FLOPs over their own seconds.
+    counted = r["train_mfu"] * report["matmul_peak_gflop_per_s"] * 1e9 * r["train_seconds"]
+    assert counted == pytest.approx(per_sequence_step * 5 * r["adapters"], rel=1e-9)
+    assert 0 < r["train_mfu"] < 1
     # Each adapter learns its pair: the loss falls from the first step (learning rate 0 under
     # warmup) to the last.
     assert math.isfinite(r["final_loss"]) and r["final_loss"] < r["first_loss"]

@@ -18,7 +18,8 @@
   default) train on one synthetic pair each (--sequence_tokens) in one packed call, with the
   config's adaptation settings: adapted inputs/s, its gain over A = 1, and the FLOP/s of the whole
   call (adapter init, packing and every step) against the matmul peak measured in the same run, in
-  the model's dtype (MFU).
+  the model's dtype (MFU); the same for the call less its host-side packing (adapter init and the
+  update steps: the steps' MFU); and the first call's seconds, which compile its step.
 
 On CPU, adapt and score also time our rows with XLA's ops in place of the C++ kernels (attention;
 the LoRA branch of packed rows: `ttsi_jax.model.cpu_kernels`): their gain, measured in the same run.
@@ -216,7 +217,7 @@ def bench_scaling(config) -> dict:
   )
   print(
       f"{'adapters':>9}{'first call s':>14}{'seconds':>10}{'inputs/s':>10}{'vs A=1':>8}{'GFLOP/s':>10}"
-      f"{'MFU':>7}{'loss: first step, last':>24}"
+      f"{'MFU':>7}{'steps s':>9}{'MFU':>6}{'loss: first step, last':>24}"
   )
   rows = []
   report = {
@@ -248,6 +249,11 @@ def bench_scaling(config) -> dict:
       jax.block_until_ready(adapters)
 
     first_seconds, seconds = _first_and_best_time(run, _REPEATS.value)
+    # The same call less its host-side packing: adapter init and the update steps.
+    ((slots_S, packed_steps),) = trainer.plan_calls(params, data, 0, count)
+    train_seconds = _best_time(
+        lambda: jax.block_until_ready(trainer.train(params, packed_steps, keys[slots_S])), _REPEATS.value
+    )
     flops = model_flops(c, [(prompt_tokens + answer_tokens, answer_tokens)] * count * steps, train=True)
     row = {
         "adapters": count,
@@ -256,6 +262,8 @@ def bench_scaling(config) -> dict:
         "inputs_per_s": count / seconds,
         "gflop_per_s": flops / seconds / 1e9,
         "mfu": flops / seconds / 1e9 / peak,
+        "train_seconds": train_seconds,
+        "train_mfu": flops / train_seconds / 1e9 / peak,
         "first_loss": float(np.nanmean(losses[0])),
         "final_loss": float(np.nanmean(losses[-1])),
     }
@@ -263,8 +271,8 @@ def bench_scaling(config) -> dict:
     rows.append(row)
     print(
         f"{count:>9}{first_seconds:>14.2f}{seconds:>10.2f}{row['inputs_per_s']:>10.2f}"
-        f"{row['vs_one']:>7.2f}x{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{row['first_loss']:>16.3f}"
-        f"{row['final_loss']:>8.3f}"
+        f"{row['vs_one']:>7.2f}x{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{train_seconds:>9.2f}"
+        f"{row['train_mfu']:>6.0%}{row['first_loss']:>16.3f}{row['final_loss']:>8.3f}"
     )
     _write_json(config, report)  # each finished count is kept if a later one runs out of time
   return report

@@ -461,17 +461,16 @@ class Trainer:
     active = np.stack([s.active_A for s in steps]) if steps else np.zeros_like(losses, bool)
     return adapters, np.where(active, losses, np.nan)
 
-  def train_all(
+  def plan_calls(
       self,
       params,
       examples: Sequence[Sequence[tuple[list[int], list[int]]]],
       pad_id: int,
-      rngs_A: jax.Array,
       per_call: int = 0,
-  ):
-    """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
-    call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [steps, A]); the result does not depend on `per_call`."""
+  ) -> list[tuple[np.ndarray, list[PackedStep]]]:
+    """The packed calls `train_all` runs, host-side work only: for each, (slots_S: the index in
+    `examples` of each adapter slot, a bucket's idle slots repeating its last adapter; its steps,
+    padded to one answer width and microbatch count shared by every call)."""
     per_call = per_call or len(examples)
     rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
     starts = range(0, len(examples), per_call)
@@ -484,12 +483,31 @@ class Trainer:
     every = [s for steps in steps_of for s in steps]
     slots = max((s.select_MBI.shape[2] for s in every), default=0)
     microbatches = max((s.microbatches for s in every), default=1)
+    return [
+        (
+            np.minimum(np.arange(start, start + size), start + len(chunk) - 1),
+            [pad_step(s, microbatches, slots) for s in steps],
+        )
+        for start, chunk, size, steps in zip(starts, chunks, sizes, steps_of)
+    ]
+
+  def train_all(
+      self,
+      params,
+      examples: Sequence[Sequence[tuple[list[int], list[int]]]],
+      pad_id: int,
+      rngs_A: jax.Array,
+      per_call: int = 0,
+  ):
+    """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
+    call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
+    losses [steps, A]); the result does not depend on `per_call`."""
     parts, losses = [], []
-    for start, chunk, size, steps in zip(starts, chunks, sizes, steps_of):
-      keys = rngs_A[np.minimum(np.arange(start, start + size), start + len(chunk) - 1)]
-      adapters, loss = self.train(params, [pad_step(s, microbatches, slots) for s in steps], keys)
-      parts.append(jax.tree.map(lambda x: x[: len(chunk)], adapters))
-      losses.append(loss[:, : len(chunk)])
+    for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
+      count = len(np.unique(slots_S))
+      adapters, loss = self.train(params, steps, rngs_A[slots_S])
+      parts.append(jax.tree.map(lambda x: x[:count], adapters))
+      losses.append(loss[:, :count])
     steps = max(l.shape[0] for l in losses)
     losses = [np.pad(l, ((0, steps - l.shape[0]), (0, 0)), constant_values=np.nan) for l in losses]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), np.concatenate(losses, axis=1)
