@@ -104,22 +104,39 @@ def test_with_the_tunables_freed_memory_is_reused_without_page_faults(tmp_path):
 
 def test_xla_cpu_flags_are_added_to_the_users_on_the_measured_jaxlib():
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
-  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=["jax", "jaxlib"])
+  runtime.set_xla_flags(environ, jaxlib_version="0.10.2", installed=["jax", "jaxlib"])
   assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {runtime.YNN_FUSION_FLAG}"
-  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=[])  # once only
+  runtime.set_xla_flags(environ, jaxlib_version="0.10.2", installed=[])  # once only
   assert environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
 
 
 def test_xla_cpu_flags_leave_other_jaxlibs_accelerators_and_the_users_own_setting_alone():
   environ = {}
-  runtime.set_xla_cpu_flags(environ, jaxlib_version="0.9.0")
+  runtime.set_xla_flags(environ, jaxlib_version="0.9.0")
   assert environ == {}
   for plugin in ("libtpu", "jax-cuda12-plugin", "jax_rocm60_plugin"):
-    runtime.set_xla_cpu_flags(environ, jaxlib_version="0.10.2", installed=["jax", plugin])
-    assert environ == {}, plugin
+    environ = {}
+    runtime.set_xla_flags(environ, jaxlib_version="0.10.2", installed=["jax", plugin])
+    assert "ynn_fusion_type" not in environ.get("XLA_FLAGS", ""), plugin
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-  runtime.set_xla_cpu_flags(own, jaxlib_version="0.10.2", installed=[])
+  runtime.set_xla_flags(own, jaxlib_version="0.10.2", installed=[])
   assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+
+
+def test_cuda_dots_go_to_cublas_unless_the_user_says_otherwise():
+  for plugin in ("jax-cuda12-plugin", "jax_cuda13_plugin"):
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    runtime.set_xla_flags(environ, jaxlib_version="0.10.2", installed=["jax", plugin])
+    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {runtime.CUDA_GEMM_FLAG}", plugin
+    runtime.set_xla_flags(environ, installed=["jax", plugin])  # once only
+    assert environ["XLA_FLAGS"].count("triton_gemm") == 1
+  own = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+  runtime.set_xla_flags(own, installed=["jax-cuda12-plugin"])
+  assert own == {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+  for other in ("libtpu", "jax_rocm60_plugin"):
+    environ = {}
+    runtime.set_xla_flags(environ, installed=["jax", other])
+    assert environ == {}, other
 
 
 def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack():
@@ -129,7 +146,7 @@ def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack()
       import os
       from ttsi_jax import runtime
       if os.environ.get("WITH_FLAGS") == "1":
-        runtime.set_xla_cpu_flags()
+        runtime.set_xla_flags()
       import jax, jax.numpy as jnp
       x = jnp.ones((3072, 576))
       print(jax.jit(lambda x: jnp.sum(x * x, -1)).lower(x).compile().as_text().count("__ynn_fusion"))
@@ -142,7 +159,7 @@ def test_the_installed_xla_takes_the_flags_and_keeps_reductions_out_of_ynnpack()
     return int(out.stdout.split()[-1])
 
   here = {}
-  runtime.set_xla_cpu_flags(here)
+  runtime.set_xla_flags(here)
   if not here:
     pytest.skip("the flag is set only on the measured jaxlib, without accelerator runtimes")
   assert ynn_fusions("0") >= 1

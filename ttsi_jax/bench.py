@@ -35,7 +35,7 @@ from __future__ import annotations
 if __name__ == "__main__":
   from ttsi_jax import runtime
 
-  runtime.set_xla_cpu_flags()
+  runtime.set_xla_flags()
   runtime.reexec_with_malloc_tunables()
 
 import dataclasses

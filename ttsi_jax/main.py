@@ -9,7 +9,7 @@ does this on Cloud TPU); host 0 writes the workdir.
 if __name__ == "__main__":
   from ttsi_jax import runtime
 
-  runtime.set_xla_cpu_flags()
+  runtime.set_xla_flags()
   runtime.reexec_with_malloc_tunables()
 
 import os

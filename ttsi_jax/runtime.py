@@ -16,14 +16,17 @@ MALLOC_TUNABLES = {
     "glibc.malloc.trim_threshold": str(1 << 40),
 }
 MALLOC_OPT_OUT = "TTSI_JAX_MALLOC_TUNABLES"  # =0 keeps malloc's defaults
-# No YNNPACK fusions of reductions on XLA:CPU (see `set_xla_cpu_flags`).
+# No YNNPACK fusions of reductions on XLA:CPU (see `set_xla_flags`).
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 # The jaxlib releases where the flag is known and was measured: an XLA that does not know a flag
 # in XLA_FLAGS exits at start.
 YNN_FUSION_JAXLIB = ("0.10.",)
+# XLA:GPU's dots on cuBLAS instead of autotuned Triton GEMM fusions (see `set_xla_flags`).
+CUDA_GEMM_FLAG = "--xla_gpu_enable_triton_gemm=false"
+CUDA_PACKAGES = ("jax-cuda", "jax_cuda")
 # Accelerator runtimes (TPU, CUDA, ROCm plugins) parse XLA_FLAGS with their own XLA build: where
-# one is installed the flags are left alone (CPU-only settings gain nothing there).
-ACCELERATOR_PACKAGES = ("libtpu", "jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+# one is installed the CPU flags are left alone (CPU-only settings gain nothing there).
+ACCELERATOR_PACKAGES = ("libtpu", *CUDA_PACKAGES, "jax-rocm", "jax_rocm")
 
 
 def _installed_packages() -> list[str]:
@@ -51,26 +54,37 @@ def memory_maps() -> tuple[int, int] | None:
     return None
 
 
-def set_xla_cpu_flags(
+def set_xla_flags(
     environ: MutableMapping[str, str] = os.environ,
     jaxlib_version: str | None = None,
     installed: list[str] | None = None,
 ) -> None:
-  """Adds to XLA_FLAGS the XLA:CPU settings this project measured faster; call before JAX starts
-  its backend (XLA reads the flags once).
+  """Adds to XLA_FLAGS the settings this project measured faster on the backend that is
+  installed; call before JAX starts its backend (XLA reads the flags once). A flag the user's
+  XLA_FLAGS already names keeps the user's value.
 
-  YNNPACK fusions that end in a reduction (the norms' sums of squares and their gradients,
-  log_softmax's max) ran at 1-2 GB/s: a [3072, 576] multiply-and-sum took 9.6 ms. Without them the
-  4-adapter packed training step took 2.72 instead of 2.85 s per adapter-step, the one-adapter step
-  2.54 instead of 2.59 (README, "what is left"). Nothing changes on other backends, on jaxlib
-  releases other than YNN_FUSION_JAXLIB, where an accelerator runtime is installed, or when
-  XLA_FLAGS already sets the fusion types.
+  CUDA (a jax-cuda plugin installed): dots go to cuBLAS, not Triton GEMM fusions. XLA autotunes
+  each Triton fusion by compiling dozens of tile configurations: the 1.5B packed training step
+  compiled in 110-118 s on an H200 with them (and 8 adapters' step not within 80 s more), in
+  21 s (1 adapter) to 43 s (64) on cuBLAS, and one adapter's step ran as fast or faster (0.15
+  against 0.15-0.16 s per call; README, "On an H200"). Turning off only the fusion autotuner
+  still took 110 s; turning off autotuning altogether compiled in 20 s but ran 9x slower.
+
+  CPU (jaxlib releases in YNN_FUSION_JAXLIB, no accelerator runtime installed): no YNNPACK
+  fusions that end in a reduction (the norms' sums of squares and their gradients, log_softmax's
+  max); they ran at 1-2 GB/s: a [3072, 576] multiply-and-sum took 9.6 ms. Without them the
+  4-adapter packed training step took 2.72 instead of 2.85 s per adapter-step, the one-adapter
+  step 2.54 instead of 2.59 (README, "what is left").
   """
   flags = environ.get("XLA_FLAGS", "")
+  installed = [name.lower() for name in (_installed_packages() if installed is None else installed)]
+  if any(name.startswith(CUDA_PACKAGES) for name in installed):
+    if "xla_gpu_enable_triton_gemm" not in flags:
+      environ["XLA_FLAGS"] = f"{flags} {CUDA_GEMM_FLAG}".strip()
+    return
   if "xla_cpu_experimental_ynn_fusion_type" in flags:
     return
-  installed = _installed_packages() if installed is None else installed
-  if any(name.lower().startswith(ACCELERATOR_PACKAGES) for name in installed):
+  if any(name.startswith(ACCELERATOR_PACKAGES) for name in installed):
     return
   if jaxlib_version is None:
     try:
