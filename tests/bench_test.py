@@ -12,11 +12,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_and_mfu(tmp_path):
+def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_mfu_and_profile(tmp_path):
   out = tmp_path / "scaling.json"
   cmd = [sys.executable, "-m", "ttsi_jax.bench", "--config=configs/default.py", "--stage=scaling",
          "--shapes=tiny", "--adapter_counts=1,3", "--sequence_tokens=100,20", "--repeats=1",
-         f"--json={out}"]  # fmt: skip
+         f"--json={out}", "--profile", f"--trace_dir={tmp_path / 'trace'}"]  # fmt: skip
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -41,6 +41,12 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_a
     # warmup) to the last.
     assert math.isfinite(r["final_loss"]) and r["final_loss"] < r["first_loss"]
   assert "inputs/s" in result.stdout and "MFU" in result.stdout and "first call s" in result.stdout
+  # --profile: where the largest count's step spends its time, its trace kept in --trace_dir.
+  profile = report["profile"]
+  assert "all 3 adapters in one call" in result.stdout
+  assert profile["kinds"]["matmul"] > 0 and profile["wall_s"] > 0
+  assert sum(profile["kinds"].values()) <= profile["wall_s"] * 1.05
+  assert list((tmp_path / "trace").glob("plugins/profile/*/*.trace.json.gz"))
 
 
 def test_scaling_gains_are_measured_against_one_adapter():

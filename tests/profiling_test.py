@@ -49,3 +49,46 @@ def test_classify_reads_kernels_matmuls_and_scan_copies_from_the_compiled_hlo():
   assert (
       profiling.classify('%add = f32[2] add(%a, %b), metadata={op_name="jit(f)/add"}')[0] == profiling.OTHER
   )
+  gemm = '%custom-call.7 = (bf16[8,8], s8[0]) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"'
+  assert profiling.classify(gemm)[0] == profiling.MATMUL
+
+
+def _op(pid, ts, dur, op, module="jit__step"):
+  return {
+      "ph": "X",
+      "pid": pid,
+      "ts": ts,
+      "dur": dur,
+      "name": op,
+      "args": {"hlo_module": module, "hlo_op": op},
+  }
+
+
+def _process(pid, name):
+  return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+
+def test_wall_time_is_shared_among_overlapping_ops_of_the_module():
+  events = [
+      _process(1, "/host:CPU"),
+      _op(1, 0, 10, "dot.1"),
+      _op(1, 5, 10, "fusion.2"),  # overlaps dot.1 for 5 us: each gets half of those
+      _op(1, 15, 3, "fusion.2", module="jit_other"),  # another program's op
+  ]
+  shared = profiling.share_wall_time(events, "jit__step", {"dot.1", "fusion.2"})
+  assert shared == {"dot.1": 7.5, "fusion.2": 7.5}
+
+
+def test_on_an_accelerator_only_the_devices_events_count_not_the_hosts_launches():
+  events = [
+      _process(1, "/host:CPU"),
+      _process(2, "/device:GPU:0"),
+      _op(1, 0, 50, "dot.1"),  # the host's launch of the gemm: not the work
+      _op(1, 50, 50, "fusion.2"),
+      _op(2, 20, 4, "dot.1"),
+      _op(2, 30, 2, "fusion.2"),
+  ]
+  shared = profiling.share_wall_time(events, "jit__step", {"dot.1", "fusion.2"})
+  assert shared == {"dot.1": 4, "fusion.2": 2}
+  with pytest.raises(RuntimeError, match="no op of jit_other"):
+    profiling.share_wall_time(events, "jit_other", {"dot.1"})

@@ -111,8 +111,12 @@ _XLA_ROWS = flags.DEFINE_bool(
 _PROFILE = flags.DEFINE_bool(
     "profile",
     False,
-    "--stage=adapt: also print where the packed call's time goes (ttsi_jax.profiling: a "
-    "jax.profiler trace of its first step with all adapters in one call, by kind of op and op name).",
+    "--stage=adapt and scaling: also print where the packed call's time goes (ttsi_jax.profiling: a "
+    "jax.profiler trace of its first step with all adapters in one call, the largest count's in "
+    "scaling, by kind of op and op name).",
+)
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", "", "With --profile: keep the jax.profiler trace in this folder (open it in Perfetto)."
 )
 
 QUESTIONS = [
@@ -191,6 +195,27 @@ def model_flops(c, sequences, train: bool) -> float:
 def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
   """A known model's shapes (random weights: speed does not depend on them)."""
   return transformer.ModelConfig(**MODEL_SHAPES[name], param_dtype=dtype, dtype=dtype)
+
+
+def _profile_step(trainer, params, step, keys_A) -> dict:
+  """Where one packed update step of all its adapters spends its time (`profiling.op_table`),
+  printed; its trace kept in --trace_dir if given."""
+  adapters, opt_states = trainer.init(keys_A)
+  one_device = sharding.on_one_device(sharding.mesh_of(params))
+  with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
+    profile = profiling.op_table(
+        trainer.step,
+        params,
+        adapters,
+        opt_states,
+        *step.step_args(),
+        keys_A[0],
+        remat=trainer.remat_for(step),
+        trace_dir=_TRACE_DIR.value or None,
+    )
+  print(f"Where the first step of all {len(keys_A)} adapters in one call spends its time:")
+  profiling.print_table(profile)
+  return profile
 
 
 def bench_scaling(config) -> dict:
@@ -275,6 +300,8 @@ def bench_scaling(config) -> dict:
         f"{row['train_mfu']:>6.0%}{row['first_loss']:>16.3f}{row['final_loss']:>8.3f}"
     )
     _write_json(config, report)  # each finished count is kept if a later one runs out of time
+  if _PROFILE.value:
+    report["profile"] = _profile_step(trainer, params, packed_steps[0], keys[slots_S])
   return report
 
 
@@ -420,20 +447,7 @@ def bench_adapt(config) -> dict:
   profile = None
   if _PROFILE.value:
     step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
-    adapters, opt_states = trainer.init(keys)
-    one_device = sharding.on_one_device(sharding.mesh_of(exp.params))
-    with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
-      profile = profiling.op_table(
-          trainer.step,
-          exp.params,
-          adapters,
-          opt_states,
-          *step.step_args(),
-          keys[0],
-          remat=trainer.remat_for(step),
-      )
-    print(f"Where the first step of all {len(data)} adapters in one call spends its time:")
-    profiling.print_table(profile)
+    profile = _profile_step(trainer, exp.params, step, keys)
   peak = matmul_peak()
   result = _table(
       f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "

@@ -54,6 +54,8 @@ def classify(line: str) -> tuple[str, str]:
   m = re.search(r'op_name="([^"]*)"', line)
   op_name = _readable(m.group(1)) if m else line.split(" = ")[0].strip()
   target = re.search(r'custom_call_target="([^"]*)"', line)
+  if target and target.group(1).startswith("__cublas"):  # XLA:GPU's cuBLAS and cuBLASLt gemms
+    return MATMUL, op_name
   if target:
     return target.group(1), op_name
   if re.search(r"(^|/)dot_general$", op_name) or " dot(" in line or " convolution(" in line:
@@ -63,10 +65,11 @@ def classify(line: str) -> tuple[str, str]:
   return OTHER, op_name
 
 
-def op_table(fn, *args, calls: int = 2, **kwargs) -> dict:
+def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) -> dict:
   """Traces `calls` calls of the jitted `fn(*args, **kwargs)` (after one warm-up call; each call
   gets its own copy of the arrays, so `fn` may donate them) and returns {"wall_s", "idle_s",
-  "kinds": {kind: s}, "ops": [(kind, op name, s)]} in seconds per call."""
+  "kinds": {kind: s}, "ops": [(kind, op name, s)]} in seconds per call. The trace is kept in
+  `trace_dir` when given (open it in Perfetto), else in a temporary folder."""
   compiled = fn.lower(*args, **kwargs).compile().as_text()
   module = re.match(r"HloModule ([\w.\-]+)", compiled).group(1)
   hlo = _hlo_ops(compiled)
@@ -78,23 +81,50 @@ def op_table(fn, *args, calls: int = 2, **kwargs) -> dict:
     return time.perf_counter() - start
 
   call()
-  with tempfile.TemporaryDirectory() as trace_dir:
+  with tempfile.TemporaryDirectory() as temporary:
+    trace_dir = trace_dir or temporary
     jax.profiler.start_trace(trace_dir)
     try:
       wall = sum(call() for _ in range(calls)) / calls
     finally:
       jax.profiler.stop_trace()
-    paths = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+    paths = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     if not paths:
       raise RuntimeError(
           "jax.profiler wrote no perfetto trace (*.trace.json.gz): this JAX cannot profile here."
       )
-    with gzip.open(paths[-1]) as f:
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
       events = json.load(f)["traceEvents"]
+  shared_us = share_wall_time(events, module, set(hlo))
+  kinds, ops = collections.Counter(), collections.Counter()
+  for name, us in shared_us.items():
+    kind, op_name = classify(hlo[name])
+    kinds[kind] += us / 1e6 / calls
+    ops[(kind, op_name)] += us / 1e6 / calls
+  return {
+      "wall_s": wall,
+      "idle_s": max(0.0, wall - sum(kinds.values())),
+      "kinds": dict(kinds.most_common()),
+      "ops": [(kind, name, s) for (kind, name), s in ops.most_common()],
+  }
+
+
+def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collections.Counter:
+  """Microseconds of each op of `module` in a perfetto trace's events, each moment shared among
+  the ops running then. Where the trace has accelerator processes ("/device:GPU:0", ...), only
+  their events count: the host's events for the same ops are launches, not the work."""
+  devices = {
+      e["pid"]
+      for e in events
+      if e.get("ph") == "M" and e.get("name") == "process_name"
+      and str((e.get("args") or {}).get("name", "")).startswith("/device:")
+  }  # fmt: skip
   edges = []  # (time, +1 start / -1 end, op) of this module's ops
   for e in events:
     where = e.get("args") or {}
-    if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in hlo:
+    if devices and e.get("pid") not in devices:
+      continue
+    if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in ops:
       edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
   if not edges:
     raise RuntimeError(f"The trace holds no op of {module}.")
@@ -108,17 +138,7 @@ def op_table(fn, *args, calls: int = 2, **kwargs) -> dict:
       shared[name] += (t - last) / len(now)
     last = t
     running[op] += change
-  kinds, ops = collections.Counter(), collections.Counter()
-  for name, us in shared.items():
-    kind, op_name = classify(hlo[name])
-    kinds[kind] += us / 1e6 / calls
-    ops[(kind, op_name)] += us / 1e6 / calls
-  return {
-      "wall_s": wall,
-      "idle_s": max(0.0, wall - sum(kinds.values())),
-      "kinds": dict(kinds.most_common()),
-      "ops": [(kind, name, s) for (kind, name), s in ops.most_common()],
-  }
+  return shared
 
 
 def print_table(table: dict, top: int = 25) -> None:
