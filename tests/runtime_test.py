@@ -133,6 +133,9 @@ def test_cuda_dots_go_to_cublas_unless_the_user_says_otherwise():
   own = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
   runtime.set_xla_flags(own, installed=["jax-cuda12-plugin"])
   assert own == {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+  other = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm_int4=false"}  # another flag of the same prefix
+  runtime.set_xla_flags(other, installed=["jax-cuda12-plugin"])
+  assert other["XLA_FLAGS"] == f"--xla_gpu_enable_triton_gemm_int4=false {runtime.CUDA_GEMM_FLAG}"
   for other in ("libtpu", "jax_rocm60_plugin"):
     environ = {}
     runtime.set_xla_flags(environ, installed=["jax", other])

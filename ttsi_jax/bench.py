@@ -197,9 +197,9 @@ def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
   return transformer.ModelConfig(**MODEL_SHAPES[name], param_dtype=dtype, dtype=dtype)
 
 
-def _profile_step(trainer, params, step, keys_A) -> dict:
-  """Where one packed update step of all its adapters spends its time (`profiling.op_table`),
-  printed; its trace kept in --trace_dir if given."""
+def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
+  """Where one packed update step of `num_adapters` adapters (keys_A: one per slot) spends its time
+  (`profiling.op_table`), printed; its trace kept in --trace_dir if given."""
   adapters, opt_states = trainer.init(keys_A)
   one_device = sharding.on_one_device(sharding.mesh_of(params))
   with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
@@ -213,7 +213,7 @@ def _profile_step(trainer, params, step, keys_A) -> dict:
         remat=trainer.remat_for(step),
         trace_dir=_TRACE_DIR.value or None,
     )
-  print(f"Where the first step of all {len(keys_A)} adapters in one call spends its time:")
+  print(f"Where the first step of all {num_adapters} adapters in one call spends its time:")
   profiling.print_table(profile)
   return profile
 
@@ -299,9 +299,9 @@ def bench_scaling(config) -> dict:
         f"{row['vs_one']:>7.2f}x{row['gflop_per_s']:>10.1f}{row['mfu']:>7.0%}{train_seconds:>9.2f}"
         f"{row['train_mfu']:>6.0%}{row['first_loss']:>16.3f}{row['final_loss']:>8.3f}"
     )
+    if _PROFILE.value and count == max(counts):
+      report["profile"] = _profile_step(trainer, params, packed_steps[0], keys[slots_S], count)
     _write_json(config, report)  # each finished count is kept if a later one runs out of time
-  if _PROFILE.value:
-    report["profile"] = _profile_step(trainer, params, packed_steps[0], keys[slots_S])
   return report
 
 
@@ -447,7 +447,7 @@ def bench_adapt(config) -> dict:
   profile = None
   if _PROFILE.value:
     step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
-    profile = _profile_step(trainer, exp.params, step, keys)
+    profile = _profile_step(trainer, exp.params, step, keys, len(data))
   peak = matmul_peak()
   result = _table(
       f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "

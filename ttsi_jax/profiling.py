@@ -127,7 +127,11 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
     if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in ops:
       edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
   if not edges:
-    raise RuntimeError(f"The trace holds no op of {module}.")
+    where = "the trace's device processes" if devices else "the trace"
+    raise RuntimeError(
+        f"{where.capitalize()} hold no op of {module} (no events with its hlo_module and hlo_op): "
+        "read the trace itself (op_table's trace_dir, bench --trace_dir) in Perfetto."
+    )
   edges.sort()
   running = collections.Counter()
   shared = collections.Counter()

@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 
@@ -79,7 +80,7 @@ def set_xla_flags(
   flags = environ.get("XLA_FLAGS", "")
   installed = [name.lower() for name in (_installed_packages() if installed is None else installed)]
   if any(name.startswith(CUDA_PACKAGES) for name in installed):
-    if "xla_gpu_enable_triton_gemm" not in flags:
+    if not re.search(r"--xla_gpu_enable_triton_gemm(=|\s|$)", flags):  # not ..._gemm_int4 &c.
       environ["XLA_FLAGS"] = f"{flags} {CUDA_GEMM_FLAG}".strip()
     return
   if "xla_cpu_experimental_ynn_fusion_type" in flags:
