@@ -5,7 +5,8 @@
 #   --dry-run   print the exact commands instead of running them
 #   checks      the GPU checks (after setup): adapted inputs/s and MFU of the packed update step for
 #               1, 8, 32 and 64 adapters per call on Qwen2.5-1.5B's shapes in bfloat16
-#               (bench --stage=scaling), and the quickstart notebook top to bottom in bfloat16 on a
+#               (bench --stage=scaling, with where the 64-adapter step's time goes: --profile), and
+#               the quickstart notebook top to bottom in bfloat16 on a
 #               checkpoint folder (the embedded model exported to HF); results in WORKDIR/checks
 #
 # Settings (environment variables):
@@ -58,9 +59,10 @@ checks() {
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && mkdir -p $out \
 && .venv/bin/python -m ttsi_jax.bench --config=configs/default.py --stage=scaling \
 --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64 --repeats=2 --config.model.dtype=bfloat16 \
---json=$out/scaling.json"
+--json=$out/scaling.json --profile --trace_dir=$out/trace"
   run mkdir -p "$RESULTS"
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" "$RESULTS/"  # kept if the notebook fails
+  # Kept if the notebook fails; the trace of the largest count's step opens in Perfetto.
+  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" "$GPU_HOST:$REMOTE_DIR/$out/trace" "$RESULTS/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR \
 && .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
 && PYTHONPATH=\$PWD TTSI_MODEL_PATH=$abs/smollm2_hf TTSI_DTYPE=bfloat16 \

@@ -62,8 +62,9 @@ def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folde
   assert bench.startswith("ssh me@gpu-box")
   assert "--stage=scaling --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64" in bench
   assert "--config.model.dtype=bfloat16 --json=wd/checks/scaling.json" in bench
+  assert "--profile --trace_dir=wd/checks/trace" in bench  # where the largest count's step spends its time
   # The bench's numbers come back before the notebook runs: a failing notebook loses nothing.
-  assert "wd/checks/scaling.json" in fetch_bench
+  assert "wd/checks/scaling.json" in fetch_bench and "wd/checks/trace" in fetch_bench
   # The notebook loads the exported HF folder (a checkpoint path, not the embedded default), by
   # absolute paths: jupyter-execute runs it in colabs/, where it also needs the repo on the path.
   assert "ttsi_jax.export --config=configs/default.py --out=wd/checks/smollm2_hf" in notebook

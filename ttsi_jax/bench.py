@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -199,20 +200,25 @@ def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
 
 def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
   """Where one packed update step of `num_adapters` adapters (keys_A: one per slot) spends its time
-  (`profiling.op_table`), printed; its trace kept in --trace_dir if given."""
+  (`profiling.op_table`), printed; its trace kept in --trace_dir if given. A trace that cannot be
+  read into a table is reported as {"error": ...}, so that the run keeps its timings."""
   adapters, opt_states = trainer.init(keys_A)
   one_device = sharding.on_one_device(sharding.mesh_of(params))
-  with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
-    profile = profiling.op_table(
-        trainer.step,
-        params,
-        adapters,
-        opt_states,
-        *step.step_args(),
-        keys_A[0],
-        remat=trainer.remat_for(step),
-        trace_dir=_TRACE_DIR.value or None,
-    )
+  try:
+    with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
+      profile = profiling.op_table(
+          trainer.step,
+          params,
+          adapters,
+          opt_states,
+          *step.step_args(),
+          keys_A[0],
+          remat=trainer.remat_for(step),
+          trace_dir=_TRACE_DIR.value or None,
+      )
+  except profiling.TraceError as e:
+    print(f"--profile: {e}", file=sys.stderr)
+    return {"error": str(e)}
   print(f"Where the first step of all {num_adapters} adapters in one call spends its time:")
   profiling.print_table(profile)
   return profile

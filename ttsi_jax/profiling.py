@@ -29,6 +29,11 @@ SCAN_COPIES = "layer scan copies"
 OTHER = "elementwise and other"
 
 
+class TraceError(RuntimeError):
+  """The profiler's trace could not be read into a table (none written, or none of its events
+  name the program's ops)."""
+
+
 def _hlo_ops(hlo_text: str) -> dict[str, str]:
   """The compiled module's instructions by name: name -> the line that defines it."""
   ops = {}
@@ -90,7 +95,7 @@ def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) 
       jax.profiler.stop_trace()
     paths = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     if not paths:
-      raise RuntimeError(
+      raise TraceError(
           "jax.profiler wrote no perfetto trace (*.trace.json.gz): this JAX cannot profile here."
       )
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
@@ -128,7 +133,7 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
       edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
   if not edges:
     where = "the trace's device processes" if devices else "the trace"
-    raise RuntimeError(
+    raise TraceError(
         f"{where.capitalize()} hold no op of {module} (no events with its hlo_module and hlo_op): "
         "read the trace itself (op_table's trace_dir, bench --trace_dir) in Perfetto."
     )
