@@ -132,9 +132,9 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
     if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in ops:
       edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
   if not edges:
-    where = "the trace's device processes" if devices else "the trace"
+    searched = "The trace's device processes" if devices else "The trace"
     raise TraceError(
-        f"{where.capitalize()} hold no op of {module} (no events with its hlo_module and hlo_op): "
+        f"{searched} hold no op of {module} (no events with its hlo_module and hlo_op): "
         "read the trace itself (op_table's trace_dir, bench --trace_dir) in Perfetto."
     )
   edges.sort()

@@ -67,7 +67,7 @@ def set_xla_flags(
   CUDA (a jax-cuda plugin installed): dots go to cuBLAS, not Triton GEMM fusions. XLA autotunes
   each Triton fusion by compiling dozens of tile configurations: the 1.5B packed training step
   compiled in 110-118 s on an H200 with them (and 8 adapters' step not within 80 s more), in
-  21 s (1 adapter) to 43 s (64) on cuBLAS, and one adapter's step ran as fast or faster (0.15
+  18-43 s (1 to 64 adapters) on cuBLAS, and one adapter's step ran as fast or faster (0.14-0.15
   against 0.15-0.16 s per call; README, "On an H200"). Turning off only the fusion autotuner
   still took 110 s; turning off autotuning altogether compiled in 20 s but ran 9x slower.
 
