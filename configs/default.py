@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF checkpoint folder or .gguf file; "" = the embedded SmolLM2 default
   config.model.dtype = "float32"  # bfloat16 on accelerators
+  # Packed training rows' attention: auto, xla or cudnn (flash attention; NVIDIA GPUs, bfloat16).
+  config.model.attention = "auto"
   # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Params are sharded over
   # fsdp / tensor, rows and adapters split over data and fsdp. Hosts split the waves.
   config.mesh_shape = ()

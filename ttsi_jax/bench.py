@@ -193,9 +193,11 @@ def model_flops(c, sequences, train: bool) -> float:
   return total * (2 if train else 1)
 
 
-def model_shapes(name: str, dtype: str) -> transformer.ModelConfig:
+def model_shapes(name: str, dtype: str, attention: str = "auto") -> transformer.ModelConfig:
   """A known model's shapes (random weights: speed does not depend on them)."""
-  return transformer.ModelConfig(**MODEL_SHAPES[name], param_dtype=dtype, dtype=dtype)
+  config = transformer.ModelConfig(**MODEL_SHAPES[name], param_dtype=dtype, dtype=dtype, attention=attention)
+  transformer.check_attention(config)
+  return config
 
 
 def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
@@ -232,7 +234,7 @@ def bench_scaling(config) -> dict:
   counts = list(map(int, _ADAPTER_COUNTS.value))
   if counts[0] != 1:
     raise ValueError(f"--adapter_counts must start at 1 (gains are against one adapter), not {counts}.")
-  c = model_shapes(_SHAPES.value, config.model.dtype)
+  c = model_shapes(_SHAPES.value, config.model.dtype, config.model.attention)
   tokens = jnp.zeros((1, 1), jnp.int32)
   params = jax.jit(transformer.Transformer(c).init)(jax.random.key(0), tokens, tokens)["params"]
   trainer = adaptation.Trainer(c, experiment.adapt_config(config))
@@ -241,7 +243,7 @@ def bench_scaling(config) -> dict:
   steps = trainer.cfg.epochs  # one pair per adapter, batch size 1 or more: one step per epoch
   peak = matmul_peak(config.model.dtype, torch_too=False)["jax"]
   print(
-      f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, "
+      f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, {c.attention} attention, "
       f"{prompt_tokens} + {answer_tokens} tokens per pair, {steps} steps per adapter, rank "
       f"{trainer.cfg.rank}; {jax.device_count()} x {jax.devices()[0].device_kind}; "
       f"{config.model.dtype} matmul peak measured now: jax {peak:.1f} GFLOP/s"
@@ -672,7 +674,9 @@ def main(argv):
   n = _NEW_TOKENS.value
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh)
+  model = sampler_lib.load_model(
+      config.model.path, config.model.dtype, mesh, attention=config.model.attention
+  )
   tokenizer = model.tokenizer
   load_s = time.perf_counter() - start
   prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]

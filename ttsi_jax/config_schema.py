@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("auto", "xla", "cudnn")  # `ttsi_jax.model.transformer.ModelConfig.attention`
 
 
 def _range(
@@ -51,6 +52,7 @@ _TEMPERATURE = _range(0, note="0 = greedy")
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _range(0, integer=True),
     "model.dtype": _one_of(*DTYPES),
+    "model.attention": _one_of(*ATTENTION),
     "task.num_examples": _range(0, integer=True, note="0 = all"),
     "wave_size": _COUNT,
     "reserve": _COUNT,

@@ -198,7 +198,9 @@ class Experiment:
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
-    model = sampler_lib.load_model(config.model.path, config.model.dtype, self.mesh)
+    model = sampler_lib.load_model(
+        config.model.path, config.model.dtype, self.mesh, attention=config.model.attention
+    )
     self.model_config, self.params = model.config, model.params
     self.tokenizer, self.sampler = model.tokenizer, model.sampler
     d = config.decoding
@@ -232,7 +234,9 @@ class Experiment:
       return synthesis.EndpointSynthesizer(
           self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg
       )
-    teacher = sampler_lib.load_model(t.path, self.config.model.dtype, self.mesh)
+    teacher = sampler_lib.load_model(
+        t.path, self.config.model.dtype, self.mesh, attention=self.config.model.attention
+    )
     d = self.config.decoding
     decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens, d.max_args)
     return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)

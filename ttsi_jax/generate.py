@@ -30,7 +30,9 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh, config.sampling.max_batch)
+  model = sampler_lib.load_model(
+      config.model.path, config.model.dtype, mesh, config.sampling.max_batch, config.model.attention
+  )
   tokenizer = model.tokenizer
   logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model.config)
   sampling = sampler_lib.SamplingParams(

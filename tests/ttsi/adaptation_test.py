@@ -2,6 +2,7 @@
 training learns; equal bucket sizes never recompile."""
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -76,18 +77,31 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
   return optax.apply_updates(adapter, updates), opt_state
 
 
-@pytest.mark.parametrize("batch_size, with_cpu_kernels", [(1, True), (2, True), (2, False)])
-def test_packed_training_equals_each_adapter_trained_alone(model, batch_size, with_cpu_kernels, monkeypatch):
+@pytest.mark.parametrize(
+    "batch_size, with_cpu_kernels, attention",
+    [(1, True, "auto"), (2, True, "auto"), (2, False, "auto"), (2, True, "cudnn")],
+)
+def test_packed_training_equals_each_adapter_trained_alone(
+    model, batch_size, with_cpu_kernels, attention, monkeypatch
+):
   """On CPU packed rows run attention, the LoRA branch and the linear layers (padding rows and the
-  last layer's unread rows left out) in the C++ kernels, or on XLA's ops."""
+  last layer's unread rows left out) in the C++ kernels, or on XLA's ops. attention="cudnn" runs
+  `jax.nn.dot_product_attention` on each sequence's real tokens, here its XLA implementation (the
+  same call as on a GPU: the sequence layout and lengths are what is under test)."""
   monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 1)
+  dot_product_attention = jax.nn.dot_product_attention
+  monkeypatch.setattr(
+      jax.nn,
+      "dot_product_attention",
+      lambda *a, implementation, **k: dot_product_attention(*a, implementation="xla", **k),
+  )
   # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
   cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3, "epochs": 2})
   # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.
   examples = [_examples(0, 1), _examples(1, 3, 20, 40), _examples(2, 2), _examples(3, 1, 30, 31)]
   rngs = jax.random.split(jax.random.key(0), 4)
   config, params = model
-  trainer = adaptation.Trainer(config, cfg)
+  trainer = adaptation.Trainer(dataclasses.replace(config, attention=attention), cfg)
   steps = adaptation.make_steps(cfg, examples, 0, 4, block=16)
   assert steps[0].tokens_MBT.shape[:2] == (1, 1) and steps[0].adapter_MBXA[0, 0].any(0).all()  # one row
   with contextlib.nullcontext() if with_cpu_kernels else cpu_kernels.xla_ops():

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from ttsi_jax.config_schema import ATTENTION
 from ttsi_jax.model import cpu_attention, cpu_kernels, cpu_lora, cpu_matmul
 
 Params = Any
@@ -74,6 +75,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
   sliding_window: Optional[int] = None  # Mistral: attention reaches this many tokens back
+  # Packed training rows' attention (see `ATTENTION`): a run option, not the checkpoint's.
+  attention: str = "auto"
 
   @property
   def context_length(self) -> int:
@@ -469,6 +472,41 @@ def packed_lora_kernel(width: int) -> bool:
   return jax.default_backend() == "cpu" and cpu_lora.supports(width) and cpu_kernels.available()
 
 
+# Implementations of the packed training rows' attention, `ModelConfig.attention` (`ATTENTION`):
+#   xla: query chunks of einsum attention (`_attend_causal`), its probabilities recomputed in the
+#     backward pass; every backend.
+#   cudnn: `jax.nn.dot_product_attention`'s cuDNN flash attention over each sequence's real tokens;
+#     NVIDIA GPUs, bfloat16 / float16.
+#   auto: the fused kernel on CPU, xla elsewhere.
+
+
+def check_attention(config: ModelConfig) -> None:
+  """Raises a ValueError naming what to change when `config.attention` cannot run here."""
+  if config.attention not in ATTENTION:
+    raise ValueError(f"model.attention={config.attention!r}: use one of {list(ATTENTION)}.")
+  if config.attention == "cudnn" and (jax.default_backend() != "gpu" or config.dtype == "float32"):
+    raise ValueError(
+        f"model.attention='cudnn' runs on NVIDIA GPUs in bfloat16 or float16 (here: the "
+        f"{jax.default_backend()} backend, {config.dtype}): set model.attention='auto' or 'xla', or "
+        "model.dtype='bfloat16' on a GPU."
+    )
+
+
+def _flash_attend(q_BTNH, k_BTKH, v_BTKH, lengths_B, implementation: str) -> jax.Array:
+  """Causal attention over each row's first lengths_B tokens (the rest padding, its outputs
+  unused) by `jax.nn.dot_product_attention`; [B, T, N x H]."""
+  out_BTNH = jax.nn.dot_product_attention(
+      q_BTNH,
+      k_BTKH,
+      v_BTKH,
+      is_causal=True,
+      query_seq_lengths=lengths_B,
+      key_value_seq_lengths=lengths_B,
+      implementation=implementation,
+  )
+  return out_BTNH.reshape(q_BTNH.shape[:2] + (-1,))
+
+
 def _fused_attend(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
   """The fused CPU kernel (float32) on rows of segments; [B, T, N x H] in q's dtype."""
   out_BTNH = cpu_attention.causal_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT)
@@ -512,7 +550,16 @@ class Attention(nn.Module):
     k_BTKH = saved(apply_rope(k_BTKH, positions_BT, inv_freq))
     v_BTKH = saved(v_BTKH)
     skip_padding = jax.default_backend() == "cpu"
-    if packing is not None and fused_cpu_attention(c):  # on the rows, each sequence to itself
+    if packing is not None and c.attention == "cudnn":  # each sequence's real tokens: its slot's start
+      seq = packing.to_sequences
+      lengths_B = jnp.sum(seq(positions_BT + 1) > 0, axis=1, dtype=jnp.int32)
+      out_BTD = packing.to_rows(_flash_attend(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), lengths_B, "cudnn"))
+      # Padding tokens' outputs zeroed: whatever the kernel leaves there must not reach o_proj's
+      # weight gradients (0 x NaN).
+      out_BTD = saved(jnp.where(real_BT[..., None], out_BTD, 0))
+      return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
+    # The fused CPU kernel reads the rows as they are, each sequence masked to itself.
+    if packing is not None and c.attention == "auto" and fused_cpu_attention(c):
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
     if packing is not None:  # attention within each sequence (mask_BTS: in sequence layout)

@@ -650,13 +650,16 @@ class LoadedModel:
   sampler: Sampler
 
 
-def load_model(path: str, dtype: str, mesh, max_batch: int = 64) -> LoadedModel:
+def load_model(path: str, dtype: str, mesh, max_batch: int = 64, attention: str = "auto") -> LoadedModel:
   """A checkpoint's params (placed on `mesh`), its tokenizer and a sampler that stops at its end
-  of turn: the one way the main job, the teacher, generate and bench set up a model."""
+  of turn: the one way the main job, the teacher, generate and bench set up a model. `attention`:
+  the packed training rows' (`ModelConfig.attention`)."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
 
   config, params = checkpoints.load(path, dtype, mesh)
+  config = dataclasses.replace(config, attention=attention)
+  transformer.check_attention(config)
   tokenizer = tokenizer_lib.load(path)
   return LoadedModel(
       config, params, tokenizer, Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch)
