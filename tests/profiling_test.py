@@ -92,3 +92,28 @@ def test_on_an_accelerator_only_the_devices_events_count_not_the_hosts_launches(
   assert shared == {"dot.1": 4, "fusion.2": 2}
   with pytest.raises(profiling.TraceError, match="no op of jit_other"):
     profiling.share_wall_time(events, "jit_other", {"dot.1"})
+
+
+def test_a_command_buffers_kernels_count_by_instruction_or_library_kernel_name():
+  def kernel(ts, dur, name):  # one kernel of a CUDA graph: hlo_op names the graph, not the kernel
+    return {**_op(2, ts, dur, "command_buffer_3"), "name": name}
+
+  events = [
+      _process(1, "/host:CPU"),
+      _process(2, "/device:GPU:0"),
+      _op(1, 0, 40, "command_buffer_3"),  # the host's launch of the graph
+      kernel(10, 4, "loop_convert_fusion_1"),
+      kernel(14, 6, "nvjet_sm90_tss_256x128_64x4_1x2_h_bz_coopA_TNT"),
+      kernel(20, 3, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26"),
+      kernel(23, 1, "memcpy128"),
+  ]
+  shared = profiling.share_wall_time(events, "jit__step", {"loop_convert_fusion_1", "command_buffer_3"})
+  assert shared == {
+      "loop_convert_fusion_1": 4,
+      "nvjet_sm90_tss_256x128_64x4_1x2_h_bz_coopA_TNT": 6,
+      "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": 3,
+      "memcpy128": 1,
+  }
+  kinds = [profiling.classify_kernel(name)[0] for name in list(shared)[1:]]
+  assert kinds == [profiling.MATMUL, profiling.ATTENTION, profiling.COPIES]
+  assert profiling.classify_kernel("loop_add_fusion_5")[0] == profiling.OTHER

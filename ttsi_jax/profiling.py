@@ -27,6 +27,8 @@ import jax
 MATMUL = "matmul"
 SCAN_COPIES = "layer scan copies"
 OTHER = "elementwise and other"
+ATTENTION = "attention kernels"
+COPIES = "memory copies"
 
 
 class TraceError(RuntimeError):
@@ -103,7 +105,7 @@ def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) 
   shared_us = share_wall_time(events, module, set(hlo))
   kinds, ops = collections.Counter(), collections.Counter()
   for name, us in shared_us.items():
-    kind, op_name = classify(hlo[name])
+    kind, op_name = classify(hlo[name]) if name in hlo else classify_kernel(name)
     kinds[kind] += us / 1e6 / calls
     ops[(kind, op_name)] += us / 1e6 / calls
   return {
@@ -114,10 +116,24 @@ def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) 
   }
 
 
+def classify_kernel(name: str) -> tuple[str, str]:
+  """(kind, name) of a GPU kernel that is no instruction of the compiled module: a library's
+  (cuBLAS, cuDNN) or a copy, launched from inside an XLA command buffer (a CUDA graph)."""
+  if re.match(r"(nvjet|cutlass|sm\d+_xmma|ampere_|hopper_)|.*gemm", name):
+    return MATMUL, name
+  if re.search(r"cudnn|sdpa|fmha|flash", name):
+    return ATTENTION, name
+  if re.match(r"(?i)mem(cpy|set)", name):
+    return COPIES, name
+  return OTHER, name
+
+
 def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collections.Counter:
   """Microseconds of each op of `module` in a perfetto trace's events, each moment shared among
   the ops running then. Where the trace has accelerator processes ("/device:GPU:0", ...), only
-  their events count: the host's events for the same ops are launches, not the work."""
+  their events count: the host's events for the same ops are launches, not the work. An event of
+  an XLA:GPU command buffer (hlo_op "command_buffer_N", one CUDA graph of many kernels) counts for
+  its kernel: a fusion by its instruction's name, a library's kernel by its own name."""
   devices = {
       e["pid"]
       for e in events
@@ -129,8 +145,13 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
     where = e.get("args") or {}
     if devices and e.get("pid") not in devices:
       continue
-    if e.get("ph") == "X" and where.get("hlo_module") == module and where.get("hlo_op") in ops:
-      edges += [(e["ts"], 1, where["hlo_op"]), (e["ts"] + e["dur"], -1, where["hlo_op"])]
+    if e.get("ph") != "X" or where.get("hlo_module") != module:
+      continue
+    op = where.get("hlo_op")
+    if devices and str(op).startswith("command_buffer"):
+      op = e["name"]
+    if op in ops or (devices and op == e["name"]):
+      edges += [(e["ts"], 1, op), (e["ts"] + e["dur"], -1, op)]
   if not edges:
     searched = "The trace's device processes" if devices else "The trace"
     raise TraceError(
