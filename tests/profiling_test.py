@@ -117,3 +117,21 @@ def test_a_command_buffers_kernels_count_by_instruction_or_library_kernel_name()
   kinds = [profiling.classify_kernel(name)[0] for name in list(shared)[1:]]
   assert kinds == [profiling.MATMUL, profiling.ATTENTION, profiling.COPIES]
   assert profiling.classify_kernel("loop_add_fusion_5")[0] == profiling.OTHER
+
+
+def test_a_fusion_without_metadata_is_named_by_its_fused_computations_root():
+  hlo = """HloModule jit__step, entry_computation_layout={(bf16[2]{0})->f32[2]{0}}
+
+%fused_convert.3 (param_0: bf16[2]) -> f32[2] {
+  %param_0 = bf16[2]{0} parameter(0)
+  ROOT %convert.1 = f32[2]{0} convert(%param_0), metadata={op_name="jit(_step)/transpose(jvp(T))/mlp/convert"}
+}
+
+ENTRY %main.5 (p: bf16[2]) -> f32[2] {
+  %p = bf16[2]{0} parameter(0)
+  ROOT %loop_convert_fusion_2 = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused_convert.3
+}
+"""
+  ops = profiling._hlo_ops(hlo)  # pylint: disable=protected-access
+  assert profiling.classify(ops["loop_convert_fusion_2"]) == (profiling.OTHER, "backward/mlp/convert")
+  assert profiling.classify(ops["p"]) == (profiling.OTHER, "p")

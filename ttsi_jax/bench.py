@@ -242,8 +242,9 @@ def bench_scaling(config) -> dict:
   rng = np.random.default_rng(0)
   steps = trainer.cfg.epochs  # one pair per adapter, batch size 1 or more: one step per epoch
   peak = matmul_peak(config.model.dtype, torch_too=False)["jax"]
+  attention = transformer.packed_attention(c)
   print(
-      f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, {c.attention} attention, "
+      f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, {attention} attention, "
       f"{prompt_tokens} + {answer_tokens} tokens per pair, {steps} steps per adapter, rank "
       f"{trainer.cfg.rank}; {jax.device_count()} x {jax.devices()[0].device_kind}; "
       f"{config.model.dtype} matmul peak measured now: jax {peak:.1f} GFLOP/s"
@@ -260,6 +261,7 @@ def bench_scaling(config) -> dict:
       "steps_per_adapter": steps,
       "matmul_peak_gflop_per_s": peak,
       "device_kind": jax.devices()[0].device_kind,
+      "attention": attention,
       "devices": jax.device_count(),
       "rows": rows,
   }

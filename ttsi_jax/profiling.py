@@ -37,12 +37,24 @@ class TraceError(RuntimeError):
 
 
 def _hlo_ops(hlo_text: str) -> dict[str, str]:
-  """The compiled module's instructions by name: name -> the line that defines it."""
-  ops = {}
+  """The compiled module's instructions by name: name -> the line that defines it. A fusion
+  without metadata of its own (XLA:GPU's) gets its fused computation's root's op_name."""
+  ops, roots, computation = {}, {}, None
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    header = re.match(r"\s*(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header and " = " not in line:
+      computation = header.group(1)
+    m = re.match(r"\s*(ROOT )?%?([\w.\-]+) = ", line)
     if m:
-      ops.setdefault(m.group(1), line)
+      ops.setdefault(m.group(2), line)
+      if m.group(1):
+        roots[computation] = line
+  for name, line in ops.items():
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    root = roots.get(called.group(1), "") if called and "op_name=" not in line else ""
+    metadata = re.search(r'op_name="[^"]*"', root)
+    if metadata:
+      ops[name] = f"{line}, metadata={{{metadata.group(0)}}}"
   return ops
 
 
@@ -59,7 +71,7 @@ def _readable(op_name: str) -> str:
 def classify(line: str) -> tuple[str, str]:
   """(kind, readable op name) of one compiled HLO instruction."""
   m = re.search(r'op_name="([^"]*)"', line)
-  op_name = _readable(m.group(1)) if m else line.split(" = ")[0].strip()
+  op_name = _readable(m.group(1)) if m else re.sub(r"^(ROOT )?%", "", line.split(" = ")[0].strip())
   target = re.search(r'custom_call_target="([^"]*)"', line)
   if target and target.group(1).startswith("__cublas"):  # XLA:GPU's cuBLAS and cuBLASLt gemms
     return MATMUL, op_name

@@ -1,6 +1,7 @@
 """Our forward pass against transformers' own forward, with and without the KV cache."""
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -287,3 +288,46 @@ def test_packing_regathers_rows_into_sequences_and_back_with_gather_gradients():
       jax.grad(lambda x: jnp.sum(plain(x) * w_seqs))(x_BT),
       atol=1e-6,
   )
+
+
+class _FakeDevice:
+
+  def __init__(self, platform, device_kind, compute_capability=None):
+    self.platform, self.device_kind = platform, device_kind
+    if compute_capability is not None:
+      self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize(
+    "device, dtype, head_dim, want",
+    [
+        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 128, "cudnn"),
+        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "float32", 128, "xla"),  # cuDNN takes 16-bit only
+        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 256, "xla"),
+        (_FakeDevice("gpu", "Tesla T4", "7.5"), "float16", 64, "xla"),  # before Ampere
+        (_FakeDevice("gpu", "AMD Instinct MI300X"), "bfloat16", 128, "xla"),  # no compute capability
+        (_FakeDevice("tpu", "TPU v5 lite"), "bfloat16", 128, "xla"),
+    ],
+)
+def test_auto_attention_takes_cudnn_where_it_runs_else_xla(monkeypatch, device, dtype, head_dim, want):
+  config = transformer.ModelConfig(
+      "LlamaForCausalLM", 64, 1, 2 * head_dim, 2, 1, head_dim, 64, 1e-5, 1e4, 64, True, dtype=dtype
+  )
+  monkeypatch.setattr(transformer, "fused_cpu_attention", lambda config: False)
+  monkeypatch.setattr(jax, "devices", lambda: [device])
+  assert transformer.packed_attention(config) == want
+  if want == "xla":  # asked for by name, cuDNN is refused with the reason
+    with pytest.raises(ValueError, match="model.attention='cudnn' cannot run here: it (needs|takes)"):
+      transformer.check_attention(dataclasses.replace(config, attention="cudnn"))
+  else:
+    transformer.check_attention(dataclasses.replace(config, attention="cudnn"))
+  assert transformer.packed_attention(dataclasses.replace(config, attention="xla")) == "xla"
+
+
+def test_on_cpu_auto_attention_is_the_fused_kernel_and_unknown_names_are_refused(hf_checkpoints):
+  config, _ = hf.load(hf_checkpoints["llama"][0])
+  assert transformer.packed_attention(config) == ("fused" if cpu_kernels.available() else "xla")
+  with cpu_kernels.xla_ops():
+    assert transformer.packed_attention(config) == "xla"
+  with pytest.raises(ValueError, match=r"model.attention='flash': use one of \['auto', 'xla', 'cudnn'\]"):
+    transformer.check_attention(dataclasses.replace(config, attention="flash"))
