@@ -303,7 +303,10 @@ class _FakeDevice:
     [
         (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 128, "cudnn"),
         (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "float32", 128, "xla"),  # cuDNN takes 16-bit only
-        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 256, "xla"),
+        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 256, "cudnn"),
+        (_FakeDevice("gpu", "NVIDIA H200", "9.0"), "bfloat16", 264, "xla"),
+        (_FakeDevice("gpu", "NVIDIA A100-SXM4-40GB", "8.0"), "bfloat16", 256, "xla"),
+        (_FakeDevice("gpu", "NVIDIA L4", "8.9"), "float16", 128, "cudnn"),
         (_FakeDevice("gpu", "Tesla T4", "7.5"), "float16", 64, "xla"),  # before Ampere
         (_FakeDevice("gpu", "AMD Instinct MI300X"), "bfloat16", 128, "xla"),  # no compute capability
         (_FakeDevice("tpu", "TPU v5 lite"), "bfloat16", 128, "xla"),

@@ -476,9 +476,9 @@ def packed_lora_kernel(width: int) -> bool:
 #   xla: query chunks of einsum attention (`_attend_causal`), its probabilities recomputed in the
 #     backward pass; every backend.
 #   cudnn: `jax.nn.dot_product_attention`'s cuDNN flash attention over each sequence's real tokens;
-#     NVIDIA GPUs from Ampere on, bfloat16 / float16, head dims up to 128. On an H200 (1.5B shapes)
-#     it ran the packed step 9-17% faster than xla and compiled it in 15-24 s instead of 21-45 s
-#     (README, "On an H200").
+#     NVIDIA GPUs from Ampere on, bfloat16 / float16, head dims up to 128 (256 from Hopper on). On
+#     an H200 (1.5B shapes) it ran the packed step 10-16% faster than xla and compiled it in 15-17
+#     s instead of 22-41 s (README, "On an H200").
 #   auto: the fused kernel on CPU (`fused_cpu_attention`), cudnn where it runs, else xla.
 
 
@@ -486,15 +486,16 @@ def _cudnn_attention_problem(config: ModelConfig) -> Optional[str]:
   """Why cuDNN flash attention cannot run this model here, or None when it can."""
   device = jax.devices()[0]
   try:
-    capability = float(getattr(device, "compute_capability", ""))
+    capability = tuple(int(x) for x in str(getattr(device, "compute_capability", "")).split("."))
   except ValueError:
-    capability = 0.0
-  if device.platform != "gpu" or capability < 8.0:
+    capability = ()
+  if device.platform != "gpu" or capability < (8, 0):
     return f"it needs an NVIDIA GPU from Ampere on (compute capability 8.0), not {device.device_kind}"
   if config.dtype not in ("bfloat16", "float16"):
     return f"it takes bfloat16 or float16, not {config.dtype} (model.dtype)"
-  if config.head_dim > 128 or config.head_dim % 8:
-    return f"it takes head dims up to 128 in multiples of 8, not {config.head_dim}"
+  largest = 256 if capability >= (9, 0) else 128
+  if config.head_dim > largest or config.head_dim % 8:
+    return f"it takes head dims up to {largest} in multiples of 8 on this GPU, not {config.head_dim}"
   return None
 
 
