@@ -127,11 +127,20 @@ def test_a_fusion_without_metadata_is_named_by_its_fused_computations_root():
   ROOT %convert.1 = f32[2]{0} convert(%param_0), metadata={op_name="jit(_step)/transpose(jvp(T))/mlp/convert"}
 }
 
+%fused_multiply.4 (param_0: f32[2]) -> bf16[2] {
+  %param_0 = f32[2]{0} parameter(0)
+  %multiply.2 = f32[2]{0} multiply(%param_0, %param_0), metadata={op_name="jit(_step)/jvp(T)/mlp/mul"}
+  ROOT %convert.3 = bf16[2]{0} convert(%multiply.2)
+}
+
 ENTRY %main.5 (p: bf16[2]) -> f32[2] {
   %p = bf16[2]{0} parameter(0)
-  ROOT %loop_convert_fusion_2 = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused_convert.3
+  %loop_convert_fusion_2 = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused_convert.3
+  ROOT %loop_multiply_fusion = bf16[2]{0} fusion(%loop_convert_fusion_2), kind=kLoop, calls=%fused_multiply.4
 }
 """
   ops = profiling._hlo_ops(hlo)  # pylint: disable=protected-access
   assert profiling.classify(ops["loop_convert_fusion_2"]) == (profiling.OTHER, "backward/mlp/convert")
+  # A root XLA made (no metadata): the fused computation's first op_name.
+  assert profiling.classify(ops["loop_multiply_fusion"]) == (profiling.OTHER, "forward/mlp/mul")
   assert profiling.classify(ops["p"]) == (profiling.OTHER, "p")

@@ -38,8 +38,9 @@ class TraceError(RuntimeError):
 
 def _hlo_ops(hlo_text: str) -> dict[str, str]:
   """The compiled module's instructions by name: name -> the line that defines it. A fusion
-  without metadata of its own (XLA:GPU's) gets its fused computation's root's op_name."""
-  ops, roots, computation = {}, {}, None
+  without metadata of its own (XLA:GPU's) gets its fused computation's op_name: its root's, or
+  where XLA made the root (a convert it inserted), the first one inside."""
+  ops, named, computation = {}, {}, None
   for line in hlo_text.splitlines():
     header = re.match(r"\s*(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
     if header and " = " not in line:
@@ -47,14 +48,13 @@ def _hlo_ops(hlo_text: str) -> dict[str, str]:
     m = re.match(r"\s*(ROOT )?%?([\w.\-]+) = ", line)
     if m:
       ops.setdefault(m.group(2), line)
-      if m.group(1):
-        roots[computation] = line
+      op_name = re.search(r'op_name="[^"]*"', line)
+      if op_name and (m.group(1) or computation not in named):
+        named[computation] = op_name.group(0)
   for name, line in ops.items():
     called = re.search(r"calls=%?([\w.\-]+)", line)
-    root = roots.get(called.group(1), "") if called and "op_name=" not in line else ""
-    metadata = re.search(r'op_name="[^"]*"', root)
-    if metadata:
-      ops[name] = f"{line}, metadata={{{metadata.group(0)}}}"
+    if called and "op_name=" not in line and called.group(1) in named:
+      ops[name] = f"{line}, metadata={{{named[called.group(1)]}}}"
   return ops
 
 
@@ -88,10 +88,16 @@ def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) 
   """Traces `calls` calls of the jitted `fn(*args, **kwargs)` (after one warm-up call; each call
   gets its own copy of the arrays, so `fn` may donate them) and returns {"wall_s", "idle_s",
   "kinds": {kind: s}, "ops": [(kind, op name, s)]} in seconds per call. The trace is kept in
-  `trace_dir` when given (open it in Perfetto), else in a temporary folder."""
+  `trace_dir` when given (open it in Perfetto), with the compiled HLO beside it
+  (compiled_hlo.txt: the instructions the trace's op and kernel names refer to), else in a
+  temporary folder."""
   compiled = fn.lower(*args, **kwargs).compile().as_text()
   module = re.match(r"HloModule ([\w.\-]+)", compiled).group(1)
   hlo = _hlo_ops(compiled)
+  if trace_dir:
+    os.makedirs(trace_dir, exist_ok=True)
+    with open(os.path.join(trace_dir, "compiled_hlo.txt"), "w") as f:
+      f.write(compiled)
 
   def call():
     fresh = jax.block_until_ready(jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, args))
