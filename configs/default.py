@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF checkpoint folder or .gguf file; "" = the embedded SmolLM2 default
   config.model.dtype = "float32"  # bfloat16 on accelerators
-  # Packed training rows' attention: auto, xla or cudnn (flash attention; NVIDIA GPUs, bfloat16).
+  # Packed training rows' attention (T): auto, xla or cudnn (flash attention; NVIDIA GPUs, 16-bit).
   config.model.attention = "auto"
   # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Params are sharded over
   # fsdp / tensor, rows and adapters split over data and fsdp. Hosts split the waves.

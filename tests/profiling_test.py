@@ -51,6 +51,10 @@ def test_classify_reads_kernels_matmuls_and_scan_copies_from_the_compiled_hlo():
   )
   gemm = '%custom-call.7 = (bf16[8,8], s8[0]) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"'
   assert profiling.classify(gemm)[0] == profiling.MATMUL
+  fmha = (
+      '%custom-call.8 = (bf16[8,8], f32[8]) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"'
+  )
+  assert profiling.classify(fmha)[0] == profiling.ATTENTION
 
 
 def _op(pid, ts, dur, op, module="jit__step"):
@@ -102,6 +106,7 @@ def test_a_command_buffers_kernels_count_by_instruction_or_library_kernel_name()
       _process(1, "/host:CPU"),
       _process(2, "/device:GPU:0"),
       _op(1, 0, 40, "command_buffer_3"),  # the host's launch of the graph
+      _op(2, 10, 14, "command_buffer_3"),  # the whole graph on the device: its kernels count instead
       kernel(10, 4, "loop_convert_fusion_1"),
       kernel(14, 6, "nvjet_sm90_tss_256x128_64x4_1x2_h_bz_coopA_TNT"),
       kernel(20, 3, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26"),
@@ -117,6 +122,7 @@ def test_a_command_buffers_kernels_count_by_instruction_or_library_kernel_name()
   kinds = [profiling.classify_kernel(name)[0] for name in list(shared)[1:]]
   assert kinds == [profiling.MATMUL, profiling.ATTENTION, profiling.COPIES]
   assert profiling.classify_kernel("loop_add_fusion_5")[0] == profiling.OTHER
+  assert profiling.classify_kernel("cudnn_cutlass_sm90_flash_bprop")[0] == profiling.ATTENTION
 
 
 def test_a_fusion_without_metadata_is_named_by_its_fused_computations_root():

@@ -117,7 +117,10 @@ _PROFILE = flags.DEFINE_bool(
     "scaling, by kind of op and op name).",
 )
 _TRACE_DIR = flags.DEFINE_string(
-    "trace_dir", "", "With --profile: keep the jax.profiler trace in this folder (open it in Perfetto)."
+    "trace_dir",
+    "",
+    "With --profile: keep the jax.profiler trace in this folder (open it in Perfetto), and the "
+    "compiled HLO whose instructions its names refer to (compiled_hlo.txt).",
 )
 
 QUESTIONS = [
@@ -676,9 +679,7 @@ def main(argv):
   n = _NEW_TOKENS.value
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model = sampler_lib.load_model(
-      config.model.path, config.model.dtype, mesh, attention=config.model.attention
-  )
+  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh)
   tokenizer = model.tokenizer
   load_s = time.perf_counter() - start
   prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]

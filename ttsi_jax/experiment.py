@@ -234,9 +234,7 @@ class Experiment:
       return synthesis.EndpointSynthesizer(
           self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg
       )
-    teacher = sampler_lib.load_model(
-        t.path, self.config.model.dtype, self.mesh, attention=self.config.model.attention
-    )
+    teacher = sampler_lib.load_model(t.path, self.config.model.dtype, self.mesh)
     d = self.config.decoding
     decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens, d.max_args)
     return synthesis.ModelSynthesizer(self.task, decoder, self.synth_cfg, self.config.reserve)

@@ -30,9 +30,7 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
   mesh = sharding.make_mesh(config.mesh_shape or None)
-  model = sampler_lib.load_model(
-      config.model.path, config.model.dtype, mesh, config.sampling.max_batch, config.model.attention
-  )
+  model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh, config.sampling.max_batch)
   tokenizer = model.tokenizer
   logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model.config)
   sampling = sampler_lib.SamplingParams(

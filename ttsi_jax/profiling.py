@@ -75,6 +75,8 @@ def classify(line: str) -> tuple[str, str]:
   target = re.search(r'custom_call_target="([^"]*)"', line)
   if target and target.group(1).startswith("__cublas"):  # XLA:GPU's cuBLAS and cuBLASLt gemms
     return MATMUL, op_name
+  if target and target.group(1).startswith("__cudnn$fmha"):  # cuDNN flash attention
+    return ATTENTION, op_name
   if target:
     return target.group(1), op_name
   if re.search(r"(^|/)dot_general$", op_name) or " dot(" in line or " convolution(" in line:
@@ -137,10 +139,10 @@ def op_table(fn, *args, calls: int = 2, trace_dir: str | None = None, **kwargs) 
 def classify_kernel(name: str) -> tuple[str, str]:
   """(kind, name) of a GPU kernel that is no instruction of the compiled module: a library's
   (cuBLAS, cuDNN) or a copy, launched from inside an XLA command buffer (a CUDA graph)."""
+  if re.search(r"cudnn|sdpa|fmha|flash", name):  # first: cuDNN's kernels may be cutlass-named
+    return ATTENTION, name
   if re.match(r"(nvjet|cutlass|sm\d+_xmma|ampere_|hopper_)|.*gemm", name):
     return MATMUL, name
-  if re.search(r"cudnn|sdpa|fmha|flash", name):
-    return ATTENTION, name
   if re.match(r"(?i)mem(cpy|set)", name):
     return COPIES, name
   return OTHER, name
@@ -167,8 +169,10 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
       continue
     op = where.get("hlo_op")
     if devices and str(op).startswith("command_buffer"):
-      op = e["name"]
-    if op in ops or (devices and op == e["name"]):
+      if e["name"] == op:  # the whole graph, where a trace shows it: its kernels count
+        continue
+      op = e["name"]  # a kernel of the graph
+    if op in ops or (devices and op == e["name"]):  # an instruction, or a command buffer's kernel
       edges += [(e["ts"], 1, op), (e["ts"] + e["dur"], -1, op)]
   if not edges:
     searched = "The trace's device processes" if devices else "The trace"

@@ -8,6 +8,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -77,9 +78,33 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
   return optax.apply_updates(adapter, updates), opt_state
 
 
+def _attention_with_padding_garbage(q_BTNH, k_BSKH, v_BSKH, *, implementation, **kwargs):
+  """`jax.nn.dot_product_attention` (XLA's) that leaves NaN at padded positions, in its outputs
+  and in the gradients it passes back to q, k and v there: what a kernel may leave in the slots
+  it does not compute."""
+  del implementation
+  out_BTNH = _DOT_PRODUCT_ATTENTION(q_BTNH, k_BSKH, v_BSKH, implementation="xla", **kwargs)
+  lengths_B = kwargs["query_seq_lengths"]
+  padded_BT11 = (jnp.arange(q_BTNH.shape[1])[None] >= lengths_B[:, None])[:, :, None, None]
+  padding = lambda x: jnp.where(padded_BT11, x, 0)  # selects: real positions keep exact zeros
+  garbage_BTNH = (
+      padding(q_BTNH) * jnp.nan + (padding(k_BSKH) + padding(v_BSKH)).sum(2, keepdims=True) * jnp.nan
+  )
+  return out_BTNH + padding(garbage_BTNH)
+
+
+_DOT_PRODUCT_ATTENTION = jax.nn.dot_product_attention
+
+
 @pytest.mark.parametrize(
     "batch_size, with_cpu_kernels, attention",
-    [(1, True, "auto"), (2, True, "auto"), (2, False, "auto"), (2, True, "cudnn")],
+    [
+        (1, True, "auto"),
+        (2, True, "auto"),
+        (2, False, "auto"),
+        (2, True, "cudnn"),
+        (2, True, "cudnn, garbage"),
+    ],
 )
 def test_packed_training_equals_each_adapter_trained_alone(
     model, batch_size, with_cpu_kernels, attention, monkeypatch
@@ -87,14 +112,18 @@ def test_packed_training_equals_each_adapter_trained_alone(
   """On CPU packed rows run attention, the LoRA branch and the linear layers (padding rows and the
   last layer's unread rows left out) in the C++ kernels, or on XLA's ops. attention="cudnn" runs
   `jax.nn.dot_product_attention` on each sequence's real tokens, here its XLA implementation (the
-  same call as on a GPU: the sequence layout and lengths are what is under test)."""
+  same call as on a GPU: the sequence layout and lengths are what is under test); with garbage,
+  one that leaves NaN at padded positions, which must reach neither the loss nor any gradient."""
   monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 1)
-  dot_product_attention = jax.nn.dot_product_attention
-  monkeypatch.setattr(
-      jax.nn,
-      "dot_product_attention",
-      lambda *a, implementation, **k: dot_product_attention(*a, implementation="xla", **k),
-  )
+  if attention == "cudnn, garbage":
+    attention = "cudnn"
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _attention_with_padding_garbage)
+  else:
+    monkeypatch.setattr(
+        jax.nn,
+        "dot_product_attention",
+        lambda *a, implementation, **k: _DOT_PRODUCT_ATTENTION(*a, implementation="xla", **k),
+    )
   # lr 1e-3: Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
   cfg = AdaptConfig(**{**CFG.__dict__, "batch_size": batch_size, "learning_rate": 1e-3, "epochs": 2})
   # Mixed lengths (one sequence spans several blocks), different numbers of pairs and so of steps.

@@ -54,7 +54,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shapes and options of one checkpoint; always read from the checkpoint's own config."""
+  """Shapes and options of one checkpoint, read from the checkpoint's own config (all but
+  `attention`, an option of the run)."""
 
   architecture: str
   vocab_size: int
@@ -490,7 +491,11 @@ def _cudnn_attention_problem(config: ModelConfig) -> Optional[str]:
   except ValueError:
     capability = ()
   if device.platform != "gpu" or capability < (8, 0):
-    return f"it needs an NVIDIA GPU from Ampere on (compute capability 8.0), not {device.device_kind}"
+    have = ".".join(map(str, capability)) or "none"
+    return (
+        f"it needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer, not {device.device_kind} "
+        f"(compute capability: {have})"
+    )
   if config.dtype not in ("bfloat16", "float16"):
     return f"it takes bfloat16 or float16, not {config.dtype} (model.dtype)"
   largest = 256 if capability >= (9, 0) else 128
@@ -501,6 +506,8 @@ def _cudnn_attention_problem(config: ModelConfig) -> Optional[str]:
 
 def packed_attention(config: ModelConfig) -> str:
   """The attention packed training rows run here: "fused" (the CPU kernel), "cudnn" or "xla"."""
+  if config.attention not in ATTENTION:
+    raise ValueError(f"model.attention={config.attention!r}: use one of {list(ATTENTION)}.")
   if config.attention == "auto":
     if fused_cpu_attention(config):
       return "fused"
@@ -510,8 +517,7 @@ def packed_attention(config: ModelConfig) -> str:
 
 def check_attention(config: ModelConfig) -> None:
   """Raises a ValueError naming what to change when `config.attention` cannot run here."""
-  if config.attention not in ATTENTION:
-    raise ValueError(f"model.attention={config.attention!r}: use one of {list(ATTENTION)}.")
+  packed_attention(config)  # a known name
   problem = _cudnn_attention_problem(config) if config.attention == "cudnn" else None
   if problem:
     raise ValueError(
@@ -519,9 +525,14 @@ def check_attention(config: ModelConfig) -> None:
     )
 
 
-def _flash_attend(q_BTNH, k_BTKH, v_BTKH, lengths_B, implementation: str) -> jax.Array:
-  """Causal attention over each row's first lengths_B tokens (the rest padding, its outputs
-  unused) by `jax.nn.dot_product_attention`; [B, T, N x H]."""
+def _flash_attend(q_BTNH, k_BTKH, v_BTKH, real_BT) -> jax.Array:
+  """Causal cuDNN flash attention over each row's real tokens (real_BT: a prefix of the row);
+  [B, T, N x H], zeros at padding. q, k and v are zeroed at padding too: so is their gradient
+  there, whatever the kernel leaves in its padded positions, which would otherwise reach the
+  projections' LoRA gradients through the padding tokens' rows."""
+  lengths_B = jnp.sum(real_BT, axis=1, dtype=jnp.int32)
+  real_BT11 = real_BT[:, :, None, None]
+  q_BTNH, k_BTKH, v_BTKH = (jnp.where(real_BT11, x, 0) for x in (q_BTNH, k_BTKH, v_BTKH))
   out_BTNH = jax.nn.dot_product_attention(
       q_BTNH,
       k_BTKH,
@@ -529,9 +540,9 @@ def _flash_attend(q_BTNH, k_BTKH, v_BTKH, lengths_B, implementation: str) -> jax
       is_causal=True,
       query_seq_lengths=lengths_B,
       key_value_seq_lengths=lengths_B,
-      implementation=implementation,
+      implementation="cudnn",
   )
-  return out_BTNH.reshape(q_BTNH.shape[:2] + (-1,))
+  return jnp.where(real_BT11, out_BTNH, 0).reshape(q_BTNH.shape[:2] + (-1,))
 
 
 def _fused_attend(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
@@ -580,11 +591,8 @@ class Attention(nn.Module):
     attention = packed_attention(c) if packing is not None else None
     if attention == "cudnn":  # each sequence's real tokens: its slot's start
       seq = packing.to_sequences
-      lengths_B = jnp.sum(seq(positions_BT + 1) > 0, axis=1, dtype=jnp.int32)
-      out_BTD = packing.to_rows(_flash_attend(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), lengths_B, "cudnn"))
-      # Padding tokens' outputs zeroed: whatever the kernel leaves there must not reach o_proj's
-      # weight gradients (0 x NaN).
-      out_BTD = saved(jnp.where(real_BT[..., None], out_BTD, 0))
+      out_BTD = packing.to_rows(_flash_attend(seq(q_BTNH), seq(k_BTKH), seq(v_BTKH), seq(real_BT)))
+      out_BTD = saved(out_BTD)
       return dense("o_proj", c.embed_dim, c.o_bias)(out_BTD, _sub(lora, "o_proj"), lora_hp), None
     if attention == "fused":  # the CPU kernel reads the rows as they are, each sequence to itself
       out_BTD = _fused_attend(q_BTNH, k_BTKH, v_BTKH, packing.row_segments(positions_BT))

@@ -653,7 +653,7 @@ class LoadedModel:
 def load_model(path: str, dtype: str, mesh, max_batch: int = 64, attention: str = "auto") -> LoadedModel:
   """A checkpoint's params (placed on `mesh`), its tokenizer and a sampler that stops at its end
   of turn: the one way the main job, the teacher, generate and bench set up a model. `attention`:
-  the packed training rows' (`ModelConfig.attention`)."""
+  the packed training rows' (`ModelConfig.attention`; only a model that trains adapters uses it)."""
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
 
