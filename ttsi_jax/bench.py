@@ -462,10 +462,11 @@ def bench_adapt(config) -> dict:
     step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
     profile = _profile_step(trainer, exp.params, step, keys, len(data))
   peak = matmul_peak()
+  attention = transformer.packed_attention(exp.model_config)
   result = _table(
       f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
       f"{tokens // len(sequences)} tokens per sequence on average, remat "
-      f"{cfg.remat}, best of {_REPEATS.value}",
+      f"{cfg.remat}, {attention} attention, best of {_REPEATS.value}",
       rows,
       tokens,
       len(data) * steps_per_adapter,
@@ -475,6 +476,7 @@ def bench_adapt(config) -> dict:
   )
   return {
       "stage": "adapt",
+      "attention": attention,
       "adapters": len(data),
       "steps_per_adapter": steps_per_adapter,
       "tokens": tokens,
