@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import VOCAB
+from ttsi_jax import checkpoints
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
@@ -289,3 +290,17 @@ def test_without_stop_ids_every_row_writes_max_new_tokens(sampler):
   rule = jax.numpy.zeros((sampler.config.vocab_size, 2), jax.numpy.int8)
   with pytest.raises(ValueError, match="give stop_ids"):
     plain.continue_(pre, [[]], SamplingParams(max_new_tokens=4), end_states_VS=rule)
+
+
+def test_load_model_sets_the_attention_asked_for_and_refuses_cudnn_here_before_loading(
+    tiny_chat_model, monkeypatch
+):
+  model = sampler_lib.load_model(tiny_chat_model, "float32", None, attention="xla")
+  assert model.config.attention == "xla" and transformer.packed_attention(model.config) == "xla"
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the weights loaded before the setting was refused")
+
+  monkeypatch.setattr(checkpoints, "load", no_load)
+  with pytest.raises(ValueError, match="model.attention='cudnn' cannot run here: it needs an NVIDIA GPU"):
+    sampler_lib.load_model(tiny_chat_model, "float32", None, attention="cudnn")

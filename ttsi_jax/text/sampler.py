@@ -657,9 +657,12 @@ def load_model(path: str, dtype: str, mesh, max_batch: int = 64, attention: str 
   from ttsi_jax import checkpoints
   from ttsi_jax.text import tokenizer as tokenizer_lib
 
+  if attention != "auto":  # checked before the weights load (auto always runs)
+    transformer.check_attention(
+        dataclasses.replace(checkpoints.read_config(path, dtype), attention=attention)
+    )
   config, params = checkpoints.load(path, dtype, mesh)
   config = dataclasses.replace(config, attention=attention)
-  transformer.check_attention(config)
   tokenizer = tokenizer_lib.load(path)
   return LoadedModel(
       config, params, tokenizer, Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch)
