@@ -27,6 +27,7 @@ def test_the_shipped_configs_are_valid(config):
         ("decoding.max_args", 0, "an integer >= 1"),
         ("decoding.max_value_tokens", 0, "an integer >= 1"),
         ("model.dtype", "float64", "one of ['float32', 'bfloat16', 'float16']"),
+        ("model.attention", "flash", "one of ['auto', 'xla', 'cudnn']"),
         ("decoding.top_p", 1.5, "a number in (0, 1]"),
         ("adaptation.dropout", 1.0, "a number in [0, 1)"),
         ("wave_size", True, "an integer >= 1"),
