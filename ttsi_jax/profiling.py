@@ -171,9 +171,10 @@ def share_wall_time(events: list[dict], module: str, ops: set[str]) -> collectio
     if devices and str(op).startswith("command_buffer"):
       if e["name"] == op:  # the whole graph, where a trace shows it: its kernels count
         continue
-      op = e["name"]  # a kernel of the graph
-    if op in ops or (devices and op == e["name"]):  # an instruction, or a command buffer's kernel
-      edges += [(e["ts"], 1, op), (e["ts"] + e["dur"], -1, op)]
+      op = e["name"]  # a kernel of the graph: a fusion's instruction, or a library's kernel
+    elif op not in ops:
+      continue
+    edges += [(e["ts"], 1, op), (e["ts"] + e["dur"], -1, op)]
   if not edges:
     searched = "The trace's device processes" if devices else "The trace"
     raise TraceError(

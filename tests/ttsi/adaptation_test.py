@@ -78,6 +78,9 @@ def _adamw_step(optimizer, grads, opt_state, adapter, learning_rate):
   return optax.apply_updates(adapter, updates), opt_state
 
 
+_DOT_PRODUCT_ATTENTION = jax.nn.dot_product_attention
+
+
 def _attention_with_padding_garbage(q_BTNH, k_BSKH, v_BSKH, *, implementation, **kwargs):
   """`jax.nn.dot_product_attention` (XLA's) that leaves NaN at padded positions, in its outputs
   and in the gradients it passes back to q, k and v there: what a kernel may leave in the slots
@@ -91,9 +94,6 @@ def _attention_with_padding_garbage(q_BTNH, k_BSKH, v_BSKH, *, implementation, *
       padding(q_BTNH) * jnp.nan + (padding(k_BSKH) + padding(v_BSKH)).sum(2, keepdims=True) * jnp.nan
   )
   return out_BTNH + padding(garbage_BTNH)
-
-
-_DOT_PRODUCT_ATTENTION = jax.nn.dot_product_attention
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_packed_training_equals_each_adapter_trained_alone(
   if attention == "cudnn, garbage":
     attention = "cudnn"
     monkeypatch.setattr(jax.nn, "dot_product_attention", _attention_with_padding_garbage)
-  else:
+  elif attention == "cudnn":
     monkeypatch.setattr(
         jax.nn,
         "dot_product_attention",
