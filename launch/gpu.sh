@@ -5,7 +5,8 @@
 #   --dry-run   print the exact commands instead of running them
 #   checks      the GPU checks (after setup): adapted inputs/s and MFU of the packed update step for
 #               1, 8, 32 and 64 adapters per call on Qwen2.5-1.5B's shapes in bfloat16
-#               (bench --stage=scaling, with where the 64-adapter step's time goes: --profile), and
+#               (bench --stage=scaling, with where the 64-adapter step's time goes: --profile, and
+#               8 adapters trained with each attention against float32 XLA: --attention_check), and
 #               the quickstart notebook top to bottom in bfloat16 on a
 #               checkpoint folder (the embedded model exported to HF); results in WORKDIR/checks
 #
@@ -59,7 +60,7 @@ checks() {
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && mkdir -p $out \
 && .venv/bin/python -m ttsi_jax.bench --config=configs/default.py --stage=scaling \
 --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64 --repeats=2 --config.model.dtype=bfloat16 \
---json=$out/scaling.json --profile --trace_dir=$out/trace"
+--json=$out/scaling.json --profile --trace_dir=$out/trace --attention_check=8"
   run mkdir -p "$RESULTS"
   # Kept if the notebook fails; the trace of the largest count's step opens in Perfetto.
   run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" "$GPU_HOST:$REMOTE_DIR/$out/trace" "$RESULTS/"

@@ -18,7 +18,8 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_m
   out = tmp_path / "scaling.json"
   cmd = [sys.executable, "-m", "ttsi_jax.bench", "--config=configs/default.py", "--stage=scaling",
          "--shapes=tiny", "--adapter_counts=1,3", "--sequence_tokens=100,20", "--repeats=1",
-         f"--json={out}", "--profile", f"--trace_dir={tmp_path / 'trace'}"]  # fmt: skip
+         f"--json={out}", "--profile", f"--trace_dir={tmp_path / 'trace'}",
+         "--attention_check=2"]  # fmt: skip
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -52,6 +53,15 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_m
   assert (tmp_path / "trace" / "compiled_hlo.txt").read_text().startswith("HloModule jit__step")
   attention = "fused" if cpu_kernels.available() else "xla"  # model.attention=auto on a CPU
   assert report["attention"] == attention and f"{attention} attention" in result.stdout
+  # --attention_check: each attention that runs here trains what float32 XLA attention trains; XLA's
+  # own is that reference here (float32 on CPU), the fused kernel differs by float32 rounding.
+  check = report["attention_check"]
+  assert check["adapters"] == 2 and check["dtype"] == "float32" and "attention check" in result.stdout
+  errors = {r["attention"]: r for r in check["rows"]}
+  assert list(errors) == (["xla", "fused"] if cpu_kernels.available() else ["xla"])
+  assert errors["xla"]["a_relative_error"] == errors["xla"]["b_relative_error"] == 0.0
+  for r in errors.values():
+    assert r["a_relative_error"] < 1e-5 and r["b_relative_error"] < 1e-4 and r["loss_max_abs_diff"] < 1e-5
 
 
 def test_scaling_gains_are_measured_against_one_adapter():

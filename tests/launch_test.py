@@ -63,6 +63,7 @@ def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folde
   assert "--stage=scaling --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64" in bench
   assert "--config.model.dtype=bfloat16 --json=wd/checks/scaling.json" in bench
   assert "--profile --trace_dir=wd/checks/trace" in bench  # where the largest count's step spends its time
+  assert bench.endswith("--attention_check=8")  # XLA's and cuDNN's attention against float32 XLA
   # The bench's numbers come back before the notebook runs: a failing notebook loses nothing.
   assert "wd/checks/scaling.json" in fetch_bench and "wd/checks/trace" in fetch_bench
   # The notebook loads the exported HF folder (a checkpoint path, not the embedded default), by

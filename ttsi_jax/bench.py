@@ -116,6 +116,14 @@ _PROFILE = flags.DEFINE_bool(
     "jax.profiler trace of its first step with all adapters in one call, the largest count's in "
     "scaling, by kind of op and op name).",
 )
+_ATTENTION_CHECK = flags.DEFINE_integer(
+    "attention_check",
+    0,
+    "--stage=scaling: also train this many adapters (0: none) with each attention that runs here "
+    "(model.attention: xla, cudnn, the fused CPU kernel), in --config.model.dtype, and once in "
+    "float32 with XLA's attention at the highest matmul precision; prints each one's error against "
+    "that reference, so that an attention kernel is seen to train what XLA's does.",
+)
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir",
     "",
@@ -229,6 +237,63 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
   return profile
 
 
+def attentions_here(c: transformer.ModelConfig) -> dict[str, str]:
+  """The packed-row attentions that run for this model here: {name: model.attention value}."""
+  values = ["xla", "auto"] + ([] if transformer._cudnn_attention_problem(c) else ["cudnn"])
+  return {transformer.packed_attention(dataclasses.replace(c, attention=v)): v for v in values}
+
+
+def _relative_error(got, want) -> float:
+  """|got - want| / |want| over all of an adapter part's leaves (Frobenius norms, float64)."""
+  diff = sum(float(np.sum((np.float64(g) - np.float64(w)) ** 2)) for g, w in zip(got, want))
+  norm = sum(float(np.sum(np.float64(w) ** 2)) for w in want)
+  return math.sqrt(diff / norm) if norm else math.sqrt(diff)
+
+
+def check_attention(c, cfg, params, data, keys) -> dict:
+  """Trains the adapters of `data` with each attention that runs here (`attentions_here`), in the
+  model's dtype, and once in float32 with XLA's attention at the highest matmul precision: each
+  one's relative error against that reference, its a's and b's apart (b starts at 0, so its
+  relative error is the larger), and its losses' largest difference. Implementations that train
+  alike show errors of one size: the dtype's rounding."""
+  from ttsi_jax.ttsi import adaptation
+
+  def parts(adapters):
+    leaves = jax.tree_util.tree_leaves_with_path(adapters.weights)
+    part = lambda name: [np.asarray(x, np.float32) for path, x in leaves if path[-1].key == name]
+    return part("a"), part("b")
+
+  reference_config = dataclasses.replace(c, dtype="float32", param_dtype="float32", attention="xla")
+  with jax.default_matmul_precision("highest"):
+    reference, reference_losses = adaptation.Trainer(reference_config, cfg).train_all(
+        jax.tree.map(lambda x: x.astype(jnp.float32), params), data, 0, keys
+    )
+  want_a, want_b = parts(reference)
+  rows = []
+  print(
+      f"attention check: {len(data)} adapters, {c.dtype}, against float32 xla attention at the "
+      "highest matmul precision"
+  )
+  print(f"{'attention':>10}{'a: rel. error':>15}{'b: rel. error':>15}{'loss: max |diff|':>18}")
+  for name, value in attentions_here(c).items():
+    adapters, losses = adaptation.Trainer(dataclasses.replace(c, attention=value), cfg).train_all(
+        params, data, 0, keys
+    )
+    got_a, got_b = parts(adapters)
+    row = {
+        "attention": name,
+        "a_relative_error": _relative_error(got_a, want_a),
+        "b_relative_error": _relative_error(got_b, want_b),
+        "loss_max_abs_diff": float(np.nanmax(np.abs(losses - reference_losses))),
+    }
+    rows.append(row)
+    print(
+        f"{name:>10}{row['a_relative_error']:>15.2e}{row['b_relative_error']:>15.2e}"
+        f"{row['loss_max_abs_diff']:>18.2e}"
+    )
+  return {"adapters": len(data), "dtype": c.dtype, "reference": "float32, xla, highest", "rows": rows}
+
+
 def bench_scaling(config) -> dict:
   """Adapted inputs/s of one packed call of A adapters, for each A in --adapter_counts."""
   from ttsi_jax import experiment
@@ -268,16 +333,12 @@ def bench_scaling(config) -> dict:
       "devices": jax.device_count(),
       "rows": rows,
   }
+  random_tokens = lambda n: rng.integers(0, c.vocab_size, n).tolist()
+  random_pairs = lambda n: [  # one pair per adapter
+      [(random_tokens(prompt_tokens), random_tokens(answer_tokens))] for _ in range(n)
+  ]
   for count in counts:
-    data = [
-        [
-            (
-                rng.integers(0, c.vocab_size, prompt_tokens).tolist(),
-                rng.integers(0, c.vocab_size, answer_tokens).tolist(),
-            )
-        ]
-        for _ in range(count)
-    ]
+    data = random_pairs(count)
     keys = jax.random.split(jax.random.key(1), count)
     losses = None
 
@@ -315,6 +376,11 @@ def bench_scaling(config) -> dict:
     if _PROFILE.value and count == max(counts):
       report["profile"] = _profile_step(trainer, params, packed_steps[0], keys[slots_S], count)
     _write_json(config, report)  # each finished count is kept if a later one runs out of time
+  if _ATTENTION_CHECK.value:
+    n = _ATTENTION_CHECK.value
+    keys = jax.random.split(jax.random.key(2), n)
+    report["attention_check"] = check_attention(c, trainer.cfg, params, random_pairs(n), keys)
+    _write_json(config, report)
   return report
 
 
