@@ -237,12 +237,6 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
   return profile
 
 
-def attentions_here(c: transformer.ModelConfig) -> dict[str, str]:
-  """The packed-row attentions that run for this model here: {name: model.attention value}."""
-  values = ["xla", "auto"] + ([] if transformer._cudnn_attention_problem(c) else ["cudnn"])
-  return {transformer.packed_attention(dataclasses.replace(c, attention=v)): v for v in values}
-
-
 def _relative_error(got, want) -> float:
   """|got - want| / |want| over all of an adapter part's leaves (Frobenius norms, float64)."""
   diff = sum(float(np.sum((np.float64(g) - np.float64(w)) ** 2)) for g, w in zip(got, want))
@@ -250,8 +244,8 @@ def _relative_error(got, want) -> float:
   return math.sqrt(diff / norm) if norm else math.sqrt(diff)
 
 
-def check_attention(c, cfg, params, data, keys) -> dict:
-  """Trains the adapters of `data` with each attention that runs here (`attentions_here`), in the
+def attention_errors(c, cfg, params, data, keys) -> dict:
+  """Trains the adapters of `data` with each attention that runs here (`runnable_attentions`), in the
   model's dtype, and once in float32 with XLA's attention at the highest matmul precision: each
   one's relative error against that reference, its a's and b's apart (b starts at 0, so its
   relative error is the larger), and its losses' largest difference. Implementations that train
@@ -275,7 +269,7 @@ def check_attention(c, cfg, params, data, keys) -> dict:
       "highest matmul precision"
   )
   print(f"{'attention':>10}{'a: rel. error':>15}{'b: rel. error':>15}{'loss: max |diff|':>18}")
-  for name, value in attentions_here(c).items():
+  for name, value in transformer.runnable_attentions(c).items():
     adapters, losses = adaptation.Trainer(dataclasses.replace(c, attention=value), cfg).train_all(
         params, data, 0, keys
     )
@@ -379,7 +373,7 @@ def bench_scaling(config) -> dict:
   if _ATTENTION_CHECK.value:
     n = _ATTENTION_CHECK.value
     keys = jax.random.split(jax.random.key(2), n)
-    report["attention_check"] = check_attention(c, trainer.cfg, params, random_pairs(n), keys)
+    report["attention_check"] = attention_errors(c, trainer.cfg, params, random_pairs(n), keys)
     _write_json(config, report)
   return report
 

@@ -325,12 +325,20 @@ def test_auto_attention_takes_cudnn_where_it_runs_else_xla(monkeypatch, device, 
   else:
     transformer.check_attention(dataclasses.replace(config, attention="cudnn"))
   assert transformer.packed_attention(dataclasses.replace(config, attention="xla")) == "xla"
+  # What the bench's attention check trains with here: xla, and cudnn where it runs.
+  assert transformer.runnable_attentions(config) == {
+      "xla": "xla",
+      **({"cudnn": "cudnn"} if want == "cudnn" else {}),
+  }
 
 
 def test_on_cpu_auto_attention_is_the_fused_kernel_and_unknown_names_are_refused(hf_checkpoints):
   config, _ = hf.load(hf_checkpoints["llama"][0])
   assert transformer.packed_attention(config) == ("fused" if cpu_kernels.available() else "xla")
+  fused = {"fused": "auto"} if cpu_kernels.available() else {}
+  assert transformer.runnable_attentions(config) == {"xla": "xla", **fused}
   with cpu_kernels.xla_ops():
     assert transformer.packed_attention(config) == "xla"
+    assert transformer.runnable_attentions(config) == {"xla": "xla"}
   with pytest.raises(ValueError, match=r"model.attention='flash': use one of \['auto', 'xla', 'cudnn'\]"):
     transformer.check_attention(dataclasses.replace(config, attention="flash"))

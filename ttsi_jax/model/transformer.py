@@ -517,6 +517,14 @@ def packed_attention(config: ModelConfig) -> str:
   return config.attention
 
 
+def runnable_attentions(config: ModelConfig) -> dict[str, str]:
+  """The packed-row attentions that run for this model here, {name: its `attention` value}: xla
+  everywhere, the fused kernel on CPU ("auto"), cudnn where it runs."""
+  found = {"xla": "xla"} if _cudnn_attention_problem(config) else {"xla": "xla", "cudnn": "cudnn"}
+  found.setdefault(packed_attention(dataclasses.replace(config, attention="auto")), "auto")
+  return found
+
+
 def check_attention(config: ModelConfig) -> None:
   """Raises a ValueError naming what to change when `config.attention` cannot run here."""
   packed_attention(config)  # a known name
