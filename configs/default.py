@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.alpha = 16.0
   config.adaptation.dropout = 0.0
   config.adaptation.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-  config.adaptation.learning_rate = 1e-3  # paper: 1e-4; see README for the oracle measurement
+  config.adaptation.learning_rate = 1e-3  # paper: 1e-4; see docs/measured.md, "Learning rate"
   config.adaptation.epochs = 5
   config.adaptation.batch_size = 1
   config.adaptation.warmup_ratio = 0.03
@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.max_grad_norm = 1.0
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
   # time on CPU, where the packed call costs the same per adapter at steady state, but the demo's
-  # T ran 20-30% slower packed, at 2-3x the memory (README). Results do not depend on it.
+  # T ran 2-30% slower packed, at 2.5-3x the memory (docs/measured.md). Results do not depend on it.
   config.adaptation.adapters_per_call = 0
   # Tokens per microbatch of a step's packed rows: the microbatches run one after another inside
   # the step, their gradients summed, so a step keeps one microbatch's activations. 0 = auto: as

@@ -225,7 +225,7 @@ class Experiment:
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
     # where the packed call costs the same per adapter at steady state, but the demo's T ran
-    # 20-30% slower packed, at 2-3x the memory (README).
+    # 2-30% slower packed, at 2.5-3x the memory (docs/measured.md).
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
 
   def _make_teacher(self):

@@ -68,14 +68,14 @@ def set_xla_flags(
   each Triton fusion by compiling dozens of tile configurations: the 1.5B packed training step
   compiled in 110-118 s on an H200 with them (and 8 adapters' step not within 80 s more), in
   18-43 s (1 to 64 adapters) on cuBLAS, and one adapter's step ran as fast or faster (0.14-0.15
-  against 0.15-0.16 s per call; README, "On an H200"). Turning off only the fusion autotuner
+  against 0.15-0.16 s per call; docs/measured.md, "On an H200"). Turning off only the fusion autotuner
   still took 110 s; turning off autotuning altogether compiled in 20 s but ran 9x slower.
 
   CPU (jaxlib releases in YNN_FUSION_JAXLIB, no accelerator runtime installed): no YNNPACK
   fusions that end in a reduction (the norms' sums of squares and their gradients, log_softmax's
   max); they ran at 1-2 GB/s: a [3072, 576] multiply-and-sum took 9.6 ms. Without them the
   4-adapter packed training step took 2.72 instead of 2.85 s per adapter-step, the one-adapter
-  step 2.54 instead of 2.59 (README, "what is left").
+  step 2.54 instead of 2.59 (docs/measured.md, "What is left").
   """
   flags = environ.get("XLA_FLAGS", "")
   installed = [name.lower() for name in (_installed_packages() if installed is None else installed)]
@@ -106,9 +106,10 @@ def reexec_with_malloc_tunables(
   the large ones are mmap'd and unmapped every step, or freed into per-thread arenas that give them
   back, and the kernel faults them in again, 4 KiB at a time: the 4-adapter packed step of the
   bench spent 0.7-4.9 s of system time in 210k page faults per step (more when steps of other
-  shapes ran in between). With these tunables it faults nothing after its first run (README,
-  "Where T stands"). The price: memory a run has freed stays with it until it exits. glibc reads
-  GLIBC_TUNABLES only when a process starts, so an entry point has to re-execute itself.
+  shapes ran in between). With these tunables it faults nothing after its first run
+  (docs/measured.md, "Malloc that keeps a step's memory"). The price: memory a run has freed
+  stays with it until it exits. glibc reads GLIBC_TUNABLES only when a process starts, so an
+  entry point has to re-execute itself.
 
   Does nothing off Linux/glibc, when every tunable is set already (so it re-runs at most once;
   a tunable the user set keeps the user's value) or when TTSI_JAX_MALLOC_TUNABLES=0.

@@ -173,7 +173,7 @@ def test_bfloat16_compute_runs_close_to_float32(hf_checkpoints, arch):
   # move candidate log-likelihoods, and so the margins, by tenths).
   assert bool(jnp.any(out.astype(jnp.bfloat16).astype(jnp.float32) != out))
   # The linear layers' bfloat16 dots accumulate and return float32 (then cast): XLA:CPU runs
-  # bfloat16 dots on AMX only in that form (5-6x float32 here, README).
+  # bfloat16 dots on AMX only in that form (5-6x float32 here, docs/measured.md).
   text = (
       jax.jit(functools.partial(transformer.forward, config16))
       .lower(params16, tokens, _positions(B, T))

@@ -183,11 +183,11 @@ def uninitialized_scan_outputs(single_device: bool):
   per saved tensor, 2.1 GB for the bench's 4-adapter step). JAX lowers each stack as a broadcast
   of zeros (`loops._empty_array`; it would use `lax.empty`, which XLA:CPU fills with zeros too),
   and XLA then copies the zeros once per stack that shares them; the scan overwrites every slot
-  anyway. An empty custom call allocates without writing (bit-identical results; the README's T
-  section has the measurement). This replaces a private JAX function while the block runs, for
-  the lowering that happens inside it (a jitted function's first call of a shape): elsewhere
-  (several devices, another backend, no kernels, a JAX without that function or with another
-  signature for it) nothing changes.
+  anyway. An empty custom call allocates without writing (bit-identical results; measured in
+  docs/measured.md, "The layer scan's saved activations"). This replaces a private JAX function
+  while the block runs, for the lowering that happens inside it (a jitted function's first call
+  of a shape): elsewhere (several devices, another backend, no kernels, a JAX without that
+  function or with another signature for it) nothing changes.
   """
   original = getattr(jax_loops, "_empty_array", None)
   known = original is not None and list(inspect.signature(original).parameters) == _EMPTY_ARRAY_ARGS

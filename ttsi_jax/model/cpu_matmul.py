@@ -1,6 +1,6 @@
 """The frozen linear layers' float32 products on XLA:CPU: OpenBLAS's sgemm through `cpu_matmul.cc`
 (built and loaded by `cpu_kernels`): 15-20% faster than XLA's dot alone on a training step's shapes,
-7% inside the step (README). Given which rows hold tokens, it leaves out the others (padding, and
+7% inside the step (docs/measured.md). Given which rows hold tokens, it leaves out the others (padding, and
 the rows of the last layer whose output nobody reads): 4-5% of a packed step's linear layers."""
 
 import functools
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from ttsi_jax.model import cpu_kernels
 
 # Fewer rows than this stay on XLA's dot, which measured as fast or faster there (decoding, short
-# prefills); from 768 rows on OpenBLAS is ahead (README).
+# prefills); from 768 rows on OpenBLAS is ahead (docs/measured.md).
 MIN_ROWS = 512
 
 

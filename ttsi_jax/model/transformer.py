@@ -479,7 +479,7 @@ def packed_lora_kernel(width: int) -> bool:
 #   cudnn: `jax.nn.dot_product_attention`'s cuDNN flash attention over each sequence's real tokens;
 #     NVIDIA GPUs from Ampere on, bfloat16 / float16, head dims up to 128 (256 from Hopper on). On
 #     an H200 (1.5B shapes) it ran the packed step 10-16% faster than xla and compiled it in 15-17
-#     s instead of 22-41 s (README, "On an H200"). Its residuals are the kernel's own, unnamed, so
+#     s instead of 22-41 s (docs/measured.md, "On an H200"). Its residuals are the kernel's own, unnamed, so
 #     under the SAVED_ONLY remat policy its forward runs again in the backward pass: about 1% of
 #     the step in the H200's profile.
 #   auto: the fused kernel on CPU (`fused_cpu_attention`), cudnn where it runs, else xla.

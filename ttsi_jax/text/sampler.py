@@ -30,7 +30,7 @@ from ttsi_jax.model.transformer import KVCache, ModelConfig
 MIN_PROMPT_BUCKET = 32
 # Prompt lengths pad to 2^k x {1, 1.25, 1.5, 1.75} (at most 1/5 padding): every padded slot costs
 # the prefill's linear layers a token. H on 8 BFCL prompts: 1.12 s per prompt against 1.20 s with
-# 2 buckets per octave (README).
+# 2 buckets per octave (docs/measured.md).
 PROMPT_BUCKETS_PER_OCTAVE = 4
 # Prompts of per-row adapters packed in one row start on blocks of this many tokens, each block
 # through its prompt's adapter (the LoRA kernels of packed training rows); a prompt pads its last

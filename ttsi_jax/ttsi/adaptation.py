@@ -50,7 +50,7 @@ class AdaptConfig:
   alpha: float = 16.0
   dropout: float = 0.0
   targets: tuple[str, ...] = lora_lib.ALL_LINEAR
-  learning_rate: float = 1e-3  # paper: 1e-4 (configs/paper.py); see the README's oracle runs
+  learning_rate: float = 1e-3  # paper: 1e-4 (configs/paper.py); see docs/measured.md's oracle runs
   epochs: int = 5
   batch_size: int = 1
   warmup_ratio: float = 0.03
