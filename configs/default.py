@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.decoding.well_formed = True  # candidate-name prefix + schema keyword arguments
   config.decoding.modes = "direct"  # direct, majority, pass@k
   config.decoding.num_samples = 5  # for majority / pass@k
-  config.decoding.temperature = 0.7  # sampled answers (majority / pass@k)
+  # Sampled answers (majority / pass@k) and uncertainty.sampled_candidates' sampled calls.
+  config.decoding.temperature = 0.7
   config.decoding.top_p = 0.95
   config.decoding.max_new_tokens = 96  # free decoding only
   config.decoding.max_value_tokens = 24  # well-formed decoding: tokens per argument value

@@ -74,7 +74,7 @@ checks() {
 collect() {
   run mkdir -p "$RESULTS"
   run rsync -az "$GPU_HOST:$REMOTE_DIR/$WORKDIR/results.jsonl" \
-    "$GPU_HOST:$REMOTE_DIR/$WORKDIR/metrics.json" "$RESULTS/"
+    "$GPU_HOST:$REMOTE_DIR/$WORKDIR/metrics.json" "$GPU_HOST:$REMOTE_DIR/$WORKDIR/config.json" "$RESULTS/"
 }
 
 case "$STEP" in

@@ -79,7 +79,8 @@ collect() {
   local results="${RESULTS:-results/$TPU_NAME}"
   run mkdir -p "$results"
   tpu scp "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/results.jsonl" \
-    "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/metrics.json" "$results/" --worker=0
+    "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/metrics.json" "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/config.json" \
+    "$results/" --worker=0
 }
 
 delete() {

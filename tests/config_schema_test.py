@@ -43,6 +43,15 @@ def test_each_bad_value_is_refused_by_name_with_its_valid_range(field, value, va
   assert f"{field}={value!r} (valid: {valid}" in str(error.value)
 
 
+def test_sampled_candidates_need_a_sampling_temperature():
+  config = default.get_config()
+  config.decoding.temperature = 0.0  # every sampled call would be the greedy one: never flagged
+  with pytest.raises(ValueError, match=r"uncertainty.sampled_candidates=5 with decoding.temperature=0 "):
+    config_schema.validate(config)
+  config.uncertainty.sampled_candidates = 0
+  config_schema.validate(config)
+
+
 def test_every_bad_field_is_named_at_once():
   config = default.get_config()
   config.wave_size, config.teacher.retries = 0, -2

@@ -299,9 +299,17 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
   run = experiment.Experiment(config, str(tmp_path))
   # The teacher is the second checkpoint, not the student.
   assert run.teacher.sampler.config.qkv_bias and not run.model_config.qkv_bias
-  run.run()
+  metrics = run.run()
   (record,) = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
   assert len(record["teacher_pairs"]) == 1 and record["teacher_pairs"][0]["call"].startswith("[")
+  # The teacher's pairs are counted apart from the (here absent) self-written ones.
+  assert metrics["pairs"]["total"] == 0
+  assert metrics["teacher_pairs"] == {
+      "total": 1,
+      "kept": 1,
+      "rejected_by_reason": {},
+      "inputs_teacher_failed": 0,
+  }
   assert record["variants"]["ttd"]["adapted"] and len(record["variants"]["ttd"]["losses"]) == 2
 
 
@@ -345,6 +353,21 @@ def test_a_variants_missing_or_bad_settings_are_explained_at_start(
   config[section].update(settings)
   with pytest.raises(ValueError, match=message):
     experiment.Experiment(config, str(tmp_path))
+
+
+def test_sft_refuses_the_test_category_of_a_tfds_bfcl_run_and_reads_bfcl_from_the_package(tmp_path):
+  config = tiny.get_config()
+  config.task.name, config.task.dataset = "tfds", "bfcl/live_simple"
+  config.task.data_dir = str(tmp_path)  # the TFDS folder: no BFCL files in it
+  config.sft.categories = "live_simple,multiple"
+  with pytest.raises(ValueError, match=r"include the test category 'live_simple'"):
+    experiment.sft_tasks(config)
+  config.sft.categories = "multiple"
+  config.sft.num_examples = 1
+  (task,) = experiment.sft_tasks(config)
+  assert task.examples()[0].id.startswith("multiple_")
+  config.task.dataset = "user_tools"
+  assert experiment.bfcl_test_category(config.task) is None
 
 
 def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
@@ -487,6 +510,14 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   run.config = tiny.get_config()
   run.config.wave_size = 3
   check(run)
+  assert not (tmp_path / "config.json.tmp").exists()
+  # Results without their config cannot be checked: refused, as is a config that is not JSON.
+  (tmp_path / "config.json").write_text('{"seed": ')
+  with pytest.raises(ValueError, match=r"config.json is not the JSON config a run writes"):
+    check(run)
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(ValueError, match=r"holds results.jsonl but no config.json"):
+    check(run)
 
 
 def _waves_file(path, waves_ids, tail=""):

@@ -34,12 +34,11 @@ def _record(i, margin, base_right, adapted_right, wave=0):
   )
 
 
-def _workdir(path, seed, rows):
+def _workdir(path, seed, rows, **settings):
   os.makedirs(path)
   with open(path / "config.json", "w") as f:
-    json.dump(
-        {"seed": seed, "task": {"name": "bfcl", "category": "multiple"}, "uncertainty": {"tau": 0.6}}, f
-    )
+    config = {"seed": seed, "task": {"name": "bfcl", "category": "multiple"}, "uncertainty": {"tau": 0.6}}
+    json.dump({**config, **settings}, f)
   with open(path / "results.jsonl", "w") as f:
     for i, row in enumerate(rows):
       f.write(_record(i, *row, wave=i // 2).to_json() + "\n")
@@ -127,6 +126,17 @@ def test_report_refuses_runs_of_other_inputs_and_names_a_missing_workdir(tmp_pat
     report.load_runs([a, b])
   with pytest.raises(FileNotFoundError, match=r"nowhere/results.jsonl does not exist"):
     report.load_runs([str(tmp_path / "nowhere")])
+
+
+def test_report_averages_only_runs_of_one_setting(tmp_path):
+  rows = [(0.1, False, True), (0.5, True, True)]
+  a = _workdir(tmp_path / "a", 0, rows, adaptation={"learning_rate": 1e-3, "remat": "auto"})
+  # Another seed and a speed-only setting: the same setting.
+  b = _workdir(tmp_path / "b", 1, rows, adaptation={"learning_rate": 1e-3, "remat": "on"})
+  assert len(report.load_runs([a, b])) == 2
+  c = _workdir(tmp_path / "c", 2, rows, adaptation={"learning_rate": 1e-4, "remat": "auto"})
+  with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate'\]"):
+    report.load_runs([a, b, c])
 
 
 def test_the_tau_sweep_of_one_run_equals_a_run_at_that_tau(tiny_chat_model, tmp_path):

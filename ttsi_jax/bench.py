@@ -475,7 +475,7 @@ def bench_adapt(config) -> dict:
   keys = jax.random.split(jax.random.key(0), len(data))
   trainer = exp.trainer
   cfg = trainer.cfg  # row_tokens resolved
-  steps_per_adapter = cfg.epochs * math.ceil(max(map(len, data)) / cfg.batch_size)
+  steps_per_adapter = cfg.num_steps(max(map(len, data)))
   sequences = [(len(p) + len(a), len(a)) for ex in data for p, a in ex] * cfg.epochs
   tokens = sum(n for n, _ in sequences)
   flops = model_flops(exp.model_config, sequences, train=True)

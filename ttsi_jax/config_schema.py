@@ -100,6 +100,39 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# Fields that do not change what a run computes: its speed (adapters_per_call, row_tokens, remat
+# and mesh_shape only reorder float sums: results agree to ~1e-5), what it saves besides the
+# results, or only `generate` (sampling.*). A run may resume under other values of them (e.g. on
+# another machine), and a report may average runs that differ in them.
+RESULT_NEUTRAL = (
+    "adaptation.adapters_per_call",
+    "adaptation.row_tokens",
+    "adaptation.remat",
+    "mesh_shape",
+    "keep_adapters",
+    "teacher.api_key_env",
+    "sampling.",
+)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+  """{"adaptation.rank": 8, ...} from a nested config dict."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str, ...] = ()) -> list[str]:
+  """The fields of two flat configs (`flat`) whose values differ and may change results: fields in
+  both, outside RESULT_NEUTRAL and `also_neutral` (prefixes)."""
+  neutral = RESULT_NEUTRAL + also_neutral
+  return sorted(k for k in before.keys() & now.keys() if not k.startswith(neutral) and before[k] != now[k])
+
+
 _MISSING = object()
 
 
@@ -119,6 +152,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     if value is not _MISSING and not check(value):
       bad.append(f"{field}={value!r} (valid: {valid})")
+  samples, temperature = _get(config, "uncertainty.sampled_candidates"), _get(config, "decoding.temperature")
+  if samples not in (_MISSING, 0) and temperature == 0:
+    # Its samples would all be the greedy call: one candidate, margin 1, never flagged.
+    bad.append(
+        f"uncertainty.sampled_candidates={samples!r} with decoding.temperature=0 (valid: a "
+        "decoding.temperature > 0, at which the calls of an input offering one function are "
+        "sampled, or uncertainty.sampled_candidates=0 to score that function alone)"
+    )
   if bad:
     raise ValueError("Bad config values: " + "; ".join(bad) + ". Set them with --config.<field>=...")
 

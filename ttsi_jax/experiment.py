@@ -49,19 +49,6 @@ MODES = ("direct", "majority", "pass@k")
 TASKS = ("bfcl", "tfds")  # BFCL from its files; any dataset of ttsi_jax.tasks.datasets
 STAGES = ("H", "base", "G", "T", "adapted", "check")
 SFT_ADAPTER = "sft_adapter"  # in the workdir: the inductive baseline's adapter, trained once
-# Config fields a run may resume under other values of (e.g. on another machine): they change its
-# speed (adapters_per_call, row_tokens, remat and mesh_shape only reorder float sums: results agree
-# to ~1e-5),
-# what it saves besides the results, or only `generate` (sampling.*), not what the run computes.
-RESUME_MAY_CHANGE = (
-    "adaptation.adapters_per_call",
-    "adaptation.row_tokens",
-    "adaptation.remat",
-    "mesh_shape",
-    "keep_adapters",
-    "teacher.api_key_env",
-    "sampling.",
-)
 
 
 def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
@@ -111,21 +98,31 @@ def _kept_ids(value: str, ids: Sequence[str]):
   return kept
 
 
+def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
+  """The BFCL category a run is scored on: task.category of a BFCL task, <category> of the TFDS
+  dataset "bfcl/<category>"; None for any other task."""
+  if task.name == "bfcl":
+    return task.category
+  dataset, _, category = task.dataset.partition("/")
+  return category if task.name == "tfds" and dataset == "bfcl" else None
+
+
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """The inductive baseline's training split: other BFCL categories, never the test category."""
   categories = tuple(
       dict.fromkeys(_names(config.sft.categories, bfcl.CATEGORIES, "sft category"))  # in order, each once
   )
-  if config.task.category in categories:
+  test_category = bfcl_test_category(config.task)
+  if test_category in categories:
     raise ValueError(
         f"sft.categories {list(categories)} include the test category "
-        f"{config.task.category!r}; train the baseline on other categories."
+        f"{test_category!r}; train the baseline on other categories."
     )
   if bfcl.IRRELEVANCE in categories:
     raise ValueError("sft.categories: 'irrelevance' has no gold calls to train on.")
-  tasks = [
-      bfcl.BfclTask(c, config.sft.num_examples or None, config.task.data_dir or None) for c in categories
-  ]
+  # A BFCL task's data_dir holds BFCL's files; a TFDS task's is the TFDS folder (sft reads the package's).
+  data_dir = (config.task.data_dir or None) if config.task.name == "bfcl" else None
+  tasks = [bfcl.BfclTask(c, config.sft.num_examples or None, data_dir) for c in categories]
   if not any(task.examples() for task in tasks):
     raise ValueError(f"sft.categories {list(categories)} hold no usable examples.")
   return tasks
@@ -487,7 +484,13 @@ class Experiment:
             self.task.check(ex, answers["direct"]).error,
         )
       if (v, i) in plan.job_of:
-        variants[v].losses = [float(x) for x in losses[:, plan.job_of[(v, i)]] if not np.isnan(x)]
+        job = plan.job_of[(v, i)]
+        # Its own steps (later rows: other adapters' longer runs); a diverged step's NaN stays.
+        variants[v].losses = [
+            float(x) for x in losses[: self.adapt_cfg.num_steps(len(plan.jobs[job].data)), job]
+        ]
+        if np.isnan(variants[v].losses).any():
+          logging.warning("Input %s, %s: the adapter's training loss is NaN (diverged).", ex.id, v)
     self_written, teacher = written["self"][i], written["teacher"][i]
     n = len(stats.candidates[i])
     return records_lib.Record(
@@ -607,25 +610,38 @@ class Experiment:
     path = os.path.join(self.workdir, "config.json")
     current = json.loads(self.config.to_json())
     results = os.path.join(self.workdir, "results.jsonl")
-    if os.path.exists(path) and os.path.exists(results) and os.path.getsize(results):
+    if os.path.exists(results) and os.path.getsize(results):
+      if not os.path.exists(path):
+        raise ValueError(
+            f"{self.workdir} holds results.jsonl but no config.json, so whether its waves ran "
+            "under this config cannot be checked: put back the config.json the run wrote beside "
+            "it, or use a new --workdir."
+        )
       with open(path) as f:
-        previous = json.load(f)
-      before, now = _flat(previous), _flat(current)
-      # Fields added since the workdir's config was written take their defaults, which keep the
-      # behaviour from before they existed; fields since removed no longer act.
+        try:
+          previous = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path} is not the JSON config a run writes ({e}); put back the run's own.")
+      before, now = config_schema.flat(previous), config_schema.flat(current)
+      # Fields added since the workdir's config was written act from the next wave on, with their
+      # current values; the finished waves ran without them. Fields since removed no longer act.
       added = sorted(now.keys() - before.keys())
       if added:
-        logging.info("%s predates config fields %s; resuming with their current values.", path, added)
-      changed = sorted(
-          k for k in before.keys() & now.keys() if not k.startswith(RESUME_MAY_CHANGE) and before[k] != now[k]
-      )
+        logging.warning(
+            "%s predates config fields %s: its finished waves ran without them, the waves left "
+            "run with their current values.",
+            path,
+            added,
+        )
+      changed = config_schema.result_changing_differences(before, now)
       if changed:
         raise ValueError(
             f"{self.workdir} holds results of a different config (differs in "
             f"{changed}); use a new --workdir or the same config to resume."
         )
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # replaced whole: a killed start leaves the old one
       json.dump(current, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
@@ -635,17 +651,6 @@ def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
     adapter = lora_lib.Adapter(k["weights"], float(k["scale"]), float(k["dropout"]))
     for variant in k["variants"]:
       orbax_lib.save_adapter(os.path.join(workdir, "adapters", variant, k["id"]), adapter, base_model)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{"adaptation.rank": 8, ...} from a nested config dict."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _finished_waves(path: str, waves: list[list[Example]]) -> int:
@@ -714,8 +719,12 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
   flagged = [r.uncertain for r in records]
   wrong = [not r.base.correct["direct"] for r in records]
   caught = sum(f and w for f, w in zip(flagged, wrong))
-  pairs = [p for r in records for p in r.pairs]
-  reasons = collections.Counter(_reason_kind(p.rejected) for p in pairs if p.rejected)
+
+  def pair_counts(pairs) -> dict:
+    reasons = collections.Counter(_reason_kind(p.rejected) for p in pairs if p.rejected)
+    return {"total": len(pairs), "kept": sum(p.kept for p in pairs), "rejected_by_reason": dict(reasons)}
+
+  teacher = [r.teacher_pairs for r in records if r.teacher_pairs is not None]
   others = [v for v in variants if v != "base"]
   adapted = {v: sum(r.variants[v].adapted for r in records) for v in others}
   fallback = {
@@ -738,7 +747,17 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
       "flag_caught_wrong": int(caught),
       "flag_recall_of_wrong": caught / max(1, sum(wrong)),
       "flag_precision": caught / max(1, sum(flagged)),
-      "pairs": {"total": len(pairs), "kept": sum(p.kept for p in pairs), "rejected_by_reason": dict(reasons)},
+      "pairs": pair_counts([p for r in records for p in r.pairs]),  # self-written
+      **(
+          {
+              "teacher_pairs": {
+                  **pair_counts([p for pairs in teacher if isinstance(pairs, list) for p in pairs]),
+                  "inputs_teacher_failed": sum(pairs == records_lib.TEACHER_FAILED for pairs in teacher),
+              }
+          }
+          if teacher
+          else {}
+      ),
       "adapted_inputs": adapted,
       "not_adapted": {v: dict(c) for v, c in fallback.items()},
       "skipped_rows": [list(s) for s in skipped],
@@ -751,8 +770,17 @@ def format_summary(m: dict) -> str:
       f"inputs: {m['num_inputs']}   flagged: {m['flagged_fraction']:.1%}   base wrong: "
       f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
       f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
-      f"synthesized pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
+      f"self-written pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
       + (f"  rejected: {rejected}" if (rejected := m["pairs"]["rejected_by_reason"]) else ""),
+      *(
+          [
+              f"teacher pairs: {t['kept']} kept of {t['total']}, teacher failed on "
+              f"{t['inputs_teacher_failed']} inputs"
+              + (f"  rejected: {rejected}" if (rejected := t["rejected_by_reason"]) else "")
+          ]
+          if (t := m.get("teacher_pairs"))
+          else []
+      ),
       "",
       f"{'variant/mode':<24}{'accuracy':>10}{'adapted':>10}",
   ]

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 
+from ttsi_jax import config_schema
 from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
@@ -63,11 +64,18 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
     with open(config) as f:
       runs.append(Run(workdir, json.load(f), records_lib.read(results)))
   ids = [r.id for r in runs[0].records]
+  first = config_schema.flat(runs[0].config)
   for run in runs[1:]:
     if [r.id for r in run.records] != ids:
       raise ValueError(
           f"{run.workdir} answered other inputs than {runs[0].workdir}: a report averages seeds of "
           "one setting (same task, inputs and variants)."
+      )
+    differ = config_schema.result_changing_differences(first, config_schema.flat(run.config), ("seed",))
+    if differ:
+      raise ValueError(
+          f"{run.workdir} ran under another setting than {runs[0].workdir} (differs in {differ}): "
+          "a report averages seeds of one setting; report each setting on its own."
       )
   return runs
 

@@ -70,6 +70,18 @@ def test_a_bad_user_tools_row_is_named_by_file_and_line(tmp_path):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
 
 
+def test_a_dataset_is_built_again_when_its_files_change(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  rows = open(os.path.join(FIXTURES, "user_tools", "test.jsonl")).readlines()
+  (manual / "test.jsonl").write_text(rows[0])
+  load = lambda: datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+  assert [ex.id for ex in load().examples()] == ["weather_paris"]
+  (manual / "test.jsonl").write_text(rows[0] + rows[1])  # the same name, config and version
+  assert [ex.id for ex in load().examples()] == ["weather_paris", "line_2"]
+  assert [ex.id for ex in load().examples()] == ["weather_paris", "line_2"]  # reused as it is
+
+
 def test_missing_user_tools_files_say_what_is_expected(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"(?s)test.jsonl does not exist.*\"tools\".*\"calls\""):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))

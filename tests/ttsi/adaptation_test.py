@@ -230,6 +230,13 @@ def test_schedule_warms_up_from_zero_then_decays_to_zero():
       1e-3 * np.array([0, 1, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
       rtol=1e-6,
   )
+  # One step (one pair, one epoch) trains at the full rate: warmup never takes the last step.
+  np.testing.assert_allclose(
+      adaptation.lr_schedule(AdaptConfig(learning_rate=1e-3, warmup_ratio=0.5), 1), [1e-3]
+  )
+  np.testing.assert_allclose(
+      adaptation.lr_schedule(AdaptConfig(learning_rate=1e-3, warmup_ratio=1.0), 2), [0, 1e-3]
+  )
 
 
 def test_dropout_changes_training_only_when_enabled(model):

@@ -20,12 +20,15 @@ A benchmark whose own scorer differs from BFCL's checker registers it in `SCORER
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import shutil
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example, Verdict
@@ -214,10 +217,20 @@ class DatasetTask(bfcl.FunctionCallingTask):
     self._scorer = SCORERS.get(name)
     self.num_examples = num_examples
     builder = BUILDERS[name](config=config or None, data_dir=data_dir)
+    # TFDS reuses a prepared dataset of the same name, config and version whatever it was built
+    # from: one built from other files (or another bfcl-eval) is removed and built again.
+    source = _source(name, manual_dir)
+    stamp = os.path.join(builder.data_dir, SOURCE_STAMP)
+    if builder.is_prepared() and (not os.path.exists(stamp) or open(stamp).read() != source):
+      logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
+      shutil.rmtree(builder.data_dir)
+      builder = BUILDERS[name](config=config or None, data_dir=data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
         file_format="array_record",
     )
+    with open(stamp, "w") as f:
+      f.write(source)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self._examples = []
@@ -244,6 +257,24 @@ class DatasetTask(bfcl.FunctionCallingTask):
     if self._scorer is not None:
       return self._scorer(example, answer)
     return super().check(example, answer)
+
+
+SOURCE_STAMP = "ttsi_source.json"  # in a prepared dataset's folder: what it was built from
+
+
+def _source(name: str, manual_dir: Optional[str]) -> str:
+  """What a dataset is built from, as JSON: each file of the manual dir by path, size and
+  modification time; for BFCL the bfcl-eval version it reads."""
+  files = []
+  for root, _, names in sorted(os.walk(manual_dir)) if manual_dir else []:
+    for n in sorted(names):
+      stat = os.stat(os.path.join(root, n))
+      files.append([os.path.relpath(os.path.join(root, n), manual_dir), stat.st_size, stat.st_mtime_ns])
+  try:
+    package = importlib.metadata.version("bfcl-eval") if name == "bfcl" else None
+  except importlib.metadata.PackageNotFoundError:
+    package = None
+  return json.dumps({"files": files, "bfcl-eval": package})
 
 
 def _text(value) -> str:

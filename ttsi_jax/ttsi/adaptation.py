@@ -59,14 +59,20 @@ class AdaptConfig:
   remat: str = "auto"  # "auto" (by the step's activation memory), "on" or "off"
   row_tokens: int = 0  # tokens per microbatch of packed rows; 0: what fits REMAT_MEMORY_FRACTION
 
+  def num_steps(self, num_examples: int) -> int:
+    """An adapter's training steps on `num_examples` pairs."""
+    return self.epochs * math.ceil(num_examples / self.batch_size)
+
 
 def lr_schedule(cfg: AdaptConfig, total_steps: int) -> np.ndarray:
   """Linear warmup from 0, then cosine decay to 0 (transformers' cosine schedule, step by step).
 
   As in transformers (the paper's LLaMA-Factory runs), any warmup makes the first step's rate 0:
-  the paper's 5 steps with warmup ratio 0.03 are 4 updates; warmup_ratio=0 makes them 5.
+  the paper's 5 steps with warmup ratio 0.03 are 4 updates; warmup_ratio=0 makes them 5. Unlike
+  there, warmup leaves the last step out: a single step (one pair, one epoch) trains at the full
+  rate instead of leaving the adapter at its init.
   """
-  warmup = math.ceil(cfg.warmup_ratio * total_steps)
+  warmup = min(math.ceil(cfg.warmup_ratio * total_steps), max(0, total_steps - 1))
   steps = np.arange(total_steps, dtype=np.float64)
   warm = steps / max(1, warmup)
   progress = (steps - warmup) / max(1, total_steps - warmup)
@@ -225,7 +231,7 @@ def make_steps(
   if any(not a for ex in examples for _, a in ex):
     raise ValueError("Every training example needs answer tokens.")
   b = cfg.batch_size
-  steps_per_adapter = [cfg.epochs * math.ceil(len(ex) / b) for ex in examples]
+  steps_per_adapter = [cfg.num_steps(len(ex)) for ex in examples]
   schedules = [lr_schedule(cfg, n) for n in steps_per_adapter]
   steps = []
   for s in range(max(steps_per_adapter, default=0)):
