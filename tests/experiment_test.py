@@ -334,6 +334,32 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
 
 
 @pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"adaptation.targets": "q_proj,k_porj"}, r"Unknown LoRA target \['k_porj'\]"),
+        (
+            {
+                "variants": "base,ttd",
+                "teacher.kind": "endpoint",
+                "teacher.base_url": "http://localhost:1",
+                "teacher.model": "m",
+                "teacher.request_json": "{max_tokens: 1}",
+            },
+            "teacher.request_json is not valid JSON",
+        ),
+    ],
+)
+def test_stage_settings_are_checked_before_the_model_loads(settings, message, tmp_path):
+  config = tiny.get_config()
+  config.model.path = str(tmp_path / "no_model_here")  # loading it would fail with another error
+  for field, value in settings.items():
+    section, _, name = field.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError, match=message):
+    experiment.Experiment(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
     "variant,section,settings,message",
     [
         ("ttd", "teacher", {}, "needs a teacher"),
@@ -520,10 +546,14 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
     check(run)
 
 
+def _line(wave, input_id):
+  """A results record of input_id in wave, as a line of results.jsonl."""
+  base = records.BaseAnswer("[f()]", {"direct": True}, "")
+  return records.Record(wave, input_id, 0.5, 0.5, ["[f("], [1.0], [1.0], False, base, [], {}).to_json() + "\n"
+
+
 def _waves_file(path, waves_ids, tail=""):
-  path.write_text(
-      "".join(json.dumps({"wave": w, "id": i}) + "\n" for w, ids in enumerate(waves_ids) for i in ids) + tail
-  )
+  path.write_text("".join(_line(w, i) for w, ids in enumerate(waves_ids) for i in ids) + tail)
 
 
 def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
@@ -534,6 +564,11 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
   _waves_file(path, [["a", "b"], ["c"]], tail='{"wave": 1, "id": "d", "ans')
   assert experiment._finished_waves(str(path), waves) == 1
   assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
+  # A whole last record without its newline is kept, and given one, so the next does not join it.
+  _waves_file(path, [["a", "b"], ["c"]], tail=_line(1, "d").rstrip("\n"))
+  assert experiment._finished_waves(str(path), waves) == 2
+  assert path.read_text().endswith(_line(1, "d"))
+  assert [r.id for r in records.read(str(path))] == ["a", "b", "c", "d"]
   _waves_file(path, [["a", "b"], ["c", "x"]])  # finished work for other inputs: never dropped
   with pytest.raises(
       ValueError,
@@ -544,7 +579,16 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
   assert len(path.read_text().splitlines()) == 4
 
 
-@pytest.mark.parametrize("line", ['{"wave": 0, "id": "b", "ans\n', '{"id": "b"}\n', "[1, 2]\n"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"wave": 0, "id": "b", "ans\n',
+        '{"id": "b"}\n',
+        "[1, 2]\n",
+        '{"wave": 0, "id": "b"}\n',  # no record: the metrics could not read it
+        _line(0, "b").replace('"format": 1', '"format": 9'),  # a newer format
+    ],
+)
 def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):
   from ttsi_jax.tasks.base import Example
 
@@ -553,7 +597,7 @@ def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):
   _waves_file(
       path,
       [["a"]],
-      tail=line + "".join(json.dumps({"wave": w, "id": i}) + "\n" for w, i in ((1, "c"), (1, "d"))),
+      tail=line + _line(1, "c") + _line(1, "d"),
   )
   before = path.read_text()
   with pytest.raises(ValueError, match=r"results.jsonl, line 2: not a results record .*new " r"--workdir"):

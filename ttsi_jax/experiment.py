@@ -192,6 +192,11 @@ class Experiment:
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
     self.sft_tasks = sft_tasks(config) if self.uses_sft else []
+    # The stage configs too are checked before any model loads.
+    self.synth_cfg = config_schema.build(synthesis.SynthesisConfig, config.synthesis)
+    self.adapt_cfg = adapt_config(config)
+    endpoint = "ttd" in self.variants and config.teacher.kind == "endpoint"
+    self.endpoint_cfg = config_schema.build(synthesis.EndpointConfig, config.teacher) if endpoint else None
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
@@ -213,11 +218,9 @@ class Experiment:
         d.temperature,
         d.top_p,
     )
-    self.synth_cfg = config_schema.build(synthesis.SynthesisConfig, config.synthesis)
     self.self_synth = synthesis.ModelSynthesizer(self.task, self.decoder, self.synth_cfg, config.reserve)
     self.teacher = self._make_teacher() if "ttd" in self.variants else None
     a = config.adaptation
-    self.adapt_cfg = adapt_config(config)
     self.trainer = adaptation.Trainer(self.model_config, self.adapt_cfg)
     self.sft_adapter = None  # trained (or loaded) when the run starts
     # 0 = auto: the whole wave in one packed call on accelerators; one adapter per call on CPU,
@@ -228,9 +231,7 @@ class Experiment:
   def _make_teacher(self):
     t = self.config.teacher
     if t.kind == "endpoint":
-      return synthesis.EndpointSynthesizer(
-          self.task, config_schema.build(synthesis.EndpointConfig, t), self.synth_cfg
-      )
+      return synthesis.EndpointSynthesizer(self.task, self.endpoint_cfg, self.synth_cfg)
     teacher = sampler_lib.load_model(t.path, self.config.model.dtype, self.mesh)
     d = self.config.decoding
     decoder = constrained.CallDecoder(teacher.sampler, teacher.tokenizer, d.max_value_tokens, d.max_args)
@@ -665,10 +666,10 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   with open(path) as f:
     text = f.readlines()
   for number, line in enumerate(text, 1):
-    try:
-      record = json.loads(line)
-      wave, input_id = record["wave"], record["id"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    try:  # read as the metrics will read it: a line resume keeps must not fail them later
+      record = records_lib.Record.from_json(line)
+      wave, input_id = record.wave, record.id
+    except (ValueError, KeyError, TypeError) as e:
       if number == len(text) and not line.endswith("\n"):
         cut = True  # the last line, cut by an interruption: its wave is redone
         break
@@ -678,6 +679,8 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
           "records` defines the format), or use a new --workdir."
       ) from None
     by_wave[wave].append(input_id)
+    if not line.endswith("\n"):  # a whole last record without its newline: the next would join it
+      line, cut = line + "\n", True
     lines.append((wave, line))
   done = 0
   while done < len(waves) and by_wave.get(done) == [ex.id for ex in waves[done]]:

@@ -65,6 +65,8 @@ class Record:
 
   @classmethod
   def from_dict(cls, d: dict) -> "Record":
+    if not isinstance(d, dict):
+      raise ValueError(f"a results record is a JSON object, not {type(d).__name__}")
     if d.get("format", 1) > FORMAT:
       raise ValueError(
           f"a results record of format {d['format']}, newer than this ttsi_jax reads "
