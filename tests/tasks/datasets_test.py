@@ -59,14 +59,51 @@ def test_user_tools_gold_answers_are_right_and_well_formed(user_tools):
     assert ex.gold == [] or user_tools.validate(ex, gold) is None
 
 
-def test_a_bad_user_tools_row_is_named_by_file_and_line(tmp_path):
+def _weather_call(**arguments):
+  return [{"name": "get_weather", "arguments": arguments}]
+
+
+def _city_schema(schema):
+  return lambda row: row["tools"][0]["function"]["parameters"]["properties"].update(city=schema)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda row: row.update(calls=[{"name": "book_flight", "arguments": {}}]),
+            r"'book_flight' is not among",
+        ),
+        # A misspelt argument, or a required one left out: no answer could be scored right.
+        (
+            lambda row: row.update(calls=_weather_call(City="Paris")),
+            r"passes \['City'\], which are not among",
+        ),
+        (
+            lambda row: row.update(calls=_weather_call(unit="celsius")),
+            r"leave out its required parameter 'city'",
+        ),
+        (
+            lambda row: row.update(calls=_weather_call(city={"one_of": ["Paris", None]})),
+            r"required parameter 'city'",
+        ),
+        # Types the checker cannot read would fail every answer, or stop the run mid-wave.
+        (
+            _city_schema({"type": ["string", "null"]}),
+            r"parameter 'city' of 'get_weather' has type \['string', 'null'\]",
+        ),
+        (_city_schema({"type": "array"}), r"'city' of 'get_weather' is an array without an 'items' type"),
+        (lambda row: row.pop("query"), r"'query' is not a non-empty string or list of chat messages"),
+    ],
+)
+def test_a_bad_user_tools_row_is_named_by_file_and_line(tmp_path, mutate, message):
   manual = tmp_path / "manual"
   manual.mkdir()
   good = open(os.path.join(FIXTURES, "user_tools", "test.jsonl")).readline()
   bad = json.loads(good)
-  bad["calls"] = [{"name": "book_flight", "arguments": {}}]
+  mutate(bad)
   (manual / "test.jsonl").write_text(good + json.dumps(bad) + "\n")
-  with pytest.raises(ValueError, match=r"test.jsonl, line 2: .*'book_flight' is not among the offered"):
+  with pytest.raises(ValueError, match=r"test.jsonl, line 2: .*" + message):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
 
 

@@ -106,6 +106,8 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
     raise ValueError("the row is not a JSON object")
   row_id = item.get("id", f"line_{line}")
   query = item.get("query")
+  if not isinstance(query, (str, list)) or not query:
+    raise ValueError("'query' is not a non-empty string or list of chat messages")
   if isinstance(query, str):
     messages = [{"role": "user", "content": query}]
   else:
@@ -117,6 +119,8 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
   functions = [t["function"] if isinstance(t, dict) and "function" in t else t for t in tools]
   bfcl._check_functions(functions)
   functions = [{**f, "parameters": _bfcl_types(f["parameters"])} for f in functions]
+  for f in functions:
+    _check_parameter_types(f)
   calls = item.get("calls")
   if not isinstance(calls, list):
     raise ValueError("'calls' is not a list (use [] when the right answer calls nothing)")
@@ -130,7 +134,43 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
     gold.append({call["name"]: {k: _acceptable(v) for k, v in arguments.items()}})
   if gold:
     bfcl._check_ground_truth(gold, functions)
+    by_name = {f["name"]: f for f in functions}
+    for call in gold:
+      _check_arguments(*next(iter(call.items())), by_name)
   return row(index, str(row_id), messages, functions, gold)
+
+
+def _check_parameter_types(function: dict) -> None:
+  """Every parameter has a type the checker reads (arrays: their items' too), so that no answer
+  fails for the schema's sake."""
+  valid = sorted(bfcl.PYTHON_TYPES)
+  for name, schema in function["parameters"]["properties"].items():
+    kind = schema.get("type")
+    if not isinstance(kind, str) or kind not in bfcl.PYTHON_TYPES:
+      raise ValueError(
+          f"parameter {name!r} of {function['name']!r} has type {kind!r}; the checker reads one "
+          f"of {valid} (a parameter that may be null: leave it out of 'required')"
+      )
+    items = schema.get("items")
+    item_kind = items.get("type") if isinstance(items, dict) else None
+    if kind in bfcl.NESTED_TYPES and (not isinstance(item_kind, str) or item_kind not in bfcl.PYTHON_TYPES):
+      raise ValueError(
+          f"parameter {name!r} of {function['name']!r} is an {kind} without an 'items' type of {valid}"
+      )
+
+
+def _check_arguments(name: str, acceptable: dict, functions: dict) -> None:
+  """A gold call names its function's parameters only, and gives every required one."""
+  parameters = functions[name]["parameters"]
+  unknown = sorted(set(acceptable) - set(parameters["properties"]))
+  if unknown:
+    raise ValueError(
+        f"the call of {name!r} passes {unknown}, which are not among its parameters "
+        f"{sorted(parameters['properties'])}"
+    )
+  for required in parameters.get("required", []):
+    if required not in acceptable or "" in acceptable[required]:
+      raise ValueError(f"the call of {name!r} may leave out its required parameter {required!r}")
 
 
 _BFCL_TYPE = {"number": "float", "object": "dict"}  # JSON schema -> the checker's type names
