@@ -69,3 +69,18 @@ def test_scaling_gains_are_measured_against_one_adapter():
          "--shapes=tiny", "--adapter_counts=2,4"]  # fmt: skip
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "--adapter_counts must start at 1" in result.stderr
+
+
+def test_decode_stage_writes_its_table_to_json(tiny_chat_model, tmp_path):
+  out = tmp_path / "decode.json"
+  cmd = [sys.executable, "-m", "ttsi_jax.bench", "--config=configs/tiny.py",
+         f"--config.model.path={tiny_chat_model}", "--batch_sizes=1,2", "--new_tokens=3",
+         "--repeats=1", "--noreference", f"--json={out}"]  # fmt: skip
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["stage"] == "decode" and report["new_tokens"] == 3 and report["dtype"] == "float32"
+  rows = report["rows"]
+  assert [(r["implementation"], r["batch"]) for r in rows] == [("ttsi_jax", 1), ("ttsi_jax", 2)]
+  for r in rows:  # every row decodes exactly new_tokens tokens (no stop tokens)
+    assert r["tokens_per_s"] == pytest.approx(r["batch"] * 3 / r["seconds"])

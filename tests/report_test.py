@@ -82,6 +82,21 @@ def test_report_averages_seeds_and_writes_every_plot(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / "out" / png) > 5000
 
 
+def test_report_names_the_flag_the_runs_used_and_a_tfds_dataset(tmp_path):
+  rows = [(0.1, False, True), (0.5, True, True)]
+  margin = report.load_runs([_workdir(tmp_path / "m", 0, rows)])
+  assert "`multiple`; model" in open(report.write_report(margin, str(tmp_path / "m_out"))).read()
+  assert "flag: margin < tau 0.6." in open(tmp_path / "m_out" / "report.md").read()
+  settings = {
+      "uncertainty": {"measure": "entropy", "entropy_threshold": 0.15, "tau": 0.95},
+      "task": {"name": "tfds", "dataset": "user_tools", "category": "multiple"},
+  }
+  entropy = report.load_runs([_workdir(tmp_path / "e", 0, rows, **settings)])
+  text = open(report.write_report(entropy, str(tmp_path / "e_out"))).read()
+  assert "tfds `user_tools`" in text and "flag: entropy > 0.15." in text
+  assert "flagged by entropy: the sweep shows what the margin would have done" in text
+
+
 def test_paired_counts_fixed_and_broken_inputs_and_bounds_the_difference(tmp_path):
   # (margin, base right, adapted right) per input; input 0 fixed in both runs, input 1 broken in
   # run 0, input 2 fixed in run 1, input 3 unchanged.

@@ -776,6 +776,17 @@ def main(argv):
     for impl, b, _, tps in rows:
       if impl == "ttsi_jax":
         print(f"ttsi_jax batch {b} / transformers batch 1: {tps / ref_b1[0]:.2f}x")
+  _write_json(
+      config,
+      {
+          "stage": "decode",
+          "new_tokens": n,
+          "load_s": load_s,
+          "rows": [
+              dict(implementation=impl, batch=b, seconds=t, tokens_per_s=tps) for impl, b, t, tps in rows
+          ],
+      },
+  )
 
 
 if __name__ == "__main__":

