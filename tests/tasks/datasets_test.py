@@ -133,6 +133,18 @@ def test_bfcl_dataset_equals_the_bfcl_task_row_for_row(tmp_path):
     assert from_tfds.check(ex, from_files.gold_answer(ex)).correct
 
 
+def test_bfcl_dataset_keeps_the_rows_the_task_skipped(tmp_path, monkeypatch):
+  class WithABadRow(bfcl.BfclTask):
+
+    @property
+    def skipped(self):
+      return [("parallel_1", "duplicate possible answer")]  # its id also names a kept row
+
+  monkeypatch.setattr(bfcl, "BfclTask", WithABadRow)
+  task = datasets.DatasetTask("bfcl/parallel", num_examples=2, data_dir=str(tmp_path))
+  assert task.skipped == [("parallel_1", "duplicate possible answer")] and len(task.examples()) == 2
+
+
 def test_the_run_config_reaches_a_dataset(tmp_path):
   config = default.get_config()
   config.task.name = "tfds"

@@ -58,7 +58,9 @@ def row(
 
 
 def skipped_row(index: int, row_id: str, reason: str) -> tuple[str, dict]:
-  return row(index, row_id, [], [], [], reason)
+  """A row the task cannot pose, kept with its reason (its key apart from the kept rows' ids: a
+  duplicate answer names a row that is kept)."""
+  return f"skipped {index}", row(index, row_id, [], [], [], reason)[1]
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -71,7 +73,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class Bfcl(Builder):
   """BFCL v4, read from the installed `bfcl-eval` package (no download); split "test"."""
 
-  VERSION = tfds.core.Version("4.0.0")
+  VERSION = tfds.core.Version("4.0.1")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in bfcl.CATEGORIES]
 
   def _split_generators(self, dl_manager):
@@ -79,8 +81,11 @@ class Bfcl(Builder):
 
   def _generate_examples(self):
     task = bfcl.BfclTask(self.builder_config.name)
-    for index, ex in enumerate(task.examples()):
+    examples = task.examples()
+    for index, ex in enumerate(examples):
       yield row(index, ex.id, task._row_messages[ex.id][1], list(ex.functions), ex.gold)
+    for index, (row_id, reason) in enumerate(task.skipped, len(examples)):  # reported, not dropped
+      yield skipped_row(index, row_id, reason)
 
 
 USER_TOOLS_FORMAT = """\

@@ -6,13 +6,17 @@ block's LoRA branch uses its own adapter, and attention stays within each sequen
 belongs to an adapter carries a leading adapter axis A: LoRA params, AdamW state (updated under
 `jax.vmap`), the learning rate. Each adapter has its own number of steps (epochs x its own batches)
 and its own warmup-cosine schedule; an adapter whose data ran out is left out of later steps and
-kept unchanged, so training A adapters together equals training each alone.
+kept unchanged, so training A adapters together equals training each alone. (LoRA dropout, off
+by default, is the exception: its masks are drawn over the packed rows, so which adapters share
+a call and a microbatch changes them, not what they do in expectation.)
 Loss: each adapter's mean cross-entropy on its answer tokens only; the step minimises their sum,
 whose gradient for each adapter is that adapter's own.
-A step's rows are split into M microbatches of up to `row_tokens` tokens that run one after another
-inside the jitted step, their gradients summed (gradient accumulation): the step keeps one
-microbatch's activations, so a wave too large for the device's memory needs no remat (a third more
-FLOPs) unless a single microbatch does not fit; padding microbatches are not run.
+A step's rows are split into M microbatches of about `row_tokens` tokens (M = the step's tokens /
+`row_tokens`, rounded up; a microbatch's rows all take its longest row's bucket, so one may hold
+somewhat more) that run one after another inside the jitted step, their gradients summed
+(gradient accumulation): the step keeps one microbatch's activations, so a wave too large for the
+device's memory needs no remat (a third more FLOPs) unless a single microbatch does not fit;
+padding microbatches are not run.
 """
 
 from __future__ import annotations
@@ -507,7 +511,7 @@ class Trainer:
   ):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [steps, A]); the result does not depend on `per_call`."""
+    losses [steps, A]); without dropout the result does not depend on `per_call`."""
     parts, losses = [], []
     for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
       count = len(np.unique(slots_S))
