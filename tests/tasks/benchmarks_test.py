@@ -27,11 +27,16 @@ def test_nexusraven_from_the_hubs_parquet_files(tmp_path):
   manual = tmp_path / "manual"
   for subset in ("standardized_queries", "standardized_api_list"):
     rows = [json.loads(l) for l in open(os.path.join(FIXTURES, "nexusraven", f"{subset}.jsonl"))]
+    if subset == "standardized_queries":  # a gold call that would raise: no answer could match it
+      rows.append({**rows[0], "python_args_dict": '{"town": "Lyon"}'})
     os.makedirs(manual / subset)
     pq.write_table(pa.Table.from_pylist(rows), manual / subset / "train-00000-of-00001.parquet")
   task = _task(tmp_path, "nexusraven", str(manual))
   city, distance = task.examples()
-  assert task.skipped == [("geo_2", "functions ['translate'] are not in the API list")]
+  assert task.skipped == [
+      ("geo_2", "functions ['translate'] are not in the API list"),
+      ("geo_3", "the gold call: Unexpected arguments ['town']."),
+  ]
   assert city.question == "Where is Lyon? Give me 3 matches." and len(city.functions) == 2
   assert '"lookup_city"' in task.prompt(city)[0]["content"]
   defaults = city.functions[0]["parameters"]["properties"]
@@ -168,3 +173,18 @@ def test_toolalpaca_functions_come_from_the_openapi_documentation(tmp_path):
   assert [ex.id for ex in _task(tmp_path, "toolalpaca", manual, "real").examples()] == ["Quotes_0"]
   for ex in task.examples():
     assert task.check(ex, task.gold_answer(ex)).correct
+
+
+def test_a_toolalpaca_tool_with_a_broken_projection_is_skipped_with_that_reason(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(os.path.join(FIXTURES, "toolalpaca"), manual)
+  path = manual / "data" / "eval_simulated.json"
+  (tool,) = json.loads(path.read_text())
+  name = next(n for n in tool["Function_Projection"])
+  tool["Function_Projection"][name] = "/tides"
+  path.write_text(json.dumps([tool]))
+  task = _task(tmp_path, "toolalpaca", str(manual), "simulated")
+  assert not task.examples()
+  assert {reason for _, reason in task.skipped} == {
+      f"the Function_Projection of {name!r} is not a [path, method] pair: '/tides'"
+  }

@@ -145,7 +145,7 @@ def _nexus_function(api: dict) -> dict:
 class Nexusraven(datasets.Builder):
   """NexusRaven_API_evaluation: `standardized_queries` and `standardized_api_list`; split "test"."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.1")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "The `standardized_queries` and `standardized_api_list` subsets of the Hugging Face dataset "
       "Nexusflow/NexusRaven_API_evaluation, as parquet (as on the hub) or .jsonl / .json files."
@@ -176,6 +176,10 @@ class Nexusraven(datasets.Builder):
         continue
       args = q["python_args_dict"]
       args = json.loads(args) if isinstance(args, str) else dict(args)
+      _, error = _nexus_args(functions[q["python_function_name"]], args)
+      if error:  # the gold call itself would raise: no answer could be scored against it
+        yield datasets.skipped_row(index, row_id, f"the gold call: {error}")
+        continue
       yield datasets.row(
           index,
           row_id,
@@ -446,12 +450,19 @@ def _openapi_parameters(spec: dict, path: str, method: str) -> dict:
 
 
 def _alpaca_functions(tool: dict) -> dict[str, dict]:
-  spec = json.loads(tool["Documentation"]) if isinstance(tool.get("Documentation"), str) else {}
+  """The tool's functions; ValueError saying what is broken (its Documentation, a projection)."""
+  try:
+    spec = json.loads(tool["Documentation"]) if isinstance(tool.get("Documentation"), str) else {}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"the tool's Documentation is not JSON: {e}") from None
   functions = {}
   for name, text in (tool.get("Function_Description") or {}).items():
     if name == "components":  # shared schema text, not a function
       continue
-    path, method = (tool.get("Function_Projection") or {}).get(name, ["", ""])
+    projection = (tool.get("Function_Projection") or {}).get(name, ["", ""])
+    if not isinstance(projection, (list, tuple)) or len(projection) != 2:
+      raise ValueError(f"the Function_Projection of {name!r} is not a [path, method] pair: {projection!r}")
+    path, method = projection
     functions[name] = {
         "name": name,
         "description": text if isinstance(text, str) else "",
@@ -464,7 +475,7 @@ class Toolalpaca(datasets.Builder):
   """ToolAlpaca's evaluation tools: splits "simulated" and "real", one row per instruction, the
   tool's functions offered (parameters from its OpenAPI documentation)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.1")
   MANUAL_DOWNLOAD_INSTRUCTIONS = "data/eval_simulated.json and data/eval_real.json of ToolAlpaca."
 
   def _split_generators(self, dl_manager):
@@ -483,8 +494,8 @@ class Toolalpaca(datasets.Builder):
     for tool in _read_table(path):
       try:
         functions = _alpaca_functions(tool)
-      except ValueError as e:  # a Documentation that is not JSON
-        functions, broken = {}, f"the tool's Documentation is not JSON: {e}"
+      except ValueError as e:
+        functions, broken = {}, str(e)
       else:
         broken = ""
       answers = tool.get("Golden_Answers") or []
