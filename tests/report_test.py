@@ -128,10 +128,10 @@ def test_paired_counts_fixed_and_broken_inputs_and_bounds_the_difference(tmp_pat
 
 
 def test_rejection_kinds_drop_the_names_and_values():
-  assert report.rejection_kind("unparseable: invalid syntax (<unknown>, line 1)") == "unparseable"
-  assert report.rejection_kind("get_weather: unknown argument 'city'") == "unknown argument …"
-  assert report.rejection_kind("function 'f' is not offered") == "function … is not offered"
-  assert report.rejection_kind("request is a code fence") == "request is a code fence"
+  assert Pair("r", "c", "unparseable: invalid syntax (<unknown>, line 1)").rejection_kind == "unparseable"
+  assert Pair("r", "c", "get_weather: unknown argument 'city'").rejection_kind == "unknown argument …"
+  assert Pair("r", "c", "function 'f' is not offered").rejection_kind == "function … is not offered"
+  assert Pair("r", "c", "request is a code fence").rejection_kind == "request is a code fence"
 
 
 def test_report_refuses_runs_of_other_inputs_and_names_a_missing_workdir(tmp_path):

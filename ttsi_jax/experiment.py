@@ -19,7 +19,6 @@ import dataclasses
 import gc
 import json
 import os
-import re
 import time
 import zlib
 from typing import Optional, Sequence
@@ -705,13 +704,6 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   return done
 
 
-def _reason_kind(reason: str) -> str:
-  """ "f: missing required argument 'x'" -> "missing required argument '…'" (for counting)."""
-  if reason.startswith("unparseable"):
-    return "unparseable"
-  return re.sub(r"'[^']*'", "'…'", reason.split(": ", 1)[-1] if ": " in reason else reason)
-
-
 def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skipped) -> dict:
   n = len(records)
   acc = {}
@@ -724,7 +716,7 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
   caught = sum(f and w for f, w in zip(flagged, wrong))
 
   def pair_counts(pairs) -> dict:
-    reasons = collections.Counter(_reason_kind(p.rejected) for p in pairs if p.rejected)
+    reasons = collections.Counter(p.rejection_kind for p in pairs if p.rejected)
     return {"total": len(pairs), "kept": sum(p.kept for p in pairs), "rejected_by_reason": dict(reasons)}
 
   teacher = [r.teacher_pairs for r in records if r.teacher_pairs is not None]

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import json
 import os
-import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -152,18 +151,10 @@ def paired(
   )
 
 
-def rejection_kind(reason: str) -> str:
-  """A validation reason without the names and values in it ("f: unknown argument 'x'" ->
-  "unknown argument …"), so that reasons of one kind count together."""
-  if reason.startswith("unparseable"):
-    return "unparseable"
-  return re.sub(r"^[\w.]+: ", "", re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason))
-
-
 def rejections(runs: Sequence[Run]) -> dict[str, float]:
   """Self-written pairs rejected, by kind of reason, mean over runs (most frequent first)."""
   counts = collections.Counter(
-      rejection_kind(p.rejected) for run in runs for r in run.records for p in r.pairs if p.rejected
+      p.rejection_kind for run in runs for r in run.records for p in r.pairs if p.rejected
   )
   return {kind: n / len(runs) for kind, n in counts.most_common()}
 

@@ -34,7 +34,9 @@ class VariantAnswer:
   answer: str
   correct: dict[str, bool]
   error: str
-  reason: Optional[str] = None  # why not adapted: "not targeted", "no kept pairs", "<source> failed"
+  # Why not adapted (`variants.not_adapted_reason`): "not targeted", "no kept pairs",
+  # "<source> failed", "empty base answer".
+  reason: Optional[str] = None
   losses: Optional[list[float]] = None  # the adapter's training loss per step
 
 

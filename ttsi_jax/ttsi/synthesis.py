@@ -54,6 +54,14 @@ class Pair:
   def kept(self) -> bool:
     return not self.rejected
 
+  @property
+  def rejection_kind(self) -> str:
+    """Why it was rejected, without the names and values in it ("f: unknown argument 'x'" ->
+    "unknown argument …"), so that reasons of one kind count together ("" = kept)."""
+    if self.rejected.startswith("unparseable"):
+      return "unparseable"
+    return re.sub(r"^[\w.]+: ", "", re.sub(r"'[^']*'|\"[^\"]*\"", "…", self.rejected))
+
 
 @dataclasses.dataclass(frozen=True)
 class Written:
