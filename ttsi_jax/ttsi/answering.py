@@ -47,7 +47,9 @@ class Answerer:
     """Uncertainty for inputs offering a single function (where the name margin is always 1):
     sample answers, keep the distinct ones (calls by canonical form, unparseable text as written:
     a model that cannot write the call is not certain of it), score each as a candidate.
-    Returns `stats` with those inputs' margin / entropy / probs / candidates replaced."""
+    Returns `stats` with those inputs' margin / entropy / probs / candidates replaced. An input
+    whose samples are all empty keeps its function's name as its one candidate (margin 1: not
+    flagged), and is logged."""
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
@@ -58,7 +60,12 @@ class Answerer:
     candidates = list(stats.candidates)
     for i in single:
       ex = examples[i]
-      calls = distinct_answers(self.task, [run[i] for run in runs]) or self.task.candidates(ex)
+      calls = distinct_answers(self.task, [run[i] for run in runs])
+      if not calls:
+        logging.warning(
+            "Input %s: all %d sampled answers are empty; scoring its function alone.", ex.id, len(runs)
+        )
+        calls = self.task.candidates(ex)
       fit = scoring.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
       if not fit:
         raise ValueError(
