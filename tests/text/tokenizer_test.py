@@ -20,7 +20,7 @@ def test_folder_tokenizer_matches_the_gguf_one(tiny_chat_model):
   assert folder.encode_chat(messages) == gguf.encode_chat(messages)
   assert folder.chat_prompt(messages).endswith("<|im_start|>assistant\n")
   assert folder.stop_ids == gguf.stop_ids == (2,)
-  ids = folder.encode_chat(messages, answer_prefix="[get_weather(")
+  ids = folder.encode(folder.chat_prompt(messages) + "[get_weather(")
   assert folder.decode(ids).endswith("assistant\n[get_weather(")
 
 
@@ -36,7 +36,9 @@ def test_a_gguf_tokenizer_is_built_once_and_its_saved_folder_tokenizes_the_same(
     assert cached.encode(text) == built.encode(text)
     assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
   messages = [{"role": "system", "content": "Tools"}, {"role": "user", "content": "Call f"}]
-  assert cached.encode_chat(messages, answer_prefix="[f(") == built.encode_chat(messages, answer_prefix="[f(")
+  assert cached.encode(cached.chat_prompt(messages) + "[f(") == built.encode(
+      built.chat_prompt(messages) + "[f("
+  )
   assert cached.end_of_turn_id == built.end_of_turn_id
 
 

@@ -2,7 +2,7 @@
 
 A checkpoint saved from any device layout restores onto any other (8 devices -> 1, 1 -> a mesh):
 `restore` builds abstract arrays carrying the target shardings and lets orbax place each leaf.
-Adapters are saved with a small JSON sidecar (scale, dropout, rank, targets, base model) so
+Adapters are saved with a small JSON sidecar (scale, dropout, rank, shapes, base model) so
 `python -m ttsi_jax.export` can rebuild them without the run's config.
 """
 

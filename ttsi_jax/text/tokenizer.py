@@ -77,8 +77,8 @@ class Tokenizer:
         list(messages), add_generation_prompt=True, tokenize=False, enable_thinking=False
     )
 
-  def encode_chat(self, messages: Messages, answer_prefix: str = "") -> list[int]:
-    return self.encode(self.chat_prompt(messages) + answer_prefix)
+  def encode_chat(self, messages: Messages) -> list[int]:
+    return self.encode(self.chat_prompt(messages))
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode(list(ids), skip_special_tokens=True)

@@ -265,25 +265,6 @@ def make_steps(
   return steps
 
 
-def answer_loss(
-    config: ModelConfig,
-    params,
-    adapter,
-    tokens_BT,
-    positions_BT,
-    select_BI,
-    targets_BI,
-    weights_BI,
-    dropout_rng=None,
-):
-  """Mean negative log-likelihood of the answer tokens (prompt tokens carry no loss)."""
-  logits_BIV, _ = transformer.forward(
-      config, params, tokens_BT, positions_BT, lora=adapter, select_BI=select_BI, dropout_rng=dropout_rng
-  )
-  logp_BI = jnp.take_along_axis(jax.nn.log_softmax(logits_BIV, -1), targets_BI[..., None], -1)[..., 0]
-  return -jnp.sum(logp_BI * weights_BI) / jnp.maximum(jnp.sum(weights_BI), 1.0)
-
-
 def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
   """What a step without remat keeps for its backward pass (`transformer.SAVED_ONLY`), for one
   microbatch: they run one after another."""
