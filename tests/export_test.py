@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import peft
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
@@ -43,6 +44,21 @@ def test_merged_export_loads_in_transformers_with_our_logits(hf_checkpoints, tmp
   np.testing.assert_allclose(
       _torch_logits(model, tokens), _ours(config, params, tokens, adapter), atol=1e-4, rtol=0
   )
+
+
+def test_merged_export_of_a_bfloat16_model_keeps_a_small_update(hf_checkpoints, tmp_path):
+  config, params = hf.load(hf_checkpoints["llama"][0])
+  params16 = jax.tree.map(lambda x: x.astype("bfloat16"), params)
+  adapter = lora_lib.init(config, jax.random.key(0), rank=4, alpha=8.0)
+  # An update of ~1e-4 against weights of ~0.02: below half a bfloat16 step for most of them.
+  adapter = jax.tree.map(lambda x: x + 3e-3 * jax.random.normal(jax.random.key(1), x.shape), adapter)
+  export.save_merged(str(tmp_path), config, params16, adapter)
+  merged = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))[
+      "model.layers.0.mlp.up_proj.weight"
+  ]
+  a, b = (np.asarray(adapter.weights["mlp"]["up_proj"][k][0], np.float32) for k in ("a", "b"))
+  base = np.asarray(params16["layers"]["mlp"]["up_proj"]["kernel"][0], np.float32)
+  np.testing.assert_allclose(merged.T, base + adapter.scale * a @ b, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

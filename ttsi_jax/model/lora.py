@@ -89,7 +89,8 @@ def _check_fits(config: transformer.ModelConfig, adapter: Adapter) -> None:
 
 
 def merge(config: transformer.ModelConfig, params, adapter: Adapter):
-  """Base params with `kernel += scale * a @ b` for every adapted layer, computed in float32."""
+  """Base params with `kernel += scale * a @ b` for every adapted layer, computed and kept in
+  float32: a 16-bit kernel would round most of a small update away (bfloat16 keeps 8 bits)."""
   _check_fits(config, adapter)
   merged = dict(params)
   layers = dict(merged["layers"])
@@ -103,7 +104,7 @@ def merge(config: transformer.ModelConfig, params, adapter: Adapter):
       )
       layers[module][name] = {
           **layers[module][name],
-          "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype),
+          "kernel": kernel.astype(jnp.float32) + delta,
       }
   merged["layers"] = layers
   return merged
