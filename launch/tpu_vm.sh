@@ -78,9 +78,8 @@ run_job() {
 collect() {
   local results="${RESULTS:-results/$TPU_NAME}"
   run mkdir -p "$results"
-  tpu scp "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/results.jsonl" \
-    "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/metrics.json" "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR/config.json" \
-    "$results/" --worker=0
+  # Worker 0's whole workdir (records, metrics, config, kept adapters): `all` deletes the VM next.
+  tpu scp --recurse "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR" "$results/" --worker=0
 }
 
 delete() {

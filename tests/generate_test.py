@@ -1,4 +1,4 @@
-"""The documented generate command prints only the completion."""
+"""The command lines: generate prints only the completion; bad settings are refused before anything runs."""
 
 import os
 import subprocess
@@ -48,3 +48,29 @@ def test_generate_cli_names_a_missing_model(tmp_path):
   )
   assert result.returncode != 0
   assert f"{tmp_path}/missing does not exist" in result.stderr
+
+
+def test_generate_cli_refuses_a_bad_sampling_setting_by_name():
+  result = subprocess.run(
+      [sys.executable, "-m", "ttsi_jax.generate", "--config=configs/default.py",
+       "--config.sampling.max_batch=0", "--prompt", "hi"],  # fmt: skip
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode != 0 and "sampling.max_batch=0 (valid: an integer >= 1)" in result.stderr
+
+
+def test_main_refuses_multi_host_settings_without_distributed(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ttsi_jax.main", "--config=configs/default.py", f"--workdir={tmp_path}",
+       "--num_processes=2", "--process_id=1"],  # fmt: skip
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode != 0
+  assert "--num_processes, --process_id set up a multi-host run: add --distributed." in result.stderr
+  assert not os.listdir(tmp_path)  # refused before anything ran

@@ -33,11 +33,8 @@ def test_tpu_dry_run_prints_every_step_on_every_worker():
   run_line = next(l for l in lines if "ttsi_jax.main" in l)
   assert "--worker=all" in run_line and "--distributed" in run_line
   assert "--config=configs/default.py" in run_line and "--config.wave_size=64" in run_line
-  # collect: the records with the config they ran under (a resume and the report check it).
-  assert any(
-      "scp" in l and all(f in l for f in ("results.jsonl", "metrics.json", "config.json", "--worker=0"))
-      for l in lines
-  )
+  # collect: worker 0's whole workdir (records, config, kept adapters) before `all` deletes the VM.
+  assert any("scp --recurse" in l and "ttsi_jax/workdir/tpu " in l and "--worker=0" in l for l in lines)
   assert lines[-1].startswith("gcloud compute tpus tpu-vm delete ttsi-v5 --quiet")
   assert all("--zone=us-west4-a --project=my-proj" in l for l in lines if l.startswith("gcloud"))
 
@@ -54,10 +51,11 @@ def test_gpu_dry_run_and_missing_host():
   assert result.returncode == 0, result.stderr
   assert "ssh me@gpu-box" in result.stdout and "ttsi_jax.main" in result.stdout
   assert "jax\\[cuda12\\]" in result.stdout
-  assert any(
-      "rsync" in l and all(f in l for f in ("results.jsonl", "metrics.json", "config.json"))
-      for l in result.stdout.splitlines()
-  )
+  lines = result.stdout.splitlines()
+  assert any(l.startswith("rsync -az me@gpu-box:ttsi_jax/workdir/gpu/ results/gpu/") for l in lines)
+  # setup's --delete spares the workdir there, named as the run names it.
+  elsewhere = _run("gpu.sh", "--dry-run", "setup", GPU_HOST="me@gpu-box", WORKDIR="runs/s0")
+  assert "--delete" in elsewhere.stdout and "--exclude=/runs/s0" in elsewhere.stdout
   missing = _run("gpu.sh", "--dry-run", "run")
   assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
 

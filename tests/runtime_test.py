@@ -42,6 +42,13 @@ def test_does_nothing_when_set_already_or_turned_off():
   assert not _execve_calls({runtime.MALLOC_OPT_OUT: "0"})
 
 
+@needs_glibc
+@pytest.mark.parametrize("setting", ["off", "false", ""])
+def test_an_opt_out_spelt_otherwise_is_refused_naming_the_valid_values(setting):
+  with pytest.raises(ValueError, match=rf"TTSI_JAX_MALLOC_TUNABLES='{setting}': set it to 0 .* or 1"):
+    _execve_calls({runtime.MALLOC_OPT_OUT: setting})
+
+
 def test_does_nothing_off_glibc(monkeypatch):
   monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))  # musl, say
   assert not _execve_calls({})

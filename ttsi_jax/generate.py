@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ttsi_jax import checkpoints
+from ttsi_jax import checkpoints, config_schema
 from ttsi_jax.model import sharding
 from ttsi_jax.text import sampler as sampler_lib
 
@@ -21,7 +21,9 @@ _PROMPT = flags.DEFINE_multi_string(
     None,
     "User message(s); several are generated as " "one batch, completions separated by blank lines.",
 )
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Overrides config.sampling.max_new_tokens.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", None, "Overrides config.sampling.max_new_tokens.", lower_bound=1
+)
 
 
 def main(argv):
@@ -29,12 +31,15 @@ def main(argv):
   config = _CONFIG.value
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required.")
+  config_schema.validate(config)
   mesh = sharding.make_mesh(config.mesh_shape or None)
   model = sampler_lib.load_model(config.model.path, config.model.dtype, mesh, config.sampling.max_batch)
   tokenizer = model.tokenizer
   logging.info("Loaded %s: %s", checkpoints.resolve(config.model.path), model.config)
   sampling = sampler_lib.SamplingParams(
-      max_new_tokens=_MAX_NEW_TOKENS.value or config.sampling.max_new_tokens,
+      max_new_tokens=config.sampling.max_new_tokens
+      if _MAX_NEW_TOKENS.value is None
+      else _MAX_NEW_TOKENS.value,
       temperature=config.sampling.temperature,
       top_p=config.sampling.top_p,
   )

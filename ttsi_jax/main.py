@@ -51,6 +51,9 @@ def use_compilation_cache(path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  given = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.present]
+  if given and not _DISTRIBUTED.value:  # else each process would run every wave on its own
+    raise app.UsageError(f"{', '.join(given)} set up a multi-host run: add --distributed.")
   use_compilation_cache(_COMPILATION_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -116,7 +116,12 @@ def reexec_with_malloc_tunables(
   """
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return
-  if environ.get(MALLOC_OPT_OUT) == "0":
+  choice = environ.get(MALLOC_OPT_OUT, "1")
+  if choice not in ("0", "1"):
+    raise ValueError(
+        f"{MALLOC_OPT_OUT}={choice!r}: set it to 0 (glibc's malloc defaults) or 1 (the tunables)."
+    )
+  if choice == "0":
     return
   tunables = environ.get("GLIBC_TUNABLES", "")
   present = {t.split("=")[0] for t in tunables.split(":") if t}

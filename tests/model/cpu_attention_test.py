@@ -1,6 +1,10 @@
 """The fused CPU attention kernel equals masked softmax attention, outputs and gradients, for
 packed rows of several sequences, padding, grouped heads and lengths off the 64-token tiles."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +45,14 @@ def _segments(T, layout, shared=0):
 def test_the_kernel_builds_and_serves_cpu_attention_here():
   assert jax.default_backend() == "cpu"
   assert cpu_kernels.available(), "the kernel did not build: see the warning logged above"
+
+
+def test_a_kernels_setting_spelt_otherwise_is_refused_naming_the_valid_values():
+  check = "from ttsi_jax.model import cpu_kernels; cpu_kernels.available()"
+  env = {**os.environ, "TTSI_JAX_CPU_KERNELS": "off"}
+  result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "TTSI_JAX_CPU_KERNELS='off': set it to 'fused' (the C++ kernels) or 'xla'." in result.stderr
 
 
 @pytest.mark.parametrize(

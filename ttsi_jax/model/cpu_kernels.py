@@ -80,6 +80,21 @@ def _blas_flags() -> list[str]:
   ]
 
 
+def _cpu_identity() -> str:
+  """The CPU's model and instruction-set flags (Linux), so that a library built with
+  `-march=native` is never loaded on another CPU under the same host name (a resized VM)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return platform.processor()
+  first = {}
+  for line in lines:
+    name, _, value = line.partition(":")
+    first.setdefault(name.strip(), value.strip())
+  return f"{first.get('model name', '')}\n{first.get('flags', '')}"
+
+
 def _build(compiler: str) -> pathlib.Path:
   """The kernels' shared library, compiled unless the cache holds one for these sources, compiler,
   jaxlib, OpenBLAS and machine (`-march=native`: a library is only valid on the CPU that built it)."""
@@ -95,6 +110,7 @@ def _build(compiler: str) -> pathlib.Path:
               jaxlib.__version__,
               platform.machine(),
               platform.node(),
+              _cpu_identity(),
           ]
       ).encode()
   ).hexdigest()[:16]
@@ -114,7 +130,10 @@ def _build(compiler: str) -> pathlib.Path:
 @functools.cache
 def _load() -> str | None:
   """Builds and registers the kernels; returns None, or why they are not available."""
-  if os.environ.get("TTSI_JAX_CPU_KERNELS", "fused") == "xla":
+  choice = os.environ.get("TTSI_JAX_CPU_KERNELS", "fused")
+  if choice not in ("fused", "xla"):
+    raise ValueError(f"TTSI_JAX_CPU_KERNELS={choice!r}: set it to 'fused' (the C++ kernels) or 'xla'.")
+  if choice == "xla":
     return "TTSI_JAX_CPU_KERNELS=xla"
   compiler = _compiler()
   if compiler is None:
