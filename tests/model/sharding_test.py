@@ -36,7 +36,6 @@ def test_sharded_forward_equals_single_device(hf_checkpoints, mesh, arch):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
   cache = KVCache.init(config, 4, 16)
-  cache = jax.device_put(cache, sharding.cache_sharding(mesh, cache))
   out, cache = jax.jit(transformer.forward, static_argnums=0)(
       config, sharded, tokens_sharded, positions, cache
   )

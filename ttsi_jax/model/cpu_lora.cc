@@ -12,8 +12,8 @@
 //   narrow: out[t, r] = sum_k x[t, k] w[g(t), r, k]     x [..., T, K], w [A, R, K] -> [..., T, R]
 //   wide:   out[t, n] = sum_r h[t, r] w[g(t), r, n]     h [..., T, R], w [A, R, N] -> [..., T, N]
 //   outer:  out[a, r, n] = sum_{t: g(t) = a} h[t, r] y[t, n]   h [..., T, R], y [..., T, N]
-// with block_adapter [..., X] int32 and T = X x Z. Float32 only; N a multiple of the vector width
-// and R even where they are a matmul's columns and rows (cpu_lora.py checks).
+// with block_adapter [..., X] int32 and T = X x Z. Float32 only; K and N multiples of the vector
+// width (cpu_lora.supports checks); any rank R (tested down to 1 and odd).
 
 #include <algorithm>
 #include <atomic>

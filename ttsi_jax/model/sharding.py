@@ -28,7 +28,6 @@ RULES: dict[str, Optional[tuple[str, ...]]] = {
     "norm": None,
     "head_dim": None,
     "seq": None,
-    "rank": None,
 }
 
 # param path suffix -> logical axes (layer params carry the leading "layers" axis from nn.scan)
@@ -52,8 +51,6 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("up_proj", "kernel"): ("layers", "embed", "mlp"),
     ("down_proj", "kernel"): ("layers", "mlp", "embed"),
 }
-
-CACHE_KV_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
@@ -141,10 +138,3 @@ def shard_rows(mesh: Optional[Mesh], *arrays, row_axis: int = 0):
   if on_one_device(mesh):
     return arrays
   return tuple(jax.device_put(x, batch_sharding(mesh, x.shape, row_axis)) for x in arrays)
-
-
-def cache_sharding(mesh: Mesh, cache):
-  """Shardings for a `KVCache` (keys/values by batch and kv heads; positions by batch)."""
-  kv = NamedSharding(mesh, logical_to_spec(mesh, CACHE_KV_AXES, cache.k_LBKSH.shape))
-  rows = batch_sharding(mesh, cache.positions_BS.shape)
-  return type(cache)(kv, kv, rows, rows, NamedSharding(mesh, P()))
