@@ -14,7 +14,7 @@
 #   GPU_HOST      ssh destination, e.g. user@gpu-box     required
 #   CONFIG        config file                          (default: configs/default.py)
 #   WORKDIR       workdir on the GPU machine            (default: workdir/gpu)
-#   RESULTS       local folder for collect              (default: results/gpu)
+#   RESULTS       local folder for collect: the workdir's files (default: results/gpu)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 

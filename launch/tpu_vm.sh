@@ -9,7 +9,7 @@
 #   TPU_RUNTIME   TPU VM software version        (default: v2-alpha-tpuv5-lite)
 #   CONFIG        config file                    (default: configs/default.py)
 #   WORKDIR       workdir on the TPU VM          (default: workdir/tpu)
-#   RESULTS       local folder for collect       (default: results/$TPU_NAME)
+#   RESULTS       local folder for collect       (default: results/$TPU_NAME; the workdir lands in it)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
 set -euo pipefail
 
