@@ -2,6 +2,7 @@
 
 import http.server
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -320,7 +321,11 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
         ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
         ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
         ("task.category", "multi", r"'multi'.*multiple"),
-        ("keep_adapters", "multiple_0, multiple_O", r"not in this run: \['multiple_O'\]"),
+        (
+            "keep_adapters",
+            "multiple_0, multiple_O",
+            r"not in this run: \['multiple_O'\]; use ids such as \['multiple_0'",
+        ),
         ("wave_size", 0, r"wave_size=0 \(valid: an integer >= 1\)"),
         ("adaptation.learning_rate", -1.0, r"adaptation.learning_rate=-1.0 \(valid: a number > 0\)"),
     ],
@@ -397,7 +402,7 @@ def test_sft_refuses_the_test_category_of_a_tfds_bfcl_run_and_reads_bfcl_from_th
 
 
 def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
-    tiny_chat_model, tmp_path, monkeypatch
+    tiny_chat_model, tmp_path, monkeypatch, caplog
 ):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
@@ -415,13 +420,19 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   monkeypatch.setattr(
       adaptation.Trainer,
       "train_all",
-      lambda self, *a, **k: trained.append(self.cfg) or train_all(self, *a, **k),
+      lambda self, *a, **k: trained.append(self.cfg) or data.append(a[1]) or train_all(self, *a, **k),
   )
+  data = []
   workdir = str(tmp_path / "run")
   metrics = experiment.run(config, workdir)
   # One adapter with the sft settings, on the 2 + 2 gold calls of the training categories.
   (cfg,) = trained
   assert (cfg.learning_rate, cfg.epochs, cfg.batch_size) == (1e-2, 2, 2)
+  ((pairs,),) = data
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  gold = [t.gold_answer(ex) for t in experiment.sft_tasks(config) for ex in t.examples()]
+  assert len(gold) == 4 and len({*gold}) == 4
+  assert [answer for _, answer in pairs] == [tokenizer.encode(g) + [tokenizer.end_of_turn_id] for g in gold]
   assert cfg.rank == config.adaptation.rank
   adapter, meta = orbax_lib.load_adapter(os.path.join(workdir, experiment.SFT_ADAPTER))
   assert meta["base_model"] == tiny_chat_model
@@ -450,8 +461,9 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
   with open(settings, "r+") as f:
     f.truncate(len(f.read()) // 2)
-  experiment.Experiment(config, workdir)._sft_adapter()
-  assert len(trained) == 3
+  with caplog.at_level(logging.WARNING):
+    experiment.Experiment(config, workdir)._sft_adapter()
+  assert len(trained) == 3 and "settings.json is unreadable" in caplog.text
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
@@ -507,9 +519,10 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
       [],
       {},
   )
-  metrics = experiment.compute_metrics([record], ("base",), ("majority",), [])
+  metrics = experiment.compute_metrics([record], ("base",), ("majority",), [("line 7", "invalid JSON")])
   assert metrics["accuracy"] == {"base/majority": 0.0}
   assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0
+  assert metrics["skipped_rows"] == [["line 7", "invalid JSON"]]  # the task's skipped rows, counted
 
 
 def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):

@@ -585,7 +585,7 @@ def test_malformed_rows_are_skipped_by_id(tmp_path):
 
 
 def test_missing_data_file_is_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match="BFCL_v4_parallel.json"):
+  with pytest.raises(FileNotFoundError, match=r"BFCL_v4_parallel.json does not exist; install the data with"):
     bfcl.BfclTask("parallel", data_dir=str(tmp_path))
 
 
