@@ -169,10 +169,13 @@ def test_the_tau_sweep_of_one_run_equals_a_run_at_that_tau(tiny_chat_model, tmp_
   one = records.read(str(tmp_path / "one" / "results.jsonl"))
   assert [r.uncertain for r in one] == [r.margin < config.uncertainty.tau for r in every]
   assert sum(r.uncertain for r in one) == 1
+  assert [r.variants["ttsi"].adapted for r in one] == [r.uncertain for r in one]
   # TT-SI at this tau, from the first run: all_inputs where flagged, base elsewhere.
   for r_every, r_one in zip(every, one):
     expected = r_every.variants["all_inputs"] if r_one.uncertain else r_every.base
     assert r_one.variants["ttsi"].answer == expected.answer
+    if r_one.uncertain:  # the same adapter (a random model's adapted answer may equal its base one)
+      assert r_one.variants["ttsi"].losses == pytest.approx(r_every.variants["all_inputs"].losses, rel=1e-5)
   (point,) = report.tau_sweep(every, taus=(config.uncertainty.tau,))
   assert point["ttsi"] == sum(r.variants["ttsi"].correct["direct"] for r in one) / len(one)
   assert point["flagged"] == 1 / 2

@@ -277,6 +277,23 @@ def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+def test_uneven_calls_and_padded_adapter_slots_train_each_adapter_as_alone(model):
+  config, params = model
+  examples = [_examples(s, 1, 10, 14) for s in (2, 3, 4, 6, 8)]
+  rngs = jax.random.split(jax.random.key(8), 5)
+  trainer = adaptation.Trainer(config, CFG)
+  want, want_losses = trainer.train_all(params, examples, 0, rngs)  # 5 adapters in a bucket of 6 slots
+  alone = _reference(model, examples[4], rngs[4], CFG)  # the adapter whose slot is repeated
+  for got, ref in zip(jax.tree.leaves(lora_lib.unstack(want, 4)), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+  for per_call in (2, 3):  # calls of 2, 2 and 1 adapters; of 3 and 2 (each padded to its bucket)
+    got, losses = trainer.train_all(params, examples, 0, rngs, per_call)
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.shape[0] == 5
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
 def test_waves_in_the_same_buckets_compile_once(model):
   config, params = model
   # On a mesh, as the main job runs: the step's inputs keep one sharding from step to step.
