@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import pathlib
 import shutil
 from typing import Any, Callable, Iterator, Optional
 
@@ -149,16 +150,16 @@ def _check_parameter_types(function: dict) -> None:
   """Every parameter has a type the checker reads (arrays: their items' too), so that no answer
   fails for the schema's sake."""
   valid = sorted(bfcl.PYTHON_TYPES)
+  readable = lambda kind: isinstance(kind, str) and kind in bfcl.PYTHON_TYPES  # not a list of types
   for name, schema in function["parameters"]["properties"].items():
     kind = schema.get("type")
-    if not isinstance(kind, str) or kind not in bfcl.PYTHON_TYPES:
+    if not readable(kind):
       raise ValueError(
           f"parameter {name!r} of {function['name']!r} has type {kind!r}; the checker reads one "
           f"of {valid} (a parameter that may be null: leave it out of 'required')"
       )
     items = schema.get("items")
-    item_kind = items.get("type") if isinstance(items, dict) else None
-    if kind in bfcl.NESTED_TYPES and (not isinstance(item_kind, str) or item_kind not in bfcl.PYTHON_TYPES):
+    if kind in bfcl.NESTED_TYPES and not (isinstance(items, dict) and readable(items.get("type"))):
       raise ValueError(
           f"parameter {name!r} of {function['name']!r} is an {kind} without an 'items' type of {valid}"
       )
@@ -265,8 +266,8 @@ class DatasetTask(bfcl.FunctionCallingTask):
     # TFDS reuses a prepared dataset of the same name, config and version whatever it was built
     # from: one built from other files (or another bfcl-eval) is removed and built again.
     source = _source(name, manual_dir)
-    stamp = os.path.join(builder.data_dir, SOURCE_STAMP)
-    if builder.is_prepared() and (not os.path.exists(stamp) or open(stamp).read() != source):
+    stamp = pathlib.Path(builder.data_dir, SOURCE_STAMP)
+    if builder.is_prepared() and (not stamp.exists() or stamp.read_text() != source):
       logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = BUILDERS[name](config=config or None, data_dir=data_dir)
@@ -274,8 +275,7 @@ class DatasetTask(bfcl.FunctionCallingTask):
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
         file_format="array_record",
     )
-    with open(stamp, "w") as f:
-      f.write(source)
+    stamp.write_text(source)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self._examples = []
