@@ -52,8 +52,12 @@ def test_nexusraven_from_the_hubs_parquet_files(tmp_path):
           ("geo_0", "[lookup_city(city='Lyon', max_results=3, zoom=2)]"),  # the call would raise
           ("geo_1", "[distance_between(origin='Oslo', destination='Bergen', options={'mode': 'road'})]"),
           ("geo_1", "[distance_between(origin='Oslo', destination='Bergen'), lookup_city(city='Oslo')]"),
+          # Calls that would raise in the evaluator are wrong answers, not a crash of the run.
+          ("geo_0", "[lookup_city(city='Lyon', max_results=1e999)]"),
+          ("geo_0", "[lookup_city(city='Lyon', max_results=1e999-1e999)]"),
+          ("geo_0", "[lookup_city(city='Lyon', zoom=2, **extra)]"),
       ],
-  ) == [True, True, False, False, False, True, False]
+  ) == [True, True, False, False, False, True, False, False, False, False]
   for ex in task.examples():
     assert task.check(ex, task.gold_answer(ex)).correct and task.validate(ex, task.gold_answer(ex)) is None
 
@@ -65,10 +69,10 @@ def test_seal_tools_splits_offer_same_field_tools_and_score_by_str(tmp_path):
   assert task.skipped == [
       ("test_in_domain-difficult-2", "an argument is another call's output (nested calls are not posed here)")
   ]
-  names = [f["name"] for f in tide.functions]
-  assert names[0] == "getTideLevel" and set(names) == {"getTideLevel", "findPort", "getWaveHeight"}
-  assert [f["name"] for f in both.functions][:2] == ["bookTable", "getTideLevel"]
-  assert tide.functions[0]["parameters"]["properties"]["hour"]["type"] == "integer"
+  # The gold tool and distractors of its field, in an order the row's id fixes (not gold first).
+  assert [f["name"] for f in tide.functions] == ["getWaveHeight", "getTideLevel", "findPort"]
+  assert [f["name"] for f in both.functions] == ["getTideLevel", "bookTable"]
+  assert tide.functions[1]["parameters"]["properties"]["hour"]["type"] == "integer"
   assert _score(
       task,
       [
@@ -106,8 +110,11 @@ def test_api_bank_levels_read_the_apis_the_rows_describe(tmp_path):
           ("BookTaxi-level-1-1_0", "[BookTaxi(city='Oslo', passengers=2)]"),  # cast to int, as its tools do
           ("BookTaxi-level-1-1_0", "[BookTaxi(city='Oslo')]"),
           ("BookTaxi-level-1-1_0", "[BookTaxi(city='Bergen', passengers=2)]"),
+          ("BookTaxi-level-1-1_0", "[BookTaxi(city='Oslo', passengers=1e999)]"),  # not an int
+          ("BookTaxi-level-1-1_0", "[BookTaxi(city='Oslo', passengers='1e400')]"),
+          ("BookTaxi-level-1-1_0", "[BookTaxi(city='Oslo', **extra)]"),
       ],
-  ) == [True, True, False, False]
+  ) == [True, True, False, False, False, False, False]
   level2 = _task(tmp_path, "api_bank/level-2", manual)
   (alarm,) = level2.examples()  # the retrieved API's description comes from the dialogue
   assert [f["name"] for f in alarm.functions] == ["ToolSearcher", "SetAlarm"]
@@ -146,6 +153,18 @@ def test_a_bad_file_is_named(tmp_path):
     _task(tmp_path, "seal_tools", str(manual), "dev")
 
 
+def test_a_file_of_another_shape_is_named_with_what_it_lacks(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(os.path.join(FIXTURES, "seal_tools"), manual)
+  (manual / "Seal-Tools_Dataset" / "dev.jsonl").write_text('{"query": "Tides?", "calls": []}\n')
+  with pytest.raises(ValueError, match=r"dev.jsonl, row 1 has no field \['calling'\]"):
+    _task(tmp_path, "seal_tools", str(manual), "dev")
+  shutil.copytree(os.path.join(FIXTURES, "api_bank"), tmp_path / "api_bank")
+  (tmp_path / "api_bank" / "level-1-api.json").write_text('{"rows": []}')
+  with pytest.raises(ValueError, match=r"level-1-api.json holds a JSON dict, not a list of rows"):
+    _task(tmp_path / "other", "api_bank/level-1", str(tmp_path / "api_bank"))
+
+
 def test_toolalpaca_functions_come_from_the_openapi_documentation(tmp_path):
   manual = os.path.join(FIXTURES, "toolalpaca")
   task = _task(tmp_path, "toolalpaca", manual, "simulated")
@@ -173,6 +192,24 @@ def test_toolalpaca_functions_come_from_the_openapi_documentation(tmp_path):
   assert [ex.id for ex in _task(tmp_path, "toolalpaca", manual, "real").examples()] == ["Quotes_0"]
   for ex in task.examples():
     assert task.check(ex, task.gold_answer(ex)).correct
+
+
+def test_gold_answers_of_a_benchmark_with_its_own_rule_keep_their_values_whole(tmp_path):
+  """What the oracle trains on: an empty string and an object's lists are values, not BFCL's
+  "may be left out" and per-key acceptable lists."""
+  manual = tmp_path / "manual"
+  shutil.copytree(os.path.join(FIXTURES, "toolalpaca"), manual)
+  path = manual / "data" / "eval_simulated.json"
+  (tool,) = json.loads(path.read_text())
+  step = {"port": "", "threshold": 1.5, "options": {"tags": ["a", "b"], "note": ""}}
+  tool["Instructions"] = ["Alert me at any port, tagged a and b."]
+  tool["Golden_Answers"] = [[{"Action": "addAlert", "Action_Input": json.dumps(step)}]]
+  path.write_text(json.dumps([tool]))
+  task = _task(tmp_path, "toolalpaca", str(manual), "simulated")
+  (alert,) = task.examples()
+  gold = task.gold_answer(alert)
+  assert gold == "[addAlert(port='', threshold=1.5, options={'tags': ['a', 'b'], 'note': ''})]"
+  assert task.check(alert, gold).correct
 
 
 def test_a_toolalpaca_tool_with_a_broken_projection_is_skipped_with_that_reason(tmp_path):

@@ -119,6 +119,68 @@ def test_a_dataset_is_built_again_when_its_files_change(tmp_path):
   assert [ex.id for ex in load().examples()] == ["weather_paris", "line_2"]  # reused as it is
 
 
+def test_a_prepared_dataset_is_reused_without_its_manual_dir(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "test.jsonl").write_text(open(os.path.join(FIXTURES, "user_tools", "test.jsonl")).readline())
+  built = datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+  (manual / "test.jsonl").unlink()  # gone: building again would fail
+  reused = datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"))
+  assert [ex.id for ex in reused.examples()] == ["weather_paris"]
+  assert reused.examples() == built.examples()
+
+
+_BOOKING = {
+    "id": "booking",
+    "query": "Book a room in Paris for Ann and Bo.",
+    "tools": [
+        {
+            "name": "book_room",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    "guests": {"type": "array", "items": {"type": "object"}},
+                },
+                "required": ["where", "guests"],
+            },
+        }
+    ],
+    "calls": [
+        {
+            "name": "book_room",
+            "arguments": {
+                "where": {"city": "Paris", "unit": {"one_of": [None, "room"]}},
+                "guests": [{"name": "Ann"}, {"name": {"one_of": ["Bo", "Bob"]}}],
+            },
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "answer, correct",
+    [
+        ("[book_room(where={'city': 'Paris'}, guests=[{'name': 'Ann'}, {'name': 'Bo'}])]", True),
+        (
+            "[book_room(where={'city': 'paris', 'unit': 'room'}, guests=[{'name': 'Ann'}, {'name': 'Bob'}])]",
+            True,
+        ),
+        ("[book_room(where={'city': 'Rome'}, guests=[{'name': 'Ann'}, {'name': 'Bo'}])]", False),
+        ("[book_room(where={'city': 'Paris'}, guests=[{'name': 'Bo'}, {'name': 'Ann'}])]", False),  # order
+        ("[book_room(where={'city': 'Paris'}, guests=[{'name': 'Ann'}])]", False),
+    ],
+)
+def test_user_tools_object_arguments_are_judged_key_by_key(tmp_path, answer, correct):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "test.jsonl").write_text(json.dumps(_BOOKING) + "\n")
+  task = datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+  (booking,) = task.examples()
+  assert task.check(booking, answer).correct == correct
+  assert task.check(booking, task.gold_answer(booking)).correct  # what the oracle trains on
+
+
 def test_missing_user_tools_files_say_what_is_expected(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"(?s)test.jsonl does not exist.*\"tools\".*\"calls\""):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))

@@ -79,25 +79,30 @@ def _need(manual_dir: str, what: str, where: str, *patterns: str) -> str:
   return path
 
 
-def _read_table(path: str) -> list[dict]:
-  """Rows of a .parquet, .jsonl or .json (a list) file."""
+def _read_table(path: str, fields: tuple[str, ...]) -> list[dict]:
+  """Rows of a .parquet, .jsonl or .json (a list) file, each an object with these fields (else a
+  ValueError naming the file and row: another file than the benchmark's)."""
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # only for the HF hub's parquet files
 
-    return pq.read_table(path).to_pylist()
-  if path.endswith(".jsonl"):
+    rows = pq.read_table(path).to_pylist()
+  elif path.endswith(".jsonl"):
     rows = []
     for number, item, error in bfcl._read_json_lines(path):
       if error:
         raise ValueError(f"{path}, line {number}: {error}")
       rows.append(item)
-    return rows
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _gold(calls: list[tuple[str, dict]]) -> list[dict]:
-  return [{name: {k: [v] for k, v in args.items()}} for name, args in calls]
+  else:
+    with open(path, encoding="utf-8") as f:
+      rows = json.load(f)
+    if not isinstance(rows, list):
+      raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows.")
+  for number, row in enumerate(rows, 1):
+    missing = [name for name in fields if name not in row] if isinstance(row, dict) else None
+    if missing is None or missing:
+      what = f"has no field {missing}" if missing else "is not an object"
+      raise ValueError(f"{path}, row {number} {what}: is this the benchmark's file?")
+  return rows
 
 
 def _one_call(answer: str) -> tuple[Optional[bfcl.Call], str]:
@@ -142,6 +147,9 @@ def _nexus_function(api: dict) -> dict:
   }
 
 
+_NEXUS_QUERY_FIELDS = ("prompt", "python_function_name", "python_args_dict", "context_functions")
+
+
 class Nexusraven(datasets.Builder):
   """NexusRaven_API_evaluation: `standardized_queries` and `standardized_api_list`; split "test"."""
 
@@ -165,8 +173,8 @@ class Nexusraven(datasets.Builder):
     return {"test": self._generate_examples(find("standardized_queries"), find("standardized_api_list"))}
 
   def _generate_examples(self, queries: str, apis: str) -> Iterator[tuple[str, dict]]:
-    functions = {api["name"]: _nexus_function(api) for api in _read_table(apis)}
-    for index, q in enumerate(_read_table(queries)):
+    functions = {api["name"]: _nexus_function(api) for api in _read_table(apis, ("name", "args_dicts"))}
+    for index, q in enumerate(_read_table(queries, _NEXUS_QUERY_FIELDS)):
       row_id = f"{q.get('dataset', 'nexusraven')}_{index}"
       missing = [name for name in q["context_functions"] if name not in functions]
       if q["python_function_name"] not in q["context_functions"]:
@@ -185,7 +193,7 @@ class Nexusraven(datasets.Builder):
           row_id,
           [{"role": "user", "content": q["prompt"]}],
           [functions[name] for name in q["context_functions"]],
-          _gold([(q["python_function_name"], args)]),
+          datasets.whole_values_gold([(q["python_function_name"], args)]),
       )
 
 
@@ -193,14 +201,17 @@ def _nexus_args(function: dict, args: dict) -> tuple[Optional[dict], str]:
   """Every parameter's value as NexusRaven's evaluator sees it after calling the function:
   defaults filled in, float values cast to int; (None, why) where the call would raise."""
   properties = function["parameters"]["properties"]
-  unknown = sorted(set(args) - set(properties))
+  unknown = sorted(set(args) - set(properties), key=str)  # `**kwargs` decodes to the name None
   if unknown:
     return None, f"Unexpected arguments {unknown}."
   missing = [p for p in function["parameters"]["required"] if p not in args]
   if missing:
     return None, f"Missing required arguments {missing}."
   full = {p: args.get(p, schema.get("default")) for p, schema in properties.items()}
-  return {p: int(v) if isinstance(v, float) else v for p, v in full.items()}, ""
+  try:
+    return {p: int(v) if isinstance(v, float) else v for p, v in full.items()}, ""
+  except (OverflowError, ValueError) as e:  # int() of an infinite or NaN float
+    return None, f"A value cannot be cast to int: {e}."
 
 
 def check_nexusraven(example: Example, answer: str) -> Verdict:
@@ -240,9 +251,10 @@ def _seal_function(tool: dict) -> dict:
 
 class SealTools(datasets.Builder):
   """Seal-Tools: `tool.jsonl` and the test / dev files; splits test_in_domain, test_out_domain,
-  dev. Each input is offered its gold tools and 3 more of the same field, chosen by its id."""
+  dev. Each input is offered its gold tools and 3 more of the same field, chosen by its id, in an
+  order its id fixes."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.1")
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Seal-Tools_Dataset/ of github.com/fairyshine/Seal-Tools."
 
   def _split_generators(self, dl_manager):
@@ -258,11 +270,11 @@ class SealTools(datasets.Builder):
     return splits
 
   def _generate_examples(self, tools_path: str, path: str) -> Iterator[tuple[str, dict]]:
-    tools = {t["api_name"]: t for t in _read_table(tools_path)}
+    tools = {t["api_name"]: t for t in _read_table(tools_path, ("api_name",))}
     by_field: dict[str, list[str]] = {}
     for name in sorted(tools):
       by_field.setdefault(tools[name].get("field", ""), []).append(name)
-    for index, r in enumerate(_read_table(path)):
+    for index, r in enumerate(_read_table(path, ("calling", "query"))):
       row_id = str(r.get("id", f"{os.path.basename(path)}_{index}"))
       calls = [(c["api"], dict(c.get("parameters") or {})) for c in r["calling"]]
       missing = sorted({name for name, _ in calls if name not in tools})
@@ -281,12 +293,15 @@ class SealTools(datasets.Builder):
         others = [t for t in by_field[tools[name].get("field", "")] if t not in offered]
         for k in range(min(_SEAL_DISTRACTORS, len(others))):
           offered.append(others[(seed + k) % len(others)])
+      # In an order fixed by the row, not gold first: a model that favours the first function
+      # offered would otherwise name the right one for free.
+      offered.sort(key=lambda name: hashlib.md5(f"{row_id}/{name}".encode()).hexdigest())
       yield datasets.row(
           index,
           row_id,
           [{"role": "user", "content": r["query"]}],
           [_seal_function(tools[name]) for name in offered],
-          _gold(calls),
+          datasets.whole_values_gold(calls),
       )
 
 
@@ -297,9 +312,7 @@ def _every_gold_call_made(example: Example, answer: str, same_args) -> Verdict:
     calls = bfcl.parse_calls(answer)
   except bfcl.ParseError as e:
     return Verdict(False, f"Invalid syntax: {e}")
-  gold = [
-      (name, {k: v[0] for k, v in params.items()}) for call in example.gold for name, params in call.items()
-  ]
+  gold = datasets.whole_values_calls(example)
   if len(calls) != len(gold):
     return Verdict(False, f"{len(calls)} calls where the answer makes {len(gold)}.")
   unmatched = list(range(len(calls)))
@@ -364,7 +377,7 @@ class ApiBank(datasets.Builder):
 
   def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
     seen = set()
-    for index, r in enumerate(_read_table(path)):
+    for index, r in enumerate(_read_table(path, ("instruction", "input", "expected_output"))):
       row_id = f"{os.path.splitext(r.get('file', 'row'))[0]}_{r.get('id', index)}"
       if row_id in seen:
         row_id = f"{row_id}_{index}"
@@ -386,7 +399,7 @@ class ApiBank(datasets.Builder):
           row_id,
           [{"role": "user", "content": dialogue}],
           [_api_bank_function(a) for a in apis.values()],
-          _gold([(calls[0].name, calls[0].args)]),
+          datasets.whole_values_gold([(calls[0].name, calls[0].args)]),
       )
 
 
@@ -398,7 +411,7 @@ def _api_bank_value(value: Any, kind: str) -> Any:
       return int(float(text))
     if kind == "float":
       return float(text)
-  except ValueError:
+  except (ValueError, OverflowError):  # not a number, or int() of an infinite one
     return text
   if kind == "boolean":
     return text == "True"
@@ -413,7 +426,7 @@ def check_api_bank(example: Example, answer: str) -> Verdict:
   if call.name != gold_name:
     return Verdict(False, f"API {call.name!r} is not {gold_name!r}.")
   if set(call.args) != set(gold_params):
-    return Verdict(False, f"Arguments {sorted(call.args)} are not {sorted(gold_params)}.")
+    return Verdict(False, f"Arguments {sorted(call.args, key=str)} are not {sorted(gold_params)}.")
   properties = next(f for f in example.functions if f["name"] == gold_name)["parameters"]["properties"]
   kinds = {p: properties.get(p, {}).get("type", "string") for p in gold_params}
   wrong = sorted(
@@ -491,7 +504,7 @@ class Toolalpaca(datasets.Builder):
 
   def _generate_examples(self, path: str) -> Iterator[tuple[str, dict]]:
     index = 0
-    for tool in _read_table(path):
+    for tool in _read_table(path, ("Name",)):
       try:
         functions = _alpaca_functions(tool)
       except ValueError as e:
@@ -521,7 +534,11 @@ class Toolalpaca(datasets.Builder):
           yield datasets.skipped_row(index, row_id, reason)
           continue
         yield datasets.row(
-            index, row_id, [{"role": "user", "content": instruction}], list(functions.values()), _gold(calls)
+            index,
+            row_id,
+            [{"role": "user", "content": instruction}],
+            list(functions.values()),
+            datasets.whole_values_gold(calls),
         )
 
 

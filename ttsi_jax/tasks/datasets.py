@@ -25,7 +25,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -101,7 +101,9 @@ One JSON object per line, in `test.jsonl` (and optionally `train.jsonl`) of the 
 `tools` is the OpenAI tools list (a bare {"name", "parameters", ...} function works too; JSON
 schema types, "number" checked as a float that may be written as an int). `calls`
 are all the calls the answer must make, in any order (`[]`: make none); an argument value is the
-one acceptable value, or {"one_of": [...]} for several (null among them: may be left out). An
+one acceptable value, or {"one_of": [...]} for several (null among them: may be left out); an
+object's keys (an "object" parameter, or the objects of an array whose items are objects) take
+values the same way, e.g. {"where": {"city": "Paris", "unit": {"one_of": ["C", null]}}}. An
 answer passing an argument that `calls` does not list is wrong, as in BFCL.
 """
 
@@ -130,6 +132,7 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
   calls = item.get("calls")
   if not isinstance(calls, list):
     raise ValueError("'calls' is not a list (use [] when the right answer calls nothing)")
+  by_name = {f["name"]: f for f in functions}
   gold = []
   for call in calls:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -137,10 +140,10 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
     arguments = call.get("arguments", {})
     if not isinstance(arguments, dict):
       raise ValueError(f"the arguments of {call['name']!r} are not an object")
-    gold.append({call["name"]: {k: _acceptable(v) for k, v in arguments.items()}})
+    properties = by_name.get(call["name"], {}).get("parameters", {}).get("properties", {})
+    gold.append({call["name"]: {k: _acceptable(v, properties.get(k)) for k, v in arguments.items()}})
   if gold:
     bfcl._check_ground_truth(gold, functions)
-    by_name = {f["name"]: f for f in functions}
     for call in gold:
       _check_arguments(*next(iter(call.items())), by_name)
   return row(index, str(row_id), messages, functions, gold)
@@ -194,13 +197,25 @@ def _bfcl_types(schema: Any) -> Any:
   return out
 
 
-def _acceptable(value: Any) -> list:
-  """An argument's acceptable values in BFCL's form (None, may be left out, becomes "")."""
+def _acceptable(value: Any, schema: Optional[dict] = None) -> list:
+  """An argument's acceptable values in BFCL's form (None, may be left out, becomes ""). Given
+  the parameter's schema, an object's keys (and those of an array's objects) each get their own
+  list of acceptable values, as BFCL's dict checker reads them."""
   if isinstance(value, dict) and set(value) == {"one_of"}:
     if not isinstance(value["one_of"], list) or not value["one_of"]:
       raise ValueError("'one_of' needs a non-empty list of values")
-    return ["" if v is None else v for v in value["one_of"]]
-  return [value]
+    return ["" if v is None else _bfcl_value(v, schema) for v in value["one_of"]]
+  return [_bfcl_value(value, schema)]
+
+
+def _bfcl_value(value: Any, schema: Optional[dict]) -> Any:
+  kind = (schema or {}).get("type")
+  items = (schema or {}).get("items") or {}
+  if kind == "dict" and isinstance(value, dict):
+    return {k: _acceptable(v) for k, v in value.items()}
+  if kind in bfcl.NESTED_TYPES and items.get("type") == "dict" and isinstance(value, list):
+    return [_bfcl_value(v, items) for v in value]
+  return value
 
 
 class UserTools(Builder):
@@ -267,15 +282,16 @@ class DatasetTask(bfcl.FunctionCallingTask):
     # from: one built from other files (or another bfcl-eval) is removed and built again.
     source = _source(name, manual_dir)
     stamp = pathlib.Path(builder.data_dir, SOURCE_STAMP)
-    if builder.is_prepared() and (not stamp.exists() or stamp.read_text() != source):
+    if builder.is_prepared() and _built_from_other(name, manual_dir, stamp, source):
       logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = BUILDERS[name](config=config or None, data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
-        file_format="array_record",
-    )
-    stamp.write_text(source)
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
+          file_format="array_record",
+      )
+      stamp.write_text(source)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self._examples = []
@@ -303,6 +319,27 @@ class DatasetTask(bfcl.FunctionCallingTask):
       return self._scorer(example, answer)
     return super().check(example, answer)
 
+  def gold_answer(self, example: Example) -> str:
+    """A benchmark with its own rule stored its gold values whole (`whole_values_gold`): the
+    calls as they are; else BFCL's gold answer."""
+    if self._scorer is not None:
+      return bfcl.format_calls(whole_values_calls(example))
+    return super().gold_answer(example)
+
+
+def whole_values_gold(calls: Sequence[tuple[str, dict]]) -> list[dict]:
+  """Gold calls in `Example.gold`'s form, each value whole as its one acceptable value (a
+  benchmark scored by its own rule: "" is an empty string and an object is one value, not BFCL's
+  "may be left out" and per-key lists)."""
+  return [{name: {k: [v] for k, v in args.items()}} for name, args in calls]
+
+
+def whole_values_calls(example: Example) -> list[tuple[str, dict]]:
+  """The (name, arguments) calls that `whole_values_gold` stored."""
+  return [
+      (name, {k: v[0] for k, v in params.items()}) for call in example.gold for name, params in call.items()
+  ]
+
 
 SOURCE_STAMP = "ttsi_source.json"  # in a prepared dataset's folder: what it was built from
 
@@ -320,6 +357,17 @@ def _source(name: str, manual_dir: Optional[str]) -> str:
   except importlib.metadata.PackageNotFoundError:
     package = None
   return json.dumps({"files": files, "bfcl-eval": package})
+
+
+def _built_from_other(name: str, manual_dir: Optional[str], stamp: pathlib.Path, source: str) -> bool:
+  """Whether a prepared dataset was built from other files than `source` says. Without a manual
+  dir the files cannot be compared: the prepared dataset is reused (building it again would need
+  them), unless it is BFCL's and read another bfcl-eval (or says nothing of what it read)."""
+  if manual_dir:
+    return not stamp.exists() or stamp.read_text() != source
+  if name != "bfcl":
+    return False
+  return not stamp.exists() or json.loads(stamp.read_text())["bfcl-eval"] != json.loads(source)["bfcl-eval"]
 
 
 def _text(value) -> str:
