@@ -338,6 +338,14 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     experiment.Experiment(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("ids", [["a", "../../x"], ["a", "."], ["a", ""]])
+def test_kept_adapters_need_ids_that_are_folder_names(ids):
+  with pytest.raises(ValueError, match=r"keep_adapters: the ids .* are not folder names"):
+    experiment._check_folder_names("all", ids)
+  experiment._check_folder_names({"a"}, ids)  # only the kept inputs' ids count
+  experiment._check_folder_names("", ids)
+
+
 @pytest.mark.parametrize(
     "settings,message",
     [
@@ -457,13 +465,27 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   config.sft.learning_rate = 5e-3
   experiment.Experiment(config, workdir)._sft_adapter()
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
-  # A settings file cut while written: the adapter is trained again, not a JSON traceback.
+  # A run stopped while training anew leaves no settings that would vouch for other weights.
   settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
+  config.sft.learning_rate = 4e-3
+  counting = adaptation.Trainer.train_all
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(adaptation.Trainer, "train_all", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.Experiment(config, workdir)._sft_adapter()
+  assert not os.path.exists(settings)
+  monkeypatch.setattr(adaptation.Trainer, "train_all", counting)
+  experiment.Experiment(config, workdir)._sft_adapter()
+  assert len(trained) == 3
+  # A settings file cut while written: the adapter is trained again, not a JSON traceback.
   with open(settings, "r+") as f:
     f.truncate(len(f.read()) // 2)
   with caplog.at_level(logging.WARNING):
     experiment.Experiment(config, workdir)._sft_adapter()
-  assert len(trained) == 3 and "settings.json is unreadable" in caplog.text
+  assert len(trained) == 4 and "settings.json is unreadable" in caplog.text
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
@@ -553,6 +575,9 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   # Results without their config cannot be checked: refused, as is a config that is not JSON.
   (tmp_path / "config.json").write_text('{"seed": ')
   with pytest.raises(ValueError, match=r"config.json is not the JSON config a run writes"):
+    check(run)
+  (tmp_path / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"config.json holds a JSON list, not the config a run writes"):
     check(run)
   (tmp_path / "config.json").unlink()
   with pytest.raises(ValueError, match=r"holds results.jsonl but no config.json"):

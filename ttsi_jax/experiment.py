@@ -97,6 +97,18 @@ def _kept_ids(value: str, ids: Sequence[str]):
   return kept
 
 
+def _check_folder_names(kept, ids: Sequence[str]) -> None:
+  """Kept adapters go to workdir/adapters/<variant>/<input id>: each id must be one folder name."""
+  unsafe = sorted(
+      i for i in (ids if kept == "all" else kept) if i in ("", ".", "..") or "/" in i or os.sep in i
+  )
+  if unsafe:
+    raise ValueError(
+        f"keep_adapters: the ids {unsafe} are not folder names (kept adapters are saved to "
+        "workdir/adapters/<variant>/<id>); keep other inputs, or give these ids without '/'."
+    )
+
+
 def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
   """The BFCL category a run is scored on: task.category of a BFCL task, <category> of the TFDS
   dataset "bfcl/<category>"; None for any other task."""
@@ -189,6 +201,7 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
+    _check_folder_names(self.keep, [ex.id for ex in self.examples])
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
     self.sft_tasks = sft_tasks(config) if self.uses_sft else []
     # The stage configs too are checked before any model loads.
@@ -270,6 +283,9 @@ class Experiment:
       else:
         if saved is not None:
           logging.warning("sft: %s was trained under other settings; training it anew.", path)
+          # Gone before the adapter is overwritten: a run stopped mid-save never finds the old
+          # settings beside the new weights.
+          os.remove(settings_path)
         data = [
             adaptation.training_example(self.tokenizer, task, ex, ex.question, task.gold_answer(ex))
             for task in self.sft_tasks
@@ -597,8 +613,10 @@ class Experiment:
     def report() -> dict:
       records = records_lib.read(results_path)
       metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
-      with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
+      path = os.path.join(self.workdir, "metrics.json")
+      with open(path + ".tmp", "w") as f:  # swapped in whole: never half written
         json.dump(metrics, f, indent=2)
+      os.replace(path + ".tmp", path)
       print(format_summary(metrics))
       return metrics
 
@@ -622,6 +640,11 @@ class Experiment:
           previous = json.load(f)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path} is not the JSON config a run writes ({e}); put back the run's own.")
+      if not isinstance(previous, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(previous).__name__}, not the config a run writes; put back "
+            "the run's own."
+        )
       before, now = config_schema.flat(previous), config_schema.flat(current)
       # Fields added since the workdir's config was written act from the next wave on, with their
       # current values; the finished waves ran without them. Fields since removed no longer act.

@@ -65,6 +65,20 @@ def test_a_line_missing_fields_names_them():
     records.Record.from_dict(d)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"wave": "0"}, r"wave is an integer and its id a string, not '0'"),
+        ({"id": 3}, r"wave is an integer and its id a string, not 1, 3"),
+        ({"variants": []}, r"fields do not fit its format"),
+        ({"base": {"answer": "[f()]", "shade": 1}}, r"fields do not fit its format.*'shade'"),
+    ],
+)
+def test_a_line_of_other_types_is_refused_by_name(change, message):
+  with pytest.raises(ValueError, match=message):
+    records.Record.from_dict({**json.loads(_record().to_json()), **change})
+
+
 def test_lines_carry_their_format_and_a_newer_one_is_refused():
   d = json.loads(_record().to_json())
   assert d["format"] == records.FORMAT

@@ -153,14 +153,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     content = "Request: How big is a circle of radius 1?\nCall: [circle_properties.get(radius=1)]"
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
       content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
-    status = {"refuse": 404, "too_long": 400}.get(self.mode, 200)
+    mode = self.mode
+    if mode == "input_too_long":  # this input's request only: a minimal one is answered
+      mode = (
+          "ok" if type(self).last_request["messages"] == synthesis.EndpointSynthesizer.PROBE else "too_long"
+      )
+    status = {"refuse": 404, "too_long": 400}.get(mode, 200)
     body = (
         b'{"choices": []}'
-        if self.mode == "empty"
+        if mode == "empty"
         else b'{"error": "model \'m\' does not exist"}'
-        if self.mode == "refuse"
+        if mode == "refuse"
         else b'{"error": "prompt too long"}'
-        if self.mode == "too_long"
+        if mode == "too_long"
         else json.dumps({"choices": [{"message": {"content": content}}]}).encode()
     )
     try:
@@ -222,11 +227,21 @@ def test_a_request_refused_after_others_succeeded_fails_only_its_input(endpoint,
   teacher = _teacher(endpoint)
   _Handler.mode = "too_long"
   with pytest.raises(synthesis.TeacherRequestError, match="HTTP 400.*prompt too long"):
-    teacher.synthesize([example])  # no request has worked yet: the request itself is wrong
+    teacher.synthesize([example])  # refused, and so is a minimal request: the fields are wrong
+  assert _Handler.hits == 2
   _Handler.mode = "ok"
   assert teacher.synthesize([example])[0][0].kept
   _Handler.mode, _Handler.hits = "too_long", 0
   assert teacher.synthesize([example]) == [None] and _Handler.hits == 1  # not retried
+
+
+def test_an_input_refused_first_fails_alone_where_a_minimal_request_is_answered(endpoint, example):
+  """The first request of a run (a resumed one's too) refused for its input, not its fields."""
+  _Handler.mode = "input_too_long"
+  teacher = _teacher(endpoint)
+  assert teacher.synthesize([example]) == [None] and _Handler.hits == 2  # the request, the probe
+  _Handler.hits = 0
+  assert teacher.synthesize([example]) == [None] and _Handler.hits == 1  # no probe once answered
 
 
 def test_request_json_changes_the_request_fields(endpoint, example):

@@ -81,16 +81,23 @@ class Record:
     ]
     if missing:
       raise ValueError(f"a results record needs the fields {missing}")
+    if type(d["wave"]) is not int or not isinstance(d["id"], str):
+      raise ValueError(
+          f"a results record's wave is an integer and its id a string, not {d['wave']!r}, {d['id']!r}"
+      )
     teacher = d.get("teacher_pairs")
-    return cls(
-        **{
-            **d,
-            "base": BaseAnswer(**d["base"]),
-            "pairs": [Pair(**p) for p in d["pairs"]],
-            "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
-            "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher,
-        }
-    )
+    try:
+      return cls(
+          **{
+              **d,
+              "base": BaseAnswer(**d["base"]),
+              "pairs": [Pair(**p) for p in d["pairs"]],
+              "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
+              "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher,
+          }
+      )
+    except (TypeError, AttributeError) as e:  # a field of another shape, or one this format lacks
+      raise ValueError(f"a results record's fields do not fit its format: {e}") from None
 
   @classmethod
   def from_json(cls, line: str) -> "Record":

@@ -228,14 +228,15 @@ class TeacherError(RuntimeError):
 
 
 class TeacherRequestError(ValueError):
-  """The teacher endpoint refused the request itself (key, model, URL, or a request field before
-  any request succeeded): every input would fail the same way, so the run stops and says so
+  """The teacher endpoint refused the request itself (key, model, URL, or a request field, which a
+  minimal request shows): every input would fail the same way, so the run stops and says so
   instead of falling back to base."""
 
 
 # Refusals a retry cannot fix (other HTTP errors, 408 / 429 / 5xx, are retried): of the setup,
-# which stop the run; and of one request, which stop the run only while none has succeeded yet
-# (a wrong request field), else only fail that input (e.g. a prompt too long, a content filter).
+# which stop the run; and of one request, which stop the run where a minimal request with the same
+# fields is refused too (a wrong request field), else only fail that input (e.g. a prompt too
+# long, a content filter).
 _REFUSED_SETUP = {401: "unauthorized", 403: "forbidden", 404: "not found", 405: "method not allowed"}
 _REFUSED_REQUEST = {400: "bad request", 413: "request too large", 422: "unprocessable request"}
 
@@ -272,9 +273,13 @@ class EndpointSynthesizer:
 
   A request that times out, fails or returns an unusable body is retried with backoff; after the
   last retry that input gets no pairs (`None`), so the loop answers it with the base model and
-  counts it. A refusal of the setup (401 / 403 / 404 / 405), or of the request before any has
-  succeeded, raises TeacherRequestError at once; a later refused request fails its input alone.
+  counts it. A refusal of the setup (401 / 403 / 404 / 405) raises TeacherRequestError at once; so
+  does a refused request (400 / 413 / 422) before any has succeeded, unless the endpoint answers a
+  minimal request with the same fields (then that input alone fails, as it does after a success:
+  a fresh and a resumed run judge it alike).
   """
+
+  PROBE = [{"role": "user", "content": "Reply with OK."}]
 
   def __init__(self, task: Task, endpoint: EndpointConfig, cfg: SynthesisConfig):
     self.task = task
@@ -295,7 +300,7 @@ class EndpointSynthesizer:
     }
     return {k: v for k, v in body.items() if v is not None}
 
-  def _complete(self, msgs: list[dict]) -> str:
+  def _complete(self, msgs: list[dict], probe: bool = True) -> str:
     e = self.endpoint
     body = json.dumps(self.request_body(msgs)).encode()
     headers = {"Content-Type": "application/json"}
@@ -327,7 +332,7 @@ class EndpointSynthesizer:
         except OSError:
           detail = ""
         message = f"Teacher endpoint {url} refused the request: HTTP {err.code} ({refused}): " f"{detail}"
-        if err.code in _REFUSED_SETUP or not self.answered:
+        if err.code in _REFUSED_SETUP or not (self.answered or (probe and self._fields_accepted())):
           raise TeacherRequestError(
               f"{message}\nCheck teacher.base_url, teacher.model and ${e.api_key_env}; change "
               "request fields with teacher.request_json."
@@ -344,6 +349,14 @@ class EndpointSynthesizer:
       ) as err:
         last_error = f"{type(err).__name__}: {err}"
     raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: " f"{last_error}")
+
+  def _fields_accepted(self) -> bool:
+    """Whether the endpoint answers `PROBE` with this run's request fields."""
+    try:
+      self._complete(self.PROBE, probe=False)
+    except (TeacherError, TeacherRequestError):
+      return False
+    return True
 
   def synthesize(
       self, examples: Sequence[Example], rng: Optional[jax.Array] = None
