@@ -138,6 +138,22 @@ def test_values_end_early_and_equal_values_decoded_to_max_value_tokens(hf_checkp
   assert any(ended) and not all(ended)  # the rule's calls, and decodes again in full
 
 
+def test_inactive_rows_are_not_decoded_and_leave_the_others_as_they_were(hf_checkpoints):
+  import jax
+
+  config, params = hf.load(hf_checkpoints["qwen2"][0])
+  sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)
+  tok = _CharTokenizer()
+  decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=3)
+  pre = sampler.prefill([tok.encode(t) for t in ("Weather in Paris?", "Hi", "x=1,")], reserve=256)
+  args = ([FUNCTIONS] * 3, ["get_weather", "not_offered", "get_weather"])
+  sampling = sampler_lib.SamplingParams(temperature=1.0)
+  masked = decoder.decode(pre, *args, sampling=sampling, rng=jax.random.key(3), active=[True, False, True])
+  assert masked[1] == ""  # its function is not even looked up
+  whole = decoder.decode(pre, [FUNCTIONS] * 3, ["get_weather"] * 3, sampling=sampling, rng=jax.random.key(3))
+  assert [masked[0], masked[2]] == [whole[0], whole[2]]
+
+
 def test_calls_close_when_the_cache_has_no_room_for_another_argument(hf_checkpoints):
   config, params = hf.load(hf_checkpoints["qwen2"][0])
   sampler = sampler_lib.Sampler(config, params, stop_ids=[0], pad_id=0)

@@ -70,6 +70,34 @@ def test_one_compilation_per_bucket(sampler, monkeypatch, packed):
   assert fn._cache_size() == before + 1
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_batchs_padding_rows_stop_at_once(sampler, monkeypatch, packed):
+  """5 prompts fill a batch of 6: the 6th row is inactive (it would otherwise decode until it drew a
+  stop token, holding the whole batch's loop)."""
+  monkeypatch.setattr(sampler, "packs_prompts", lambda: packed)
+  name = "generate_tokens_packed" if packed else "generate_tokens"
+  original, seen = getattr(sampler_lib, name), []
+
+  def spy(*args, **kwargs):
+    out = original(*args, **kwargs)
+    seen.append((np.asarray(args[-1]), np.asarray(out)))
+    return out
+
+  monkeypatch.setattr(sampler_lib, name, spy)
+  params = SamplingParams(max_new_tokens=6)
+  prompts = _prompts([4, 9, 7, 3, 5])
+  assert sampler.generate(prompts, params) == [sampler.generate([p], params)[0] for p in prompts]
+  active_B, out_BO = seen[0]
+  assert active_B.tolist() == [True] * 5 + [False]
+  assert (out_BO[5, 1:] == sampler.pad_id).all()
+  assert all((row != sampler.pad_id).any() for row in out_BO[:5, 1:])  # the real rows decoded on
+
+
+def test_pad_and_stop_ids_must_be_rows_of_the_embedding(sampler):
+  with pytest.raises(ValueError, match=rf"ids \[{VOCAB + 3}\] are not rows of the model's embedding"):
+    sampler_lib.Sampler(sampler.config, sampler.params, stop_ids=[VOCAB - 1], pad_id=VOCAB + 3)
+
+
 def test_sampled_row_does_not_depend_on_its_batch_neighbours(sampler):
   prompts = _prompts([5, 8, 13])
   params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9)

@@ -157,16 +157,20 @@ class CallDecoder:
       leads: Optional[Sequence[str]] = None,
       sampling: SamplingParams = SamplingParams(),
       rng: Optional[jax.Array] = None,
+      active: Optional[Sequence[bool]] = None,
   ) -> list[str]:
     """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
 
     `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default;
-    `rng`: one key or one per row (see `sampler.row_keys`).
+    `rng`: one key or one per row (see `sampler.row_keys`); rows not `active` get "" and no work.
     """
     leads = leads or [""] * pre.rows
     enc = self.tokenizer.encode
     rows = []
-    for name, funcs in zip(names, functions):
+    for i, (name, funcs) in enumerate(zip(names, functions)):
+      if active is not None and not active[i]:
+        rows.append(_Row(text="", function={}, used=[], done=True))
+        continue
       function = next((f for f in funcs if f.get("name") == name), None)
       if function is None:
         raise ValueError(f"Function {name!r} is not among the offered functions.")

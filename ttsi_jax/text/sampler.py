@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ttsi_jax.model import cpu_attention
 from ttsi_jax.model import lora as lora_lib
@@ -334,17 +335,19 @@ def generate_tokens(
     positions_BP,
     keys_B,
     lora=None,
+    active_B=None,
     *,
     config: ModelConfig,
     sampling: SamplingParams,
     stop_ids: tuple[int, ...],
     pad_id: int,
 ):
-  """New tokens_BO (pad after a row's stop token) for left-padded prompts."""
+  """New tokens_BO (pad after a row's stop token) for left-padded prompts; inactive rows (a
+  batch's padding) stop at once instead of decoding until they happen to draw a stop token."""
   prefix = _prefill(
       config, params, tokens_BP, positions_BP, lora, tokens_BP.shape[1] + sampling.max_new_tokens
   )
-  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
+  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -356,6 +359,7 @@ def generate_tokens_packed(
     last_1B,
     keys_B,
     lora=None,
+    active_B=None,
     *,
     config: ModelConfig,
     sampling: SamplingParams,
@@ -365,7 +369,7 @@ def generate_tokens_packed(
   """`generate_tokens` for prompts packed in one row (`pack_prompts`)."""
   length = prompts.to_cache_BP.shape[1] + sampling.max_new_tokens
   prefix = _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length)
-  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id)
+  return _decode(config, params, prefix, keys_B, lora, sampling, stop_ids, pad_id, active_B)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "length"))
@@ -487,6 +491,12 @@ class Sampler:
     self.params = params
     self.stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
     self.pad_id = int(pad_id)
+    beyond = [i for i in (self.pad_id, *self.stop_ids) if not 0 <= i < config.vocab_size]
+    if beyond:  # their embedding would be NaN (jnp.take's fill), and so every logit near them
+      raise ValueError(
+          f"The tokenizer's pad / stop token ids {beyond} are not rows of the model's embedding "
+          f"(vocab_size {config.vocab_size}): give the model a tokenizer of its own vocabulary."
+      )
     self.max_batch = max_batch
     self.mesh = sharding.mesh_of(params)  # batches are split over its data / fsdp axes
 
@@ -632,12 +642,18 @@ class Sampler:
       chunk = prompts[start : start + self.max_batch]
       batch = sharding.fill_batch_shards(self.mesh, bucket(len(chunk)))
       keys_B = row_keys(keys[start : start + len(chunk)], len(chunk), batch)
+      active_B = np.arange(batch) < len(chunk)
       if self.packs_prompts():
         tokens_1T, positions_1T, packed, last_1B = pack_prompts(chunk, length, batch, self.pad_id)
-        out_BO = np.asarray(packed_fn(self.params, tokens_1T, positions_1T, packed, last_1B, keys_B, lora))
+        out_BO = np.asarray(
+            packed_fn(self.params, tokens_1T, positions_1T, packed, last_1B, keys_B, lora, active_B)
+        )
       else:
         tokens_BP, positions_BP = left_pad(chunk, length, batch, self.pad_id)
-        out_BO = np.asarray(self.call_rows(fn, False, lora, tokens_BP, positions_BP, keys_B))
+        rows = (tokens_BP, positions_BP, keys_B, active_B)
+        out_BO = np.asarray(
+            self.call_rows(lambda p, t, q, k, a, lora: fn(p, t, q, k, lora, a), False, lora, *rows)
+        )
       results.extend(self._trim(out_BO[b]) for b in range(len(chunk)))
     return results
 
@@ -664,6 +680,14 @@ def load_model(path: str, dtype: str, mesh, max_batch: int = 64, attention: str 
   config, params = checkpoints.load(path, dtype, mesh)
   config = dataclasses.replace(config, attention=attention)
   tokenizer = tokenizer_lib.load(path)
+  if len(tokenizer.hf) > config.vocab_size:  # such a token's embedding would be NaN
+    logging.warning(
+        "%s: the tokenizer has %d tokens, the model's embedding %d rows: text holding the tokens "
+        "beyond them would make the logits NaN.",
+        path,
+        len(tokenizer.hf),
+        config.vocab_size,
+    )
   return LoadedModel(
       config, params, tokenizer, Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id, max_batch)
   )

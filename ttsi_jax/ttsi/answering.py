@@ -53,8 +53,9 @@ class Answerer:
     single = [i for i, ex in enumerate(examples) if len(self.task.candidates(ex)) == 1]
     if not single or num_samples <= 0:
       return stats
+    active = [i in single for i in range(len(examples))]  # the other rows are not decoded
     runs = [
-        self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True)
+        self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True, active=active)
         for s in range(num_samples)
     ]
     candidates = list(stats.candidates)
@@ -84,14 +85,18 @@ class Answerer:
       candidates[i] = calls[:fit]
     return stats.with_rows(single, self.score(pre, examples, candidates))
 
-  def answer(self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool) -> list:
+  def answer(
+      self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool, active=None
+  ) -> list[str]:
+    """An answer per input, calling its function `best`; inputs not `active` get ""."""
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
     sampling = SamplingParams(
         self.max_new_tokens, self.temperature if sample else 0.0, self.top_p if sample else 1.0
     )
     if self.well_formed:
-      return self.decoder.decode(pre, [ex.functions for ex in examples], names, sampling=sampling, rng=rng)
-    outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng)
+      functions = [ex.functions for ex in examples]
+      return self.decoder.decode(pre, functions, names, sampling=sampling, rng=rng, active=active)
+    outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng, active)
     return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 
   def answers(self, pre, examples, stats: uncertainty.CandidateStats, rng, modes) -> dict:
