@@ -232,7 +232,7 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   ]  # one adapter, saved for both variants
   jax.tree.map(np.testing.assert_array_equal, *shared)
   out = str(tmp_path / "hf")
-  result = subprocess.run(
+  export = lambda: subprocess.run(
       [
           sys.executable,
           "-m",
@@ -248,7 +248,10 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
       timeout=300,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
   )
+  result = export()
   assert result.returncode == 0, result.stderr[-2000:]
+  again = export()  # the folder's files would mix with another export's
+  assert again.returncode != 0 and f"--out={out} is not empty" in again.stderr
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   adapter, _ = orbax_lib.load_adapter(f"{workdir}/adapters/oracle/multiple_2")
   model_config, params = checkpoints.load(tiny_chat_model)

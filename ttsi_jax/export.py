@@ -69,12 +69,14 @@ def save_peft(folder: str, config: ModelConfig, adapter: lora_lib.Adapter, base_
 
 def main(argv):
   del argv
+  if os.path.isdir(_OUT.value) and os.listdir(_OUT.value):  # old weights or adapter files would mix in
+    raise app.UsageError(f"--out={_OUT.value} is not empty: give a new or empty folder.")
   config = _CONFIG.value
   base = checkpoints.resolve(config.model.path)
   adapter = None
   if _ADAPTER.value:
     adapter, meta = orbax_lib.load_adapter(_ADAPTER.value)
-    if os.path.abspath(meta["base_model"]) != os.path.abspath(base):
+    if os.path.abspath(str(meta.get("base_model"))) != os.path.abspath(base):
       logging.warning("Adapter was trained on %s; exporting it onto %s.", meta["base_model"], base)
   if _FORMAT.value == "peft":
     if adapter is None:

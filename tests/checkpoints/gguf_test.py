@@ -101,3 +101,38 @@ def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, messag
   writer.close()
   with pytest.raises(CheckpointError, match=message):
     checkpoints.load(path)
+
+
+def _write_llama_gguf(path, extra_tensors=()):
+  """A complete one-layer llama GGUF (width 8, 2 heads, MLP 16, 8 tokens), plus `extra_tensors`."""
+  rng = np.random.default_rng(0)
+  writer = gguf.GGUFWriter(path, "llama")
+  writer.add_block_count(1)
+  writer.add_embedding_length(8)
+  writer.add_feed_forward_length(16)
+  writer.add_head_count(2)
+  writer.add_head_count_kv(2)
+  writer.add_layer_norm_rms_eps(1e-6)
+  writer.add_context_length(64)
+  writer.add_token_list([f"t{i}" for i in range(8)])
+  shapes = {"token_embd.weight": (8, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,)}
+  shapes |= {f"blk.0.{n}.weight": (8, 8) for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+  shapes |= {"blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8)}
+  shapes |= {"blk.0.ffn_down.weight": (8, 16), **dict(extra_tensors)}
+  for name, shape in shapes.items():
+    writer.add_tensor(name, rng.normal(size=shape).astype(np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_gguf_tensors_its_metadata_cannot_place_are_refused(tmp_path):
+  """Llama's metadata has no attention-bias key: q/k/v biases would be dropped, not run."""
+  plain, biased = str(tmp_path / "plain.gguf"), str(tmp_path / "biased.gguf")
+  _write_llama_gguf(plain)
+  config, _ = checkpoints.load(plain)
+  assert (config.num_layers, config.embed_dim, config.qkv_bias) == (1, 8, False)
+  _write_llama_gguf(biased, {"blk.0.attn_q.bias": (8,)})
+  with pytest.raises(CheckpointError, match=r"tensors \['blk.0.attn_q.bias'\] are not part of the Llama"):
+    checkpoints.load(biased)

@@ -117,3 +117,53 @@ def test_missing_tensor_is_named(tmp_path, hf_checkpoints):
   save_file(tensors, dst / "model.safetensors")
   with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.k_proj.bias is missing"):
     checkpoints.load(str(dst))
+
+
+def test_quantized_checkpoints_are_refused_not_read_as_numbers(tmp_path, hf_checkpoints):
+  """An int8 checkpoint's weights match the name table: read as floats they would load as ±127."""
+  from safetensors.numpy import load_file, save_file
+
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  cfg = json.loads((dst / "config.json").read_text())
+  (dst / "config.json").write_text(
+      json.dumps({**cfg, "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}})
+  )
+  with pytest.raises(CheckpointError, match=r"quantized checkpoints \('bitsandbytes'\) are not supported"):
+    checkpoints.load(str(dst))
+  (dst / "config.json").write_text(json.dumps(cfg))  # the config says nothing: the tensors do
+  tensors = load_file(dst / "model.safetensors")
+  name = "model.layers.0.self_attn.q_proj.weight"
+  tensors[name] = np.clip(tensors[name] * 1000, -127, 127).astype(np.int8)
+  save_file(tensors, dst / "model.safetensors")
+  with pytest.raises(CheckpointError, match=rf"{name} holds int8 values, not floats"):
+    checkpoints.load(str(dst))
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"w": {"dtype": "F32", "shape": [2]}}, r"header is malformed \(KeyError: 'data_offsets'\)"),
+        (["w"], r"header is malformed \(TypeError"),
+        (
+            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            r"tensor w's shape \[3\] does not fit",
+        ),
+    ],
+)
+def test_a_malformed_safetensors_header_is_named(tmp_path, header, message):
+  head = json.dumps(header).encode()
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(len(head).to_bytes(8, "little") + head + bytes(8))
+  with pytest.raises(CheckpointError, match=r"model.safetensors: .*" + message):
+    hf.SafetensorsFile(str(path))
+
+
+def test_a_single_file_is_read_before_a_sharded_index_as_transformers_does(tmp_path, hf_checkpoints):
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  (dst / "model.safetensors.index.json").write_text('{"weight_map": {"x": "gone.safetensors"}}')
+  _, params = hf.load(str(dst))
+  _, original = hf.load(hf_checkpoints["llama"][0])
+  jax.tree.map(np.testing.assert_array_equal, params, original)
+  (dst / "model.safetensors").unlink()
+  with pytest.raises(CheckpointError, match=r"gone.safetensors: not a readable safetensors file"):
+    hf.load(str(dst))

@@ -128,10 +128,12 @@ def load(path: str, dtype: str = "float32", place=None) -> tuple[ModelConfig, di
   config = config_from_gguf(reader, path, dtype)
   tensors = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
   permute = config.architecture == "LlamaForCausalLM"
+  read = set()
 
   def get_tensor(name: str) -> np.ndarray:
     if name not in tensors:
       raise CheckpointError(f"{path}: tensor for {name} is missing from the GGUF file.")
+    read.add(name)
     t = tensors[name]
     try:
       x = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -146,4 +148,11 @@ def load(path: str, dtype: str = "float32", place=None) -> tuple[ModelConfig, di
       x = _unpermute(x, config.num_kv_heads)
     return x
 
-  return config, hf.params_from_hf(config, get_tensor, place)
+  params = hf.params_from_hf(config, get_tensor, place)
+  unread = sorted(tensors[name].name for name in set(tensors) - read)
+  if unread:  # e.g. q/k/v biases of a llama GGUF: its metadata cannot say the model has them
+    raise CheckpointError(
+        f"{path}: tensors {unread[:5]} are not part of the {config.architecture} this GGUF's "
+        "metadata describes; load the model's HF checkpoint folder instead."
+    )
+  return config, params

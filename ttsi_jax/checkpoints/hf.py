@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from typing import Callable, Mapping, Optional
@@ -53,6 +54,13 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
   """ModelConfig from a HF config dict; `where` names the file in error messages."""
   archs = cfg.get("architectures") or []
   arch = archs[0] if archs else None
+  quantization = cfg.get("quantization_config")
+  if quantization:  # its integer weights and scales would load as plain numbers
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
+    raise CheckpointError(
+        f"{where}: quantized checkpoints ({method!r}) are not supported; load the unquantized "
+        "weights (or a GGUF file, whose quantizations are dequantized on load)."
+    )
   if arch not in SUPPORTED_ARCHITECTURES:
     raise CheckpointError(
         f"{where}: architecture {arch!r} is not supported; supported "
@@ -202,14 +210,20 @@ def params_from_hf(
   """
   place = place or (lambda path, x: x)
   shapes = transformer.param_shapes(config)
+
+  def read(name: str, e: Entry) -> np.ndarray:
+    x = np.asarray(get_tensor(name))
+    if not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+      raise CheckpointError(f"Tensor {name} holds {x.dtype} values, not floats: a quantized checkpoint?")
+    return _to_ours(x, e)
+
   params: dict = {}
   for e in entries(config):
     want = _get(shapes, e.path)
     if e.per_layer:
-      layers = [_to_ours(get_tensor(e.hf_name.format(i=i)), e) for i in range(config.num_layers)]
-      value = np.stack(layers)
+      value = np.stack([read(e.hf_name.format(i=i), e) for i in range(config.num_layers)])
     else:
-      value = _to_ours(get_tensor(e.hf_name), e)
+      value = read(e.hf_name, e)
     if value.shape != tuple(want.shape):
       raise CheckpointError(
           f"Tensor {e.hf_name} has shape {value.shape} in our layout but the "
@@ -275,17 +289,26 @@ class SafetensorsFile:
           f"{path}: not a readable safetensors file ({e}). The file is corrupt or "
           "truncated; download or save it again."
       ) from None
-    header.pop("__metadata__", None)
     data_start = 8 + header_len
-    for name, info in header.items():
-      end = info["data_offsets"][1]
-      if data_start + end > size:
-        raise CheckpointError(
-            f"{path}: tensor {name} ends at byte {data_start + end} but the file "
-            f"has {size} bytes: the file is truncated; download or save it again."
-        )
-      if info["dtype"] not in _ST_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+    try:
+      header.pop("__metadata__", None)
+      for name, info in header.items():
+        start, end = info["data_offsets"]
+        if data_start + end > size:
+          raise CheckpointError(
+              f"{path}: tensor {name} ends at byte {data_start + end} but the file "
+              f"has {size} bytes: the file is truncated; download or save it again."
+          )
+        if info["dtype"] not in _ST_DTYPES:
+          raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+        if end - start != math.prod(info["shape"]) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize:
+          raise CheckpointError(f"{path}: tensor {name}'s shape {info['shape']} does not fit its bytes.")
+    except CheckpointError:
+      raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(
+          f"{path}: the safetensors header is malformed ({type(e).__name__}: {e}); save the file again."
+      ) from None
     self._header = header
     self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if header else None
 
@@ -293,23 +316,29 @@ class SafetensorsFile:
     return list(self._header)
 
   def get(self, name: str) -> np.ndarray:
+    if name not in self._header:
+      raise CheckpointError(f"{self.path}: no tensor {name}, which the checkpoint's index places here.")
     info = self._header[name]
     start, end = info["data_offsets"]
     return self._data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def open_safetensors_folder(folder: str) -> dict[str, SafetensorsFile]:
-  """{HF tensor name: file holding it} for model.safetensors or a sharded index."""
+  """{HF tensor name: file holding it} for model.safetensors or else a sharded index (the order
+  in which transformers looks for them)."""
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = {name: SafetensorsFile(os.path.join(folder, name)) for name in set(weight_map.values())}
-    return {tensor: files[name] for tensor, name in weight_map.items()}
   if os.path.exists(single):
     st = SafetensorsFile(single)
     return {name: st for name in st.keys()}
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = dict(json.load(f)["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}).") from None
+    files = {name: SafetensorsFile(os.path.join(folder, name)) for name in set(weight_map.values())}
+    return {tensor: files[name] for tensor, name in weight_map.items()}
   raise CheckpointError(
       f"{folder}: no model.safetensors or model.safetensors.index.json found; "
       "save the model with safetensors (save_pretrained does by default)."

@@ -77,8 +77,12 @@ def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:
       "rank": int(jax.tree.leaves(adapter.weights)[0].shape[-1]),
       "shapes": shapes,
   }
-  with open(os.path.join(path, ADAPTER_META), "w") as f:
+  meta_path = os.path.join(path, ADAPTER_META)
+  with open(meta_path + ".tmp", "w") as f:  # swapped in whole, on disk before the run logs the wave
     json.dump(meta, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(meta_path + ".tmp", meta_path)
 
 
 def load_adapter(path: str) -> tuple[lora_lib.Adapter, dict]:
