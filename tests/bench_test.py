@@ -25,12 +25,17 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_m
   report = json.loads(out.read_text())
   assert report["stage"] == "scaling" and report["model"] == "random, tiny shapes"
   assert report["steps_per_adapter"] == 5  # the default config's epochs, one pair per adapter
+  assert report["repeats"] == 1 and report["adaptation"]["rank"] == 8 and report["adaptation"]["epochs"] == 5
   rows = report["rows"]
   assert [r["adapters"] for r in rows] == [1, 3]
   # FLOPs per sequence and step, by hand for the tiny shapes (2 layers, width 64, 4 heads of 16,
-  # 2 KV heads, MLP 128, vocabulary 512): linear layers 2 x 36864 per token over 120 tokens,
-  # causal attention 4 x 64 x 7260, the head over the 20 answer tokens, doubled for the backward.
-  per_sequence_step = 2 * (2 * (2 * 36864 * 120 + 4 * 64 * 7260) + 2 * 64 * 512 * 20)
+  # 2 KV heads, MLP 128, vocabulary 512) and the default config's rank-8 LoRA on every linear
+  # layer: per layer the frozen weights 2 x 36864 per token over 120 tokens, doubled for the
+  # activation gradients; causal attention 4 x 64 x 7260, tripled (dQ, dK, dV, dP); LoRA 2 x 8 x
+  # 1024 (in + out of the 7 targets) per token, tripled (its weight gradients too); the head over
+  # the 20 answer tokens, doubled.
+  per_layer = 2 * 36864 * 120 * 2 + 4 * 64 * 7260 * 3 + 2 * 8 * 1024 * 120 * 3
+  per_sequence_step = 2 * per_layer + 2 * 64 * 512 * 20 * 2
   for r in rows:
     counted = r["gflop_per_s"] * 1e9 * r["seconds"]
     assert counted == pytest.approx(per_sequence_step * 5 * r["adapters"], rel=1e-9)
@@ -80,6 +85,7 @@ def test_decode_stage_writes_its_table_to_json(tiny_chat_model, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["stage"] == "decode" and report["new_tokens"] == 3 and report["dtype"] == "float32"
+  assert (report["platform"], report["devices"], report["repeats"]) == ("cpu", 1, 1)
   rows = report["rows"]
   assert [(r["implementation"], r["batch"]) for r in rows] == [("ttsi_jax", 1), ("ttsi_jax", 2)]
   assert all(r["seconds"] > 0 for r in rows) and "greedy decode, 3 new tokens per row" in result.stdout

@@ -60,6 +60,47 @@ def test_gpu_dry_run_and_missing_host():
   assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
 
 
+def test_an_absolute_workdir_is_fetched_from_where_the_job_wrote_it():
+  gpu = _run("gpu.sh", "--dry-run", "all", GPU_HOST="me@gpu-box", WORKDIR="/data/run")
+  assert "rsync -az me@gpu-box:/data/run/ results/gpu/" in gpu.stdout and "--exclude=//" not in gpu.stdout
+  checks = _run("gpu.sh", "--dry-run", "checks", GPU_HOST="me@gpu-box", WORKDIR="/data/run")
+  assert "me@gpu-box:/data/run/checks/scaling.json" in checks.stdout
+  tpu = _run("tpu_vm.sh", "--dry-run", "collect", **TPU, WORKDIR="/data/run")
+  assert "scp --recurse ttsi-v5:/data/run results/ttsi-v5/" in tpu.stdout
+
+
+def test_the_scripts_work_from_any_folder(tmp_path):
+  """They read the repo (rsync ./, git ls-files) from its root wherever they are started."""
+  result = subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "gpu.sh"), "--dry-run", "setup"],
+      cwd=tmp_path,
+      env={**os.environ, "GPU_HOST": "me@gpu-box"},
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "--exclude=.git ./ me@gpu-box:ttsi_jax/" in result.stdout and not list(tmp_path.iterdir())
+
+
+def test_a_failed_scaling_bench_still_brings_back_what_it_wrote(tmp_path):
+  """ssh and rsync stand-ins: the bench's ssh fails, the fetch runs, the step fails."""
+  log = tmp_path / "calls.log"
+  (tmp_path / "ssh").write_text(f"#!/bin/sh\necho ssh >> {log}\nexit 3\n")
+  (tmp_path / "rsync").write_text(f"#!/bin/sh\necho rsync >> {log}\n")
+  for tool in ("ssh", "rsync"):
+    os.chmod(tmp_path / tool, 0o755)
+  result = _run(
+      "gpu.sh",
+      "checks",
+      GPU_HOST="me@gpu-box",
+      RESULTS=str(tmp_path / "out"),
+      PATH=f"{tmp_path}:{os.environ['PATH']}",
+  )
+  assert result.returncode == 3 and "the scaling bench failed (exit 3)" in result.stderr
+  assert log.read_text().split() == ["ssh", "rsync"]  # the notebook does not run
+
+
 def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folder():
   result = _run("gpu.sh", "--dry-run", "checks", GPU_HOST="me@gpu-box", WORKDIR="wd")
   assert result.returncode == 0, result.stderr
@@ -88,6 +129,35 @@ def test_setup_installs_what_the_default_model_needs():
     commands = [" ".join(shlex.split(line)) for line in result.stdout.splitlines()]
     install = next(c for c in commands if "pip install -q -e" in c)
     assert "'.[hf]'" in install and "download.pytorch.org/whl/cpu" in install
+
+
+@pytest.mark.parametrize("version, venv_python", [("(3, 10)", "python3.11"), ("(3, 12)", "python3")])
+def test_setup_makes_its_venv_with_python_3_11_or_newer(tmp_path, version, venv_python):
+  """The venv command the scripts send, run here with stand-ins for python3, python3.11, sudo: a
+  machine whose python3 is 3.10 (the TPU VM images) gets python3.11 from apt."""
+  log = tmp_path / "calls.log"
+  check = f"import sys; sys.exit({version} < (3, 11))"
+  (tmp_path / "python3").write_text(
+      f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} -c "{check}"; fi\n'
+      f'echo "python3 $*" >> {log}\n'
+  )
+  (tmp_path / "python3.11").write_text(f'#!/bin/sh\necho "python3.11 $*" >> {log}\n')
+  (tmp_path / "sudo").write_text(f'#!/bin/sh\necho "sudo $*" >> {log}\n')
+  for tool in ("python3", "python3.11", "sudo"):
+    os.chmod(tmp_path / tool, 0o755)
+  command = subprocess.run(
+      ["bash", "-c", f'source {ROOT}/launch/_lib.sh && printf %s "$MAKE_VENV"'],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+  subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True)
+  calls = log.read_text().splitlines()
+  assert calls[-1] == f"{venv_python} -m venv .venv"
+  assert any("apt-get -qq install -y python3.11 python3.11-venv" in c for c in calls) == (
+      venv_python == "python3.11"
+  )
 
 
 def test_tpu_setup_ships_what_git_tracks_or_would_track(tmp_path):

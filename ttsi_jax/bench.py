@@ -25,8 +25,10 @@ On CPU, adapt and score also time our rows with XLA's ops in place of the C++ ke
 the LoRA branch of packed rows: `ttsi_jax.model.cpu_kernels`): their gain, measured in the same run.
 
 Compilation is excluded (one warm-up call). FLOPs are counted from the model's shapes
-(`model_flops`) for the work each implementation does (the same for T; for H the reference runs
-each prompt again per candidate), and set beside the float32 matmul peak this run measures.
+(`model_flops`) for the work each implementation needs (for T the same useful work on both sides:
+the reference's logits over every prompt token are not credited; for H the reference runs each
+prompt again per candidate), and set beside the float32 matmul peak this run measures. The
+transformers references run on the CPU, also where ours runs on an accelerator.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import math
 import os
 import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +82,7 @@ MODEL_SHAPES = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).", lower_bound=1)
 _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs torch).")
 _STAGE = flags.DEFINE_enum(
     "stage",
@@ -91,7 +94,10 @@ _STAGE = flags.DEFINE_enum(
     "generate of as many tokens; scaling: adapted inputs/s against adapters per call.",
 )
 _ADAPTERS = flags.DEFINE_integer(
-    "adapters", 4, "Adapters (BFCL inputs) for --stage=adapt, prompts for --stage=score / answer."
+    "adapters",
+    4,
+    "Adapters (BFCL inputs) for --stage=adapt, prompts for --stage=score / answer.",
+    lower_bound=1,
 )
 _SHAPES = flags.DEFINE_enum(
     "shapes",
@@ -188,20 +194,35 @@ def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
   return out
 
 
-def model_flops(c, sequences, train: bool) -> float:
-  """FLOPs a step needs: per token 2 x the linear layers' weights (+ LoRA's) and causal attention
-  over its own prefix; the vocabulary head only where logits are used (answer tokens in training,
-  candidate tokens in scoring). Training doubles it for the activation gradients (frozen weights
-  need no weight gradients; a recomputed forward is not counted). `sequences` = (length, number of
+def model_flops(c, sequences, train: bool, lora_rank: int = 0, lora_targets: Sequence[str] = ()) -> float:
+  """FLOPs a pass needs, counted by matmul: per token 2 x the linear layers' weights, causal
+  attention over its own prefix (QK^T and PV: 4 x heads x head size per query-key pair), a LoRA
+  branch of rank R on each target (2 x R x (in + out)); the vocabulary head only where logits are
+  used (answer tokens in training, candidate tokens in scoring). Training adds the backward pass:
+  the activation gradients of the frozen weights (as much again; they need no weight gradients),
+  of attention (dQ, dK, dV and dP: twice its forward) and of LoRA with its weight gradients (twice
+  its forward). A recomputed forward (remat) is not counted. `sequences` = (length, number of
   tokens that need logits)."""
   qkv = c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
   linear = qkv + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.mlp_dim
+  kernels = transformer.param_shapes(c)["layers"]
+  lora = sum(
+      lora_rank * sum(kernels[module][name]["kernel"].shape[1:])
+      for module, names in kernels.items()
+      for name in names
+      if name in lora_targets
+  )
+  passes = lambda backward: 1 + (backward if train else 0)  # the forward, and the backward's share
   total = 0.0
   for length, with_logits in sequences:
     causal_keys = length * (length + 1) / 2
-    total += c.num_layers * (2 * linear * length + 4 * c.num_heads * c.head_dim * causal_keys)
-    total += 2 * c.embed_dim * c.vocab_size * with_logits
-  return total * (2 if train else 1)
+    per_layer = (
+        2 * linear * length * passes(1)
+        + 4 * c.num_heads * c.head_dim * causal_keys * passes(2)
+        + 2 * lora * length * passes(2)
+    )
+    total += c.num_layers * per_layer + 2 * c.embed_dim * c.vocab_size * with_logits * passes(1)
+  return total
 
 
 def model_shapes(name: str, dtype: str, attention: str = "auto") -> transformer.ModelConfig:
@@ -300,6 +321,10 @@ def bench_scaling(config) -> dict:
   tokens = jnp.zeros((1, 1), jnp.int32)
   params = jax.jit(transformer.Transformer(c).init)(jax.random.key(0), tokens, tokens)["params"]
   trainer = adaptation.Trainer(c, experiment.adapt_config(config))
+  if len(_SEQUENCE_TOKENS.value) != 2:
+    raise ValueError(
+        f"--sequence_tokens takes prompt and answer tokens, e.g. 576,64; not {_SEQUENCE_TOKENS.value}."
+    )
   prompt_tokens, answer_tokens = map(int, _SEQUENCE_TOKENS.value)
   rng = np.random.default_rng(0)
   steps = trainer.cfg.epochs  # one pair per adapter, batch size 1 or more: one step per epoch
@@ -321,6 +346,7 @@ def bench_scaling(config) -> dict:
       "shapes": _SHAPES.value,
       "sequence_tokens": [prompt_tokens, answer_tokens],
       "steps_per_adapter": steps,
+      "adaptation": _adaptation_settings(trainer.cfg),
       "matmul_peak_gflop_per_s": peak,
       "device_kind": jax.devices()[0].device_kind,
       "attention": attention,
@@ -347,7 +373,13 @@ def bench_scaling(config) -> dict:
     train_seconds = _best_time(
         lambda: jax.block_until_ready(trainer.train(params, packed_steps, keys[slots_S])), _REPEATS.value
     )
-    flops = model_flops(c, [(prompt_tokens + answer_tokens, answer_tokens)] * count * steps, train=True)
+    flops = model_flops(
+        c,
+        [(prompt_tokens + answer_tokens, answer_tokens)] * count * steps,
+        train=True,
+        lora_rank=trainer.cfg.rank,
+        lora_targets=trainer.cfg.targets,
+    )
     row = {
         "adapters": count,
         "first_call_seconds": first_seconds,  # a new count's step compiles in its first call
@@ -478,7 +510,7 @@ def bench_adapt(config) -> dict:
   steps_per_adapter = cfg.num_steps(max(map(len, data)))
   sequences = [(len(p) + len(a), len(a)) for ex in data for p, a in ex] * cfg.epochs
   tokens = sum(n for n, _ in sequences)
-  flops = model_flops(exp.model_config, sequences, train=True)
+  flops = model_flops(exp.model_config, sequences, train=True, lora_rank=cfg.rank, lora_targets=cfg.targets)
 
   # The packed rows hold exactly these token ids (asserted, then handed to PEFT as they are).
   packed = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
@@ -539,6 +571,7 @@ def bench_adapt(config) -> dict:
       "attention": attention,
       "adapters": len(data),
       "steps_per_adapter": steps_per_adapter,
+      "adaptation": _adaptation_settings(cfg),
       "tokens": tokens,
       "flops": flops,
       **result,
@@ -709,11 +742,15 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
         f"{flops / 1e9:>8.0f}{entry['gflop_per_s']:>9.1f}{entry['fraction_of_peak']:>9.0%}"
         f"{vs:>8}"
     )
+  platform = jax.devices()[0].platform
+  if ref and platform != "cpu":
+    print(f"(the reference runs on this machine's CPU, ours on its {platform})")
   return {
       "matmul_peak_gflop_per_s": peak,
       "rows": out,
-      "platform": jax.devices()[0].platform,
+      "platform": platform,
       "devices": jax.device_count(),
+      **({"reference_device": "cpu"} if ref else {}),
   }
 
 
@@ -727,7 +764,12 @@ def _write_json(config, result: dict) -> None:
       else checkpoints.resolve(config.model.path)
   )
   with open(_JSON.value, "w") as f:
-    json.dump({"model": model, "dtype": config.model.dtype, **result}, f, indent=2)
+    json.dump({"model": model, "dtype": config.model.dtype, "repeats": _REPEATS.value, **result}, f, indent=2)
+
+
+def _adaptation_settings(cfg) -> dict:
+  """What the adapters trained with, for --json (rank, alpha, targets, rate, epochs, remat, ...)."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def main(argv):
@@ -781,6 +823,9 @@ def main(argv):
       {
           "stage": "decode",
           "new_tokens": n,
+          "platform": jax.devices()[0].platform,
+          "devices": jax.device_count(),
+          **({"reference_device": "cpu"} if _REFERENCE.value else {}),
           "load_s": load_s,
           "rows": [
               dict(implementation=impl, batch=b, seconds=t, tokens_per_s=tps) for impl, b, t, tps in rows
