@@ -76,7 +76,7 @@ checks() {
     exit "$failed"
   fi
   run ssh "$GPU_HOST" "cd $REMOTE_DIR \
-&& .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
+&& rm -rf $out/smollm2_hf && .venv/bin/python -m ttsi_jax.export --config=configs/default.py --out=$out/smollm2_hf \
 && PYTHONPATH=\$PWD TTSI_MODEL_PATH=$abs/smollm2_hf TTSI_DTYPE=bfloat16 \
 .venv/bin/jupyter-execute --timeout=1800 --output=$abs/quickstart_executed colabs/quickstart.ipynb"
   run rsync -az "$GPU_HOST:$(remote_path "$out")/quickstart_executed.ipynb" "$RESULTS/"
