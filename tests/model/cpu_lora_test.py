@@ -57,10 +57,31 @@ def test_the_kernels_and_their_gradients_equal_the_per_block_einsums(block_adapt
   np.testing.assert_array_equal(np.asarray(results[0][2])[padding], 0.0)
 
 
+_ADAPTER = jnp.zeros((1, 1), jnp.int32)  # one block of 64 tokens, adapter 0
+
+
 def test_tokens_that_are_not_whole_blocks_are_refused():
   x = jnp.ones((1, 100, 16))
   with pytest.raises(Exception, match="whole number of blocks"):
     jax.block_until_ready(cpu_lora.narrow(x, jnp.ones((1, 4, 16)), jnp.zeros((1, 3), jnp.int32)))
+
+
+@pytest.mark.parametrize(
+    "op, message",
+    [
+        (
+            lambda: cpu_lora.narrow(jnp.ones((1, 64, 32)), jnp.ones((1, 4, 48)), _ADAPTER),
+            "x's last axis is not w's K",
+        ),
+        (
+            lambda: cpu_lora.wide(jnp.ones((1, 64, 4)), jnp.ones((1, 8, 32)), _ADAPTER),
+            "h's last axis is not w's R",
+        ),
+    ],
+)
+def test_operands_of_other_widths_are_refused_not_read_past(op, message):
+  with pytest.raises(Exception, match=message):
+    jax.block_until_ready(op())
 
 
 def test_widths_the_kernels_do_not_take_are_reported():

@@ -104,9 +104,12 @@ def test_only_real_rows_are_computed_and_padding_rows_come_out_zero():
   keep = real_BT[..., None]
   want = np.where(keep, jnp.matmul(x, w, precision="highest"), 0.0)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
-  got_dx, _ = got_vjp(cotangent)
+  got_dx, got_dw = got_vjp(cotangent)
   want_dx = np.where(keep, jnp.matmul(cotangent, w.T, precision="highest"), 0.0)
   np.testing.assert_allclose(got_dx, want_dx, atol=2e-4, rtol=1e-5)
+  # The weight's gradient too has nothing from the padding rows (only real rows reach the output).
+  want_dw = jnp.einsum("btk,btn->kn", x, np.where(keep, cotangent, 0.0), precision="highest")
+  np.testing.assert_allclose(got_dw, want_dw, atol=2e-3, rtol=1e-5)
   stacked = jnp.stack([x, 2 * x])
   vmapped = jax.vmap(lambda x: cpu_matmul.matmul(x, w, jnp.asarray(real_BT)))(stacked)
   np.testing.assert_allclose(vmapped, np.stack([want, 2 * want]), atol=5e-5, rtol=1e-5)

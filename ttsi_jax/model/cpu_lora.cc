@@ -102,13 +102,21 @@ ffi::Error BlocksOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S32>&
   return ffi::Error::Success();
 }
 
+// Whether `x`'s last axis is `width` and it holds `rows` rows of it: operands of one op agree.
+bool Rows(const ffi::Buffer<ffi::F32>& x, int64_t rows, int64_t width) {
+  auto d = x.dimensions();
+  return d.size() > 0 && d[d.size() - 1] == width && static_cast<int64_t>(x.element_count()) == rows * width;
+}
+
 ffi::Error Narrow(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::Buffer<ffi::S32> block_adapter, ffi::ResultBuffer<ffi::F32> out) {
   Blocks blocks;
   if (auto error = BlocksOf(x, block_adapter, blocks); error.failure()) return error;
   const auto [num_blocks, Z] = blocks;
   auto wd = w.dimensions();
+  if (wd.size() != 3) return ffi::Error::InvalidArgument("lora narrow: w must be [A, R, K]");
   const int64_t A = wd[0], R = wd[1], K = wd[2];
+  if (!Rows(x, num_blocks * Z, K)) return ffi::Error::InvalidArgument("lora narrow: x's last axis is not w's K");
   const float *xp = x.typed_data(), *wp = w.typed_data();
   const int32_t* gp = block_adapter.typed_data();
   float* op = out->typed_data();
@@ -131,8 +139,10 @@ ffi::Error WideInto(ffi::ThreadPool& pool, const float* base, ffi::Buffer<ffi::F
   if (auto error = BlocksOf(h, block_adapter, blocks); error.failure()) return error;
   const auto [num_blocks, Z] = blocks;
   auto wd = w.dimensions();
+  if (wd.size() != 3) return ffi::Error::InvalidArgument("lora wide: w must be [A, R, N]");
   const int64_t A = wd[0], R = wd[1], N = wd[2];
   if (N % kLanes) return ffi::Error::InvalidArgument("lora wide: N must be a multiple of the vector width");
+  if (!Rows(h, num_blocks * Z, R)) return ffi::Error::InvalidArgument("lora wide: h's last axis is not w's R");
   const float *hp = h.typed_data(), *wp = w.typed_data();
   const int32_t* gp = block_adapter.typed_data();
   ParallelFor(pool, num_blocks, [&](int64_t blk) {
@@ -167,6 +177,8 @@ ffi::Error Outer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi:
   auto od = out->dimensions();
   const int64_t A = od[0], R = od[1], N = od[2];
   if (N % kLanes) return ffi::Error::InvalidArgument("lora outer: N must be a multiple of the vector width");
+  if (!Rows(h, num_blocks * Z, R) || !Rows(y, num_blocks * Z, N))
+    return ffi::Error::InvalidArgument("lora outer: h and y must be [..., T, R] and [..., T, N] of out's R, N");
   const float *hp = h.typed_data(), *yp = y.typed_data();
   const int32_t* gp = block_adapter.typed_data();
   float* op = out->typed_data();
@@ -202,8 +214,11 @@ ffi::Error WideGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<
   if (auto error = BlocksOf(dout, block_adapter, blocks); error.failure()) return error;
   const auto [num_blocks, Z] = blocks;
   auto wd = w.dimensions();
+  if (wd.size() != 3) return ffi::Error::InvalidArgument("lora wide grads: w must be [A, R, N]");
   const int64_t A = wd[0], R = wd[1], N = wd[2];
   if (N % kLanes) return ffi::Error::InvalidArgument("lora wide grads: N must be a multiple of the vector width");
+  if (!Rows(h, num_blocks * Z, R) || !Rows(dout, num_blocks * Z, N))
+    return ffi::Error::InvalidArgument("lora wide grads: h and dout must be [..., T, R] and [..., T, N] of w's R, N");
   const float *hp = h.typed_data(), *wp = w.typed_data(), *dp = dout.typed_data();
   const int32_t* gp = block_adapter.typed_data();
   float *dhp = dh->typed_data(), *dwp = dw->typed_data();

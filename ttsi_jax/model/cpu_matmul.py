@@ -51,6 +51,8 @@ def _matmul_fwd(x_BTK, w, real_BT, transpose_w):
 
 def _matmul_bwd(transpose_w, residuals, dout_BTN):
   x_BTK, w, real_BT = residuals
+  if real_BT is not None:  # padding rows came out as zeros: no gradient flows through them
+    dout_BTN = jnp.where(jnp.broadcast_to(real_BT, x_BTK.shape[:-1])[..., None], dout_BTN, 0)
   dx = _call(dout_BTN, w, real_BT, not transpose_w)
   # A frozen weight's gradient is never used, and XLA drops it; where it is, XLA's dot computes it.
   dw_KN = jnp.einsum("...k,...n->kn", x_BTK, dout_BTN)
