@@ -1,6 +1,8 @@
 """The paper's setting (TT-SI, arXiv 2510.07841): lr 1e-4, free decoding, all BFCL `multiple`.
 
-Use with a bigger model (the paper: Qwen2.5-1.5B-Instruct) via --config.model.path.
+Use with a bigger model (the paper: Qwen2.5-1.5B-Instruct) via --config.model.path. The sft
+baseline (add `sft` to --config.variants) trains on every gold call of its categories here; the
+paper's trained on its training split of about 13K SealTool examples.
 """
 
 from configs import default
@@ -13,5 +15,6 @@ def get_config():
   config.decoding.well_formed = False
   config.synthesis.well_formed = False
   config.synthesis.validate = False
+  config.sft.num_examples = 0  # every row of sft.categories, not default.py's 32 per category
   config.variants = "base,ttsi,ttsi_icl,all_inputs,certain_only,oracle"
   return config

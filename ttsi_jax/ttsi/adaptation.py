@@ -231,7 +231,9 @@ def make_steps(
 ) -> list[PackedStep]:
   """`examples[a]` = (prompt ids, answer ids) pairs of adapter a; adapters beyond len(examples)
   idle. Step s packs batch s of every adapter that still has steps left, into `num_rows` rows per
-  microbatch and as many microbatches as `cfg.row_tokens` asks for (one without)."""
+  microbatch and as many microbatches as `cfg.row_tokens` asks for (one without). Every epoch takes
+  an adapter's pairs in their given order (not shuffled: the paper's one pair per input, batch 1,
+  has no order to shuffle)."""
   if any(not a for ex in examples for _, a in ex):
     raise ValueError("Every training example needs answer tokens.")
   b = cfg.batch_size
