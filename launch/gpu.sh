@@ -14,7 +14,7 @@
 #   GPU_HOST      ssh destination, e.g. user@gpu-box     required
 #   CONFIG        config file                          (default: configs/default.py)
 #   WORKDIR       workdir on the GPU machine, absolute or in the repo's copy there (default: workdir/gpu)
-#   RESULTS       local folder for collect: the workdir's files (default: results/gpu, in the repo)
+#   RESULTS       local folder for collect: the workdir's files (default: results/gpu; relative: in the repo)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 
@@ -42,7 +42,7 @@ setup() {
   # --delete never reaches the run's workdir there (its finished waves), wherever WORKDIR points.
   local spare=()  # a workdir inside the repo's copy there
   [[ "$WORKDIR" == /* ]] || spare=(--exclude="/$WORKDIR")
-  run rsync -az --delete --exclude=.venv --exclude=workdir "${spare[@]}" --exclude=/results --exclude=.git \
+  run rsync -az --delete --exclude=.venv --exclude=workdir ${spare[@]+"${spare[@]}"} --exclude=/results --exclude=.git \
     ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && { $MAKE_VENV; } \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' nbclient nbformat ipykernel \

@@ -9,8 +9,8 @@
 #   TPU_RUNTIME   TPU VM software version        (default: v2-alpha-tpuv5-lite)
 #   CONFIG        config file                    (default: configs/default.py)
 #   WORKDIR       workdir on the TPU VM, absolute or in the repo's copy there (default: workdir/tpu)
-#   RESULTS       local folder for collect       (default: results/$TPU_NAME in the repo; the
-#                 workdir lands in it)
+#   RESULTS       local folder for collect       (default: results/$TPU_NAME; relative: in the
+#                 repo; the workdir lands in it)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main  (e.g. "--config.task.num_examples=0")
 set -euo pipefail
 

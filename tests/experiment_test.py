@@ -552,7 +552,8 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
 
 def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):
   check = experiment.Experiment._check_or_write_config
-  run = types.SimpleNamespace(config=tiny.get_config(), workdir=str(tmp_path))
+  task = types.SimpleNamespace(data_version="bfcl-eval 4.0.1")
+  run = types.SimpleNamespace(config=tiny.get_config(), workdir=str(tmp_path), task=task)
   check(run)
   run.config.wave_size = 3
   check(run)  # no results yet: the new config replaces the old
@@ -563,10 +564,24 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   run.config.keep_adapters = "all"
   run.config.sampling.max_new_tokens = 7
   check(run)  # the results stay the same
+  run.config.sft.num_examples = 0  # sections of variants that this run does not run (no sft, no ttd)
+  run.config.teacher.model = "another"
+  check(run)
+  task.data_version = "bfcl-eval 4.0.2"  # the same config and ids, other data or checker
+  with pytest.raises(ValueError, match=r"differs in \['data_version'\]"):
+    check(run)
+  task.data_version = "bfcl-eval 4.0.1"
   run.config.adaptation.learning_rate = 1.0
   run.config.wave_size = 4
   with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate', 'wave_size'\]"):
     check(run)
+  run.config.variants += ",sft"  # now the sft section acts
+  run.config.sft.num_examples = 5
+  with pytest.raises(
+      ValueError, match=r"differs in \['adaptation.learning_rate', 'sft.num_examples', 'variants'"
+  ):
+    check(run)
+  run.config.variants = tiny.get_config().variants
   # A workdir written before a config field existed resumes with that field's default.
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["teacher"]["request_json"]

@@ -127,10 +127,17 @@ def flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# Sections that act only through a variant: neutral where neither config runs it.
+_SECTION_OF_VARIANT = {"sft.": "sft", "teacher.": "ttd"}
+
+
 def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str, ...] = ()) -> list[str]:
   """The fields of two flat configs (`flat`) whose values differ and may change results: fields in
-  both, outside RESULT_NEUTRAL and `also_neutral` (prefixes)."""
-  neutral = RESULT_NEUTRAL + also_neutral
+  both, outside RESULT_NEUTRAL, `also_neutral` (prefixes) and the sections of variants that
+  neither config runs (a teacher's settings without `ttd`)."""
+  runs = {v.strip() for config in (before, now) for v in str(config.get("variants", "")).split(",")}
+  unused = tuple(section for section, variant in _SECTION_OF_VARIANT.items() if variant not in runs)
+  neutral = RESULT_NEUTRAL + also_neutral + unused
   return sorted(k for k in before.keys() & now.keys() if not k.startswith(neutral) and before[k] != now[k])
 
 

@@ -626,7 +626,9 @@ class Experiment:
     """A workdir with results resumes only under a config that gives the same results (settings
     that change only speed may differ); without results, the new config replaces the old."""
     path = os.path.join(self.workdir, "config.json")
-    current = json.loads(self.config.to_json())
+    # With what the data comes from: a dataset or bfcl-eval of another version changes results
+    # under the same config and input ids.
+    current = {**json.loads(self.config.to_json()), "data_version": self.task.data_version}
     results = os.path.join(self.workdir, "results.jsonl")
     if os.path.exists(results) and os.path.getsize(results):
       if not os.path.exists(path):

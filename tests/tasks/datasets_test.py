@@ -186,6 +186,15 @@ def test_missing_user_tools_files_say_what_is_expected(tmp_path):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))
 
 
+def test_a_damaged_source_stamp_builds_the_dataset_again(tmp_path):
+  task = datasets.DatasetTask("bfcl/parallel", num_examples=2, data_dir=str(tmp_path))
+  (stamp,) = tmp_path.rglob(datasets.SOURCE_STAMP)
+  stamp.write_text('{"bfcl-')  # cut while written
+  again = datasets.DatasetTask("bfcl/parallel", num_examples=2, data_dir=str(tmp_path))
+  assert again.examples() == task.examples() and json.loads(stamp.read_text())["bfcl-eval"]
+  assert task.data_version == f"bfcl 4.0.1, bfcl-eval {bfcl.package_version()}"  # kept in config.json
+
+
 def test_bfcl_dataset_equals_the_bfcl_task_row_for_row(tmp_path):
   from_files = bfcl.BfclTask("parallel", 25)
   from_tfds = datasets.DatasetTask("bfcl/parallel", num_examples=25, data_dir=str(tmp_path))

@@ -29,6 +29,9 @@ class Verdict:
 
 class Task(Protocol):
   name: str
+  # What the examples and the checker come from, beyond their ids (a package or dataset version):
+  # a workdir resumes only on the same (its config.json keeps it).
+  data_version: str
 
   def examples(self) -> list[Example]:
     """All usable examples; malformed rows are reported (by id) in `skipped`, never raised."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import operator
@@ -528,6 +529,14 @@ def check_calls(
 # ----------------------------------------------------------------------------------------------
 
 
+def package_version() -> Optional[str]:
+  """The installed bfcl-eval's version (its data and the checker ours must equal), or None."""
+  try:
+    return importlib.metadata.version("bfcl-eval")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def package_data_dir() -> str:
   """`bfcl_eval/data` of the installed bfcl-eval package, found without importing it."""
   spec = importlib.util.find_spec("bfcl_eval")
@@ -644,6 +653,7 @@ class FunctionCallingTask:
   name: str
   _examples: list[Example]
   num_examples: Optional[int] = None
+  data_version: str = ""
 
   def __init__(self):
     self._skipped: list[tuple[str, str]] = []
@@ -770,6 +780,7 @@ class BfclTask(FunctionCallingTask):
     self.name = f"bfcl_{category}"
     self.data_dir = data_dir or package_data_dir()
     self.num_examples = num_examples
+    self.data_version = f"bfcl-eval {package_version()}" + (f", data from {data_dir}" if data_dir else "")
     self._examples = self._load()
 
   def _category(self, example: Example) -> str:

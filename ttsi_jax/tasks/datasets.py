@@ -20,7 +20,6 @@ A benchmark whose own scorer differs from BFCL's checker registers it in `SCORER
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -219,9 +218,10 @@ def _bfcl_value(value: Any, schema: Optional[dict]) -> Any:
 
 
 class UserTools(Builder):
-  """Your own tools and queries (see `USER_TOOLS_FORMAT`), from the manual dir."""
+  """Your own tools and queries (see `USER_TOOLS_FORMAT`), from the manual dir. 1.0.1: an object
+  argument's keys each with their acceptable values (it was one value)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.1")
   MANUAL_DOWNLOAD_INSTRUCTIONS = USER_TOOLS_FORMAT
 
   def _split_generators(self, dl_manager):
@@ -291,9 +291,13 @@ class DatasetTask(bfcl.FunctionCallingTask):
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
           file_format="array_record",
       )
-      stamp.write_text(source)
+      stamp.with_suffix(".tmp").write_text(source)  # swapped in whole
+      stamp.with_suffix(".tmp").replace(stamp)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
+    self.data_version = f"{builder.name} {builder.version}" + (
+        f", bfcl-eval {bfcl.package_version()}" if name == "bfcl" else ""
+    )
     self._examples = []
     source = builder.as_data_source(split=split)
     for features in sorted((source[i] for i in range(len(source))), key=lambda f: int(f["index"])):
@@ -352,11 +356,7 @@ def _source(name: str, manual_dir: Optional[str]) -> str:
     for n in sorted(names):
       stat = os.stat(os.path.join(root, n))
       files.append([os.path.relpath(os.path.join(root, n), manual_dir), stat.st_size, stat.st_mtime_ns])
-  try:
-    package = importlib.metadata.version("bfcl-eval") if name == "bfcl" else None
-  except importlib.metadata.PackageNotFoundError:
-    package = None
-  return json.dumps({"files": files, "bfcl-eval": package})
+  return json.dumps({"files": files, "bfcl-eval": bfcl.package_version() if name == "bfcl" else None})
 
 
 def _built_from_other(name: str, manual_dir: Optional[str], stamp: pathlib.Path, source: str) -> bool:
@@ -367,7 +367,10 @@ def _built_from_other(name: str, manual_dir: Optional[str], stamp: pathlib.Path,
     return not stamp.exists() or stamp.read_text() != source
   if name != "bfcl":
     return False
-  return not stamp.exists() or json.loads(stamp.read_text())["bfcl-eval"] != json.loads(source)["bfcl-eval"]
+  try:
+    return json.loads(stamp.read_text())["bfcl-eval"] != json.loads(source)["bfcl-eval"]
+  except (OSError, ValueError, KeyError, TypeError):  # none, or cut while written: build it again
+    return True
 
 
 def _text(value) -> str:
