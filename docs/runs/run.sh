@@ -2,7 +2,8 @@
 # The runs behind the report in docs/: every variant but ttd (no teacher offline), 3 seeds,
 # the embedded default model, on 100 BFCL `multiple` inputs and 50 `simple_python` ones.
 # Each run resumes after its last finished wave, so this script can be stopped and started again.
-#   RUNS=runs bash docs/runs/run.sh         (workdirs under $RUNS; records copied here as they land)
+#   RUNS=docs/runs bash docs/runs/run.sh    (workdirs under $RUNS, default runs/: with docs/runs
+#                                            the records land here, wave by wave)
 # Then: python -m ttsi_jax.report --workdir=runs/multiple100/s0,runs/multiple100/s1,runs/multiple100/s2
 set -u
 RUNS=${RUNS:-runs}
