@@ -96,8 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   # unless that would not fit), so that remat is the last resort. Results do not depend on it
   # (dropout aside).
   config.adaptation.row_tokens = 0
-  # Recompute each layer in the backward pass: "auto" does when the activations a step keeps would
-  # pass a quarter of the device's memory (ttsi_jax.ttsi.adaptation.activation_bytes), else never.
+  # Recompute each layer in the backward pass: "auto" does when the activations a device keeps for
+  # one microbatch would pass half of its memory (ttsi_jax.ttsi.adaptation.activation_bytes: a
+  # single sequence too long for a quarter), else never.
   config.adaptation.remat = "auto"
 
   config.teacher = ml_collections.ConfigDict()

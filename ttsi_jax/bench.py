@@ -247,7 +247,7 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
           opt_states,
           *step.step_args(),
           keys_A[0],
-          remat=trainer.remat_for(step),
+          remat=trainer.remat_for(step, sharding.mesh_of(params)),
           trace_dir=_TRACE_DIR.value or None,
       )
   except profiling.TraceError as e:

@@ -208,6 +208,23 @@ def test_bfloat16_matmul_accumulates_in_float32_forward_and_backward():
   ), dots
 
 
+def test_bfloat16_attention_scores_are_not_rounded_to_bfloat16_before_the_softmax():
+  """Large scores (Qwen2's q/k biases give |logit| ~ 35) rounded to bfloat16 move the probabilities
+  by percents: the XLA path keeps them in float32, as cuDNN, the CPU kernels and transformers do."""
+  B, T, N, K, H = 1, 16, 2, 1, 64
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = 6.0 * jax.random.normal(kq, (B, T, N, H)) / H**0.25
+  k = 6.0 * jax.random.normal(kk, (B, K, T, H)) / H**0.25
+  v = jax.random.normal(kv, (B, K, T, H))
+  mask = jnp.tril(jnp.ones((T, T), bool))[None]
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  got = transformer._attend(bf16(q), bf16(k), bf16(v), mask)
+  # float32 from the same bfloat16 inputs: only the scores' and output's precision differ.
+  want = transformer._attend(*(bf16(x).astype(jnp.float32) for x in (q, k, v)), mask)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(got), want, atol=0.016, rtol=0)  # 0.030 from rounded scores
+
+
 def test_bfloat16_values_saved_for_the_backward_pass_are_kept_as_bits_and_not_recomputed():
   L, T, D = 3, 64, 32
   keys = jax.random.split(jax.random.key(0), 2)

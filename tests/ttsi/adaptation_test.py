@@ -327,15 +327,33 @@ def test_auto_microbatches_fit_the_memory_budget_and_remat_is_the_last_resort(mo
   config, _ = model
   examples = [_examples(s, 1, 30, 50) for s in range(4)]  # one 64-token block each
   per_token = adaptation.activation_bytes_per_token(config)
-  # (tokens a step may keep, microbatches, remat): the budget is a quarter of the memory.
-  for budget, microbatches, remat in ((1000, 1, False), (128, 2, False), (32, 4, True)):
-    memory = int(budget * per_token / adaptation.REMAT_MEMORY_FRACTION)
+  # (tokens a microbatch may keep, microbatches, remat): that budget is a quarter of the memory;
+  # remat only past twice it (a 64-token block over a 32-token budget is a bucket's slack).
+  for budget, microbatches, remat in ((1000, 1, False), (128, 2, False), (32, 4, False), (16, 4, True)):
+    memory = int(budget * per_token / adaptation.MICROBATCH_MEMORY_FRACTION)
     monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: memory)
     trainer = adaptation.Trainer(config, CFG)  # row_tokens 0: auto
     step = adaptation.make_steps(trainer.cfg, examples, 0, 4)[0]
     assert step.microbatches == microbatches and trainer.remat_for(step) == remat, budget
+  # On a mesh each device keeps its share of a microbatch's rows: 2 rows over 2 batch shards.
+  step = adaptation.make_steps(CFG, examples, 0, 4, num_rows=2)[0]
+  assert step.tokens_MBT.shape[:2] == (1, 2)
+  assert adaptation.activation_bytes(config, step, 2) * 2 == adaptation.activation_bytes(config, step)
+  threshold = 192  # tokens: between the step's 2 x 128 and a device's 128
+  monkeypatch.setattr(adaptation, "device_memory_bytes", lambda: int(threshold * per_token / 0.5))
+  mesh = sharding.make_mesh((1, 2, 1), jax.devices()[:2])
+  trainer = adaptation.Trainer(config, AdaptConfig(rank=4, alpha=8.0, row_tokens=4096))
+  assert step.tokens_MBT.shape[2] == 128
+  assert trainer.remat_for(step) and not trainer.remat_for(step, mesh)
   with pytest.raises(ValueError, match="adaptation.remat"):
     adaptation.Trainer(config, AdaptConfig(remat="sometimes"))
+
+
+def test_a_sequence_past_the_models_context_is_refused(model):
+  config, params = model
+  trainer = adaptation.Trainer(dataclasses.replace(config, sliding_window=40), CFG)
+  with pytest.raises(ValueError, match="sequence of 41 tokens passes the model's context of 40 tokens"):
+    trainer.plan_calls(params, [[(list(range(1, 31)), [5] * 11)]], 0)
 
 
 def _packed_step_args(step):

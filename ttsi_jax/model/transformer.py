@@ -383,9 +383,9 @@ def _attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
   K, S = k_BKSH.shape[1:3]
   G = N // K
   q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  logits_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32).reshape(B, K, G, T, S) * (
-      H**-0.5
-  )
+  # Scores in float32 also for 16-bit q and k (as cuDNN, the CPU kernels and transformers keep them).
+  logits_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKQS.reshape(B, K, G, T, S) * H**-0.5
   # A finite fill keeps fully masked rows (padding queries) NaN-free; their outputs are never used.
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype).reshape(B, K, G * T, S)

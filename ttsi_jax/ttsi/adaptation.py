@@ -42,10 +42,12 @@ from ttsi_jax.text.sampler import bucket
 # Tokens per packed block: a sequence pads only its last block; attention and the LoRA branch work
 # block by block. Other sizes have not been measured yet.
 BLOCK = 64
-# The activations a step may keep, as a fraction of the device's memory: `row_tokens` = 0 (auto)
-# sizes microbatches to it, and remat = "auto" recomputes each layer in the backward pass only
-# when one microbatch would still keep more.
-REMAT_MEMORY_FRACTION = 0.25
+# The activations a microbatch is sized to keep, as a fraction of one device's memory
+# (`row_tokens` = 0, auto); remat = "auto" recomputes each layer in the backward pass only when a
+# device's share of one microbatch would keep more than twice that (a microbatch's rows take
+# their bucket, up to a quarter longer, and a row may hold more than its share: no remat for those).
+MICROBATCH_MEMORY_FRACTION = 0.25
+REMAT_MEMORY_FRACTION = 2 * MICROBATCH_MEMORY_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ class AdaptConfig:
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0
   remat: str = "auto"  # "auto" (by the step's activation memory), "on" or "off"
-  row_tokens: int = 0  # tokens per microbatch of packed rows; 0: what fits REMAT_MEMORY_FRACTION
+  row_tokens: int = 0  # tokens per microbatch of packed rows; 0: what fits MICROBATCH_MEMORY_FRACTION
 
   def num_steps(self, num_examples: int) -> int:
     """An adapter's training steps on `num_examples` pairs."""
@@ -267,10 +269,12 @@ def make_steps(
   return steps
 
 
-def activation_bytes(config: ModelConfig, step: PackedStep) -> int:
-  """What a step without remat keeps for its backward pass (`transformer.SAVED_ONLY`), for one
-  microbatch: they run one after another."""
-  return step.tokens_MBT[0].size * activation_bytes_per_token(config)
+def activation_bytes(config: ModelConfig, step: PackedStep, batch_shards: int = 1) -> int:
+  """What one device keeps for a step's backward pass without remat (`transformer.SAVED_ONLY`):
+  one microbatch at a time (they run one after another), of whose B rows a mesh's `batch_shards`
+  give each device its share."""
+  _, B, T = step.tokens_MBT.shape
+  return -(-B // batch_shards) * T * activation_bytes_per_token(config)
 
 
 def activation_bytes_per_token(config: ModelConfig) -> int:
@@ -303,7 +307,7 @@ class Trainer:
       raise ValueError(f"adaptation.remat must be 'auto', 'on' or 'off', not {cfg.remat!r}.")
     self.config = config
     if cfg.row_tokens == 0:  # auto: microbatches whose activations fit the budget
-      budget = REMAT_MEMORY_FRACTION * device_memory_bytes()
+      budget = MICROBATCH_MEMORY_FRACTION * device_memory_bytes()
       cfg = dataclasses.replace(cfg, row_tokens=max(BLOCK, int(budget // activation_bytes_per_token(config))))
     self.cfg = cfg
     # The learning rate is a per-adapter hyperparameter fed each step (own schedule per adapter).
@@ -320,10 +324,11 @@ class Trainer:
     )
     return adapter, self.optimizer.init(adapter)
 
-  def remat_for(self, step: PackedStep) -> bool:
+  def remat_for(self, step: PackedStep, mesh=None) -> bool:
     if self.cfg.remat != "auto":
       return self.cfg.remat == "on"
-    return activation_bytes(self.config, step) > REMAT_MEMORY_FRACTION * device_memory_bytes()
+    shards = sharding.fill_batch_shards(mesh, 1)
+    return activation_bytes(self.config, step, shards) > REMAT_MEMORY_FRACTION * device_memory_bytes()
 
   def packed_loss(
       self,
@@ -447,7 +452,7 @@ class Trainer:
             opt_states,
             *step.step_args(rows),
             rng,
-            remat=self.remat_for(step),
+            remat=self.remat_for(step, mesh),
         )
         losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
@@ -464,6 +469,12 @@ class Trainer:
     """The packed calls `train_all` runs, host-side work only: for each, (slots_S: the index in
     `examples` of each adapter slot, a bucket's idle slots repeating its last adapter; its steps,
     padded to one answer width and microbatch count shared by every call)."""
+    longest = max((len(p) + len(a) for ex in examples for p, a in ex), default=0)
+    if longest > self.config.context_length:  # its attention would not be the model's
+      raise ValueError(
+          f"A training sequence of {longest} tokens passes the model's context of "
+          f"{self.config.context_length} tokens (its positions or sliding window)."
+      )
     per_call = per_call or len(examples)
     rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
     starts = range(0, len(examples), per_call)
