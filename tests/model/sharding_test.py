@@ -66,6 +66,20 @@ def test_non_dividing_axis_is_replicated(mesh):
   assert spec == P(None, ("fsdp",))
 
 
+def test_attention_heads_are_never_split_inside_a_head(hf_checkpoints):
+  """Tensor 4 divides the KV projection's 2 x 32 columns but not its 2 heads: k and v stay whole
+  (cuDNN's attention refuses heads split inside, or q, k, v split unlike each other)."""
+  folder = hf_checkpoints["qwen2"][0]
+  config = checkpoints.read_config(folder)
+  mesh = sharding.make_mesh((1, 2, 4))
+  assert (config.num_kv_heads * config.head_dim) % 4 == 0 and config.num_kv_heads % 4
+  _, sharded = checkpoints.load(folder, mesh=mesh)
+  k = sharded["layers"]["attn"]["k_proj"]["kernel"].sharding.spec
+  assert k == P(None, ("fsdp",), None)
+  without_units = sharding.param_sharding(mesh, ("layers", "attn", "k_proj", "kernel"), (2, 64, 64))
+  assert without_units.spec == P(None, ("fsdp",), ("tensor",))  # the flat count alone would split
+
+
 def test_a_rule_keeps_the_leading_mesh_axes_that_divide():
   mesh = sharding.make_mesh((2, 4, 1))
   assert sharding.logical_to_spec(mesh, ("batch",), (16,)) == P(("data", "fsdp"))

@@ -56,11 +56,12 @@ def load(
   so the full unsharded model never sits on one accelerator.
   """
   path = resolve(path)
+  config = read_config(path, dtype) if mesh is not None else None  # heads stay whole on a mesh
 
   def place(param_path, value: np.ndarray):
     if mesh is None:
       return jax.device_put(value)
-    return jax.device_put(value, sharding.param_sharding(mesh, param_path, value.shape))
+    return jax.device_put(value, sharding.param_sharding(mesh, param_path, value.shape, config))
 
   if path.endswith(".gguf"):
     return gguf.load(path, dtype, place)

@@ -70,16 +70,27 @@ def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
   )
 
 
-def logical_to_spec(mesh: Mesh, logical: Sequence[str], shape: Sequence[int]) -> P:
+def logical_to_spec(
+    mesh: Mesh, logical: Sequence[str], shape: Sequence[int], units: Optional[dict[str, int]] = None
+) -> P:
+  """The mesh axes of each dimension; `units` = {logical axis: how many whole units its dimension
+  holds} (e.g. heads of a flattened heads x head_dim axis): such an axis splits only between units."""
   spec = []
   for name, dim in zip(logical, shape):
     if name not in RULES:
       raise KeyError(f"Logical axis {name!r} has no sharding rule; add it to RULES.")
     axes = tuple(a for a in (RULES[name] or ()) if mesh.shape[a] > 1)
-    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+    count = (units or {}).get(name, dim)
+    while axes and count % int(np.prod([mesh.shape[a] for a in axes])):
       axes = axes[:-1]
     spec.append(axes or None)
   return P(*spec)
+
+
+def head_units(config) -> dict[str, int]:
+  """The heads of the attention projections' flattened axes: a device holds whole heads (cuDNN's
+  attention refuses q, k, v split inside a head or split unlike each other)."""
+  return {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
 
 
 def param_logical_axes(path: Sequence[str]) -> tuple[str, ...]:
@@ -90,18 +101,20 @@ def param_logical_axes(path: Sequence[str]) -> tuple[str, ...]:
   raise KeyError(f"Param {'/'.join(path)} has no entry in PARAM_AXES; every param needs a " "sharding rule.")
 
 
-def param_sharding(mesh: Mesh, path: Sequence[str], shape: Sequence[int]) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(mesh, param_logical_axes(path), shape))
+def param_sharding(mesh: Mesh, path: Sequence[str], shape: Sequence[int], config=None) -> NamedSharding:
+  """A param's sharding; with the model's `config`, attention heads stay whole (`head_units`)."""
+  units = head_units(config) if config is not None else None
+  return NamedSharding(mesh, logical_to_spec(mesh, param_logical_axes(path), shape, units))
 
 
 def _path_names(key_path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
-def params_sharding(mesh: Mesh, params) -> dict:
-  """NamedSharding for every leaf of a (possibly abstract) param tree."""
+def params_sharding(mesh: Mesh, params, config=None) -> dict:
+  """NamedSharding for every leaf of a (possibly abstract) param tree (`param_sharding`)."""
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: param_sharding(mesh, _path_names(kp), x.shape), params
+      lambda kp, x: param_sharding(mesh, _path_names(kp), x.shape, config), params
   )
 
 
