@@ -6,6 +6,7 @@ sys.modules right after import.
 """
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -514,6 +515,10 @@ def test_examples_fields_and_candidates(tasks):
   assert messages[0]["content"].startswith("You are an expert in composing functions.")
   assert messages[0]["content"].endswith("\n\n" + rows[live.id]["question"][0][0]["content"])
   assert messages[1]["content"] == live.question
+  # Another request for the row (a synthesized pair's) keeps the row's system message: the pair
+  # trains in the context the input is answered in.
+  other = tasks["live_multiple"].prompt(dataclasses.replace(live, question="Please order a pizza."))
+  assert other == [messages[0], {"role": "user", "content": "Please order a pizza."}]
 
 
 def test_unknown_category_lists_valid_names():

@@ -78,6 +78,68 @@ def test_requests_must_be_natural_language(request_text, problem):
   assert synthesis.request_problem(request_text) == problem
 
 
+@pytest.mark.parametrize(
+    "request_text, problem",
+    [
+        ("Please calculate_area(base=10, height=5)", "request is a function call"),
+        ("Please [calculate_area(base=10)]", "request is a function call"),
+        ("Please import math", "request is code"),
+        ("Please ```python", "request is a code fence"),
+        ("Please", "empty request"),
+        ("Please find the area of a circle", ""),
+    ],
+)
+def test_what_follows_the_opening_is_what_must_be_natural_language(request_text, problem):
+  assert synthesis.request_problem(request_text, "Please") == problem
+
+
+def _sampler_that_writes(tiny_chat_model, texts, tokenizer=None):
+  """A real sampler whose continuations are these texts' tokens (row by row), and a prefill."""
+  task = BfclTask("multiple", len(texts))
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer or tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  pre = sampler.prefill([tokenizer.encode_chat(synthesis.messages(ex, 1)) for ex in task.examples()], 64)
+  sampler.continue_ = lambda *a, **k: [tokenizer.encode(t) for t in texts]
+  return task, constrained.CallDecoder(sampler, tokenizer), pre
+
+
+def test_a_request_cut_at_max_request_tokens_is_a_problem(tiny_chat_model):
+  """All of max_request_tokens and no end of line: the request is cut mid-sentence."""
+  cut = " find the area of a circle with"
+  task, decoder, pre = _sampler_that_writes(tiny_chat_model, [cut, " go now\n"])
+  limit = len(decoder.tokenizer.encode(cut))
+  assert len(decoder.tokenizer.encode(" go now\n")) < limit
+  cfg = synthesis.SynthesisConfig(max_request_tokens=limit, request_retries=0)
+  requests, issues = synthesis.ModelSynthesizer(task, decoder, cfg)._requests(pre, jax.random.key(0))
+  assert requests == ["Please" + cut, "Please go now"]
+  assert issues == ["request cut at synthesis.max_request_tokens", ""]
+  pair = synthesis.judge(task, task.examples()[0], requests[0], "[f()]", True, issues[0])
+  assert pair.rejected == "request cut at synthesis.max_request_tokens"
+
+
+class _DropsFirstSpace:
+  """A tokenizer whose decoding drops the text's first space, as SentencePiece's (Llama 2,
+  Mistral) does for a continuation decoded alone."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def decode(self, ids):
+    return self.tokenizer.decode(ids).lstrip(" ")
+
+  def __getattr__(self, name):
+    return getattr(self.tokenizer, name)
+
+
+def test_the_opening_and_the_sampled_words_keep_their_space(tiny_chat_model):
+  tokenizer = _DropsFirstSpace(tokenizer_lib.load(tiny_chat_model))
+  task, decoder, pre = _sampler_that_writes(tiny_chat_model, [" find the area\n"], tokenizer)
+  cfg = synthesis.SynthesisConfig(max_request_tokens=32, request_retries=0)
+  requests, _ = synthesis.ModelSynthesizer(task, decoder, cfg)._requests(pre, jax.random.key(0))
+  assert requests == ["Please find the area"]  # not "Pleasefind the area"
+
+
 def test_a_rejected_request_is_drawn_again_and_a_kept_one_stays(tiny_chat_model, monkeypatch):
   task = BfclTask("multiple", 4)
   config, params = checkpoints.load(tiny_chat_model)
@@ -86,17 +148,21 @@ def test_a_rejected_request_is_drawn_again_and_a_kept_one_stays(tiny_chat_model,
   prompts = [tokenizer.encode_chat(synthesis.messages(ex, 1)) for ex in task.examples()]
   pre = sampler.prefill(prompts, 64)
   keys_E = jax.random.split(jax.random.key(0), len(prompts))
+  continue_ = sampler.continue_  # one token short of max_request_tokens: no request is cut
+  sampler.continue_ = lambda *a, **k: [out[:-1] for out in continue_(*a, **k)]
 
   def requests(retries):
     cfg = synthesis.SynthesisConfig(temperature=1.0, max_request_tokens=8, request_retries=retries)
     return synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)._requests(
         pre, keys_E
-    )
+    )[0]
 
   first = requests(0)
   # A random model writes word salad: call the first draws of rows 0 and 2 code instead.
   judged_code = {first[0], first[2]}
-  monkeypatch.setattr(synthesis, "request_problem", lambda r: "request is code" if r in judged_code else "")
+  monkeypatch.setattr(
+      synthesis, "request_problem", lambda r, opening="": "request is code" if r in judged_code else ""
+  )
   retried = requests(2)
   assert [after != before for before, after in zip(first, retried)] == [True, False, True, False]
 
@@ -113,7 +179,7 @@ def test_requests_continue_from_the_opening_and_start_with_it(tiny_chat_model, o
   continue_ = sampler.continue_
   sampler.continue_ = lambda pre, ext, *a, **k: extensions.append(ext) or continue_(pre, ext, *a, **k)
   synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, tokenizer), cfg)
-  requests = synth._requests(pre, jax.random.split(jax.random.key(0), 2))
+  requests, _ = synth._requests(pre, jax.random.split(jax.random.key(0), 2))
   assert extensions[0] == [tokenizer.encode(f"Request: {opening}" if opening else "Request:")] * 2
   assert all(r.startswith(opening) for r in requests) and len(set(requests)) == 2
 

@@ -679,8 +679,12 @@ class FunctionCallingTask:
     dataset row whose turn has its own system message, BFCL puts its prompt in front of it."""
     system = system_prompt(with_python_hint(example.functions))
     question, messages = self._row_messages.get(example.id, (None, None))
-    if messages is None or question != example.question:
+    if messages is None:
       return [{"role": "system", "content": system}, {"role": "user", "content": example.question}]
+    if question != example.question:  # another request for this row (a synthesized pair's): the
+      # row's own system message (the agent's instructions) stays, its conversation does not
+      messages = [m for m in messages[:1] if m["role"] == "system"]
+      messages += [{"role": "user", "content": example.question}]
     messages = copy.deepcopy(messages)
     if messages[0]["role"] == "system":
       messages[0]["content"] = system + "\n\n" + messages[0]["content"]

@@ -95,17 +95,20 @@ _WORD = re.compile(r"[^\W\d_]{2,}")  # 2+ letters in a row, any script
 _UNSPACED_SCRIPT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")  # kana, CJK, Hangul
 
 
-def request_problem(request: str) -> str:
+def request_problem(request: str, opening: str = "") -> str:
   """Why `request` is not a natural-language request ("" when it is): small models often write a
-  code fence, a call or code where the request belongs, and training on those teaches nothing."""
+  code fence, a call or code where the request belongs, and training on those teaches nothing.
+  `opening`: words the request was made to start with (`request_opening`); what the model wrote
+  after them is what must not be a fence, a call or code."""
   text = request.strip()
-  if not text:
+  written = text[len(opening) :].strip() if opening and text.startswith(opening) else text
+  if not written:
     return "empty request"
-  if text.startswith(("```", "~~~")):
+  if written.startswith(("```", "~~~")):
     return "request is a code fence"
-  if _CALL_TEXT.match(text):
+  if _CALL_TEXT.match(written):
     return "request is a function call"
-  if _CODE_TEXT.match(text):
+  if _CODE_TEXT.match(written):
     return "request is code"
   words = [w for w in text.split() if _WORD.search(w)]  # a URL or an_identifier is one word
   if len(words) < 3 and not _UNSPACED_SCRIPT.search(text):
@@ -113,13 +116,16 @@ def request_problem(request: str) -> str:
   return ""
 
 
-def judge(task: Task, example: Example, request: str, call: str, validate: bool) -> Pair:
-  """The pair with validation's verdict: the request must be natural language, the call valid."""
+def judge(
+    task: Task, example: Example, request: str, call: str, validate: bool, request_issue: str = ""
+) -> Pair:
+  """The pair with validation's verdict: the request must be natural language (`request_issue`:
+  what its sampling already found wrong), the call valid."""
   reason = ""
   if not request.strip():
     reason = "empty request"
   elif validate:
-    reason = request_problem(request) or task.validate(example, call) or ""
+    reason = request_issue or request_problem(request) or task.validate(example, call) or ""
   return Pair(request, call, reason)
 
 
@@ -189,7 +195,7 @@ class ModelSynthesizer:
       rng = jax.vmap(lambda key: jax.random.split(key, k))(rng).reshape(-1)
     enc = self.tokenizer.encode
     pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows], self.reserve)
-    requests = self._requests(pre, rng)
+    requests, issues = self._requests(pre, rng)
     leads = [f"Request: {r}\nCall: " for r in requests]
     here = self.sampler.extend(pre, [enc(lead) for lead in leads])
     loglik, counts = scoring.score_after(
@@ -200,27 +206,37 @@ class ModelSynthesizer:
     calls = self.decoder.decode(
         pre, [ex.functions for ex in rows], names, leads, rng=sampler_lib.fold_in(rng, 1)
     )
-    judged = [judge(self.task, ex, r, c, self.cfg.validate) for ex, r, c in zip(rows, requests, calls)]
+    judged = [
+        judge(self.task, ex, r, c, self.cfg.validate, issue)
+        for ex, r, c, issue in zip(rows, requests, calls, issues)
+    ]
     return [judged[i * k : (i + 1) * k] for i in range(len(examples))]
 
-  def _requests(self, pre: sampler_lib.Prefilled, rng) -> list[str]:
-    """One sampled request per row (its first line, after `request_opening`). With validation,
-    the rows whose request is not natural language sample again (fresh keys), up to
+  def _requests(self, pre: sampler_lib.Prefilled, rng) -> tuple[list[str], list[str]]:
+    """One sampled request per row (its first line, after `request_opening`) and what is wrong
+    with it ("" where nothing is: `request_problem`, or a first line that `max_request_tokens`
+    cut). With validation, the rows whose request has a problem sample again (fresh keys), up to
     `request_retries` times."""
     sampling = SamplingParams(self.cfg.max_request_tokens, self.cfg.temperature, self.cfg.top_p)
     start = self.cfg.request_opening.strip()
-    opening = [self.tokenizer.encode(f"Request: {start}" if start else "Request:")] * pre.rows
-    requests, again = [""] * pre.rows, [True] * pre.rows
+    opening = self.tokenizer.encode(f"Request: {start}" if start else "Request:")
+    requests, issues, again = [""] * pre.rows, [""] * pre.rows, [True] * pre.rows
     for attempt in range(1 + (self.cfg.request_retries if self.cfg.validate else 0)):
       key = sampler_lib.fold_in(rng, 0 if attempt == 0 else 100 + attempt)
-      outs = self.sampler.continue_(pre, opening, sampling, key, active=again)
+      outs = self.sampler.continue_(pre, [opening] * pre.rows, sampling, key, active=again)
       for i, out in enumerate(outs):
         if again[i]:
-          requests[i] = (start + self.tokenizer.decode(out)).strip().split("\n")[0].strip()
-      again = [a and bool(request_problem(r)) for a, r in zip(again, requests)]
+          # Decoded with the opening: SentencePiece tokenizers drop a continuation's first space.
+          text = self.tokenizer.decode(opening + out).split(":", 1)[-1].strip()
+          requests[i] = text.split("\n")[0].strip()
+          cut = len(out) == self.cfg.max_request_tokens and "\n" not in text
+          issues[i] = request_problem(requests[i], start) or (
+              "request cut at synthesis.max_request_tokens" if cut else ""
+          )
+      again = [a and bool(issue) for a, issue in zip(again, issues)]
       if not any(again):
         break
-    return requests
+    return requests, issues
 
 
 class TeacherError(RuntimeError):
