@@ -78,3 +78,12 @@ def test_stage_configs_are_built_by_field_name_not_position():
   assert (built.epochs, built.batch_size, built.rank, built.targets) == (7, 3, 16, ("q_proj",))
   # Every field of the stage config comes from the section (none left at a dataclass default).
   assert {f.name for f in dataclasses.fields(adaptation.AdaptConfig)} <= set(section) | {"targets"}
+
+
+@pytest.mark.parametrize("variants", ["base,sft", ["base", "sft"]])
+def test_a_variants_own_section_counts_only_where_a_config_runs_it(variants):
+  before = {"variants": variants, "sft.num_examples": 32, "teacher.model": "a", "seed": 0}
+  now = {**before, "sft.num_examples": 0, "teacher.model": "b"}
+  assert config_schema.result_changing_differences(before, now) == ["sft.num_examples"]  # no ttd
+  without = {"variants": "base,ttsi"}
+  assert config_schema.result_changing_differences({**before, **without}, {**now, **without}) == []

@@ -1,5 +1,6 @@
 """The whole TT-SI loop on a tiny random model: every promised field, resume, bad config, TT-D."""
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -440,6 +441,14 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   (cfg,) = trained
   assert (cfg.learning_rate, cfg.epochs, cfg.batch_size) == (1e-2, 2, 2)
   ((pairs,),) = data
+  # Gold calls longer than the model's context are left out (their positions would pass it).
+  longest = max(len(p) + len(a) for p, a in pairs)
+  short = experiment.Experiment(config, str(tmp_path / "short"))
+  short.model_config = dataclasses.replace(short.model_config, max_position_embeddings=longest - 1)
+  with caplog.at_level(logging.WARNING):
+    short._sft_adapter()
+  assert len(data[-1][0]) == len(pairs) - 1 and "1 of 4 gold calls are longer than" in caplog.text
+  data[1:], trained[1:] = [], []
   tokenizer = tokenizer_lib.load(tiny_chat_model)
   gold = [t.gold_answer(ex) for t in experiment.sft_tasks(config) for ex in t.examples()]
   assert len(gold) == 4 and len({*gold}) == 4

@@ -135,7 +135,8 @@ def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str
   """The fields of two flat configs (`flat`) whose values differ and may change results: fields in
   both, outside RESULT_NEUTRAL, `also_neutral` (prefixes) and the sections of variants that
   neither config runs (a teacher's settings without `ttd`)."""
-  runs = {v.strip() for config in (before, now) for v in str(config.get("variants", "")).split(",")}
+  names = lambda value: value.split(",") if isinstance(value, str) else list(value or ())
+  runs = {str(v).strip() for config in (before, now) for v in names(config.get("variants", ""))}
   unused = tuple(section for section, variant in _SECTION_OF_VARIANT.items() if variant not in runs)
   neutral = RESULT_NEUTRAL + also_neutral + unused
   return sorted(k for k in before.keys() & now.keys() if not k.startswith(neutral) and before[k] != now[k])

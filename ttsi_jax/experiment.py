@@ -291,6 +291,15 @@ class Experiment:
             for task in self.sft_tasks
             for ex in task.examples()
         ]
+        fits = [d for d in data if len(d[0]) + len(d[1]) <= self.model_config.context_length]
+        if len(fits) < len(data):  # their positions or window would pass what the model runs
+          logging.warning(
+              "sft: %d of %d gold calls are longer than the model's context of %d tokens; left out.",
+              len(data) - len(fits),
+              len(data),
+              self.model_config.context_length,
+          )
+        data = fits
         sft = self.config.sft
         cfg = dataclasses.replace(
             self.adapt_cfg, learning_rate=sft.learning_rate, epochs=sft.epochs, batch_size=sft.batch_size

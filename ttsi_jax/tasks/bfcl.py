@@ -784,7 +784,7 @@ class BfclTask(FunctionCallingTask):
     self.name = f"bfcl_{category}"
     self.data_dir = data_dir or package_data_dir()
     self.num_examples = num_examples
-    self.data_version = f"bfcl-eval {package_version()}" + (f", data from {data_dir}" if data_dir else "")
+    self.data_version = f"bfcl-eval {package_version()}"  # its data (or task.data_dir's) and checker
     self._examples = self._load()
 
   def _category(self, example: Example) -> str:

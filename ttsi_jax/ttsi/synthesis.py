@@ -227,8 +227,8 @@ class ModelSynthesizer:
       for i, out in enumerate(outs):
         if again[i]:
           # Decoded with the opening: SentencePiece tokenizers drop a continuation's first space.
-          text = self.tokenizer.decode(opening + out).split(":", 1)[-1].strip()
-          requests[i] = text.split("\n")[0].strip()
+          text = self.tokenizer.decode(opening + out).split(":", 1)[-1]
+          requests[i] = text.strip().split("\n")[0].strip()
           cut = len(out) == self.cfg.max_request_tokens and "\n" not in text
           issues[i] = request_problem(requests[i], start) or (
               "request cut at synthesis.max_request_tokens" if cut else ""
