@@ -86,14 +86,16 @@ def _check_teacher(t: ml_collections.ConfigDict) -> None:
 def _kept_ids(value: str, ids: Sequence[str]):
   """config.keep_adapters: "" (none), "all", or comma-separated input ids of this run."""
   if value.strip() == "all":
-    return "all"
-  kept = {v.strip() for v in value.split(",") if v.strip()}
-  unknown = sorted(kept - set(ids))
-  if unknown:
-    raise ValueError(
-        f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
-        f"such as {list(ids[:3])}, or 'all'."
-    )
+    kept = "all"
+  else:
+    kept = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(kept - set(ids))
+    if unknown:
+      raise ValueError(
+          f"keep_adapters names inputs that are not in this run: {unknown}; use ids "
+          f"such as {list(ids[:3])}, or 'all'."
+      )
+  _check_folder_names(kept, ids)
   return kept
 
 
@@ -201,7 +203,6 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
-    _check_folder_names(self.keep, [ex.id for ex in self.examples])
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
     self.sft_tasks = sft_tasks(config) if self.uses_sft else []
     # The stage configs too are checked before any model loads.

@@ -218,14 +218,14 @@ def check_nexusraven(example: Example, answer: str) -> Verdict:
   call, error = _one_call(answer)
   if call is None:
     return Verdict(False, error)
-  ((gold_name, gold_params),) = example.gold[0].items()
+  ((gold_name, gold_args),) = datasets.whole_values_calls(example)
   if call.name != gold_name:
     return Verdict(False, f"Function {call.name!r} is not {gold_name!r}.")
   function = next(f for f in example.functions if f["name"] == gold_name)
   got, error = _nexus_args(function, call.args)
   if got is None:
     return Verdict(False, error)
-  want, _ = _nexus_args(function, {k: v[0] for k, v in gold_params.items()})
+  want, _ = _nexus_args(function, gold_args)
   wrong = sorted(p for p in want if got[p] != want[p])  # Python's ==, as its evaluator compares
   return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
 
@@ -422,17 +422,17 @@ def check_api_bank(example: Example, answer: str) -> Verdict:
   call, error = _one_call(answer.replace("API-Request:", "", 1))
   if call is None:
     return Verdict(False, error)
-  ((gold_name, gold_params),) = example.gold[0].items()
+  ((gold_name, gold_args),) = datasets.whole_values_calls(example)
   if call.name != gold_name:
     return Verdict(False, f"API {call.name!r} is not {gold_name!r}.")
-  if set(call.args) != set(gold_params):
-    return Verdict(False, f"Arguments {sorted(call.args, key=str)} are not {sorted(gold_params)}.")
+  if set(call.args) != set(gold_args):
+    return Verdict(False, f"Arguments {sorted(call.args, key=str)} are not {sorted(gold_args)}.")
   properties = next(f for f in example.functions if f["name"] == gold_name)["parameters"]["properties"]
-  kinds = {p: properties.get(p, {}).get("type", "string") for p in gold_params}
+  kinds = {p: properties.get(p, {}).get("type", "string") for p in gold_args}
   wrong = sorted(
       p
-      for p, v in gold_params.items()
-      if _api_bank_value(call.args[p], kinds[p]) != _api_bank_value(v[0], kinds[p])
+      for p, v in gold_args.items()
+      if _api_bank_value(call.args[p], kinds[p]) != _api_bank_value(v, kinds[p])
   )
   return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
 

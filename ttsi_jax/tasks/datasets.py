@@ -280,9 +280,9 @@ class DatasetTask(bfcl.FunctionCallingTask):
     builder = BUILDERS[name](config=config or None, data_dir=data_dir)
     # TFDS reuses a prepared dataset of the same name, config and version whatever it was built
     # from: one built from other files (or another bfcl-eval) is removed and built again.
-    source = _source(name, manual_dir)
+    built_from = _source(name, manual_dir)
     stamp = pathlib.Path(builder.data_dir, SOURCE_STAMP)
-    if builder.is_prepared() and _built_from_other(name, manual_dir, stamp, source):
+    if builder.is_prepared() and _built_from_other(name, manual_dir, stamp, built_from):
       logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = BUILDERS[name](config=config or None, data_dir=data_dir)
@@ -291,7 +291,7 @@ class DatasetTask(bfcl.FunctionCallingTask):
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
           file_format="array_record",
       )
-      stamp.with_suffix(".tmp").write_text(source)  # swapped in whole
+      stamp.with_suffix(".tmp").write_text(built_from)  # swapped in whole
       stamp.with_suffix(".tmp").replace(stamp)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
