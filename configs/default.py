@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.split = "test"
   config.task.manual_dir = ""
 
-  # base, ttsi, ttd, ttsi_icl, all_inputs, certain_only, self_label, oracle, sft (comma separated)
+  # base, ttsi, ttd, ttsi_icl, icl, all_inputs, certain_only, self_label, oracle, sft (comma separated)
   config.variants = "base,ttsi"
   # Inputs per wave. Its adapters (one per data source and targeted input: self pairs, teacher
   # pairs, gold; up to 2 x wave_size with configs/paper.py) train adapters_per_call at a time.
@@ -117,7 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Variant "sft", the inductive baseline: one LoRA (adaptation.rank / alpha / targets / dropout /
   # warmup / decay) trained on the gold calls of other BFCL categories, then used on every input.
-  # Trained once per workdir (saved to workdir/sft_adapter, which a resumed run loads).
+  # Trained once per workdir (saved to workdir/sft_adapter, which a resumed run loads). Variant
+  # "icl" (ordinary ICL) shows an uncertain input the synthesis.k most similar of those gold calls.
   config.sft = ml_collections.ConfigDict()
   config.sft.categories = "live_simple,live_multiple"  # the training split; never the test category
   config.sft.num_examples = 32  # per category; 0 = all

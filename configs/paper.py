@@ -16,5 +16,5 @@ def get_config():
   config.synthesis.well_formed = False
   config.synthesis.validate = False
   config.sft.num_examples = 0  # every row of sft.categories, not default.py's 32 per category
-  config.variants = "base,ttsi,ttsi_icl,all_inputs,certain_only,oracle"
+  config.variants = "base,ttsi,ttsi_icl,icl,all_inputs,certain_only,oracle"
   return config

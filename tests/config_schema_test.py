@@ -87,3 +87,15 @@ def test_a_variants_own_section_counts_only_where_a_config_runs_it(variants):
   assert config_schema.result_changing_differences(before, now) == ["sft.num_examples"]  # no ttd
   without = {"variants": "base,ttsi"}
   assert config_schema.result_changing_differences({**before, **without}, {**now, **without}) == []
+
+
+def test_the_training_split_counts_for_icl_but_sfts_training_settings_do_not():
+  before = {"variants": "base,icl", "sft.categories": "live_simple", "sft.learning_rate": 1e-4}
+  now = {**before, "sft.categories": "simple_python", "sft.learning_rate": 1e-3}
+  # icl shows the split's gold calls; it trains nothing, so sft's training settings are neutral.
+  assert config_schema.result_changing_differences(before, now) == ["sft.categories"]
+  both = {"variants": "base,icl,sft"}
+  assert config_schema.result_changing_differences({**before, **both}, {**now, **both}) == [
+      "sft.categories",
+      "sft.learning_rate",
+  ]

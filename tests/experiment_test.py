@@ -500,6 +500,56 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert len(trained) == 4 and "settings.json is unreadable" in caplog.text
 
 
+def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_model, tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.variants = "base,ttsi_icl,icl"
+  config.uncertainty.tau = 1.01  # every input flagged
+  config.decoding.modes = "direct"
+  config.task.num_examples, config.wave_size = 2, 2
+  config.decoding.well_formed, config.decoding.max_new_tokens = False, 8  # fewer programs
+  config.synthesis.validate = False
+  config.sft.categories, config.sft.num_examples = "simple_python,live_simple", 3
+  prompts = []  # the prompts each prefill saw
+  monkeypatch.setattr(
+      experiment.Experiment,
+      "_icl_prompt",
+      lambda self, ex, turns, real=experiment.Experiment._icl_prompt: prompts.append((ex.id, turns))
+      or real(self, ex, turns),
+  )
+  workdir = str(tmp_path / "run")
+  metrics = experiment.run(config, workdir)
+  run = experiment.Experiment(config, str(tmp_path / "other"))
+  pool = {ex.id: (task, ex) for task, ex in run.train_split}
+  assert len(pool) == 6
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  for r, ex in zip(lines, run.examples):
+    icl = r["variants"]["icl"]
+    # One demonstration (synthesis.k): the most similar gold call of the split, shown as its
+    # functions and request, then its gold call.
+    nearest = run.train_split[run.retriever.ranked(ex)[0]][1]
+    assert icl["adapted"] and icl["demonstrations"] == [nearest.id]
+    task = pool[nearest.id][0]
+    assert (ex.id, task.demonstration(nearest, task.gold_answer(nearest))) in prompts
+    # ttsi_icl shows the input's own kept pairs, without a function list, and names no ids.
+    assert "demonstrations" not in r["variants"]["ttsi_icl"]
+  assert metrics["adapted_inputs"]["icl"] == 2
+  # Where the nearest does not fit in the context with the prompt and the reserve, the next one
+  # that does is shown; where none fits, the input is answered as base, saying why.
+  ex = run.examples[0]
+  ranked = run.retriever.ranked(ex)
+  alone = len(run._icl_prompt(ex, []))
+  lengths = [run._demonstration(i)[1] for i in ranked]
+  room = alone + min(lengths) + 4  # some slack: the chat template's joins
+  assert lengths[0] > min(lengths)  # with this split: the nearest is not the shortest
+  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=room + config.reserve)
+  context = run._nearest_demonstrations(ex)
+  assert context.ids == [run.train_split[ranked[lengths.index(min(lengths))]][1].id]
+  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=alone + config.reserve)
+  assert run._nearest_demonstrations(ex).ids == []
+  assert run.in_context([ex], np.array([True]), {"self": [None], "teacher": [None]}) == {}
+
+
 @pytest.mark.parametrize("well_formed", [True, False])
 def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, tmp_path, well_formed):
   config = tiny.get_config()

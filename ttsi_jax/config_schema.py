@@ -127,8 +127,14 @@ def flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-# Sections that act only through a variant: neutral where neither config runs it.
-_SECTION_OF_VARIANT = {"sft.": "sft", "teacher.": "ttd"}
+# Fields (prefixes, the first that matches decides) that act only through some variants: neutral
+# where neither config runs one of them. The training split serves sft and icl alike.
+_FIELDS_OF_VARIANTS = (
+    ("sft.categories", ("sft", "icl")),
+    ("sft.num_examples", ("sft", "icl")),
+    ("sft.", ("sft",)),
+    ("teacher.", ("ttd",)),
+)
 
 
 def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str, ...] = ()) -> list[str]:
@@ -137,9 +143,17 @@ def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str
   neither config runs (a teacher's settings without `ttd`)."""
   names = lambda value: value.split(",") if isinstance(value, str) else list(value or ())
   runs = {str(v).strip() for config in (before, now) for v in names(config.get("variants", ""))}
-  unused = tuple(section for section, variant in _SECTION_OF_VARIANT.items() if variant not in runs)
-  neutral = RESULT_NEUTRAL + also_neutral + unused
-  return sorted(k for k in before.keys() & now.keys() if not k.startswith(neutral) and before[k] != now[k])
+
+  def unused(field: str) -> bool:
+    variants = next((v for prefix, v in _FIELDS_OF_VARIANTS if field.startswith(prefix)), None)
+    return variants is not None and not runs.intersection(variants)
+
+  neutral = RESULT_NEUTRAL + also_neutral
+  return sorted(
+      k
+      for k in before.keys() & now.keys()
+      if not k.startswith(neutral) and not unused(k) and before[k] != now[k]
+  )
 
 
 _MISSING = object()

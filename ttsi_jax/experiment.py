@@ -5,6 +5,7 @@ Per wave of inputs, `run_wave` calls one stage after another (see its body):
   -> base answers -> G (`synthesize`): pairs for the inputs a variant needs (self and/or teacher)
   -> `variants.plan_adapters`: one adapter per data source and input (the variant table decides)
   -> T (`train`): packed training of the wave's adapters
+  -> `in_context`: the examples ICL variants show (kept pairs, or the training split's nearest)
   -> `answer_variants`: per-input adapters, the sft baseline and ICL prompts, through one path
   -> check (`_record`) -> one JSON line per input in results.jsonl (flushed per wave).
 A run restarted with the same workdir skips the finished waves; every random key is derived from
@@ -40,7 +41,8 @@ from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example, Task
 from ttsi_jax.text import constrained
 from ttsi_jax.text import sampler as sampler_lib
-from ttsi_jax.ttsi import adaptation, answering, synthesis, uncertainty
+from ttsi_jax.text.tokenizer import Messages
+from ttsi_jax.ttsi import adaptation, answering, demonstrations, synthesis, uncertainty
 from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
@@ -121,7 +123,8 @@ def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
 
 
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
-  """The inductive baseline's training split: other BFCL categories, never the test category."""
+  """The training split of the inductive baseline (sft) and of ordinary ICL's demonstrations
+  (icl): other BFCL categories, never the test category."""
   categories = tuple(
       dict.fromkeys(_names(config.sft.categories, bfcl.CATEGORIES, "sft category"))  # in order, each once
   )
@@ -151,6 +154,15 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
         cfg.dataset, cfg.split, cfg.num_examples or None, cfg.data_dir or None, cfg.manual_dir or None
     )
   return bfcl.BfclTask(cfg.category, cfg.num_examples or None, cfg.data_dir or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class InContext:
+  """What an ICL variant shows an input before its request: chat turns of worked examples, and
+  the ids of the training split's examples among them (None: pairs written for the input)."""
+
+  turns: Messages
+  ids: Optional[list[str]]
 
 
 # G's output: per data source that writes pairs ("self", "teacher"), per input, what it wrote
@@ -204,7 +216,14 @@ class Experiment:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
-    self.sft_tasks = sft_tasks(config) if self.uses_sft else []
+    shows_split = any(variants_lib.TABLE[v].source == "train" for v in self.variants)
+    self.sft_tasks = sft_tasks(config) if self.uses_sft or shows_split else []
+    # icl's pool: (task, example) of the training split, and their ranking by similarity.
+    self.train_split = (
+        [(task, ex) for task in self.sft_tasks for ex in task.examples()] if shows_split else []
+    )
+    self.retriever = demonstrations.Retriever([ex for _, ex in self.train_split]) if shows_split else None
+    self._demonstration_cache: dict[int, tuple[Messages, int]] = {}
     # The stage configs too are checked before any model loads.
     self.synth_cfg = config_schema.build(synthesis.SynthesisConfig, config.synthesis)
     self.adapt_cfg = adapt_config(config)
@@ -356,12 +375,59 @@ class Experiment:
       )
     return kept
 
-  def _icl_prompt(self, ex: Example, pairs: Sequence[synthesis.Pair]) -> list[int]:
+  def _icl_prompt(self, ex: Example, turns: Messages) -> list[int]:
+    """The input's prompt with `turns` (shown examples) before its request."""
     msgs = self.task.prompt(ex)
-    demos = []
-    for p in pairs:
-      demos += [{"role": "user", "content": p.request}, {"role": "assistant", "content": p.call}]
-    return self.tokenizer.encode_chat(msgs[:-1] + demos + msgs[-1:])
+    return self.tokenizer.encode_chat(msgs[:-1] + turns + msgs[-1:])
+
+  def _demonstration(self, index: int) -> tuple[Messages, int]:
+    """Pool example `index` as shown turns (its gold call answering), and their tokens alone."""
+    if index not in self._demonstration_cache:
+      task, ex = self.train_split[index]
+      turns = task.demonstration(ex, task.gold_answer(ex))
+      self._demonstration_cache[index] = (turns, len(self.tokenizer.encode_chat(turns)))
+    return self._demonstration_cache[index]
+
+  def _nearest_demonstrations(self, ex: Example) -> InContext:
+    """The k (synthesis.k, as many as ttsi_icl shows at most) most similar examples of the training
+    split that fit in the prompt with the input and the reserve; fewer (none) where less fits."""
+    room = self.model_config.context_length - self.config.reserve
+    chosen, turns = [], []
+    length = len(self._icl_prompt(ex, []))
+    for index in self.retriever.ranked(ex):
+      if len(chosen) == self.config.synthesis.k:
+        break
+      demo, demo_length = self._demonstration(index)
+      if length + demo_length > room:  # a quick bound before encoding the whole prompt
+        continue
+      with_demo = len(self._icl_prompt(ex, turns + demo))
+      if with_demo <= room:
+        chosen.append(self.train_split[index][1].id)
+        turns, length = turns + demo, with_demo
+    return InContext(turns, chosen)
+
+  def in_context(self, examples, flags, written: WrittenBySource) -> dict[tuple[str, int], InContext]:
+    """What each ICL variant shows each input it targets: {(variant, input): InContext}, left out
+    where it has nothing to show (the input is answered as base)."""
+    shown = {}
+    for v in self.variants:
+      row = variants_lib.TABLE[v]
+      if row.answers != "icl":
+        continue
+      for i in np.flatnonzero(variants_lib.targets(v, flags)).tolist():
+        if row.source == "train":
+          context = self._nearest_demonstrations(examples[i])
+        else:  # pairs written for the input (its own functions: no need to list them again)
+          pairs = written[row.source][i].kept if written[row.source][i] else []
+          turns = [
+              t
+              for p in pairs
+              for t in ({"role": "user", "content": p.request}, {"role": "assistant", "content": p.call})
+          ]
+          context = InContext(turns, None)
+        if context.turns:
+          shown[(v, i)] = context
+    return shown
 
   def run_wave(self, wave: int, examples: list[Example], timer) -> tuple[list[dict], list[dict]]:
     """(one record per input, the adapters to keep)."""
@@ -380,10 +446,11 @@ class Experiment:
       adapters, losses = self.train(plan, ids)
       kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
     with timer("adapted"):
-      adapted = self.answer_variants(plan, adapters, examples, prompts, flags, written)
+      shown = self.in_context(examples, flags, written)
+      adapted = self.answer_variants(plan, adapters, examples, prompts, shown)
     with timer("check"):
       records = [
-          self._record(wave, i, ex, stats, flags, base, written, adapted, plan, losses)
+          self._record(wave, i, ex, stats, flags, base, written, adapted, shown, plan, losses)
           for i, ex in enumerate(examples)
       ]
     return records, kept
@@ -437,11 +504,11 @@ class Experiment:
         self.params, [job.data for job in plan.jobs], self.tokenizer.pad_id, keys, self.adapters_per_call
     )
 
-  def answer_variants(self, plan, adapters, examples, prompts, flags, written: WrittenBySource) -> dict:
+  def answer_variants(self, plan, adapters, examples, prompts, shown: dict) -> dict:
     """The answers of every variant that does not answer as base: {(variant, input): answers}.
     Each way of answering (the variant table's `answers`) prefills its prompts once: per-input
-    adapters, the sft adapter, or ICL prompts with the kept pairs; all answer through the same
-    `Answerer`."""
+    adapters, the sft adapter, or ICL prompts with what `in_context` shows; all answer through
+    the same `Answerer`."""
     seed, reserve, ids = self.config.seed, self.config.reserve, [ex.id for ex in examples]
     adapted = {}
 
@@ -465,21 +532,16 @@ class Experiment:
       if row.answers == "sft":  # one adapter, trained before the run, for every input
         rows = list(range(len(examples)))
         answers = answer("sft", rows, prompts, lora=self.sft_adapter)
-      elif row.answers == "icl":  # the kept pairs as in-context examples
-        kept = {
-            i: written[row.source][i].kept
-            for i in np.flatnonzero(variants_lib.targets(v, flags)).tolist()
-            if written[row.source][i]
-        }
-        rows = [i for i, pairs in kept.items() if pairs]
-        answers = answer("icl", rows, [self._icl_prompt(examples[i], kept[i]) for i in rows])
+      elif row.answers == "icl":  # shown examples in the prompt
+        rows = [i for (variant, i) in shown if variant == v]
+        answers = answer("icl", rows, [self._icl_prompt(examples[i], shown[(v, i)].turns) for i in rows])
       else:
         continue
       adapted.update({(v, i): a for i, a in zip(rows, answers)})
     return adapted
 
   def _record(
-      self, wave, i, ex, stats, flags, base, written: WrittenBySource, adapted, plan, losses
+      self, wave, i, ex, stats, flags, base, written: WrittenBySource, adapted, shown, plan, losses
   ) -> records_lib.Record:
     """Input i's line of results.jsonl: its H statistics, base answer, pairs and variants."""
     base_answers = {k: vals[i] for k, vals in base.items()}
@@ -508,6 +570,7 @@ class Experiment:
             answers["direct"],
             answering.verdicts(self.task, ex, answers, self.modes),
             self.task.check(ex, answers["direct"]).error,
+            demonstrations=shown[(v, i)].ids if (v, i) in shown else None,
         )
       if (v, i) in plan.job_of:
         job = plan.job_of[(v, i)]

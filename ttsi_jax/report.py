@@ -34,6 +34,7 @@ TAUS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2)) + (1.01,)  # 1.01 flags eve
 COMPARISONS = (
     ("ttsi", "self_label", "do the self-written examples teach more than the input's own base answer?"),
     ("ttsi", "ttsi_icl", "does training on the examples beat showing them in context?"),
+    ("ttsi_icl", "icl", "do the self-written examples beat the training split's nearest ones in context?"),
     ("ttsi", "all_inputs", "what does adapting only the flagged inputs cost or gain?"),
     ("ttsi", "certain_only", "does the flag pick the inputs that adaptation helps?"),
 )

@@ -21,7 +21,7 @@ def _data(available):
 
 def test_each_variant_targets_the_inputs_its_row_names():
   assert variants.targets("base", FLAGS).tolist() == [False] * 4
-  for v in ("ttsi", "ttd", "ttsi_icl"):
+  for v in ("ttsi", "ttd", "ttsi_icl", "icl"):
     assert variants.targets(v, FLAGS).tolist() == FLAGS.tolist()
   assert variants.targets("certain_only", FLAGS).tolist() == (~FLAGS).tolist()
   for v in ("all_inputs", "oracle", "sft"):
@@ -49,12 +49,14 @@ def test_variants_that_train_on_the_same_data_share_one_adapter():
 
 def test_inputs_without_training_data_get_no_adapter_and_say_why():
   # Input 0: no kept pairs; input 2: the teacher failed; both flagged.
-  data_for, _ = _data({("self", 2): ["pair 2"], ("teacher", 0): ["teacher pair 0"]})
-  plan = variants.plan_adapters(["ttsi", "ttd", "ttsi_icl", "sft"], FLAGS, data_for)
+  data_for, calls = _data({("self", 2): ["pair 2"], ("teacher", 0): ["teacher pair 0"]})
+  plan = variants.plan_adapters(["ttsi", "ttd", "ttsi_icl", "icl", "sft"], FLAGS, data_for)
   assert sorted(plan.job_of) == [("ttd", 0), ("ttsi", 2)]  # ICL and sft train no per-input adapter
+  assert ("train", 0) not in calls  # icl's demonstrations are no training data
   assert variants.not_adapted_reason("ttsi", True, set()) == "no kept pairs"
   assert variants.not_adapted_reason("ttd", True, {"teacher"}) == "teacher failed"
   assert variants.not_adapted_reason("ttd", False, {"teacher"}) == "not targeted"
+  assert variants.not_adapted_reason("icl", True, set()) == "no demonstration fits"
   # A failed teacher is the teacher's reason only.
   assert variants.not_adapted_reason("ttsi", True, {"teacher"}) == "no kept pairs"
 

@@ -43,6 +43,10 @@ class Task(Protocol):
   def prompt(self, example: Example) -> Messages:
     """Chat messages (system + user) asking for the answer to `example`."""
 
+  def demonstration(self, example: Example, answer: str) -> Messages:
+    """A worked example to show in another input's prompt (ordinary ICL): a user turn with
+    `example`'s own functions and request, then `answer` as the assistant's turn."""
+
   def candidates(self, example: Example) -> list[str]:
     """Candidate action prefixes scored by the uncertainty stage (e.g. "[get_weather(")."""
 

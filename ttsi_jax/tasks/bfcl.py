@@ -692,6 +692,15 @@ class FunctionCallingTask:
       messages.insert(0, {"role": "system", "content": system})
     return messages
 
+  def demonstration(self, example: Example, answer: str) -> Messages:
+    """The functions as BFCL lists them (with its Python hint), the request, then the answer: a
+    shown example's functions are not the input's, so its turn names them."""
+    tools = _AVAILABLE_TOOLS.format(functions=json.dumps(with_python_hint(example.functions), indent=4))
+    return [
+        {"role": "user", "content": f"{tools}\n{example.question}"},
+        {"role": "assistant", "content": answer},
+    ]
+
   def candidates(self, example: Example) -> list[str]:
     return ["[" + function["name"] + "(" for function in example.functions]
 

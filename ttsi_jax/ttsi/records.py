@@ -3,7 +3,8 @@
 Written by the run's check stage, read back by resume and by `compute_metrics`; any other
 reader (the notebook, a report) can rely on the fields below. Optional fields are left out of a
 line when they do not apply (a variant's `reason` when it adapted, `losses` when it trained no
-adapter, the base answer's `samples` without voting modes, `teacher_pairs` without a teacher).
+adapter, `demonstrations` but for icl, the base answer's `samples` without voting modes,
+`teacher_pairs` without a teacher).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class VariantAnswer:
   correct: dict[str, bool]
   error: str
   # Why not adapted (`variants.not_adapted_reason`): "not targeted", "no kept pairs",
-  # "<source> failed", "empty base answer".
+  # "<source> failed", "empty base answer", "no demonstration fits".
   reason: Optional[str] = None
   losses: Optional[list[float]] = None  # the adapter's training loss per step
+  demonstrations: Optional[list[str]] = None  # the training split's examples shown (icl), by id
 
 
 @dataclasses.dataclass

@@ -24,8 +24,9 @@ _TARGETS = {
 @dataclasses.dataclass(frozen=True)
 class Variant:
   targets: str  # "none", "flagged", "certain" or "all" (see _TARGETS)
-  # Training data per targeted input: "self" / "teacher" (pairs written by G), "self_label" (the
-  # input's own request with the base model's answer), "gold" (its gold call) or None.
+  # Training data (or shown examples) per targeted input: "self" / "teacher" (pairs written by G),
+  # "self_label" (the input's own request with the base model's answer), "gold" (its gold call),
+  # "train" (the training split's most similar gold calls, ttsi_jax.ttsi.demonstrations) or None.
   source: Optional[str]
   answers: str  # "base", "adapter" (its own per-input adapter), "icl" or "sft"
   doc: str
@@ -47,6 +48,13 @@ TABLE = {
     "ttsi_icl": Variant(
         "flagged", "self", "icl", "uncertain inputs get the self-written pairs as in-context examples"
     ),
+    "icl": Variant(
+        "flagged",
+        "train",
+        "icl",
+        "uncertain inputs get the training split's most similar gold calls as in-context examples "
+        "(ordinary ICL, ttsi_icl's baseline)",
+    ),
     "all_inputs": Variant("all", "self", "adapter", "TT-SI on every input (no flag)"),
     "certain_only": Variant(
         "certain", "self", "adapter", "TT-SI on the inputs the flag calls certain (the flag's control)"
@@ -57,7 +65,7 @@ TABLE = {
     ),
 }
 NAMES = tuple(TABLE)
-SOURCES = ("self", "teacher", "self_label", "gold")
+SOURCES = ("self", "teacher", "self_label", "gold", "train")
 
 
 def targets(variant: str, flags_B: np.ndarray) -> np.ndarray:
@@ -120,4 +128,6 @@ def not_adapted_reason(variant: str, targeted: bool, failed_sources: Collection[
     return f"{TABLE[variant].source} failed"
   if TABLE[variant].source == "self_label":
     return "empty base answer"
+  if TABLE[variant].source == "train":
+    return "no demonstration fits"
   return "no kept pairs"
