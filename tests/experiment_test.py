@@ -342,6 +342,24 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     experiment.Experiment(config, str(tmp_path))
 
 
+def test_well_formed_decoding_is_warned_of_where_some_answers_are_not_one_call(caplog):
+  task = BfclTask("parallel", 1)
+  examples = [*task.examples(), *BfclTask("multiple", 1).examples(), *BfclTask("irrelevance", 1).examples()]
+  config = tiny.get_config()
+  with caplog.at_level(logging.WARNING):
+    experiment._check_single_calls(task, examples, ["base", "ttsi"], config)
+  assert "write exactly one call, but 2 of 3 inputs" in caplog.text
+  # Well-formed pairs alone, on a task of several calls only: a warning, not a refusal.
+  config.decoding.well_formed = False
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    experiment._check_single_calls(task, examples[:1], ["base", "ttsi"], config)
+  assert "synthesis.well_formed write exactly one call, but 1 of 1" in caplog.text
+  caplog.clear()
+  experiment._check_single_calls(task, examples[:1], ["base", "oracle"], config)  # nothing synthesized
+  assert not caplog.text
+
+
 @pytest.mark.parametrize("ids", [["a", "../../x"], ["a", "."], ["a", ""]])
 def test_kept_adapters_need_ids_that_are_folder_names(ids):
   with pytest.raises(ValueError, match=r"keep_adapters: the ids .* are not folder names"):
@@ -363,6 +381,12 @@ def test_kept_adapters_need_ids_that_are_folder_names(ids):
                 "teacher.request_json": "{max_tokens: 1}",
             },
             "teacher.request_json is not valid JSON",
+        ),
+        (
+            {"task.category": "parallel"},
+            r"decoding.well_formed and synthesis.well_formed write exactly one call, but 4 of 4 inputs "
+            r"are answered with several calls or none \(e.g. parallel_0\): no answer could be right. "
+            r"Set --config.decoding.well_formed=false --config.synthesis.well_formed=false",
         ),
     ],
 )

@@ -113,6 +113,43 @@ def _check_folder_names(kept, ids: Sequence[str]) -> None:
     )
 
 
+def _check_single_calls(
+    task: Task, examples: Sequence[Example], variants: Sequence[str], config: ml_collections.ConfigDict
+) -> None:
+  """Well-formed decoding writes exactly one call: inputs whose answer is several calls (BFCL's
+  parallel categories) or none (irrelevance) could never be answered right (nor their pairs be
+  written right). Refused where every input is such, warned of (with the count) otherwise."""
+  synthesizes = any(variants_lib.TABLE[v].source in ("self", "teacher") for v in variants)
+  switched_on = [
+      f"{s}.well_formed"
+      for s in ("decoding", "synthesis")
+      if config[s].well_formed and (s == "decoding" or synthesizes)
+  ]
+  if not switched_on:
+    return
+
+  def calls(ex: Example) -> int:
+    try:
+      return len(bfcl.parse_calls(task.gold_answer(ex)))
+    except bfcl.ParseError:  # a gold answer our format cannot write: its checker still judges
+      return 1
+
+  other = [ex.id for ex in examples if calls(ex) != 1]
+  if not other:
+    return
+  what = (
+      f"{' and '.join(switched_on)} write exactly one call, but {len(other)} of {len(examples)} inputs "
+      f"are answered with several calls or none (e.g. {other[0]})"
+  )
+  if len(other) == len(examples) and config.decoding.well_formed:
+    raise ValueError(
+        f"{what}: no answer could be right. Set "
+        + " ".join(f"--config.{flag}=false" for flag in switched_on)
+        + " for this task."
+    )
+  logging.warning("%s: their answers (pairs) cannot be right whatever the model knows.", what)
+
+
 def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
   """The BFCL category a run is scored on: task.category of a BFCL task, <category> of the TFDS
   dataset "bfcl/<category>"; None for any other task."""
@@ -215,6 +252,7 @@ class Experiment:
     if not self.examples:
       raise ValueError(f"Task {self.task.name} has no usable examples.")
     self.keep = _kept_ids(config.keep_adapters, [ex.id for ex in self.examples])
+    _check_single_calls(self.task, self.examples, self.variants, config)
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
     shows_split = any(variants_lib.TABLE[v].source == "train" for v in self.variants)
     self.sft_tasks = sft_tasks(config) if self.uses_sft or shows_split else []
