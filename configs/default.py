@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.uncertainty.measure = "margin"  # or "entropy"
   config.uncertainty.tau = 0.95  # uncertain when margin < tau
   config.uncertainty.entropy_threshold = 0.15  # uncertain when entropy (nats) > threshold
-  # Inputs with one offered function: score this many sampled calls (distinct ones) instead.
+  # Inputs with one offered function: score this many sampled calls (distinct ones, each whole
+  # with the end of its turn) instead.
   config.uncertainty.sampled_candidates = 5
 
   config.decoding = ml_collections.ConfigDict()

@@ -575,7 +575,9 @@ def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_mod
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
-def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, tmp_path, well_formed):
+def test_single_function_inputs_score_distinct_sampled_answers(
+    tiny_chat_model, tmp_path, monkeypatch, well_formed
+):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.task.category = "simple_python"
@@ -585,11 +587,22 @@ def test_single_function_inputs_score_distinct_sampled_answers(tiny_chat_model, 
   config.decoding.well_formed = well_formed
   config.decoding.max_new_tokens = 16
   config.uncertainty.sampled_candidates = 3
+  scored = []  # the answers H scored whole
+  whole = answering.Answerer._whole
+  monkeypatch.setattr(
+      answering.Answerer, "_whole", lambda self, a: scored.append(("whole", a)) or whole(self, a)
+  )
   experiment.run(config, str(tmp_path))
   task = BfclTask("simple_python", 2)
-  for line in open(tmp_path / "results.jsonl"):
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  for row, line in enumerate(open(tmp_path / "results.jsonl")):
     r = json.loads(line)
     candidates = r["candidates"]
+    # Each sampled answer is scored whole: its tokens, then the end of its turn.
+    assert all(("whole", c) in scored for c in candidates)
+    assert whole(types.SimpleNamespace(tokenizer=tokenizer), candidates[0]) == tokenizer.encode(
+        candidates[0]
+    ) + [tokenizer.end_of_turn_id]
     assert 1 <= len(candidates) <= 3 and len(r["probs"]) == len(candidates)
     assert len(answering.distinct_answers(task, candidates)) == len(candidates)  # distinct
     if well_formed:

@@ -501,6 +501,12 @@ class Experiment:
         pre, examples, stats, _keys(self.config.seed, "H", [ex.id for ex in examples]), u.sampled_candidates
     )
     threshold = u.tau if u.measure == "margin" else u.entropy_threshold
+    broken = [ex.id for ex, margin in zip(examples, stats.margin_B) if np.isnan(margin)]
+    if broken:
+      logging.warning(
+          "Inputs %s: a candidate's log-likelihood is NaN (the model's logits are); flagged uncertain.",
+          broken,
+      )
     return stats, uncertainty.is_uncertain(stats, u.measure, threshold)[: len(examples)]
 
   def synthesize(self, examples: list[Example], flags: np.ndarray) -> WrittenBySource:

@@ -44,6 +44,14 @@ def test_flags_follow_the_chosen_measure():
     uncertainty.is_uncertain(stats, "ppl", 0.5)
 
 
+def test_a_nan_log_likelihood_makes_an_input_uncertain():
+  stats = uncertainty.CandidateStats.of(
+      [["f", "g"], ["f", "g"]], np.array([[np.nan, -1.0], [-0.1, -9.0]]), np.ones((2, 2))
+  )
+  for measure, threshold in (("margin", 0.95), ("entropy", 0.5)):
+    assert list(uncertainty.is_uncertain(stats, measure, threshold)) == [True, False], measure
+
+
 def test_rows_of_sampled_calls_replace_only_their_inputs_statistics():
   names = uncertainty.CandidateStats.of(
       [["f", "g"], ["h"]], np.log([[0.9, 0.1], [1.0, 0.0]]), np.ones((2, 2))

@@ -34,12 +34,21 @@ class Answerer:
   temperature: float
   top_p: float
 
-  def score(self, pre, examples: Sequence[Example], candidates=None) -> uncertainty.CandidateStats:
-    """RSS statistics over the task's candidate actions (or the given candidate strings)."""
-    enc = self.tokenizer.encode
-    candidates = candidates or [self.task.candidates(ex) for ex in examples]
-    loglik, counts = scoring.score_after(self.sampler, pre, [[enc(c) for c in cands] for cands in candidates])
+  def score(self, pre, examples: Sequence[Example], answers=None) -> uncertainty.CandidateStats:
+    """RSS statistics over the task's candidate actions, or over the given whole answers (each
+    scored with the end of its turn: an answer cut short, or one that is the start of another,
+    does not take the longer one's likelihood)."""
+    if answers is None:
+      candidates, tokens = [self.task.candidates(ex) for ex in examples], self.tokenizer.encode
+    else:
+      candidates, tokens = answers, self._whole
+    loglik, counts = scoring.score_after(
+        self.sampler, pre, [[tokens(c) for c in cands] for cands in candidates]
+    )
     return uncertainty.CandidateStats.of(candidates, loglik, counts)
+
+  def _whole(self, answer: str) -> list[int]:
+    return self.tokenizer.encode(answer) + [self.tokenizer.end_of_turn_id]
 
   def sampled_call_stats(
       self, pre, examples, stats: uncertainty.CandidateStats, rng, num_samples: int
@@ -67,7 +76,7 @@ class Answerer:
             "Input %s: all %d sampled answers are empty; scoring its function alone.", ex.id, len(runs)
         )
         calls = self.task.candidates(ex)
-      fit = scoring.candidates_that_fit([self.tokenizer.encode(c) for c in calls], pre.free())
+      fit = scoring.candidates_that_fit([self._whole(c) for c in calls], pre.free())
       if not fit:
         raise ValueError(
             f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
@@ -83,7 +92,7 @@ class Answerer:
             pre.free(),
         )
       candidates[i] = calls[:fit]
-    return stats.with_rows(single, self.score(pre, examples, candidates))
+    return stats.with_rows(single, self.score(pre, examples, answers=candidates))
 
   def answer(
       self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool, active=None
