@@ -342,6 +342,37 @@ def test_bad_settings_fail_at_start_and_say_what_is_valid(field, value, message,
     experiment.Experiment(config, str(tmp_path))
 
 
+def test_inputs_whose_prompt_does_not_fit_the_context_are_skipped_and_counted(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.variants, config.decoding.max_new_tokens = "base", 8
+  config.decoding.well_formed = False
+  run = experiment.Experiment(config, str(tmp_path))
+  lengths = [len(run.tokenizer.encode_chat(run.task.prompt(ex))) for ex in run.examples]
+  assert len(set(lengths)) == len(lengths)  # with these inputs: one longest
+  # A context one token short for the longest prompt with the reserve.
+  run.model_config = dataclasses.replace(
+      run.model_config, max_position_embeddings=max(lengths) - 1 + config.reserve
+  )
+  longest = run.examples[lengths.index(max(lengths))].id
+  run.examples, too_long = run._inputs_that_fit(run.examples)
+  assert [i for i, _ in too_long] == [longest] and longest not in [ex.id for ex in run.examples]
+  run.skipped = [*run.task.skipped, *too_long]
+  metrics = run.run()  # the others run; the skipped input is counted, with its reason
+  assert metrics["num_inputs"] == 3
+  assert metrics["skipped_rows"] == [
+      [
+          longest,
+          f"its prompt of {max(lengths)} tokens + reserve 256 exceed " f"the context of {max(lengths) + 255}",
+      ]
+  ]
+  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=min(lengths) + 255)
+  with pytest.raises(
+      ValueError, match=rf"No input's prompt fits .* \(the shortest prompt has {min(lengths)} "
+  ):
+    run._inputs_that_fit(run.examples)
+
+
 def test_well_formed_decoding_is_warned_of_where_some_answers_are_not_one_call(caplog):
   task = BfclTask("parallel", 1)
   examples = [*task.examples(), *BfclTask("multiple", 1).examples(), *BfclTask("irrelevance", 1).examples()]
@@ -567,11 +598,16 @@ def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_mod
   room = alone + min(lengths) + 4  # some slack: the chat template's joins
   assert lengths[0] > min(lengths)  # with this split: the nearest is not the shortest
   run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=room + config.reserve)
-  context = run._nearest_demonstrations(ex)
-  assert context.ids == [run.train_split[ranked[lengths.index(min(lengths))]][1].id]
+  # ttsi_icl's pairs obey the same rule: a pair too long for the room gives way to the next.
+  long_pair, pair = synthesis.Pair("Please " * 2 * room, "[f(a=1)]"), synthesis.Pair("Please f.", "[f(a=2)]")
+  written = {"self": [synthesis.Written([long_pair, pair])], "teacher": [None]}
+  shown = run.in_context([ex], np.array([True]), written)
+  assert shown[("icl", 0)].ids == [run.train_split[ranked[lengths.index(min(lengths))]][1].id]
+  assert shown[("ttsi_icl", 0)] == experiment.InContext(
+      [{"role": "user", "content": "Please f."}, {"role": "assistant", "content": "[f(a=2)]"}], None
+  )
   run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=alone + config.reserve)
-  assert run._nearest_demonstrations(ex).ids == []
-  assert run.in_context([ex], np.array([True]), {"self": [None], "teacher": [None]}) == {}
+  assert run.in_context([ex], np.array([True]), written) == {}
 
 
 @pytest.mark.parametrize("well_formed", [True, False])

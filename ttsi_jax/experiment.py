@@ -275,6 +275,8 @@ class Experiment:
     )
     self.model_config, self.params = model.config, model.params
     self.tokenizer, self.sampler = model.tokenizer, model.sampler
+    self.examples, too_long = self._inputs_that_fit(self.examples)
+    self.skipped = [*self.task.skipped, *too_long]  # (row id, reason): counted in the metrics
     d = config.decoding
     self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens, d.max_args)
     self.answerer = answering.Answerer(
@@ -297,6 +299,35 @@ class Experiment:
     # where the packed call costs the same per adapter at steady state, but the demo's T ran
     # 2-30% slower packed, at 2.5-3x the memory (docs/measured.md).
     self.adapters_per_call = a.adapters_per_call or (1 if jax.default_backend() == "cpu" else 0)
+
+  def _inputs_that_fit(self, examples: list[Example]) -> tuple[list[Example], list[tuple[str, str]]]:
+    """(the inputs whose prompt and the reserve fit in the model's context, (id, reason) for the
+    others): one such input would stop its wave, and every resume, at the same place."""
+    context, reserve = self.model_config.context_length, self.config.reserve
+    fit, skipped, shortest = [], [], None
+    for ex in examples:
+      length = len(self.tokenizer.encode_chat(self.task.prompt(ex)))
+      if length + reserve <= context:
+        fit.append(ex)
+      else:
+        reason = f"its prompt of {length} tokens + reserve {reserve} exceed the context of {context}"
+        skipped.append((ex.id, reason))
+        shortest = min(length, shortest or length)
+    if skipped:
+      logging.warning(
+          "Skipped %d of %d inputs whose prompt does not fit in the model's context with the reserve "
+          "(lower config.reserve, or use a model with a longer context): %s",
+          len(skipped),
+          len(examples),
+          [i for i, _ in skipped],
+      )
+    if not fit:
+      raise ValueError(
+          f"No input's prompt fits in the model's context of {context} tokens with config.reserve="
+          f"{reserve} (the shortest prompt has {shortest} tokens); lower "
+          "the reserve, or use a model with a longer context."
+      )
+    return fit, skipped
 
   def _make_teacher(self):
     t = self.config.teacher
@@ -426,27 +457,29 @@ class Experiment:
       self._demonstration_cache[index] = (turns, len(self.tokenizer.encode_chat(turns)))
     return self._demonstration_cache[index]
 
-  def _nearest_demonstrations(self, ex: Example) -> InContext:
-    """The k (synthesis.k, as many as ttsi_icl shows at most) most similar examples of the training
-    split that fit in the prompt with the input and the reserve; fewer (none) where less fits."""
+  def _fitting(self, ex: Example, options) -> InContext:
+    """The first synthesis.k of `options` ((turns, their tokens alone, training id or None), in
+    order of preference) that fit in the input's prompt with the reserve; an option that would not
+    fit gives way to the next."""
     room = self.model_config.context_length - self.config.reserve
     chosen, turns = [], []
     length = len(self._icl_prompt(ex, []))
-    for index in self.retriever.ranked(ex):
+    for option, option_length, option_id in options:
       if len(chosen) == self.config.synthesis.k:
         break
-      demo, demo_length = self._demonstration(index)
-      if length + demo_length > room:  # a quick bound before encoding the whole prompt
+      if length + option_length > room:  # a quick bound before encoding the whole prompt
         continue
-      with_demo = len(self._icl_prompt(ex, turns + demo))
-      if with_demo <= room:
-        chosen.append(self.train_split[index][1].id)
-        turns, length = turns + demo, with_demo
+      with_option = len(self._icl_prompt(ex, turns + option))
+      if with_option <= room:
+        chosen.append(option_id)
+        turns, length = turns + option, with_option
     return InContext(turns, chosen)
 
   def in_context(self, examples, flags, written: WrittenBySource) -> dict[tuple[str, int], InContext]:
     """What each ICL variant shows each input it targets: {(variant, input): InContext}, left out
-    where it has nothing to show (the input is answered as base)."""
+    where it has nothing to show (the input is answered as base). icl shows the training split's
+    nearest examples (synthesis.k, as many as ttsi_icl shows at most); the others the pairs written
+    for the input (its own functions: no need to list them again)."""
     shown = {}
     for v in self.variants:
       row = variants_lib.TABLE[v]
@@ -454,17 +487,19 @@ class Experiment:
         continue
       for i in np.flatnonzero(variants_lib.targets(v, flags)).tolist():
         if row.source == "train":
-          context = self._nearest_demonstrations(examples[i])
-        else:  # pairs written for the input (its own functions: no need to list them again)
+          options = (
+              (*self._demonstration(index), self.train_split[index][1].id)
+              for index in self.retriever.ranked(examples[i])
+          )
+        else:
           pairs = written[row.source][i].kept if written[row.source][i] else []
-          turns = [
-              t
+          options = (
+              ([{"role": "user", "content": p.request}, {"role": "assistant", "content": p.call}], 0, None)
               for p in pairs
-              for t in ({"role": "user", "content": p.request}, {"role": "assistant", "content": p.call})
-          ]
-          context = InContext(turns, None)
+          )
+        context = self._fitting(examples[i], options)
         if context.turns:
-          shown[(v, i)] = context
+          shown[(v, i)] = InContext(context.turns, context.ids if row.source == "train" else None)
     return shown
 
   def run_wave(self, wave: int, examples: list[Example], timer) -> tuple[list[dict], list[dict]]:
@@ -729,7 +764,7 @@ class Experiment:
 
     def report() -> dict:
       records = records_lib.read(results_path)
-      metrics = compute_metrics(records, self.variants, self.modes, self.task.skipped)
+      metrics = compute_metrics(records, self.variants, self.modes, self.skipped)
       path = os.path.join(self.workdir, "metrics.json")
       with open(path + ".tmp", "w") as f:  # swapped in whole: never half written
         json.dump(metrics, f, indent=2)
