@@ -176,3 +176,35 @@ def test_kept_adapters_reach_host_0_and_a_failed_step_stops_every_host(tmp_path)
   assert "HostFailure: Host 1 failed on wave 7: ValueError: no memory left on host 1" in outputs[0]
   assert "host 1 value None first failed host 1" in outputs[1]
   assert "ValueError: no memory left on host 1" in outputs[1]  # its own exception
+
+
+# Host 1 was given another wave_size (and, second, other inputs): every host stops at once, each
+# naming the difference, instead of pairing their rounds' collectives out of order.
+_DISAGREE = """
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from configs import tiny
+from ttsi_jax import experiment
+host = jax.process_index()
+config = tiny.get_config()
+config.adaptation.adapters_per_call = 1 + host  # a field that changes no result may differ
+experiment.check_hosts_agree(config, "bfcl-eval 1", ["a", "b"])
+print("host", host, "agreed")
+config.wave_size = 2 + host
+try:
+  experiment.check_hosts_agree(config, "bfcl-eval 1", ["a", "b"][: 2 - host])
+except ValueError as e:
+  print("host", host, "refused:", e)
+"""
+
+
+def test_hosts_that_run_another_setting_or_other_inputs_stop_together(tmp_path):
+  address = f"localhost:{_free_port()}"
+  outputs = _finish([_start([sys.executable, "-c", _DISAGREE, address, str(i)]) for i in range(2)])
+  for host, out in enumerate(outputs):
+    assert f"host {host} agreed" in out
+    assert (
+        f"host {host} refused: The hosts do not run one setting on the same data (host 1 differs from "
+        "host 0 in ['wave_size', 'inputs'])"
+    ) in out

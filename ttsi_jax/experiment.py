@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import time
@@ -148,6 +149,31 @@ def _check_single_calls(
         + " for this task."
     )
   logging.warning("%s: their answers (pairs) cannot be right whatever the model knows.", what)
+
+
+def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids: Sequence[str]) -> None:
+  """Every host must run one setting on the same inputs: otherwise their rounds, and so their
+  collectives, pair up out of order (a hang), or host 0 writes records made under another
+  setting. Raises on every host alike (each sees every host's), naming what differs."""
+  if jax.process_count() == 1:
+    return
+  mine = {
+      "config": config_schema.flat(json.loads(config.to_json())),
+      "data_version": data_version,
+      "inputs": hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest(),
+  }
+  hosts = multihost.allgather_json(mine)
+  problems = []
+  for host, theirs in enumerate(hosts[1:], 1):
+    differ = config_schema.result_changing_differences(hosts[0]["config"], theirs["config"])
+    differ += [what for what in ("data_version", "inputs") if theirs[what] != hosts[0][what]]
+    if differ:
+      problems.append(f"host {host} differs from host 0 in {differ}")
+  if problems:
+    raise ValueError(
+        f"The hosts do not run one setting on the same data ({'; '.join(problems)}): give every host "
+        "the same config, overrides and data (the same bfcl-eval, data_dir and manual_dir files)."
+    )
 
 
 def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
@@ -692,6 +718,7 @@ class Experiment:
       self._check_or_write_config()
       return _finished_waves(results_path, waves)
 
+    check_hosts_agree(self.config, self.task.data_version, [ex.id for ex in self.examples])
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)

@@ -43,9 +43,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 def use_compilation_cache(path: str) -> None:
   """Keeps compiled programs on disk (those that took JAX's
-  `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to compile)."""
-  if path:
-    jax.config.update("jax_compilation_cache_dir", path)
+  `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to compile); '' turns it off, also
+  where $JAX_COMPILATION_CACHE_DIR set it when jax was imported."""
+  jax.config.update("jax_compilation_cache_dir", path or None)
 
 
 def main(argv):

@@ -38,7 +38,7 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   if (sizes >= limit).any():
     raise ValueError(
         f"A host has 2 GiB or more to gather (bytes per host: {sizes.tolist()}); keep "
-        "fewer adapters per wave (config.keep_adapters) or use a smaller wave_size."
+        "fewer adapters (config.keep_adapters: chosen ids rather than all)."
     )
   buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
   buffer[: len(array)] = array
