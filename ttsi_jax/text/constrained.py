@@ -145,6 +145,9 @@ class CallDecoder:
     # Tokens that begin with "=" but not "==": the healed boundary after a keyword.
     pieces = [tokenizer.decode([i]) for i in range(sampler.config.vocab_size)]
     self.equals_mask_V = jnp.asarray([p.startswith("=") and not p.startswith("==") for p in pieces])
+    # Tokens that begin with "(": the healed end of a candidate action "[name(" (BPE writes "()]",
+    # "('" or "([" as one token), scored by H.
+    self.open_mask_V = jnp.asarray([p.startswith("(") for p in pieces])
     # A value's decoding ends where its literal can first be complete, not after max_value_tokens.
     self.value_end_VS = literal_end_states(pieces)
     self.value_end_device_VS = jnp.asarray(self.value_end_VS)

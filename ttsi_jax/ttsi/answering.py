@@ -39,13 +39,25 @@ class Answerer:
     scored with the end of its turn: an answer cut short, or one that is the start of another,
     does not take the longer one's likelihood)."""
     if answers is None:
-      candidates, tokens = [self.task.candidates(ex) for ex in examples], self.tokenizer.encode
+      candidates, tokens, tail_mask_V = (
+          [self.task.candidates(ex) for ex in examples],
+          self._healed,
+          self.decoder.open_mask_V,
+      )
     else:
-      candidates, tokens = answers, self._whole
+      candidates, tokens, tail_mask_V = answers, self._whole, None
     loglik, counts = scoring.score_after(
-        self.sampler, pre, [[tokens(c) for c in cands] for cands in candidates]
+        self.sampler, pre, [[tokens(c) for c in cands] for cands in candidates], tail_mask_V
     )
     return uncertainty.CandidateStats.of(candidates, loglik, counts)
+
+  def _healed(self, action: str) -> list[int]:
+    """A candidate action "[name(": its tokens up to the name, then any token that begins with
+    "(" (scoring.TAIL): a call with no arguments is written "[name" "()]", not "[name" "(" ...,
+    and would otherwise score as if the model never wrote it."""
+    if action.endswith("("):
+      return self.tokenizer.encode(action[:-1]) + [scoring.TAIL]
+    return self.tokenizer.encode(action)
 
   def _whole(self, answer: str) -> list[int]:
     return self.tokenizer.encode(answer) + [self.tokenizer.end_of_turn_id]

@@ -1,0 +1,35 @@
+"""H's candidate scores against transformers on the same tokens."""
+
+import numpy as np
+import torch
+import transformers
+
+from configs import tiny
+from ttsi_jax import experiment
+
+
+def test_candidate_actions_score_the_name_then_any_token_that_opens_the_call(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path, config.task.num_examples = tiny_chat_model, 2
+  run = experiment.Experiment(config, str(tmp_path))
+  prompts = [run.tokenizer.encode_chat(run.task.prompt(ex)) for ex in run.examples]
+  stats = run.answerer.score(run.sampler.prefill(prompts, config.reserve), run.examples)
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, torch_dtype=torch.float32)
+  pieces = [run.tokenizer.decode([i]) for i in range(model.config.vocab_size)]
+  opens = torch.tensor([p.startswith("(") for p in pieces])
+  assert {"(", "()]", "('", "(["} <= {p for p, o in zip(pieces, opens.tolist()) if o}
+  for ex, prompt, probs, perplexity in zip(run.examples, prompts, stats.probs, stats.perplexity):
+    logliks, counts = [], []
+    for action in run.task.candidates(ex):  # "[name(": "[name", then a token that begins with "("
+      name = run.tokenizer.encode(action[:-1])
+      with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + name])).logits[0].double(), -1)
+      targets = torch.tensor(name)
+      loglik = logp[torch.arange(len(prompt) - 1, len(prompt) + len(name) - 1), targets].sum()
+      logliks.append(float(loglik + torch.logsumexp(logp[-1][opens], -1)))
+      counts.append(len(name) + 1)
+    # The log-likelihoods themselves (perplexity = exp(-loglik / tokens)), and their RSS.
+    np.testing.assert_allclose(-np.log(perplexity[: len(logliks)]) * counts, logliks, rtol=1e-4)
+    expected = np.exp(logliks - np.max(logliks))
+    np.testing.assert_allclose(probs[: len(logliks)], expected / expected.sum(), atol=2e-5)
