@@ -678,7 +678,10 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
   )
   metrics = experiment.compute_metrics([record], ("base",), ("majority",), [("line 7", "invalid JSON")])
   assert metrics["accuracy"] == {"base/majority": 0.0}
+  # Flagged but right: precision 0; no wrong answer to catch: recall undefined (None), not 0.
   assert metrics["base_wrong"] == 0 and metrics["flag_precision"] == 0.0
+  assert metrics["flag_recall_of_wrong"] is None
+  assert "(recall n/a, precision 0.0%)" in experiment.format_summary(metrics)
   assert metrics["skipped_rows"] == [["line 7", "invalid JSON"]]  # the task's skipped rows, counted
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -48,7 +49,9 @@ def _workdir(path, seed, rows, **settings):
 def test_tau_sweep_answers_as_all_inputs_below_tau_and_as_base_above():
   recs = [_record(0, 0.1, False, True), _record(1, 0.5, True, True), _record(2, 0.9, False, False)]
   low, mid, every = report.tau_sweep(recs, taus=(0.0, 0.6, 1.01))
-  assert low == dict(tau=0.0, flagged=0.0, ttsi=1 / 3, tpr=0.0, precision=0.0)
+  # Nothing flagged: no precision to speak of (NaN, "n/a" in the report), not 0.
+  assert {k: v for k, v in low.items() if k != "precision"} == dict(tau=0.0, flagged=0.0, ttsi=1 / 3, tpr=0.0)
+  assert np.isnan(low["precision"])
   # tau 0.6 flags inputs 0 and 1: adapted answers there (right, right), base on input 2 (wrong).
   assert mid == dict(tau=0.6, flagged=2 / 3, ttsi=2 / 3, tpr=1 / 2, precision=1 / 2)
   assert every == dict(tau=1.01, flagged=1.0, ttsi=2 / 3, tpr=1.0, precision=2 / 3)
@@ -75,6 +78,7 @@ def test_report_averages_seeds_and_writes_every_plot(tmp_path):
   text = open(path).read()
   assert "| base | 50.0 ± 23.6 | 50.0 ± 23.6 |" in text
   assert "| 0.60 | 66.7 |" in text  # flagged fraction at tau 0.6, mean of the two runs
+  assert "| 0.00 | 0.0 | 50.0 | 0.0 | n/a |" in text  # nothing flagged: no precision
   assert "| self-written pairs | kept | 3.0 |" in text
   for png in ("accuracy.png", "tau.png", "margins.png", "stages.png"):
     assert f"]({png})" in text
@@ -85,7 +89,8 @@ def test_report_averages_seeds_and_writes_every_plot(tmp_path):
 def test_report_names_the_flag_the_runs_used_and_a_tfds_dataset(tmp_path):
   rows = [(0.1, False, True), (0.5, True, True)]
   margin = report.load_runs([_workdir(tmp_path / "m", 0, rows)])
-  assert "`multiple`; model" in open(report.write_report(margin, str(tmp_path / "m_out"))).read()
+  text = open(report.write_report(margin, str(tmp_path / "m_out"))).read()
+  assert "`multiple`; model" in text and "| base | 50.0 | 50.0 |" in text  # one run: no std
   assert "flag: margin < tau 0.6." in open(tmp_path / "m_out" / "report.md").read()
   settings = {
       "uncertainty": {"measure": "entropy", "entropy_threshold": 0.15, "tau": 0.95},

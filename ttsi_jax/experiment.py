@@ -944,8 +944,9 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
       "flagged_fraction": float(np.mean(flagged)) if n else 0.0,
       "base_wrong": int(sum(wrong)),
       "flag_caught_wrong": int(caught),
-      "flag_recall_of_wrong": caught / max(1, sum(wrong)),
-      "flag_precision": caught / max(1, sum(flagged)),
+      # None where there is nothing to count (no wrong base answer, nothing flagged).
+      "flag_recall_of_wrong": caught / sum(wrong) if sum(wrong) else None,
+      "flag_precision": caught / sum(flagged) if sum(flagged) else None,
       "pairs": pair_counts([p for r in records for p in r.pairs]),  # self-written
       **(
           {
@@ -964,11 +965,15 @@ def compute_metrics(records: Sequence[records_lib.Record], variants, modes, skip
   }
 
 
+def _share(value: Optional[float]) -> str:
+  return "n/a" if value is None else f"{value:.1%}"
+
+
 def format_summary(m: dict) -> str:
   lines = [
       f"inputs: {m['num_inputs']}   flagged: {m['flagged_fraction']:.1%}   base wrong: "
       f"{m['base_wrong']}, of which flagged: {m['flag_caught_wrong']} "
-      f"(recall {m['flag_recall_of_wrong']:.1%}, precision {m['flag_precision']:.1%})",
+      f"(recall {_share(m['flag_recall_of_wrong'])}, precision {_share(m['flag_precision'])})",
       f"self-written pairs: {m['pairs']['kept']} kept of {m['pairs']['total']}"
       + (f"  rejected: {rejected}" if (rejected := m["pairs"]["rejected_by_reason"]) else ""),
       *(

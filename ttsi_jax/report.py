@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import json
 import os
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -93,20 +94,36 @@ def _correct(records, variant: str, mode: str) -> np.ndarray:
 
 
 def accuracy(runs: Sequence[Run]) -> dict[str, dict[str, tuple[float, float]]]:
-  """{variant: {mode: (mean, std)}} of the accuracy over runs (std 0 for one run)."""
+  """{variant: {mode: (mean, std)}} of the accuracy over runs (std NaN for one run: undefined)."""
   out = {}
   for v in _variants(runs[0]):
     out[v] = {}
     for m in _modes(runs[0]):
       per_run = [float(np.mean(_correct(run.records, v, m))) for run in runs]
-      out[v][m] = (float(np.mean(per_run)), float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0)
+      out[v][m] = (float(np.mean(per_run)), float(np.std(per_run, ddof=1)) if len(per_run) > 1 else np.nan)
   return out
+
+
+def _rate(count: int, total: int) -> float:
+  return count / total if total else np.nan
+
+
+def _nan_reduce(fn, values_RT: np.ndarray, **kwargs) -> np.ndarray:
+  """fn (np.nanmean / np.nanstd) over the runs' axis, NaN where no run has a value (silently)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice": the NaN is the answer
+    return fn(values_RT, axis=0, **kwargs)
+
+
+def _percent(value: float) -> str:
+  return "n/a" if np.isnan(value) else f"{100 * value:.1f}"
 
 
 def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "direct") -> list[dict]:
   """Per tau: the fraction flagged (margin < tau), TT-SI's accuracy (the `all_inputs` answer where
   flagged, the base answer elsewhere), and the flag's true-positive rate (flagged among the inputs
-  the base model gets wrong) and precision (base wrong among the flagged)."""
+  the base model gets wrong) and precision (base wrong among the flagged); a rate with nothing to
+  count (no wrong input, nothing flagged) is NaN, not 0."""
   if not records or "all_inputs" not in records[0].variants:
     raise ValueError(
         "The tau sweep needs a run with the all_inputs variant (an adapted answer for every input)."
@@ -124,8 +141,8 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
             tau=float(tau),
             flagged=float(np.mean(flagged)),
             ttsi=float(np.mean(np.where(flagged, adapted, base))),
-            tpr=caught / max(1, int(np.sum(wrong))),
-            precision=caught / max(1, int(np.sum(flagged))),
+            tpr=_rate(caught, int(np.sum(wrong))),
+            precision=_rate(caught, int(np.sum(flagged))),
         )
     )
   return out
@@ -194,7 +211,7 @@ def _plot_accuracy(acc, path: str) -> None:
   for k, m in enumerate(modes):
     x = np.arange(len(variants)) + k * width
     means = [100 * acc[v][m][0] for v in variants]
-    stds = [100 * acc[v][m][1] for v in variants]
+    stds = [100 * np.nan_to_num(acc[v][m][1]) for v in variants]  # one run: no error bar
     ax.bar(x, means, width, yerr=stds, capsize=3, label=m)
   ax.set_xticks(np.arange(len(variants)) + width * (len(modes) - 1) / 2, variants, rotation=20)
   ax.set_ylabel("accuracy (%)")
@@ -208,8 +225,9 @@ def _plot_tau(sweeps: Sequence[list[dict]], run_tau: Optional[float], base_acc: 
   """TT-SI and the flag's rates against tau; a dotted line at the runs' own tau (None: they
   flagged by entropy)."""
   taus = [p["tau"] for p in sweeps[0]]
-  mean = lambda key: 100 * np.mean([[p[key] for p in s] for s in sweeps], axis=0)
-  std = lambda key: 100 * np.std([[p[key] for p in s] for s in sweeps], axis=0, ddof=min(1, len(sweeps) - 1))
+  values = lambda key: np.array([[p[key] for p in s] for s in sweeps])  # NaN: undefined, not drawn
+  mean = lambda key: 100 * _nan_reduce(np.nanmean, values(key))
+  std = lambda key: 100 * _nan_reduce(np.nanstd, values(key), ddof=min(1, len(sweeps) - 1))
   fig = Figure(figsize=(11, 4))
   left, right = fig.subplots(1, 2)
   left.errorbar(taus, mean("ttsi"), yerr=std("ttsi"), marker="o", ms=3, capsize=2, label="TT-SI at tau")
@@ -280,7 +298,11 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   ]
   modes = _modes(first)
   lines += _table(
-      ["variant"] + modes, [[v] + [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in acc[v].values()] for v in acc]
+      ["variant"] + modes,
+      [
+          [v] + [_percent(m) + ("" if np.isnan(s) else f" ± {_percent(s)}") for m, s in acc[v].values()]
+          for v in acc
+      ],
   )
   _plot_accuracy(acc, os.path.join(out, "accuracy.png"))
   lines += ["", "![accuracy per variant and mode](accuracy.png)", ""]
@@ -288,7 +310,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   lines += ["## The flag against tau", ""]
   if "all_inputs" in _variants(first):
     sweeps = [tau_sweep(run.records) for run in runs]
-    mean = lambda k, key: float(np.mean([s[k][key] for s in sweeps]))
+    mean = lambda k, key: float(_nan_reduce(np.nanmean, np.array([s[k][key] for s in sweeps])))
     lines += [
         "TT-SI at each tau from the same runs: the `all_inputs` answer where margin < tau, the base "
         "answer elsewhere (direct mode, mean over runs). TPR: flagged among the inputs the base model "
@@ -303,8 +325,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
     lines += _table(
         ["tau", "flagged %", "TT-SI %", "TPR %", "precision %"],
         [
-            [f"{p['tau']:.2f}"]
-            + [f"{100 * mean(k, key):.1f}" for key in ("flagged", "ttsi", "tpr", "precision")]
+            [f"{p['tau']:.2f}"] + [_percent(mean(k, key)) for key in ("flagged", "ttsi", "tpr", "precision")]
             for k, p in enumerate(sweeps[0])
         ],
     )
