@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from configs import tiny
-from ttsi_jax import checkpoints, experiment, report, runtime
+from ttsi_jax import checkpoints, config_schema, experiment, report, runtime
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.tasks.bfcl import BfclTask
@@ -347,30 +347,26 @@ def test_inputs_whose_prompt_does_not_fit_the_context_are_skipped_and_counted(ti
   config.model.path = tiny_chat_model
   config.variants, config.decoding.max_new_tokens = "base", 8
   config.decoding.well_formed = False
-  run = experiment.Experiment(config, str(tmp_path))
-  lengths = [len(run.tokenizer.encode_chat(run.task.prompt(ex))) for ex in run.examples]
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  examples = BfclTask("multiple", 4).examples()
+  lengths = [len(tokenizer.encode_chat(BfclTask("multiple", 4).prompt(ex))) for ex in examples]
   assert len(set(lengths)) == len(lengths)  # with these inputs: one longest
-  # A context one token short for the longest prompt with the reserve.
-  run.model_config = dataclasses.replace(
-      run.model_config, max_position_embeddings=max(lengths) - 1 + config.reserve
-  )
-  longest = run.examples[lengths.index(max(lengths))].id
-  run.examples, too_long = run._inputs_that_fit(run.examples)
-  assert [i for i, _ in too_long] == [longest] and longest not in [ex.id for ex in run.examples]
-  run.skipped = [*run.task.skipped, *too_long]
-  metrics = run.run()  # the others run; the skipped input is counted, with its reason
+  context = checkpoints.read_config(tiny_chat_model).context_length
+  config.reserve = context - max(lengths) + 1  # the longest prompt and the reserve pass the context
+  metrics = experiment.run(config, str(tmp_path / "run"))  # the others run
+  longest = examples[lengths.index(max(lengths))].id
   assert metrics["num_inputs"] == 3
   assert metrics["skipped_rows"] == [
       [
           longest,
-          f"its prompt of {max(lengths)} tokens + reserve 256 exceed " f"the context of {max(lengths) + 255}",
+          f"its prompt of {max(lengths)} tokens + reserve {config.reserve} exceed the context of {context}",
       ]
   ]
-  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=min(lengths) + 255)
+  config.reserve = context - min(lengths) + 1
   with pytest.raises(
       ValueError, match=rf"No input's prompt fits .* \(the shortest prompt has {min(lengths)} "
   ):
-    run._inputs_that_fit(run.examples)
+    experiment.Experiment(config, str(tmp_path / "none"))
 
 
 def test_well_formed_decoding_is_warned_of_where_some_answers_are_not_one_call(caplog):
@@ -532,6 +528,13 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   config.sft.learning_rate = 5e-3
   experiment.Experiment(config, workdir)._sft_adapter()
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
+  # Nor on another version of the training split's data (another bfcl-eval).
+  other = experiment.Experiment(config, workdir)
+  other.sft_tasks[0].data_version = "bfcl-eval 0.0.1"
+  other._sft_adapter()
+  assert len(trained) == 3
+  experiment.Experiment(config, workdir)._sft_adapter()  # back on this version's data
+  del trained[2:]
   # A run stopped while training anew leaves no settings that would vouch for other weights.
   settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
   config.sft.learning_rate = 4e-3
@@ -594,20 +597,31 @@ def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_mod
   ex = run.examples[0]
   ranked = run.retriever.ranked(ex)
   alone = len(run._icl_prompt(ex, []))
-  lengths = [run._demonstration(i)[1] for i in ranked]
-  room = alone + min(lengths) + 4  # some slack: the chat template's joins
-  assert lengths[0] > min(lengths)  # with this split: the nearest is not the shortest
-  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=room + config.reserve)
+  added = [len(run._icl_prompt(ex, run._demonstration(i)[0])) - alone for i in ranked]
+  assert all(run._demonstration(i)[1] <= a for i, a in zip(ranked, added))  # the quick bound
+  assert min(added) < added[0]  # with this split: the nearest is not the shortest
+  fit = lambda room: dataclasses.replace(run.model_config, max_position_embeddings=room + config.reserve)
+  none = {"self": [None], "teacher": [None]}
+  run.model_config = fit(alone + added[0])  # just room for the nearest
+  assert run.in_context([ex], np.array([True]), none)[("icl", 0)].ids == [nearest_of(run, ex)]
+  run.model_config = fit(alone + added[0] - 1)  # one token short: the next most similar that fits
+  fits = next(i for i, a in zip(ranked, added) if a < added[0])
   # ttsi_icl's pairs obey the same rule: a pair too long for the room gives way to the next.
-  long_pair, pair = synthesis.Pair("Please " * 2 * room, "[f(a=1)]"), synthesis.Pair("Please f.", "[f(a=2)]")
+  long_pair, pair = synthesis.Pair("Please " * 2 * added[0], "[f(a=1)]"), synthesis.Pair(
+      "Please f.", "[f(a=2)]"
+  )
   written = {"self": [synthesis.Written([long_pair, pair])], "teacher": [None]}
   shown = run.in_context([ex], np.array([True]), written)
-  assert shown[("icl", 0)].ids == [run.train_split[ranked[lengths.index(min(lengths))]][1].id]
+  assert shown[("icl", 0)].ids == [run.train_split[fits][1].id]
   assert shown[("ttsi_icl", 0)] == experiment.InContext(
       [{"role": "user", "content": "Please f."}, {"role": "assistant", "content": "[f(a=2)]"}], None
   )
-  run.model_config = dataclasses.replace(run.model_config, max_position_embeddings=alone + config.reserve)
+  run.model_config = fit(alone)
   assert run.in_context([ex], np.array([True]), written) == {}
+
+
+def nearest_of(run, ex):
+  return run.train_split[run.retriever.ranked(ex)[0]][1].id
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
@@ -623,10 +637,13 @@ def test_single_function_inputs_score_distinct_sampled_answers(
   config.decoding.well_formed = well_formed
   config.decoding.max_new_tokens = 16
   config.uncertainty.sampled_candidates = 3
-  scored = []  # the answers H scored whole
-  whole = answering.Answerer._whole
+  scored = []  # the token lists of each scoring by the answerer (not the call decoder's)
+  scoring = answering.scoring
+  recording = lambda sampler, pre, candidates, *a, **k: scored.append(candidates) or scoring.score_after(
+      sampler, pre, candidates, *a, **k
+  )
   monkeypatch.setattr(
-      answering.Answerer, "_whole", lambda self, a: scored.append(("whole", a)) or whole(self, a)
+      answering, "scoring", types.SimpleNamespace(**{**vars(scoring), "score_after": recording})
   )
   experiment.run(config, str(tmp_path))
   task = BfclTask("simple_python", 2)
@@ -634,11 +651,9 @@ def test_single_function_inputs_score_distinct_sampled_answers(
   for row, line in enumerate(open(tmp_path / "results.jsonl")):
     r = json.loads(line)
     candidates = r["candidates"]
-    # Each sampled answer is scored whole: its tokens, then the end of its turn.
-    assert all(("whole", c) in scored for c in candidates)
-    assert whole(types.SimpleNamespace(tokenizer=tokenizer), candidates[0]) == tokenizer.encode(
-        candidates[0]
-    ) + [tokenizer.end_of_turn_id]
+    # Each sampled answer is scored whole: its tokens, then the end of its turn (H's second
+    # scoring, after the function names').
+    assert scored[1][row] == [tokenizer.encode(c) + [tokenizer.end_of_turn_id] for c in candidates]
     assert 1 <= len(candidates) <= 3 and len(r["probs"]) == len(candidates)
     assert len(answering.distinct_answers(task, candidates)) == len(candidates)  # distinct
     if well_formed:
@@ -725,6 +740,14 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   run.config.wave_size = 3
   check(run)
   assert not (tmp_path / "config.json.tmp").exists()
+  # Results an earlier ttsi_jax computed otherwise (a config.json without method_version: 1) are
+  # not continued under the current method.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["method_version"] == config_schema.METHOD_VERSION > 1
+  del saved["method_version"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r"an earlier ttsi_jax computed differently \(method version 1, now "):
+    check(run)
   # Results without their config cannot be checked: refused, as is a config that is not JSON.
   (tmp_path / "config.json").write_text('{"seed": ')
   with pytest.raises(ValueError, match=r"config.json is not the JSON config a run writes"):
@@ -777,7 +800,7 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
         '{"id": "b"}\n',
         "[1, 2]\n",
         '{"wave": 0, "id": "b"}\n',  # no record: the metrics could not read it
-        _line(0, "b").replace('"format": 1', '"format": 9'),  # a newer format
+        _line(0, "b").replace(f'"format": {records.FORMAT}', '"format": 9'),  # a newer format
     ],
 )
 def test_resume_stops_at_a_bad_line_before_the_end_naming_it(tmp_path, line):

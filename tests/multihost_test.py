@@ -208,3 +208,22 @@ def test_hosts_that_run_another_setting_or_other_inputs_stop_together(tmp_path):
         f"host {host} refused: The hosts do not run one setting on the same data (host 1 differs from "
         "host 0 in ['wave_size', 'inputs'])"
     ) in out
+
+
+def test_the_main_job_stops_every_host_given_another_setting(tiny_chat_model, tmp_path):
+  port = _free_port()
+  hosts = [
+      _command(
+          tiny_chat_model,
+          str(tmp_path / "run"),
+          "--distributed",
+          f"--coordinator_address=localhost:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+          *(["--config.wave_size=2"] if i else []),  # an override given to one worker only
+      )
+      for i in range(2)
+  ]
+  for out in _finish([_start(command) for command in hosts], ok=False):
+    assert "(host 1 differs from host 0 in ['wave_size'])" in out
+  assert not os.path.exists(tmp_path / "run" / "results.jsonl")

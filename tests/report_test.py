@@ -157,6 +157,10 @@ def test_report_averages_only_runs_of_one_setting(tmp_path):
   c = _workdir(tmp_path / "c", 2, rows, adaptation={"learning_rate": 1e-4, "remat": "auto"})
   with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate'\]"):
     report.load_runs([a, b, c])
+  # A run of the current method beside one an earlier ttsi_jax made (no method_version: 1).
+  d = _workdir(tmp_path / "d", 3, rows, adaptation={"learning_rate": 1e-3}, method_version=2)
+  with pytest.raises(ValueError, match=r"differs in \['method_version'\]"):
+    report.load_runs([a, d])
 
 
 def test_the_tau_sweep_of_one_run_equals_a_run_at_that_tau(tiny_chat_model, tmp_path):

@@ -58,6 +58,7 @@ from ml_collections import config_flags
 from ttsi_jax import checkpoints, profiling
 from ttsi_jax.model import cpu_kernels, sharding, transformer
 from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import scoring
 
 # Known models' shapes (from their config.json) for the scaling stage's random-weight models.
 MODEL_SHAPES = {
@@ -586,7 +587,10 @@ def bench_score(config) -> dict:
   exp = experiment.Experiment(config, workdir="")
   examples = exp.examples[: _ADAPTERS.value]
   prompts = [exp.tokenizer.encode_chat(exp.task.prompt(ex)) for ex in examples]
-  candidates = [[exp.tokenizer.encode(c) for c in exp.task.candidates(ex)] for ex in examples]
+  # Each candidate action "[name(" as H scores it: the name's tokens, then any token that begins
+  # with "(" (a TAIL target: scored at the last position, never fed).
+  candidates = [[exp.answerer.action_tokens(c) for c in exp.task.candidates(ex)] for ex in examples]
+  fed = [[[t for t in a if t != scoring.TAIL] for a in cs] for cs in candidates]
 
   def ours():
     pre = exp.sampler.prefill(prompts, config.reserve)
@@ -603,12 +607,12 @@ def bench_score(config) -> dict:
     return flops([(shared, 0)]) + sum(
         flops([(len(p), 0)])
         - flops([(shared, 0)])
-        + sum(flops([(len(p) + len(a), len(a))]) - flops([(len(p), 0)]) for a in cs)
-        for p, cs in zip(prompts, candidates)
+        + sum(flops([(len(p) + len(f), len(a))]) - flops([(len(p), 0)]) for a, f in zip(cs, fs))
+        for p, cs, fs in zip(prompts, candidates, fed)
     )
 
   reference_flops = sum(
-      flops([(len(p) + len(a), len(p) + len(a))]) for p, cs in zip(prompts, candidates) for a in cs
+      flops([(len(p) + len(f), len(p) + len(f))]) for p, fs in zip(prompts, fed) for f in fs
   )
   rows = [
       (
@@ -625,21 +629,31 @@ def bench_score(config) -> dict:
 
     model = _hf_reference(config, config.model.dtype).eval()
 
+    opens_V = torch.from_numpy(np.asarray(exp.decoder.open_mask_V))
+
     def reference():
       out = []
       with torch.no_grad():
-        for p, cs in zip(prompts, candidates):
+        for p, fs in zip(prompts, fed):
           logliks = []
-          for c in cs:
-            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
-            logp = torch.log_softmax(logits.float(), -1)
-            logliks.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
+          for f in fs:  # the name's tokens, then the total probability of the tokens opening "("
+            logp = torch.log_softmax(
+                model(input_ids=torch.tensor([p + f])).logits[0, len(p) - 1 :].float(), -1
+            )
+            name = logp[torch.arange(len(f)), torch.tensor(f)].sum()
+            logliks.append(float(name + torch.logsumexp(logp[-1][opens_V], -1)))
           out.append(logliks)
       return out
 
     rows.append(
         ("transformers forward per candidate", _best_time(reference, _REPEATS.value), reference_flops)
     )
+    if config.model.dtype == "float32":  # the same log-likelihoods, not only the same work
+      stats = ours()
+      mine = [-np.log(ppl[: len(cs)]) * [len(a) for a in cs] for ppl, cs in zip(stats.perplexity, candidates)]
+      np.testing.assert_allclose(
+          np.concatenate(mine), np.concatenate(reference()), rtol=1e-3, atol=1e-3, err_msg="H differs"
+      )
   tokens = sum(map(len, prompts)) + sum(len(c) for cs in candidates for c in cs)
   peak = matmul_peak()
   result = _table(

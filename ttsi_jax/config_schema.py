@@ -116,6 +116,19 @@ RESULT_NEUTRAL = (
 )
 
 
+# What an unchanged config computes, versioned: raised when a code change gives other results
+# under the same config (a workdir resumes, and a report averages runs, only within one version).
+# 2: H scores "[name" then any token that begins with "(", sampled answers whole with the end of
+# their turn; ICL shows at most synthesis.k examples that fit the context.
+METHOD_VERSION = 2
+
+
+def run_fields(config_json: dict) -> dict:
+  """The flat fields of a run's config.json; a config written before `method_version` was kept
+  ran under version 1."""
+  return {"method_version": 1, **flat(config_json)}
+
+
 def flat(tree: dict, prefix: str = "") -> dict:
   """{"adaptation.rank": 8, ...} from a nested config dict."""
   out = {}

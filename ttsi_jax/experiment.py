@@ -161,12 +161,16 @@ def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids:
       "config": config_schema.flat(json.loads(config.to_json())),
       "data_version": data_version,
       "inputs": hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest(),
+      "method_version": config_schema.METHOD_VERSION,
   }
   hosts = multihost.allgather_json(mine)
   problems = []
   for host, theirs in enumerate(hosts[1:], 1):
-    differ = config_schema.result_changing_differences(hosts[0]["config"], theirs["config"])
-    differ += [what for what in ("data_version", "inputs") if theirs[what] != hosts[0][what]]
+    first, other = hosts[0]["config"], theirs["config"]
+    differ = config_schema.result_changing_differences(first, other)
+    differ += [k for k in ("keep_adapters",) if first.get(k) != other.get(k)]  # host 0 saves them
+    differ += sorted(first.keys() ^ other.keys())  # another ttsi_jax
+    differ += [w for w in ("data_version", "inputs", "method_version") if theirs[w] != hosts[0][w]]
     if differ:
       problems.append(f"host {host} differs from host 0 in {differ}")
   if problems:
@@ -303,6 +307,10 @@ class Experiment:
     self.tokenizer, self.sampler = model.tokenizer, model.sampler
     self.examples, too_long = self._inputs_that_fit(self.examples)
     self.skipped = [*self.task.skipped, *too_long]  # (row id, reason): counted in the metrics
+    if lost := sorted(set(() if self.keep == "all" else self.keep) & {i for i, _ in too_long}):
+      logging.warning(
+          "keep_adapters: %s are skipped (their prompt does not fit); none of theirs is saved.", lost
+      )
     d = config.decoding
     self.decoder = constrained.CallDecoder(self.sampler, self.tokenizer, d.max_value_tokens, d.max_args)
     self.answerer = answering.Answerer(
@@ -377,6 +385,7 @@ class Experiment:
         "model": c["model"],
         "seed": c["seed"],
         "data_dir": c["task"]["data_dir"],
+        "data_version": sorted({task.data_version for task in self.sft_tasks}),  # another bfcl-eval
         "adaptation": {
             k: v
             for k, v in c["adaptation"].items()
@@ -476,24 +485,30 @@ class Experiment:
     return self.tokenizer.encode_chat(msgs[:-1] + turns + msgs[-1:])
 
   def _demonstration(self, index: int) -> tuple[Messages, int]:
-    """Pool example `index` as shown turns (its gold call answering), and their tokens alone."""
+    """Pool example `index` as shown turns (its gold call answering), and at most the tokens they
+    add to a prompt (`_added_at_least`)."""
     if index not in self._demonstration_cache:
       task, ex = self.train_split[index]
       turns = task.demonstration(ex, task.gold_answer(ex))
-      self._demonstration_cache[index] = (turns, len(self.tokenizer.encode_chat(turns)))
+      self._demonstration_cache[index] = (turns, self._added_at_least(turns))
     return self._demonstration_cache[index]
 
+  def _added_at_least(self, turns: Messages) -> int:
+    """A lower bound on the tokens `turns` add to a chat prompt: their contents' tokens, less one
+    per turn for a merge across a boundary (the template's role markers add more)."""
+    return sum(len(self.tokenizer.encode(t["content"])) - 1 for t in turns)
+
   def _fitting(self, ex: Example, options) -> InContext:
-    """The first synthesis.k of `options` ((turns, their tokens alone, training id or None), in
-    order of preference) that fit in the input's prompt with the reserve; an option that would not
-    fit gives way to the next."""
+    """The first synthesis.k of `options` ((turns, at least the tokens they add, training id or
+    None), in order of preference) that fit in the input's prompt with the reserve; an option
+    that would not fit gives way to the next."""
     room = self.model_config.context_length - self.config.reserve
     chosen, turns = [], []
     length = len(self._icl_prompt(ex, []))
     for option, option_length, option_id in options:
       if len(chosen) == self.config.synthesis.k:
         break
-      if length + option_length > room:  # a quick bound before encoding the whole prompt
+      if length + option_length > room:  # cannot fit: no need to encode the whole prompt
         continue
       with_option = len(self._icl_prompt(ex, turns + option))
       if with_option <= room:
@@ -665,7 +680,10 @@ class Experiment:
         continue
       answers = adapted.get((v, i))
       if answers is None:
-        reason = variants_lib.not_adapted_reason(v, bool(variants_lib.targets(v, flags)[i]), failed)
+        pairs = written.get(variants_lib.TABLE[v].source, [None] * len(flags))[i]
+        reason = variants_lib.not_adapted_reason(
+            v, bool(variants_lib.targets(v, flags)[i]), failed, bool(pairs and pairs.kept)
+        )
         variants[v] = records_lib.VariantAnswer(
             False, base_answer.answer, base_answer.correct, base_answer.error, reason
         )
@@ -718,7 +736,8 @@ class Experiment:
       self._check_or_write_config()
       return _finished_waves(results_path, waves)
 
-    check_hosts_agree(self.config, self.task.data_version, [ex.id for ex in self.examples])
+    versions = sorted({self.task.data_version, *(task.data_version for task in self.sft_tasks)})
+    check_hosts_agree(self.config, ", ".join(versions), [ex.id for ex in self.examples])
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
@@ -807,7 +826,11 @@ class Experiment:
     path = os.path.join(self.workdir, "config.json")
     # With what the data comes from: a dataset or bfcl-eval of another version changes results
     # under the same config and input ids.
-    current = {**json.loads(self.config.to_json()), "data_version": self.task.data_version}
+    current = {
+        **json.loads(self.config.to_json()),
+        "data_version": self.task.data_version,
+        "method_version": config_schema.METHOD_VERSION,
+    }
     results = os.path.join(self.workdir, "results.jsonl")
     if os.path.exists(results) and os.path.getsize(results):
       if not os.path.exists(path):
@@ -826,7 +849,7 @@ class Experiment:
             f"{path} holds a JSON {type(previous).__name__}, not the config a run writes; put back "
             "the run's own."
         )
-      before, now = config_schema.flat(previous), config_schema.flat(current)
+      before, now = config_schema.run_fields(previous), config_schema.run_fields(current)
       # Fields added since the workdir's config was written act from the next wave on, with their
       # current values; the finished waves ran without them. Fields since removed no longer act.
       added = sorted(now.keys() - before.keys())
@@ -838,6 +861,13 @@ class Experiment:
             added,
         )
       changed = config_schema.result_changing_differences(before, now)
+      if "method_version" in changed:
+        raise ValueError(
+            f"{self.workdir} holds results that an earlier ttsi_jax computed differently (method "
+            f"version {before['method_version']}, now {now['method_version']}: see "
+            "config_schema.METHOD_VERSION); finish it with the version that started it, or use a "
+            "new --workdir."
+        )
       if changed:
         raise ValueError(
             f"{self.workdir} holds results of a different config (differs in "

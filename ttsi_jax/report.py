@@ -65,14 +65,14 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
     with open(config) as f:
       runs.append(Run(workdir, json.load(f), records_lib.read(results)))
   ids = [r.id for r in runs[0].records]
-  first = config_schema.flat(runs[0].config)
+  first = config_schema.run_fields(runs[0].config)
   for run in runs[1:]:
     if [r.id for r in run.records] != ids:
       raise ValueError(
           f"{run.workdir} answered other inputs than {runs[0].workdir}: a report averages seeds of "
           "one setting (same task, inputs and variants)."
       )
-    differ = config_schema.result_changing_differences(first, config_schema.flat(run.config), ("seed",))
+    differ = config_schema.result_changing_differences(first, config_schema.run_fields(run.config), ("seed",))
     if differ:
       raise ValueError(
           f"{run.workdir} ran under another setting than {runs[0].workdir} (differs in {differ}): "
@@ -134,7 +134,7 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
   wrong = ~_correct(records, "base", "direct")
   out = []
   for tau in taus:
-    flagged = margin < tau
+    flagged = (margin < tau) | np.isnan(margin)  # as the run flags (uncertainty.is_uncertain)
     caught = int(np.sum(flagged & wrong))
     out.append(
         dict(

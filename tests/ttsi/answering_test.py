@@ -1,5 +1,7 @@
 """H's candidate scores against transformers on the same tokens."""
 
+import types
+
 import numpy as np
 import torch
 import transformers
@@ -33,3 +35,34 @@ def test_candidate_actions_score_the_name_then_any_token_that_opens_the_call(tin
     np.testing.assert_allclose(-np.log(perplexity[: len(logliks)]) * counts, logliks, rtol=1e-4)
     expected = np.exp(logliks - np.max(logliks))
     np.testing.assert_allclose(probs[: len(logliks)], expected / expected.sum(), atol=2e-5)
+
+
+def test_only_inputs_offering_one_function_are_scored_again_and_an_empty_one_keeps_its_score():
+  from ttsi_jax.tasks.bfcl import BfclTask
+  from ttsi_jax.ttsi import answering, uncertainty
+
+  one, several = BfclTask("simple_python", 1).examples()[0], BfclTask("multiple", 1).examples()[0]
+  examples = [one, several, one]  # rows 0 and 2 offer one function; row 2 samples only ""
+  stats = uncertainty.CandidateStats.of(
+      [["[f("], ["[g(", "[h("], ["[f("]], np.log([[1.0, 0.0], [0.6, 0.4], [1.0, 0.0]]), np.ones((3, 2))
+  )
+  scored = []
+
+  def score(pre, exs, answers):
+    scored.append(answers)
+    return uncertainty.CandidateStats.of(
+        answers, np.log([[0.7, 0.3], [1.0, 0.0], [1.0, 0.0]]), np.ones((3, 2))
+    )
+
+  answers = iter([["[f(a=1)]", "", ""], ["[f(a=2)]", "", ""]])
+  fake = types.SimpleNamespace(
+      task=BfclTask("simple_python", 1),
+      answer=lambda *a, **k: next(answers),
+      score=score,
+      answer_tokens=lambda c: [1] * len(c),
+  )
+  pre = types.SimpleNamespace(free=lambda: 100)
+  out = answering.Answerer.sampled_call_stats(fake, pre, examples, stats, None, 2)
+  assert scored == [[["[f(a=1)]", "[f(a=2)]"], [], []]]  # the other rows: nothing to score
+  np.testing.assert_allclose(out.margin_B, [0.4, 0.2, 1.0], atol=1e-6)  # row 2: its function's
+  assert out.candidates == [["[f(a=1)]", "[f(a=2)]"], ["[g(", "[h("], ["[f("]]

@@ -91,8 +91,10 @@ def test_lines_carry_their_format_and_a_newer_one_is_refused():
 def test_reading_a_file_names_the_bad_line(tmp_path):
   path = tmp_path / "results.jsonl"
   d = json.loads(_record().to_json())
-  path.write_text(json.dumps(d) + "\n" + json.dumps({**d, "format": 2}) + "\n")
-  with pytest.raises(ValueError, match=r"results.jsonl, line 2: a results record of format 2"):
+  path.write_text(json.dumps(d) + "\n" + json.dumps({**d, "format": records.FORMAT + 1}) + "\n")
+  with pytest.raises(
+      ValueError, match=rf"results.jsonl, line 2: a results record of format {records.FORMAT + 1}"
+  ):
     records.read(str(path))
   path.write_text(json.dumps(d) + "\n")
   assert records.read(str(path)) == [_record()]

@@ -56,7 +56,9 @@ def test_inputs_without_training_data_get_no_adapter_and_say_why():
   assert variants.not_adapted_reason("ttsi", True, set()) == "no kept pairs"
   assert variants.not_adapted_reason("ttd", True, {"teacher"}) == "teacher failed"
   assert variants.not_adapted_reason("ttd", False, {"teacher"}) == "not targeted"
-  assert variants.not_adapted_reason("icl", True, set()) == "no demonstration fits"
+  assert variants.not_adapted_reason("icl", True, set()) == "none fits the context"
+  assert variants.not_adapted_reason("ttsi_icl", True, set(), had_pairs=True) == "none fits the context"
+  assert variants.not_adapted_reason("ttsi_icl", True, set()) == "no kept pairs"
   # A failed teacher is the teacher's reason only.
   assert variants.not_adapted_reason("ttsi", True, {"teacher"}) == "no kept pairs"
 

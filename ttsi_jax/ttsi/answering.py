@@ -41,17 +41,17 @@ class Answerer:
     if answers is None:
       candidates, tokens, tail_mask_V = (
           [self.task.candidates(ex) for ex in examples],
-          self._healed,
+          self.action_tokens,
           self.decoder.open_mask_V,
       )
     else:
-      candidates, tokens, tail_mask_V = answers, self._whole, None
+      candidates, tokens, tail_mask_V = answers, self.answer_tokens, None
     loglik, counts = scoring.score_after(
         self.sampler, pre, [[tokens(c) for c in cands] for cands in candidates], tail_mask_V
     )
     return uncertainty.CandidateStats.of(candidates, loglik, counts)
 
-  def _healed(self, action: str) -> list[int]:
+  def action_tokens(self, action: str) -> list[int]:
     """A candidate action "[name(": its tokens up to the name, then any token that begins with
     "(" (scoring.TAIL): a call with no arguments is written "[name" "()]", not "[name" "(" ...,
     and would otherwise score as if the model never wrote it."""
@@ -59,7 +59,8 @@ class Answerer:
       return self.tokenizer.encode(action[:-1]) + [scoring.TAIL]
     return self.tokenizer.encode(action)
 
-  def _whole(self, answer: str) -> list[int]:
+  def answer_tokens(self, answer: str) -> list[int]:
+    """A whole answer as scored: its tokens, then the end of its turn."""
     return self.tokenizer.encode(answer) + [self.tokenizer.end_of_turn_id]
 
   def sampled_call_stats(
@@ -79,16 +80,17 @@ class Answerer:
         self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True, active=active)
         for s in range(num_samples)
     ]
-    candidates = list(stats.candidates)
-    for i in single:
+    candidates = [[] for _ in examples]  # only the sampled rows are scored again
+    for i in list(single):
       ex = examples[i]
       calls = distinct_answers(self.task, [run[i] for run in runs])
       if not calls:
         logging.warning(
             "Input %s: all %d sampled answers are empty; scoring its function alone.", ex.id, len(runs)
         )
-        calls = self.task.candidates(ex)
-      fit = scoring.candidates_that_fit([self._whole(c) for c in calls], pre.free())
+        single.remove(i)  # its function's score stands
+        continue
+      fit = scoring.candidates_that_fit([self.answer_tokens(c) for c in calls], pre.free())
       if not fit:
         raise ValueError(
             f"Input {ex.id}: a sampled answer does not fit the {pre.free()} free "
@@ -104,6 +106,8 @@ class Answerer:
             pre.free(),
         )
       candidates[i] = calls[:fit]
+    if not single:
+      return stats
     return stats.with_rows(single, self.score(pre, examples, answers=candidates))
 
   def answer(

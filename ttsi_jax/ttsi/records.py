@@ -16,9 +16,10 @@ from typing import Optional, Union
 from ttsi_jax.ttsi.synthesis import Pair
 
 TEACHER_FAILED = "failed"  # `teacher_pairs` of an input whose teacher requests all failed
-# The version of this format, in every line: raise it when a field changes meaning or goes away
-# (readers refuse newer lines; lines without it are version 1).
-FORMAT = 1
+# The version of this format, in every line: raise it when a field is added, changes meaning or
+# goes away (readers refuse newer lines, naming the cause; lines without it are version 1).
+# 2: a variant's `demonstrations`.
+FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class VariantAnswer:
   correct: dict[str, bool]
   error: str
   # Why not adapted (`variants.not_adapted_reason`): "not targeted", "no kept pairs",
-  # "<source> failed", "empty base answer", "no demonstration fits".
+  # "<source> failed", "empty base answer", "none fits the context" (ICL).
   reason: Optional[str] = None
   losses: Optional[list[float]] = None  # the adapter's training loss per step
   demonstrations: Optional[list[str]] = None  # the training split's examples shown (icl), by id

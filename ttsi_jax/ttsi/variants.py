@@ -119,15 +119,18 @@ def plan_adapters(variants: Sequence[str], flags_B: np.ndarray, data_for: Callab
   return Plan(jobs, job_of)
 
 
-def not_adapted_reason(variant: str, targeted: bool, failed_sources: Collection[str]) -> str:
+def not_adapted_reason(
+    variant: str, targeted: bool, failed_sources: Collection[str], had_pairs: bool = False
+) -> str:
   """Why a variant answered an input as the base model did; `failed_sources`: the data sources
-  that failed to write pairs for the input."""
+  that failed to write pairs for the input; `had_pairs`: it kept pairs (an ICL variant that
+  answered as base had no room to show them)."""
   if not targeted:
     return "not targeted"
   if TABLE[variant].source in failed_sources:
     return f"{TABLE[variant].source} failed"
+  if TABLE[variant].answers == "icl" and (had_pairs or TABLE[variant].source == "train"):
+    return "none fits the context"
   if TABLE[variant].source == "self_label":
     return "empty base answer"
-  if TABLE[variant].source == "train":
-    return "no demonstration fits"
   return "no kept pairs"
