@@ -629,7 +629,7 @@ def bench_score(config) -> dict:
 
     model = _hf_reference(config, config.model.dtype).eval()
 
-    opens_V = torch.from_numpy(np.asarray(exp.decoder.open_mask_V))
+    opens_V = torch.tensor(np.asarray(exp.decoder.open_mask_V))
 
     def reference():
       out = []
