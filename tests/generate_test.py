@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,15 +64,21 @@ def test_generate_cli_refuses_a_bad_sampling_setting_by_name():
   assert result.returncode != 0 and "sampling.max_batch=0 (valid: an integer >= 1)" in result.stderr
 
 
-def test_main_refuses_multi_host_settings_without_distributed(tmp_path):
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--num_processes=2", "--process_id=1"], "--num_processes, --process_id"),
+        (["--coordinator_address=localhost:1"], "--coordinator_address"),
+    ],
+)
+def test_main_refuses_multi_host_settings_without_distributed(tmp_path, flags, named):
   result = subprocess.run(
-      [sys.executable, "-m", "ttsi_jax.main", "--config=configs/default.py", f"--workdir={tmp_path}",
-       "--num_processes=2", "--process_id=1"],  # fmt: skip
+      [sys.executable, "-m", "ttsi_jax.main", "--config=configs/default.py", f"--workdir={tmp_path}", *flags],
       cwd=ROOT,
       capture_output=True,
       text=True,
       timeout=300,
   )
   assert result.returncode != 0
-  assert "--num_processes, --process_id set up a multi-host run: add --distributed." in result.stderr
+  assert f"{named} set up a multi-host run: add --distributed." in result.stderr
   assert not os.listdir(tmp_path)  # refused before anything ran

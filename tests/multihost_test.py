@@ -196,6 +196,12 @@ try:
   experiment.check_hosts_agree(config, "bfcl-eval 1", ["a", "b"][: 2 - host])
 except ValueError as e:
   print("host", host, "refused:", e)
+config.wave_size = 2
+config.keep_adapters = "a" if host else ""
+try:
+  experiment.check_hosts_agree(config, f"bfcl-eval {1 + host}", ["a", "b"])
+except ValueError as e:
+  print("host", host, "then refused:", e)
 """
 
 
@@ -208,6 +214,9 @@ def test_hosts_that_run_another_setting_or_other_inputs_stop_together(tmp_path):
         f"host {host} refused: The hosts do not run one setting on the same data (host 1 differs from "
         "host 0 in ['wave_size', 'inputs'])"
     ) in out
+    # Which adapters host 0 saves, and the data's version (another bfcl-eval on a worker).
+    assert f"host {host} then refused: The hosts do not run one setting on the same data (host 1 " in out
+    assert "differs from host 0 in ['keep_adapters', 'data_version'])" in out
 
 
 def test_the_main_job_stops_every_host_given_another_setting(tiny_chat_model, tmp_path):

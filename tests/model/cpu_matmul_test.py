@@ -65,17 +65,22 @@ def test_float32_layers_with_enough_rows_use_blas_and_others_xla():
     assert "ttsi_matmul" not in _targets(transformer.linear_product, many, w)
 
 
-def test_without_openblas_the_kernels_stay_off_and_say_what_to_install(monkeypatch, tmp_path):
+def test_without_openblas_the_kernels_stay_off_and_say_what_to_install(monkeypatch, tmp_path, caplog):
   def missing():
     raise ImportError("No module named 'scipy_openblas32'")
 
   monkeypatch.setattr(cpu_kernels, "_blas_flags", missing)
-  monkeypatch.setenv("TTSI_JAX_KERNEL_DIR", str(tmp_path))
+  monkeypatch.setenv("TTSI_JAX_KERNEL_DIR", str(tmp_path))  # nothing built here yet
   cpu_kernels._load.cache_clear()
+  cpu_kernels._warn_once.cache_clear()
   try:
-    assert "pip install scipy-openblas32" in cpu_kernels._load()
+    with caplog.at_level("WARNING"):
+      assert not cpu_kernels.available()
+    assert "run on XLA ops, not the C++ kernels" in caplog.text
+    assert "pip install scipy-openblas32" in caplog.text
   finally:
     cpu_kernels._load.cache_clear()
+    cpu_kernels._warn_once.cache_clear()
 
 
 def test_a_transposed_weight_is_read_where_it_lies_with_gradients():

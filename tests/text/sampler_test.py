@@ -1,5 +1,7 @@
 """Batched generation equals generation alone; buckets compile once; per-row RNG; stop tokens."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -96,6 +98,27 @@ def test_a_batchs_padding_rows_stop_at_once(sampler, monkeypatch, packed):
 def test_pad_and_stop_ids_must_be_rows_of_the_embedding(sampler):
   with pytest.raises(ValueError, match=rf"ids \[{VOCAB + 3}\] are not rows of the model's embedding"):
     sampler_lib.Sampler(sampler.config, sampler.params, stop_ids=[VOCAB - 1], pad_id=VOCAB + 3)
+  with pytest.raises(ValueError, match=rf"ids \[-1, {VOCAB}\] are not rows of the model's embedding"):
+    sampler_lib.Sampler(sampler.config, sampler.params, stop_ids=[VOCAB, 2, -1], pad_id=0)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_warned_of(tiny_chat_model, tmp_path, caplog):
+  import shutil
+
+  import transformers
+
+  folder = str(tmp_path / "small_embedding")
+  shutil.copytree(tiny_chat_model, folder)
+  config = transformers.AutoConfig.from_pretrained(folder)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+  model.resize_token_embeddings(config.vocab_size - 8)  # the tokenizer's last 8 tokens have no row
+  model.save_pretrained(folder)
+  with caplog.at_level(logging.WARNING):
+    sampler_lib.load_model(folder, "float32", None)
+  assert (
+      f"the tokenizer has {config.vocab_size} tokens, the model's embedding {config.vocab_size - 8} rows"
+      in caplog.text
+  )
 
 
 def test_sampled_row_does_not_depend_on_its_batch_neighbours(sampler):

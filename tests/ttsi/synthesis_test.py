@@ -254,11 +254,13 @@ def endpoint():
   server.shutdown()
 
 
-def _teacher(endpoint, request_json=""):
+def _teacher(endpoint, request_json="", timeout_s=5.0):
+  """A teacher whose requests wait `timeout_s` (long: a slow test machine never retries by
+  accident; the "slow" mode's server answers after 1 s)."""
   return synthesis.EndpointSynthesizer(
       BfclTask("multiple", 1),
       synthesis.EndpointConfig(
-          endpoint, "m", timeout_s=0.3, retries=2, backoff_s=0.0, request_json=request_json
+          endpoint, "m", timeout_s=timeout_s, retries=2, backoff_s=0.0, request_json=request_json
       ),
       synthesis.SynthesisConfig(k=1),
   )
@@ -269,7 +271,7 @@ def _teacher(endpoint, request_json=""):
 )
 def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_pairs):
   _Handler.mode = mode
-  out = _teacher(endpoint).synthesize([example])
+  out = _teacher(endpoint, timeout_s=0.3 if mode == "slow" else 5.0).synthesize([example])
   if expect_pairs:
     assert [(p.request, p.call, p.kept) for p in out[0]] == [
         ("How big is a circle of radius 1?", "[circle_properties.get(radius=1)]", True)
