@@ -5,6 +5,7 @@ import importlib.util
 import json
 
 import pytest
+import transformers
 
 from ttsi_jax import checkpoints
 from ttsi_jax.checkpoints import CheckpointError
@@ -29,6 +30,13 @@ def test_a_gguf_tokenizer_is_built_once_and_its_saved_folder_tokenizes_the_same(
   built = tokenizer_lib.load(None)  # from the GGUF file's vocabulary, then saved
   (folder,) = tmp_path.iterdir()
   assert (folder / "tokenizer.json").exists()
+  from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+  def no_gguf(*args, **kwargs):  # the GGUF vocabulary is read once, then the saved folder serves
+    assert "gguf_file" not in kwargs, "the GGUF tokenizer was built again"
+    return from_pretrained(*args, **kwargs)
+
+  monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_gguf)
   cached = tokenizer_lib.load(None)  # from the saved folder
   assert type(cached.hf) is type(built.hf) and cached.stop_ids == built.stop_ids
   texts = ["Hello world", " leading space", "[f(city='Paris', unit=\"C\")]", "ünï 多 \n\n\t x"]
