@@ -147,6 +147,14 @@ read = lambda: orbax_lib.load_adapter(sys.argv[3] + "/adapters/ttsi/input_1")[0]
 scale, failure = multihost.guarded(read if multihost.is_leader() else lambda: None)
 print("host", host, "read", scale, failure)
 
+def interrupted():
+  if host == 1:
+    raise KeyboardInterrupt  # Ctrl-C on one host: the other learns of it, not waits
+  return "done"
+
+value, failure = multihost.guarded(interrupted)
+print("host", host, "interrupt from host", failure.host, type(failure.own).__name__)
+
 def step():
   if host == 1:
     raise ValueError("no memory left on host 1")
@@ -172,6 +180,8 @@ def test_kept_adapters_reach_host_0_and_a_failed_step_stops_every_host(tmp_path)
       np.testing.assert_array_equal(np.asarray(q["b"]), np.full((2, 1, 4), 10 + host, np.float32))
       assert adapter.scale == 2.0 and meta["base_model"] == "base"
   assert "host 0 read 2.0 None" in outputs[0] and "host 1 read None None" in outputs[1]
+  assert "host 0 interrupt from host 1 NoneType" in outputs[0]
+  assert "host 1 interrupt from host 1 KeyboardInterrupt" in outputs[1]
   assert "host 0 value done first failed host 1" in outputs[0]
   assert "HostFailure: Host 1 failed on wave 7: ValueError: no memory left on host 1" in outputs[0]
   assert "host 1 value None first failed host 1" in outputs[1]

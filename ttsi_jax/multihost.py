@@ -77,7 +77,7 @@ class Failure:
 
   host: int  # the first host (in host order) whose step raised
   message: str  # its exception, as "Type: message"
-  own: Optional[Exception]  # this host's own exception, if its step raised too
+  own: Optional[BaseException]  # this host's own exception, if its step raised too
 
   def throw(self, what: str):
     """Re-raises this host's own exception, or HostFailure naming the host that failed `what`."""
@@ -91,7 +91,9 @@ def guarded(step: Callable[[], Any]) -> tuple[Any, Optional[Failure]]:
   must call it for the same step: it joins one small collective whether or not the step raised."""
   try:
     value, error = step(), None
-  except Exception as e:  # pylint: disable=broad-except  (re-raised by Failure.throw)
+  except BaseException as e:  # pylint: disable=broad-except  (re-raised by Failure.throw)
+    # Also an interrupt (Ctrl-C, SIGTERM turned SystemExit) on one host: the others learn of it
+    # here instead of waiting in the next collective.
     value, error = None, e
   messages = allgather_json(None if error is None else f"{type(error).__name__}: {error}")
   failed = [h for h, m in enumerate(messages) if m is not None]
