@@ -19,5 +19,5 @@ run() {  # name seed category num_examples (variants: $VARIANTS)
 for seed in 0 1 2; do run multiple100 $seed multiple 100; done
 # In-context examples only (no training): the self-written pairs against the training split's
 # nearest gold calls (ordinary ICL).
-VARIANTS=base,ttsi_icl,icl run icl100 0 multiple 100
+for seed in 0 1 2; do VARIANTS=base,ttsi_icl,icl run icl100 $seed multiple 100; done
 for seed in 0 1 2; do run simple50 $seed simple_python 50; done
