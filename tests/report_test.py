@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ttsi_jax import experiment, report
+from ttsi_jax import config_schema, experiment, report
 from ttsi_jax.ttsi import records
 from ttsi_jax.ttsi.synthesis import Pair
 
@@ -27,7 +27,7 @@ def _record(i, margin, base_right, adapted_right, wave=0):
       candidates=["[f(", "[g("],
       probs=[0.6, 0.4],
       perplexity=[2.0, 3.0],
-      uncertain=margin < 0.95,
+      uncertain=bool(margin < 0.6 or np.isnan(margin)),  # the flag of _workdir's tau
       base=records.BaseAnswer("[f()]", verdict(base_right), "" if base_right else "wrong"),
       pairs=[Pair("r", "[f()]"), Pair("r", "x", rejected="unparseable")],
       variants={"ttsi": answer(adapted_right), "all_inputs": answer(adapted_right)},
@@ -35,8 +35,11 @@ def _record(i, margin, base_right, adapted_right, wave=0):
   )
 
 
-def _workdir(path, seed, rows, **settings):
+def _workdir(path, seed, rows, metrics=None, **settings):
   os.makedirs(path)
+  if metrics is not None:  # a finished run
+    with open(path / "metrics.json", "w") as f:
+      json.dump(metrics, f)
   with open(path / "config.json", "w") as f:
     config = {"seed": seed, "task": {"name": "bfcl", "category": "multiple"}, "uncertainty": {"tau": 0.6}}
     json.dump({**config, **settings}, f)
@@ -50,11 +53,14 @@ def test_tau_sweep_answers_as_all_inputs_below_tau_and_as_base_above():
   recs = [_record(0, 0.1, False, True), _record(1, 0.5, True, True), _record(2, 0.9, False, False)]
   low, mid, every = report.tau_sweep(recs, taus=(0.0, 0.6, 1.01))
   # Nothing flagged: no precision to speak of (NaN, "n/a" in the report), not 0.
-  assert {k: v for k, v in low.items() if k != "precision"} == dict(tau=0.0, flagged=0.0, ttsi=1 / 3, tpr=0.0)
+  counts = lambda caught, flagged: dict(caught=caught, wrong=2, num_flagged=flagged)
+  assert {k: v for k, v in low.items() if k != "precision"} == dict(
+      tau=0.0, flagged=0.0, ttsi=1 / 3, tpr=0.0, **counts(0, 0)
+  )
   assert np.isnan(low["precision"])
   # tau 0.6 flags inputs 0 and 1: adapted answers there (right, right), base on input 2 (wrong).
-  assert mid == dict(tau=0.6, flagged=2 / 3, ttsi=2 / 3, tpr=1 / 2, precision=1 / 2)
-  assert every == dict(tau=1.01, flagged=1.0, ttsi=2 / 3, tpr=1.0, precision=2 / 3)
+  assert mid == dict(tau=0.6, flagged=2 / 3, ttsi=2 / 3, tpr=1 / 2, precision=1 / 2, **counts(1, 2))
+  assert every == dict(tau=1.01, flagged=1.0, ttsi=2 / 3, tpr=1.0, precision=2 / 3, **counts(2, 3))
 
 
 def test_tau_sweep_needs_an_adapted_answer_for_every_input():
@@ -91,14 +97,14 @@ def test_report_names_the_flag_the_runs_used_and_a_tfds_dataset(tmp_path):
   margin = report.load_runs([_workdir(tmp_path / "m", 0, rows)])
   text = open(report.write_report(margin, str(tmp_path / "m_out"))).read()
   assert "`multiple`; model" in text and "| base | 50.0 | 50.0 |" in text  # one run: no std
-  assert "flag: margin < tau 0.6." in open(tmp_path / "m_out" / "report.md").read()
+  assert "flag: margin < tau 0.6; method version 1" in text
   settings = {
       "uncertainty": {"measure": "entropy", "entropy_threshold": 0.15, "tau": 0.95},
       "task": {"name": "tfds", "dataset": "user_tools", "category": "multiple"},
   }
   entropy = report.load_runs([_workdir(tmp_path / "e", 0, rows, **settings)])
   text = open(report.write_report(entropy, str(tmp_path / "e_out"))).read()
-  assert "tfds `user_tools`" in text and "flag: entropy > 0.15." in text
+  assert "tfds `user_tools`" in text and "flag: entropy > 0.15; method version 1" in text
   assert "flagged by entropy: the sweep shows what the margin would have done" in text
 
 
@@ -203,3 +209,91 @@ def test_the_report_command_writes_the_report(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == str(out / "report.md") and "seeds [0, 1]" in (out / "report.md").read_text()
+
+
+def test_report_refuses_a_run_given_twice_or_two_runs_of_one_seed(tmp_path):
+  rows = [(0.1, False, True), (0.5, True, True)]
+  a, b = _workdir(tmp_path / "a", 0, rows), _workdir(tmp_path / "b", 0, rows)
+  with pytest.raises(ValueError, match="names the workdir .* more than once"):
+    report.load_runs([a, str(tmp_path / "." / "a")])
+  with pytest.raises(ValueError, match="names the seed 0 more than once"):
+    report.load_runs([a, b])
+
+
+def test_the_flags_rates_pool_the_runs_inputs(tmp_path):
+  # At tau 0.6, run 0 flags 1 input (base wrong), run 1 flags 3 (one base wrong): precision over
+  # the runs' inputs is 2 / 4, not the mean of 1/1 and 1/3.
+  s0 = _workdir(
+      tmp_path / "s0", 0, [(0.1, False, True), (0.7, True, True), (0.8, True, True), (0.9, False, True)]
+  )
+  s1 = _workdir(
+      tmp_path / "s1", 1, [(0.1, False, True), (0.2, True, True), (0.3, True, True), (0.9, False, True)]
+  )
+  runs = report.load_runs([s0, s1])
+  sweeps = [report.tau_sweep(run.records, taus=(0.6,)) for run in runs]
+  assert [s[0]["precision"] for s in sweeps] == [1.0, 1 / 3]
+  ((pooled),) = report.pooled_rates(sweeps)
+  assert pooled == dict(tpr=2 / 4, precision=2 / 4)
+  text = open(report.write_report(runs, str(tmp_path / "out"))).read()
+  assert "| 0.60 | 50.0 | 75.0 | 50.0 | 50.0 |" in text
+
+
+def test_a_nan_margin_is_flagged_at_every_tau_and_named_under_the_histogram(tmp_path):
+  rows = [(float("nan"), False, True), (0.5, True, True), (0.9, False, False)]
+  runs = report.load_runs([_workdir(tmp_path / "s0", 0, rows)])
+  low, high = report.tau_sweep(runs[0].records, taus=(0.0, 0.6))
+  assert (low["flagged"], low["ttsi"], low["tpr"]) == (1 / 3, 2 / 3, 1 / 2)  # the NaN input only
+  assert high["flagged"] == 2 / 3
+  assert report.flag_mismatches(runs[0]) == []
+  report.write_report(runs, str(tmp_path / "out"))  # the histogram's label names the NaN margin
+  texts = []
+  original = report.Figure.savefig
+  try:
+    report.Figure.savefig = lambda fig, path, **kw: texts.append(fig.axes[0].get_xlabel())
+    report._plot_margins(runs, str(tmp_path / "m.png"))
+  finally:
+    report.Figure.savefig = original
+  assert texts == ["margin of the RSS probabilities (1 NaN margins, flagged, not drawn)"]
+
+
+def test_report_says_what_its_numbers_leave_out(tmp_path):
+  rows = [(0.1, False, True), (0.5, True, True)]
+  finished = _workdir(
+      tmp_path / "s0",
+      0,
+      rows,
+      metrics={"skipped_rows": [["multiple_9", "the prompt does not fit"]]},
+      method_version=config_schema.METHOD_VERSION,
+  )
+  unfinished = _workdir(tmp_path / "s1", 1, rows, method_version=config_schema.METHOD_VERSION)
+  text = open(report.write_report(report.load_runs([finished, unfinished]), str(tmp_path / "out"))).read()
+  assert f"**Unfinished (no metrics.json): {unfinished}: the numbers cover the 2 inputs" in text
+  assert "**1 input(s) skipped and in no accuracy below" in text and "multiple_9" in text
+  assert f"method version {config_schema.METHOD_VERSION}, data not recorded" in text
+  assert "rerun them" not in text
+  old = _workdir(tmp_path / "old", 0, rows, metrics={})  # no method_version: version 1
+  text = open(report.write_report(report.load_runs([old]), str(tmp_path / "old_out"))).read()
+  assert "**These runs computed method version 1; this code computes version" in text
+  assert "Unfinished" not in text and "skipped" not in text
+
+
+def test_report_warns_when_the_stored_flags_are_not_the_sweeps_rule(tmp_path):
+  workdir = _workdir(tmp_path / "s0", 0, [(0.1, False, True), (0.5, True, True)])
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  config["uncertainty"]["tau"] = 0.3  # the records flagged at 0.6
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  (run,) = report.load_runs([workdir])
+  assert report.flag_mismatches(run) == ["multiple_1"]
+  text = open(report.write_report([run], str(tmp_path / "out"))).read()
+  assert "1 input(s) flagged otherwise than margin < tau (multiple_1): the sweep does not replay" in text
+
+
+def test_the_bootstrap_pairs_each_inputs_answers(tmp_path):
+  # 20 inputs, the variant equal to base but for one fix: every paired resample differs by >= 0;
+  # an unpaired bootstrap (base and variant resampled apart) would reach well below 0.
+  rows = [(0.1, False, True)] + [(0.5, i % 2 == 0, i % 2 == 0) for i in range(19)]
+  runs = report.load_runs([_workdir(tmp_path / "s0", 0, rows)])
+  p = report.paired(runs, "ttsi")
+  assert p["difference"] == pytest.approx(1 / 20) and p["low"] >= 0.0 and p["high"] > 0.0

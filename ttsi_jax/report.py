@@ -2,8 +2,9 @@
 
   python -m ttsi_jax.report --workdir=runs/s0,runs/s1,runs/s2 --out=docs/report
 
-Reads each workdir's `results.jsonl` and `config.json` (the runs must hold the same inputs) and
-writes `report.md` with accuracy per variant and mode (mean +- std over the runs), each variant
+Reads each workdir's `results.jsonl`, `config.json` and, once the run finished, `metrics.json`
+(the runs must hold the same inputs, one seed each) and writes `report.md` with accuracy per
+variant and mode (mean +- sample std over the runs), each variant
 against base and the ablations against each other input by input (fixed, broken, the difference
 with a bootstrap interval), the uncertainty flag against tau, the margin histogram of base-right
 and base-wrong inputs, the training data used and why pairs were rejected, and seconds per stage.
@@ -46,6 +47,7 @@ class Run:
   workdir: str
   config: dict
   records: list[records_lib.Record]
+  metrics: Optional[dict]  # metrics.json, written when the run finished; None before
 
   @property
   def seed(self) -> int:
@@ -62,8 +64,24 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
     for path in (results, config):
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: --workdir takes the workdirs of finished runs.")
+    metrics = os.path.join(workdir, "metrics.json")
     with open(config) as f:
-      runs.append(Run(workdir, json.load(f), records_lib.read(results)))
+      config_json = json.load(f)
+    if os.path.exists(metrics):
+      with open(metrics) as f:
+        metrics = json.load(f)
+    else:
+      metrics = None
+    runs.append(Run(workdir, config_json, records_lib.read(results), metrics))
+  paths = [os.path.realpath(run.workdir) for run in runs]
+  seeds = [run.seed for run in runs]
+  for name, values in (("workdir", paths), ("seed", seeds)):
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+      raise ValueError(
+          f"--workdir names the {name} {', '.join(repeated)} more than once: a report averages "
+          "one run per seed; give each seed's workdir once."
+      )
   ids = [r.id for r in runs[0].records]
   first = config_schema.run_fields(runs[0].config)
   for run in runs[1:]:
@@ -123,7 +141,8 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
   """Per tau: the fraction flagged (margin < tau), TT-SI's accuracy (the `all_inputs` answer where
   flagged, the base answer elsewhere), and the flag's true-positive rate (flagged among the inputs
   the base model gets wrong) and precision (base wrong among the flagged); a rate with nothing to
-  count (no wrong input, nothing flagged) is NaN, not 0."""
+  count (no wrong input, nothing flagged) is NaN, not 0. The counts behind the rates (`caught`,
+  `wrong`, `num_flagged`) let several runs' rates be pooled (`pooled_rates`)."""
   if not records or "all_inputs" not in records[0].variants:
     raise ValueError(
         "The tau sweep needs a run with the all_inputs variant (an adapted answer for every input)."
@@ -143,9 +162,38 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
             ttsi=float(np.mean(np.where(flagged, adapted, base))),
             tpr=_rate(caught, int(np.sum(wrong))),
             precision=_rate(caught, int(np.sum(flagged))),
+            caught=caught,
+            wrong=int(np.sum(wrong)),
+            num_flagged=int(np.sum(flagged)),
         )
     )
   return out
+
+
+def pooled_rates(sweeps: Sequence[list[dict]]) -> list[dict[str, float]]:
+  """Per tau, the flag's TPR and precision over the runs' inputs together (caught / wrong and
+  caught / flagged summed over runs): a mean of per-run ratios would weigh a run that flags 1 input
+  like one that flags 50, and drop the runs where a rate is undefined."""
+  out = []
+  for points in zip(*sweeps):
+    caught = sum(p["caught"] for p in points)
+    out.append(
+        dict(
+            tpr=_rate(caught, sum(p["wrong"] for p in points)),
+            precision=_rate(caught, sum(p["num_flagged"] for p in points)),
+        )
+    )
+  return out
+
+
+def flag_mismatches(run: Run) -> list[str]:
+  """Ids of the inputs whose stored flag differs from the sweep's rule at the run's own tau (a
+  margin run only): the sweep replays the run's flag, and this says when it does not."""
+  u = run.config.get("uncertainty", {})
+  if u.get("measure", "margin") != "margin" or "tau" not in u:
+    return []
+  tau = float(u["tau"])
+  return [r.id for r in run.records if bool(r.margin < tau or np.isnan(r.margin)) != r.uncertain]
 
 
 def paired(
@@ -222,8 +270,8 @@ def _plot_accuracy(acc, path: str) -> None:
 
 
 def _plot_tau(sweeps: Sequence[list[dict]], run_tau: Optional[float], base_acc: float, path: str) -> None:
-  """TT-SI and the flag's rates against tau; a dotted line at the runs' own tau (None: they
-  flagged by entropy)."""
+  """TT-SI and the flagged fraction (mean +- std over runs) and the flag's rates (pooled over
+  runs) against tau; a dotted line at the runs' own tau (None: they flagged by entropy)."""
   taus = [p["tau"] for p in sweeps[0]]
   values = lambda key: np.array([[p[key] for p in s] for s in sweeps])  # NaN: undefined, not drawn
   mean = lambda key: 100 * _nan_reduce(np.nanmean, values(key))
@@ -235,8 +283,10 @@ def _plot_tau(sweeps: Sequence[list[dict]], run_tau: Optional[float], base_acc: 
   left.set_xlabel("tau (flag: margin < tau)")
   left.set_ylabel("accuracy, direct (%)")
   left.legend()
-  for key, label in (("flagged", "flagged"), ("tpr", "true-positive rate"), ("precision", "precision")):
-    right.errorbar(taus, mean(key), yerr=std(key), marker="o", ms=3, capsize=2, label=label)
+  right.errorbar(taus, mean("flagged"), yerr=std("flagged"), marker="o", ms=3, capsize=2, label="flagged")
+  pooled = pooled_rates(sweeps)
+  for key, label in (("tpr", "true-positive rate"), ("precision", "precision")):
+    right.plot(taus, [100 * p[key] for p in pooled], marker="o", ms=3, label=label)
   right.set_xlabel("tau")
   right.set_ylabel("%")
   right.set_ylim(0, 105)
@@ -249,13 +299,16 @@ def _plot_tau(sweeps: Sequence[list[dict]], run_tau: Optional[float], base_acc: 
 
 def _plot_margins(runs: Sequence[Run], path: str) -> None:
   records = [r for run in runs for r in run.records]
-  right = [r.margin for r in records if r.base.correct["direct"]]
-  wrong = [r.margin for r in records if not r.base.correct["direct"]]
+  right = [r.margin for r in records if r.base.correct["direct"] and not np.isnan(r.margin)]
+  wrong = [r.margin for r in records if not r.base.correct["direct"] and not np.isnan(r.margin)]
+  undefined = sum(np.isnan(r.margin) for r in records)
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
   bins = np.linspace(0, 1, 21)
   ax.hist([right, wrong], bins=bins, label=["base right", "base wrong"], color=["tab:green", "tab:red"])
-  ax.set_xlabel("margin of the RSS probabilities")
+  # A NaN margin (a NaN log-likelihood) has no bin; such inputs were flagged.
+  nan_note = f" ({undefined} NaN margins, flagged, not drawn)" if undefined else ""
+  ax.set_xlabel("margin of the RSS probabilities" + nan_note)
   ax.set_ylabel("inputs (all runs)")
   ax.legend()
   fig.tight_layout()
@@ -269,6 +322,33 @@ def _plot_seconds(seconds: dict[str, float], path: str) -> None:
   ax.set_ylabel("seconds (mean over runs)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def _caveats(runs: Sequence[Run]) -> list[str]:
+  """What the numbers below leave out: unfinished runs, inputs skipped for their length, and
+  records of an earlier method version than this code's."""
+  out = []
+  unfinished = [run.workdir for run in runs if run.metrics is None]
+  if unfinished:
+    out.append(
+        f"**Unfinished (no metrics.json): {', '.join(unfinished)}: the numbers cover the "
+        f"{len(runs[0].records)} inputs answered so far.**"
+    )
+  skipped = sorted({row_id for run in runs for row_id, _ in (run.metrics or {}).get("skipped_rows", [])})
+  if skipped:
+    shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+    out.append(
+        f"**{len(skipped)} input(s) skipped and in no accuracy below (see each metrics.json's "
+        f"skipped_rows for why): {shown}.**"
+    )
+  version = config_schema.run_fields(runs[0].config)["method_version"]
+  if version < config_schema.METHOD_VERSION:
+    out.append(
+        f"**These runs computed method version {version}; this code computes version "
+        f"{config_schema.METHOD_VERSION} (config_schema.METHOD_VERSION): rerun them to compare with "
+        "its runs.**"
+    )
+  return [line for caveat in out for line in (caveat, "")]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
@@ -286,16 +366,18 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   by_entropy = u.get("measure") == "entropy"
   flag = f"entropy > {u.get('entropy_threshold', '?')}" if by_entropy else f"margin < tau {u.get('tau', '?')}"
   dataset = task.get("dataset", "?") if task.get("name") == "tfds" else task.get("category", "?")
+  fields = config_schema.run_fields(first.config)
   lines = [
       "# TT-SI report",
       "",
       f"{len(runs)} run(s), seeds {[run.seed for run in runs]}, {len(first.records)} inputs of "
-      f"{task.get('name', '?')} `{dataset}`; model `{model}`; flag: {flag}. Workdirs: "
+      f"{task.get('name', '?')} `{dataset}`; model `{model}`; flag: {flag}; method version "
+      f"{fields['method_version']}, data {fields.get('data_version', 'not recorded')}. Workdirs: "
       f"{', '.join(run.workdir for run in runs)}.",
       "",
-      "## Accuracy (%, mean ± std over runs)",
-      "",
   ]
+  lines += _caveats(runs)
+  lines += ["## Accuracy (%, mean ± sample std over runs)", ""]
   modes = _modes(first)
   lines += _table(
       ["variant"] + modes,
@@ -310,11 +392,13 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   lines += ["## The flag against tau", ""]
   if "all_inputs" in _variants(first):
     sweeps = [tau_sweep(run.records) for run in runs]
-    mean = lambda k, key: float(_nan_reduce(np.nanmean, np.array([s[k][key] for s in sweeps])))
+    mean = lambda k, key: float(np.mean([s[k][key] for s in sweeps]))
+    pooled = pooled_rates(sweeps)
     lines += [
         "TT-SI at each tau from the same runs: the `all_inputs` answer where margin < tau, the base "
         "answer elsewhere (direct mode, mean over runs). TPR: flagged among the inputs the base model "
-        "gets wrong; precision: base wrong among the flagged."
+        "gets wrong; precision: base wrong among the flagged (both over the runs' inputs together; "
+        "n/a: nothing to count)."
         + (
             " These runs flagged by entropy: the sweep shows what the margin would have done."
             if by_entropy
@@ -325,10 +409,19 @@ def write_report(runs: Sequence[Run], out: str) -> str:
     lines += _table(
         ["tau", "flagged %", "TT-SI %", "TPR %", "precision %"],
         [
-            [f"{p['tau']:.2f}"] + [_percent(mean(k, key)) for key in ("flagged", "ttsi", "tpr", "precision")]
+            [f"{p['tau']:.2f}", _percent(mean(k, "flagged")), _percent(mean(k, "ttsi"))]
+            + [_percent(pooled[k][key]) for key in ("tpr", "precision")]
             for k, p in enumerate(sweeps[0])
         ],
     )
+    mismatched = {run.workdir: flag_mismatches(run) for run in runs}
+    for workdir, ids in mismatched.items():
+      if ids:
+        lines += [
+            "",
+            f"**{workdir}: {len(ids)} input(s) flagged otherwise than margin < tau "
+            f"({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}): the sweep does not replay this run.**",
+        ]
     run_tau = None if by_entropy else float(u.get("tau", 0.95))
     _plot_tau(sweeps, run_tau, acc["base"]["direct"][0], os.path.join(out, "tau.png"))
     lines += ["", "![TT-SI, flagged fraction, TPR and precision against tau](tau.png)", ""]
