@@ -20,6 +20,8 @@ from configs import tiny
 from ttsi_jax import checkpoints, config_schema, experiment, report, runtime
 from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import transformer
+from ttsi_jax.tasks import bfcl
+from ttsi_jax.tasks.base import Example
 from ttsi_jax.tasks.bfcl import BfclTask
 from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.ttsi import adaptation, answering, records, synthesis, uncertainty, variants
@@ -464,6 +466,29 @@ def test_sft_refuses_the_test_category_of_a_tfds_bfcl_run_and_reads_bfcl_from_th
   assert task.examples()[0].id.startswith("multiple_")
   config.task.dataset = "user_tools"
   assert experiment.bfcl_test_category(config.task) is None
+  # Bare "bfcl" loads TFDS's default config, the first category: its test inputs are refused too.
+  config.task.dataset, config.sft.categories = "bfcl", bfcl.CATEGORIES[0]
+  with pytest.raises(ValueError, match=rf"include the test category '{bfcl.CATEGORIES[0]}'"):
+    experiment.sft_tasks(config)
+
+
+def test_the_training_split_holds_out_the_test_inputs_requests(caplog):
+  # BFCL repeats requests across categories: live_multiple_190-84-0 asks multiple_26's request.
+  tests = bfcl.BfclTask("multiple", 30).examples()
+  live = bfcl.BfclTask("live_multiple")
+  with caplog.at_level(logging.WARNING):
+    split, held_out = experiment.train_split([live], tests)
+  assert held_out == ["live_multiple_190-84-0"] and "1 example(s) of the training split" in caplog.text
+  assert len(split) == len(live.examples()) - 1
+  requests = {ex.question for ex in tests}
+  assert not any(ex.question in requests for _, ex in split)
+  # Case and spacing aside.
+  pool = [Example("a", "Get the  Weather in Paris.", ()), Example("b", "Other.", ())]
+  task = type("Pool", (), {"examples": lambda self: pool})()
+  split, held_out = experiment.train_split([task], [Example("t", "get the weather in paris. ", ())])
+  assert held_out == ["a"] and [ex.id for _, ex in split] == ["b"]
+  with pytest.raises(ValueError, match="holds no example but the test inputs' own"):
+    experiment.train_split([task], [Example(ex.id, ex.question, ()) for ex in pool])
 
 
 def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
@@ -560,6 +585,36 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert len(trained) == 4 and "settings.json is unreadable" in caplog.text
 
 
+def test_a_run_records_what_its_training_split_held_out(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  config.variants, config.task.category, config.task.num_examples = "base,icl", "multiple", 27
+  config.sft.categories, config.sft.num_examples = "live_multiple", 0
+  workdir = str(tmp_path / "run")
+  run = experiment.Experiment(config, workdir)
+  assert run.held_out == ["live_multiple_190-84-0"]  # multiple_26's request
+  assert "live_multiple_190-84-0" not in {ex.id for ex in run.retriever.pool}
+  os.makedirs(workdir)
+  run._check_or_write_config()
+  with open(os.path.join(workdir, "config.json")) as f:
+    written = json.load(f)
+  assert written["held_out_of_train_split"] == ["live_multiple_190-84-0"]
+  with open(os.path.join(workdir, "results.jsonl"), "w") as f:
+    f.write("{}\n")
+  # The training split's data is part of what the run computed from: another version is refused.
+  version = run.sft_tasks[0].data_version
+  run.sft_tasks[0].data_version = "bfcl-eval 0.0.1"
+  with pytest.raises(ValueError, match=r"differs in \['data_version'\]"):
+    run._check_or_write_config()
+  run.sft_tasks[0].data_version = version
+  # A workdir an earlier ttsi_jax started (it showed the held-out example): not resumed.
+  del written["held_out_of_train_split"]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(written, f)
+  with pytest.raises(ValueError, match=r"differs in \['held_out_of_train_split'\]"):
+    run._check_or_write_config()
+
+
 def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_model, tmp_path, monkeypatch):
   config = tiny.get_config()
   config.model.path = tiny_chat_model
@@ -620,6 +675,19 @@ def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_mod
   )
   run.model_config = fit(alone)
   assert run.in_context([ex], np.array([True]), written) == {}
+  # A row with earlier turns: the examples come after its system messages, before its conversation.
+  conversation = [
+      {"role": "system", "content": "s"},
+      {"role": "user", "content": "u1"},
+      {"role": "assistant", "content": "a1"},
+      {"role": "user", "content": "u2"},
+  ]
+  monkeypatch.setattr(run.task, "prompt", lambda example: conversation)
+  chats = []
+  monkeypatch.setattr(run.tokenizer, "encode_chat", lambda messages: chats.append(messages) or [0])
+  shown_turns = [{"role": "user", "content": "d"}, {"role": "assistant", "content": "[d()]"}]
+  run._icl_prompt(ex, shown_turns)
+  assert chats == [conversation[:1] + shown_turns + conversation[1:]]
 
 
 def nearest_of(run, ex):

@@ -125,8 +125,8 @@ METHOD_VERSION = 2
 
 def run_fields(config_json: dict) -> dict:
   """The flat fields of a run's config.json; a config written before `method_version` was kept
-  ran under version 1."""
-  return {"method_version": 1, **flat(config_json)}
+  ran under version 1, and one written before `held_out_of_train_split` held none out."""
+  return {"method_version": 1, "held_out_of_train_split": [], **flat(config_json)}
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

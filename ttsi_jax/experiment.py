@@ -182,11 +182,12 @@ def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids:
 
 def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
   """The BFCL category a run is scored on: task.category of a BFCL task, <category> of the TFDS
-  dataset "bfcl/<category>"; None for any other task."""
+  dataset "bfcl/<category>" (bare "bfcl": TFDS's default config, the first of
+  datasets.Bfcl.BUILDER_CONFIGS, which follow bfcl.CATEGORIES); None for any other task."""
   if task.name == "bfcl":
     return task.category
   dataset, _, category = task.dataset.partition("/")
-  return category if task.name == "tfds" and dataset == "bfcl" else None
+  return (category or bfcl.CATEGORIES[0]) if task.name == "tfds" and dataset == "bfcl" else None
 
 
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
@@ -209,6 +210,34 @@ def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   if not any(task.examples() for task in tasks):
     raise ValueError(f"sft.categories {list(categories)} hold no usable examples.")
   return tasks
+
+
+def _request_key(request: str) -> str:
+  return " ".join(request.lower().split())
+
+
+def train_split(tasks: Sequence[Task], test_examples: Sequence[Example]) -> tuple[list, list[str]]:
+  """The training split of sft and icl: [(task, example)] of `tasks`, less the examples that ask
+  a test input's request (case and spacing aside), and the ids of those held out. BFCL repeats
+  requests across categories (half of `multiple` is in `simple_python`; `live_multiple_190-84-0`
+  is `multiple_26`): kept, icl would show an input its own gold call, and sft train on it."""
+  test_requests = {_request_key(ex.question) for ex in test_examples}
+  split, held_out = [], []
+  for task in tasks:
+    for ex in task.examples():
+      if _request_key(ex.question) in test_requests:
+        held_out.append(ex.id)
+      else:
+        split.append((task, ex))
+  if held_out:
+    logging.warning(
+        "%d example(s) of the training split ask a test input's request and are left out of it: %s",
+        len(held_out),
+        held_out[:10],
+    )
+  if tasks and not split:
+    raise ValueError("The training split (sft.categories) holds no example but the test inputs' own.")
+  return split, held_out
 
 
 def make_task(cfg: ml_collections.ConfigDict) -> Task:
@@ -286,10 +315,8 @@ class Experiment:
     self.uses_sft = any(variants_lib.TABLE[v].answers == "sft" for v in self.variants)
     shows_split = any(variants_lib.TABLE[v].source == "train" for v in self.variants)
     self.sft_tasks = sft_tasks(config) if self.uses_sft or shows_split else []
-    # icl's pool: (task, example) of the training split, and their ranking by similarity.
-    self.train_split = (
-        [(task, ex) for task in self.sft_tasks for ex in task.examples()] if shows_split else []
-    )
+    # sft's training data and icl's pool: (task, example), and icl's ranking of them by similarity.
+    self.train_split, self.held_out = train_split(self.sft_tasks, self.examples)
     self.retriever = demonstrations.Retriever([ex for _, ex in self.train_split]) if shows_split else None
     self._demonstration_cache: dict[int, tuple[Messages, int]] = {}
     # The stage configs too are checked before any model loads.
@@ -386,6 +413,8 @@ class Experiment:
         "seed": c["seed"],
         "data_dir": c["task"]["data_dir"],
         "data_version": sorted({task.data_version for task in self.sft_tasks}),  # another bfcl-eval
+        # Absent when none is held out, as adapters trained before it was kept.
+        **({"held_out": self.held_out} if self.held_out else {}),
         "adaptation": {
             k: v
             for k, v in c["adaptation"].items()
@@ -412,8 +441,7 @@ class Experiment:
           os.remove(settings_path)
         data = [
             adaptation.training_example(self.tokenizer, task, ex, ex.question, task.gold_answer(ex))
-            for task in self.sft_tasks
-            for ex in task.examples()
+            for task, ex in self.train_split
         ]
         fits = [d for d in data if len(d[0]) + len(d[1]) <= self.model_config.context_length]
         if len(fits) < len(data):  # their positions or window would pass what the model runs
@@ -480,9 +508,11 @@ class Experiment:
     return kept
 
   def _icl_prompt(self, ex: Example, turns: Messages) -> list[int]:
-    """The input's prompt with `turns` (shown examples) before its request."""
+    """The input's prompt with `turns` (shown examples) after its system messages, before its
+    conversation (a dataset row can hold earlier turns before its request)."""
     msgs = self.task.prompt(ex)
-    return self.tokenizer.encode_chat(msgs[:-1] + turns + msgs[-1:])
+    start = next((k for k, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
+    return self.tokenizer.encode_chat(msgs[:start] + turns + msgs[start:])
 
   def _demonstration(self, index: int) -> tuple[Messages, int]:
     """Pool example `index` as shown turns (its gold call answering), and at most the tokens they
@@ -736,8 +766,7 @@ class Experiment:
       self._check_or_write_config()
       return _finished_waves(results_path, waves)
 
-    versions = sorted({self.task.data_version, *(task.data_version for task in self.sft_tasks)})
-    check_hosts_agree(self.config, ", ".join(versions), [ex.id for ex in self.examples])
+    check_hosts_agree(self.config, self.data_version, [ex.id for ex in self.examples])
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
@@ -820,6 +849,12 @@ class Experiment:
 
     return multihost.on_leader(report, f"to report the metrics of {results_path}")
 
+  @property
+  def data_version(self) -> str:
+    """What the test inputs and the training split come from (their datasets' or bfcl-eval's
+    versions)."""
+    return ", ".join(sorted({self.task.data_version, *(task.data_version for task in self.sft_tasks)}))
+
   def _check_or_write_config(self):
     """A workdir with results resumes only under a config that gives the same results (settings
     that change only speed may differ); without results, the new config replaces the old."""
@@ -828,8 +863,9 @@ class Experiment:
     # under the same config and input ids.
     current = {
         **json.loads(self.config.to_json()),
-        "data_version": self.task.data_version,
+        "data_version": self.data_version,
         "method_version": config_schema.METHOD_VERSION,
+        "held_out_of_train_split": self.held_out,
     }
     results = os.path.join(self.workdir, "results.jsonl")
     if os.path.exists(results) and os.path.getsize(results):
