@@ -418,7 +418,7 @@ def _hf_reference(config, dtype: str):
   torch.set_num_threads(os.cpu_count() or 1)
   path = checkpoints.resolve(config.model.path)
   kwargs = dict(dtype=getattr(torch, dtype))  # the same precision as ours
-  if path.endswith(".gguf"):
+  if checkpoints.is_gguf(path):
     kwargs["gguf_file"] = os.path.basename(path)
     path = os.path.dirname(path)
   return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -83,7 +83,11 @@ def test_missing_gguf_is_named(tmp_path):
     "extra,message",
     [
         ({"tensor": "rope_freqs.weight"}, r"\['rope_freqs.weight'\] are not supported"),
-        ({"scaling": "yarn"}, r"RoPE scaling 'yarn'"),
+        ({"scaling": "yarn"}, r"RoPE scaling \(type 'yarn', factor unset\)"),
+        # llama.cpp scales linearly by a factor without a type, or under the older key
+        ({"factor": ("llama.rope.scaling.factor", 4.0)}, r"RoPE scaling \(type 'unset', factor 4.0\)"),
+        ({"factor": ("llama.rope.scale_linear", 2.0)}, r"RoPE scaling \(type 'unset', factor 2.0\)"),
+        ({"scaling": "linear", "factor": ("llama.rope.scaling.factor", 8.0)}, r"type 'linear', factor 8.0"),
     ],
 )
 def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, message):
@@ -92,6 +96,8 @@ def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, messag
   writer.add_block_count(1)
   if "scaling" in extra:
     writer.add_string("llama.rope.scaling.type", extra["scaling"])
+  if "factor" in extra:
+    writer.add_float32(*extra["factor"])
   writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
   if "tensor" in extra:
     writer.add_tensor(extra["tensor"], np.ones((2,), np.float32))
@@ -103,10 +109,13 @@ def test_gguf_features_we_cannot_run_exactly_are_refused(tmp_path, extra, messag
     checkpoints.load(path)
 
 
-def _write_llama_gguf(path, extra_tensors=()):
-  """A complete one-layer llama GGUF (width 8, 2 heads, MLP 16, 8 tokens), plus `extra_tensors`."""
+def _write_llama_gguf(path, extra_tensors=(), metadata=None):
+  """A complete one-layer llama GGUF (width 8, 2 heads, MLP 16, 8 tokens), plus `extra_tensors`
+  and float `metadata`."""
   rng = np.random.default_rng(0)
   writer = gguf.GGUFWriter(path, "llama")
+  for key, value in (metadata or {}).items():
+    writer.add_float32(key, value)
   writer.add_block_count(1)
   writer.add_embedding_length(8)
   writer.add_feed_forward_length(16)
@@ -125,6 +134,13 @@ def _write_llama_gguf(path, extra_tensors=()):
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
+
+
+def test_gguf_without_rope_scaling_or_a_factor_of_one_loads_and_any_case_of_extension_is_gguf(tmp_path):
+  path = str(tmp_path / "model.GGUF")
+  _write_llama_gguf(path, metadata={"llama.rope.scaling.factor": 1.0})
+  config, _ = checkpoints.load(path)
+  assert config.rope_scaling is None and config.num_layers == 1
 
 
 def test_gguf_tensors_its_metadata_cannot_place_are_refused(tmp_path):

@@ -81,6 +81,14 @@ def test_a_sliding_window_bounds_the_context_and_survives_export(tmp_path, hf_ch
     [
         ({"architectures": ["GPT2LMHeadModel"]}, r"config.json.*'GPT2LMHeadModel'.*LlamaForCausalLM"),
         ({"hidden_act": "gelu"}, r"config.json: hidden_act='gelu' is not supported \(only silu\)"),
+        ({"mlp_bias": True}, r"mlp_bias=true is not supported"),
+        ({"use_sliding_window": True}, r"sliding-window attention is not supported"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, r"rope type 'linear' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope type 'yarn' is not supported"),
+        (
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+            r"rope type 'dynamic' is not supported",
+        ),
     ],
 )
 def test_unsupported_model_config_is_named(tmp_path, hf_checkpoints, change, message):
@@ -90,6 +98,57 @@ def test_unsupported_model_config_is_named(tmp_path, hf_checkpoints, change, mes
   (dst / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match=message):
     checkpoints.load(str(dst))
+
+
+def _config(**fields) -> dict:
+  """A minimal Llama config.json, with `fields` set (None: left out)."""
+  cfg = dict(
+      architectures=["LlamaForCausalLM"],
+      vocab_size=8,
+      num_hidden_layers=1,
+      hidden_size=8,
+      num_attention_heads=2,
+      intermediate_size=16,
+      max_position_embeddings=64,
+  )
+  cfg.update(fields)
+  return {k: v for k, v in cfg.items() if v is not None}
+
+
+def test_fields_a_config_leaves_out_take_transformers_defaults():
+  transformers = pytest.importorskip("transformers")
+  mistral = _config(architectures=["MistralForCausalLM"], max_position_embeddings=None)
+  config = hf.config_from_hf(mistral)
+  reference = transformers.MistralConfig(**mistral)
+  assert config.sliding_window == reference.sliding_window == 4096
+  assert config.max_position_embeddings == reference.max_position_embeddings
+  assert hf.config_from_hf({**mistral, "sliding_window": None}).sliding_window is None  # null: none
+  llama = _config(max_position_embeddings=None)
+  assert (
+      hf.config_from_hf(llama).max_position_embeddings == transformers.LlamaConfig().max_position_embeddings
+  )
+  # llama3 RoPE without original_max_position_embeddings: transformers takes max_position_embeddings.
+  rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+  assert hf.config_from_hf(_config(rope_scaling=rope)).rope_scaling.original_max_position_embeddings == 64
+  with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):  # the older key
+    hf.config_from_hf(_config(rope_scaling={"type": "yarn", "factor": 4.0}))
+  assert hf.config_from_hf(_config(hidden_act="swish")) == hf.config_from_hf(_config())  # silu's other name
+  # Mistral's modules have no biases: transformers ignores attention_bias there, and so do we.
+  biased = hf.config_from_hf({**mistral, "attention_bias": True})
+  assert (biased.qkv_bias, biased.o_bias) == (False, False)
+
+
+def test_a_file_given_as_the_checkpoint_folder_and_a_missing_shard_are_named(tmp_path, hf_checkpoints):
+  dst = _copy(hf_checkpoints["llama"][0], tmp_path)
+  with pytest.raises(CheckpointError, match=r"model.safetensors is a file, not a checkpoint folder"):
+    checkpoints.load(str(dst / "model.safetensors"))
+  sharded = tmp_path / "sharded"
+  make_hf_model("llama").save_pretrained(sharded, max_shard_size="100KB")
+  with open(sharded / "model.safetensors.index.json") as f:
+    shard = sorted(set(json.load(f)["weight_map"].values()))[1]
+  os.remove(sharded / shard)
+  with pytest.raises(CheckpointError, match=rf"index.json names \['{shard}'\], which is not in"):
+    checkpoints.load(str(sharded))
 
 
 def test_truncated_safetensors_names_file_and_problem(tmp_path, hf_checkpoints):
@@ -165,5 +224,5 @@ def test_a_single_file_is_read_before_a_sharded_index_as_transformers_does(tmp_p
   _, original = hf.load(hf_checkpoints["llama"][0])
   jax.tree.map(np.testing.assert_array_equal, params, original)
   (dst / "model.safetensors").unlink()
-  with pytest.raises(CheckpointError, match=r"gone.safetensors: not a readable safetensors file"):
+  with pytest.raises(CheckpointError, match=r"names \['gone.safetensors'\], which is not in"):
     hf.load(str(dst))

@@ -208,6 +208,23 @@ def test_bfloat16_matmul_accumulates_in_float32_forward_and_backward():
   ), dots
 
 
+def test_bfloat16_lora_applies_the_exact_alpha_over_rank():
+  # alpha / rank = 16 / 12: 1.3359 in bfloat16, 1.3333 in the exported model. With a = I the
+  # branch is x * scale, rounded once to bfloat16 from the exact product.
+  x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (256, 4)), jnp.bfloat16)
+  scale = jnp.asarray(16 / 12, jnp.float32)
+  want = (x.astype(jnp.float32) * (16 / 12)).astype(jnp.bfloat16)
+  got = transformer._lora_input(x, jnp.eye(4, dtype=jnp.bfloat16), scale, None, jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got), np.asarray(want))
+  one_adapter_BXA = jnp.ones((1, 4, 1), bool)  # packed rows: 4 blocks of 64 tokens, adapter 0
+  packed = transformer._lora_input(
+      x, jnp.eye(4, dtype=jnp.bfloat16)[None], scale, one_adapter_BXA, jnp.bfloat16
+  )
+  assert np.array_equal(np.asarray(packed), np.asarray(want))
+  rounded = (x * jnp.asarray(16 / 12, jnp.bfloat16)).astype(jnp.bfloat16)  # the scale in bfloat16
+  assert not np.array_equal(np.asarray(rounded), np.asarray(want))  # the test tells them apart
+
+
 def test_bfloat16_attention_scores_are_not_rounded_to_bfloat16_before_the_softmax():
   """Large scores (Qwen2's q/k biases give |logit| ~ 35) rounded to bfloat16 move the probabilities
   by percents: the XLA path keeps them in float32, as cuDNN, the CPU kernels and transformers do."""

@@ -39,10 +39,15 @@ def resolve(path: Optional[str]) -> str:
   return embedded_default_path() if not path else os.path.abspath(os.path.expanduser(path))
 
 
+def is_gguf(path: str) -> bool:
+  """Whether `path` names a GGUF file (by its extension, any case: "model.GGUF" too)."""
+  return path.lower().endswith(".gguf")
+
+
 def read_config(path: Optional[str], dtype: str = "float32") -> ModelConfig:
   """The ModelConfig of a HF folder or .gguf file, without loading weights."""
   path = resolve(path)
-  if path.endswith(".gguf"):
+  if is_gguf(path):
     return gguf.config_from_gguf(gguf.open_reader(path), path, dtype)
   return hf.read_config(path, dtype)
 
@@ -63,7 +68,7 @@ def load(
       return jax.device_put(value)
     return jax.device_put(value, sharding.param_sharding(mesh, param_path, value.shape, config))
 
-  if path.endswith(".gguf"):
+  if is_gguf(path):
     return gguf.load(path, dtype, place)
   return hf.load(path, dtype, place)
 

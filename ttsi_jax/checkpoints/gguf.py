@@ -96,10 +96,13 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, dtype: str = "float32")
     )
   scaling = reader.fields.get(f"{arch}.rope.scaling.type")
   scaling = bytes(scaling.parts[-1]).decode() if scaling is not None else ""
-  if scaling not in ("", "none"):
+  # llama.cpp scales linearly by a factor given without a type, or under the older key.
+  factor = reader.fields.get(f"{arch}.rope.scaling.factor") or reader.fields.get(f"{arch}.rope.scale_linear")
+  factor = float(factor.contents()) if factor is not None else 0.0
+  if scaling not in ("", "none", "linear") or factor not in (0.0, 1.0):
     raise CheckpointError(
-        f"{path}: RoPE scaling {scaling!r} in GGUF metadata is not supported; "
-        "load the model's HF checkpoint folder instead."
+        f"{path}: RoPE scaling (type {scaling or 'unset'!r}, factor {factor or 'unset'}) in GGUF "
+        "metadata is not supported; load the model's HF checkpoint folder instead."
     )
   num_heads = int(_field(reader, f"{arch}.attention.head_count", path))
   embed_dim = int(_field(reader, f"{arch}.embedding_length", path))

@@ -45,9 +45,22 @@ def _rope(cfg: Mapping, where: str) -> tuple[float, Optional[RopeScaling]]:
         factor=float(spec["factor"]),
         low_freq_factor=float(spec["low_freq_factor"]),
         high_freq_factor=float(spec["high_freq_factor"]),
-        original_max_position_embeddings=int(spec["original_max_position_embeddings"]),
+        # transformers' default where the config leaves it out
+        original_max_position_embeddings=int(
+            spec.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        ),
     )
   raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: default, " "llama3).")
+
+
+# transformers' class defaults for the fields a config.json may leave out (LlamaConfig,
+# MistralConfig, Qwen2Config, Qwen3Config): a model without the key runs as transformers runs it.
+_DEFAULTS = {
+    "LlamaForCausalLM": {"max_position_embeddings": 2048, "sliding_window": None},
+    "MistralForCausalLM": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "sliding_window": None},
+    "Qwen3ForCausalLM": {"max_position_embeddings": 32768, "sliding_window": None},
+}
 
 
 def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
@@ -72,12 +85,14 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
     theta, scaling = _rope(cfg, where)
     if cfg.get("mlp_bias"):
       raise CheckpointError(f"{where}: mlp_bias=true is not supported.")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names
       raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only " "silu).")
     if cfg.get("use_sliding_window"):
       raise CheckpointError(f"{where}: sliding-window attention is not supported.")
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    attention_bias = bool(cfg.get("attention_bias", False))
+    # Mistral's modules have no biases whatever the key says (transformers ignores it there).
+    attention_bias = bool(cfg.get("attention_bias", False)) and arch != "MistralForCausalLM"
+    defaults = _DEFAULTS[arch]
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -90,7 +105,7 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", defaults["max_position_embeddings"])),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=is_qwen2 or attention_bias,
         o_bias=attention_bias and not is_qwen2,
@@ -98,7 +113,9 @@ def config_from_hf(cfg: Mapping, where: str = "config.json", dtype: str = "float
         param_dtype=dtype,
         dtype=dtype,
         sliding_window=(
-            int(cfg["sliding_window"]) if arch == "MistralForCausalLM" and cfg.get("sliding_window") else None
+            int(cfg.get("sliding_window", defaults["sliding_window"]) or 0) or None
+            if arch == "MistralForCausalLM"
+            else None
         ),
     )
   except KeyError as e:
@@ -337,6 +354,14 @@ def open_safetensors_folder(folder: str) -> dict[str, SafetensorsFile]:
         weight_map = dict(json.load(f)["weight_map"])
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}).") from None
+    missing = sorted(
+        name for name in set(weight_map.values()) if not os.path.exists(os.path.join(folder, name))
+    )
+    if missing:
+      raise CheckpointError(
+          f"{index} names {missing}, which {'is' if len(missing) == 1 else 'are'} not in {folder}: "
+          "download or save the checkpoint again, all its shards."
+      )
     files = {name: SafetensorsFile(os.path.join(folder, name)) for name in set(weight_map.values())}
     return {tensor: files[name] for tensor, name in weight_map.items()}
   raise CheckpointError(
@@ -347,6 +372,11 @@ def open_safetensors_folder(folder: str) -> dict[str, SafetensorsFile]:
 
 def read_config(folder: str, dtype: str = "float32") -> ModelConfig:
   path = os.path.join(folder, "config.json")
+  if os.path.isfile(folder):
+    raise CheckpointError(
+        f"{folder} is a file, not a checkpoint folder: pass the folder that holds config.json and "
+        "*.safetensors, or a .gguf file."
+    )
   if not os.path.isdir(folder):
     raise CheckpointError(
         f"Checkpoint folder {folder} does not exist; pass a folder holding "

@@ -323,11 +323,11 @@ def _lora_input(x, a, scale, adapter_BXA, dtype):
     return cpu_lora.narrow(x, jnp.swapaxes(a, 1, 2), _block_adapter_ids(adapter_BXA)) * scale
   a = a.astype(dtype)
   if adapter_BXA is None:  # one adapter for every token
-    return (x @ a) * scale
+    return ((x @ a) * scale).astype(dtype)
   B, X, _ = adapter_BXA.shape
   x_BXZc = x.reshape(B, X, -1, x.shape[-1])
   a_BXcR = jnp.einsum("bxa,air->bxir", adapter_BXA.astype(dtype), a)
-  xa_BXZR = jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale
+  xa_BXZR = (jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale).astype(dtype)
   return xa_BXZR.reshape(x.shape[:-1] + a.shape[-1:])
 
 
@@ -810,7 +810,9 @@ class Transformer(nn.Module):
         positions_BT,
         mask_BTS,
         start,
-        tuple(jnp.asarray(v, c.dtype) for v in lora_hp),
+        # float32 whatever the compute dtype: a bfloat16 alpha / rank of 16 / 12 is 1.336, not
+        # the 1.333 that the exported (merged or PEFT) model applies.
+        tuple(jnp.asarray(v, jnp.float32) for v in lora_hp),
         packing,
         prompts,
         last_rows_BT,

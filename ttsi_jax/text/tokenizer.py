@@ -133,13 +133,13 @@ def _gguf_tokenizer(path: str):
 def load(path: Optional[str]) -> Tokenizer:
   """The tokenizer of a HF folder or a .gguf file (None: the embedded default)."""
   path = checkpoints.resolve(path)
-  if path.endswith(".gguf") and importlib.util.find_spec("torch") is None:
+  if checkpoints.is_gguf(path) and importlib.util.find_spec("torch") is None:
     raise CheckpointError(
         f"{path}: transformers reads GGUF tokenizers only with torch installed; "
         "pip install 'ttsi_jax[hf]' (torch==2.13.0, CPU build)."
     )
   try:
-    if path.endswith(".gguf"):
+    if checkpoints.is_gguf(path):
       hf_tok = _gguf_tokenizer(path)
       extra: list[int] = []
     else:
