@@ -1,5 +1,9 @@
 """Exported checkpoints load in transformers and PEFT with the same outputs as ours."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import peft
@@ -11,6 +15,7 @@ import transformers
 from tests.conftest import ARCHS, random_tokens
 from ttsi_jax import checkpoints, export
 from ttsi_jax.checkpoints import hf
+from ttsi_jax.checkpoints import orbax as orbax_lib
 from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import transformer
 from ttsi_jax.text import sampler as sampler_lib
@@ -113,3 +118,29 @@ def test_embedded_gguf_exports_as_an_hf_checkpoint_with_our_greedy_tokens(tmp_pa
     ref = out[0, len(prompt) :].tolist()
     stop = next((k for k, t in enumerate(ref) if t in tokenizer.stop_ids), len(ref))
     assert got == ref[:stop]
+
+
+def test_peft_export_onto_the_embedded_gguf_base_says_how_to_load_it_and_loads(tmp_path):
+  base = checkpoints.embedded_default_path()
+  config, params = checkpoints.load(base)
+  adapter = _trained_adapter(config)
+  orbax_lib.save_adapter(str(tmp_path / "adapter"), adapter, base)
+  out = str(tmp_path / "peft")
+  result = subprocess.run(
+      [sys.executable, "-m", "ttsi_jax.export", "--config=configs/default.py", f"--out={out}"]
+      + ["--format=peft", f"--adapter={tmp_path / 'adapter'}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  hint = f"from_pretrained({os.path.dirname(base)!r}, gguf_file={os.path.basename(base)!r})"
+  assert "The base is a GGUF file" in result.stdout and hint in result.stdout
+  # As the hint says: the GGUF base through transformers, then the adapter through PEFT.
+  hf_base = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(base), gguf_file=os.path.basename(base), dtype=torch.float32
+  )
+  model = peft.PeftModel.from_pretrained(hf_base, out).eval()
+  tokens = random_tokens(1, 12)
+  np.testing.assert_allclose(_torch_logits(model, tokens), _ours(config, params, tokens, adapter), atol=2e-3)

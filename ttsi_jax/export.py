@@ -82,6 +82,13 @@ def main(argv):
     if adapter is None:
       raise app.UsageError("--format=peft needs --adapter.")
     save_peft(_OUT.value, checkpoints.read_config(base), adapter, base_model=base)
+    if checkpoints.is_gguf(base):  # AutoPeftModel would pass the .gguf path as a folder
+      print(
+          f"The base is a GGUF file: load it with transformers.AutoModelForCausalLM.from_pretrained("
+          f"{os.path.dirname(base)!r}, gguf_file={os.path.basename(base)!r}), then "
+          f"peft.PeftModel.from_pretrained(base, {_OUT.value!r}); or export the base alone "
+          "(without --adapter) and load that folder."
+      )
   else:
     model_config, params = checkpoints.load(base, "float32")
     save_merged(_OUT.value, model_config, params, adapter, tokenizer_lib.load(base))
