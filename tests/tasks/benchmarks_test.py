@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ttsi_jax.tasks import datasets
+from ttsi_jax.tasks import benchmarks, datasets
+from ttsi_jax.tasks.base import Example
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -92,10 +93,35 @@ def test_seal_tools_splits_offer_same_field_tools_and_score_by_str(tmp_path):
     assert task.check(ex, task.gold_answer(ex)).correct
 
 
+def test_nexusraven_casts_the_answers_floats_not_the_references():
+  # raven/utils.py casts the model's parsed arguments to int; the reference's go through as JSON.
+  at = {
+      "name": "at",
+      "parameters": {"type": "dict", "properties": {"lat": {"type": "float"}}, "required": ["lat"]},
+  }
+  example = lambda lat: Example("q", "Where?", (at,), datasets.whole_values_gold([("at", {"lat": lat})]))
+  check = lambda lat, answer: benchmarks.check_nexusraven(example(lat), answer).correct
+  assert not check(40.7128, "[at(lat=40.99)]")  # both 40 once cast: the reference is not
+  assert not check(40.7128, "[at(lat=40.7128)]")  # a float reference matches no answer there
+  assert check(40.0, "[at(lat=40.5)]") and check(40, "[at(lat=40)]")
+
+
+def test_seal_tools_reads_the_current_files_beside_the_old_format_folder(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(os.path.join(FIXTURES, "seal_tools"), manual)
+  old = manual / "Seal-Tools_Dataset" / "dataset_in_old_format"
+  old.mkdir()
+  (old / "test_in_domain.jsonl").write_text('[["an", "old", "row"]]\n')  # rows are arrays there
+  task = _task(tmp_path, "seal_tools", str(manual), "test_in_domain")
+  assert [ex.id for ex in task.examples()] == ["test_in_domain-easy-0", "test_in_domain-difficult-1"]
+
+
 def test_api_bank_levels_read_the_apis_the_rows_describe(tmp_path):
   manual = os.path.join(FIXTURES, "api_bank")
   level1 = _task(tmp_path, "api_bank/level-1", manual)
   (taxi,) = level1.examples()
+  # The instruction's clock goes with the dialogue (relative dates need it).
+  assert level1.prompt(taxi)[0]["content"].endswith("The current time is 2023-03-31 14:00:00.")
   assert level1.skipped == [
       ("BookTaxi-level-1-2_1", "expected_output is not one API-Request of an API the row describes")
   ]
@@ -140,8 +166,18 @@ def test_api_bank_levels_read_the_apis_the_rows_describe(tmp_path):
     ],
 )
 def test_a_missing_file_names_the_files_and_where_to_get_them(tmp_path, dataset, message):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "notes.txt").write_text("another benchmark's files")
   with pytest.raises(FileNotFoundError, match=message):
-    _task(tmp_path, dataset, str(tmp_path))
+    _task(tmp_path, dataset, str(manual))
+  # An empty or missing manual dir: said before TFDS looks (its error names no file).
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match=rf"task.manual_dir {empty} is empty: {dataset} is built from"):
+    _task(tmp_path, dataset, str(empty))
+  with pytest.raises(FileNotFoundError, match=r"task.manual_dir .*nowhere does not exist"):
+    _task(tmp_path, dataset, str(tmp_path / "nowhere"))
 
 
 def test_a_bad_file_is_named(tmp_path):

@@ -94,6 +94,30 @@ def _city_schema(schema):
         ),
         (_city_schema({"type": "array"}), r"'city' of 'get_weather' is an array without an 'items' type"),
         (lambda row: row.pop("query"), r"'query' is not a non-empty string or list of chat messages"),
+        # A conversation that goes on past the request would show the model its answer.
+        (
+            lambda row: row.update(
+                query=[
+                    {"role": "user", "content": "Paris?"},
+                    {"role": "assistant", "content": "[get_weather()]"},
+                ]
+            ),
+            r"'query' does not end with the user's request",
+        ),
+        # A gold value of another type than its parameter's: the right answer would be judged wrong.
+        (
+            lambda row: row.update(calls=_weather_call(city=5)),
+            r"gold value 5 is a int, but the parameter is a string",
+        ),
+        (
+            lambda row: row.update(calls=_weather_call(city="")),
+            r"may leave out its required parameter 'city' \(.*null or \"\"",
+        ),
+        (
+            lambda row: _city_schema({"type": "object"})(row)
+            or row.update(calls=_weather_call(city={"a": {"b": {"one_of": [1, 2]}}})),
+            r"'one_of'.* inside 'city' deeper than an object parameter's keys",
+        ),
     ],
 )
 def test_a_bad_user_tools_row_is_named_by_file_and_line(tmp_path, mutate, message):
@@ -117,6 +141,17 @@ def test_a_dataset_is_built_again_when_its_files_change(tmp_path):
   (manual / "test.jsonl").write_text(rows[0] + rows[1])  # the same name, config and version
   assert [ex.id for ex in load().examples()] == ["weather_paris", "line_2"]
   assert [ex.id for ex in load().examples()] == ["weather_paris", "line_2"]  # reused as it is
+  # Changed in place at the same size, its modification time put back (as cp -p or tar x do).
+  before = load()
+  path = manual / "test.jsonl"
+  stat = os.stat(path)
+  path.write_text((rows[0] + rows[1]).replace('"Paris"', '"Parma"'))
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.stat(path).st_size == stat.st_size
+  after = load()
+  assert after.examples()[0].gold[0]["get_weather"]["city"] == ["Parma"]
+  assert after.data_version != before.data_version  # a workdir on the old files is told apart
+  assert after.data_version.startswith("user_tools 1.0.1, files ")
 
 
 def test_a_prepared_dataset_is_reused_without_its_manual_dir(tmp_path):
@@ -182,8 +217,16 @@ def test_user_tools_object_arguments_are_judged_key_by_key(tmp_path, answer, cor
 
 
 def test_missing_user_tools_files_say_what_is_expected(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "train.jsonl").write_text("")
   with pytest.raises(FileNotFoundError, match=r"(?s)test.jsonl does not exist.*\"tools\".*\"calls\""):
-    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))
+    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+  (manual / "train.jsonl").unlink()
+  with pytest.raises(
+      FileNotFoundError, match=r"(?s)manual_dir .* is empty: user_tools is built from .*\"calls\""
+  ):
+    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
 
 
 def test_a_damaged_source_stamp_builds_the_dataset_again(tmp_path):

@@ -4,8 +4,9 @@ read from the files a user downloads (TFDS manual dir), with its own accuracy ru
 | dataset      | files in the manual dir                          | accuracy here (its published scorer)   |
 |--------------|--------------------------------------------------|----------------------------------------|
 | nexusraven   | standardized_queries, standardized_api_list      | name and the full argument dict with   |
-|              | (.parquet as on the HF hub, or .jsonl / .json)   | defaults filled, floats cast to int    |
-|              |                                                  | (the same as raven/eval/evaluator.py)  |
+|              | (.parquet as on the HF hub, or .jsonl / .json)   | defaults filled, the answer's floats   |
+|              |                                                  | cast to int, the reference's not (the  |
+|              |                                                  | same as raven/eval/evaluator.py)       |
 | seal_tools   | tool.jsonl, test_in_domain.jsonl,                | every call: API name and every         |
 |              | test_out_domain.jsonl, dev.jsonl                 | parameter equal as str(), no extra     |
 |              |                                                  | call (its scorer: micro P/R/F1 over    |
@@ -61,11 +62,12 @@ def _schema_type(name: Any) -> dict:
 
 
 def _find(manual_dir: str, *patterns: str) -> Optional[str]:
-  """The first file in `manual_dir` (or a folder below it) matching one of `patterns`."""
+  """The shallowest file in `manual_dir` (or a folder below it) matching one of `patterns`, the
+  first by name among equals (Seal-Tools ships test files of an older format one folder down)."""
   for pattern in patterns:
-    found = sorted(glob.glob(os.path.join(manual_dir, "**", pattern), recursive=True))
+    found = glob.glob(os.path.join(manual_dir, "**", pattern), recursive=True)
     if found:
-      return found[0]
+      return min(found, key=lambda path: (path.count(os.sep), path))
   return None
 
 
@@ -197,9 +199,10 @@ class Nexusraven(datasets.Builder):
       )
 
 
-def _nexus_args(function: dict, args: dict) -> tuple[Optional[dict], str]:
+def _nexus_args(function: dict, args: dict, cast: bool = True) -> tuple[Optional[dict], str]:
   """Every parameter's value as NexusRaven's evaluator sees it after calling the function:
-  defaults filled in, float values cast to int; (None, why) where the call would raise."""
+  defaults filled in, with `cast` the answer's float values cast to int (its parser casts the
+  model's arguments, not the reference's); (None, why) where the call would raise."""
   properties = function["parameters"]["properties"]
   unknown = sorted(set(args) - set(properties), key=str)  # `**kwargs` decodes to the name None
   if unknown:
@@ -208,6 +211,8 @@ def _nexus_args(function: dict, args: dict) -> tuple[Optional[dict], str]:
   if missing:
     return None, f"Missing required arguments {missing}."
   full = {p: args.get(p, schema.get("default")) for p, schema in properties.items()}
+  if not cast:
+    return full, ""
   try:
     return {p: int(v) if isinstance(v, float) else v for p, v in full.items()}, ""
   except (OverflowError, ValueError) as e:  # int() of an infinite or NaN float
@@ -225,7 +230,7 @@ def check_nexusraven(example: Example, answer: str) -> Verdict:
   got, error = _nexus_args(function, call.args)
   if got is None:
     return Verdict(False, error)
-  want, _ = _nexus_args(function, gold_args)
+  want, _ = _nexus_args(function, gold_args, cast=False)
   wrong = sorted(p for p in want if got[p] != want[p])  # Python's ==, as its evaluator compares
   return Verdict(True) if not wrong else Verdict(False, f"Wrong values for {wrong}.")
 
@@ -333,6 +338,7 @@ def check_seal_tools(example: Example, answer: str) -> Verdict:
 # -------------------------------------------------------------------------------------- API-Bank
 
 _API_REQUEST = re.compile(r"API-Request:\s*(\[.*\])", re.S)
+_CURRENT_TIME = re.compile(r"The current time is [^\n]*")
 
 
 def _api_descriptions(text: str) -> list[dict]:
@@ -364,9 +370,9 @@ def _api_bank_function(api: dict) -> dict:
 
 class ApiBank(datasets.Builder):
   """API-Bank level-1 (API given) and level-2 (API retrieved by ToolSearcher) API-call rows of
-  `level-<n>-api.json`; split "test"."""
+  `level-<n>-api.json`; split "test". 1.0.1: the instruction's current time as a system message."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.1")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="level-1"), tfds.core.BuilderConfig(name="level-2")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = "test-data/level-1-api.json and level-2-api.json of API-Bank."
 
@@ -394,10 +400,12 @@ class ApiBank(datasets.Builder):
         )
         continue
       dialogue = r["input"].replace("Generate API Request:", "").strip()
+      # The instruction's clock: "tomorrow" or "in two hours" needs it.
+      now = _CURRENT_TIME.search(r["instruction"])
       yield datasets.row(
           index,
           row_id,
-          [{"role": "user", "content": dialogue}],
+          [{"role": "system", "content": now.group(0)}] * bool(now) + [{"role": "user", "content": dialogue}],
           [_api_bank_function(a) for a in apis.values()],
           datasets.whole_values_gold([(calls[0].name, calls[0].args)]),
       )

@@ -20,6 +20,7 @@ A benchmark whose own scorer differs from BFCL's checker registers it in `SCORER
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -120,6 +121,11 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
   else:
     messages = query
   bfcl._last_user_turn([messages])  # raises when there is no user message
+  if not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+    raise ValueError(
+        "'query' does not end with the user's request (its last message is not a user turn): the "
+        "model would read what comes after it, e.g. the answer; end it there (the answer goes in 'calls')"
+    )
   tools = item.get("tools")
   if not isinstance(tools, list) or not tools:
     raise ValueError("'tools' is not a non-empty list")
@@ -145,7 +151,51 @@ def user_tools_row(item: Any, line: int, index: int) -> tuple[str, dict]:
     bfcl._check_ground_truth(gold, functions)
     for call in gold:
       _check_arguments(*next(iter(call.items())), by_name)
+      _check_gold_values(*next(iter(call.items())), by_name)
   return row(index, str(row_id), messages, functions, gold)
+
+
+def _check_gold_values(name: str, acceptable: dict, functions: dict) -> None:
+  """Every acceptable value has its parameter's type (an int may stand for a float), as an answer
+  must: a gold "5" for an integer would judge the answer 5 wrong; and no {"one_of"} is left where
+  it is not read (deeper than an object parameter's keys)."""
+  properties = functions[name]["parameters"]["properties"]
+  for param, values in acceptable.items():
+    schema = properties[param]
+    for value in values:
+      if value == "":  # may be left out
+        continue
+      _check_type(f"{name}({param}=...)", value, schema)
+      if _holds_one_of(value):
+        raise ValueError(
+            f"the call of {name!r} has a {{'one_of': ...}} inside {param!r} deeper than an object "
+            "parameter's keys, where it is not read; give one value there"
+        )
+
+
+def _check_type(where: str, value: Any, schema: dict) -> None:
+  kind = schema.get("type")
+  if kind == "any" or kind not in bfcl.PYTHON_TYPES:
+    return
+  expected = bfcl.PYTHON_TYPES[kind]
+  if not (type(value) is expected or (kind == "float" and type(value) is int)):
+    raise ValueError(
+        f"{where}: gold value {value!r} is a {type(value).__name__}, but the parameter is a {kind} "
+        "(an answer of another type is judged wrong); write it as a JSON "
+        f"{ {'string': 'string', 'integer': 'integer', 'float': 'number'}.get(kind, kind) }"
+    )
+  items = schema.get("items") or {}
+  if kind in bfcl.NESTED_TYPES and items.get("type") not in (None, "dict"):
+    for item in value:
+      _check_type(where, item, items)
+
+
+def _holds_one_of(value: Any) -> bool:
+  if isinstance(value, dict):
+    return set(value) == {"one_of"} or any(_holds_one_of(v) for v in value.values())
+  if isinstance(value, list):
+    return any(_holds_one_of(v) for v in value)
+  return False
 
 
 def _check_parameter_types(function: dict) -> None:
@@ -178,7 +228,11 @@ def _check_arguments(name: str, acceptable: dict, functions: dict) -> None:
     )
   for required in parameters.get("required", []):
     if required not in acceptable or "" in acceptable[required]:
-      raise ValueError(f"the call of {name!r} may leave out its required parameter {required!r}")
+      raise ValueError(
+          f"the call of {name!r} may leave out its required parameter {required!r} (it is not "
+          'in the call, or one of its values is null or "", which BFCL\'s checker reads as "may be '
+          'left out")'
+      )
 
 
 _BFCL_TYPE = {"number": "float", "object": "dict"}  # JSON schema -> the checker's type names
@@ -286,6 +340,12 @@ class DatasetTask(bfcl.FunctionCallingTask):
       logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = BUILDERS[name](config=config or None, data_dir=data_dir)
+    if not builder.is_prepared() and manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+        raise FileNotFoundError(
+            f"task.manual_dir {manual_dir} {'is empty' if os.path.isdir(manual_dir) else 'does not exist'}: "
+            f"{dataset} is built from files you put there: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
     if not builder.is_prepared():
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
@@ -296,7 +356,7 @@ class DatasetTask(bfcl.FunctionCallingTask):
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self.data_version = f"{builder.name} {builder.version}" + (
-        f", bfcl-eval {bfcl.package_version()}" if name == "bfcl" else ""
+        f", bfcl-eval {bfcl.package_version()}" if name == "bfcl" else _files_version(stamp)
     )
     self._examples = []
     source = builder.as_data_source(split=split)
@@ -349,14 +409,28 @@ SOURCE_STAMP = "ttsi_source.json"  # in a prepared dataset's folder: what it was
 
 
 def _source(name: str, manual_dir: Optional[str]) -> str:
-  """What a dataset is built from, as JSON: each file of the manual dir by path, size and
-  modification time; for BFCL the bfcl-eval version it reads."""
+  """What a dataset is built from, as JSON: each file of the manual dir by path and the sha256 of
+  its contents (a copy that keeps the size and modification time, as `cp -p` or `tar x` do, still
+  counts as other files); for BFCL the bfcl-eval version it reads."""
   files = []
   for root, _, names in sorted(os.walk(manual_dir)) if manual_dir else []:
     for n in sorted(names):
-      stat = os.stat(os.path.join(root, n))
-      files.append([os.path.relpath(os.path.join(root, n), manual_dir), stat.st_size, stat.st_mtime_ns])
+      digest = hashlib.sha256()
+      with open(os.path.join(root, n), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      files.append([os.path.relpath(os.path.join(root, n), manual_dir), digest.hexdigest()])
   return json.dumps({"files": files, "bfcl-eval": bfcl.package_version() if name == "bfcl" else None})
+
+
+def _files_version(stamp: pathlib.Path) -> str:
+  """A short hash of the files a prepared dataset was built from (its stamp), for
+  `data_version`: a workdir or another host on other files is told apart."""
+  try:
+    files = json.loads(stamp.read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return ", files not recorded"
+  return f", files {hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]}" if files else ""
 
 
 def _built_from_other(name: str, manual_dir: Optional[str], stamp: pathlib.Path, source: str) -> bool:
