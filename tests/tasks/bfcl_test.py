@@ -695,3 +695,18 @@ def test_validate(tasks):
   assert "no call" in task.validate(example, "[]")
   irrelevance = tasks["irrelevance"]
   assert irrelevance.validate(irrelevance.examples()[0], "[]") is None
+  # A repeated keyword (BFCL keeps the last value; Python refuses the call) and more calls than
+  # any answer of the task makes are no answer to train on.
+  assert "'side1' given more than once" in task.validate(
+      example, "[triangle_properties.get(side1=5, side1=4, side2=4, side3=3)]"
+  )
+  two = "[circle_properties.get(radius=2.0), circle_properties.get(radius=3.0)]"
+  assert task.validate(example, two) == "2 calls (this task's answers make at most 1)"
+  parallel = tasks["parallel"]
+  several = parallel.gold_answer(parallel.examples()[0])
+  assert len(bfcl.parse_calls(several)) > 1 and parallel.validate(parallel.examples()[0], several) is None
+  # What is valid comes from the task's answers, never from the input's own gold (a pair written
+  # for a test input must not learn its label): an input whose gold were "no call" changes nothing.
+  unlabelled = dataclasses.replace(example, gold=[])
+  assert "no call" in task.validate(unlabelled, "[]")
+  assert task.validate(dataclasses.replace(example, gold=None), task.gold_answer(example)) is None

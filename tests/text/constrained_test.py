@@ -25,6 +25,8 @@ from ttsi_jax.text import sampler as sampler_lib
         ("{'a', 'b'})", None),
         ("[{1}], x=2)", None),
         ("{'k': {1}})", None),
+        ("5 # km, b=2)", "5"),  # a comment would swallow the ")]" written after the value
+        ("'a#b' # note)", "'a#b'"),
     ],
 )
 def test_leading_literal(text, value):

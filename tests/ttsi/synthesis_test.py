@@ -219,12 +219,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     content = "Request: How big is a circle of radius 1?\nCall: [circle_properties.get(radius=1)]"
     if self.mode == "thinking":  # a reasoning model's draft pair must not be read as a pair
       content = "<think>\nRequest: draft\nCall: [triangle_properties.get(side1=1)]\n</think>\n" + content
+    if self.mode == "cut_while_thinking":  # max_tokens reached inside the block: drafts only
+      content = "<think>\n" + content
     mode = self.mode
+    probe = type(self).last_request["messages"] == synthesis.EndpointSynthesizer.PROBE
     if mode == "input_too_long":  # this input's request only: a minimal one is answered
-      mode = (
-          "ok" if type(self).last_request["messages"] == synthesis.EndpointSynthesizer.PROBE else "too_long"
-      )
-    status = {"refuse": 404, "too_long": 400}.get(mode, 200)
+      mode = "ok" if probe else "too_long"
+    if mode == "too_long_then_busy":  # the probe meets an overloaded endpoint
+      mode = "busy" if probe else "too_long"
+    status = {"refuse": 404, "too_long": 400, "busy": 503}.get(mode, 200)
     body = (
         b'{"choices": []}'
         if mode == "empty"
@@ -310,6 +313,19 @@ def test_an_input_refused_first_fails_alone_where_a_minimal_request_is_answered(
   assert teacher.synthesize([example]) == [None] and _Handler.hits == 2  # the request, the probe
   _Handler.hits = 0
   assert teacher.synthesize([example]) == [None] and _Handler.hits == 1  # no probe once answered
+
+
+def test_a_probe_that_fails_for_the_endpoints_load_fails_only_its_input(endpoint, example):
+  """A 503 to the probe says nothing of the request's fields: the run goes on."""
+  _Handler.mode = "too_long_then_busy"
+  assert _teacher(endpoint).synthesize([example]) == [None]
+  assert _Handler.hits == 4  # the request, then the probe and its 2 retries
+
+
+def test_a_reply_cut_off_while_thinking_has_no_pair(endpoint, example):
+  _Handler.mode = "cut_while_thinking"
+  (pairs,) = _teacher(endpoint).synthesize([example])
+  assert [(p.call, p.kept, p.rejected) for p in pairs] == [("", False, "no parseable pair")]
 
 
 def test_request_json_changes_the_request_fields(endpoint, example):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -119,6 +120,7 @@ class Call:
   name: str
   args: dict
   positional: int = 0
+  repeated: tuple = ()  # keywords given more than once (BFCL's decoder keeps the last value)
 
   def as_bfcl(self) -> dict:
     """The `{name: {param: value}}` form BFCL's decoder returns."""
@@ -248,7 +250,9 @@ def _decode_call(node: ast.Call) -> Call:
   if isinstance(func, ast.Name):
     parts.append(func.id)
   args = {keyword.arg: _decode_value(keyword.value) for keyword in node.keywords}
-  return Call(".".join(reversed(parts)), args, positional=len(node.args))
+  names = [keyword.arg for keyword in node.keywords if keyword.arg is not None]
+  repeated = tuple(sorted({n for n in names if names.count(n) > 1}))
+  return Call(".".join(reversed(parts)), args, positional=len(node.args), repeated=repeated)
 
 
 def parse_calls(text: str) -> list[Call]:
@@ -753,14 +757,29 @@ class FunctionCallingTask:
       calls.append((name, args))
     return format_calls(calls)
 
+  @functools.cached_property
+  def _calls_per_answer(self) -> tuple[int, int]:
+    """The fewest and the most calls a gold answer of this dataset makes (all its rows)."""
+    counts = [len(ex.gold) for ex in self._examples if ex.gold is not None] or [1]
+    return min(counts), max(counts)
+
   def validate(self, example: Example, answer: str) -> Optional[str]:
+    """Why `answer` (a synthesized pair's call for `example`'s functions) cannot be an answer of
+    this task, or None. What the dataset's answers look like (no call, several) is read from all
+    its gold answers, never from `example`'s own: a pair written for a test input must not learn
+    its label."""
     try:
       calls = parse_calls(answer)
     except ParseError as e:
       return f"unparseable: {e}"
-    if not calls and self._category(example) != IRRELEVANCE:
+    fewest, most = self._calls_per_answer
+    if not calls and fewest > 0:
       return "no call (only irrelevance inputs are answered with none)"
+    if len(calls) > max(most, 1):
+      return f"{len(calls)} calls (this task's answers make at most {max(most, 1)})"
     for call in calls:
+      if call.repeated:
+        return f"{call.name}: argument {call.repeated[0]!r} given more than once"
       function = _function_named(example.functions, call.name)
       if function is None:
         return f"function {call.name!r} is not offered"

@@ -18,8 +18,10 @@ the model writes the `=` together with the value's first characters itself.
 from __future__ import annotations
 
 import ast
+import io
 import dataclasses
 import re
+import tokenize
 from typing import Optional, Sequence
 
 import jax
@@ -58,8 +60,16 @@ def leading_literal(text: str) -> Optional[str]:
         return repr(candidate)
       continue
     if not _has_set(value):
-      return candidate
+      # literal_eval skips a comment ("5 # km"), which would swallow the ")]" written after it
+      return repr(value) if _has_comment(candidate) else candidate
   return None
+
+
+def _has_comment(text: str) -> bool:
+  try:
+    return any(t.type == tokenize.COMMENT for t in tokenize.generate_tokens(io.StringIO(text).readline))
+  except (tokenize.TokenError, SyntaxError):
+    return "#" in text
 
 
 # Bracket depths the value rule tells apart; deeper nesting counts as this depth less one, so a

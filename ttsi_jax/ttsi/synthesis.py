@@ -116,6 +116,14 @@ def request_problem(request: str, opening: str = "") -> str:
   return ""
 
 
+def written_text(text: str) -> str:
+  """What a model wrote after its reasoning (`strip_reasoning`); a `<think>` block never closed
+  (the reply cut off while thinking) holds drafts, not pairs: nothing."""
+  if "<think>" in text and "</think>" not in text:
+    return ""
+  return tokenizer_lib.strip_reasoning(text)
+
+
 def judge(
     task: Task, example: Example, request: str, call: str, validate: bool, request_issue: str = ""
 ) -> Pair:
@@ -181,7 +189,7 @@ class ModelSynthesizer:
     sampling = SamplingParams(self.cfg.max_free_tokens * self.cfg.k, self.cfg.temperature, self.cfg.top_p)
     prompts = [self.tokenizer.encode_chat(messages(ex, self.cfg.k)) for ex in examples]
     outs = self.sampler.generate(prompts, sampling, rng)
-    texts = [tokenizer_lib.strip_reasoning(self.tokenizer.decode(out)) for out in outs]
+    texts = [written_text(self.tokenizer.decode(out)) for out in outs]
     return [
         judge_all(self.task, ex, parse_pairs(text), self.cfg.k, self.cfg.validate)
         for ex, text in zip(examples, texts)
@@ -337,7 +345,7 @@ class EndpointSynthesizer:
         if not isinstance(content, str):
           raise TypeError("message content is not a string")
         self.answered = True
-        return tokenizer_lib.strip_reasoning(content)
+        return written_text(content)
       except urllib.error.HTTPError as err:
         refused = _REFUSED_SETUP.get(err.code) or _REFUSED_REQUEST.get(err.code)
         if refused is None:
@@ -367,10 +375,12 @@ class EndpointSynthesizer:
     raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: " f"{last_error}")
 
   def _fields_accepted(self) -> bool:
-    """Whether the endpoint answers `PROBE` with this run's request fields."""
+    """Whether the endpoint answers `PROBE` with this run's request fields; a probe that fails
+    otherwise (a timeout, HTTP 429 or 5xx) says nothing of them, and fails only this input
+    (TeacherError)."""
     try:
       self._complete(self.PROBE, probe=False)
-    except (TeacherError, TeacherRequestError):
+    except TeacherRequestError:
       return False
     return True
 
