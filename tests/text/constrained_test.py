@@ -109,12 +109,17 @@ def test_decoded_calls_parse_and_use_only_schema_keywords(hf_checkpoints):
   tok = _CharTokenizer()
   decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=4)
   pre = sampler.prefill([tok.encode("Weather in Paris for 3 days?"), tok.encode("Hi")], reserve=256)
-  calls = decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["get_weather", "get_weather"])
-  for call in calls:
+  calls, cuts = decoder.decode_noting(pre, [FUNCTIONS, FUNCTIONS], ["get_weather", "get_weather"])
+  assert calls == decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["get_weather", "get_weather"])
+  for call, cut in zip(calls, cuts):
     assert call.startswith("[get_weather(") and call.endswith(")]")
     parsed = bfcl.parse_calls(call)  # always syntactically a call list
     assert len(parsed) == 1 and set(parsed[0].args) <= {"city", "unit", "days"}
     assert not parsed[0].positional
+    # A call without its required arguments was closed by a limit, which says so.
+    if not {"city", "days"} <= set(parsed[0].args):
+      assert "decoding.max_value_tokens (8)" in cut or "decoding.max_args (4)" in cut, (call, cut)
+  assert any(cuts)  # a random model's values: some do not end within 8 tokens
   with pytest.raises(ValueError, match="'send_email' is not among the offered functions"):
     decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["send_email", "get_weather"])
 
@@ -163,8 +168,8 @@ def test_calls_close_when_the_cache_has_no_room_for_another_argument(hf_checkpoi
   decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=4)
   pre = sampler.prefill([tok.encode("Weather?")] * 2, reserve=64)
   # Row 0's lead leaves too few free slots for even one argument; row 1 has room for some.
-  calls = decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["get_weather"] * 2, leads=["x" * 40, ""])
-  assert calls[0] == "[get_weather()]"
+  calls, cuts = decoder.decode_noting(pre, [FUNCTIONS, FUNCTIONS], ["get_weather"] * 2, leads=["x" * 40, ""])
+  assert calls[0] == "[get_weather()]" and cuts[0] == "the context (no cache room for another argument)"
   roomy = sampler.prefill([tok.encode("Weather?")], reserve=256)
   assert calls[1] == decoder.decode(roomy, [FUNCTIONS], ["get_weather"])[0]
 

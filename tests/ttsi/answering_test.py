@@ -1,5 +1,6 @@
 """H's candidate scores against transformers on the same tokens."""
 
+import logging
 import types
 
 import numpy as np
@@ -8,6 +9,8 @@ import transformers
 
 from configs import tiny
 from ttsi_jax import experiment
+from ttsi_jax.tasks.base import Example
+from ttsi_jax.ttsi import answering
 
 
 def test_candidate_actions_score_the_name_then_any_token_that_opens_the_call(tiny_chat_model, tmp_path):
@@ -66,3 +69,16 @@ def test_only_inputs_offering_one_function_are_scored_again_and_an_empty_one_kee
   assert scored == [[["[f(a=1)]", "[f(a=2)]"], [], []]]  # the other rows: nothing to score
   np.testing.assert_allclose(out.margin_B, [0.4, 0.2, 1.0], atol=1e-6)  # row 2: its function's
   assert out.candidates == [["[f(a=1)]", "[f(a=2)]"], ["[g(", "[h("], ["[f("]]
+
+
+def test_answers_a_limit_closed_are_counted_in_a_warning(caplog):
+  cut = "decoding.max_args (1)"
+  decoder = types.SimpleNamespace(decode_noting=lambda *a, **k: (["[f(a=1)]", "[f(a=2)]"], ["", cut]))
+  answerer = types.SimpleNamespace(
+      well_formed=True, decoder=decoder, max_new_tokens=8, temperature=0.0, top_p=1.0
+  )
+  examples = [Example(f"q{i}", "?", ({"name": "f"},)) for i in range(2)]
+  with caplog.at_level(logging.WARNING):
+    calls = answering.Answerer.answer(answerer, None, examples, np.zeros(2, int), None, sample=False)
+  assert calls == ["[f(a=1)]", "[f(a=2)]"]
+  assert f"1 of 2 answers were closed by a limit, not the model (first: input q1, by {cut})" in caplog.text

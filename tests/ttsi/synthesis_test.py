@@ -336,3 +336,29 @@ def test_request_json_changes_the_request_fields(endpoint, example):
   assert "max_tokens" not in sent and "top_p" not in sent
   with pytest.raises(ValueError, match="teacher.request_json must be a JSON object"):
     _teacher(endpoint, "[1]")
+
+
+def test_a_call_a_limit_closed_names_the_limit_in_its_rejection(tiny_chat_model, monkeypatch):
+  task = BfclTask("multiple", 1)
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  decoder = constrained.CallDecoder(sampler, tokenizer, max_value_tokens=3)
+  cfg = synthesis.SynthesisConfig(k=2, well_formed=True, temperature=1.0, max_request_tokens=8)
+  synth = synthesis.ModelSynthesizer(task, decoder, cfg)
+  cut = "no complete value of 'side2' within decoding.max_value_tokens (3)"
+  monkeypatch.setattr(
+      synth,
+      "_requests",
+      lambda pre, rng: (["Please find the area of a triangle."] * 2, ["", ""]),
+  )
+  monkeypatch.setattr(
+      decoder,
+      "decode_noting",
+      lambda *a, **k: (["[triangle_properties.get(side1=5)]"] * 2, [cut, ""]),
+  )
+  (pairs,) = synth.synthesize(task.examples(), jax.random.key(0)[None])
+  assert [p.rejected for p in pairs] == [
+      f"triangle_properties.get: missing required argument 'side2' (the call was closed by {cut})",
+      "triangle_properties.get: missing required argument 'side2'",  # the model closed it
+  ]

@@ -136,6 +136,7 @@ class _Row:
   used: list  # keyword names already written
   pending: str = ""  # the option chosen at this stage: ", name=" or CLOSE
   done: bool = False
+  cut: str = ""  # the limit that closed the call before the model chose to (`decode_noting`)
 
 
 class CallDecoder:
@@ -162,7 +163,15 @@ class CallDecoder:
     self.value_end_VS = literal_end_states(pieces)
     self.value_end_device_VS = jnp.asarray(self.value_end_VS)
 
-  def decode(
+  def decode(self, *args, **kwargs) -> list[str]:
+    """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
+
+    `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default;
+    `rng`: one key or one per row (see `sampler.row_keys`); rows not `active` get "" and no work.
+    """
+    return self.decode_noting(*args, **kwargs)[0]
+
+  def decode_noting(
       self,
       pre: sampler_lib.Prefilled,
       functions: Sequence[Sequence[dict]],
@@ -171,12 +180,10 @@ class CallDecoder:
       sampling: SamplingParams = SamplingParams(),
       rng: Optional[jax.Array] = None,
       active: Optional[Sequence[bool]] = None,
-  ) -> list[str]:
-    """One call per prefilled row: `names[i]` (one of `functions[i]`) with schema keywords.
-
-    `leads[i]` is text between the prefilled prompt and the call (e.g. "Call: "), "" by default;
-    `rng`: one key or one per row (see `sampler.row_keys`); rows not `active` get "" and no work.
-    """
+  ) -> tuple[list[str], list[str]]:
+    """`decode`'s calls, and per row the limit that closed its call before the model chose to
+    ("" where none did): decoding.max_args, a value unfinished within decoding.max_value_tokens,
+    or the context. An argument left out for a limit is not the model's choice."""
     leads = leads or [""] * pre.rows
     enc = self.tokenizer.encode
     rows = []
@@ -217,6 +224,7 @@ class CallDecoder:
           continue
         row.pending = options[i][int(np.argmax(loglik[i, : len(options[i])]))]
         if row.pending == CLOSE or step == self.max_args:
+          row.cut = "" if row.pending == CLOSE else f"decoding.max_args ({self.max_args})"
           row.text += CLOSE
           row.done = True
         else:
@@ -237,12 +245,16 @@ class CallDecoder:
         if not writing[i]:
           continue
         if values[i] is None:  # no usable value: close the call without this argument
+          row.cut = (
+              f"no complete value of {row.pending.lstrip(', ')!r} within decoding.max_value_tokens "
+              f"({self.max_value_tokens})"
+          )
           row.text += CLOSE
           row.done = True
           continue
         row.text += row.pending + "=" + values[i]
         row.used.append(row.pending.lstrip(", "))
-    return [r.text for r in rows]
+    return [r.text for r in rows], [r.cut for r in rows]
 
   def _close_rows_without_room(self, pre, rows, active, option_ids, heal) -> bool:
     """Closes the calls that leave no free cache slots for this stage, the most demanding first;
@@ -260,6 +272,7 @@ class CallDecoder:
       if max(scored, valued) <= pre.free():
         return True
       worst = max(needs, key=lambda i: needs[i][0] + needs[i][1])
+      rows[worst].cut = "the context (no cache room for another argument)"
       rows[worst].text += CLOSE
       rows[worst].done = True
       active[worst] = False

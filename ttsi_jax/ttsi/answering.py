@@ -120,7 +120,18 @@ class Answerer:
     )
     if self.well_formed:
       functions = [ex.functions for ex in examples]
-      return self.decoder.decode(pre, functions, names, sampling=sampling, rng=rng, active=active)
+      calls, cuts = self.decoder.decode_noting(
+          pre, functions, names, sampling=sampling, rng=rng, active=active
+      )
+      closed = [(ex.id, cut) for ex, cut in zip(examples, cuts) if cut]
+      if closed:  # an argument the model may have meant to write is missing for a limit
+        logging.warning(
+            "%d of %d answers were closed by a limit, not the model (first: input %s, by %s).",
+            len(closed),
+            len(calls),
+            *closed[0],
+        )
+      return calls
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng, active)
     return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
 

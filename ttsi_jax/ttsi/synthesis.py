@@ -211,12 +211,19 @@ class ModelSynthesizer:
     )
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
-    calls = self.decoder.decode(
+    calls, cuts = self.decoder.decode_noting(
         pre, [ex.functions for ex in rows], names, leads, rng=sampler_lib.fold_in(rng, 1)
     )
     judged = [
         judge(self.task, ex, r, c, self.cfg.validate, issue)
         for ex, r, c, issue in zip(rows, requests, calls, issues)
+    ]
+    # An argument missing from a call that a limit closed: the limit, not the model, left it out.
+    judged = [
+        dataclasses.replace(p, rejected=f"{p.rejected} (the call was closed by {cut})")
+        if cut and "missing required argument" in p.rejected
+        else p
+        for p, cut in zip(judged, cuts)
     ]
     return [judged[i * k : (i + 1) * k] for i in range(len(examples))]
 
