@@ -236,6 +236,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else b'{"error": "prompt too long"}'
         if mode == "too_long"
         else json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+        if mode != "parts"
+        else json.dumps(
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "content": [{"type": "text", "text": t} for t in (content[:20], content[20:])]
+                        }
+                    }
+                ]
+            }
+        ).encode()
     )
     try:
       self.send_response(status)
@@ -270,7 +282,8 @@ def _teacher(endpoint, request_json="", timeout_s=5.0):
 
 
 @pytest.mark.parametrize(
-    "mode,expect_pairs", [("ok", True), ("thinking", True), ("slow", False), ("empty", False)]
+    "mode,expect_pairs",
+    [("ok", True), ("thinking", True), ("parts", True), ("slow", False), ("empty", False)],
 )
 def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_pairs):
   _Handler.mode = mode

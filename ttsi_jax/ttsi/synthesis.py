@@ -349,6 +349,8 @@ class EndpointSynthesizer:
         ) as response:
           payload = json.loads(response.read())
         content = payload["choices"][0]["message"]["content"]
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+          content = "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
           raise TypeError("message content is not a string")
         self.answered = True
