@@ -526,6 +526,10 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   with caplog.at_level(logging.WARNING):
     short._sft_adapter()
   assert len(data[-1][0]) == len(pairs) - 1 and "1 of 4 gold calls are longer than" in caplog.text
+  shortest = experiment.Experiment(config, str(tmp_path / "shortest"))
+  shortest.model_config = dataclasses.replace(shortest.model_config, max_position_embeddings=8)
+  with pytest.raises(ValueError, match="sft: none of the training split's gold calls fits"):
+    shortest._sft_adapter()  # not an untrained adapter recorded as adapted
   data[1:], trained[1:] = [], []
   tokenizer = tokenizer_lib.load(tiny_chat_model)
   gold = [t.gold_answer(ex) for t in experiment.sft_tasks(config) for ex in t.examples()]
@@ -613,6 +617,19 @@ def test_a_run_records_what_its_training_split_held_out(tiny_chat_model, tmp_pat
     json.dump(written, f)
   with pytest.raises(ValueError, match=r"differs in \['held_out_of_train_split'\]"):
     run._check_or_write_config()
+
+
+def test_a_written_pair_longer_than_the_context_is_rejected_not_trained_on(tiny_chat_model, tmp_path):
+  config = tiny.get_config()
+  config.model.path = tiny_chat_model
+  run = experiment.Experiment(config, str(tmp_path))
+  ex = run.examples[0]
+  short = synthesis.Pair("Please find it.", "[f(a=1)]")
+  long = synthesis.Pair("Please " * run.model_config.context_length, "[f(a=1)]")
+  assert run._within_context(ex, short) == short
+  assert run._within_context(ex, long).rejected == "the pair is longer than the model's context"
+  rejected = synthesis.Pair("x", "y", rejected="unparseable")
+  assert run._within_context(ex, rejected) == rejected
 
 
 def test_icl_shows_the_training_splits_nearest_gold_calls_that_fit(tiny_chat_model, tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ Per wave of inputs, `run_wave` calls one stage after another (see its body):
   -> `answer_variants`: per-input adapters, the sft baseline and ICL prompts, through one path
   -> check (`_record`) -> one JSON line per input in results.jsonl (flushed per wave).
 A run restarted with the same workdir skips the finished waves; every random key is derived from
-the seed and the input id, so the resumed run ends with the same metrics as an uninterrupted one.
+the seed and the input id (but adaptation.dropout > 0's masks, drawn per packed call: see
+ttsi_jax.ttsi.adaptation), so the resumed run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -452,6 +453,11 @@ class Experiment:
               self.model_config.context_length,
           )
         data = fits
+        if not data:  # an untrained adapter would answer as base, recorded as adapted
+          raise ValueError(
+              f"sft: none of the training split's gold calls fits the model's context of "
+              f"{self.model_config.context_length} tokens; choose other sft.categories."
+          )
         sft = self.config.sft
         cfg = dataclasses.replace(
             self.adapt_cfg, learning_rate=sft.learning_rate, epochs=sft.epochs, batch_size=sft.batch_size
@@ -627,8 +633,19 @@ class Experiment:
           self.config.seed, "synth" if source == "self" else "teacher", [examples[i].id for i in chosen]
       )
       for i, pairs in zip(chosen, synthesizer.synthesize([examples[i] for i in chosen], keys)):
-        written[source][i] = synthesis.Written(pairs or [], failed=pairs is None)
+        fitting = [self._within_context(examples[i], p) for p in pairs or []]
+        written[source][i] = synthesis.Written(fitting, failed=pairs is None)
     return written
+
+  def _within_context(self, ex: Example, pair: synthesis.Pair) -> synthesis.Pair:
+    """The pair, rejected if its training sequence would pass the model's context (a teacher's
+    reply is bounded by teacher.max_tokens alone): T would refuse it, and stop the wave."""
+    if not pair.kept:
+      return pair
+    prompt, answer = adaptation.training_example(self.tokenizer, self.task, ex, pair.request, pair.call)
+    if len(prompt) + len(answer) <= self.model_config.context_length:
+      return pair
+    return dataclasses.replace(pair, rejected="the pair is longer than the model's context")
 
   def _data_for(self, examples, written: WrittenBySource, base: dict):
     """`plan_adapters`'s data_for(source, input): training examples (prompt ids, answer ids)."""

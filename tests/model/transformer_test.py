@@ -225,6 +225,28 @@ def test_bfloat16_lora_applies_the_exact_alpha_over_rank():
   assert not np.array_equal(np.asarray(rounded), np.asarray(want))  # the test tells them apart
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "xla_ops"])
+def test_a_nan_adapter_leaves_the_other_adapters_of_packed_rows_alone(kernels):
+  """0 * NaN is NaN: picking each block's adapter by a one-hot product would spread one diverged
+  adapter to every block of the call (the XLA path: GPU, TPU)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 3 * 16, 64)), jnp.float32)  # 3 blocks of 16 tokens
+  a = jnp.asarray(rng.normal(size=(2, 64, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(2, 4, 64)), jnp.float32)
+  adapter_BXA = jnp.asarray([[[True, False], [False, True], [False, False]]])  # 0, 1, padding
+  nan_a, nan_b = a.at[1].set(jnp.nan), b.at[1].set(jnp.nan)
+  with contextlib.nullcontext() if kernels else cpu_kernels.xla_ops():
+
+    def branch(a, b):
+      xa = transformer._lora_input(x, a, 2.0, adapter_BXA, jnp.float32)
+      return np.asarray(transformer._lora_output(jnp.zeros_like(x), xa, b, adapter_BXA, jnp.float32))
+
+    clean, broken = branch(a, b), branch(nan_a, nan_b)
+  np.testing.assert_allclose(broken[0, :16], clean[0, :16], rtol=1e-5)  # adapter 0's block
+  np.testing.assert_allclose(clean[0, :16], 2.0 * np.asarray(x[0, :16] @ a[0] @ b[0]), rtol=1e-4, atol=1e-4)
+  assert np.isnan(broken[0, 16:32]).all() and (broken[0, 32:] == 0).all()  # its own; padding: none
+
+
 def test_bfloat16_attention_scores_are_not_rounded_to_bfloat16_before_the_softmax():
   """Large scores (Qwen2's q/k biases give |logit| ~ 35) rounded to bfloat16 move the probabilities
   by percents: the XLA path keeps them in float32, as cuDNN, the CPU kernels and transformers do."""

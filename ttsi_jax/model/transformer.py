@@ -326,9 +326,18 @@ def _lora_input(x, a, scale, adapter_BXA, dtype):
     return ((x @ a) * scale).astype(dtype)
   B, X, _ = adapter_BXA.shape
   x_BXZc = x.reshape(B, X, -1, x.shape[-1])
-  a_BXcR = jnp.einsum("bxa,air->bxir", adapter_BXA.astype(dtype), a)
+  a_BXcR = _per_block(a, adapter_BXA)
   xa_BXZR = (jnp.einsum("bxzi,bxir->bxzr", x_BXZc, a_BXcR) * scale).astype(dtype)
   return xa_BXZR.reshape(x.shape[:-1] + a.shape[-1:])
+
+
+def _per_block(w, adapter_BXA):
+  """w [A, ...] per block of packed rows: its adapter's, zeros for a padding block. Gathered by
+  index, not a one-hot product: 0 * NaN is NaN, so one diverged adapter would make every other
+  adapter of the call NaN."""
+  ids_BX = _block_adapter_ids(adapter_BXA)
+  picked = w[jnp.maximum(ids_BX, 0)]
+  return jnp.where((ids_BX >= 0).reshape(ids_BX.shape + (1,) * (w.ndim - 1)), picked, 0)
 
 
 def _lora_output(y, xa, b, adapter_BXA, dtype):
@@ -342,7 +351,7 @@ def _lora_output(y, xa, b, adapter_BXA, dtype):
     return y + xa @ b
   B, X, _ = adapter_BXA.shape
   xa_BXZR = xa.reshape(B, X, -1, xa.shape[-1])
-  b_BXRc = jnp.einsum("bxa,aro->bxro", adapter_BXA.astype(dtype), b)
+  b_BXRc = _per_block(b, adapter_BXA)
   return y + jnp.einsum("bxzr,bxro->bxzo", xa_BXZR, b_BXRc).reshape(y.shape)
 
 
