@@ -3,6 +3,7 @@
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,6 +156,35 @@ def test_tiny_top_p_is_greedy(sampler):
       prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6), jax.random.key(3)
   )
   assert nucleus == greedy
+
+
+def test_sample_token_draws_from_the_tempered_nucleus():
+  """Draw frequencies against softmax(logits / T) restricted to the top-p nucleus (the token that
+  crosses p kept), and top_p <= 0 is greedy."""
+  logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.3, 0.1]]))
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  draw = jax.jit(
+      jax.vmap(lambda k, t, p: sampler_lib.sample_token(logits, k[None], t, p)[0], (0, None, None))
+  )
+  for temperature, top_p, expected in (
+      (1.0, 1.0, [0.1, 0.5, 0.3, 0.1]),
+      (0.5, 1.0, np.array([0.01, 0.25, 0.09, 0.01]) / 0.36),
+      (1.0, 0.6, [0.0, 0.5 / 0.8, 0.3 / 0.8, 0.0]),  # 0.5 < 0.6: the crossing 0.3 is kept
+      (1.0, 0.5, [0.0, 1.0, 0.0, 0.0]),  # 0.5 reaches p: nothing more
+  ):
+    counts = np.bincount(np.asarray(draw(keys, temperature, top_p)), minlength=4) / n
+    np.testing.assert_allclose(counts, expected, atol=0.015)
+  assert int(sampler_lib.sample_token(logits, jax.random.key(1)[None], 1.0, 0.0)[0]) == 1  # not token 0
+
+
+def test_an_old_style_prng_key_is_one_key(sampler):
+  prompts = _prompts([6, 11, 9])
+  params = SamplingParams(max_new_tokens=6, temperature=1.0)
+  typed = sampler.generate(prompts, params, jax.random.key(5))
+  assert sampler.generate(prompts, params, jax.random.PRNGKey(5)) == typed
+  with pytest.raises(ValueError, match="rng must be a jax.random.key"):
+    sampler.generate(prompts, params, jnp.zeros(3, jnp.float32))
 
 
 def test_generation_stops_at_a_stop_token(sampler):

@@ -29,6 +29,11 @@ def test_rss_margin_entropy_match_numpy():
   assert list(np.asarray(stats["best"])) == [2, 0, 0]
 
 
+def test_one_candidate_is_certain():
+  stats = uncertainty.rss_stats(np.array([[-1.0]], np.float32), np.array([[1]]))
+  assert float(stats["margin"][0]) == 1.0 and float(stats["entropy"][0]) == 0.0
+
+
 def test_flags_follow_the_chosen_measure():
   stats = uncertainty.CandidateStats(
       [["a", "b"], ["c", "d"]],

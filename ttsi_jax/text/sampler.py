@@ -136,7 +136,7 @@ def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
   """keys_B for `rows` real rows padded to `batch`. `rng`: one key, split over the batch, or keys_B,
   one key per real row (a row then samples from its own key alone, whichever rows share its
   batch); padding rows reuse the last real row's key (they are inactive)."""
-  rng = jax.random.key(0) if rng is None else rng
+  rng = _typed(jax.random.key(0) if rng is None else rng)
   if rng.ndim == 0:
     return jax.random.split(rng, batch)
   if rng.shape[0] != rows or not 0 < rows <= batch:
@@ -144,9 +144,21 @@ def row_keys(rng: Optional[jax.Array], rows: int, batch: int) -> jax.Array:
   return rng[np.minimum(np.arange(batch), rows - 1)]
 
 
+def _typed(rng: jax.Array) -> jax.Array:
+  """A typed key array (`jax.random.key`); a raw uint32 one (`jax.random.PRNGKey`) is wrapped, so
+  that its two words are not read as two keys."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  if rng.dtype != jnp.uint32 or rng.shape[-1:] != (2,):
+    raise ValueError(
+        f"rng must be a jax.random.key (or a PRNGKey's uint32 [..., 2]), got {rng.dtype}{rng.shape}."
+    )
+  return jax.random.wrap_key_data(rng)
+
+
 def fold_in(rng: Optional[jax.Array], data: int) -> jax.Array:
   """`jax.random.fold_in` of one key, or of each of keys_B."""
-  rng = jax.random.key(0) if rng is None else rng
+  rng = _typed(jax.random.key(0) if rng is None else rng)
   if rng.ndim == 0:
     return jax.random.fold_in(rng, data)
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
@@ -160,7 +172,8 @@ def sample_token(logits_BV: jax.Array, keys_B: jax.Array, temperature, top_p) ->
   def nucleus(logits_BV):
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p  # always keeps the top token
+    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
+    keep_BV = keep_BV.at[:, 0].set(True)  # the top token always, even at top_p <= 0
     threshold_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1)
     return jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
 

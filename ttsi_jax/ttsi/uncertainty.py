@@ -22,7 +22,8 @@ import numpy as np
 def rss_stats(loglik_BC, num_tokens_BC):
   """RSS probabilities, margin, entropy and per-candidate perplexity; -inf logliks are empty slots."""
   probs_BC = jax.nn.softmax(loglik_BC, axis=-1)  # exp(l - max l) / sum exp(l - max l)
-  top2_B2 = jax.lax.top_k(probs_BC, 2)[0]
+  padded_BC = jnp.pad(probs_BC, ((0, 0), (0, max(0, 2 - probs_BC.shape[-1]))))  # one candidate: margin 1
+  top2_B2 = jax.lax.top_k(padded_BC, 2)[0]
   margin_B = top2_B2[:, 0] - top2_B2[:, 1]
   entropy_B = -jnp.sum(jnp.where(probs_BC > 0, probs_BC * jnp.log(probs_BC), 0.0), axis=-1)
   perplexity_BC = jnp.where(num_tokens_BC > 0, jnp.exp(-loglik_BC / jnp.maximum(num_tokens_BC, 1)), jnp.inf)
