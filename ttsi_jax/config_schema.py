@@ -120,7 +120,11 @@ RESULT_NEUTRAL = (
 # under the same config (a workdir resumes, and a report averages runs, only within one version).
 # 2: H scores "[name" then any token that begins with "(", sampled answers whole with the end of
 # their turn; ICL shows at most synthesis.k examples that fit the context.
-METHOD_VERSION = 2
+# 3: G picks a pair's function as H does, after "Call:" with " [name" then any "(" token (it scored
+# "[name(" after a lone " "); sft trains on its split shuffled by the seed (it took it category by
+# category); a synthesized call must not repeat a keyword nor make more calls than the task's
+# answers.
+METHOD_VERSION = 3
 
 
 def run_fields(config_json: dict) -> dict:

@@ -416,6 +416,7 @@ class Experiment:
         "data_version": sorted({task.data_version for task in self.sft_tasks}),  # another bfcl-eval
         # Absent when none is held out, as adapters trained before it was kept.
         **({"held_out": self.held_out} if self.held_out else {}),
+        "data_order": "shuffled by the seed",  # adapters trained before took the split's order
         "adaptation": {
             k: v
             for k, v in c["adaptation"].items()
@@ -452,7 +453,10 @@ class Experiment:
               len(data),
               self.model_config.context_length,
           )
-        data = fits
+        # Shuffled once, by the seed: the split comes category by category, and in that order one
+        # category would train at the schedule's high rates, the next in its decay (HF's Trainer
+        # shuffles too). With sft.epochs > 1 every epoch takes this order.
+        data = [fits[i] for i in np.random.default_rng(self.config.seed).permutation(len(fits))]
         if not data:  # an untrained adapter would answer as base, recorded as adapted
           raise ValueError(
               f"sft: none of the training split's gold calls fits the model's context of "

@@ -11,7 +11,7 @@ import pytest
 
 from ttsi_jax import checkpoints
 from ttsi_jax.tasks.bfcl import BfclTask
-from ttsi_jax.text import constrained
+from ttsi_jax.text import constrained, scoring
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text import tokenizer as tokenizer_lib
 from ttsi_jax.ttsi import synthesis
@@ -375,3 +375,17 @@ def test_a_call_a_limit_closed_names_the_limit_in_its_rejection(tiny_chat_model,
       f"triangle_properties.get: missing required argument 'side2' (the call was closed by {cut})",
       "triangle_properties.get: missing required argument 'side2'",  # the model closed it
   ]
+
+
+def test_the_pairs_function_is_scored_on_the_tokens_the_model_writes():
+  """After "Call:", " [name" then a "(" token: the joined text's own tokens, where scoring
+  "[name" after a lone " " (the lead's trailing space) asks for a split the model never saw."""
+  tokenizer = tokenizer_lib.load(None)
+  enc = tokenizer.encode
+  lead = "Request: Please find the area of a triangle.\nCall: "
+  for ex in BfclTask("multiple", 5).examples():
+    for candidate in BfclTask("multiple", 5).candidates(ex):
+      scored = enc(lead.rstrip(" ")) + scoring.action_tokens(enc, " " + candidate)[:-1]
+      assert scored == enc(lead + candidate[:-1])
+      assert scoring.action_tokens(enc, " " + candidate)[-1] == scoring.TAIL
+      assert enc(lead) + enc(candidate[:-1]) != enc(lead + candidate[:-1])  # the split before

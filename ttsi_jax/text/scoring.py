@@ -42,6 +42,15 @@ class PackedCandidates:
 TAIL = -1
 
 
+def action_tokens(encode, action: str) -> list[int]:
+  """A candidate action "[name(" as scored: its tokens up to the name, then any token that begins
+  with "(" (TAIL, with the mask of such tokens): a call with no arguments is written "[name" "()]",
+  not "[name" "(" ..., and would otherwise score as if the model never wrote it."""
+  if action.endswith("("):
+    return encode(action[:-1]) + [TAIL]
+  return encode(action)
+
+
 def pack_after(
     candidates: Sequence[Sequence[Sequence[int]]],
     batch: int,

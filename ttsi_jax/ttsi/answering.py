@@ -52,12 +52,7 @@ class Answerer:
     return uncertainty.CandidateStats.of(candidates, loglik, counts)
 
   def action_tokens(self, action: str) -> list[int]:
-    """A candidate action "[name(": its tokens up to the name, then any token that begins with
-    "(" (scoring.TAIL): a call with no arguments is written "[name" "()]", not "[name" "(" ...,
-    and would otherwise score as if the model never wrote it."""
-    if action.endswith("("):
-      return self.tokenizer.encode(action[:-1]) + [scoring.TAIL]
-    return self.tokenizer.encode(action)
+    return scoring.action_tokens(self.tokenizer.encode, action)
 
   def answer_tokens(self, answer: str) -> list[int]:
     """A whole answer as scored: its tokens, then the end of its turn."""

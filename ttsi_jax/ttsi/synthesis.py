@@ -205,10 +205,12 @@ class ModelSynthesizer:
     pre = self.sampler.prefill([self.tokenizer.encode_chat(messages(ex, k)) for ex in rows], self.reserve)
     requests, issues = self._requests(pre, rng)
     leads = [f"Request: {r}\nCall: " for r in requests]
-    here = self.sampler.extend(pre, [enc(lead) for lead in leads])
-    loglik, counts = scoring.score_after(
-        self.sampler, here, [[enc(c) for c in self.task.candidates(ex)] for ex in rows]
-    )
+    # The function by likelihood, as H picks it (`Answerer.action_tokens`), after "Call:" and
+    # with the space in the candidate: " [" is one token where the model writes it, so scoring
+    # "[" after a lone " " would ask for a split it never saw.
+    here = self.sampler.extend(pre, [enc(lead.rstrip(" ")) for lead in leads])
+    candidates = [[scoring.action_tokens(enc, " " + c) for c in self.task.candidates(ex)] for ex in rows]
+    loglik, counts = scoring.score_after(self.sampler, here, candidates, self.decoder.open_mask_V)
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
     calls, cuts = self.decoder.decode_noting(
