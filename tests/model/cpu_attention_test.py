@@ -169,6 +169,18 @@ def test_fused_attention_refuses_a_shared_prefix_that_does_not_open_the_row(befo
     jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
 
 
+def test_fused_attention_refuses_segment_ids_below_the_shared_prefix_and_no_key_heads():
+  q = jnp.zeros((1, 64, 4, 16))
+  segments = jnp.asarray([[0] * 32 + [-3] * 32], jnp.int32)  # not padding: an id it does not know
+  with pytest.raises(Exception, match="segment ids are >= 0, -1 .* got -3"):
+    jax.block_until_ready(cpu_attention.causal_attention(q, q, q, segments))
+  no_heads = jnp.zeros((1, 64, 0, 16))  # was a division by zero in the process
+  with pytest.raises(Exception, match="heads must group evenly"):
+    jax.block_until_ready(
+        cpu_attention.causal_attention(q, no_heads, no_heads, jnp.zeros((1, 64), jnp.int32))
+    )
+
+
 def test_cache_attention_names_a_layer_out_of_range():
   q, cache, mask = jnp.zeros((1, 1, 2, 16)), jnp.zeros((2, 1, 2, 8, 16)), jnp.ones((1, 1, 8), bool)
   with pytest.raises(Exception, match="layer out of range"):

@@ -77,6 +77,12 @@ def test_tokens_that_are_not_whole_blocks_are_refused():
             lambda: cpu_lora.wide(jnp.ones((1, 64, 4)), jnp.ones((1, 8, 32)), _ADAPTER),
             "h's last axis is not w's R",
         ),
+        (  # y narrower than w's N: the blocks' rows would be written past its end
+            lambda: cpu_lora.wide_add(
+                jnp.ones((1, 64, 16)), jnp.ones((1, 64, 4)), jnp.ones((1, 4, 32)), _ADAPTER
+            ),
+            "base must be h's rows by w's N",
+        ),
     ],
 )
 def test_operands_of_other_widths_are_refused_not_read_past(op, message):

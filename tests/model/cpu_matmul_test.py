@@ -50,6 +50,11 @@ def test_a_weight_of_another_width_is_refused_by_name():
     jax.block_until_ready(cpu_matmul._call(jnp.ones((200, 32)), jnp.ones((16, 8)), None, False))
 
 
+def test_an_empty_inner_axis_gives_zeros():
+  got = cpu_matmul._call(jnp.ones((512, 0)), jnp.ones((0, 8)), None, False)
+  np.testing.assert_array_equal(got, np.zeros((512, 8), np.float32))
+
+
 def _targets(fn, *args) -> str:
   return jax.jit(fn).lower(*args).as_text()
 

@@ -91,6 +91,9 @@ ffi::Error BoundsOf(const int32_t* seg, const Dims& d, Bounds& out) {
         out.hi[b * Tp + t] = static_cast<int32_t>(t);
         continue;
       }
+      if (row[t] < -2)
+        return ffi::Error::InvalidArgument("attention: segment ids are >= 0, -1 (padding) or -2 (the "
+                                           "shared prefix); got " + std::to_string(row[t]));
       if (row[t] < 0) continue;
       if (t == 0 || row[t - 1] != row[t]) {
         if (!seen.insert(row[t]).second)
@@ -266,7 +269,7 @@ ffi::Error Check(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer
   for (size_t i = 0; i < r; ++i)
     if (kd[i] != vd[i] || (i != r - 2 && kd[i] != qd[i]) || (i < r - 2 && sd[i] != qd[i]))
       return ffi::Error::InvalidArgument("attention: q, k, v and segments disagree in shape");
-  if (qd[r - 2] % kd[r - 2] != 0 || qd[r - 1] % 16 != 0)
+  if (kd[r - 2] == 0 || qd[r - 2] % kd[r - 2] != 0 || qd[r - 1] % 16 != 0)
     return ffi::Error::InvalidArgument("attention: heads must group evenly and H be a multiple of 16");
   return ffi::Error::Success();
 }

@@ -120,7 +120,7 @@ def _build(compiler: str) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # atomic: concurrent processes
       out = pathlib.Path(tmp) / path.name
       cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), *blas_flags, "-o", str(out)]
-      result = subprocess.run(cmd, capture_output=True, text=True)
+      result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # a hung compiler
       if result.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
       os.replace(out, path)
@@ -142,10 +142,13 @@ def _load() -> str | None:
     library = ctypes.CDLL(str(_build(compiler)))
   except ImportError as e:
     return f"OpenBLAS for the linear layers is missing ({e}): pip install scipy-openblas32"
-  except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     return f"the kernels did not build: {e}"
-  for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  try:
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # a stale library, another jax
+    return f"the kernels did not register: {e}"
   return None
 
 

@@ -166,6 +166,12 @@ ffi::Error Wide(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::
 ffi::Error WideAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> base, ffi::Buffer<ffi::F32> h,
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> block_adapter,
                    ffi::ResultBuffer<ffi::F32> out) {
+  // out (base's shape) takes num_blocks * Z rows of w's N: base must be that size, or the blocks'
+  // writes would pass its end.
+  auto hd = h.dimensions(), wd = w.dimensions();
+  if (hd.size() < 1 || wd.size() != 3 ||
+      base.element_count() != h.element_count() / std::max<int64_t>(hd.back(), 1) * wd[2])
+    return ffi::Error::InvalidArgument("lora wide: base must be h's rows by w's N");
   return WideInto(pool, base.typed_data(), h, w, block_adapter, out->typed_data());
 }
 

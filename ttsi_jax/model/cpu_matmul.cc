@@ -65,7 +65,9 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<f
                   int64_t real_rows, ffi::ResultBuffer<ffi::F32>& out, bool trans_w) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() < 1 || wd.size() < 2) return ffi::Error::InvalidArgument("matmul: x needs a last axis and w two");
-  const int64_t K = xd.back(), M = x.element_count() / std::max<int64_t>(K, 1);
+  const int64_t K = xd.back();
+  int64_t M = 1;  // from the dimensions: x.element_count() / K is 0 for K = 0
+  for (size_t i = 0; i + 1 < xd.size(); ++i) M *= xd[i];
   const int64_t w_rows = wd[wd.size() - 2], w_cols = wd.back();
   if (w.element_count() != w_rows * w_cols)
     return ffi::Error::InvalidArgument("matmul: w's leading dimensions must all be 1 (one w for every row)");
