@@ -9,7 +9,7 @@ PIP_INSTALL_TTSI="pip install -q -e '.[hf]' --extra-index-url https://download.p
 # python3 where that is new enough, else python3.11 from apt (the TPU VM images, Ubuntu 22.04,
 # ship 3.10).
 # shellcheck disable=SC2016,SC2034  # $py is the remote shell's; used by the scripts that source this
-MAKE_VENV='py=python3; if ! python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"; then sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.11 python3.11-venv && py=python3.11; fi; $py -m venv .venv'
+MAKE_VENV='py=python3; if ! python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"; then sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.11 python3.11-venv && py=python3.11 || exit 1; fi; $py -m venv .venv'
 
 # A path on the remote machine as its shell and rsync / scp read it: an absolute one as it is, else
 # under the remote copy of the repo (REMOTE_DIR, in the login's home).

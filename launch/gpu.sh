@@ -70,7 +70,10 @@ checks() {
   # Kept if the notebook fails, fetched if the bench failed part way (what it wrote, if anything);
   # the trace of the largest count's step opens in Perfetto.
   run rsync -az "$GPU_HOST:$(remote_path "$out")/scaling.json" "$GPU_HOST:$(remote_path "$out")/trace" \
-    "$RESULTS/" || ((failed))
+    "$RESULTS/" || ((failed)) || {
+    echo "error: the scaling bench ran, but fetching its results from $GPU_HOST failed" >&2
+    exit 1
+  }
   if ((failed)); then
     echo "error: the scaling bench failed (exit $failed); what it wrote is in $RESULTS" >&2
     exit "$failed"

@@ -101,6 +101,23 @@ def test_a_failed_scaling_bench_still_brings_back_what_it_wrote(tmp_path):
   assert log.read_text().split() == ["ssh", "rsync"]  # the notebook does not run
 
 
+def test_a_fetch_that_fails_after_the_bench_ran_says_so(tmp_path):
+  log = tmp_path / "calls.log"
+  (tmp_path / "ssh").write_text(f"#!/bin/sh\necho ssh >> {log}\n")
+  (tmp_path / "rsync").write_text(f"#!/bin/sh\necho rsync >> {log}\nexit 12\n")
+  for tool in ("ssh", "rsync"):
+    os.chmod(tmp_path / tool, 0o755)
+  result = _run(
+      "gpu.sh",
+      "checks",
+      GPU_HOST="me@gpu-box",
+      RESULTS=str(tmp_path / "out"),
+      PATH=f"{tmp_path}:{os.environ['PATH']}",
+  )
+  assert result.returncode == 1 and "fetching its results from me@gpu-box failed" in result.stderr
+  assert log.read_text().split() == ["ssh", "rsync"]
+
+
 def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folder():
   result = _run("gpu.sh", "--dry-run", "checks", GPU_HOST="me@gpu-box", WORKDIR="wd")
   assert result.returncode == 0, result.stderr
@@ -158,6 +175,11 @@ def test_setup_makes_its_venv_with_python_3_11_or_newer(tmp_path, version, venv_
   assert any("apt-get -qq install -y python3.11 python3.11-venv" in c for c in calls) == (
       venv_python == "python3.11"
   )
+  if venv_python == "python3.11":  # apt failing stops there, not at a venv of the old python
+    (tmp_path / "sudo").write_text("#!/bin/sh\nexit 100\n")
+    log.write_text("")
+    failed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env)
+    assert failed.returncode == 1 and "-m venv" not in log.read_text()
 
 
 def test_tpu_setup_ships_what_git_tracks_or_would_track(tmp_path):

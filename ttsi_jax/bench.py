@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ttsi_jax import checkpoints, profiling
+from ttsi_jax import checkpoints, config_schema, profiling
 from ttsi_jax.model import cpu_kernels, sharding, transformer
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text import scoring
@@ -177,7 +177,8 @@ def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
   """GFLOP/s of a square matmul (2048 on CPU, 8192 on accelerators), JAX and torch, on this
   machine in this run."""
   n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jnp.ones((n, n), dtype)
+  # Random values: a GPU multiplies all-ones matrices faster (less switching, less power).
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   # 16-bit: accumulated and returned in float32, the form of the model's dots (on XLA:CPU the
   # 16-bit-out form runs at a fraction of that speed).
   out_dtype = jnp.float32 if jnp.dtype(dtype).itemsize == 2 else None
@@ -188,11 +189,19 @@ def matmul_peak(dtype: str = "float32", torch_too: bool = True) -> dict:
   try:
     import torch
 
-    t = torch.ones(n, n)
+    t = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
     out["torch"] = 2 * n**3 / _best_time(lambda: t @ t, 3) / 1e9
   except ImportError:
     pass
   return out
+
+
+def _peak(exp, config) -> dict:
+  """The matmul peak of what ours runs on, in the model's dtype: one device's times the devices of
+  its mesh (torch's, one process on the CPU, as measured)."""
+  peak = matmul_peak(config.model.dtype)
+  devices = exp.mesh.size if exp.mesh is not None else 1
+  return {name: gflops * (devices if name == "jax" else 1) for name, gflops in peak.items()}
 
 
 def model_flops(c, sequences, train: bool, lora_rank: int = 0, lora_targets: Sequence[str] = ()) -> float:
@@ -415,7 +424,7 @@ def _hf_reference(config, dtype: str):
   import torch
   import transformers
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the CPUs XLA may use too (taskset, cgroups)
   path = checkpoints.resolve(config.model.path)
   kwargs = dict(dtype=getattr(torch, dtype))  # the same precision as ours
   if checkpoints.is_gguf(path):
@@ -467,6 +476,7 @@ def peft_train(model, cfg, examples, seeds) -> float:
             task_type="CAUSAL_LM",
         ),
     )
+    lora.train()  # from_pretrained gives eval mode, where PEFT's dropout would never fire
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     num_batches = math.ceil(len(data) / cfg.batch_size)
@@ -552,9 +562,9 @@ def bench_adapt(config) -> dict:
     )
   profile = None
   if _PROFILE.value:
-    step = adaptation.make_steps(cfg, data, exp.tokenizer.pad_id, len(data))[0]
-    profile = _profile_step(trainer, exp.params, step, keys, len(data))
-  peak = matmul_peak()
+    (_, steps), *_ = trainer.plan_calls(exp.params, data, exp.tokenizer.pad_id)  # the timed program's
+    profile = _profile_step(trainer, exp.params, steps[0], keys, len(data))
+  peak = _peak(exp, config)
   attention = transformer.packed_attention(exp.model_config)
   result = _table(
       f"T: {len(data)} adapters x {steps_per_adapter} steps, rank {cfg.rank}, "
@@ -655,7 +665,7 @@ def bench_score(config) -> dict:
           np.concatenate(mine), np.concatenate(reference()), rtol=1e-3, atol=1e-3, err_msg="H differs"
       )
   tokens = sum(map(len, prompts)) + sum(len(c) for cs in candidates for c in cs)
-  peak = matmul_peak()
+  peak = _peak(exp, config)
   result = _table(
       f"H: {len(prompts)} BFCL prompts, {sum(map(len, candidates))} candidates, " f"best of {_REPEATS.value}",
       rows,
@@ -683,7 +693,8 @@ def bench_answer(config) -> dict:
   keys = jax.random.split(jax.random.key(0), len(examples))
   adapters = [  # trained-like adapters: b = 0 would leave the model as it is
       jax.tree.map(
-          lambda w, k=k: w + 0.01 * jax.random.normal(k, w.shape, w.dtype), lora_lib.init(exp.model_config, k)
+          lambda w, k=k: w + 0.01 * jax.random.normal(k, w.shape, w.dtype),
+          lora_lib.init(exp.model_config, k, exp.adapt_cfg.rank, exp.adapt_cfg.alpha, exp.adapt_cfg.targets),
       )
       for k in keys
   ]
@@ -718,7 +729,7 @@ def bench_answer(config) -> dict:
       tokens,
       len(prompts),
       "prompt",
-      matmul_peak(),
+      _peak(exp, config),
       reference="transformers generate, as many tokens",
   )
   return {"stage": "answer", "prompts": len(prompts), "answer_tokens": answer_tokens, **result}
@@ -789,6 +800,9 @@ def _adaptation_settings(cfg) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
+  config_schema.validate(config)  # before any model is built
+  # First calls compile: a persistent cache ($JAX_COMPILATION_CACHE_DIR) would time its reads.
+  jax.config.update("jax_compilation_cache_dir", None)
   if _STAGE.value in ("adapt", "score", "answer", "scaling"):
     stages = {"adapt": bench_adapt, "score": bench_score, "answer": bench_answer, "scaling": bench_scaling}
     stage = stages[_STAGE.value]
