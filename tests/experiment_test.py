@@ -794,8 +794,9 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
 
 def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):
   check = experiment.Experiment._check_or_write_config
-  task = types.SimpleNamespace(data_version="bfcl-eval 4.0.1")
-  run = types.SimpleNamespace(config=tiny.get_config(), workdir=str(tmp_path), task=task)
+  run = types.SimpleNamespace(
+      config=tiny.get_config(), workdir=str(tmp_path), data_version="bfcl-eval 4.0.1", held_out=[]
+  )
   check(run)
   run.config.wave_size = 3
   check(run)  # no results yet: the new config replaces the old
@@ -809,10 +810,10 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   run.config.sft.num_examples = 0  # sections of variants that this run does not run (no sft, no ttd)
   run.config.teacher.model = "another"
   check(run)
-  task.data_version = "bfcl-eval 4.0.2"  # the same config and ids, other data or checker
+  run.data_version = "bfcl-eval 4.0.2"  # the same config and ids, other data or checker
   with pytest.raises(ValueError, match=r"differs in \['data_version'\]"):
     check(run)
-  task.data_version = "bfcl-eval 4.0.1"
+  run.data_version = "bfcl-eval 4.0.1"
   run.config.adaptation.learning_rate = 1.0
   run.config.wave_size = 4
   with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate', 'wave_size'\]"):
