@@ -562,8 +562,8 @@ def bench_adapt(config) -> dict:
     )
   profile = None
   if _PROFILE.value:
-    (_, steps), *_ = trainer.plan_calls(exp.params, data, exp.tokenizer.pad_id)  # the timed program's
-    profile = _profile_step(trainer, exp.params, steps[0], keys, len(data))
+    (slots, steps), *_ = trainer.plan_calls(exp.params, data, exp.tokenizer.pad_id)  # the timed program's
+    profile = _profile_step(trainer, exp.params, steps[0], keys[slots], len(data))
   peak = _peak(exp, config)
   attention = transformer.packed_attention(exp.model_config)
   result = _table(

@@ -122,8 +122,12 @@ RESULT_NEUTRAL = (
 # their turn; ICL shows at most synthesis.k examples that fit the context.
 # 3: G picks a pair's function as H does, after "Call:" with " [name" then any "(" token (it scored
 # "[name(" after a lone " "); sft trains on its split shuffled by the seed (it took it category by
-# category); a synthesized call must not repeat a keyword nor make more calls than the task's
-# answers.
+# category) and without the examples that ask a test input's request (icl shows none of them); a
+# synthesized call must not repeat a keyword nor make more calls than the task's answers, and "no
+# call" is valid where some answer of the task makes none (it read the input's own label); a
+# teacher reply cut off inside <think> holds no pair; a value with a comment is written without
+# it (answers too); ICL examples go before a row's conversation; bfloat16 LoRA applies the exact
+# alpha / rank; a Mistral config without sliding_window gets transformers' 4096.
 METHOD_VERSION = 3
 
 

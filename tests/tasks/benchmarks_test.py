@@ -30,6 +30,9 @@ def test_nexusraven_from_the_hubs_parquet_files(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(FIXTURES, "nexusraven", f"{subset}.jsonl"))]
     if subset == "standardized_queries":  # a gold call that would raise: no answer could match it
       rows.append({**rows[0], "python_args_dict": '{"town": "Lyon"}'})
+      rows.append(
+          {**rows[0], "python_args_dict": '{"city": "Lyon", "max_results": 2.5}'}
+      )  # no answer is 2.5 once cast
     os.makedirs(manual / subset)
     pq.write_table(pa.Table.from_pylist(rows), manual / subset / "train-00000-of-00001.parquet")
   task = _task(tmp_path, "nexusraven", str(manual))
@@ -37,6 +40,7 @@ def test_nexusraven_from_the_hubs_parquet_files(tmp_path):
   assert task.skipped == [
       ("geo_2", "functions ['translate'] are not in the API list"),
       ("geo_3", "the gold call: Unexpected arguments ['town']."),
+      ("geo_4", "the gold call has a fractional float, which no answer can match"),
   ]
   assert city.question == "Where is Lyon? Give me 3 matches." and len(city.functions) == 2
   assert '"lookup_city"' in task.prompt(city)[0]["content"]

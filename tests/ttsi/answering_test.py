@@ -81,4 +81,4 @@ def test_answers_a_limit_closed_are_counted_in_a_warning(caplog):
   with caplog.at_level(logging.WARNING):
     calls = answering.Answerer.answer(answerer, None, examples, np.zeros(2, int), None, sample=False)
   assert calls == ["[f(a=1)]", "[f(a=2)]"]
-  assert f"1 of 2 answers were closed by a limit, not the model (first: input q1, by {cut})" in caplog.text
+  assert f"1 of 2 answers were closed before the model chose to (first: input q1, by {cut})" in caplog.text

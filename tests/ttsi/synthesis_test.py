@@ -7,6 +7,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from ttsi_jax import checkpoints
@@ -359,7 +360,10 @@ def test_a_call_a_limit_closed_names_the_limit_in_its_rejection(tiny_chat_model,
   decoder = constrained.CallDecoder(sampler, tokenizer, max_value_tokens=3)
   cfg = synthesis.SynthesisConfig(k=2, well_formed=True, temperature=1.0, max_request_tokens=8)
   synth = synthesis.ModelSynthesizer(task, decoder, cfg)
-  cut = "no complete value of 'side2' within decoding.max_value_tokens (3)"
+  cut = (
+      "no complete value of 'side2' (within decoding.max_value_tokens, 3, "
+      "the model wrote no literal it takes)"
+  )
   monkeypatch.setattr(
       synth,
       "_requests",
@@ -389,3 +393,30 @@ def test_the_pairs_function_is_scored_on_the_tokens_the_model_writes():
       assert scored == enc(lead + candidate[:-1])
       assert scoring.action_tokens(enc, " " + candidate)[-1] == scoring.TAIL
       assert enc(lead) + enc(candidate[:-1]) != enc(lead + candidate[:-1])  # the split before
+
+
+def test_g_scores_the_candidates_after_call_colon_with_their_space(tiny_chat_model, monkeypatch):
+  task = BfclTask("multiple", 1)
+  config, params = checkpoints.load(tiny_chat_model)
+  tokenizer = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, tokenizer.stop_ids, tokenizer.pad_id)
+  decoder = constrained.CallDecoder(sampler, tokenizer)
+  synth = synthesis.ModelSynthesizer(task, decoder, synthesis.SynthesisConfig(k=1, well_formed=True))
+  monkeypatch.setattr(synth, "_requests", lambda pre, rng: (["Please find it."], [""]))
+  extended, scored = [], []
+  extend = sampler.extend
+  monkeypatch.setattr(sampler, "extend", lambda pre, ids: extended.append(ids) or extend(pre, ids))
+
+  def score_after(s, here, candidates, tail_mask_V=None):
+    scored.append((candidates, tail_mask_V))
+    return np.zeros((1, len(candidates[0])), np.float32), np.ones((1, len(candidates[0])), np.int32)
+
+  monkeypatch.setattr(synthesis.scoring, "score_after", score_after)
+  monkeypatch.setattr(decoder, "decode_noting", lambda *a, **k: (["[f()]"], [""]))
+  (ex,) = task.examples()
+  synth.synthesize([ex], jax.random.key(0)[None])
+  enc = tokenizer.encode
+  assert extended == [[enc("Request: Please find it.\nCall:")]]
+  (candidates,), mask = scored[0]
+  assert candidates == [enc(" " + c[:-1]) + [scoring.TAIL] for c in task.candidates(ex)]
+  assert mask is decoder.open_mask_V

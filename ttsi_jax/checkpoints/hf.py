@@ -47,7 +47,8 @@ def _rope(cfg: Mapping, where: str) -> tuple[float, Optional[RopeScaling]]:
         high_freq_factor=float(spec["high_freq_factor"]),
         # transformers' default where the config leaves it out
         original_max_position_embeddings=int(
-            spec.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+            spec.get("original_max_position_embeddings")
+            or cfg.get("max_position_embeddings", _DEFAULTS["LlamaForCausalLM"]["max_position_embeddings"])
         ),
     )
   raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: default, " "llama3).")

@@ -332,12 +332,15 @@ def _lora_input(x, a, scale, adapter_BXA, dtype):
 
 
 def _per_block(w, adapter_BXA):
-  """w [A, ...] per block of packed rows: its adapter's, zeros for a padding block. Gathered by
-  index, not a one-hot product: 0 * NaN is NaN, so one diverged adapter would make every other
-  adapter of the call NaN."""
-  ids_BX = _block_adapter_ids(adapter_BXA)
-  picked = w[jnp.maximum(ids_BX, 0)]
-  return jnp.where((ids_BX >= 0).reshape(ids_BX.shape + (1,) * (w.ndim - 1)), picked, 0)
+  """w [A, ...] per block of packed rows: its adapter's, zeros for a padding block. A one-hot
+  product (its backward a deterministic product too, where a gather's is a scatter-add, atomic on
+  GPU) over w with non-finite values zeroed, since 0 * NaN is NaN: one diverged adapter would make
+  every adapter of the call NaN. Its own blocks get NaN back."""
+  finite = jnp.isfinite(w)
+  picked = jnp.einsum("bxa,a...->bx...", adapter_BXA.astype(w.dtype), jnp.where(finite, w, 0))
+  broken_A = ~jnp.all(finite.reshape(w.shape[0], -1), axis=-1)
+  broken_BX = jnp.any(adapter_BXA & broken_A, axis=-1)
+  return jnp.where(broken_BX.reshape(broken_BX.shape + (1,) * (w.ndim - 1)), jnp.nan, picked)
 
 
 def _lora_output(y, xa, b, adapter_BXA, dtype):

@@ -155,7 +155,7 @@ _NEXUS_QUERY_FIELDS = ("prompt", "python_function_name", "python_args_dict", "co
 class Nexusraven(datasets.Builder):
   """NexusRaven_API_evaluation: `standardized_queries` and `standardized_api_list`; split "test"."""
 
-  VERSION = tfds.core.Version("1.0.1")
+  VERSION = tfds.core.Version("1.0.2")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "The `standardized_queries` and `standardized_api_list` subsets of the Hugging Face dataset "
       "Nexusflow/NexusRaven_API_evaluation, as parquet (as on the hub) or .jsonl / .json files."
@@ -186,9 +186,15 @@ class Nexusraven(datasets.Builder):
         continue
       args = q["python_args_dict"]
       args = json.loads(args) if isinstance(args, str) else dict(args)
-      _, error = _nexus_args(functions[q["python_function_name"]], args)
+      cast, error = _nexus_args(functions[q["python_function_name"]], args)
       if error:  # the gold call itself would raise: no answer could be scored against it
         yield datasets.skipped_row(index, row_id, f"the gold call: {error}")
+        continue
+      if cast != _nexus_args(functions[q["python_function_name"]], args, cast=False)[0]:
+        # The scorer casts an answer's floats to int, not the reference's: none can match it.
+        yield datasets.skipped_row(
+            index, row_id, "the gold call has a fractional float, which no answer can match"
+        )
         continue
       yield datasets.row(
           index,

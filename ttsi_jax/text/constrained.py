@@ -246,8 +246,8 @@ class CallDecoder:
           continue
         if values[i] is None:  # no usable value: close the call without this argument
           row.cut = (
-              f"no complete value of {row.pending.lstrip(', ')!r} within decoding.max_value_tokens "
-              f"({self.max_value_tokens})"
+              f"no complete value of {row.pending.lstrip(', ')!r} (within decoding.max_value_tokens, "
+              f"{self.max_value_tokens}, the model wrote no literal it takes)"
           )
           row.text += CLOSE
           row.done = True

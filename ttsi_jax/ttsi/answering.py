@@ -121,9 +121,9 @@ class Answerer:
       closed = [(ex.id, cut) for ex, cut in zip(examples, cuts) if cut]
       if closed:  # an argument the model may have meant to write is missing for a limit
         logging.warning(
-            "%d of %d answers were closed by a limit, not the model (first: input %s, by %s).",
+            "%d of %d answers were closed before the model chose to (first: input %s, by %s).",
             len(closed),
-            len(calls),
+            len(calls) if active is None else sum(map(bool, active)),
             *closed[0],
         )
       return calls
