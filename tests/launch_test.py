@@ -83,12 +83,11 @@ def test_the_scripts_work_from_any_folder(tmp_path):
   assert "--exclude=.git ./ me@gpu-box:ttsi_jax/" in result.stdout and not list(tmp_path.iterdir())
 
 
-def test_a_failed_scaling_bench_still_brings_back_what_it_wrote(tmp_path):
-  """ssh and rsync stand-ins: the bench's ssh fails, the fetch runs, the step fails."""
+def _gpu_checks_with_stand_ins(tmp_path, ssh_exit: int, rsync_exit: int):
+  """`gpu.sh checks` with ssh and rsync stand-ins that exit as told; (result, the tools called)."""
   log = tmp_path / "calls.log"
-  (tmp_path / "ssh").write_text(f"#!/bin/sh\necho ssh >> {log}\nexit 3\n")
-  (tmp_path / "rsync").write_text(f"#!/bin/sh\necho rsync >> {log}\n")
-  for tool in ("ssh", "rsync"):
+  for tool, code in (("ssh", ssh_exit), ("rsync", rsync_exit)):
+    (tmp_path / tool).write_text(f"#!/bin/sh\necho {tool} >> {log}\nexit {code}\n")
     os.chmod(tmp_path / tool, 0o755)
   result = _run(
       "gpu.sh",
@@ -97,25 +96,20 @@ def test_a_failed_scaling_bench_still_brings_back_what_it_wrote(tmp_path):
       RESULTS=str(tmp_path / "out"),
       PATH=f"{tmp_path}:{os.environ['PATH']}",
   )
+  return result, log.read_text().split()
+
+
+def test_a_failed_scaling_bench_still_brings_back_what_it_wrote(tmp_path):
+  """The bench's ssh fails, the fetch runs, the step fails."""
+  result, calls = _gpu_checks_with_stand_ins(tmp_path, ssh_exit=3, rsync_exit=0)
   assert result.returncode == 3 and "the scaling bench failed (exit 3)" in result.stderr
-  assert log.read_text().split() == ["ssh", "rsync"]  # the notebook does not run
+  assert calls == ["ssh", "rsync"]  # the notebook does not run
 
 
 def test_a_fetch_that_fails_after_the_bench_ran_says_so(tmp_path):
-  log = tmp_path / "calls.log"
-  (tmp_path / "ssh").write_text(f"#!/bin/sh\necho ssh >> {log}\n")
-  (tmp_path / "rsync").write_text(f"#!/bin/sh\necho rsync >> {log}\nexit 12\n")
-  for tool in ("ssh", "rsync"):
-    os.chmod(tmp_path / tool, 0o755)
-  result = _run(
-      "gpu.sh",
-      "checks",
-      GPU_HOST="me@gpu-box",
-      RESULTS=str(tmp_path / "out"),
-      PATH=f"{tmp_path}:{os.environ['PATH']}",
-  )
+  result, calls = _gpu_checks_with_stand_ins(tmp_path, ssh_exit=0, rsync_exit=12)
   assert result.returncode == 1 and "fetching its results from me@gpu-box failed" in result.stderr
-  assert log.read_text().split() == ["ssh", "rsync"]
+  assert calls == ["ssh", "rsync"]
 
 
 def test_gpu_checks_run_the_scaling_bench_and_the_notebook_on_a_checkpoint_folder():

@@ -153,7 +153,7 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
   wrong = ~_correct(records, "base", "direct")
   out = []
   for tau in taus:
-    flagged = (margin < tau) | np.isnan(margin)  # as the run flags (uncertainty.is_uncertain)
+    flagged = _flagged(margin, tau)
     caught = int(np.sum(flagged & wrong))
     out.append(
         dict(
@@ -192,8 +192,14 @@ def flag_mismatches(run: Run) -> list[str]:
   u = run.config.get("uncertainty", {})
   if u.get("measure", "margin") != "margin" or "tau" not in u:
     return []
-  tau = float(u["tau"])
-  return [r.id for r in run.records if bool(r.margin < tau or np.isnan(r.margin)) != r.uncertain]
+  margin = np.array([r.margin for r in run.records])
+  stored = np.array([r.uncertain for r in run.records], bool)
+  return [r.id for r, wrong in zip(run.records, _flagged(margin, float(u["tau"])) != stored) if wrong]
+
+
+def _flagged(margin: np.ndarray, tau: float) -> np.ndarray:
+  """The run's flag at `tau` (uncertainty.is_uncertain): margin below tau, or NaN."""
+  return (margin < tau) | np.isnan(margin)
 
 
 def paired(
