@@ -113,7 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.backoff_s = 1.0
   config.teacher.max_tokens = 512  # per endpoint completion
   # JSON object merged into each endpoint request; null drops a field (e.g. OpenAI reasoning
-  # models: '{"max_tokens": null, "max_completion_tokens": 4096, "temperature": null}')
+  # models: '{"max_tokens": null, "max_completion_tokens": 4096, "temperature": null}'; each
+  # request carries a seed drawn from config.seed and the input, '{"seed": null}' drops it)
   config.teacher.request_json = ""
 
   # Variant "sft", the inductive baseline: one LoRA (adaptation.rank / alpha / targets / dropout /

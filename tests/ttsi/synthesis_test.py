@@ -352,6 +352,28 @@ def test_request_json_changes_the_request_fields(endpoint, example):
     _teacher(endpoint, "[1]")
 
 
+def test_each_input_sends_its_own_seed_the_same_on_every_call(endpoint, example, monkeypatch):
+  """TT-D's pairs reproducible where the endpoint samples by seed (OpenAI, vLLM): the seed comes
+  from the input's key, so a resumed run asks for the same draws."""
+  _Handler.mode = "ok"
+  sent = []
+  complete = synthesis.EndpointSynthesizer._complete
+  monkeypatch.setattr(
+      synthesis.EndpointSynthesizer,
+      "_complete",
+      lambda self, msgs, seed=None, probe=True: sent.append(seed) or complete(self, msgs, seed, probe),
+  )
+  keys = jax.random.split(jax.random.key(3), 2)
+  _teacher(endpoint).synthesize([example] * 2, keys)
+  _teacher(endpoint).synthesize([example] * 2, keys)
+  assert sent[:2] == sent[2:] and sent[0] != sent[1] and all(isinstance(s, int) for s in sent)
+  assert _Handler.last_request["seed"] == sent[1]
+  _teacher(endpoint, '{"seed": null}').synthesize([example], keys[:1])
+  assert "seed" not in _Handler.last_request
+  _teacher(endpoint).synthesize([example])
+  assert "seed" not in _Handler.last_request  # no key, no seed
+
+
 def test_a_call_a_limit_closed_names_the_limit_in_its_rejection(tiny_chat_model, monkeypatch):
   task = BfclTask("multiple", 1)
   config, params = checkpoints.load(tiny_chat_model)

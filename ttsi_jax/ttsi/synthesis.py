@@ -320,22 +320,24 @@ class EndpointSynthesizer:
     self.cfg = cfg
     self.answered = False  # whether any request has succeeded yet
 
-  def request_body(self, msgs: list[dict]) -> dict:
-    """The chat-completions body: model, messages, synthesis.temperature and max_tokens (top_p
-    only through request_json: some endpoints refuse it beside temperature), then overrides."""
+  def request_body(self, msgs: list[dict], seed: Optional[int] = None) -> dict:
+    """The chat-completions body: model, messages, synthesis.temperature, max_tokens and the
+    input's seed (OpenAI and vLLM sample reproducibly with it; top_p only through request_json:
+    some endpoints refuse it beside temperature), then overrides."""
     e = self.endpoint
     body = {
         "model": e.model,
         "messages": msgs,
         "temperature": self.cfg.temperature,
         "max_tokens": e.max_tokens,
+        "seed": seed,
         **e.overrides(),
     }
     return {k: v for k, v in body.items() if v is not None}
 
-  def _complete(self, msgs: list[dict], probe: bool = True) -> str:
+  def _complete(self, msgs: list[dict], seed: Optional[int] = None, probe: bool = True) -> str:
     e = self.endpoint
-    body = json.dumps(self.request_body(msgs)).encode()
+    body = json.dumps(self.request_body(msgs, seed)).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(e.api_key_env, "")
     if key:
@@ -367,10 +369,10 @@ class EndpointSynthesizer:
         except OSError:
           detail = ""
         message = f"Teacher endpoint {url} refused the request: HTTP {err.code} ({refused}): " f"{detail}"
-        if err.code in _REFUSED_SETUP or not (self.answered or (probe and self._fields_accepted())):
+        if err.code in _REFUSED_SETUP or not (self.answered or (probe and self._fields_accepted(seed))):
           raise TeacherRequestError(
               f"{message}\nCheck teacher.base_url, teacher.model and ${e.api_key_env}; change "
-              "request fields with teacher.request_json."
+              'request fields with teacher.request_json (e.g. {"seed": null} drops the seed).'
           ) from None
         raise TeacherError(message) from None
       except (
@@ -385,12 +387,12 @@ class EndpointSynthesizer:
         last_error = f"{type(err).__name__}: {err}"
     raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: " f"{last_error}")
 
-  def _fields_accepted(self) -> bool:
+  def _fields_accepted(self, seed: Optional[int]) -> bool:
     """Whether the endpoint answers `PROBE` with this run's request fields; a probe that fails
     otherwise (a timeout, HTTP 429 or 5xx) says nothing of them, and fails only this input
     (TeacherError)."""
     try:
-      self._complete(self.PROBE, probe=False)
+      self._complete(self.PROBE, seed, probe=False)
     except TeacherRequestError:
       return False
     return True
@@ -398,11 +400,16 @@ class EndpointSynthesizer:
   def synthesize(
       self, examples: Sequence[Example], rng: Optional[jax.Array] = None
   ) -> list[Optional[list[Pair]]]:
-    del rng  # sampling happens on the endpoint
+    """Per input, its judged pairs, or None where the endpoint failed it. `rng`: one key per
+    input, each sent as the request's seed (none without)."""
+    if rng is None:
+      seeds = [None] * len(examples)
+    else:
+      seeds = [int(s) for s in jax.vmap(lambda k: jax.random.randint(k, (), 0, 2**31 - 1))(rng)]
     out: list[Optional[list[Pair]]] = []
-    for ex in examples:
+    for ex, seed in zip(examples, seeds):
       try:
-        text = self._complete(messages(ex, self.cfg.k))
+        text = self._complete(messages(ex, self.cfg.k), seed)
       except TeacherError as err:
         logging.warning("Input %s gets no teacher pairs: %s", ex.id, err)
         out.append(None)
