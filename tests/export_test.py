@@ -144,3 +144,16 @@ def test_peft_export_onto_the_embedded_gguf_base_says_how_to_load_it_and_loads(t
   model = peft.PeftModel.from_pretrained(hf_base, out).eval()
   tokens = random_tokens(1, 12)
   np.testing.assert_allclose(_torch_logits(model, tokens), _ours(config, params, tokens, adapter), atol=2e-3)
+
+
+def test_an_adapter_goes_onto_its_own_base_and_another_is_refused(tmp_path):
+  trained_on, other = str(tmp_path / "instruct"), str(tmp_path / "base")
+  os.makedirs(trained_on)
+  assert export.base_for("", trained_on) == trained_on  # model.path unset: its own base
+  with pytest.raises(export.app.UsageError, match=r"trained on .*instruct, not --config.model.path=.*base"):
+    export.base_for(other, trained_on)  # same shapes would pass the shape check
+  assert export.base_for(other, trained_on, allow_other_base=True) == other
+  assert export.base_for(trained_on + "/", trained_on) == trained_on
+  with pytest.raises(export.app.UsageError, match="which is not there"):
+    export.base_for("", str(tmp_path / "moved"))
+  assert export.base_for("", None) == checkpoints.embedded_default_path()  # no base recorded

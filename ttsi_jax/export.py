@@ -3,6 +3,8 @@
   python -m ttsi_jax.export --config=configs/default.py --out=/tmp/hf \
       [--adapter=workdir/adapters/ttsi/multiple_3] [--format=merged|peft]
 
+With --adapter and no --config.model.path the adapter goes onto the base it was trained on.
+
 Without --adapter the base model itself is written as an HF checkpoint (e.g. a GGUF file -> HF).
 
 The merged checkpoint is written through the same name table that imports checkpoints
@@ -30,6 +32,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _ADAPTER = flags.DEFINE_string("adapter", "", "A saved adapter folder (--config.keep_adapters).")
 _FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"], "What to write.")
+_ALLOW_OTHER_BASE = flags.DEFINE_bool(
+    "allow_other_base",
+    False,
+    "Export --adapter onto --config.model.path though it was trained on another base path (the "
+    "same weights moved, or on purpose another model of the same shapes).",
+)
+
+
+def base_for(model_path: str, trained_on: Optional[str], allow_other_base: bool = False) -> str:
+  """The base checkpoint to export an adapter onto: the one it was trained on where model.path is
+  unset, else model.path, refused where it is another path (shapes alone cannot tell a base from
+  its fine-tune: the export would pair the adapter with weights it never saw)."""
+  if trained_on is None:  # an adapter saved without its base
+    return checkpoints.resolve(model_path)
+  if not model_path:
+    if not os.path.exists(trained_on):
+      raise app.UsageError(
+          f"The adapter was trained on {trained_on}, which is not there: give the same weights' "
+          "path with --config.model.path and --allow_other_base."
+      )
+    return trained_on
+  base = checkpoints.resolve(model_path)
+  if os.path.abspath(trained_on) != base and not allow_other_base:
+    raise app.UsageError(
+        f"The adapter was trained on {trained_on}, not --config.model.path={base}: leave "
+        "model.path unset to export onto its own base, or pass --allow_other_base."
+    )
+  return base
 
 
 def save_merged(
@@ -72,12 +102,13 @@ def main(argv):
   if os.path.isdir(_OUT.value) and os.listdir(_OUT.value):  # old weights or adapter files would mix in
     raise app.UsageError(f"--out={_OUT.value} is not empty: give a new or empty folder.")
   config = _CONFIG.value
-  base = checkpoints.resolve(config.model.path)
   adapter = None
+  base = checkpoints.resolve(config.model.path)
   if _ADAPTER.value:
     adapter, meta = orbax_lib.load_adapter(_ADAPTER.value)
-    if os.path.abspath(str(meta.get("base_model"))) != os.path.abspath(base):
-      logging.warning("Adapter was trained on %s; exporting it onto %s.", meta["base_model"], base)
+    base = base_for(config.model.path, meta.get("base_model"), _ALLOW_OTHER_BASE.value)
+    if os.path.abspath(str(meta.get("base_model"))) != base:
+      logging.warning("Adapter was trained on %s; exporting it onto %s.", meta.get("base_model"), base)
   if _FORMAT.value == "peft":
     if adapter is None:
       raise app.UsageError("--format=peft needs --adapter.")
