@@ -99,3 +99,14 @@ def test_the_training_split_counts_for_icl_but_sfts_training_settings_do_not():
       "sft.categories",
       "sft.learning_rate",
   ]
+
+
+def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_change_touches_it():
+  direct = {"method_version": 3, "decoding": {"modes": "direct"}}
+  voting = {"method_version": 3, "decoding": {"modes": "direct,majority"}}
+  assert config_schema.run_fields(direct)["method_version"] == config_schema.METHOD_VERSION == 4
+  assert config_schema.run_fields(voting)["method_version"] == 3  # its majority verdicts differ
+  assert config_schema.run_fields({"decoding": {"modes": "direct"}})["method_version"] == 1
+  assert config_schema.run_fields({**direct, "method_version": 2})["method_version"] == 2
+  before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 4})
+  assert config_schema.result_changing_differences(before, now) == ["method_version"]

@@ -764,6 +764,26 @@ def test_distinct_answers_merge_equal_calls_and_keep_unparseable_text():
   assert answering.distinct_answers(task, answers) == ["[f(a=1)]", "I would call f.", "[f(a=2)]"]
 
 
+def test_answers_that_make_no_call_vote_as_one_answer():
+  """Prose makes no call: right where the answer is no call (BFCL's irrelevance rule), so it must
+  vote, not leave the vote to a lone call or judge all-prose samples wrong."""
+  vote = lambda task, ex, samples: answering.verdicts(
+      task, ex, {"direct": "", "samples": samples}, ("majority",)
+  )
+  task = BfclTask("irrelevance", 1)
+  (ex,) = task.examples()
+  call = f"[{ex.functions[0]['name']}()]"
+  assert vote(task, ex, ["No tool fits.", "I cannot help.", call])["majority"]
+  assert vote(task, ex, ["No tool fits.", "I cannot help."])["majority"]
+  assert not vote(task, ex, ["No tool fits.", call, call])["majority"]
+  task = BfclTask("multiple", 1)
+  (ex,) = task.examples()
+  right = task.gold_answer(ex)
+  assert not vote(task, ex, ["I would call it.", "Let me think.", right])["majority"]
+  assert vote(task, ex, ["Let me think.", right, right])["majority"]
+  assert not vote(task, ex, [])["majority"]
+
+
 def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported():
   task = BfclTask("multiple", 1)
   ex = task.examples()[0]

@@ -128,13 +128,28 @@ RESULT_NEUTRAL = (
 # teacher reply cut off inside <think> holds no pair; a value with a comment is written without
 # it (answers too); ICL examples go before a row's conversation; bfloat16 LoRA applies the exact
 # alpha / rank; a Mistral config without sliding_window gets transformers' 4096.
-METHOD_VERSION = 3
+# Since 3, each version's change with the runs it touches (their flat config -> bool): a run of an
+# earlier version (3 on) that no later change touches computes what this version does, and counts
+# as this version (it resumes, and reports beside this version's runs).
+VERSION_CHANGES = {
+    # Majority votes count the samples that make no call (prose) as one answer: they did not vote,
+    # so a lone call beat them, and all-prose samples were judged wrong where no call is right.
+    4: lambda fields: "majority"
+    in str(fields.get("decoding.modes", "")),
+}
+METHOD_VERSION = max(VERSION_CHANGES)
 
 
 def run_fields(config_json: dict) -> dict:
   """The flat fields of a run's config.json; a config written before `method_version` was kept
-  ran under version 1, and one written before `held_out_of_train_split` held none out."""
-  return {"method_version": 1, "held_out_of_train_split": [], **flat(config_json)}
+  ran under version 1, and one written before `held_out_of_train_split` held none out. A version
+  whose later changes do not touch the run reads as this one (see VERSION_CHANGES)."""
+  fields = {"method_version": 1, "held_out_of_train_split": [], **flat(config_json)}
+  recorded = fields["method_version"]
+  later = [touches for version, touches in VERSION_CHANGES.items() if version > recorded]
+  if recorded >= min(VERSION_CHANGES) - 1 and not any(touches(fields) for touches in later):
+    fields["method_version"] = METHOD_VERSION
+  return fields
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

@@ -174,15 +174,16 @@ def distinct_answers(task: Task, answers: Sequence[str]) -> list[str]:
 
 
 def verdicts(task: Task, ex: Example, answers: dict, modes) -> dict:
-  """Correctness per mode: direct (always: the flag metrics need it); majority vote over canonical
-  samples; pass@k."""
+  """Correctness per mode: direct (always: the flag metrics need it); majority vote over the
+  samples' canonical forms, those that make no call (unparseable: prose) voting as one answer, the
+  right one where the input's answer is no call; pass@k."""
   out = {"direct": task.check(ex, answers["direct"]).correct}
   samples = answers.get("samples", [])
   if "majority" in modes:
-    votes = collections.Counter(c for c in map(task.canonical, samples) if c is not None)
-    winner = votes.most_common(1)[0][0] if votes else None
-    chosen = next((s for s in samples if task.canonical(s) == winner), "")
-    out["majority"] = task.check(ex, chosen).correct if winner is not None else False
+    keys = [task.canonical(s) for s in samples]
+    votes = collections.Counter(keys)  # ties: the first sample's answer
+    chosen = samples[keys.index(votes.most_common(1)[0][0])] if samples else None
+    out["majority"] = chosen is not None and task.check(ex, chosen).correct
   if "pass@k" in modes:
     out["pass@k"] = any(task.check(ex, s).correct for s in samples)
   return out
