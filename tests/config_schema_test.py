@@ -110,3 +110,13 @@ def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_chan
   assert config_schema.run_fields({**direct, "method_version": 2})["method_version"] == 2
   before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 4})
   assert config_schema.result_changing_differences(before, now) == ["method_version"]
+
+
+def test_a_stage_field_missing_from_the_config_is_refused_by_name():
+  """Left to a dataclass default it would act unrecorded: a resume could not see it change."""
+  section = default.get_config().synthesis
+  del section["temperature"]
+  with pytest.raises(ValueError, match=r"no \['temperature'\] for SynthesisConfig.*configs/default.py"):
+    config_schema.build(synthesis.SynthesisConfig, section)
+  config = default.get_config()
+  config_schema.build(synthesis.EndpointConfig, config.teacher)  # the shipped sections are whole

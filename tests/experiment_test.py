@@ -571,6 +571,20 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert len(trained) == 3
   experiment.Experiment(config, workdir)._sft_adapter()  # back on this version's data
   del trained[2:]
+  # Under a later method version, anew where its change touches this run, else reused.
+  later = config_schema.METHOD_VERSION + 1
+  for touches_this_run, count in ((False, 2), (True, 3)):
+    with monkeypatch.context() as m:
+      m.setattr(config_schema, "METHOD_VERSION", later)
+      m.setattr(
+          config_schema,
+          "VERSION_CHANGES",
+          {**config_schema.VERSION_CHANGES, later: lambda f: touches_this_run},
+      )
+      experiment.Experiment(config, workdir)._sft_adapter()
+    assert len(trained) == count
+  experiment.Experiment(config, workdir)._sft_adapter()  # trained under the version of now
+  del trained[2:]
   # A run stopped while training anew leaves no settings that would vouch for other weights.
   settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
   config.sft.learning_rate = 4e-3
@@ -873,6 +887,14 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
     check(run)
 
 
+def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
+  held = experiment.lock_workdir(str(tmp_path))
+  with pytest.raises(ValueError, match=rf"{tmp_path} is in use by a run on .*, pid {os.getpid()}: wait"):
+    experiment.lock_workdir(str(tmp_path))  # a relaunch while the first run goes on
+  held.close()  # the run ended (or died: the system drops its lock)
+  experiment.lock_workdir(str(tmp_path)).close()
+
+
 def _line(wave, input_id):
   """A results record of input_id in wave, as a line of results.jsonl."""
   base = records.BaseAnswer("[f()]", {"direct": True}, "")
@@ -889,6 +911,11 @@ def test_resume_drops_only_a_cut_last_wave_and_refuses_changed_data(tmp_path):
   waves = [[Example(i, "q", ()) for i in ids] for ids in (["a", "b"], ["c", "d"], ["e"])]
   path = tmp_path / "results.jsonl"
   _waves_file(path, [["a", "b"], ["c"]], tail='{"wave": 1, "id": "d", "ans')
+  assert experiment._finished_waves(str(path), waves) == 1
+  assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
+  _waves_file(path, [["a", "b"], ["c"]])
+  with open(path, "ab") as f:
+    f.write(b'{"wave": 1, "id": "d", "\xff\xfe\x00')  # cut inside a write: any bytes
   assert experiment._finished_waves(str(path), waves) == 1
   assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
   # A whole last record without its newline is kept, and given one, so the next does not join it.

@@ -225,6 +225,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def build(cls, section: ml_collections.ConfigDict, **overrides):
   """A stage config dataclass from its config section, field by field name (a section's other
-  fields belong to the run, not the stage); `overrides` replace or convert values."""
+  fields belong to the run, not the stage); `overrides` replace or convert values. Every field
+  comes from the section: one left to a dataclass default would act unrecorded in config.json, so
+  a resume could not tell it changed."""
   names = [f.name for f in dataclasses.fields(cls)]
-  return cls(**{**{n: section[n] for n in names if n in section}, **overrides})
+  missing = [n for n in names if n not in section and n not in overrides]
+  if missing:
+    raise ValueError(
+        f"The config has no {missing} for {cls.__name__}: start from configs/default.py's "
+        "get_config() and change fields, rather than writing a config from scratch."
+    )
+  return cls(**{**{n: section[n] for n in names}, **overrides})

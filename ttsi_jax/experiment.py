@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import json
@@ -301,6 +302,7 @@ class Experiment:
     config_schema.validate(config)
     self.config = config
     self.workdir = workdir
+    self._workdir_lock = None  # held while run() writes the workdir
     self.variants = _names(config.variants, variants_lib.NAMES, "variant")
     self.modes = _names(config.decoding.modes, MODES, "mode")
     if "ttd" in self.variants:
@@ -417,6 +419,7 @@ class Experiment:
         # Absent when none is held out, as adapters trained before it was kept.
         **({"held_out": self.held_out} if self.held_out else {}),
         "data_order": "shuffled by the seed",  # adapters trained before took the split's order
+        "method_version": config_schema.METHOD_VERSION,
         "adaptation": {
             k: v
             for k, v in c["adaptation"].items()
@@ -432,6 +435,9 @@ class Experiment:
             saved = json.load(f)
         except ValueError as e:  # not JSON, or not UTF-8
           logging.warning("sft: %s is unreadable (%s); training the adapter anew.", settings_path, e)
+      if isinstance(saved, dict):  # one of a version whose later changes do not touch this run: as now
+        version = config_schema.run_fields({**c, "method_version": saved.get("method_version", 1)})
+        saved["method_version"] = version["method_version"]
       if saved == settings:
         adapter, _ = orbax_lib.load_adapter(path)
         logging.info("sft: loaded the baseline's adapter from %s", path)
@@ -777,6 +783,14 @@ class Experiment:
 
   def run(self) -> dict:
     """Runs the pending waves (this host's share of them) and returns the run's metrics."""
+    try:
+      return self._run_waves()
+    finally:
+      if self._workdir_lock is not None:  # closing the file releases its lock
+        self._workdir_lock.close()
+        self._workdir_lock = None
+
+  def _run_waves(self) -> dict:
     leader, num_hosts, host = multihost.is_leader(), jax.process_count(), jax.process_index()
     results_path = os.path.join(self.workdir, "results.jsonl")
     wave_size = self.config.wave_size
@@ -784,6 +798,7 @@ class Experiment:
 
     def open_workdir() -> int:  # host 0 owns the workdir; the others learn what it found
       os.makedirs(self.workdir, exist_ok=True)
+      self._workdir_lock = lock_workdir(self.workdir)
       self._check_or_write_config()
       return _finished_waves(results_path, waves)
 
@@ -944,6 +959,31 @@ def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
       orbax_lib.save_adapter(os.path.join(workdir, "adapters", variant, k["id"]), adapter, base_model)
 
 
+def lock_workdir(workdir: str):
+  """An open file holding an exclusive lock on `workdir` until it is closed: a second run on the
+  same workdir (a relaunch while the first still runs) would append the same waves twice."""
+  path = os.path.join(workdir, ".lock")
+  f = open(path, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise ValueError(
+        f"{workdir} is in use by {holder}: wait for that run to end (or stop it), or use another "
+        "--workdir."
+    ) from None
+  except OSError as e:  # a file system without locks (some network mounts)
+    logging.warning("Cannot lock %s (%s): make sure no other run uses this workdir.", path, e)
+    return f
+  f.seek(0)
+  f.truncate()
+  f.write(f"a run on {os.uname().nodename}, pid {os.getpid()}\n")
+  f.flush()
+  return f
+
+
 def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   """Number of leading waves fully present in results.jsonl; a partial tail (the last wave cut by
   an interruption) is removed. Raises, rather than dropping finished work, on a line that is not a
@@ -953,7 +993,7 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
     return 0
   by_wave = collections.defaultdict(list)
   lines, cut = [], False
-  with open(path) as f:
+  with open(path, encoding="utf-8", errors="surrogateescape") as f:  # a cut tail may hold any bytes
     text = f.readlines()
   for number, line in enumerate(text, 1):
     try:  # read as the metrics will read it: a line resume keeps must not fail them later
@@ -987,7 +1027,7 @@ def _finished_waves(path: str, waves: list[list[Example]]) -> int:
   keep = [line for wave, line in lines if wave < done]
   if cut or len(keep) < len(lines):
     # Rewritten aside and swapped in, so a kill during the rewrite never loses finished waves.
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as f:
       f.writelines(keep)
       f.flush()
       os.fsync(f.fileno())
