@@ -154,6 +154,25 @@ def test_a_dataset_is_built_again_when_its_files_change(tmp_path):
   assert after.data_version.startswith("user_tools 1.0.1, files ")
 
 
+@pytest.mark.parametrize("leader", [True, False])
+def test_host_0_prepares_a_dataset_before_the_other_hosts_open_it(tmp_path, monkeypatch, leader):
+  """Hosts sharing task.data_dir would build (and remove) it at once: host 0 builds it, the
+  others wait in a collective and then find it prepared (or build their own data_dir's)."""
+  events = []
+  prepared = datasets._prepared
+  monkeypatch.setattr(datasets, "_prepared", lambda *a: events.append("prepare") or prepared(*a))
+  monkeypatch.setattr(datasets.multihost, "is_leader", lambda: leader)
+  from_leader = datasets.multihost.from_leader
+  monkeypatch.setattr(
+      datasets.multihost, "from_leader", lambda v: events.append("collective") or from_leader(v)
+  )
+  task = datasets.DatasetTask(
+      "user_tools", data_dir=str(tmp_path), manual_dir=os.path.join(FIXTURES, "user_tools")
+  )
+  assert events == (["prepare", "collective"] if leader else ["collective", "prepare"])
+  assert task.examples()
+
+
 def test_a_prepared_dataset_is_reused_without_its_manual_dir(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()

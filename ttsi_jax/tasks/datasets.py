@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from ttsi_jax import multihost
 from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example, Verdict
 
@@ -311,6 +312,34 @@ BUILDERS: dict[str, type] = {"bfcl": Bfcl, "user_tools": UserTools}
 SCORERS: dict[str, Callable[[Example, str], Verdict]] = {}
 
 
+def _prepared(dataset: str, data_dir: Optional[str], manual_dir: Optional[str]):
+  """(the TFDS builder of `dataset`, its source stamp's path), prepared from its source files."""
+  name, _, config = dataset.partition("/")
+  builder = BUILDERS[name](config=config or None, data_dir=data_dir)
+  # TFDS reuses a prepared dataset of the same name, config and version whatever it was built
+  # from: one built from other files (or another bfcl-eval) is removed and built again.
+  built_from = _source(name, manual_dir)
+  stamp = pathlib.Path(builder.data_dir, SOURCE_STAMP)
+  if builder.is_prepared() and _built_from_other(name, manual_dir, stamp, built_from):
+    logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
+    shutil.rmtree(builder.data_dir)
+    builder = BUILDERS[name](config=config or None, data_dir=data_dir)
+  if not builder.is_prepared() and manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      raise FileNotFoundError(
+          f"task.manual_dir {manual_dir} {'is empty' if os.path.isdir(manual_dir) else 'does not exist'}: "
+          f"{dataset} is built from files you put there: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
+  if not builder.is_prepared():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
+        file_format="array_record",
+    )
+    stamp.with_suffix(".tmp").write_text(built_from)  # swapped in whole
+    stamp.with_suffix(".tmp").replace(stamp)
+  return builder, stamp
+
+
 class DatasetTask(bfcl.FunctionCallingTask):
   """A function-calling task over a prepared dataset of this module (any builder: one format)."""
 
@@ -331,28 +360,13 @@ class DatasetTask(bfcl.FunctionCallingTask):
     self.name = dataset.replace("/", "_")
     self._scorer = SCORERS.get(name)
     self.num_examples = num_examples
-    builder = BUILDERS[name](config=config or None, data_dir=data_dir)
-    # TFDS reuses a prepared dataset of the same name, config and version whatever it was built
-    # from: one built from other files (or another bfcl-eval) is removed and built again.
-    built_from = _source(name, manual_dir)
-    stamp = pathlib.Path(builder.data_dir, SOURCE_STAMP)
-    if builder.is_prepared() and _built_from_other(name, manual_dir, stamp, built_from):
-      logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
-      shutil.rmtree(builder.data_dir)
-      builder = BUILDERS[name](config=config or None, data_dir=data_dir)
-    if not builder.is_prepared() and manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-        raise FileNotFoundError(
-            f"task.manual_dir {manual_dir} {'is empty' if os.path.isdir(manual_dir) else 'does not exist'}: "
-            f"{dataset} is built from files you put there: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-        )
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None,
-          file_format="array_record",
-      )
-      stamp.with_suffix(".tmp").write_text(built_from)  # swapped in whole
-      stamp.with_suffix(".tmp").replace(stamp)
+    # Host 0 first: hosts that share task.data_dir then find it prepared instead of building (and
+    # removing) it at once; a host with a data_dir of its own prepares its own after.
+    on_leader = []
+    multihost.on_leader(
+        lambda: on_leader.append(_prepared(dataset, data_dir, manual_dir)), f"to prepare {dataset}"
+    )
+    builder, stamp = on_leader[0] if on_leader else _prepared(dataset, data_dir, manual_dir)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self.data_version = f"{builder.name} {builder.version}" + (
