@@ -829,7 +829,11 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
 def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):
   check = experiment.Experiment._check_or_write_config
   run = types.SimpleNamespace(
-      config=tiny.get_config(), workdir=str(tmp_path), data_version="bfcl-eval 4.0.1", held_out=[]
+      config=tiny.get_config(),
+      workdir=str(tmp_path),
+      data_version="bfcl-eval 4.0.1",
+      model_version="0123456789ab",
+      held_out=[],
   )
   check(run)
   run.config.wave_size = 3
@@ -848,6 +852,10 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   with pytest.raises(ValueError, match=r"differs in \['data_version'\]"):
     check(run)
   run.data_version = "bfcl-eval 4.0.1"
+  run.model_version = "ba9876543210"  # other weights at the same model.path
+  with pytest.raises(ValueError, match=r"differs in \['model_version'\]"):
+    check(run)
+  run.model_version = "0123456789ab"
   run.config.adaptation.learning_rate = 1.0
   run.config.wave_size = 4
   with pytest.raises(ValueError, match=r"differs in \['adaptation.learning_rate', 'wave_size'\]"):

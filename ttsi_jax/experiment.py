@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import hashlib
 import json
@@ -153,7 +154,9 @@ def _check_single_calls(
   logging.warning("%s: their answers (pairs) cannot be right whatever the model knows.", what)
 
 
-def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids: Sequence[str]) -> None:
+def check_hosts_agree(
+    config: ml_collections.ConfigDict, data_version: str, ids: Sequence[str], model_version: str = ""
+) -> None:
   """Every host must run one setting on the same inputs: otherwise their rounds, and so their
   collectives, pair up out of order (a hang), or host 0 writes records made under another
   setting. Raises on every host alike (each sees every host's), naming what differs."""
@@ -162,6 +165,7 @@ def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids:
   mine = {
       "config": config_schema.flat(json.loads(config.to_json())),
       "data_version": data_version,
+      "model_version": model_version,
       "inputs": hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest(),
       "method_version": config_schema.METHOD_VERSION,
   }
@@ -172,7 +176,9 @@ def check_hosts_agree(config: ml_collections.ConfigDict, data_version: str, ids:
     differ = config_schema.result_changing_differences(first, other)
     differ += [k for k in ("keep_adapters",) if first.get(k) != other.get(k)]  # host 0 saves them
     differ += sorted(first.keys() ^ other.keys())  # another ttsi_jax
-    differ += [w for w in ("data_version", "inputs", "method_version") if theirs[w] != hosts[0][w]]
+    differ += [
+        w for w in ("data_version", "model_version", "inputs", "method_version") if theirs[w] != hosts[0][w]
+    ]
     if differ:
       problems.append(f"host {host} differs from host 0 in {differ}")
   if problems:
@@ -416,6 +422,7 @@ class Experiment:
         "seed": c["seed"],
         "data_dir": c["task"]["data_dir"],
         "data_version": sorted({task.data_version for task in self.sft_tasks}),  # another bfcl-eval
+        "model_version": self.model_version,  # other weights at the same path
         # Absent when none is held out, as adapters trained before it was kept.
         **({"held_out": self.held_out} if self.held_out else {}),
         "data_order": "shuffled by the seed",  # adapters trained before took the split's order
@@ -802,7 +809,7 @@ class Experiment:
       self._check_or_write_config()
       return _finished_waves(results_path, waves)
 
-    check_hosts_agree(self.config, self.data_version, [ex.id for ex in self.examples])
+    check_hosts_agree(self.config, self.data_version, [ex.id for ex in self.examples], self.model_version)
     done = multihost.on_leader(open_workdir, f"to open the workdir {self.workdir}")
     if done:
       logging.info("Resuming after %d finished wave(s) in %s", done, results_path)
@@ -891,6 +898,11 @@ class Experiment:
     versions)."""
     return ", ".join(sorted({self.task.data_version, *(task.data_version for task in self.sft_tasks)}))
 
+  @functools.cached_property
+  def model_version(self) -> str:
+    """The model's files (`checkpoints.fingerprint`): other weights at the same model.path."""
+    return checkpoints.fingerprint(self.config.model.path)
+
   def _check_or_write_config(self):
     """A workdir with results resumes only under a config that gives the same results (settings
     that change only speed may differ); without results, the new config replaces the old."""
@@ -900,6 +912,7 @@ class Experiment:
     current = {
         **json.loads(self.config.to_json()),
         "data_version": self.data_version,
+        "model_version": self.model_version,
         "method_version": config_schema.METHOD_VERSION,
         "held_out_of_train_split": self.held_out,
     }

