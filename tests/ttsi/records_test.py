@@ -72,6 +72,7 @@ def test_a_line_missing_fields_names_them():
         ({"id": 3}, r"wave is an integer and its id a string, not 1, 3"),
         ({"variants": []}, r"fields do not fit its format"),
         ({"base": {"answer": "[f()]", "shade": 1}}, r"fields do not fit its format.*'shade'"),
+        ({"teacher_pairs": "fail"}, r"teacher_pairs is a list, 'failed' or absent, not 'fail'"),
     ],
 )
 def test_a_line_of_other_types_is_refused_by_name(change, message):

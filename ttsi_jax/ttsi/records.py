@@ -89,6 +89,10 @@ class Record:
           f"a results record's wave is an integer and its id a string, not {d['wave']!r}, {d['id']!r}"
       )
     teacher = d.get("teacher_pairs")
+    if not (teacher is None or teacher == TEACHER_FAILED or isinstance(teacher, list)):
+      raise ValueError(
+          f"a results record's teacher_pairs is a list, {TEACHER_FAILED!r} or absent, not {teacher!r}"
+      )
     try:
       return cls(
           **{
