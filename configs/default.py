@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = ml_collections.ConfigDict()
   config.task.name = "bfcl"
   config.task.category = "multiple"
-  config.task.num_examples = 8  # 0 = all; one adapter step costs ~10-20 s on a 2-core CPU
+  config.task.num_examples = 8  # 0 = all; one adapter's 5 steps cost ~12-17 s on a 2-core CPU
   config.task.data_dir = ""  # "" = the data inside the bfcl-eval package (tfds: ~/tensorflow_datasets)
   # task.name = "tfds": a dataset of ttsi_jax/tasks/datasets.py ("user_tools", "bfcl/multiple", ...),
   # its split, and the folder with the files a builder reads (user_tools: your test.jsonl).

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 
 # LLVM at -O0: the tests' programs are mostly tiny models', where compiling costs more than
-# running (the tau-sweep test, two tiny runs: 57 s instead of 72-86 s; the suite: 819 s instead
+# running (the tau-sweep test, two tiny runs: 57 s instead of 72-86 s; the suite: 815 s instead
 # of 962 s). XLA's own passes, and so the math, are the same; the matmuls are library calls
 # either way.
 os.environ["XLA_FLAGS"] = (

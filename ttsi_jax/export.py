@@ -1,7 +1,7 @@
 """Export to Hugging Face: a merged checkpoint (base + adapter in float32) or a PEFT adapter.
 
   python -m ttsi_jax.export --config=configs/default.py --out=/tmp/hf \
-      [--adapter=workdir/adapters/ttsi/multiple_3] [--format=merged|peft]
+      [--adapter=workdir/adapters/ttsi/multiple_0] [--format=merged|peft]
 
 With --adapter and no --config.model.path the adapter goes onto the base it was trained on.
 
