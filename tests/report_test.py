@@ -10,7 +10,7 @@ import pytest
 
 from configs import tiny
 from ttsi_jax import config_schema, experiment, report
-from ttsi_jax.ttsi import records
+from ttsi_jax.ttsi import records, uncertainty
 from ttsi_jax.ttsi.synthesis import Pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,3 +297,12 @@ def test_the_bootstrap_pairs_each_inputs_answers(tmp_path):
   runs = report.load_runs([_workdir(tmp_path / "s0", 0, rows)])
   p = report.paired(runs, "ttsi")
   assert p["difference"] == pytest.approx(1 / 20) and p["low"] >= 0.0 and p["high"] > 0.0
+
+
+def test_the_report_flags_a_margin_at_exactly_tau_as_the_run_did():
+  """The run compares float32 margins; the report reads them back as float64 from JSON."""
+  margin_B = np.array([0.95, 0.2, np.nan], np.float32)
+  stats = uncertainty.CandidateStats([], [], [], margin_B, np.zeros(3), np.zeros(3, int))
+  in_run = uncertainty.is_uncertain(stats, "margin", 0.95)
+  stored = np.array(json.loads(json.dumps([float(m) for m in margin_B])))  # as results.jsonl keeps it
+  assert in_run.tolist() == report._flagged(stored, 0.95).tolist() == [False, True, True]

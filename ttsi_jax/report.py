@@ -198,8 +198,9 @@ def flag_mismatches(run: Run) -> list[str]:
 
 
 def _flagged(margin: np.ndarray, tau: float) -> np.ndarray:
-  """The run's flag at `tau` (uncertainty.is_uncertain): margin below tau, or NaN."""
-  return (margin < tau) | np.isnan(margin)
+  """The run's flag at `tau` (uncertainty.is_uncertain): margin below tau, in float32 as the run
+  compares (a margin of exactly float32(tau) is not below it there), or NaN."""
+  return (np.asarray(margin, np.float32) < np.float32(tau)) | np.isnan(margin)
 
 
 def paired(

@@ -59,7 +59,7 @@ def test_a_nan_log_likelihood_makes_an_input_uncertain():
 
 def test_rows_of_sampled_calls_replace_only_their_inputs_statistics():
   names = uncertainty.CandidateStats.of(
-      [["f", "g"], ["h"]], np.log([[0.9, 0.1], [1.0, 0.0]]), np.ones((2, 2))
+      [["f", "g"], ["h"]], np.array([[np.log(0.9), np.log(0.1)], [0.0, -np.inf]]), np.ones((2, 2))
   )
   calls = uncertainty.CandidateStats.of(
       [["f", "g"], ["h(a=1)", "h(a=2)"]], np.log([[0.5, 0.5], [0.6, 0.4]]), np.ones((2, 2))

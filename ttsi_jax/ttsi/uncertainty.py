@@ -81,8 +81,8 @@ def is_uncertain(stats: CandidateStats, measure: str, threshold: float) -> np.nd
   """Margin below tau, or entropy above its threshold; a NaN log-likelihood (a model whose logits
   are NaN) makes an input uncertain, never silently certain."""
   unknown_B = np.isnan(stats.margin_B)  # NaN probabilities (the entropy's sum skips them)
-  if measure == "margin":
-    return (stats.margin_B < threshold) | unknown_B
+  if measure == "margin":  # in float32, as the report reads the stored margins back (`_flagged`)
+    return (np.asarray(stats.margin_B, np.float32) < np.float32(threshold)) | unknown_B
   if measure == "entropy":
     return (stats.entropy_B > threshold) | unknown_B
   raise ValueError(f"Unknown uncertainty measure {measure!r}; valid: ['margin', 'entropy'].")
