@@ -145,6 +145,7 @@ def test_per_row_keys_make_a_row_independent_of_the_rows_beside_it(sampler):
   assert sampler.generate(prompts[1:3], params, keys_B[1:3]) == together[1:3]
   pre = sampler.prefill(prompts[2:3], reserve=32)
   assert sampler.continue_(pre, [[]], params, keys_B[2:3]) == together[2:3]
+  assert sampler.extend(pre, [[]]).used == pre.used  # nothing to append: no pass, no cache slots
   with pytest.raises(ValueError, match="3 row keys for 4 rows"):
     sampler.generate(prompts, params, keys_B[:3])
 
@@ -304,6 +305,11 @@ def test_per_row_adapters_continue_as_each_row_with_its_adapter_alone(sampler):
       for p, e, a in zip(prompts, extensions, adapters)
   ]
   assert rows == alone
+  nothing = sampler.continue_(pre, [[]] * 3, params)  # no extension pass, per row too
+  assert nothing == [
+      sampler.continue_(sampler.prefill([p], reserve=32, lora=a), [[]], params)[0]
+      for p, a in zip(prompts, adapters)
+  ]
   assert rows != sampler.continue_(sampler.prefill(prompts, reserve=32), extensions, params)  # they adapt
 
 

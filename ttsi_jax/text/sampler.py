@@ -235,6 +235,8 @@ def _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, l
 def _extend(config, params, prefix: Prefix, tokens_BE, lengths_B, lora) -> Prefix:
   """Appends left-padded tokens (row b: its last lengths_B[b]) to a prefix."""
   E = tokens_BE.shape[1]
+  if E == 0:  # no row extends: no pass, no cache slots
+    return prefix
   offsets_BE = jnp.arange(E) - (E - lengths_B[:, None])
   positions_BE = jnp.where(offsets_BE >= 0, prefix.next_position_B[:, None] + offsets_BE, -1)
   last_B1 = jnp.full((tokens_BE.shape[0], 1), E - 1, jnp.int32)
@@ -486,7 +488,8 @@ class Prefilled:
 def left_pad_extensions(
     extensions: Sequence[Sequence[int]], batch: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  length = bucket(max((len(e) for e in extensions), default=1), 8)
+  longest = max((len(e) for e in extensions), default=0)
+  length = bucket(longest, 8) if longest else 0  # all empty: no extension pass at all
   tokens_BE = np.full((batch, length), pad_id, np.int32)
   lengths_B = np.zeros((batch,), np.int32)
   for b, ext in enumerate(extensions):
