@@ -225,6 +225,11 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   with pytest.raises(ValueError, match=r"different config \(differs in \['uncertainty.tau'\]"):
     experiment.run(config, workdir)
   config.uncertainty.tau = tau
+  held = experiment.lock_workdir(workdir)  # another run writes it still: refused, nothing touched
+  with pytest.raises(ValueError, match=rf"{workdir} is in use by a run on .*, pid {os.getpid()}"):
+    experiment.run(config, workdir)
+  held.close()
+  assert [untimed(l) for l in open(results)] == [untimed(l) for l in text]
 
   # Kept adapters (only the chosen input's, one per trained variant) export with the CLI.
   kept = sorted(os.listdir(os.path.join(workdir, "adapters")))
@@ -290,6 +295,45 @@ def test_self_label_trains_on_the_inputs_own_request_answered_by_the_base_model(
   assert variants.not_adapted_reason("self_label", True, set()) == "empty base answer"
   plan = variants.plan_adapters(["ttsi", "self_label", "oracle"], np.array([True, True]), data_for)
   assert [(job.source, job.input) for job in plan.jobs] == [("self_label", 0), ("gold", 0), ("gold", 1)]
+
+
+def test_each_variant_answers_with_its_own_inputs_adapter():
+  """The wave's wiring from adapter jobs to answers (`answer_variants`): row r of the per-row
+  prefill carries job r's adapter and input, and (variant, input) gets its job's answer. The
+  model is replaced by stand-ins that write which prompt and adapter a row answered with."""
+  flags = np.array([True, False, True])
+  data_for = lambda source, i: [] if (source, i) == ("self_label", 2) else [(source, i)]
+  names = ["ttsi", "all_inputs", "oracle", "self_label", "certain_only"]
+  plan = variants.plan_adapters(names, flags, data_for)
+  adapters = np.arange(len(plan.jobs)) * 10  # job j's "adapter" is 10 j
+
+  def prefill(prompts, reserve, lora=None, lora_per_row=False):
+    assert lora_per_row and len(prompts) == len(lora)
+    return [f"{p}/adapter {a}" for p, a in zip(prompts, lora)]
+
+  owner = types.SimpleNamespace(
+      config=types.SimpleNamespace(seed=0, reserve=8),
+      variants=names,
+      modes=("direct",),
+      sampler=types.SimpleNamespace(prefill=prefill),
+      answerer=types.SimpleNamespace(score=lambda pre, ex: None, answers=lambda pre, *a: {"direct": pre}),
+  )
+  examples = [Example(f"x{i}", "q", ()) for i in range(3)]
+  adapted = experiment.Experiment.answer_variants(owner, plan, adapters, examples, ["p0", "p1", "p2"], {})
+  job = lambda source, i: next(j for j, job in enumerate(plan.jobs) if (job.source, job.input) == (source, i))
+  expected = {
+      ("ttsi", 0): f"p0/adapter {10 * job('self', 0)}",
+      ("ttsi", 2): f"p2/adapter {10 * job('self', 2)}",
+      ("all_inputs", 0): f"p0/adapter {10 * job('self', 0)}",  # ttsi's adapter where it has one
+      ("all_inputs", 1): f"p1/adapter {10 * job('self', 1)}",
+      ("all_inputs", 2): f"p2/adapter {10 * job('self', 2)}",
+      ("oracle", 0): f"p0/adapter {10 * job('gold', 0)}",
+      ("oracle", 1): f"p1/adapter {10 * job('gold', 1)}",
+      ("oracle", 2): f"p2/adapter {10 * job('gold', 2)}",
+      ("self_label", 0): f"p0/adapter {10 * job('self_label', 0)}",  # none on 2: no data
+      ("certain_only", 1): f"p1/adapter {10 * job('self', 1)}",
+  }
+  assert {key: a["direct"] for key, a in adapted.items()} == expected
 
 
 def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(

@@ -124,6 +124,22 @@ def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
   assert float(jnp.max(jnp.abs(changed - base))) > 1e-3
 
 
+def test_lora_dropout_zeroes_the_rate_scales_the_rest_and_only_trains():
+  """Inverted dropout on the branch's input: a fraction `rate` of x zeroed, the rest / (1 - rate)
+  (so the branch's mean is unchanged), and nothing without a dropout rng (answering)."""
+  rate, x = 0.3, jnp.ones((4096, 8), jnp.float32)
+  layer = transformer.Linear(8, use_bias=False, dtype="float32", param_dtype="float32")
+  variables = {"params": {"kernel": jnp.zeros((8, 8))}}
+  lora = {"a": jnp.eye(8), "b": jnp.eye(8)}  # the branch passes dropout(x) through
+  branch = lambda rngs: np.asarray(layer.apply(variables, x, lora, (1.0, rate), rngs=rngs))
+  np.testing.assert_array_equal(branch({}), np.asarray(x))
+  dropped = branch({"dropout": jax.random.key(0)})
+  np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / (1 - rate)], rtol=1e-6)
+  assert abs((dropped == 0).mean() - rate) < 0.02
+  assert abs(dropped.mean() - 1.0) < 0.03
+  assert not np.array_equal(dropped, branch({"dropout": jax.random.key(1)}))  # a mask per key
+
+
 @pytest.mark.parametrize("targets", [lora_lib.ALL_LINEAR, ("q_proj", "v_proj", "up_proj", "down_proj")])
 def test_layers_that_share_an_input_share_its_lora_product_with_the_same_values_and_gradients(
     hf_checkpoints, monkeypatch, targets

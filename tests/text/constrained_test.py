@@ -110,7 +110,6 @@ def test_decoded_calls_parse_and_use_only_schema_keywords(hf_checkpoints):
   decoder = constrained.CallDecoder(sampler, tok, max_value_tokens=8, max_args=4)
   pre = sampler.prefill([tok.encode("Weather in Paris for 3 days?"), tok.encode("Hi")], reserve=256)
   calls, cuts = decoder.decode_noting(pre, [FUNCTIONS, FUNCTIONS], ["get_weather", "get_weather"])
-  assert calls == decoder.decode(pre, [FUNCTIONS, FUNCTIONS], ["get_weather", "get_weather"])
   for call, cut in zip(calls, cuts):
     assert call.startswith("[get_weather(") and call.endswith(")]")
     parsed = bfcl.parse_calls(call)  # always syntactically a call list
