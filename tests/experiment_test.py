@@ -337,8 +337,16 @@ def test_each_variant_answers_with_its_own_inputs_adapter():
 
 
 def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
-    tiny_chat_model, tiny_qwen2_chat_model, tmp_path
+    tiny_chat_model, tiny_qwen2_chat_model, tmp_path, monkeypatch
 ):
+  trained = []
+  train_all = adaptation.Trainer.train_all
+  monkeypatch.setattr(
+      adaptation.Trainer,
+      "train_all",
+      lambda self, params, examples, *a, **k: trained.extend(examples)
+      or train_all(self, params, examples, *a, **k),
+  )
   config = tiny.get_config()
   config.model.path = tiny_chat_model
   config.task.num_examples = 1
@@ -362,6 +370,12 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
       "inputs_teacher_failed": 0,
   }
   assert record["variants"]["ttd"]["adapted"] and len(record["variants"]["ttd"]["losses"]) == 2
+  # Its one adapter trained on the teacher's pair: the input's prompt with the teacher's request,
+  # answered by the teacher's call.
+  (ex,), pair = run.task.examples(), record["teacher_pairs"][0]
+  assert trained == [
+      [adaptation.training_example(run.tokenizer, run.task, ex, pair["request"], pair["call"])]
+  ]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,14 @@ def test_folder_tokenizer_matches_the_gguf_one(tiny_chat_model):
   assert folder.encode_chat(messages) == gguf.encode_chat(messages)
   assert folder.chat_prompt(messages).endswith("<|im_start|>assistant\n")
   assert folder.stop_ids == gguf.stop_ids == (2,)
+  # What the published SmolLM2-135M-Instruct tokenizer gives (its tokenizer_config.json's
+  # template, vocabulary and special tokens), not only what our two loaders agree on.
+  assert gguf.chat_prompt([{"role": "user", "content": "hi"}]) == (
+      "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+      "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  )
+  assert gguf.hf.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+  assert gguf.hf.vocab_size == 49152 and gguf.encode_chat(messages)[0] == 1
   ids = folder.encode(folder.chat_prompt(messages) + "[get_weather(")
   assert folder.decode(ids).endswith("assistant\n[get_weather(")
 
