@@ -90,8 +90,12 @@ def test_seal_tools_splits_offer_same_field_tools_and_score_by_str(tmp_path):
               "[getTideLevel(port='Brest'), bookTable(restaurant='Chez Anna', people=4)]",
           ),
           ("test_in_domain-difficult-1", "[bookTable(restaurant='Chez Anna', people=4)]"),
+          # Values its evaluator never sees are wrong answers, not a crash of the run.
+          ("test_in_domain-easy-0", "[getTideLevel(port='Brest', hour=1e999)]"),
+          ("test_in_domain-easy-0", "[getTideLevel(port='Brest', hour=1e999-1e999)]"),
+          ("test_in_domain-easy-0", "[getTideLevel(port='Brest', hour=14, **extra)]"),
       ],
-  ) == [True, True, False, False, True, False]
+  ) == [True, True, False, False, True, False, False, False, False]
   assert [ex.id for ex in _task(tmp_path, "seal_tools", manual, "dev").examples()] == ["dev-easy-0"]
   for ex in task.examples():
     assert task.check(ex, task.gold_answer(ex)).correct
@@ -227,8 +231,11 @@ def test_toolalpaca_functions_come_from_the_openapi_documentation(tmp_path):
           ("Tides_0", "[getTide(port='Bergen')]"),
           ("Tides_1", "[getTide(port='Bergen'), addAlert(port='Bergen', threshold=1.5)]"),
           ("Tides_1", "[addAlert(port='Bergen', threshold=1.5)]"),
+          ("Tides_0", "[getTide(port='Bergen', days=1e999)]"),
+          ("Tides_0", "[getTide(port='Bergen', days=1e999-1e999)]"),
+          ("Tides_0", "[getTide(port='Bergen', days=2, **extra)]"),
       ],
-  ) == [True, False, True, False]
+  ) == [True, False, True, False, False, False, False]
   assert [ex.id for ex in _task(tmp_path, "toolalpaca", manual, "real").examples()] == ["Quotes_0"]
   for ex in task.examples():
     assert task.check(ex, task.gold_answer(ex)).correct
