@@ -1,8 +1,10 @@
 """Pair parsing and validation; the endpoint teacher's request, its retries on timeouts and garbage,
 and its stop on a refused request."""
 
+import dataclasses
 import http.server
 import json
+import socket
 import threading
 import time
 
@@ -296,6 +298,20 @@ def test_endpoint_teacher_retries_then_gives_up(endpoint, example, mode, expect_
     assert _Handler.hits == 1
   else:
     assert out == [None] and _Handler.hits == 3  # first try + 2 retries
+
+
+def test_an_endpoint_no_server_answers_stops_the_run_until_one_has(endpoint, example):
+  """Nothing listens at teacher.base_url: every input would fall back to base, silently."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+  with pytest.raises(synthesis.TeacherRequestError, match=r"cannot be reached .*check teacher.base_url"):
+    _teacher(closed).synthesize([example])
+  teacher = _teacher(endpoint)
+  _Handler.mode = "ok"
+  assert teacher.synthesize([example])[0][0].kept
+  teacher.endpoint = dataclasses.replace(teacher.endpoint, base_url=closed)  # it went down later
+  assert teacher.synthesize([example]) == [None]  # that input fails; the run goes on
 
 
 def test_a_refused_request_stops_at_once_with_the_endpoints_reason(endpoint, example):

@@ -13,10 +13,12 @@ its reason.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import http.client
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -301,6 +303,15 @@ class EndpointConfig:
     return overrides
 
 
+def _not_connected(err: Exception) -> bool:
+  """Whether a request failed before any server answered: refused, no such host, no route (not a
+  timeout: a slow server is there)."""
+  reason = err.reason if isinstance(err, urllib.error.URLError) else err
+  return isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or (
+      isinstance(reason, OSError) and reason.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+  )
+
+
 class EndpointSynthesizer:
   """TT-D with an OpenAI-compatible chat-completions endpoint as the teacher.
 
@@ -343,7 +354,7 @@ class EndpointSynthesizer:
     if key:
       headers["Authorization"] = f"Bearer {key}"
     url = e.base_url.rstrip("/") + "/chat/completions"
-    last_error = ""
+    last_error, unreachable = "", True  # every attempt failed to connect (no server answered)
     for attempt in range(e.retries + 1):
       if attempt:
         time.sleep(e.backoff_s * 2 ** (attempt - 1))
@@ -360,6 +371,7 @@ class EndpointSynthesizer:
         self.answered = True
         return written_text(content)
       except urllib.error.HTTPError as err:
+        unreachable = False
         refused = _REFUSED_SETUP.get(err.code) or _REFUSED_REQUEST.get(err.code)
         if refused is None:
           last_error = f"HTTP {err.code}: {err.reason}"
@@ -384,7 +396,13 @@ class EndpointSynthesizer:
           IndexError,
           TypeError,
       ) as err:
+        unreachable &= _not_connected(err)
         last_error = f"{type(err).__name__}: {err}"
+    if unreachable and not self.answered:  # every input would fall back to base, silently
+      raise TeacherRequestError(
+          f"Teacher endpoint {url} cannot be reached ({last_error}): check teacher.base_url and "
+          "that the server runs."
+      )
     raise TeacherError(f"Teacher endpoint {url} failed {e.retries + 1} times; last error: " f"{last_error}")
 
   def _fields_accepted(self, seed: Optional[int]) -> bool:
