@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.data_dir = ""  # "" = the data inside the bfcl-eval package (tfds: ~/tensorflow_datasets)
   # task.name = "tfds": a dataset of ttsi_jax/tasks/datasets.py ("user_tools", "bfcl/multiple", ...),
   # its split, and the folder with the files a builder reads (user_tools: your test.jsonl).
-  config.task.dataset = "user_tools"
+  config.task.dataset = ""
   config.task.split = "test"
   config.task.manual_dir = ""
 

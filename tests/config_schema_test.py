@@ -120,3 +120,25 @@ def test_a_stage_field_missing_from_the_config_is_refused_by_name():
     config_schema.build(synthesis.SynthesisConfig, section)
   config = default.get_config()
   config_schema.build(synthesis.EndpointConfig, config.teacher)  # the shipped sections are whole
+
+
+def test_a_datasets_fields_without_task_name_tfds_are_refused_and_other_kinds_fields_are_neutral():
+  config = default.get_config()
+  config.task.dataset, config.task.manual_dir = "nexusraven", "/data/nr"  # task.name=tfds forgotten
+  with pytest.raises(
+      ValueError, match=r"task.dataset='nexusraven' with task.name='bfcl' .*task.name=tfds.*task.manual_dir="
+  ):
+    config_schema.validate(config)
+  config.task.name = "tfds"
+  config_schema.validate(config)
+  bfcl_run = config_schema.flat(default.get_config().to_dict())
+  before = {**bfcl_run, "task.dataset": "user_tools"}  # a config.json of an older default
+  assert config_schema.result_changing_differences(before, bfcl_run) == []
+  tfds_run = {**bfcl_run, "task.name": "tfds", "task.dataset": "user_tools"}
+  assert (
+      config_schema.result_changing_differences(tfds_run, {**tfds_run, "task.category": "simple_python"})
+      == []
+  )
+  assert config_schema.result_changing_differences(tfds_run, {**tfds_run, "task.dataset": "nexusraven"}) == [
+      "task.dataset"
+  ]

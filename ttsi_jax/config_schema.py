@@ -173,16 +173,32 @@ _FIELDS_OF_VARIANTS = (
 )
 
 
+# Fields read by one task kind alone (task.name): neutral between runs of another kind; those
+# with an empty default are refused where set for another kind (a forgotten task.name=tfds ran
+# BFCL under a dataset's name).
+_FIELDS_OF_TASKS = (
+    ("task.dataset", "tfds"),
+    ("task.manual_dir", "tfds"),
+    ("task.split", "tfds"),
+    ("task.category", "bfcl"),
+)
+_REFUSED_FOR_OTHER_TASKS = ("task.dataset", "task.manual_dir")
+
+
 def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str, ...] = ()) -> list[str]:
   """The fields of two flat configs (`flat`) whose values differ and may change results: fields in
   both, outside RESULT_NEUTRAL, `also_neutral` (prefixes) and the sections of variants that
   neither config runs (a teacher's settings without `ttd`)."""
   names = lambda value: value.split(",") if isinstance(value, str) else list(value or ())
   runs = {str(v).strip() for config in (before, now) for v in names(config.get("variants", ""))}
+  kinds = {config.get("task.name") for config in (before, now)}
 
   def unused(field: str) -> bool:
     variants = next((v for prefix, v in _FIELDS_OF_VARIANTS if field.startswith(prefix)), None)
-    return variants is not None and not runs.intersection(variants)
+    kind = next((k for name, k in _FIELDS_OF_TASKS if field == name), None)
+    return (variants is not None and not runs.intersection(variants)) or (
+        kind is not None and kind not in kinds
+    )
 
   neutral = RESULT_NEUTRAL + also_neutral
   return sorted(
@@ -219,6 +235,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "decoding.temperature > 0, at which the calls of an input offering one function are "
         "sampled, or uncertainty.sampled_candidates=0 to score that function alone)"
     )
+  kind = _get(config, "task.name")
+  for field, reader in _FIELDS_OF_TASKS:
+    value = _get(config, field)
+    if field in _REFUSED_FOR_OTHER_TASKS and kind != reader and value not in (_MISSING, "", None):
+      bad.append(
+          f"{field}={value!r} with task.name={kind!r} (valid: only with task.name={reader!r}: "
+          f"add --config.task.name={reader}, or leave {field} empty)"
+      )
   if bad:
     raise ValueError("Bad config values: " + "; ".join(bad) + ". Set them with --config.<field>=...")
 
