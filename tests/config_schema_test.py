@@ -142,3 +142,20 @@ def test_a_datasets_fields_without_task_name_tfds_are_refused_and_other_kinds_fi
   assert config_schema.result_changing_differences(tfds_run, {**tfds_run, "task.dataset": "nexusraven"}) == [
       "task.dataset"
   ]
+
+
+def test_a_reserve_smaller_than_what_the_stages_decode_is_refused():
+  config = default.get_config()
+  config.reserve = 40
+  config.variants = "base,sft"
+  config_schema.validate(config)  # no variant writes pairs
+  config.variants = "base,ttsi"
+  with pytest.raises(
+      ValueError, match=r"reserve=40 \(valid: at least synthesis.max_request_tokens \+ 8 = 56"
+  ):
+    config_schema.validate(config)
+  config.synthesis.well_formed = False
+  config_schema.validate(config)  # free synthesis prefills its own room
+  config.decoding.well_formed = False
+  with pytest.raises(ValueError, match=r"reserve=40 \(valid: at least decoding.max_new_tokens = 96"):
+    config_schema.validate(config)

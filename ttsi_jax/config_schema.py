@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from ttsi_jax.ttsi import variants as variants_lib
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("auto", "xla", "cudnn")  # `ttsi_jax.model.transformer.ModelConfig.attention`
 
@@ -235,6 +237,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "decoding.temperature > 0, at which the calls of an input offering one function are "
         "sampled, or uncertainty.sampled_candidates=0 to score that function alone)"
     )
+  # What the stages decode after a prompt, in its reserved cache slots: free answers; a request
+  # after its opening ("Request: Please", a bucket of 8 tokens) where the model writes pairs.
+  reserve = _get(config, "reserve")
+  variants = [v.strip() for v in str(_get(config, "variants")).split(",")]
+  writes_pairs = any(v in variants_lib.TABLE and variants_lib.TABLE[v].source == "self" for v in variants)
+  needs = [
+      ("decoding.max_new_tokens", _get(config, "decoding.max_new_tokens"), 0),
+      ("synthesis.max_request_tokens + 8", _get(config, "synthesis.max_request_tokens"), 8),
+  ]
+  applies = [
+      _get(config, "decoding.well_formed") is False,
+      writes_pairs and _get(config, "synthesis.well_formed") is True,
+  ]
+  for (what, tokens, extra), used in zip(needs, applies):
+    if used and isinstance(reserve, int) and isinstance(tokens, int) and reserve < tokens + extra:
+      bad.append(
+          f"reserve={reserve!r} (valid: at least {what} = {tokens + extra}, what is decoded after a prompt)"
+      )
   kind = _get(config, "task.name")
   for field, reader in _FIELDS_OF_TASKS:
     value = _get(config, field)

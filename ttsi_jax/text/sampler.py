@@ -591,7 +591,7 @@ class Sampler:
     if tokens_BE.shape[1] > pre.free():
       raise ValueError(
           f"Extension of {tokens_BE.shape[1]} tokens exceeds the {pre.free()} free "
-          "cache slots; prefill with a larger reserve."
+          "cache slots; prefill with a larger reserve (a run's --config.reserve)."
       )
     fn = functools.partial(extend, config=self.config)
     prefix = self.call_rows(
@@ -615,7 +615,8 @@ class Sampler:
     if tokens_BE.shape[1] + sampling.max_new_tokens > pre.free():
       raise ValueError(
           f"Extension of {tokens_BE.shape[1]} + {sampling.max_new_tokens} new tokens "
-          f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve."
+          f"exceeds the {pre.free()} free cache slots; prefill with a larger reserve (a run's "
+          "--config.reserve)."
       )
     active_B = np.zeros((pre.batch,), bool)
     active_B[: pre.rows] = True if active is None else np.asarray(active, bool)

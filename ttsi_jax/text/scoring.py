@@ -181,7 +181,7 @@ def score_after(
   if packed.tokens_BT.shape[1] > pre.free():
     raise ValueError(
         f"Candidates need {packed.tokens_BT.shape[1]} cache slots but only "
-        f"{pre.free()} are free; prefill with a larger reserve."
+        f"{pre.free()} are free; prefill with a larger reserve (a run's --config.reserve)."
     )
   fn = functools.partial(
       candidate_logliks_after,
