@@ -39,11 +39,17 @@ if [[ -z "${GPU_HOST:-}" && "$STEP" =~ ^(setup|run|checks|collect|all)$ ]]; then
 fi
 
 setup() {
-  # --delete never reaches the run's workdir there (its finished waves), wherever WORKDIR points.
-  local spare=()  # a workdir inside the repo's copy there
+  # --delete never reaches the run's workdir there (its finished waves), wherever WORKDIR points:
+  # a relative one is left out, and a run's files are protected wherever they lie (an absolute
+  # WORKDIR inside the repo's copy there).
+  local spare=()
   [[ "$WORKDIR" == /* ]] || spare=(--exclude="/$WORKDIR")
-  run rsync -az --delete --exclude=.venv --exclude=workdir ${spare[@]+"${spare[@]}"} --exclude=/results --exclude=.git \
-    ./ "$GPU_HOST:$REMOTE_DIR/"
+  local protect=()
+  for kept in results.jsonl config.json metrics.json .lock adapters/ sft_adapter/ checks/; do
+    protect+=(--filter="P $kept")
+  done
+  run rsync -az --delete --exclude=.venv --exclude=workdir ${spare[@]+"${spare[@]}"} "${protect[@]}" \
+    --exclude=/results --exclude=.git ./ "$GPU_HOST:$REMOTE_DIR/"
   run ssh "$GPU_HOST" "cd $REMOTE_DIR && { $MAKE_VENV; } \
 && .venv/bin/$PIP_INSTALL_TTSI 'jax[cuda12]' nbclient nbformat ipykernel \
 && .venv/bin/pip install -q --no-deps -r data-packages.txt"

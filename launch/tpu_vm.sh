@@ -66,7 +66,7 @@ setup() {
 
 still_running() {
   echo "error: a step failed; the TPU VM $TPU_NAME is still running (and billing). Inspect it," \
-    "then delete it: $0 delete" >&2
+    "fetch its finished waves ($0 collect), then delete it: $0 delete" >&2
 }
 
 run_job() {

@@ -56,6 +56,10 @@ def test_gpu_dry_run_and_missing_host():
   # setup's --delete spares the workdir there, named as the run names it.
   elsewhere = _run("gpu.sh", "--dry-run", "setup", GPU_HOST="me@gpu-box", WORKDIR="runs/s0")
   assert "--delete" in elsewhere.stdout and "--exclude=/runs/s0" in elsewhere.stdout
+  # An absolute workdir inside the repo's copy there: a run's files are protected wherever they lie.
+  inside = _run("gpu.sh", "--dry-run", "setup", GPU_HOST="me@gpu-box", WORKDIR="/home/me/ttsi_jax/runs/a")
+  for kept in ("results.jsonl", "config.json", "metrics.json", "adapters/", "sft_adapter/"):
+    assert f"--filter=P\\ {kept}" in inside.stdout, inside.stdout
   missing = _run("gpu.sh", "--dry-run", "run")
   assert missing.returncode == 2 and "GPU_HOST is not set" in missing.stderr
 
@@ -202,7 +206,7 @@ def test_a_failed_step_of_all_leaves_the_vm_and_says_how_to_delete_it(tmp_path):
     os.chmod(tmp_path / tool, 0o755)
   result = _run("tpu_vm.sh", "all", **TPU, PATH=f"{tmp_path}:{os.environ['PATH']}")
   assert result.returncode != 0
-  assert "TPU VM ttsi-v5 is still running" in result.stderr
+  assert "TPU VM ttsi-v5 is still running" in result.stderr and "collect), then delete it" in result.stderr
   assert "launch/tpu_vm.sh delete" in result.stderr
   assert [line.split()[3] for line in log.read_text().splitlines()] == ["create", "scp"]
 
