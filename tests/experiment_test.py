@@ -953,6 +953,15 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
     check(run)
 
 
+def test_kept_ids_that_trained_no_adapter_are_named():
+  kept = [{"id": "multiple_2", "variants": ["ttsi"]}]
+  ids = ["multiple_0", "multiple_1", "multiple_2"]
+  assert experiment.kept_without_adapter(("multiple_1", "multiple_2", "multiple_7"), ids, kept) == [
+      "multiple_1"
+  ]
+  assert experiment.kept_without_adapter("all", ids, kept) == []  # "all": whatever trained
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
   held = experiment.lock_workdir(str(tmp_path))
   with pytest.raises(ValueError, match=rf"{tmp_path} is in use by a run on .*, pid {os.getpid()}: wait"):

@@ -612,6 +612,12 @@ class Experiment:
     with timer("T"):
       adapters, losses = self.train(plan, ids)
       kept = self._adapters_to_keep(plan.job_of, ids, adapters) if plan.jobs else []
+      if unkept := kept_without_adapter(self.keep, ids, kept):
+        logging.warning(
+            "keep_adapters: %s trained no adapter (no variant trained on them: not flagged, or no "
+            "training data); nothing is saved for them.",
+            unkept,
+        )
     with timer("adapted"):
       shown = self.in_context(examples, flags, written)
       adapted = self.answer_variants(plan, adapters, examples, prompts, shown)
@@ -961,6 +967,13 @@ class Experiment:
     with open(path + ".tmp", "w") as f:  # replaced whole: a killed start leaves the old one
       json.dump(current, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def kept_without_adapter(keep, ids: Sequence[str], kept: list[dict]) -> list[str]:
+  """The ids of a wave that config.keep_adapters names by id but that trained no adapter."""
+  if keep == "all":
+    return []
+  return sorted({i for i in ids if i in keep} - {k["id"] for k in kept})
 
 
 def save_kept_adapters(workdir: str, kept: list[dict], base_model: str) -> None:
