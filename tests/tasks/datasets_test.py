@@ -246,6 +246,10 @@ def test_missing_user_tools_files_say_what_is_expected(tmp_path):
       FileNotFoundError, match=r"(?s)manual_dir .* is empty: user_tools is built from .*\"calls\""
   ):
     datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+  with pytest.raises(
+      FileNotFoundError, match=r"(?s)not built in .* yet.*--config.task.manual_dir.*\"calls\""
+  ):
+    datasets.DatasetTask("user_tools", data_dir=str(tmp_path / "data"))  # TFDS named its own folder
 
 
 def test_a_damaged_source_stamp_builds_the_dataset_again(tmp_path):

@@ -324,7 +324,12 @@ def _prepared(dataset: str, data_dir: Optional[str], manual_dir: Optional[str]):
     logging.info("%s in %s was built from other files: building it again.", dataset, builder.data_dir)
     shutil.rmtree(builder.data_dir)
     builder = BUILDERS[name](config=config or None, data_dir=data_dir)
-  if not builder.is_prepared() and manual_dir and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+  if not builder.is_prepared() and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    if not manual_dir:  # TFDS would name its own downloads/manual folder, not our setting
+      raise FileNotFoundError(
+          f"{dataset} is not built in {builder.data_dir} yet, and is built from files you put in a "
+          f"folder: give it with --config.task.manual_dir. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
       raise FileNotFoundError(
           f"task.manual_dir {manual_dir} {'is empty' if os.path.isdir(manual_dir) else 'does not exist'}: "
