@@ -152,6 +152,15 @@ def test_report_refuses_runs_of_other_inputs_and_names_a_missing_workdir(tmp_pat
     report.load_runs([a, b])
   with pytest.raises(FileNotFoundError, match=r"nowhere/results.jsonl does not exist"):
     report.load_runs([str(tmp_path / "nowhere")])
+  with pytest.raises(ValueError, match=r"none empty .*\['a', ''\]"):
+    report.load_runs(["a", ""])  # --workdir=a,, would read ./results.jsonl
+  empty = _workdir(tmp_path / "empty", 0, [])  # stopped in its first wave
+  with pytest.raises(ValueError, match=r"empty/results.jsonl holds no records yet"):
+    report.load_runs([empty])
+  with open(os.path.join(a, "metrics.json"), "w") as f:
+    f.write('{"accuracy": ')  # cut while written
+  with pytest.raises(ValueError, match=r"a/metrics.json is not the JSON a run writes"):
+    report.load_runs([a])
 
 
 def test_report_averages_only_runs_of_one_setting(tmp_path):

@@ -54,10 +54,18 @@ class Run:
     return int(self.config.get("seed", 0))
 
 
+def _json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise ValueError(f"{path} is not the JSON a run writes ({e}): put back the run's own.") from None
+
+
 def load_runs(workdirs: Sequence[str]) -> list[Run]:
   """The runs of `workdirs`; they must have answered the same inputs (seeds of one setting)."""
-  if not workdirs:
-    raise ValueError("Give at least one workdir (--workdir=a,b,c).")
+  if not workdirs or not all(w.strip() for w in workdirs):
+    raise ValueError(f"Give one or more workdirs, none empty (--workdir=a,b,c), not {list(workdirs)}.")
   runs = []
   for workdir in workdirs:
     results, config = os.path.join(workdir, "results.jsonl"), os.path.join(workdir, "config.json")
@@ -65,14 +73,18 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: --workdir takes the workdirs of finished runs.")
     metrics = os.path.join(workdir, "metrics.json")
-    with open(config) as f:
-      config_json = json.load(f)
-    if os.path.exists(metrics):
-      with open(metrics) as f:
-        metrics = json.load(f)
-    else:
-      metrics = None
-    runs.append(Run(workdir, config_json, records_lib.read(results), metrics))
+    runs.append(
+        Run(
+            workdir,
+            _json(config),
+            records_lib.read(results),
+            _json(metrics) if os.path.exists(metrics) else None,
+        )
+    )
+    if not runs[-1].records:
+      raise ValueError(
+          f"{results} holds no records yet (the run stopped in its first wave): nothing to report."
+      )
   paths = [os.path.realpath(run.workdir) for run in runs]
   seeds = [run.seed for run in runs]
   for name, values in (("workdir", paths), ("seed", seeds)):
