@@ -75,6 +75,14 @@ def test_scaling_gains_are_measured_against_one_adapter():
          "--shapes=tiny", "--adapter_counts=2,4"]  # fmt: skip
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "--adapter_counts must start at 1" in result.stderr
+  # Bad flag values stop at parsing, before any model is built.
+  for flag, message in (
+      ("--batch_sizes=1,x", "--batch_sizes takes positive integers"),
+      ("--sequence_tokens=576,0", "--sequence_tokens takes positive integers"),
+      ("--json=/nowhere/at/all/out.json", "--json's folder does not exist"),
+  ):
+    result = subprocess.run(cmd[:-1] + [flag], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_decode_stage_writes_its_table_to_json(tiny_chat_model, tmp_path):

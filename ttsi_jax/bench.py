@@ -82,7 +82,7 @@ MODEL_SHAPES = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per row.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).", lower_bound=1)
 _REFERENCE = flags.DEFINE_bool("reference", True, "Also time transformers (needs torch).")
 _STAGE = flags.DEFINE_enum(
@@ -112,7 +112,22 @@ _ADAPTER_COUNTS = flags.DEFINE_list(
 _SEQUENCE_TOKENS = flags.DEFINE_list(
     "sequence_tokens", ["576", "64"], "--stage=scaling: prompt and answer tokens of each training pair."
 )
+for _name in (
+    "batch_sizes",
+    "adapter_counts",
+    "sequence_tokens",
+):  # checked at parsing, not after a model loads
+  flags.register_validator(
+      _name,
+      lambda values: all(v.strip().isdigit() and int(v) > 0 for v in values),
+      f"--{_name} takes positive integers, comma separated.",
+  )
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+flags.register_validator(
+    "json",
+    lambda path: not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),
+    "--json's folder does not exist: create it first (the results are written after all the timings).",
+)
 _XLA_ROWS = flags.DEFINE_bool(
     "xla_rows", True, "On CPU, also time our paths on XLA's own ops instead of the C++ kernels."
 )
