@@ -382,6 +382,7 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
     "field,value,message",
     [
         ("variants", "base,ttsi,magic", r"Unknown variant \['magic'\].*'ttsi_icl'"),
+        ("variants", "base,ttsi, ttsi", r"variants \['ttsi'\] are given twice in 'base,ttsi, ttsi'"),
         ("decoding.modes", "direct,best", r"Unknown mode \['best'\].*'pass@k'"),
         ("task.name", "sealtool", r"Unknown task 'sealtool'.*'bfcl'"),
         ("task.category", "multi", r"'multi'.*multiple"),

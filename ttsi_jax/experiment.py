@@ -61,6 +61,8 @@ def _names(value, valid: Sequence[str], what: str) -> tuple[str, ...]:
   unknown = [n for n in names if n not in valid]
   if unknown or not names:
     raise ValueError(f"Unknown {what} {unknown or names!r}; valid {what}s are {list(valid)}.")
+  if twice := sorted({n for n in names if names.count(n) > 1}):
+    raise ValueError(f"The {what}s {twice} are given twice in {value!r}; name each once.")
   return names
 
 
@@ -201,9 +203,7 @@ def bfcl_test_category(task: ml_collections.ConfigDict) -> Optional[str]:
 def sft_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """The training split of the inductive baseline (sft) and of ordinary ICL's demonstrations
   (icl): other BFCL categories, never the test category."""
-  categories = tuple(
-      dict.fromkeys(_names(config.sft.categories, bfcl.CATEGORIES, "sft category"))  # in order, each once
-  )
+  categories = _names(config.sft.categories, bfcl.CATEGORIES, "sft category")
   test_category = bfcl_test_category(config.task)
   if test_category in categories:
     raise ValueError(
