@@ -222,8 +222,10 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert all(examples[0].question not in c for c in _Teacher.calls[calls_before:])
 
   tau, config.uncertainty.tau = config.uncertainty.tau, 0.5  # changes results: refused
-  with pytest.raises(ValueError, match=r"different config \(differs in \['uncertainty.tau'\]"):
-    experiment.run(config, workdir)
+  with monkeypatch.context() as m:  # before the model loads (minutes on a large one)
+    m.setattr(experiment.sampler_lib, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=r"different config \(differs in \['uncertainty.tau'\]"):
+      experiment.run(config, workdir)
   config.uncertainty.tau = tau
   held = experiment.lock_workdir(workdir)  # another run writes it still: refused, nothing touched
   with pytest.raises(ValueError, match=rf"{workdir} is in use by a run on .*, pid {os.getpid()}"):
@@ -886,14 +888,14 @@ def test_flag_metrics_use_the_direct_verdict_even_when_only_voting_is_reported()
 
 
 def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tmp_path):
+  class Run(experiment.Experiment):  # what the check reads, without a task or a model
+    data_version, model_version = "bfcl-eval 4.0.1", "0123456789ab"
+
+    def __init__(self):
+      self.config, self.workdir, self.held_out = tiny.get_config(), str(tmp_path), []
+
   check = experiment.Experiment._check_or_write_config
-  run = types.SimpleNamespace(
-      config=tiny.get_config(),
-      workdir=str(tmp_path),
-      data_version="bfcl-eval 4.0.1",
-      model_version="0123456789ab",
-      held_out=[],
-  )
+  run = Run()
   check(run)
   run.config.wave_size = 3
   check(run)  # no results yet: the new config replaces the old

@@ -334,6 +334,13 @@ class Experiment:
     endpoint = "ttd" in self.variants and config.teacher.kind == "endpoint"
     self.endpoint_cfg = config_schema.build(synthesis.EndpointConfig, config.teacher) if endpoint else None
 
+    # A workdir this run may not continue is refused now, not after minutes of loading the model
+    # (run() checks again, holding the workdir's lock, and writes config.json).
+    if workdir and multihost.from_leader(os.path.isdir(workdir) and self._has_results()):
+      multihost.on_leader(
+          lambda: self._check_config(self._current_config()), f"to check the workdir {workdir}"
+      )
+
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
     model = sampler_lib.load_model(
@@ -909,64 +916,75 @@ class Experiment:
     """The model's files (`checkpoints.fingerprint`): other weights at the same model.path."""
     return checkpoints.fingerprint(self.config.model.path)
 
-  def _check_or_write_config(self):
-    """A workdir with results resumes only under a config that gives the same results (settings
-    that change only speed may differ); without results, the new config replaces the old."""
-    path = os.path.join(self.workdir, "config.json")
-    # With what the data comes from: a dataset or bfcl-eval of another version changes results
-    # under the same config and input ids.
-    current = {
+  def _current_config(self) -> dict:
+    """What config.json records: the config, and what the data and model come from (another
+    dataset, bfcl-eval or weights change results under the same config and input ids)."""
+    return {
         **json.loads(self.config.to_json()),
         "data_version": self.data_version,
         "model_version": self.model_version,
         "method_version": config_schema.METHOD_VERSION,
         "held_out_of_train_split": self.held_out,
     }
+
+  def _has_results(self) -> bool:
     results = os.path.join(self.workdir, "results.jsonl")
-    if os.path.exists(results) and os.path.getsize(results):
-      if not os.path.exists(path):
-        raise ValueError(
-            f"{self.workdir} holds results.jsonl but no config.json, so whether its waves ran "
-            "under this config cannot be checked: put back the config.json the run wrote beside "
-            "it, or use a new --workdir."
-        )
-      with open(path) as f:
-        try:
-          previous = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path} is not the JSON config a run writes ({e}); put back the run's own.")
-      if not isinstance(previous, dict):
-        raise ValueError(
-            f"{path} holds a JSON {type(previous).__name__}, not the config a run writes; put back "
-            "the run's own."
-        )
-      before, now = config_schema.run_fields(previous), config_schema.run_fields(current)
-      # Fields added since the workdir's config was written act from the next wave on, with their
-      # current values; the finished waves ran without them. Fields since removed no longer act.
-      added = sorted(now.keys() - before.keys())
-      if added:
-        logging.warning(
-            "%s predates config fields %s: its finished waves ran without them, the waves left "
-            "run with their current values.",
-            path,
-            added,
-        )
-      changed = config_schema.result_changing_differences(before, now)
-      if "method_version" in changed:
-        raise ValueError(
-            f"{self.workdir} holds results that an earlier ttsi_jax computed differently (method "
-            f"version {before['method_version']}, now {now['method_version']}: see "
-            "config_schema.METHOD_VERSION); finish it with the version that started it, or use a "
-            "new --workdir."
-        )
-      if changed:
-        raise ValueError(
-            f"{self.workdir} holds results of a different config (differs in "
-            f"{changed}); use a new --workdir or the same config to resume."
-        )
+    return os.path.exists(results) and os.path.getsize(results) > 0
+
+  def _check_or_write_config(self):
+    """A workdir with results resumes only under a config that gives the same results (settings
+    that change only speed may differ); without results, the new config replaces the old."""
+    path = os.path.join(self.workdir, "config.json")
+    current = self._current_config()
+    if self._has_results():
+      self._check_config(current)
     with open(path + ".tmp", "w") as f:  # replaced whole: a killed start leaves the old one
       json.dump(current, f, indent=2)
     os.replace(path + ".tmp", path)
+
+  def _check_config(self, current: dict) -> None:
+    """Raises where the workdir's results ran under a config that gives other results."""
+    path = os.path.join(self.workdir, "config.json")
+    if not os.path.exists(path):
+      raise ValueError(
+          f"{self.workdir} holds results.jsonl but no config.json, so whether its waves ran "
+          "under this config cannot be checked: put back the config.json the run wrote beside "
+          "it, or use a new --workdir."
+      )
+    with open(path) as f:
+      try:
+        previous = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not the JSON config a run writes ({e}); put back the run's own.")
+    if not isinstance(previous, dict):
+      raise ValueError(
+          f"{path} holds a JSON {type(previous).__name__}, not the config a run writes; put back "
+          "the run's own."
+      )
+    before, now = config_schema.run_fields(previous), config_schema.run_fields(current)
+    # Fields added since the workdir's config was written act from the next wave on, with their
+    # current values; the finished waves ran without them. Fields since removed no longer act.
+    added = sorted(now.keys() - before.keys())
+    if added:
+      logging.warning(
+          "%s predates config fields %s: its finished waves ran without them, the waves left "
+          "run with their current values.",
+          path,
+          added,
+      )
+    changed = config_schema.result_changing_differences(before, now)
+    if "method_version" in changed:
+      raise ValueError(
+          f"{self.workdir} holds results that an earlier ttsi_jax computed differently (method "
+          f"version {before['method_version']}, now {now['method_version']}: see "
+          "config_schema.METHOD_VERSION); finish it with the version that started it, or use a "
+          "new --workdir."
+      )
+    if changed:
+      raise ValueError(
+          f"{self.workdir} holds results of a different config (differs in "
+          f"{changed}); use a new --workdir or the same config to resume."
+      )
 
 
 def kept_without_adapter(keep, ids: Sequence[str], kept: list[dict]) -> list[str]:
