@@ -496,6 +496,12 @@ def test_stage_settings_are_checked_before_the_model_loads(settings, message, tm
     [
         ("ttd", "teacher", {}, "needs a teacher"),
         ("ttd", "teacher", {"kind": "local"}, r"'local' needs teacher.path: set --config.teacher.path=..."),
+        (
+            "ttd",
+            "teacher",
+            {"kind": "local", "path": "/no/teacher"},
+            r"teacher.path /no/teacher does not exist",
+        ),
         ("ttd", "teacher", {"kind": "endpoint", "model": "m"}, r"'endpoint' needs teacher.base_url: set"),
         ("ttd", "teacher", {"kind": "endpoint"}, "needs teacher.base_url and teacher.model"),
         ("sft", "sft", {"categories": "live_simple,multiple"}, r"include the test category 'multiple'"),

@@ -89,6 +89,8 @@ def _check_teacher(t: ml_collections.ConfigDict) -> None:
         + " ".join(f"--config.{m}=..." for m in missing)
         + "."
     )
+  if t.kind == "local" and not os.path.exists(os.path.expanduser(t.path)):  # before the student loads
+    raise ValueError(f"teacher.path {t.path} does not exist: give an HF folder or a .gguf file.")
 
 
 def _kept_ids(value: str, ids: Sequence[str]):
