@@ -627,7 +627,9 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   assert _without_timing(resumed) == _without_timing(metrics)
   again = [json.loads(l) for l in open(path)]
   assert [r["variants"]["sft"] for r in again] == [r["variants"]["sft"] for r in lines]
-  # Under other settings the saved adapter is not reused: it is trained again (the stage alone).
+  # Under other settings the saved adapter is not reused: it is trained again (the stage alone; no
+  # results to continue, which another config could not).
+  os.remove(path)
   config.sft.learning_rate = 5e-3
   experiment.Experiment(config, workdir)._sft_adapter()
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
