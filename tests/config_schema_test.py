@@ -159,3 +159,13 @@ def test_a_reserve_smaller_than_what_the_stages_decode_is_refused():
   config.decoding.well_formed = False
   with pytest.raises(ValueError, match=r"reserve=40 \(valid: at least decoding.max_new_tokens = 96"):
     config_schema.validate(config)
+
+
+def test_voting_modes_need_a_sampling_temperature():
+  config = default.get_config()
+  config.decoding.modes, config.decoding.temperature = "direct,majority", 0.0
+  config.uncertainty.sampled_candidates = 0  # its own rule (above)
+  with pytest.raises(ValueError, match=r"decoding.modes='direct,majority' with decoding.temperature=0"):
+    config_schema.validate(config)
+  config.decoding.modes = "direct"
+  config_schema.validate(config)

@@ -230,6 +230,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not _MISSING and not check(value):
       bad.append(f"{field}={value!r} (valid: {valid})")
   samples, temperature = _get(config, "uncertainty.sampled_candidates"), _get(config, "decoding.temperature")
+  voting = [m.strip() for m in str(_get(config, "decoding.modes")).split(",") if m.strip() != "direct"]
+  if voting and temperature == 0:  # every sample would be the greedy answer: direct, reported twice
+    bad.append(
+        f"decoding.modes={_get(config, 'decoding.modes')!r} with decoding.temperature=0 (valid: a "
+        "decoding.temperature > 0, at which the samples differ, or decoding.modes=direct)"
+    )
   if samples not in (_MISSING, 0) and temperature == 0:
     # Its samples would all be the greedy call: one candidate, margin 1, never flagged.
     bad.append(
