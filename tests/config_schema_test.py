@@ -32,6 +32,7 @@ def test_the_shipped_configs_are_valid(config):
         ("adaptation.dropout", 1.0, "a number in [0, 1)"),
         ("wave_size", True, "an integer >= 1"),
         ("uncertainty.measure", "variance", "one of ['margin', 'entropy']"),
+        ("seed", 2**32, "an integer in [0, 2147483647] (jax.random.key wraps larger seeds)"),
     ],
 )
 def test_each_bad_value_is_refused_by_name_with_its_valid_range(field, value, valid):

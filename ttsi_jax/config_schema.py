@@ -36,10 +36,11 @@ def _range(
     return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
 
   kind = "an integer" if integer else "a number"
+  num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
   if high == math.inf:
-    bound = f"{'>' if low_open else '>='} {low:g}"
+    bound = f"{'>' if low_open else '>='} {num(low)}"
   else:
-    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    bound = f"in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
   return check, f"{kind} {bound}" + (f" ({note})" if note else "")
 
 
@@ -52,7 +53,7 @@ _PROBABILITY_MASS = _range(0, 1, low_open=True)
 _TEMPERATURE = _range(0, note="0 = greedy")
 
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _range(0, integer=True),
+    "seed": _range(0, 2**31 - 1, integer=True, note="jax.random.key wraps larger seeds"),
     "model.dtype": _one_of(*DTYPES),
     "model.attention": _one_of(*ATTENTION),
     "task.num_examples": _range(0, integer=True, note="0 = all"),
