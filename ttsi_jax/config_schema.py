@@ -107,7 +107,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 # and mesh_shape only reorder float sums: results agree to ~1e-5), what it saves besides the
 # results, or only `generate` (sampling.*). A run may resume under other values of them (e.g. on
 # another machine), and a report may average runs that differ in them. With adaptation.dropout >
-# 0 the first two also redraw the dropout masks (see ttsi_jax.ttsi.adaptation).
+# 0 adapters_per_call, row_tokens and mesh_shape (or, with mesh_shape=(), the device count) also
+# redraw the dropout masks, which are drawn over the packed rows (see ttsi_jax.ttsi.adaptation).
 RESULT_NEUTRAL = (
     "adaptation.adapters_per_call",
     "adaptation.row_tokens",

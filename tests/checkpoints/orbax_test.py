@@ -31,6 +31,10 @@ def test_saved_on_8_devices_restores_on_1_and_back(hf_checkpoints, tmp_path):
   _assert_equal(single, sharded)
 
   orbax_lib.save(str(tmp_path / "from1"), single)
+  # With the model's config, as checkpoints.load places them (heads whole).
+  _, loaded = checkpoints.load(folder, mesh=sharding.make_mesh((1, 2, 4)))
+  restored = orbax_lib.restore_params(str(tmp_path / "from1"), single, sharding.make_mesh((1, 2, 4)), config)
+  assert jax.tree.map(lambda x: x.sharding.spec, restored) == jax.tree.map(lambda x: x.sharding.spec, loaded)
   resharded = orbax_lib.restore_params(str(tmp_path / "from1"), single, sharding.make_mesh((1, 4, 2)))
   q = resharded["layers"]["attn"]["q_proj"]["kernel"]
   L, d, h = q.shape

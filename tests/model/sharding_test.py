@@ -78,6 +78,11 @@ def test_attention_heads_are_never_split_inside_a_head(hf_checkpoints):
   assert k == P(None, ("fsdp",), None)
   without_units = sharding.param_sharding(mesh, ("layers", "attn", "k_proj", "kernel"), (2, 64, 64))
   assert without_units.spec == P(None, ("fsdp",), ("tensor",))  # the flat count alone would split
+  # q splits only at whole groups of the query heads that share a key head: here, like k and v.
+  attn = sharded["layers"]["attn"]
+  assert config.num_heads % 4 == 0  # q's own heads would split over tensor=4
+  assert attn["q_proj"]["kernel"].sharding.spec == k == attn["v_proj"]["kernel"].sharding.spec
+  assert attn["o_proj"]["kernel"].sharding.spec[1] is None  # o reads q's heads: not split either
 
 
 def test_a_rule_keeps_the_leading_mesh_axes_that_divide():

@@ -54,9 +54,10 @@ def restore(path: str, like, shardings=None, this_process_only: bool = False):
   return _checkpointer(this_process_only).restore(os.path.abspath(path), target)
 
 
-def restore_params(path: str, like, mesh: Optional[Mesh] = None):
-  """Params restored onto `mesh` with the model's sharding rules (or onto one device)."""
-  return restore(path, like, sharding.params_sharding(mesh, like) if mesh is not None else None)
+def restore_params(path: str, like, mesh: Optional[Mesh] = None, config=None):
+  """Params restored onto `mesh` with the model's sharding rules (or onto one device); with the
+  model's `config`, attention heads stay whole, as `checkpoints.load` places them."""
+  return restore(path, like, sharding.params_sharding(mesh, like, config) if mesh is not None else None)
 
 
 def save_adapter(path: str, adapter: lora_lib.Adapter, base_model: str) -> None:

@@ -88,9 +88,11 @@ def logical_to_spec(
 
 
 def head_units(config) -> dict[str, int]:
-  """The heads of the attention projections' flattened axes: a device holds whole heads (cuDNN's
-  attention refuses q, k, v split inside a head or split unlike each other)."""
-  return {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
+  """The units of the attention projections' flattened head axes: whole key heads, and for the
+  query heads whole groups of them (those that share a key head), so that q, k and v split alike
+  (cuDNN's attention refuses q, k, v split inside a head or unlike each other: 16 query heads over
+  2 key heads would split q over tensor=4 and leave k whole)."""
+  return {"heads": config.num_kv_heads, "kv_heads": config.num_kv_heads}
 
 
 def param_logical_axes(path: Sequence[str]) -> tuple[str, ...]:
