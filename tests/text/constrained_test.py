@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
+from configs import default
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.tasks import bfcl
 from ttsi_jax.text import constrained, scoring
 from ttsi_jax.text import sampler as sampler_lib
+from ttsi_jax.text import tokenizer as tokenizer_lib
 
 
 @pytest.mark.parametrize(
@@ -187,7 +189,6 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
   scored option, and call + forced keyword, are the canonical tokens of that text: no stage
   makes the model continue from a split it never saw. The model's choices are scripted here."""
   from ttsi_jax import checkpoints
-  from ttsi_jax.text import tokenizer as tokenizer_lib
 
   tok = tokenizer_lib.load(None)
   config, params = checkpoints.load(tiny_chat_model)
@@ -228,3 +229,18 @@ def test_stages_score_and_continue_from_the_joint_tokenization(tiny_chat_model, 
   # The value "'Paris'" ends in a quote that merges with what follows ("',"): the stage after it
   # feeds the call without that quote and scores it together with each option.
   assert not tok.hf.decode(cached[1]).endswith("'")
+
+
+def test_the_default_value_budget_holds_every_value_of_bfcls_gold_calls():
+  """A value cut at decoding.max_value_tokens closes its call there (this argument and the rest
+  lost): the default must not cut what BFCL's answers write."""
+  tokenizer = tokenizer_lib.load(None)
+  limit = default.get_config().decoding.max_value_tokens
+  lengths = []
+  for category in ("simple_python", "multiple", "live_simple", "live_multiple"):
+    task = bfcl.BfclTask(category)
+    for ex in task.examples():
+      calls = bfcl.parse_calls(task.gold_answer(ex))
+      if len(calls) == 1:
+        lengths += [len(tokenizer.encode("=" + repr(v) + ")")) for v in calls[0].args.values()]
+  assert len(lengths) > 4000 and max(lengths) <= limit
