@@ -109,6 +109,8 @@ def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_chan
   assert config_schema.run_fields(voting)["method_version"] == 3  # its majority verdicts differ
   assert config_schema.run_fields({"decoding": {"modes": "direct"}})["method_version"] == 1
   assert config_schema.run_fields({**direct, "method_version": 2})["method_version"] == 2
+  newer = config_schema.METHOD_VERSION + 1  # a later checkout's records: not this code's method
+  assert config_schema.run_fields({**direct, "method_version": newer})["method_version"] == newer
   before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 4})
   assert config_schema.result_changing_differences(before, now) == ["method_version"]
 
@@ -147,18 +149,21 @@ def test_a_datasets_fields_without_task_name_tfds_are_refused_and_other_kinds_fi
 
 def test_a_reserve_smaller_than_what_the_stages_decode_is_refused():
   config = default.get_config()
-  config.reserve = 40
+  config.reserve = 90  # a request of 48 tokens after "Request: ..." takes a bucket of 64, + 32
   config.variants = "base,sft"
   config_schema.validate(config)  # no variant writes pairs
-  config.variants = "base,ttsi"
-  with pytest.raises(
-      ValueError, match=r"reserve=40 \(valid: at least synthesis.max_request_tokens \+ 8 = 56"
-  ):
-    config_schema.validate(config)
-  config.synthesis.well_formed = False
+  for variants, teacher in (("base,ttsi", ""), ("base,ttd", "local")):  # the model, or a local teacher
+    config.variants, config.teacher.kind = variants, teacher
+    with pytest.raises(
+        ValueError, match=r"reserve=90 \(valid: at least 96, the request of synthesis.max_request"
+    ):
+      config_schema.validate(config)
+  config.teacher.kind = "endpoint"  # its pairs come from the endpoint
+  config_schema.validate(config)
+  config.variants, config.synthesis.well_formed = "base,ttsi", False
   config_schema.validate(config)  # free synthesis prefills its own room
   config.decoding.well_formed = False
-  with pytest.raises(ValueError, match=r"reserve=40 \(valid: at least decoding.max_new_tokens = 96"):
+  with pytest.raises(ValueError, match=r"reserve=90 \(valid: at least 96, decoding.max_new_tokens"):
     config_schema.validate(config)
 
 
@@ -168,5 +173,6 @@ def test_voting_modes_need_a_sampling_temperature():
   config.uncertainty.sampled_candidates = 0  # its own rule (above)
   with pytest.raises(ValueError, match=r"decoding.modes='direct,majority' with decoding.temperature=0"):
     config_schema.validate(config)
-  config.decoding.modes = "direct"
-  config_schema.validate(config)
+  for modes in ("direct", "direct,", " direct"):  # as the run reads them
+    config.decoding.modes = modes
+    config_schema.validate(config)

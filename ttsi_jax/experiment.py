@@ -336,12 +336,13 @@ class Experiment:
     endpoint = "ttd" in self.variants and config.teacher.kind == "endpoint"
     self.endpoint_cfg = config_schema.build(synthesis.EndpointConfig, config.teacher) if endpoint else None
 
-    # A workdir this run may not continue is refused now, not after minutes of loading the model
-    # (run() checks again, holding the workdir's lock, and writes config.json).
-    if workdir and multihost.from_leader(os.path.isdir(workdir) and self._has_results()):
-      multihost.on_leader(
-          lambda: self._check_config(self._current_config()), f"to check the workdir {workdir}"
-      )
+    # A workdir this run may not continue (another run on it, results of another config) is refused
+    # now, not after minutes of loading the model; run() checks again holding the lock, and writes
+    # config.json. Host 0 alone, without collectives: `run` gathers a failure from every host.
+    if workdir and multihost.is_leader() and os.path.isdir(workdir):
+      lock_workdir(workdir).close()
+      if self._has_results():
+        self._check_config(self._current_config())
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
@@ -1176,6 +1177,15 @@ def format_summary(m: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  def prepare_data():
+    """Host 0 builds the task's dataset first: hosts sharing task.data_dir then find it prepared,
+    instead of building (and removing) it at once; a host with a data_dir of its own builds its own."""
+    if multihost.is_leader() and config.task.name == "tfds":
+      make_task(config.task)
+
+  _, failure = multihost.guarded(prepare_data)
+  if failure:
+    failure.throw("to prepare the task's data")
   # A host that cannot start (e.g. its copy of the checkpoint is missing) stops every host.
   experiment, failure = multihost.guarded(lambda: Experiment(config, workdir))
   if failure:

@@ -46,6 +46,8 @@ def base_for(model_path: str, trained_on: Optional[str], allow_other_base: bool 
   its fine-tune: the export would pair the adapter with weights it never saw)."""
   if trained_on is None:  # an adapter saved without its base
     return checkpoints.resolve(model_path)
+  if os.path.basename(trained_on) == checkpoints.EMBEDDED_FILE and not os.path.exists(trained_on):
+    trained_on = checkpoints.embedded_default_path()  # the embedded default, installed elsewhere here
   if not model_path:
     if not os.path.exists(trained_on):
       raise app.UsageError(

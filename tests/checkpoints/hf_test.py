@@ -233,6 +233,8 @@ def test_the_fingerprint_tells_other_weights_at_one_path_and_matches_a_copy(tmp_
   copy = _copy(folder, tmp_path)
   assert checkpoints.fingerprint(str(copy)) == checkpoints.fingerprint(folder)  # moved elsewhere
   (copy / "README.md").write_text("notes")
+  (copy / "pytorch_model.bin").write_bytes(b"torch's copy of the weights")  # not read
+  (copy / "trainer_state.json").write_text("{}")
   assert checkpoints.fingerprint(str(copy)) == checkpoints.fingerprint(folder)  # not the model
   weights = bytearray((copy / "model.safetensors").read_bytes())
   weights[-5] ^= 1

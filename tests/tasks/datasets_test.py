@@ -156,21 +156,32 @@ def test_a_dataset_is_built_again_when_its_files_change(tmp_path):
 
 @pytest.mark.parametrize("leader", [True, False])
 def test_host_0_prepares_a_dataset_before_the_other_hosts_open_it(tmp_path, monkeypatch, leader):
-  """Hosts sharing task.data_dir would build (and remove) it at once: host 0 builds it, the
-  others wait in a collective and then find it prepared (or build their own data_dir's)."""
+  """Hosts sharing task.data_dir would build (and remove) it at once: host 0 builds it, then every
+  host starts (after a collective), finding it prepared (or building its own data_dir's)."""
   events = []
   prepared = datasets._prepared
   monkeypatch.setattr(datasets, "_prepared", lambda *a: events.append("prepare") or prepared(*a))
-  monkeypatch.setattr(datasets.multihost, "is_leader", lambda: leader)
-  from_leader = datasets.multihost.from_leader
+  monkeypatch.setattr(experiment.multihost, "is_leader", lambda: leader)
+  gather = experiment.multihost.allgather_json
   monkeypatch.setattr(
-      datasets.multihost, "from_leader", lambda v: events.append("collective") or from_leader(v)
+      experiment.multihost, "allgather_json", lambda v: events.append("collective") or gather(v)
   )
-  task = datasets.DatasetTask(
-      "user_tools", data_dir=str(tmp_path), manual_dir=os.path.join(FIXTURES, "user_tools")
-  )
-  assert events == (["prepare", "collective"] if leader else ["collective", "prepare"])
-  assert task.examples()
+
+  class Started(Exception):
+    pass
+
+  def start(config, workdir):
+    events.append("start")
+    raise Started
+
+  monkeypatch.setattr(experiment, "Experiment", start)
+  config = default.get_config()
+  config.task.name, config.task.dataset = "tfds", "user_tools"
+  config.task.data_dir, config.task.manual_dir = str(tmp_path), os.path.join(FIXTURES, "user_tools")
+  with pytest.raises(Started):
+    experiment.run(config, str(tmp_path / "run"))
+  expected = ["prepare", "collective", "start"] if leader else ["collective", "start"]
+  assert events[: len(expected)] == expected
 
 
 def test_a_prepared_dataset_is_reused_without_its_manual_dir(tmp_path):

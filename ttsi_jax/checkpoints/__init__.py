@@ -41,8 +41,23 @@ def resolve(path: Optional[str]) -> str:
   return embedded_default_path() if not path else os.path.abspath(os.path.expanduser(path))
 
 
-# What in a checkpoint folder makes the model: weights, configs, tokenizer, chat template.
-_MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt", ".tiktoken")
+# What the loaders read from a checkpoint folder: the weights (safetensors, and their index), the
+# config, and the tokenizer's files with its chat template. Other files (pytorch_model.bin, a
+# trainer's state, a licence) do not change the model.
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def fingerprint(path: Optional[str]) -> str:
@@ -56,7 +71,11 @@ def fingerprint(path: Optional[str]) -> str:
     files = [(os.path.basename(path), path)]
   elif os.path.isdir(path):
     files = sorted((name, os.path.join(path, name)) for name in os.listdir(path))
-    files = [(name, full) for name, full in files if name.endswith(_MODEL_FILES) and os.path.isfile(full)]
+    files = [
+        (name, full)
+        for name, full in files
+        if (name in _MODEL_FILES or name.endswith(".safetensors")) and os.path.isfile(full)
+    ]
   else:
     raise CheckpointError(f"No checkpoint at {path}: give an HF folder or a .gguf file.")
   mib, parts = 1 << 20, []

@@ -31,7 +31,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from ttsi_jax import multihost
 from ttsi_jax.tasks import bfcl
 from ttsi_jax.tasks.base import Example, Verdict
 
@@ -365,13 +364,8 @@ class DatasetTask(bfcl.FunctionCallingTask):
     self.name = dataset.replace("/", "_")
     self._scorer = SCORERS.get(name)
     self.num_examples = num_examples
-    # Host 0 first: hosts that share task.data_dir then find it prepared instead of building (and
-    # removing) it at once; a host with a data_dir of its own prepares its own after.
-    on_leader = []
-    multihost.on_leader(
-        lambda: on_leader.append(_prepared(dataset, data_dir, manual_dir)), f"to prepare {dataset}"
-    )
-    builder, stamp = on_leader[0] if on_leader else _prepared(dataset, data_dir, manual_dir)
+    # Several hosts: experiment.run has host 0 prepare it first.
+    builder, stamp = _prepared(dataset, data_dir, manual_dir)
     if split not in builder.info.splits:
       raise ValueError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}.")
     self.data_version = f"{builder.name} {builder.version}" + (
