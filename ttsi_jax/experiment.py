@@ -342,7 +342,7 @@ class Experiment:
     if workdir and multihost.is_leader() and os.path.isdir(workdir):
       lock_workdir(workdir).close()
       if self._has_results():
-        self._check_config(self._current_config())
+        self._check_config(self._current_config(), warn=False)  # run() warns, once
 
     # Each host is one data group: its own mesh over its own devices (see ttsi_jax.multihost).
     self.mesh = sharding.make_mesh(config.mesh_shape or None, jax.local_devices())
@@ -945,8 +945,9 @@ class Experiment:
       json.dump(current, f, indent=2)
     os.replace(path + ".tmp", path)
 
-  def _check_config(self, current: dict) -> None:
-    """Raises where the workdir's results ran under a config that gives other results."""
+  def _check_config(self, current: dict, warn: bool = True) -> None:
+    """Raises where the workdir's results ran under a config that gives other results; `warn`:
+    of fields added since its config.json was written."""
     path = os.path.join(self.workdir, "config.json")
     if not os.path.exists(path):
       raise ValueError(
@@ -968,7 +969,7 @@ class Experiment:
     # Fields added since the workdir's config was written act from the next wave on, with their
     # current values; the finished waves ran without them. Fields since removed no longer act.
     added = sorted(now.keys() - before.keys())
-    if added:
+    if added and warn:
       logging.warning(
           "%s predates config fields %s: its finished waves ran without them, the waves left "
           "run with their current values.",
