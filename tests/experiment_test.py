@@ -631,14 +631,15 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
   # results to continue, which another config could not).
   os.remove(path)
   config.sft.learning_rate = 5e-3
-  experiment.Experiment(config, workdir)._sft_adapter()
+  stage = experiment.Experiment(config, workdir)  # one model load for the checks below
+  stage._sft_adapter()
   assert len(trained) == 2 and trained[-1].learning_rate == 5e-3
   # Nor on another version of the training split's data (another bfcl-eval).
-  other = experiment.Experiment(config, workdir)
-  other.sft_tasks[0].data_version = "bfcl-eval 0.0.1"
-  other._sft_adapter()
+  version, stage.sft_tasks[0].data_version = stage.sft_tasks[0].data_version, "bfcl-eval 0.0.1"
+  stage._sft_adapter()
   assert len(trained) == 3
-  experiment.Experiment(config, workdir)._sft_adapter()  # back on this version's data
+  stage.sft_tasks[0].data_version = version
+  stage._sft_adapter()  # back on this version's data
   del trained[2:]
   # Under a later method version, anew where its change touches this run, else reused.
   later = config_schema.METHOD_VERSION + 1
@@ -650,9 +651,9 @@ def test_sft_baseline_trains_once_on_other_categories_and_answers_every_input(
           "VERSION_CHANGES",
           {**config_schema.VERSION_CHANGES, later: lambda f: touches_this_run},
       )
-      experiment.Experiment(config, workdir)._sft_adapter()
+      stage._sft_adapter()
     assert len(trained) == count
-  experiment.Experiment(config, workdir)._sft_adapter()  # trained under the version of now
+  stage._sft_adapter()  # trained under the version of now
   del trained[2:]
   # A run stopped while training anew leaves no settings that would vouch for other weights.
   settings = os.path.join(workdir, experiment.SFT_ADAPTER, "settings.json")
