@@ -195,8 +195,7 @@ def result_changing_differences(before: dict, now: dict, also_neutral: tuple[str
   """The fields of two flat configs (`flat`) whose values differ and may change results: fields in
   both, outside RESULT_NEUTRAL, `also_neutral` (prefixes) and the sections of variants that
   neither config runs (a teacher's settings without `ttd`)."""
-  names = lambda value: value.split(",") if isinstance(value, str) else list(value or ())
-  runs = {str(v).strip() for config in (before, now) for v in names(config.get("variants", ""))}
+  runs = {v for config in (before, now) for v in _listed(config.get("variants", ""))}
   kinds = {config.get("task.name") for config in (before, now)}
 
   def unused(field: str) -> bool:
