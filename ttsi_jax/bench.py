@@ -261,10 +261,10 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
   """Where one packed update step of `num_adapters` adapters (keys_A: one per slot) spends its time
   (`profiling.op_table`), printed; its trace kept in --trace_dir if given. A trace that cannot be
   read into a table is reported as {"error": ...}, so that the run keeps its timings."""
-  adapters, opt_states = trainer.init(keys_A)
-  one_device = sharding.on_one_device(sharding.mesh_of(params))
+  mesh = sharding.mesh_of(params)
+  adapters, opt_states = trainer.init(keys_A, mesh=mesh)
   try:
-    with cpu_kernels.uninitialized_scan_outputs(single_device=one_device):
+    with cpu_kernels.uninitialized_scan_outputs(single_device=sharding.on_one_device(mesh)):
       profile = profiling.op_table(
           trainer.step,
           params,
@@ -272,7 +272,8 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
           opt_states,
           *step.step_args(),
           keys_A[0],
-          remat=trainer.remat_for(step, sharding.mesh_of(params)),
+          remat=trainer.remat_for(step, mesh),
+          mesh=mesh,
           trace_dir=_TRACE_DIR.value or None,
       )
   except profiling.TraceError as e:

@@ -11,6 +11,7 @@ from tests.conftest import VOCAB
 from ttsi_jax import checkpoints
 from ttsi_jax.checkpoints import hf
 from ttsi_jax.model import lora as lora_lib
+from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
 from ttsi_jax.text import sampler as sampler_lib
 from ttsi_jax.text.sampler import SamplingParams
@@ -311,6 +312,24 @@ def test_per_row_adapters_continue_as_each_row_with_its_adapter_alone(sampler):
       for p, a in zip(prompts, adapters)
   ]
   assert rows != sampler.continue_(sampler.prefill(prompts, reserve=32), extensions, params)  # they adapt
+
+
+def test_on_a_mesh_each_device_keeps_its_rows_adapters_and_rows_decode_the_same(sampler):
+  """Per-row adapters are split over the mesh's batch axes like the rows they serve (trained
+  adapters come split over the adapter axis, or not at all), with the same continuations."""
+  mesh = sharding.make_mesh((1, 4, 1), jax.devices()[:4])
+  placed = jax.device_put(sampler.params, sharding.params_sharding(mesh, sampler.params, sampler.config))
+  on_mesh = sampler_lib.Sampler(sampler.config, placed, stop_ids=[VOCAB - 1], pad_id=0)
+  adapters = _random_adapters(sampler.config, jax.random.split(jax.random.key(8), 3))
+  stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *adapters)
+  prompts, extensions = _prompts([5, 12, 9], seed=5), [[3], [], [4, 5]]
+  params = SamplingParams(max_new_tokens=6)
+  pre = on_mesh.prefill(prompts, reserve=32, lora=stacked, lora_per_row=True)
+  assert {(x.shape[0], x.addressable_shards[0].data.shape[0]) for x in jax.tree.leaves(pre.lora)} == {(4, 1)}
+  want = sampler.continue_(
+      sampler.prefill(prompts, reserve=32, lora=stacked, lora_per_row=True), extensions, params
+  )
+  assert on_mesh.continue_(pre, extensions, params) == want
 
 
 @pytest.mark.parametrize("lora_kernel", [True, False])

@@ -310,6 +310,40 @@ def test_waves_in_the_same_buckets_compile_once(model):
   assert trainer.step._cache_size() == compiled + 1
 
 
+@pytest.mark.parametrize("with_cpu_kernels", [True, False])
+def test_on_a_mesh_each_device_keeps_its_share_of_the_adapters_and_they_train_as_on_one(
+    model, with_cpu_kernels
+):
+  """On a (2, 2, 2) mesh, whose tensor axis splits the base kernels: the adapters and their AdamW
+  states are split over the devices from their init through every step, a wave's steps compile
+  once (left to propagation, XLA's ops gave a LoRA b its kernel's tensor split and the second
+  step compiled again), and the adapters train as on one device. Without the CPU kernels: the
+  accelerators' ops."""
+  config, params = model
+  mesh = sharding.make_mesh((2, 2, 2))
+  placed = jax.device_put(params, sharding.params_sharding(mesh, params, config))
+  examples = [_examples(s, 1, 10, 14) for s in (2, 3, 4, 6, 8)]
+  rngs = jax.random.split(jax.random.key(9), 5)
+  with contextlib.nullcontext() if with_cpu_kernels else cpu_kernels.xla_ops():
+    want, want_losses = adaptation.Trainer(config, CFG).train_all(params, examples, 0, rngs)
+    trainer = adaptation.Trainer(config, CFG)
+    compiled_step, shares = trainer.step, []
+
+    def step(params, adapters, opt_states, *args, **kwargs):
+      leaves = jax.tree.leaves((adapters, opt_states))
+      shares.append({(x.shape[0], x.addressable_shards[0].data.shape[0]) for x in leaves})
+      return compiled_step(params, adapters, opt_states, *args, **kwargs)
+
+    trainer.step = step
+    got, losses = trainer.train_all(placed, examples, 0, rngs)
+    assert compiled_step._cache_size() == 1
+  assert len(shares) == CFG.epochs and all(share == {(8, 1)} for share in shares)  # 5 -> 8 slots
+  np.testing.assert_allclose(losses, want_losses, atol=1e-5)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape[0] == 5
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
 def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(model):
   config, params = model
   trainer = adaptation.Trainer(config, CFG)

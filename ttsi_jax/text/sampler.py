@@ -564,8 +564,9 @@ class Sampler:
     length = self._prompt_slots(prompts, reserve, "reserve")
     capacity = length + reserve
     batch = sharding.fill_batch_shards(self.mesh, bucket(len(prompts)))
-    if lora_per_row:
+    if lora_per_row:  # split like the rows: each device keeps its rows' adapters
       lora = lora_lib.take_padded(lora, len(prompts), batch)
+      lora = jax.tree.map(lambda x: sharding.shard_rows(self.mesh, x)[0], lora)
     if self.packs_prompts():
       tokens_1T, positions_1T, packed, last_1B = pack_prompts(
           prompts, length, batch, self.pad_id, lora_per_row

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ttsi_jax.model import cpu_kernels
 from ttsi_jax.model import lora as lora_lib
@@ -315,8 +314,12 @@ class Trainer:
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay),
     )
-    self.init = jax.jit(jax.vmap(self._init_one))
-    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("remat",))
+    self.init = jax.jit(self._init_all, static_argnames=("mesh",))
+    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("remat", "mesh"))
+
+  def _init_all(self, rngs_A, *, mesh=None):
+    """Fresh adapters and optimizer states, each device making only its share (`mesh`)."""
+    return sharding.constrain_adapters(jax.vmap(self._init_one)(rngs_A), mesh)
 
   def _init_one(self, rng):
     adapter = lora_lib.init(
@@ -393,9 +396,11 @@ class Trainer:
       rng,
       *,
       remat,
+      mesh=None,
   ):
     """One update of every active adapter from a packed forward and backward pass per microbatch
-    (the first `microbatches` of M; their gradients summed)."""
+    (the first `microbatches` of M; their gradients summed). The adapters and their states come
+    and go split over `mesh` (`sharding.constrain_adapters`)."""
     num_adapters = learning_rate_A.shape[0]
     answer_tokens_A = jax.ops.segment_sum(
         weights_MBI.ravel(), answer_adapter_MBI.ravel(), num_segments=num_adapters
@@ -428,17 +433,15 @@ class Trainer:
       return keep(new_adapter, adapter), keep(new_state, opt_state)
 
     adapters, opt_states = jax.vmap(update)(grads, opt_states, adapters, learning_rate_A, active_A)
-    return adapters, opt_states, loss_A
+    return (*sharding.constrain_adapters((adapters, opt_states), mesh), loss_A)
 
   def train(self, params, steps: Sequence[PackedStep], rngs_A: jax.Array):
     """Fresh adapters (one key each), trained on `steps`: (adapters [A, ...], losses [steps, A]).
-    On a mesh the packed rows are split over its batch axes (data, fsdp); adapters and their
-    optimizer states are small and replicated."""
+    On a mesh the packed rows are split over its batch axes (data, fsdp), the adapters and their
+    optimizer states over its "adapters" axes."""
     mesh = sharding.mesh_of(params)
     init_rngs_A, dropout_rngs_A = jnp.unstack(jax.vmap(jax.random.split)(rngs_A), axis=1)
-    adapters, opt_states = self.init(init_rngs_A)
-    if mesh is not None:  # replicated, as the step returns them: else its 2nd call compiles again
-      adapters, opt_states = jax.device_put((adapters, opt_states), NamedSharding(mesh, PartitionSpec()))
+    adapters, opt_states = self.init(init_rngs_A, mesh=mesh)
     losses = []
     # Steps lower (on their first call of a shape) with the layer scan's stacks unfilled.
     with cpu_kernels.uninitialized_scan_outputs(single_device=sharding.on_one_device(mesh)):
@@ -453,6 +456,7 @@ class Trainer:
             *step.step_args(rows),
             rng,
             remat=self.remat_for(step, mesh),
+            mesh=mesh,
         )
         losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0, len(rngs_A)), np.float32)
@@ -476,10 +480,12 @@ class Trainer:
           f"{self.config.context_length} tokens (its positions or sliding window)."
       )
     per_call = per_call or len(examples)
-    rows = sharding.fill_batch_shards(sharding.mesh_of(params), 1)
+    mesh = sharding.mesh_of(params)
+    rows = sharding.fill_batch_shards(mesh, 1)
     starts = range(0, len(examples), per_call)
     chunks = [examples[start : start + per_call] for start in starts]
-    sizes = [bucket(len(chunk)) for chunk in chunks]  # bucketed adapter counts: a compile each
+    # Bucketed adapter counts (a compile each), filled to split evenly over the mesh.
+    sizes = [sharding.fill_batch_shards(mesh, bucket(len(chunk)), "adapters") for chunk in chunks]
     steps_of = [make_steps(self.cfg, chunk, pad_id, size, rows) for chunk, size in zip(chunks, sizes)]
     # One answer width and microbatch count for the whole call list: answers differ in length, and
     # each width would compile a step of its own, where a wider one costs only a few more logits
