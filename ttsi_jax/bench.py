@@ -270,7 +270,7 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
           params,
           adapters,
           opt_states,
-          *step.step_args(),
+          *step.step_args(sharding.shard_rows(mesh, *step.rows(), row_axis=1)),
           keys_A[0],
           remat=trainer.remat_for(step, mesh),
           mesh=mesh,

@@ -143,9 +143,9 @@ def on_one_device(mesh: Optional[Mesh]) -> bool:
 
 def fill_batch_shards(mesh: Optional[Mesh], size: int, logical: str = "batch") -> int:
   """`size` rounded up to a multiple of the ways the mesh splits a batch (data x fsdp; or the
-  `logical` axis given). A batch that does not divide evenly would be replicated, every device
-  computing every row: padding rows instead costs each device at most as many rows, and far less
-  compute in all."""
+  `logical` axis given). A batch that does not divide evenly would be split over fewer axes, or
+  replicated, every device computing every row: padding rows instead costs each device at most as
+  many rows, and far less compute in all."""
   shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in RULES[logical]]))
   return -(-size // shards) * shards
 

@@ -511,7 +511,8 @@ class Trainer:
   ):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [steps, A]); without dropout the result does not depend on `per_call`."""
+    losses [steps, A]); without dropout the result does not depend on `per_call`. On a mesh the
+    adapters come back whole on every device (a call's idle slots cut off: A need not split)."""
     parts, losses = [], []
     for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
       count = len(np.unique(slots_S))
