@@ -315,3 +315,26 @@ def test_the_report_flags_a_margin_at_exactly_tau_as_the_run_did():
   in_run = uncertainty.is_uncertain(stats, "margin", 0.95)
   stored = np.array(json.loads(json.dumps([float(m) for m in margin_B])))  # as results.jsonl keeps it
   assert in_run.tolist() == report._flagged(stored, 0.95).tolist() == [False, True, True]
+
+
+def test_function_choice_groups_adapted_inputs_by_the_functions_their_pairs_call(tmp_path):
+  """Base calls f on every input. Input 0's kept pair calls g and its answer follows (fixed);
+  input 1's calls g and its answer stays with f (unchanged, wrong); input 2's calls f and the
+  answer's arguments change (broken); input 3 is not adapted; input 4's pair was rejected."""
+  path = _workdir(tmp_path / "s0", 0, [(0.1, False, True), (0.2, False, False), (0.3, True, False)] * 2)
+  runs = report.load_runs([path])
+  recs = runs[0].records[:5]
+  recs[0].pairs = [Pair("r", "[g(x=1)]"), Pair("r", "[h()]", rejected="wrong function")]
+  recs[0].variants["ttsi"].answer = "[g(x=2)]"
+  recs[1].pairs = [Pair("r", "[g()]")]
+  recs[2].variants["ttsi"].answer = "[f(y=1)]"
+  recs[3].variants["ttsi"].adapted = False
+  recs[4].pairs = [Pair("r", "[g()]", rejected="unparseable")]
+  runs[0].records = recs
+  got = report.function_choice(runs, "ttsi")
+  assert got == {
+      "the base answer's": dict(inputs=1, follows=1, fixed=0, broken=1),
+      "other functions": dict(inputs=2, follows=1, fixed=1, broken=0),
+  }
+  text = open(report.write_report(runs, str(tmp_path / "out"))).read()
+  assert "| ttsi | other functions | 2.0 | 1.0 | 1.0 | 0.0 |" in text

@@ -6,8 +6,9 @@ Reads each workdir's `results.jsonl`, `config.json` and, once the run finished, 
 (the runs must hold the same inputs, one seed each) and writes `report.md` with accuracy per
 variant and mode (mean +- sample std over the runs), each variant
 against base and the ablations against each other input by input (fixed, broken, the difference
-with a bootstrap interval), the uncertainty flag against tau, the margin histogram of base-right
-and base-wrong inputs, the training data used and why pairs were rejected, and seconds per stage.
+with a bootstrap interval), which functions the pairs call against the base answer's and what the
+answers then call, the uncertainty flag against tau, the margin histogram of base-right and
+base-wrong inputs, the training data used and why pairs were rejected, and seconds per stage.
 
 The tau sweep comes from one run: with `all_inputs` every input has an adapted answer, and
 adapters are keyed by input, so TT-SI at tau is the `all_inputs` answer where margin < tau and the
@@ -28,6 +29,7 @@ from absl import app, flags
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 
 from ttsi_jax import config_schema
+from ttsi_jax.tasks import bfcl
 from ttsi_jax.ttsi import records as records_lib
 from ttsi_jax.ttsi import variants as variants_lib
 
@@ -234,6 +236,43 @@ def paired(
       low=float(low),
       high=float(high),
   )
+
+
+def _functions(text: str) -> Optional[frozenset]:
+  """The names of the functions a call list calls (None where it does not parse)."""
+  try:
+    return frozenset(call.name for call in bfcl.parse_calls(text))
+  except bfcl.ParseError:
+    return None
+
+
+def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, float]]:
+  """Where `variant`'s changes come from, on the inputs it adapted (or showed pairs to): grouped
+  by whether its kept pairs call the functions the base answer calls or others, per group the
+  inputs, how many answers call the pairs' functions, and the inputs fixed and broken against base
+  (each per run, mean over runs). On a many-function task the flag's candidates are function
+  names: a pair that calls another function can move the answer's choice, one that calls the
+  base answer's can only change its arguments."""
+  source = variants_lib.TABLE[variant].source
+  groups = {"the base answer's": "same", "other functions": "other"}
+  counts = {g: collections.Counter() for g in groups}
+  for run in runs:
+    for r in run.records:
+      answer = r.variants.get(variant)
+      pairs = r.pairs if source == "self" else r.teacher_pairs
+      kept = [p for p in pairs if not p.rejected] if isinstance(pairs, list) else []
+      if answer is None or not answer.adapted or not kept:
+        continue
+      called = frozenset().union(*(_functions(p.call) or frozenset() for p in kept))
+      group = "the base answer's" if called == _functions(r.base.answer) else "other functions"
+      base_right, right = r.base.correct["direct"], answer.correct["direct"]
+      counts[group].update(
+          inputs=1, follows=_functions(answer.answer) == called, fixed=right and not base_right,
+          broken=base_right and not right,
+      )  # fmt: skip
+  return {
+      g: {k: c[k] / len(runs) for k in ("inputs", "follows", "fixed", "broken")} for g, c in counts.items()
+  }
 
 
 def rejections(runs: Sequence[Run]) -> dict[str, float]:
@@ -470,6 +509,28 @@ def write_report(runs: Sequence[Run], out: str) -> str:
       ["variant", "against", "fixed", "broken", "difference (95% interval)", "what it is, or asks"], rows
   )
   lines += [""]
+
+  chosen = [
+      v for v in variants if variants_lib.TABLE.get(v) and variants_lib.TABLE[v].source in ("self", "teacher")
+  ]
+  if chosen:
+    lines += [
+        "## Which function the pairs call (direct mode)",
+        "",
+        "The inputs each variant adapted (or showed pairs to), by whether their kept pairs call the "
+        "functions of the base answer or others; answers calling the pairs' functions; inputs fixed "
+        "and broken against base (per run, mean over runs). A pair that calls other functions can "
+        "move the answer's choice of function; one that calls the base answer's only its arguments.",
+        "",
+    ]
+    rows = []
+    for v in chosen:
+      for group, c in function_choice(runs, v).items():
+        rows.append(
+            [v, group, f"{c['inputs']:.1f}", f"{c['follows']:.1f}", f"{c['fixed']:.1f}", f"{c['broken']:.1f}"]
+        )
+    lines += _table(["variant", "pairs call", "inputs", "answer calls them", "fixed", "broken"], rows)
+    lines += [""]
 
   _plot_margins(runs, os.path.join(out, "margins.png"))
   lines += ["## Margins of base-right and base-wrong inputs", "", "![margin histogram](margins.png)", ""]
