@@ -109,6 +109,11 @@ def test_batches_fill_the_data_and_fsdp_shards(shape, sizes):
   assert sharding.fill_batch_shards(None, 6) == 6
 
 
+def _shares(tree) -> set:
+  """(length, one device's share) of the leading axis of every leaf."""
+  return {(x.shape[0], x.addressable_shards[0].data.shape[0]) for x in jax.tree.leaves(tree)}
+
+
 def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(hf_checkpoints):
   from ttsi_jax.text import scoring
   from ttsi_jax.ttsi import adaptation
@@ -147,7 +152,7 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     trainer = adaptation.Trainer(config, cfg)
     specs, step = [], trainer.step
     trainer.step = lambda p, ad, opt, tokens, *rest, **kw: (
-        specs.append((getattr(tokens, "sharding", None), tokens.shape))
+        specs.append((getattr(tokens, "sharding", None), tokens.shape, _shares((ad, opt))))
         or step(p, ad, opt, tokens, *rest, **kw)
     )
     keys = keys_A[: len(examples)]
@@ -156,6 +161,9 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     one_device, mesh = (16, 2) if cfg.row_tokens else (1, 1)  # microbatches
     assert specs[0][0] is None and specs[0][1][:2] == (one_device, 1)
     assert specs[-1][0].spec == P(None, ("data", "fsdp"), None) and specs[-1][1][:2] == (mesh, 8)
+    # The adapters and their AdamW states: whole on one device; on the mesh the call's count
+    # filled to 8 slots, one on each device.
+    assert specs[0][2] == {(len(examples),) * 2} and specs[-1][2] == {(8, 1)}
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
     for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

@@ -310,21 +310,18 @@ def test_waves_in_the_same_buckets_compile_once(model):
   assert trainer.step._cache_size() == compiled + 1
 
 
-@pytest.mark.parametrize("with_cpu_kernels", [True, False])
-def test_on_a_mesh_each_device_keeps_its_share_of_the_adapters_and_they_train_as_on_one(
-    model, with_cpu_kernels
-):
-  """On a (2, 2, 2) mesh, whose tensor axis splits the base kernels: the adapters and their AdamW
-  states are split over the devices from their init through every step, a wave's steps compile
-  once (left to propagation, XLA's ops gave a LoRA b its kernel's tensor split and the second
-  step compiled again), and the adapters train as on one device. Without the CPU kernels: the
-  accelerators' ops."""
+def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_train_as_on_one(model):
+  """On a (2, 2, 2) mesh, whose tensor axis splits the base kernels, with the accelerators' ops (no
+  CPU kernels): the adapters and their AdamW states are split over the devices from their init
+  through every step, a wave's steps compile once (left to propagation, a LoRA b took its
+  kernel's tensor split and the second step compiled again), and the adapters train as on one
+  device. (The CPU kernels on a mesh: sharding_test.)"""
   config, params = model
   mesh = sharding.make_mesh((2, 2, 2))
   placed = jax.device_put(params, sharding.params_sharding(mesh, params, config))
   examples = [_examples(s, 1, 10, 14) for s in (2, 3, 4, 6, 8)]
   rngs = jax.random.split(jax.random.key(9), 5)
-  with contextlib.nullcontext() if with_cpu_kernels else cpu_kernels.xla_ops():
+  with cpu_kernels.xla_ops():
     want, want_losses = adaptation.Trainer(config, CFG).train_all(params, examples, 0, rngs)
     trainer = adaptation.Trainer(config, CFG)
     compiled_step, shares = trainer.step, []
