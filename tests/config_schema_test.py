@@ -105,14 +105,21 @@ def test_the_training_split_counts_for_icl_but_sfts_training_settings_do_not():
 def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_change_touches_it():
   direct = {"method_version": 3, "decoding": {"modes": "direct"}}
   voting = {"method_version": 3, "decoding": {"modes": "direct,majority"}}
-  assert config_schema.run_fields(direct)["method_version"] == config_schema.METHOD_VERSION == 4
+  assert config_schema.run_fields(direct)["method_version"] == config_schema.METHOD_VERSION == 5
   assert config_schema.run_fields(voting)["method_version"] == 3  # its majority verdicts differ
   assert config_schema.run_fields({"decoding": {"modes": "direct"}})["method_version"] == 1
   assert config_schema.run_fields({**direct, "method_version": 2})["method_version"] == 2
   newer = config_schema.METHOD_VERSION + 1  # a later checkout's records: not this code's method
   assert config_schema.run_fields({**direct, "method_version": newer})["method_version"] == newer
-  before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 4})
+  before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 5})
   assert config_schema.result_changing_differences(before, now) == ["method_version"]
+  # Version 5 (G's function names tokenized after "Call:") touches the runs of other models than
+  # the embedded default's, and of a local teacher, where G writes pairs well-formed.
+  own_model = {**direct, "method_version": 4, "model": {"path": "/ckpt/llama2"}}
+  assert config_schema.run_fields(own_model)["method_version"] == 4
+  assert config_schema.run_fields({**own_model, "synthesis": {"well_formed": False}})["method_version"] == 5
+  local_teacher = {**direct, "method_version": 4, "teacher": {"kind": "local"}}
+  assert config_schema.run_fields(local_teacher)["method_version"] == 4
 
 
 def test_a_stage_field_missing_from_the_config_is_refused_by_name():

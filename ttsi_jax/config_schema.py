@@ -138,8 +138,12 @@ RESULT_NEUTRAL = (
 VERSION_CHANGES = {
     # Majority votes count the samples that make no call (prose) as one answer: they did not vote,
     # so a lone call beat them, and all-prose samples were judged wrong where no call is right.
-    4: lambda fields: "majority"
-    in str(fields.get("decoding.modes", "")),
+    4: lambda fields: "majority" in str(fields.get("decoding.modes", "")),
+    # G's function candidates are tokenized as they follow "Call:" (`scoring.continuation`): alone,
+    # a SentencePiece "legacy" tokenizer put a word-start token before each. The embedded default's
+    # byte-level BPE tokenizes them alike either way (tested), so only other models' runs change.
+    5: lambda fields: fields.get("synthesis.well_formed", True)
+    and (bool(fields.get("model.path")) or fields.get("teacher.kind") == "local"),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 

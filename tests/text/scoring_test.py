@@ -95,3 +95,25 @@ def test_shared_tokens_score_as_an_extension_of_the_prefix(hf_checkpoints, per_r
   extended, _ = scoring.score_after(sampler, sampler.extend(pre, shared), candidates)
   np.testing.assert_allclose(fed, extended, atol=1e-4)
   assert not np.allclose(fed, scoring.score_after(sampler, pre, candidates)[0], atol=1e-2)
+
+
+def _legacy_sentencepiece():
+  """A tokenizer built as transformers builds a SentencePiece "legacy" one (Llama 2, Mistral
+  v0.1): "▁" before the text, spaces as "▁", no pre-tokenizer; "▁[" is one token."""
+  from tokenizers import Tokenizer, models, normalizers
+
+  chars = sorted(set("▁[]()=:.,Calqueftr"))
+  vocab = {c: i for i, c in enumerate(chars)} | {"▁[": len(chars)}
+  tokenizer = Tokenizer(models.BPE(vocab, [("▁", "[")]))
+  tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+  return lambda text: tokenizer.encode(text).ids, vocab
+
+
+def test_a_continuation_is_tokenized_as_it_follows_its_context():
+  encode, vocab = _legacy_sentencepiece()
+  # Alone, " [f" starts with the word start the tokenizer puts before any text; after "Call:" the
+  # model writes "▁[" straight away.
+  assert encode(" [f") == [vocab["▁"], vocab["▁["], vocab["f"]]
+  assert scoring.continuation(encode, "Call:", " [f") == [vocab["▁["], vocab["f"]]
+  # Where the boundary merges tokens, there is no clean tail: the text alone.
+  assert scoring.continuation(encode, "Call:▁", "[f") == encode("[f")

@@ -107,3 +107,17 @@ def test_chat_prompts_switch_thinking_off_where_the_template_can():
 )
 def test_strip_reasoning_keeps_the_answer_after_the_thinking_block(text, answer):
   assert tokenizer_lib.strip_reasoning(text) == answer
+
+
+def test_the_embedded_tokenizer_writes_every_bfcl_function_alike_alone_and_after_call():
+  """G scores each function's name as it follows "Call:" (`scoring.continuation`); the embedded
+  byte-level BPE tokenizes it alike alone, so runs of the embedded default are untouched by that
+  (config_schema.VERSION_CHANGES[5])."""
+  from ttsi_jax.text import scoring
+
+  encode = tokenizer_lib.load(None).encode
+  categories = ("multiple", "live_multiple", "parallel_multiple", "simple_python", "live_simple")
+  names = {f["name"] for c in categories for ex in BfclTask(c).examples() for f in ex.functions}
+  assert len(names) > 500
+  for name in names:
+    assert scoring.continuation(encode, "Request: Please do it.\nCall:", f" [{name}") == encode(f" [{name}")

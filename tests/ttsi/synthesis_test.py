@@ -458,3 +458,40 @@ def test_g_scores_the_candidates_after_call_colon_with_their_space(tiny_chat_mod
   (candidates,), mask = scored[0]
   assert candidates == [enc(" " + c[:-1]) + [scoring.TAIL] for c in task.candidates(ex)]
   assert mask is decoder.open_mask_V
+
+
+class _WordStartAlone:
+  """A tokenizer that, as a SentencePiece "legacy" one (Llama 2, Mistral v0.1), starts every text
+  it encodes alone with a word-start token (here the id of " "), which mid-text it does not."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.word_start = tokenizer.encode(" ")
+
+  def encode(self, text):
+    return self.word_start + self.tokenizer.encode(text)
+
+  def __getattr__(self, name):
+    return getattr(self.tokenizer, name)
+
+
+def test_function_names_are_scored_as_they_follow_call(tiny_chat_model, monkeypatch):
+  """G picks the function by the likelihood of " [name" after "Call:", tokenized as it follows
+  there: not with the word start that encoding it alone adds."""
+  task = BfclTask("multiple", 1)
+  config, params = checkpoints.load(tiny_chat_model)
+  plain = tokenizer_lib.load(tiny_chat_model)
+  sampler = sampler_lib.Sampler(config, params, plain.stop_ids, plain.pad_id)
+  cfg = synthesis.SynthesisConfig(k=1, well_formed=True, temperature=1.0, max_request_tokens=8)
+  synth = synthesis.ModelSynthesizer(task, constrained.CallDecoder(sampler, _WordStartAlone(plain)), cfg)
+  scored = []
+
+  def score_after(sampler, pre, candidates, tail_mask_V):
+    scored.append(candidates)
+    raise InterruptedError  # what follows the scoring is not under test
+
+  monkeypatch.setattr(scoring, "score_after", score_after)
+  with pytest.raises(InterruptedError):
+    synth.synthesize(task.examples(), jax.random.key(0))
+  names = [f["name"] for f in task.examples()[0].functions]
+  assert scored == [[[[*plain.encode(f" [{name}"), scoring.TAIL] for name in names]]]  # one call, one row

@@ -51,6 +51,17 @@ def action_tokens(encode, action: str) -> list[int]:
   return encode(action)
 
 
+def continuation(encode, context: str, text: str) -> list[int]:
+  """The ids `text` takes written after `context`: the tail of encoding both, or `text` alone where
+  their boundary merges tokens. A SentencePiece "legacy" tokenizer (Llama 2, Mistral v0.1) starts
+  a text it encodes alone with a word-start "▁" that mid-text it does not have (" [" alone is
+  "▁" "▁["); byte-level BPE splits at the boundary either way."""
+  ids, context_ids = encode(context + text), encode(context)
+  if ids[: len(context_ids)] == context_ids:
+    return ids[len(context_ids) :]
+  return encode(text)
+
+
 def pack_after(
     candidates: Sequence[Sequence[Sequence[int]]],
     batch: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import http.client
 import json
 import os
@@ -209,9 +210,14 @@ class ModelSynthesizer:
     leads = [f"Request: {r}\nCall: " for r in requests]
     # The function by likelihood, as H picks it (`Answerer.action_tokens`), after "Call:" and
     # with the space in the candidate: " [" is one token where the model writes it, so scoring
-    # "[" after a lone " " would ask for a split it never saw.
-    here = self.sampler.extend(pre, [enc(lead.rstrip(" ")) for lead in leads])
-    candidates = [[scoring.action_tokens(enc, " " + c) for c in self.task.candidates(ex)] for ex in rows]
+    # "[" after a lone " " would ask for a split it never saw. Each candidate is tokenized as it
+    # follows its row's lead (`scoring.continuation`).
+    contexts = [lead.rstrip(" ") for lead in leads]
+    here = self.sampler.extend(pre, [enc(context) for context in contexts])
+    candidates = [
+        [scoring.action_tokens(functools.partial(scoring.continuation, enc, context), " " + c) for c in cands]
+        for context, cands in zip(contexts, (self.task.candidates(ex) for ex in rows))
+    ]
     loglik, counts = scoring.score_after(self.sampler, here, candidates, self.decoder.open_mask_V)
     best = np.asarray(uncertainty.rss_stats(loglik, counts)["best"])
     names = [ex.functions[int(b)]["name"] for ex, b in zip(rows, best)]
