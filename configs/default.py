@@ -16,8 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # bfloat16 on accelerators
   # Packed training rows' attention (T): auto, xla or cudnn (flash attention; NVIDIA GPUs, 16-bit).
   config.model.attention = "auto"
-  # (data, fsdp, tensor) over one host's devices; empty = all on fsdp. Params are sharded over
-  # fsdp / tensor, rows and adapters split over data and fsdp. Hosts split the waves.
+  # (data, fsdp, tensor) over one host's devices; empty = all on fsdp, a product below the device
+  # count = the first devices. Params are sharded over fsdp / tensor, rows split over data and
+  # fsdp, adapters in training over all three. Hosts split the waves.
   config.mesh_shape = ()
 
   config.task = ml_collections.ConfigDict()

@@ -99,6 +99,7 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   examples = BfclTask("multiple", 4).examples()
   _Teacher.FAIL_ON = examples[1].question
   config = _config(tiny_chat_model, teacher_server)
+  config.mesh_shape = ()  # the main job's default mesh: the 8 simulated devices on fsdp
   workdir = str(tmp_path / "run")
   trained = []  # adapters per training call
   train_all = adaptation.Trainer.train_all
@@ -911,7 +912,7 @@ def test_a_workdir_resumes_under_changes_that_keep_results_and_refuses_others(tm
   (tmp_path / "results.jsonl").write_text('{"wave": 0}\n')
   run.config.adaptation.adapters_per_call = 1
   run.config.adaptation.remat = "on"
-  run.config.mesh_shape = (1, 1, 1)
+  run.config.mesh_shape = ()
   run.config.keep_adapters = "all"
   run.config.sampling.max_new_tokens = 7
   check(run)  # the results stay the same

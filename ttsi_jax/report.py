@@ -254,8 +254,7 @@ def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, fl
   names: a pair that calls another function can move the answer's choice, one that calls the
   base answer's can only change its arguments."""
   source = variants_lib.TABLE[variant].source
-  groups = {"the base answer's": "same", "other functions": "other"}
-  counts = {g: collections.Counter() for g in groups}
+  counts = {group: collections.Counter() for group in ("the base answer's", "other functions")}
   for run in runs:
     for r in run.records:
       answer = r.variants.get(variant)
@@ -266,10 +265,10 @@ def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, fl
       called = frozenset().union(*(_functions(p.call) or frozenset() for p in kept))
       group = "the base answer's" if called == _functions(r.base.answer) else "other functions"
       base_right, right = r.base.correct["direct"], answer.correct["direct"]
+      follows = _functions(answer.answer) == called
       counts[group].update(
-          inputs=1, follows=_functions(answer.answer) == called, fixed=right and not base_right,
-          broken=base_right and not right,
-      )  # fmt: skip
+          inputs=1, follows=follows, fixed=right and not base_right, broken=base_right and not right
+      )
   return {
       g: {k: c[k] / len(runs) for k in ("inputs", "follows", "fixed", "broken")} for g, c in counts.items()
   }

@@ -1,5 +1,7 @@
 """Sharded params on 8 simulated CPU devices give the single-device result."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -92,9 +94,12 @@ def test_a_rule_keeps_the_leading_mesh_axes_that_divide():
   assert sharding.logical_to_spec(mesh, ("batch",), (3,)) == P(None)
 
 
-def test_bad_mesh_shape_is_explained():
-  with pytest.raises(ValueError, match=r"Mesh shape \(3, 1, 1\).*needs 3 devices but 8"):
-    sharding.make_mesh((3, 1, 1))
+def test_bad_mesh_shape_is_explained_and_a_smaller_one_takes_the_first_devices(caplog):
+  with pytest.raises(ValueError, match=r"Mesh shape \(3, 2, 2\).*needs 12 devices but 8"):
+    sharding.make_mesh((3, 2, 2))
+  with caplog.at_level(logging.WARNING):
+    mesh = sharding.make_mesh((1, 2, 1))
+  assert list(mesh.devices.flat) == jax.devices()[:2] and "uses 2 of the 8 devices" in caplog.text
   with pytest.raises(ValueError, match=r"Mesh shape \(8,\) needs one size per axis"):
     sharding.make_mesh((8,))
 

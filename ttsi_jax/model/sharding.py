@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -57,16 +58,21 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 
 
 def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; default: every device on the fsdp axis."""
-  devices = devices if devices is not None else jax.devices()
+  """A (data, fsdp, tensor) mesh; default: every device on the fsdp axis. A shape of fewer devices
+  than there are takes the first ones (e.g. (1, 1, 1): one device), and says so."""
+  devices = list(devices if devices is not None else jax.devices())
   shape = tuple(shape) if shape else (1, len(devices), 1)
   if len(shape) != len(MESH_AXES):
     raise ValueError(f"Mesh shape {shape} needs one size per axis {MESH_AXES}, e.g. (1, 8, 1).")
-  if int(np.prod(shape)) != len(devices):
+  size = int(np.prod(shape))
+  if size > len(devices) or size < 1:
     raise ValueError(
-        f"Mesh shape {shape} (data, fsdp, tensor) needs {int(np.prod(shape))} devices "
-        f"but {len(devices)} are available; make the product equal the device count."
+        f"Mesh shape {shape} (data, fsdp, tensor) needs {size} devices "
+        f"but {len(devices)} are available; make the product at most the device count."
     )
+  if size < len(devices):
+    logging.warning("Mesh shape %s uses %d of the %d devices: %s.", shape, size, len(devices), devices[:size])
+    devices = devices[:size]
   # Auto axes: XLA propagates shardings from the placed params (no explicit-sharding typing).
   return jax.make_mesh(
       shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
