@@ -20,6 +20,6 @@ def get_config():
   config.adaptation.adapters_per_call = 64  # a wave's adapters packed in one call, also on CPU
   config.reserve = 256
   # One device: the tests' eight simulated CPU devices cost a whole run about 40% more on two
-  # cores. experiment_test's whole-loop test runs on all eight (mesh_shape=()).
+  # cores (experiment_test runs the main job on all eight against one).
   config.mesh_shape = (1, 1, 1)
   return config

@@ -91,6 +91,29 @@ def _config(model, url):
   return config
 
 
+def test_the_main_job_on_the_default_mesh_writes_what_one_device_writes(tiny_chat_model, tmp_path):
+  """The whole loop on the main job's default mesh (the 8 simulated devices on fsdp: prompts,
+  packed training rows and per-row adapters split over them, the adapters in training too) gives
+  one device's answers, pairs and verdicts, its margins and losses up to float sums' order."""
+  config = tiny.get_config()  # as report_test's tau sweep: its programs are the compile cache's
+  config.model.path = tiny_chat_model
+  config.task.num_examples, config.wave_size = 2, 2
+  config.variants, config.decoding.modes = "base,ttsi,all_inputs", "direct"
+  config.synthesis.validate = False  # a random model's pairs: keep them, so every input trains
+  config.uncertainty.tau = 1.01
+  experiment.run(config, str(tmp_path / "one"))
+  config.mesh_shape = ()
+  experiment.run(config, str(tmp_path / "mesh"))
+  one, mesh = (records.read(str(tmp_path / run / "results.jsonl")) for run in ("one", "mesh"))
+  assert len(one) == len(mesh) == 2
+  for a, b in zip(one, mesh):
+    np.testing.assert_allclose(b.margin, a.margin, atol=1e-4)
+    assert (b.base.answer, b.base.correct, b.pairs) == (a.base.answer, a.base.correct, a.pairs)
+    for v in ("ttsi", "all_inputs"):
+      assert b.variants[v].adapted and b.variants[v].answer == a.variants[v].answer
+      np.testing.assert_allclose(b.variants[v].losses, a.variants[v].losses, atol=1e-4)
+
+
 def _without_timing(metrics):
   return {k: v for k, v in metrics.items() if k != "timing"}
 
@@ -99,7 +122,6 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   examples = BfclTask("multiple", 4).examples()
   _Teacher.FAIL_ON = examples[1].question
   config = _config(tiny_chat_model, teacher_server)
-  config.mesh_shape = ()  # the main job's default mesh: the 8 simulated devices on fsdp
   workdir = str(tmp_path / "run")
   trained = []  # adapters per training call
   train_all = adaptation.Trainer.train_all
