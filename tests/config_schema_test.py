@@ -113,13 +113,16 @@ def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_chan
   assert config_schema.run_fields({**direct, "method_version": newer})["method_version"] == newer
   before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 5})
   assert config_schema.result_changing_differences(before, now) == ["method_version"]
-  # Version 5 (G's function names tokenized after "Call:") touches the runs of other models than
-  # the embedded default's, and of a local teacher, where G writes pairs well-formed.
-  own_model = {**direct, "method_version": 4, "model": {"path": "/ckpt/llama2"}}
-  assert config_schema.run_fields(own_model)["method_version"] == 4
-  assert config_schema.run_fields({**own_model, "synthesis": {"well_formed": False}})["method_version"] == 5
-  local_teacher = {**direct, "method_version": 4, "teacher": {"kind": "local"}}
-  assert config_schema.run_fields(local_teacher)["method_version"] == 4
+  # Version 5 (G's function names tokenized after "Call:") touches the runs where another model
+  # than the embedded default's writes pairs well-formed: self pairs, or a local teacher's for ttd.
+  version = lambda **run: config_schema.run_fields({**direct, "method_version": 4, **run})["method_version"]
+  own_model = {"model": {"path": "/ckpt/llama2"}}
+  assert version(**own_model, variants="base,ttsi") == 4
+  assert version(**own_model, variants="base,ttsi", synthesis={"well_formed": False}) == 5
+  assert version(**own_model, variants="base,oracle,sft,self_label,icl") == 5  # G writes nothing
+  assert version(variants="base,ttsi") == 5  # the embedded default
+  assert version(teacher={"kind": "local"}, variants="base,ttd") == 4
+  assert version(teacher={"kind": "local"}, variants="base,ttsi") == 5
 
 
 def test_a_stage_field_missing_from_the_config_is_refused_by_name():

@@ -359,7 +359,7 @@ def bench_scaling(config) -> dict:
   print(
       f"scaling: {_SHAPES.value} shapes, random weights, {config.model.dtype}, {attention} attention, "
       f"{prompt_tokens} + {answer_tokens} tokens per pair, {steps} steps per adapter, rank "
-      f"{trainer.cfg.rank}; {jax.device_count()} x {jax.devices()[0].device_kind}; "
+      f"{trainer.cfg.rank}; one {jax.devices()[0].device_kind}; "
       f"{config.model.dtype} matmul peak measured now: jax {peak:.1f} GFLOP/s"
   )
   print(
@@ -376,7 +376,7 @@ def bench_scaling(config) -> dict:
       "matmul_peak_gflop_per_s": peak,
       "device_kind": jax.devices()[0].device_kind,
       "attention": attention,
-      "devices": jax.device_count(),
+      "devices": 1,  # the random params are not placed on a mesh
       "rows": rows,
   }
   random_tokens = lambda n: rng.integers(0, c.vocab_size, n).tolist()
@@ -592,6 +592,7 @@ def bench_adapt(config) -> dict:
       "adapter-step",
       peak,
       reference="transformers + PEFT, one after another",
+      devices=exp.mesh.size,
   )
   return {
       "stage": "adapt",
@@ -690,6 +691,7 @@ def bench_score(config) -> dict:
       "prompt",
       peak,
       reference="transformers forward per candidate",
+      devices=exp.mesh.size,
   )
   return {"stage": "score", "prompts": len(prompts), "tokens": tokens, **result}
 
@@ -747,12 +749,14 @@ def bench_answer(config) -> dict:
       "prompt",
       _peak(exp, config),
       reference="transformers generate, as many tokens",
+      devices=exp.mesh.size,
   )
   return {"stage": "answer", "prompts": len(prompts), "answer_tokens": answer_tokens, **result}
 
 
-def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
-  """Prints and returns rows of (implementation, seconds, FLOPs it computes)."""
+def _table(title, rows, tokens, units, unit, peak, reference, devices: int) -> dict:
+  """Prints and returns rows of (implementation, seconds, FLOPs it computes); `devices`: how many
+  ours ran on (its mesh's)."""
   best_peak = max(peak.values())
   print(title)
   print(
@@ -790,7 +794,7 @@ def _table(title, rows, tokens, units, unit, peak, reference) -> dict:
       "matmul_peak_gflop_per_s": peak,
       "rows": out,
       "platform": platform,
-      "devices": jax.device_count(),
+      "devices": devices,
       **({"reference_device": "cpu"} if ref else {}),
   }
 
@@ -850,7 +854,7 @@ def main(argv):
 
   print(
       f"model: {checkpoints.resolve(config.model.path)}  dtype={config.model.dtype}  "
-      f"devices={jax.device_count()} ({jax.devices()[0].platform})"
+      f"devices={mesh.size} ({jax.devices()[0].platform})"
   )
   print(f"load (params + tokenizer): {load_s:.1f} s")
   print(f"greedy decode, {n} new tokens per row, best of {_REPEATS.value}:")
@@ -868,7 +872,7 @@ def main(argv):
           "stage": "decode",
           "new_tokens": n,
           "platform": jax.devices()[0].platform,
-          "devices": jax.device_count(),
+          "devices": mesh.size,
           **({"reference_device": "cpu"} if _REFERENCE.value else {}),
           "load_s": load_s,
           "rows": [

@@ -143,7 +143,10 @@ VERSION_CHANGES = {
     # a SentencePiece "legacy" tokenizer put a word-start token before each. The embedded default's
     # byte-level BPE tokenizes them alike either way (tested), so only other models' runs change.
     5: lambda fields: fields.get("synthesis.well_formed", True)
-    and (bool(fields.get("model.path")) or fields.get("teacher.kind") == "local"),
+    and (
+        (bool(fields.get("model.path")) and "self" in _sources(fields.get("variants", "")))
+        or (fields.get("teacher.kind") == "local" and "teacher" in _sources(fields.get("variants", "")))
+    ),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 
@@ -236,6 +239,11 @@ def _listed(value) -> list[str]:
   return [str(n).strip() for n in names if str(n).strip()]
 
 
+def _sources(variants) -> set:
+  """The training data sources (`variants.TABLE`) of the variants named."""
+  return {variants_lib.TABLE[v].source for v in _listed(variants) if v in variants_lib.TABLE}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises one ValueError naming every field whose value is out of its range."""
   bad = []
@@ -263,15 +271,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ttsi_jax.text.sampler import bucket  # pylint: disable=import-outside-toplevel (jax, only here)
 
   reserve = _get(config, "reserve")
-  local_teacher = _get(config, "teacher.kind") == "local"
-  writes_pairs = any(
-      v in variants_lib.TABLE
-      and (
-          variants_lib.TABLE[v].source == "self"
-          or (variants_lib.TABLE[v].source == "teacher" and local_teacher)
-      )
-      for v in _listed(_get(config, "variants"))
-  )
+  sources = _sources(_get(config, "variants"))
+  writes_pairs = "self" in sources or ("teacher" in sources and _get(config, "teacher.kind") == "local")
   request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
   needs = []
   if _get(config, "decoding.well_formed") is False and isinstance(new_tokens, int):

@@ -97,6 +97,8 @@ def test_a_rule_keeps_the_leading_mesh_axes_that_divide():
 def test_bad_mesh_shape_is_explained_and_a_smaller_one_takes_the_first_devices(caplog):
   with pytest.raises(ValueError, match=r"Mesh shape \(3, 2, 2\).*needs 12 devices but 8"):
     sharding.make_mesh((3, 2, 2))
+  with pytest.raises(ValueError, match=r"Mesh shape \(-1, -1, 1\) needs a size of at least 1"):
+    sharding.make_mesh((-1, -1, 1))
   with caplog.at_level(logging.WARNING):
     mesh = sharding.make_mesh((1, 2, 1))
   assert list(mesh.devices.flat) == jax.devices()[:2] and "uses 2 of the 8 devices" in caplog.text

@@ -111,8 +111,8 @@ def test_strip_reasoning_keeps_the_answer_after_the_thinking_block(text, answer)
 
 def test_the_embedded_tokenizer_writes_every_bfcl_function_alike_alone_and_after_call():
   """G scores each function's name as it follows "Call:" (`scoring.continuation`); the embedded
-  byte-level BPE tokenizes it alike alone, so runs of the embedded default are untouched by that
-  (config_schema.VERSION_CHANGES[5])."""
+  byte-level BPE tokenizes it alike alone (its GPT-2 pre-tokenizer splits ":" from " [" whatever
+  follows), so runs of the embedded default are untouched by that (config_schema.VERSION_CHANGES[5])."""
   from ttsi_jax.text import scoring
 
   encode = tokenizer_lib.load(None).encode

@@ -64,8 +64,10 @@ def make_mesh(shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
   shape = tuple(shape) if shape else (1, len(devices), 1)
   if len(shape) != len(MESH_AXES):
     raise ValueError(f"Mesh shape {shape} needs one size per axis {MESH_AXES}, e.g. (1, 8, 1).")
+  if min(shape) < 1:
+    raise ValueError(f"Mesh shape {shape} needs a size of at least 1 per axis {MESH_AXES}.")
   size = int(np.prod(shape))
-  if size > len(devices) or size < 1:
+  if size > len(devices):
     raise ValueError(
         f"Mesh shape {shape} (data, fsdp, tensor) needs {size} devices "
         f"but {len(devices)} are available; make the product at most the device count."
