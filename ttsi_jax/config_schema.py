@@ -143,9 +143,9 @@ VERSION_CHANGES = {
     # a SentencePiece "legacy" tokenizer put a word-start token before each. The embedded default's
     # byte-level BPE tokenizes them alike either way (tested), so only other models' runs change.
     5: lambda fields: fields.get("synthesis.well_formed", True)
-    and (
-        (bool(fields.get("model.path")) and "self" in _sources(fields.get("variants", "")))
-        or (fields.get("teacher.kind") == "local" and "teacher" in _sources(fields.get("variants", "")))
+    and any(
+        writer == "teacher" or fields.get("model.path")
+        for writer in _pair_writers(fields.get("variants", ""), fields.get("teacher.kind"))
     ),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
@@ -239,9 +239,14 @@ def _listed(value) -> list[str]:
   return [str(n).strip() for n in names if str(n).strip()]
 
 
-def _sources(variants) -> set:
-  """The training data sources (`variants.TABLE`) of the variants named."""
-  return {variants_lib.TABLE[v].source for v in _listed(variants) if v in variants_lib.TABLE}
+def _pair_writers(variants, teacher_kind) -> set:
+  """Which models of a run write pairs (G): "model" for the self-pair variants, "teacher" for ttd
+  with a local teacher."""
+  sources = {variants_lib.TABLE[v].source for v in _listed(variants) if v in variants_lib.TABLE}
+  writers = {"model"} if "self" in sources else set()
+  if "teacher" in sources and teacher_kind == "local":
+    writers.add("teacher")
+  return writers
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -271,8 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ttsi_jax.text.sampler import bucket  # pylint: disable=import-outside-toplevel (jax, only here)
 
   reserve = _get(config, "reserve")
-  sources = _sources(_get(config, "variants"))
-  writes_pairs = "self" in sources or ("teacher" in sources and _get(config, "teacher.kind") == "local")
+  writes_pairs = bool(_pair_writers(_get(config, "variants"), _get(config, "teacher.kind")))
   request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
   needs = []
   if _get(config, "decoding.well_formed") is False and isinstance(new_tokens, int):
