@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation = ml_collections.ConfigDict()
   config.adaptation.rank = 8
   config.adaptation.alpha = 16.0
-  # LoRA dropout. Its masks are drawn over a step's packed rows: with dropout > 0 the adapters
-  # depend on adapters_per_call and row_tokens too (their masks, not their expected updates).
+  # LoRA dropout. A token's masks derive from its adapter's key and its place in the adapter's
+  # data, so adapters_per_call, row_tokens and the mesh still change nothing but speed.
   config.adaptation.dropout = 0.0
   config.adaptation.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   config.adaptation.learning_rate = 1e-3  # paper: 1e-4; see docs/measured.md, "Learning rate"
@@ -93,13 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
   # time on CPU, where the packed call costs the same per adapter at steady state, but the demo's
   # T ran 2-30% slower packed, at 2.5-3x the memory (docs/measured.md). Results do not depend on
-  # it (dropout aside).
+  # it.
   config.adaptation.adapters_per_call = 0
   # Tokens per microbatch of a step's packed rows: the microbatches run one after another inside
   # the step, their gradients summed, so a step keeps one microbatch's activations. 0 = auto: as
   # many as keep them under a quarter of the device's memory (all of a step's tokens at once,
-  # unless that would not fit), so that remat is the last resort. Results do not depend on it
-  # (dropout aside).
+  # unless that would not fit), so that remat is the last resort. Results do not depend on it.
   config.adaptation.row_tokens = 0
   # Recompute each layer in the backward pass: "auto" does when the activations a device keeps for
   # one microbatch would pass half of its memory (ttsi_jax.ttsi.adaptation.activation_bytes: a

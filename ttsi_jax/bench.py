@@ -271,7 +271,7 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
           adapters,
           opt_states,
           *step.step_args(sharding.shard_rows(mesh, *step.rows(), row_axis=1)),
-          keys_A[0],
+          keys_A,
           remat=trainer.remat_for(step, mesh),
           mesh=mesh,
           trace_dir=_TRACE_DIR.value or None,

@@ -106,9 +106,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 # Fields that do not change what a run computes: its speed (adapters_per_call, row_tokens, remat
 # and mesh_shape only reorder float sums: results agree to ~1e-5), what it saves besides the
 # results, or only `generate` (sampling.*). A run may resume under other values of them (e.g. on
-# another machine), and a report may average runs that differ in them. With adaptation.dropout >
-# 0 adapters_per_call, row_tokens and mesh_shape (or, with mesh_shape=(), the device count) also
-# redraw the dropout masks, which are drawn over the packed rows (see ttsi_jax.ttsi.adaptation).
+# another machine), and a report may average runs that differ in them (LoRA dropout's masks
+# follow each token, not the packed rows: see ttsi_jax.ttsi.adaptation).
 RESULT_NEUTRAL = (
     "adaptation.adapters_per_call",
     "adaptation.row_tokens",
@@ -147,6 +146,9 @@ VERSION_CHANGES = {
         writer == "teacher" or fields.get("model.path")
         for writer in _pair_writers(fields.get("variants", ""), fields.get("teacher.kind"))
     ),
+    # LoRA dropout's masks follow each token (its adapter's key, the step, its place in the
+    # adapter's data), where they were drawn over each packed call's rows.
+    6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0,
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 

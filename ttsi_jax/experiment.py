@@ -9,8 +9,7 @@ Per wave of inputs, `run_wave` calls one stage after another (see its body):
   -> `answer_variants`: per-input adapters, the sft baseline and ICL prompts, through one path
   -> check (`_record`) -> one JSON line per input in results.jsonl (flushed per wave).
 A run restarted with the same workdir skips the finished waves; every random key is derived from
-the seed and the input id (but adaptation.dropout > 0's masks, drawn per packed call: see
-ttsi_jax.ttsi.adaptation), so the resumed run ends with the same metrics as an uninterrupted one.
+the seed and the input id, so the resumed run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -124,20 +124,28 @@ def test_fresh_lora_is_exactly_the_base_model(hf_checkpoints):
   assert float(jnp.max(jnp.abs(changed - base))) > 1e-3
 
 
-def test_lora_dropout_zeroes_the_rate_scales_the_rest_and_only_trains():
+def test_lora_dropout_zeroes_the_rate_scales_the_rest_and_follows_each_token():
   """Inverted dropout on the branch's input: a fraction `rate` of x zeroed, the rest / (1 - rate)
-  (so the branch's mean is unchanged), and nothing without a dropout rng (answering)."""
-  rate, x = 0.3, jnp.ones((4096, 8), jnp.float32)
-  layer = transformer.Linear(8, use_bias=False, dtype="float32", param_dtype="float32")
+  (so the branch's mean is unchanged), and nothing without dropout keys (answering). A token's mask
+  is its key's and the module's: the same wherever the token sits, another in another module."""
+  rate, x = 0.3, jnp.ones((1, 4096, 8), jnp.float32)
+  keys_BT = jax.random.split(jax.random.key(0), 4096)[None]
   variables = {"params": {"kernel": jnp.zeros((8, 8))}}
   lora = {"a": jnp.eye(8), "b": jnp.eye(8)}  # the branch passes dropout(x) through
-  branch = lambda rngs: np.asarray(layer.apply(variables, x, lora, (1.0, rate), rngs=rngs))
-  np.testing.assert_array_equal(branch({}), np.asarray(x))
-  dropped = branch({"dropout": jax.random.key(0)})
+
+  def branch(keys_BT, name="q_proj"):
+    layer = transformer.Linear(8, use_bias=False, dtype="float32", param_dtype="float32", name=name)
+    return np.asarray(layer.apply(variables, x, lora, (1.0, rate), dropout_keys_BT=keys_BT))
+
+  np.testing.assert_array_equal(branch(None), np.asarray(x))
+  dropped = branch(keys_BT)
   np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / (1 - rate)], rtol=1e-6)
   assert abs((dropped == 0).mean() - rate) < 0.02
   assert abs(dropped.mean() - 1.0) < 0.03
-  assert not np.array_equal(dropped, branch({"dropout": jax.random.key(1)}))  # a mask per key
+  order = np.random.RandomState(0).permutation(4096)
+  np.testing.assert_array_equal(branch(keys_BT[:, order]), dropped[:, order])
+  assert not np.array_equal(dropped, branch(keys_BT, "k_proj"))  # a mask per module
+  assert not np.array_equal(dropped, branch(jax.random.split(jax.random.key(1), 4096)[None]))
 
 
 @pytest.mark.parametrize("targets", [lora_lib.ALL_LINEAR, ("q_proj", "v_proj", "up_proj", "down_proj")])

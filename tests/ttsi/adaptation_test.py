@@ -260,6 +260,26 @@ def test_dropout_changes_training_only_when_enabled(model):
   )
 
 
+def test_dropout_keeps_each_adapter_independent_of_its_call_and_microbatches(model):
+  """With LoRA dropout an adapter still trains alike in one call with the others, alone, or over
+  microbatches: a token's masks derive from its adapter's key, the step and its place in the
+  adapter's batch (batches of 2 here), not from the rows it shares."""
+  config, params = model
+  cfg = AdaptConfig(**{**CFG.__dict__, "dropout": 0.3, "batch_size": 2, "epochs": 2})
+  examples = [_examples(0, 1), _examples(1, 3, 20, 40), _examples(2, 2)]
+  rngs = jax.random.split(jax.random.key(6), 3)
+  together, losses = adaptation.Trainer(config, cfg).train_all(params, examples, 0, rngs)
+  undropped, _ = adaptation.Trainer(config, CFG).train_all(params, examples, 0, rngs)
+  assert not np.allclose(np.asarray(jax.tree.leaves(together)[0]), np.asarray(jax.tree.leaves(undropped)[0]))
+  alone = adaptation.Trainer(config, cfg), 1  # one adapter per call
+  split = adaptation.Trainer(config, AdaptConfig(**{**cfg.__dict__, "row_tokens": 64})), 0  # a pair each
+  for trainer, per_call in (alone, split):
+    got, got_losses = trainer.train_all(params, examples, 0, rngs, per_call)
+    np.testing.assert_allclose(got_losses, losses, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(together), strict=True):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
 def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
   config, params = model
   # One pair each, lengths in one bucket: each way below compiles a single step program (mixed
@@ -403,7 +423,7 @@ def test_a_step_without_remat_keeps_what_activation_bytes_counts(model, capsys):
   step = adaptation.make_steps(CFG, [_examples(0, 1), _examples(1, 1)], 0, 2)[0]
   adapters, _ = trainer.init(jax.random.split(jax.random.key(0), 2))
   packing, rows = _packed_step_args(step)
-  loss = lambda ad: trainer.packed_loss(params, ad, packing, *rows, None, remat=False)[0]
+  loss = lambda ad: trainer.packed_loss(params, ad, packing, *rows, remat=False)[0]
   print_saved_residuals(loss, adapters)
   # The layer scan's stacked activations: [L, B, ...] arrays with a T axis.
   (B, T), kept = step.tokens_MBT.shape[1:], 0
@@ -427,7 +447,7 @@ def _compiled_step(model, remat, uninitialized=False):
         adapters,
         opt_states,
         *step.step_args(),
-        jax.random.key(0),
+        jax.random.split(jax.random.key(0), 1),
         remat=remat,
     )
   return lowered.compile().as_text()

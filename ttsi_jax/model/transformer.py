@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -148,6 +149,16 @@ class Packing:
   adapter_BXA: jax.Array  # one-hot adapter of each block (padding blocks: all zero)
   seq_blocks_BUW: jax.Array  # int32 block w of the row's sequence u (X: padding)
   block_slots_BX: jax.Array  # int32 slot u x W + w of each block (M = U x W: padding block)
+  # LoRA dropout's key of each token (typed PRNG keys; None: no dropout). A token's masks derive
+  # from its key, the layer and the module alone (`dropout_keep`), not from the rows it shares.
+  dropout_keys_BT: Optional[jax.Array] = None
+
+  def for_layer(self, layer: jax.Array) -> Packing:
+    """The packing as `layer` sees it: its tokens' dropout keys folded with the layer index."""
+    if self.dropout_keys_BT is None:
+      return self
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (0, None))
+    return self.replace(dropout_keys_BT=fold(self.dropout_keys_BT, layer))
 
   def to_sequences(self, x_BT: jax.Array) -> jax.Array:
     """[B, T, ...] rows -> [B x U, W x Z, ...] sequences (padding slots: zeros)."""
@@ -193,6 +204,20 @@ class PackedPrompts:
     """[1, T, ...] -> [B, P, ...]: each cache slot's token, `fill` in padding slots."""
     pad = jnp.full((1,) + x_1Tc.shape[2:], fill, x_1Tc.dtype)
     return jnp.concatenate([x_1Tc[0], pad])[self.to_cache_BP]
+
+
+def dropout_keys(packing: Optional[Packing]) -> Optional[jax.Array]:
+  """The tokens' LoRA dropout keys, or None: no dropout."""
+  return None if packing is None else packing.dropout_keys_BT
+
+
+def dropout_keep(keys_BT: jax.Array, module: str, rate, features: int) -> jax.Array:
+  """bool [B, T, features]: which of each token's inputs to `module`'s LoRA branch dropout keeps,
+  drawn from the token's key (`Packing.dropout_keys_BT`, already folded with its layer) and the
+  module's name, so that a token's masks do not depend on which tokens share its rows."""
+  salt = zlib.crc32(module.encode())
+  draw = lambda key: jax.random.bernoulli(jax.random.fold_in(key, salt), 1.0 - rate, (features,))
+  return jax.vmap(jax.vmap(draw))(keys_BT)
 
 
 def block_adapters(packing: Optional[Packing], prompts: Optional[PackedPrompts]) -> Optional[jax.Array]:
@@ -279,7 +304,8 @@ def linear_product(x, w, transpose_w: bool = False, real=None):
 
 class Linear(nn.Module):
   """x @ kernel (+ bias), plus the low-rank update scale * (dropout(x) @ a) @ b when a LoRA slice is
-  given. `lora_hp` = (scale, dropout rate); dropout is applied only when a "dropout" rng is passed.
+  given. `lora_hp` = (scale, dropout rate); dropout is applied only where the tokens' dropout keys
+  are given (`dropout_keep`).
   `xa` is the branch's rank-R input scale * (x @ a), when the caller computed it for several layers
   that read the same x (`shared_lora_inputs`). `real` marks the rows of x that hold tokens: the
   product may skip the others (`linear_product`), whose outputs are then not x @ kernel."""
@@ -291,7 +317,7 @@ class Linear(nn.Module):
   out_dtype: str | None = None  # None: the compute dtype
 
   @nn.compact
-  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None, xa=None, real=None):
+  def __call__(self, x, lora=None, lora_hp=None, adapter_BXA=None, xa=None, real=None, dropout_keys_BT=None):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
     )
@@ -301,8 +327,8 @@ class Linear(nn.Module):
     if lora is not None:
       if xa is None:
         scale, rate = lora_hp
-        if self.has_rng("dropout"):
-          keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+        if dropout_keys_BT is not None:
+          keep = dropout_keep(dropout_keys_BT, self.name, rate, x.shape[-1])
           x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
         xa = _lora_input(x, lora["a"], scale, adapter_BXA, self.dtype)
       y = _lora_output(y, xa, lora["b"], adapter_BXA, self.dtype)
@@ -589,11 +615,12 @@ class Attention(nn.Module):
         Linear(f, b, c.dtype, c.param_dtype, name=n),
         adapter_BXA=block_adapters(packing, prompts),
         real=wanted_BT if n in ("q_proj", "o_proj") else real_BT,
+        dropout_keys_BT=dropout_keys(packing),
     )
     B, T, _ = x_BTD.shape
     loras = [_sub(lora, name) for name in ("q_proj", "k_proj", "v_proj")]
     xa_q, xa_k, xa_v = shared_lora_inputs(
-        x_BTD, loras, lora_hp, block_adapters(packing, prompts), c.dtype, self.has_rng("dropout")
+        x_BTD, loras, lora_hp, block_adapters(packing, prompts), c.dtype, dropout_keys(packing) is not None
     )
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x_BTD, loras[0], lora_hp, xa=xa_q)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x_BTD, loras[1], lora_hp, xa=xa_k)
@@ -669,14 +696,18 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None, wanted_BT=None):
+  def __call__(self, x_BTD, lora, lora_hp, adapter_BXA=None, wanted_BT=None, dropout_keys_BT=None):
     """`wanted_BT`: the rows whose output is needed (None: all)."""
     c = self.config
     dense = lambda n, f: functools.partial(
-        Linear(f, False, c.dtype, c.param_dtype, name=n), adapter_BXA=adapter_BXA, real=wanted_BT
+        Linear(f, False, c.dtype, c.param_dtype, name=n),
+        adapter_BXA=adapter_BXA,
+        real=wanted_BT,
+        dropout_keys_BT=dropout_keys_BT,
     )
     loras = [_sub(lora, "gate_proj"), _sub(lora, "up_proj")]
-    xa_gate, xa_up = shared_lora_inputs(x_BTD, loras, lora_hp, adapter_BXA, c.dtype, self.has_rng("dropout"))
+    dropout = dropout_keys_BT is not None
+    xa_gate, xa_up = shared_lora_inputs(x_BTD, loras, lora_hp, adapter_BXA, c.dtype, dropout)
     gate = saved(dense("gate_proj", c.mlp_dim)(x_BTD, loras[0], lora_hp, xa=xa_gate))
     up = saved(dense("up_proj", c.mlp_dim)(x_BTD, loras[1], lora_hp, xa=xa_up))
     return dense("down_proj", c.embed_dim)(nn.silu(gate) * up, _sub(lora, "down_proj"), lora_hp)
@@ -701,6 +732,8 @@ class Block(nn.Module):
     wanted_BT = positions_BT >= 0
     if last_rows_BT is not None:
       wanted_BT &= (layer < c.num_layers - 1) | last_rows_BT
+    if packing is not None:
+      packing = packing.for_layer(layer)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_norm")(x_BTD)
     h, new_kv = Attention(c, self.prefill, name="attn")(
         h, positions_BT, mask_BTS, kv, _sub(lora, "attn"), lora_hp, packing, prompts, wanted_BT
@@ -708,7 +741,7 @@ class Block(nn.Module):
     x_BTD = saved(x_BTD + h)
     h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attn_norm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(
-        h, _sub(lora, "mlp"), lora_hp, block_adapters(packing, prompts), wanted_BT
+        h, _sub(lora, "mlp"), lora_hp, block_adapters(packing, prompts), wanted_BT, dropout_keys(packing)
     )
     if new_kv is not None:
       k_cache, v_cache = new_kv
@@ -811,7 +844,7 @@ class Transformer(nn.Module):
     layers = nn.scan(
         nn.remat(Block, prevent_cse=False, policy=None if self.remat else SAVED_ONLY),
         variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
+        split_rngs={"params": True},
         in_axes=(0, 0) + (nn.broadcast,) * 7,
         length=c.num_layers,
     )(c, self.prefill, name="layers")
@@ -857,7 +890,6 @@ def forward(
     *,
     segments_BT=None,
     select_BI=None,
-    dropout_rng=None,
     packing=None,
     remat=True,
     prefill=False,
@@ -869,9 +901,9 @@ def forward(
   `segments_BT` packs several sequences in a row: a token sees keys of its own segment and of
   segment 0 (e.g. one prompt, or a cached prefix, shared by N candidate continuations).
   `select_BI` picks the time indices whose logits are returned (logits_BIV instead of logits_BTV).
-  `dropout_rng` turns on LoRA dropout (training only). `packing` runs packed training rows: `lora`
-  then holds A adapters (leaves [L, A, in, R] / [L, A, R, out]) and each block of tokens uses its
-  own (see `Packing`).
+  `packing` runs packed training rows: `lora` then holds A adapters (leaves [L, A, in, R] /
+  [L, A, R, out]) and each block of tokens uses its own (see `Packing`); its dropout keys turn on
+  LoRA dropout (training only).
   `remat` recomputes each layer in the backward pass (saves memory, costs a forward); without it
   the backward pass keeps the matmul outputs it needs and recomputes the cheap rest (`SAVED_ONLY`).
   `prefill` promises that `cache` is empty (fresh from `KVCache.init`) and that each row is one
@@ -890,7 +922,6 @@ def forward(
     weights, hp = None, (1.0, 0.0)
   else:
     weights, hp = lora.weights, (lora.scale, lora.dropout)
-  rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora is not None else {}
   return Transformer(config, remat, prefill).apply(
       {"params": params},
       tokens_BT,
@@ -902,7 +933,6 @@ def forward(
       select_BI,
       packing,
       prompts,
-      rngs=rngs,
   )
 
 

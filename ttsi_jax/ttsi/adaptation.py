@@ -6,9 +6,9 @@ block's LoRA branch uses its own adapter, and attention stays within each sequen
 belongs to an adapter carries a leading adapter axis A: LoRA params, AdamW state (updated under
 `jax.vmap`), the learning rate. Each adapter has its own number of steps (epochs x its own batches)
 and its own warmup-cosine schedule; an adapter whose data ran out is left out of later steps and
-kept unchanged, so training A adapters together equals training each alone. (LoRA dropout, off
-by default, is the exception: its masks are drawn over the packed rows, so which adapters share
-a call and a microbatch changes them, not what they do in expectation.)
+kept unchanged, so training A adapters together equals training each alone. LoRA dropout (off by
+default) keeps that: each token's masks derive from its adapter's key, the step, and the token's
+index among its adapter's tokens in the step (`token_index`), not from the rows it lands in.
 Loss: each adapter's mean cross-entropy on its answer tokens only; the step minimises their sum,
 whose gradient for each adapter is that adapter's own.
 A step's rows are split into M microbatches of about `row_tokens` tokens (M = the step's tokens /
@@ -21,6 +21,7 @@ padding microbatches are not run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -93,6 +94,7 @@ class PackedStep:
 
   tokens_MBT: np.ndarray
   positions_MBT: np.ndarray  # -1 = padding
+  token_index_MBT: np.ndarray  # each token's index among its adapter's tokens in the step (dropout)
   adapter_MBXA: np.ndarray  # bool, one-hot adapter of each block
   select_MBI: np.ndarray  # indices whose logits predict the answer tokens
   targets_MBI: np.ndarray
@@ -109,6 +111,7 @@ class PackedStep:
     return (
         self.tokens_MBT,
         self.positions_MBT,
+        self.token_index_MBT,
         self.adapter_MBXA,
         self.seq_blocks_MBUW,
         self.block_slots_MBX,
@@ -119,7 +122,7 @@ class PackedStep:
     )
 
   def step_args(self, rows: Sequence[jax.Array] | None = None) -> tuple:
-    """`Trainer.step`'s arguments after the adapters' state and before the dropout key: the rows
+    """`Trainer.step`'s arguments after the adapters' state and before the dropout keys: the rows
     (`rows()`, or those given, e.g. sharded over a mesh), microbatch count, rates and active flags."""
     rows = self.rows() if rows is None else tuple(rows)
     return (*rows, np.int32(self.microbatches), self.learning_rate_A, self.active_A)
@@ -133,10 +136,15 @@ def pack(
     block: int = BLOCK,
 ) -> dict:
   """Packs (adapter, prompt ids, answer ids) sequences into `num_rows` rows of whole blocks, the
-  longest first into the emptiest row (rows are what the mesh's batch axes split)."""
+  longest first into the emptiest row (rows are what the mesh's batch axes split). A token's
+  `token_index` counts its adapter's tokens before it, its sequences taken in their given order."""
   rows: list[list[int]] = [[] for _ in range(num_rows)]
   used = [0] * num_rows
   order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][1] + sequences[i][2]))
+  first_index, seen = [], collections.Counter()
+  for adapter, prompt, answer in sequences:
+    first_index.append(seen[adapter])
+    seen[adapter] += len(prompt + answer)
   for i in order:
     r = int(np.argmin(used))
     rows[r].append(i)
@@ -151,6 +159,7 @@ def pack(
   out = dict(
       tokens_BT=np.full((num_rows, T), pad_id, np.int32),
       positions_BT=np.full((num_rows, T), -1, np.int32),
+      token_index_BT=np.zeros((num_rows, T), np.int32),
       adapter_BXA=np.zeros((num_rows, X, num_adapters), bool),
       seq_blocks_BUW=np.full((num_rows, U, W), X, np.int32),
       block_slots_BX=np.full((num_rows, X), U * W, np.int32),
@@ -166,6 +175,7 @@ def pack(
       seq, n, m = prompt + answer, len(prompt), len(answer)
       out["tokens_BT"][r, at : at + len(seq)] = seq
       out["positions_BT"][r, at : at + len(seq)] = np.arange(len(seq))
+      out["token_index_BT"][r, at : at + len(seq)] = first_index[i] + np.arange(len(seq))
       blocks = np.arange(at // block, -(-(at + len(seq)) // block))
       out["adapter_BXA"][r, blocks, adapter] = True
       out["seq_blocks_BUW"][r, u, : len(blocks)] = blocks
@@ -205,6 +215,7 @@ def pad_step(step: PackedStep, microbatches: int, slots: int) -> PackedStep:
       step,
       tokens_MBT=pad(step.tokens_MBT, 0),
       positions_MBT=pad(step.positions_MBT, -1),
+      token_index_MBT=pad(step.token_index_MBT, 0),
       adapter_MBXA=pad(step.adapter_MBXA, False),
       seq_blocks_MBUW=pad(step.seq_blocks_MBUW, X),
       block_slots_MBX=pad(step.block_slots_MBX, U * W),
@@ -266,6 +277,14 @@ def make_steps(
         )
     )
   return steps
+
+
+def token_keys(step_keys_A: jax.Array, adapter_BXA: jax.Array, token_index_BT: jax.Array) -> jax.Array:
+  """Each token's LoRA dropout key [B, T]: its adapter's key for the step folded with its
+  `token_index` (padding tokens: any key; their outputs are never read)."""
+  X, T = adapter_BXA.shape[1], token_index_BT.shape[1]
+  adapter_BT = jnp.repeat(jnp.argmax(adapter_BXA, -1), T // X, axis=1)
+  return jax.vmap(jax.vmap(jax.random.fold_in))(step_keys_A[adapter_BT], token_index_BT)
 
 
 def activation_bytes(config: ModelConfig, step: PackedStep, batch_shards: int = 1) -> int:
@@ -345,7 +364,6 @@ class Trainer:
       weights_BI,
       answer_adapter_BI,
       answer_tokens_A,
-      rng,
       *,
       remat: bool,
   ):
@@ -364,7 +382,6 @@ class Trainer:
         select_BI=select_BI,
         packing=packing,
         remat=remat,
-        dropout_rng=rng if self.cfg.dropout > 0 else None,
     )
     # The target's logit less the log-partition: log_softmax's [I, V] output and its gradient are
     # never formed (measured 1.6x faster for 96 answer slots at SmolLM2's vocabulary).
@@ -383,6 +400,7 @@ class Trainer:
       opt_states,
       tokens_MBT,
       positions_MBT,
+      token_index_MBT,
       adapter_MBXA,
       seq_blocks_MBUW,
       block_slots_MBX,
@@ -393,33 +411,37 @@ class Trainer:
       microbatches,
       learning_rate_A,
       active_A,
-      rng,
+      dropout_keys_A,
       *,
       remat,
       mesh=None,
   ):
     """One update of every active adapter from a packed forward and backward pass per microbatch
-    (the first `microbatches` of M; their gradients summed). The adapters and their states come
-    and go split over `mesh` (`sharding.constrain_adapters`)."""
+    (the first `microbatches` of M; their gradients summed). `dropout_keys_A`: each adapter's key
+    for this step's LoRA dropout (unused without). The adapters and their states come and go split
+    over `mesh` (`sharding.constrain_adapters`)."""
     num_adapters = learning_rate_A.shape[0]
     answer_tokens_A = jax.ops.segment_sum(
         weights_MBI.ravel(), answer_adapter_MBI.ravel(), num_segments=num_adapters
     )
 
-    def grads_of(m, rng):
-      packing = transformer.Packing(adapter_MBXA[m], seq_blocks_MBUW[m], block_slots_MBX[m])
+    def grads_of(m):
+      keys_BT = None
+      if self.cfg.dropout > 0:
+        keys_BT = token_keys(dropout_keys_A, adapter_MBXA[m], token_index_MBT[m])
+      packing = transformer.Packing(adapter_MBXA[m], seq_blocks_MBUW[m], block_slots_MBX[m], keys_BT)
       rows = (tokens_MBT, positions_MBT, select_MBI, targets_MBI, weights_MBI, answer_adapter_MBI)
       rows = tuple(x[m] for x in rows) + (answer_tokens_A,)
-      loss = lambda adapters: self.packed_loss(params, adapters, packing, *rows, rng, remat=remat)
+      loss = lambda adapters: self.packed_loss(params, adapters, packing, *rows, remat=remat)
       (_, loss_A), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
       return grads, loss_A
 
     if tokens_MBT.shape[0] == 1:
-      grads, loss_A = grads_of(0, rng)
+      grads, loss_A = grads_of(0)
     else:  # one microbatch after another; the padding ones are not run
 
       def accumulate(m, sums):
-        grads, loss_A = grads_of(m, jax.random.fold_in(rng, m))
+        grads, loss_A = grads_of(m)
         return jax.tree.map(jnp.add, sums, (grads, loss_A))
 
       zeros = jax.tree.map(jnp.zeros_like, (adapters, learning_rate_A))
@@ -446,15 +468,14 @@ class Trainer:
     # Steps lower (on their first call of a shape) with the layer scan's stacks unfilled.
     with cpu_kernels.uninitialized_scan_outputs(single_device=sharding.on_one_device(mesh)):
       for s, step in enumerate(steps):
-        # One dropout key per step (dropout > 0 draws its masks over the packed rows).
-        rng = jax.random.fold_in(dropout_rngs_A[0], s)
+        step_keys_A = jax.vmap(jax.random.fold_in, (0, None))(dropout_rngs_A, s)
         rows = sharding.shard_rows(mesh, *step.rows(), row_axis=1)
         adapters, opt_states, loss = self.step(
             params,
             adapters,
             opt_states,
             *step.step_args(rows),
-            rng,
+            step_keys_A,
             remat=self.remat_for(step, mesh),
             mesh=mesh,
         )
@@ -511,7 +532,7 @@ class Trainer:
   ):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [steps, A]); without dropout the result does not depend on `per_call`. On a mesh the
+    losses [steps, A]); the result does not depend on `per_call`. On a mesh the
     adapters come back whole on every device (a call's idle slots cut off: A need not split)."""
     parts, losses = [], []
     for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
