@@ -693,7 +693,8 @@ class Experiment:
     return data_for
 
   def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
-    """T: (adapters [jobs, ...], losses [steps, jobs]) for the plan's jobs; (None, None) when none.
+    """T: (adapters [jobs, ...], losses [steps, jobs]) for the plan's jobs (on a mesh the stack
+    may hold more: `Trainer.train_all`); (None, None) when none.
     Keys by input alone: every data source starts from the same adapter init on an input, so
     variants differ by their data, not by their random draws."""
     if not plan.jobs:

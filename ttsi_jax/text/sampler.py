@@ -393,6 +393,18 @@ def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None,
   return _prefill_packed(config, params, tokens_1T, positions_1T, prompts, last_1B, lora, length)
 
 
+@functools.partial(jax.jit, static_argnames=("count", "size", "mesh"))
+def _adapters_of_rows(adapters, count: int, size: int, mesh):
+  """The first `count` adapters of a stack as `size` rows' (padding rows: the last one's), split
+  over the mesh's batch axes like the rows, whatever the stack's own split: no device gathers
+  them all."""
+  rows = lora_lib.take_padded(adapters, count, size)
+  if sharding.on_one_device(mesh):
+    return rows
+  place = lambda x: jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.shape, 0))
+  return jax.tree.map(place, rows)
+
+
 def _per_row(prefix: Prefix) -> Prefix:
   """A prefix of B rows as B one-row prefixes (leading axis B): the layout of per-row-adapter calls,
   which vmap over the rows (`_ROW_CACHE_AXES`)."""
@@ -565,8 +577,7 @@ class Sampler:
     capacity = length + reserve
     batch = sharding.fill_batch_shards(self.mesh, bucket(len(prompts)))
     if lora_per_row:  # split like the rows: each device keeps its rows' adapters
-      lora = lora_lib.take_padded(lora, len(prompts), batch)
-      lora = jax.tree.map(lambda x: sharding.shard_rows(self.mesh, x)[0], lora)
+      lora = _adapters_of_rows(lora, len(prompts), batch, self.mesh)
     if self.packs_prompts():
       tokens_1T, positions_1T, packed, last_1B = pack_prompts(
           prompts, length, batch, self.pad_id, lora_per_row

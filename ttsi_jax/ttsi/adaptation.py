@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 from typing import Sequence
@@ -531,15 +532,30 @@ class Trainer:
       per_call: int = 0,
   ):
     """One fresh adapter per `examples[a]` (key `rngs_A[a]`), `per_call` adapters per packed
-    call (0: all in one; fewer bound the memory of a step). Returns (adapters [A, ...],
-    losses [steps, A]); the result does not depend on `per_call`. On a mesh the
-    adapters come back whole on every device (a call's idle slots cut off: A need not split)."""
-    parts, losses = [], []
+    call (0: all in one; fewer bound the memory of a step). Returns (adapters [A', ...],
+    losses [steps, A]); the result does not depend on `per_call`. The first A adapters are the
+    examples'; on a mesh A' fills its "adapters" axes (copies of the last), over which the stack
+    stays split: no device holds the whole wave (A' = A on one device)."""
+    parts, counts, losses = [], [], []
     for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
-      count = len(np.unique(slots_S))
+      counts.append(len(np.unique(slots_S)))
       adapters, loss = self.train(params, steps, rngs_A[slots_S])
-      parts.append(jax.tree.map(lambda x: x[:count], adapters))
-      losses.append(loss[:, :count])
+      parts.append(adapters)
+      losses.append(loss[:, : counts[-1]])
     steps = max(l.shape[0] for l in losses)
     losses = [np.pad(l, ((0, steps - l.shape[0]), (0, 0)), constant_values=np.nan) for l in losses]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), np.concatenate(losses, axis=1)
+    return _joined(parts, tuple(counts), sharding.mesh_of(params)), np.concatenate(losses, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("counts", "mesh"))
+def _joined(parts, counts: tuple[int, ...], mesh):
+  """The calls' adapters as one stack: each call's first `counts` (its idle slots cut off), filled
+  with copies of the last to split evenly over the mesh's "adapters" axes, and so split."""
+  total = sum(counts)
+  fill = sharding.fill_batch_shards(mesh, total, "adapters") - total
+
+  def join(*xs):
+    x_A = jnp.concatenate([x[:count] for x, count in zip(xs, counts)])
+    return jnp.concatenate([x_A, jnp.repeat(x_A[-1:], fill, axis=0)])
+
+  return sharding.constrain_adapters(jax.tree.map(join, *parts), mesh)
