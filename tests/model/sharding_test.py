@@ -1,6 +1,7 @@
 """Sharded params on 8 simulated CPU devices give the single-device result."""
 
 import logging
+import re
 
 import jax
 import numpy as np
@@ -177,3 +178,30 @@ def test_rows_and_adapters_split_over_data_and_fsdp_give_single_device_results(h
     for x, y in zip(jax.tree.leaves(got.weights), jax.tree.leaves(want.weights), strict=True):
       filled = np.concatenate([y, np.repeat(y[-1:], 8 - len(y), axis=0)])
       np.testing.assert_allclose(np.asarray(x), filled, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 1), (2, 2, 2)])
+def test_trained_adapters_stay_split_from_their_calls_to_the_answer_rows(shape):
+  """The wave's adapters, joined from several calls (idle slots cut, filled with the last) and then
+  laid out as answer rows (padding rows: the last adapter), are kept split: each device holds its
+  share of the stack, then its rows' adapters. No step all-gathers the stack: a tensor axis
+  (rows replicated over it) brings each device its partner's slot alone."""
+  from ttsi_jax.ttsi import adaptation
+
+  mesh = sharding.make_mesh(shape)
+  split = jax.sharding.NamedSharding(mesh, P(("data", "fsdp", "tensor")))
+  calls = [np.arange(8 * 2 * 16 * 4.0).reshape(8, 2, 16, 4) + 1e4 * c for c in range(2)]  # [A, L, in, R]
+  parts = [{"a": jax.device_put(x, split)} for x in calls]
+  joined = adaptation._joined(parts, (5, 2), mesh)["a"]
+  want = np.concatenate([calls[0][:5], calls[1][:2], calls[1][1:2]])  # 7 filled to 8
+  np.testing.assert_array_equal(np.asarray(joined), want)
+  assert (joined.shape[0], joined.addressable_shards[0].data.shape[0]) == (8, 1)
+  rows = sampler_lib._adapters_of_rows({"a": joined}, 6, 8, mesh)["a"]
+  np.testing.assert_array_equal(np.asarray(rows), np.concatenate([want[:6], want[5:6], want[5:6]]))
+  assert rows.sharding.is_equivalent_to(sharding.batch_sharding(mesh, rows.shape), rows.ndim)
+  for program in (
+      adaptation._joined.lower(parts, (5, 2), mesh),
+      sampler_lib._adapters_of_rows.lower({"a": joined}, 6, 8, mesh),
+  ):
+    gathered = re.findall(r"f32\[(\d+),[\d,]+\]\S* all-gather\(", program.compile().as_text())
+    assert all(int(n) <= shape[2] for n in gathered), gathered

@@ -61,13 +61,6 @@ def init(
   return Adapter(weights=weights, scale=alpha / rank, dropout=dropout)
 
 
-def take_padded(adapters: Adapter, count: int, size: int) -> Adapter:
-  """The first `count` adapters of a stacked set, padded to `size` by repeating the last one
-  (padding rows are discarded; repeating keeps shapes static without inventing weights)."""
-  idx = np.minimum(np.arange(size), count - 1)
-  return jax.tree.map(lambda x: x[idx], adapters)
-
-
 def unstack(adapters: Adapter, index: int) -> Adapter:
   return jax.tree.map(lambda x: x[index], adapters)
 

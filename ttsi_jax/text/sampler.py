@@ -23,7 +23,6 @@ import numpy as np
 from absl import logging
 
 from ttsi_jax.model import cpu_attention
-from ttsi_jax.model import lora as lora_lib
 from ttsi_jax.model import sharding
 from ttsi_jax.model import transformer
 from ttsi_jax.model.transformer import KVCache, ModelConfig
@@ -396,13 +395,20 @@ def prefill_packed(params, tokens_1T, positions_1T, prompts, last_1B, lora=None,
 @functools.partial(jax.jit, static_argnames=("count", "size", "mesh"))
 def _adapters_of_rows(adapters, count: int, size: int, mesh):
   """The first `count` adapters of a stack as `size` rows' (padding rows: the last one's), split
-  over the mesh's batch axes like the rows, whatever the stack's own split: no device gathers
-  them all."""
-  rows = lora_lib.take_padded(adapters, count, size)
-  if sharding.on_one_device(mesh):
-    return rows
-  place = lambda x: jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.shape, 0))
-  return jax.tree.map(place, rows)
+  over the mesh's batch axes like the rows, whatever the stack's own split: no device gathers the
+  stack (the rows' split first, then a slice and a concatenation, which XLA moves shard by shard
+  for the 4-d LoRA leaves; a gather, or the cut before the re-split, it all-gathered)."""
+
+  def like_rows(x):
+    if sharding.on_one_device(mesh):
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.shape, 0))
+
+  def rows(x):  # first split as rows are (over fewer axes, e.g. not over tensor), then cut
+    x = like_rows(x)
+    return like_rows(jnp.concatenate([x[:count], jnp.repeat(x[count - 1 : count], size - count, axis=0)]))
+
+  return jax.tree.map(rows, adapters)
 
 
 def _per_row(prefix: Prefix) -> Prefix:

@@ -535,7 +535,7 @@ class Trainer:
     call (0: all in one; fewer bound the memory of a step). Returns (adapters [A', ...],
     losses [steps, A]); the result does not depend on `per_call`. The first A adapters are the
     examples'; on a mesh A' fills its "adapters" axes (copies of the last), over which the stack
-    stays split: no device holds the whole wave (A' = A on one device)."""
+    stays split: no device keeps the whole wave (A' = A on one device)."""
     parts, counts, losses = [], [], []
     for slots_S, steps in self.plan_calls(params, examples, pad_id, per_call):
       counts.append(len(np.unique(slots_S)))
