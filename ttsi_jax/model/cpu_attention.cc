@@ -39,6 +39,7 @@ constexpr int kTile = 64;  // a multiple of kLanes, as are H and the GEMM blocks
 constexpr int kBlock = 32;  // queries whose keys are bounded together: two blocks per tile
 static_assert(kTile == 2 * kBlock, "the backward pass takes a tile as one or two blocks");
 constexpr int32_t kShared = -2;  // the segment of a shared prefix
+constexpr int64_t kDqPartsBytes = int64_t{1} << 30;  // the backward pass's partial dq's, at most
 
 // exp(x) to about 2 ulp (Cephes' polynomial), a vector at a time.
 inline vf ExpV(vf x) {
@@ -386,9 +387,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     }
   });
   // Each (row, head) splits its key tiles over `parts` tasks (interleaved, so that each part gets
-  // long and short ones), enough for every worker to get the same number; each part keeps its own dq.
+  // long and short ones), enough for every worker to get the same number; each part keeps its own
+  // dq, their sum at most kDqPartsBytes (8 tasks a worker would grow it with the thread count: 4 GB
+  // at 64 threads and 32k tokens), fewer parts where more would pass it.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(d.tiles, (8 * workers + heads - 1) / heads));
+  const int64_t part_bytes = heads * Tp * H * static_cast<int64_t>(sizeof(float));
+  const int64_t parts = std::max<int64_t>(
+      1, std::min({d.tiles, (8 * workers + heads - 1) / heads, kDqPartsBytes / part_bytes}));
   const auto dq_parts = Scratch(heads * parts * Tp * H), dk_heads = Scratch(heads * Tp * H),
              dv_heads = Scratch(heads * Tp * H);
   ParallelFor(pool, heads * parts, [&](int64_t task) {
