@@ -123,8 +123,10 @@ def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_chan
   assert version(variants="base,ttsi") == 6  # the embedded default
   assert version(teacher={"kind": "local"}, variants="base,ttd") == 4
   assert version(teacher={"kind": "local"}, variants="base,ttsi") == 6
-  # Version 6 (LoRA dropout's masks per token) touches the runs with dropout.
+  # Version 6 (LoRA dropout's masks per token) touches the runs that train with dropout.
   assert version(variants="base,ttsi", adaptation={"dropout": 0.1}) == 4
+  assert version(variants="base,sft", adaptation={"dropout": 0.1}) == 4
+  assert version(variants="base,ttsi_icl,icl", adaptation={"dropout": 0.1}) == 6  # nothing trains
   assert version(variants="base,ttsi", adaptation={"dropout": 0.0}) == 6
 
 

@@ -148,7 +148,12 @@ VERSION_CHANGES = {
     ),
     # LoRA dropout's masks follow each token (its adapter's key, the step, its place in the
     # adapter's data), where they were drawn over each packed call's rows.
-    6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0,
+    6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0
+    and any(
+        variants_lib.TABLE[v].answers in ("adapter", "sft")
+        for v in _listed(fields.get("variants", ""))
+        if v in variants_lib.TABLE
+    ),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 

@@ -695,8 +695,9 @@ class Experiment:
   def train(self, plan: variants_lib.Plan, ids: Sequence[str]):
     """T: (adapters [jobs, ...], losses [steps, jobs]) for the plan's jobs (on a mesh the stack
     may hold more: `Trainer.train_all`); (None, None) when none.
-    Keys by input alone: every data source starts from the same adapter init on an input, so
-    variants differ by their data, not by their random draws."""
+    Keys by input alone: every data source starts from the same adapter init (and LoRA dropout
+    draws the same masks) on an input, so variants differ by their data, not by their random
+    draws."""
     if not plan.jobs:
       return None, None
     keys = _keys(self.config.seed, "adapter", [ids[job.input] for job in plan.jobs])

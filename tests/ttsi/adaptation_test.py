@@ -192,6 +192,25 @@ def test_packing_keeps_each_sequence_to_its_own_blocks():
   assert out["select_BI"][1, 3:5].tolist() == [16 + 1, 16 + 2]
 
 
+def test_each_token_keeps_its_index_among_its_adapters_tokens_however_rows_are_packed():
+  """LoRA dropout's masks follow `token_index`: its adapter's tokens counted in the order of its
+  sequences, whichever rows (or microbatches) they land in; padding 0."""
+  seqs = [(0, [1] * 10, [2] * 3), (1, [3] * 2, [4] * 2), (0, [5] * 29, [6]), (1, [7] * 5, [8])]
+  index = {}
+  for num_rows in (1, 2, 4):
+    out = adaptation.pack(seqs, num_rows=num_rows, num_adapters=2, pad_id=0, block=8)
+    adapter_BT = np.repeat(out["adapter_BXA"].argmax(-1), 8, axis=1)
+    real = out["positions_BT"] >= 0
+    assert (out["token_index_BT"][~real] == 0).all()
+    index[num_rows] = sorted(
+        zip(adapter_BT[real], out["tokens_BT"][real], out["positions_BT"][real], out["token_index_BT"][real])
+    )
+  assert index[1] == index[2] == index[4]
+  # Adapter 0: its first sequence's 13 tokens, then its second's (29 + 1) from index 13 on.
+  assert [i for a, t, p, i in index[1] if a == 0 and t == 5][:2] == [13, 14]
+  assert [i for a, t, p, i in index[1] if a == 1 and t == 7] == [4, 5, 6, 7, 8]
+
+
 def test_rows_pad_to_the_fine_buckets():
   # 9 blocks of 8 tokens take a row of 10 blocks (the sampler's coarser buckets would give 12).
   out = adaptation.pack([(0, [1] * 70, [2])], num_rows=1, num_adapters=1, pad_id=0, block=8)
@@ -326,15 +345,17 @@ def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_t
   CPU kernels): the adapters and their AdamW states are split over the devices from their init
   through every step, a wave's steps compile once (left to propagation, a LoRA b took its
   kernel's tensor split and the second step compiled again), and the adapters train as on one
-  device. (The CPU kernels on a mesh: sharding_test.)"""
+  device, LoRA dropout's masks too (the tensor axis splits the features they are drawn over).
+  (The CPU kernels on a mesh: sharding_test.)"""
   config, params = model
+  cfg = AdaptConfig(**{**CFG.__dict__, "dropout": 0.3})
   mesh = sharding.make_mesh((2, 2, 2))
   placed = jax.device_put(params, sharding.params_sharding(mesh, params, config))
   examples = [_examples(s, 1, 10, 14) for s in (2, 3, 4, 6, 8)]
   rngs = jax.random.split(jax.random.key(9), 5)
   with cpu_kernels.xla_ops():
-    want, want_losses = adaptation.Trainer(config, CFG).train_all(params, examples, 0, rngs)
-    trainer = adaptation.Trainer(config, CFG)
+    want, want_losses = adaptation.Trainer(config, cfg).train_all(params, examples, 0, rngs)
+    trainer = adaptation.Trainer(config, cfg)
     compiled_step, shares = trainer.step, []
 
     def step(params, adapters, opt_states, *args, **kwargs):

@@ -388,10 +388,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   });
   // Each (row, head) splits its key tiles over `parts` tasks (interleaved, so that each part gets
   // long and short ones), enough for every worker to get the same number; each part keeps its own
-  // dq, their sum at most kDqPartsBytes (8 tasks a worker would grow it with the thread count: 4 GB
-  // at 64 threads and 32k tokens), fewer parts where more would pass it.
+  // dq: fewer parts where more would pass kDqPartsBytes in all (8 tasks a worker grew them with the
+  // thread count: 4 GB at 64 threads and 32k tokens), one however large it is.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t part_bytes = heads * Tp * H * static_cast<int64_t>(sizeof(float));
+  const int64_t part_bytes = std::max<int64_t>(1, heads * Tp * H * static_cast<int64_t>(sizeof(float)));
   const int64_t parts = std::max<int64_t>(
       1, std::min({d.tiles, (8 * workers + heads - 1) / heads, kDqPartsBytes / part_bytes}));
   const auto dq_parts = Scratch(heads * parts * Tp * H), dk_heads = Scratch(heads * Tp * H),
