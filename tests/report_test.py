@@ -318,23 +318,31 @@ def test_the_report_flags_a_margin_at_exactly_tau_as_the_run_did():
 
 
 def test_function_choice_groups_adapted_inputs_by_the_functions_their_pairs_call(tmp_path):
-  """Base calls f on every input. Input 0's kept pair calls g and its answer follows (fixed);
-  input 1's calls g and its answer stays with f (unchanged, wrong); input 2's calls f and the
-  answer's arguments change (broken); input 3 is not adapted; input 4's pair was rejected."""
+  """Base calls f on every input; H's candidates are f, then g (its runner-up). Input 0's kept
+  pair calls g and its answer follows (fixed); input 1's calls h and its answer stays with f
+  (unchanged, wrong); input 2's calls f and the answer's arguments change (broken); input 3 is
+  not adapted; input 4's pair was rejected. Input 5 ranks h above g: its pair calls h, H's
+  runner-up there, and the answer stays with f."""
   path = _workdir(tmp_path / "s0", 0, [(0.1, False, True), (0.2, False, False), (0.3, True, False)] * 2)
   runs = report.load_runs([path])
-  recs = runs[0].records[:5]
+  recs = runs[0].records
   recs[0].pairs = [Pair("r", "[g(x=1)]"), Pair("r", "[h()]", rejected="wrong function")]
   recs[0].variants["ttsi"].answer = "[g(x=2)]"
-  recs[1].pairs = [Pair("r", "[g()]")]
+  recs[1].pairs = [Pair("r", "[h()]")]
   recs[2].variants["ttsi"].answer = "[f(y=1)]"
   recs[3].variants["ttsi"].adapted = False
   recs[4].pairs = [Pair("r", "[g()]", rejected="unparseable")]
-  runs[0].records = recs
+  recs[5].candidates, recs[5].probs, recs[5].pairs = (
+      ["[g(", "[h(", "[f("],
+      [0.2, 0.3, 0.5],
+      [Pair("r", "[h()]")],
+  )
+  recs[5].variants["ttsi"].correct = recs[5].base.correct  # right as base is
   got = report.function_choice(runs, "ttsi")
   assert got == {
       "the base answer's": dict(inputs=1, follows=1, fixed=0, broken=1),
-      "other functions": dict(inputs=2, follows=1, fixed=1, broken=0),
+      "H's runner-up": dict(inputs=2, follows=1, fixed=1, broken=0),
+      "other functions": dict(inputs=1, follows=0, fixed=0, broken=0),
   }
   text = open(report.write_report(runs, str(tmp_path / "out"))).read()
-  assert "| ttsi | other functions | 2.0 | 1.0 | 1.0 | 0.0 |" in text
+  assert "| ttsi | H's runner-up | 2.0 | 1.0 | 1.0 | 0.0 |" in text

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import warnings
 from typing import Optional, Sequence
 
@@ -246,15 +247,28 @@ def _functions(text: str) -> Optional[frozenset]:
     return None
 
 
+def _runner_up(record: records_lib.Record, base: Optional[frozenset]) -> Optional[frozenset]:
+  """The function H found most likely after the base answer's (its candidates "[name(" ranked by
+  probability), as a one-name set; None where the candidates name no other function."""
+  ranked = sorted(zip(record.probs, record.candidates), key=lambda pc: -pc[0])
+  for _, candidate in ranked:
+    name = re.fullmatch(r"\[([\w.]+)\(", candidate)
+    if name and frozenset([name.group(1)]) != base:
+      return frozenset([name.group(1)])
+  return None
+
+
 def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, float]]:
   """Where `variant`'s changes come from, on the inputs it adapted (or showed pairs to): grouped
-  by whether its kept pairs call the functions the base answer calls or others, per group the
-  inputs, how many answers call the pairs' functions, and the inputs fixed and broken against base
-  (each per run, mean over runs). On a many-function task the flag's candidates are function
-  names: a pair that calls another function can move the answer's choice, one that calls the
-  base answer's can only change its arguments."""
+  by whether its kept pairs call the functions the base answer calls, H's runner-up (the
+  candidate function it scored highest after the base answer's) or others, per group the inputs,
+  how many answers call the pairs' functions, and the inputs fixed and broken against base (each
+  per run, mean over runs). On a many-function task the flag's candidates are function names: a
+  pair that calls another function can move the answer's choice, one that calls the base
+  answer's can only change its arguments."""
   source = variants_lib.TABLE[variant].source
-  counts = {group: collections.Counter() for group in ("the base answer's", "other functions")}
+  groups = ("the base answer's", "H's runner-up", "other functions")
+  counts = {group: collections.Counter() for group in groups}
   for run in runs:
     for r in run.records:
       answer = r.variants.get(variant)
@@ -263,7 +277,11 @@ def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, fl
       if answer is None or not answer.adapted or not kept:
         continue
       called = frozenset().union(*(_functions(p.call) or frozenset() for p in kept))
-      group = "the base answer's" if called == _functions(r.base.answer) else "other functions"
+      base = _functions(r.base.answer)
+      if called == base:
+        group = "the base answer's"
+      else:
+        group = "H's runner-up" if called == _runner_up(r, base) else "other functions"
       base_right, right = r.base.correct["direct"], answer.correct["direct"]
       follows = _functions(answer.answer) == called
       counts[group].update(
@@ -517,9 +535,10 @@ def write_report(runs: Sequence[Run], out: str) -> str:
         "## Which function the pairs call (direct mode)",
         "",
         "The inputs each variant adapted (or showed pairs to), by whether their kept pairs call the "
-        "functions of the base answer or others; answers calling the pairs' functions; inputs fixed "
-        "and broken against base (per run, mean over runs). A pair that calls other functions can "
-        "move the answer's choice of function; one that calls the base answer's only its arguments.",
+        "functions of the base answer, H's runner-up (the candidate function H scored highest after "
+        "the base answer's) or others; answers calling the pairs' functions; inputs fixed and broken "
+        "against base (per run, mean over runs). A pair that calls other functions can move the "
+        "answer's choice of function; one that calls the base answer's only its arguments.",
         "",
     ]
     rows = []
