@@ -346,3 +346,24 @@ def test_function_choice_groups_adapted_inputs_by_the_functions_their_pairs_call
   }
   text = open(report.write_report(runs, str(tmp_path / "out"))).read()
   assert "| ttsi | H's runner-up | 2.0 | 1.0 | 1.0 | 0.0 |" in text
+
+
+def test_function_choice_names_no_runner_up_it_cannot_rank_and_keeps_mixed_and_unparsed_pairs_apart(tmp_path):
+  """H's candidates are f (0.6), then g. Input 0: the base answer is prose, so g is no runner-up
+  (nor f, H's favourite). Input 1: the base calls f and g; its pair calls g, one of the base's,
+  and h. Input 2: two kept pairs, f's and g's; the answer calls g alone (only their functions).
+  Input 3: a kept pair that does not parse. Input 4: NaN probabilities rank nothing."""
+  runs = report.load_runs([_workdir(tmp_path / "s0", 0, [(0.1, False, False)] * 5)])
+  recs = runs[0].records
+  recs[0].base.answer, recs[0].pairs = "I cannot help with that.", [Pair("r", "[g()]")]
+  recs[1].base.answer, recs[1].pairs = "[f(), g()]", [Pair("r", "[g(), h()]")]
+  recs[2].pairs = [Pair("r", "[f()]"), Pair("r", "[g()]")]
+  recs[2].variants["ttsi"].answer = "[g(x=1)]"
+  recs[3].pairs = [Pair("r", "[f(")]
+  recs[4].probs, recs[4].pairs = [float("nan"), float("nan")], [Pair("r", "[g()]")]
+  got = report.function_choice(runs, "ttsi")
+  assert got == {
+      "the base answer's and others": dict(inputs=1, follows=1, fixed=0, broken=0),
+      "other functions": dict(inputs=3, follows=0, fixed=0, broken=0),  # inputs 0, 1 and 4
+      "pairs that do not parse": dict(inputs=1, follows=0, fixed=0, broken=0),
+  }

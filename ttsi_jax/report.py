@@ -249,26 +249,39 @@ def _functions(text: str) -> Optional[frozenset]:
 
 def _runner_up(record: records_lib.Record, base: Optional[frozenset]) -> Optional[frozenset]:
   """The function H found most likely after the base answer's (its candidates "[name(" ranked by
-  probability), as a one-name set; None where the candidates name no other function."""
+  probability), as a one-name set; None where the base answer calls nothing it could rank
+  against, the candidates name no other function, or a probability is NaN (no ranking)."""
+  if not base or any(np.isnan(p) for p in record.probs):
+    return None
   ranked = sorted(zip(record.probs, record.candidates), key=lambda pc: -pc[0])
   for _, candidate in ranked:
     name = re.fullmatch(r"\[([\w.]+)\(", candidate)
-    if name and frozenset([name.group(1)]) != base:
+    if name and name.group(1) not in base:
       return frozenset([name.group(1)])
   return None
 
 
+# function_choice's groups, in the report's order.
+_CHOICES = (
+    "the base answer's",
+    "the base answer's and others",
+    "H's runner-up",
+    "other functions",
+    "pairs that do not parse",
+)
+
+
 def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, float]]:
   """Where `variant`'s changes come from, on the inputs it adapted (or showed pairs to): grouped
-  by whether its kept pairs call the functions the base answer calls, H's runner-up (the
-  candidate function it scored highest after the base answer's) or others, per group the inputs,
-  how many answers call the pairs' functions, and the inputs fixed and broken against base (each
-  per run, mean over runs). On a many-function task the flag's candidates are function names: a
-  pair that calls another function can move the answer's choice, one that calls the base
-  answer's can only change its arguments."""
+  by the functions its kept pairs call (`_CHOICES`: those the base answer calls, those and others,
+  H's runner-up (the candidate function it scored highest after the base answer's), others; or
+  pairs that do not parse), per group the inputs, the answers that call only the pairs' functions,
+  and the inputs fixed and broken against base (each per run, mean over runs; groups without an
+  input left out). On a many-function task the flag's candidates are function names: a pair that
+  calls another function can move the answer's choice, one that calls the base answer's can only
+  change its arguments."""
   source = variants_lib.TABLE[variant].source
-  groups = ("the base answer's", "H's runner-up", "other functions")
-  counts = {group: collections.Counter() for group in groups}
+  counts = {group: collections.Counter() for group in _CHOICES}
   for run in runs:
     for r in run.records:
       answer = r.variants.get(variant)
@@ -276,19 +289,27 @@ def function_choice(runs: Sequence[Run], variant: str) -> dict[str, dict[str, fl
       kept = [p for p in pairs if not p.rejected] if isinstance(pairs, list) else []
       if answer is None or not answer.adapted or not kept:
         continue
-      called = frozenset().union(*(_functions(p.call) or frozenset() for p in kept))
+      parsed = [_functions(p.call) for p in kept]
+      called = frozenset().union(*(f for f in parsed if f))
       base = _functions(r.base.answer)
-      if called == base:
+      if any(f is None for f in parsed):
+        group = "pairs that do not parse"
+      elif called == base:
         group = "the base answer's"
+      elif base and base < called:
+        group = "the base answer's and others"
       else:
         group = "H's runner-up" if called == _runner_up(r, base) else "other functions"
       base_right, right = r.base.correct["direct"], answer.correct["direct"]
-      follows = _functions(answer.answer) == called
+      answered = _functions(answer.answer)
+      follows = bool(answered) and answered <= called
       counts[group].update(
           inputs=1, follows=follows, fixed=right and not base_right, broken=base_right and not right
       )
   return {
-      g: {k: c[k] / len(runs) for k in ("inputs", "follows", "fixed", "broken")} for g, c in counts.items()
+      g: {k: c[k] / len(runs) for k in ("inputs", "follows", "fixed", "broken")}
+      for g, c in counts.items()
+      if c["inputs"]
   }
 
 
@@ -536,9 +557,9 @@ def write_report(runs: Sequence[Run], out: str) -> str:
         "",
         "The inputs each variant adapted (or showed pairs to), by whether their kept pairs call the "
         "functions of the base answer, H's runner-up (the candidate function H scored highest after "
-        "the base answer's) or others; answers calling the pairs' functions; inputs fixed and broken "
-        "against base (per run, mean over runs). A pair that calls other functions can move the "
-        "answer's choice of function; one that calls the base answer's only its arguments.",
+        "the base answer's) or others; answers calling only the pairs' functions; inputs fixed and "
+        "broken against base (per run, mean over runs). A pair that calls other functions can move "
+        "the answer's choice of function; one that calls the base answer's only its arguments.",
         "",
     ]
     rows = []
@@ -547,7 +568,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
         rows.append(
             [v, group, f"{c['inputs']:.1f}", f"{c['follows']:.1f}", f"{c['fixed']:.1f}", f"{c['broken']:.1f}"]
         )
-    lines += _table(["variant", "pairs call", "inputs", "answer calls them", "fixed", "broken"], rows)
+    lines += _table(["variant", "pairs call", "inputs", "answer calls only them", "fixed", "broken"], rows)
     lines += [""]
 
   _plot_margins(runs, os.path.join(out, "margins.png"))
