@@ -63,6 +63,15 @@ def test_tau_sweep_answers_as_all_inputs_below_tau_and_as_base_above():
   assert every == dict(tau=1.01, flagged=1.0, ttsi=2 / 3, tpr=1.0, precision=2 / 3, **counts(2, 3))
 
 
+def test_tau_sweep_counts_the_inputs_the_base_model_gets_wrong_in_its_own_mode():
+  rec = _record(0, 0.1, True, True)
+  rec.base.correct["majority"] = False  # right directly, wrong by majority vote
+  (point,) = report.tau_sweep([rec], taus=(1.01,), mode="majority")
+  assert (point["wrong"], point["caught"], point["tpr"]) == (1, 1, 1.0)
+  (point,) = report.tau_sweep([rec], taus=(1.01,))
+  assert point["wrong"] == 0
+
+
 def test_tau_sweep_needs_an_adapted_answer_for_every_input():
   rec = _record(0, 0.1, False, True)
   del rec.variants["all_inputs"]

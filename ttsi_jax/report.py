@@ -165,7 +165,7 @@ def tau_sweep(records: Sequence[records_lib.Record], taus=TAUS, mode: str = "dir
   margin = np.array([r.margin for r in records])
   base = _correct(records, "base", mode)
   adapted = _correct(records, "all_inputs", mode)
-  wrong = ~_correct(records, "base", "direct")
+  wrong = ~base
   out = []
   for tau in taus:
     flagged = _flagged(margin, tau)
@@ -335,12 +335,17 @@ def _seconds(runs: Sequence[Run]) -> dict[str, float]:
 
 
 def _training(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
-  """Per variant, mean over runs: inputs adapted and training steps taken; and the pairs kept."""
+  """Per variant, mean over runs: inputs adapted (shown examples, for an ICL variant; answered by
+  its one adapter, for sft) and training steps taken; and the pairs kept."""
   out = {}
   for v in _variants(runs[0])[1:]:
     adapted = [sum(r.variants[v].adapted for r in run.records) for run in runs]
     steps = [sum(len(r.variants[v].losses or []) for r in run.records) for run in runs]
-    out[v] = {"adapted inputs": float(np.mean(adapted)), "training steps": float(np.mean(steps))}
+    answers = variants_lib.TABLE[v].answers if v in variants_lib.TABLE else "adapter"
+    what = {"icl": "inputs shown examples", "sft": "inputs answered by its adapter"}.get(
+        answers, "adapted inputs"
+    )
+    out[v] = {what: float(np.mean(adapted)), "training steps": float(np.mean(steps))}
   kept = [sum(p.kept for r in run.records for p in r.pairs) for run in runs]
   total = [len([p for r in run.records for p in r.pairs]) for run in runs]
   out["self-written pairs"] = {"kept": float(np.mean(kept)), "written": float(np.mean(total))}
@@ -583,7 +588,11 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   lines += _table(["reason", "pairs"], [[k, f"{n:.1f}"] for k, n in rejections(runs).items()])
   seconds = _seconds(runs)
   _plot_seconds(seconds, os.path.join(out, "stages.png"))
-  lines += ["", "## Seconds per stage (mean over runs)", ""]
+  lines += [
+      "",
+      "## Seconds per stage (a run's waves summed, mean over runs; on several hosts, host time)",
+      "",
+  ]
   lines += _table(list(seconds), [[f"{s:.1f}" for s in seconds.values()]])
   lines += ["", "![seconds per stage](stages.png)", ""]
   path = os.path.join(out, "report.md")
