@@ -149,11 +149,7 @@ VERSION_CHANGES = {
     # LoRA dropout's masks follow each token (its adapter's key, the step, its place in the
     # adapter's data), where they were drawn over each packed call's rows.
     6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0
-    and any(
-        variants_lib.TABLE[v].answers in ("adapter", "sft")
-        for v in _listed(fields.get("variants", ""))
-        if v in variants_lib.TABLE
-    ),
+    and any(row.answers in ("adapter", "sft") for row in _rows(fields.get("variants", ""))),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 
@@ -246,10 +242,15 @@ def _listed(value) -> list[str]:
   return [str(n).strip() for n in names if str(n).strip()]
 
 
+def _rows(variants) -> list:
+  """The variant table's rows (`variants.TABLE`) of the variants named."""
+  return [variants_lib.TABLE[v] for v in _listed(variants) if v in variants_lib.TABLE]
+
+
 def _pair_writers(variants, teacher_kind) -> set:
   """Which models of a run write pairs (G): "model" for the self-pair variants, "teacher" for ttd
   with a local teacher."""
-  sources = {variants_lib.TABLE[v].source for v in _listed(variants) if v in variants_lib.TABLE}
+  sources = {row.source for row in _rows(variants)}
   writers = {"model"} if "self" in sources else set()
   if "teacher" in sources and teacher_kind == "local":
     writers.add("teacher")
