@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptation.max_grad_norm = 1.0
   # Adapters per packed update call. 0 = auto: the whole wave in one call on accelerators, one at a
   # time on CPU, where the packed call costs the same per adapter at steady state, but the demo's
-  # T ran 2-30% slower packed, at 2.5-3x the memory (docs/measured.md). Results do not depend on
+  # T ran 2-12% slower packed, at 2.5-3x the memory (docs/measured.md). Results do not depend on
   # it.
   config.adaptation.adapters_per_call = 0
   # Tokens per microbatch of a step's packed rows: the microbatches run one after another inside

@@ -9,12 +9,14 @@
 #               8 adapters trained with each attention against float32 XLA: --attention_check), and
 #               the quickstart notebook top to bottom in bfloat16 on a
 #               checkpoint folder (the embedded model exported to HF); results in WORKDIR/checks
+#               there, fetched to RESULTS
 #
 # Settings (environment variables):
 #   GPU_HOST      ssh destination, e.g. user@gpu-box     required
 #   CONFIG        config file                          (default: configs/default.py)
 #   WORKDIR       workdir on the GPU machine, absolute or in the repo's copy there (default: workdir/gpu)
-#   RESULTS       local folder for collect: the workdir's files (default: results/gpu; relative: in the repo)
+#   RESULTS       local folder for collect (the workdir's files) and checks (their results)
+#                 (default: results/gpu; relative: in the repo)
 #   EXTRA_ARGS    extra flags for ttsi_jax.main          (e.g. "--config.model.dtype=bfloat16")
 set -euo pipefail
 

@@ -103,31 +103,39 @@ def test_the_training_split_counts_for_icl_but_sfts_training_settings_do_not():
 
 
 def test_a_run_of_an_earlier_version_counts_as_this_one_only_where_no_later_change_touches_it():
-  direct = {"method_version": 3, "decoding": {"modes": "direct"}}
-  voting = {"method_version": 3, "decoding": {"modes": "direct,majority"}}
-  assert config_schema.run_fields(direct)["method_version"] == config_schema.METHOD_VERSION == 6
+  # Free-text decoding everywhere: untouched by version 7 (well-formed decoding's values).
+  free = {"decoding": {"modes": "direct", "well_formed": False}, "synthesis": {"well_formed": False}}
+  direct = {"method_version": 3, **free}
+  voting = {"method_version": 3, **free, "decoding": {"modes": "direct,majority", "well_formed": False}}
+  assert config_schema.run_fields(direct)["method_version"] == config_schema.METHOD_VERSION == 7
   assert config_schema.run_fields(voting)["method_version"] == 3  # its majority verdicts differ
   assert config_schema.run_fields({"decoding": {"modes": "direct"}})["method_version"] == 1
   assert config_schema.run_fields({**direct, "method_version": 2})["method_version"] == 2
   newer = config_schema.METHOD_VERSION + 1  # a later checkout's records: not this code's method
   assert config_schema.run_fields({**direct, "method_version": newer})["method_version"] == newer
-  before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 6})
+  before, now = config_schema.run_fields(voting), config_schema.run_fields({**voting, "method_version": 7})
   assert config_schema.result_changing_differences(before, now) == ["method_version"]
   # Version 5 (G's function names tokenized after "Call:") touches the runs where another model
   # than the embedded default's writes pairs well-formed: self pairs, or a local teacher's for ttd.
   version = lambda **run: config_schema.run_fields({**direct, "method_version": 4, **run})["method_version"]
-  own_model = {"model": {"path": "/ckpt/llama2"}}
-  assert version(**own_model, variants="base,ttsi") == 4
-  assert version(**own_model, variants="base,ttsi", synthesis={"well_formed": False}) == 6
-  assert version(**own_model, variants="base,oracle,sft,self_label,icl") == 6  # G writes nothing
-  assert version(variants="base,ttsi") == 6  # the embedded default
-  assert version(teacher={"kind": "local"}, variants="base,ttd") == 4
-  assert version(teacher={"kind": "local"}, variants="base,ttsi") == 6
+  own_model, formed = {"model": {"path": "/ckpt/llama2"}}, {"well_formed": True}
+  assert version(**own_model, variants="base,ttsi", synthesis=formed) == 4
+  assert version(**own_model, variants="base,ttsi") == 7
+  assert version(**own_model, variants="base,oracle,sft,self_label,icl", synthesis=formed) == 7  # no G
+  assert version(variants="base,ttsi") == 7  # the embedded default
+  assert version(teacher={"kind": "local"}, variants="base,ttd", synthesis=formed) == 4
+  assert version(teacher={"kind": "local"}, variants="base,ttd") == 7
   # Version 6 (LoRA dropout's masks per token) touches the runs that train with dropout.
   assert version(variants="base,ttsi", adaptation={"dropout": 0.1}) == 4
   assert version(variants="base,sft", adaptation={"dropout": 0.1}) == 4
-  assert version(variants="base,ttsi_icl,icl", adaptation={"dropout": 0.1}) == 6  # nothing trains
-  assert version(variants="base,ttsi", adaptation={"dropout": 0.0}) == 6
+  assert version(variants="base,ttsi_icl,icl", adaptation={"dropout": 0.1}) == 7  # nothing trains
+  assert version(variants="base,ttsi", adaptation={"dropout": 0.0}) == 7
+  # Version 7 (well-formed decoding's values) touches the runs that decode answers or G's pairs
+  # well-formed: the default's (a field left out reads as the default, True).
+  assert version(variants="base,ttsi", decoding={"modes": "direct"}) == 4
+  assert version(variants="base,ttsi", synthesis=formed) == 4
+  assert version(variants="base,oracle,sft,self_label,icl", synthesis=formed) == 7  # G writes nothing
+  assert version(teacher={"kind": "endpoint"}, variants="base,ttd", synthesis=formed) == 7  # nor here
 
 
 def test_a_stage_field_missing_from_the_config_is_refused_by_name():

@@ -150,6 +150,14 @@ VERSION_CHANGES = {
     # adapter's data), where they were drawn over each packed call's rows.
     6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0
     and any(row.answers in ("adapter", "sft") for row in _rows(fields.get("variants", ""))),
+    # Well-formed decoding reads a value's bare names as strings (JSON's true/false/null as their
+    # Python values) and leaves out a unary "+" (`constrained.leading_literal`): a list or dict
+    # holding a name closed the call, a bare `true` was the string 'true', and "+5" read as -5.
+    7: lambda fields: fields.get("decoding.well_formed", True)
+    or (
+        fields.get("synthesis.well_formed", True)
+        and bool(_pair_writers(fields.get("variants", ""), fields.get("teacher.kind")))
+    ),
 }
 METHOD_VERSION = max(VERSION_CHANGES)
 

@@ -9,17 +9,15 @@ set -u
 RUNS=${RUNS:-runs}
 PYTHON=${PYTHON:-python}
 VARIANTS=base,ttsi,self_label,ttsi_icl,all_inputs,certain_only,oracle,sft
-# configs/default.py's settings when these runs started (decoding.max_value_tokens was 24).
-SETTINGS=(--config.decoding.max_value_tokens=24)
 run() {  # name seed category num_examples (variants: $VARIANTS)
   local workdir=$RUNS/$1/s$2
   mkdir -p "$workdir"
   nice -n 10 "$PYTHON" -m ttsi_jax.main --config=configs/default.py --workdir="$workdir" \
       --config.seed="$2" --config.task.category="$3" --config.task.num_examples="$4" \
-      --config.wave_size=10 --config.variants="$VARIANTS" "${SETTINGS[@]}" >> "$workdir.log" 2>&1
+      --config.wave_size=10 --config.variants="$VARIANTS" >> "$workdir.log" 2>&1
 }
+for seed in 0 1 2; do run simple50 $seed simple_python 50; done
 for seed in 0 1 2; do run multiple100 $seed multiple 100; done
 # In-context examples only (no training): the self-written pairs against the training split's
 # nearest gold calls (ordinary ICL).
 for seed in 0 1 2; do VARIANTS=base,ttsi_icl,icl run icl100 $seed multiple 100; done
-for seed in 0 1 2; do run simple50 $seed simple_python 50; done

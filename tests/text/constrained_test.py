@@ -29,12 +29,42 @@ from ttsi_jax.text import tokenizer as tokenizer_lib
         ("{'k': {1}})", None),
         ("5 # km, b=2)", "5"),  # a comment would swallow the ")]" written after the value
         ("'a#b' # note)", "'a#b'"),
+        ("New York, b=2)", "'New York'"),
+        ("{a, b})", None),  # a set of names
     ],
 )
 def test_leading_literal(text, value):
   assert constrained.leading_literal(text) == value
   if value is not None:  # what the decoder writes, BFCL decodes
     bfcl.parse_calls(f"[f(x={value})]")
+
+
+@pytest.mark.parametrize(
+    "text,written,decoded",
+    [
+        # JSON's constants are their Python values, at any depth (a list holding one closed the call)
+        ("true)", "True", True),
+        ("[true, false, null], b=1)", "[True, False, None]", [True, False, None]),
+        ("{'on': true})", "{'on': True}", {"on": True}),
+        # a bare name is a string, as BFCL reads one (a list holding one closed the call)
+        ("[Paris, London])", "['Paris', 'London']", ["Paris", "London"]),
+        ("{unit: 'km'})", "{'unit': 'km'}", {"unit": "km"}),
+        ("Paris)]", "'Paris'", "Paris"),
+        # a unary "+" is left out: BFCL's decoder negates any unary operand (+5 read as -5)
+        ("+5)", "5", 5),
+        ("[+1, -2])", "[1, -2]", [1, -2]),
+        ("-+2.5)", "-2.5", -2.5),
+        # a comment is dropped, the value written back as Python
+        ("1e999 # big)", "1e309", float("inf")),
+        ("... # todo)", "...", "..."),
+        # as the model wrote it where nothing is read otherwise
+        ("'it\\'s', b=2)", "'it\\'s'", "it's"),
+        ("[1,  2.50])", "[1,  2.50]", [1, 2.5]),
+    ],
+)
+def test_leading_literal_writes_what_the_model_meant_in_terms_bfcl_decodes(text, written, decoded):
+  assert constrained.leading_literal(text) == written
+  assert bfcl.parse_calls(f"[f(x={written})]")[0].args == {"x": decoded}
 
 
 @pytest.mark.parametrize(

@@ -44,25 +44,64 @@ def _has_set(value) -> bool:
 
 
 def leading_literal(text: str) -> Optional[str]:
-  """The first complete Python literal in `text` followed by ',' or ')', sets excluded (BFCL's
-  decoder rejects them); an unquoted word there (`city=Paris)`) becomes a quoted string. None if
-  neither is found."""
+  """The first complete literal in `text` followed by ',' or ')', sets excluded (BFCL's decoder
+  rejects them), as the decoder writes it; None if none is found.
+
+  A value is read as a Python literal in which a bare name is a string, as BFCL's decoder reads
+  one (`[Paris, London]`), but JSON's `true`, `false` and `null` are their Python values, and a
+  unary `+` is left out (BFCL's decoder negates a unary operand whatever its operator: `+5` would
+  read as -5). An unquoted run of words (`city=New York)`) becomes a quoted string. Where the
+  value had to be read so, or carries a comment (which would swallow the `)]` written after it),
+  it is written back as Python (`ast.unparse`); otherwise as the model wrote it."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
     candidate = text[:i].strip()
     if not candidate:
       return None
-    try:
-      value = ast.literal_eval(candidate)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    written = _as_python(candidate)
+    if written is None:
       if re.fullmatch(r"[\w .:-]+", candidate):
         return repr(candidate)
       continue
-    if not _has_set(value):
-      # literal_eval skips a comment ("5 # km"), which would swallow the ")]" written after it
-      return repr(value) if _has_comment(candidate) else candidate
+    if written:
+      return written
   return None
+
+
+_JSON_CONSTANTS = {"true": True, "false": False, "null": None}
+
+
+class _AsLiteral(ast.NodeTransformer):
+  """Bare names to strings (JSON's constants to theirs), unary `+` left out."""
+
+  changed = False
+
+  def visit_Name(self, node):
+    self.changed = True
+    return ast.copy_location(ast.Constant(_JSON_CONSTANTS.get(node.id, node.id)), node)
+
+  def visit_UnaryOp(self, node):
+    self.generic_visit(node)
+    if isinstance(node.op, ast.UAdd):
+      self.changed = True
+      return node.operand
+    return node
+
+
+def _as_python(candidate: str) -> Optional[str]:
+  """`candidate` as the decoder writes it ("" for a literal holding a set), or None where it is
+  no literal."""
+  try:
+    tree = ast.parse(candidate, mode="eval")
+    reader = _AsLiteral()
+    tree = reader.visit(tree)
+    value = ast.literal_eval(tree.body)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return None
+  if _has_set(value):
+    return ""
+  return ast.unparse(tree) if reader.changed or _has_comment(candidate) else candidate
 
 
 def _has_comment(text: str) -> bool:
