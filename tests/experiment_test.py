@@ -5,6 +5,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -203,6 +204,14 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   assert set(metrics["accuracy"]) == {
       f"{v}/{m}" for v in config.variants.split(",") for m in ("direct", "majority", "pass@k")
   }
+  # A call a limit closed says which in its record (a random model's values run past
+  # max_value_tokens 8; a variant that answered as base carries the base answer's).
+  limit = r"decoding\.max_args \(3\)|no complete value of '\w+' \(within decoding\.max_value_tokens, 8,"
+  closed = [
+      a["closed"] for r in lines for a in (r["base"], *r["variants"].values(), *r["pairs"]) if "closed" in a
+  ]
+  assert closed and all(re.match(limit, c) for c in closed)
+  assert all(r["variants"]["certain_only"].get("closed") == r["base"].get("closed") for r in lines)
   # Validation off keeps every pair, also those it would reject (a random model's calls).
   pairs = [(examples[i], p) for i, r in enumerate(lines) for p in r["pairs"]]
   assert metrics["pairs"] == {"total": len(pairs), "kept": len(pairs), "rejected_by_reason": {}}
@@ -221,6 +230,8 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   for png in ("accuracy.png", "tau.png", "margins.png", "stages.png"):
     assert f"]({png})" in report_text and os.path.getsize(tmp_path / "report" / png) > 5000
   assert "| self_label | adapted inputs | 4.0 |" in report_text
+  closed_base = sum("closed" in r["base"] for r in lines)
+  assert f"| base answers | 4.0 | {closed_base:.1f} |" in report_text
 
   # Interrupted during wave 1: its lines are cut. A restart finishes only that wave.
   results = os.path.join(workdir, "results.jsonl")

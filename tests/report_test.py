@@ -1,5 +1,6 @@
 """The report: accuracy over seeds, the tau sweep from one run, and every plot written."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,6 +71,24 @@ def test_tau_sweep_counts_the_inputs_the_base_model_gets_wrong_in_its_own_mode()
   assert (point["wrong"], point["caught"], point["tpr"]) == (1, 1, 1.0)
   (point,) = report.tau_sweep([rec], taus=(1.01,))
   assert point["wrong"] == 0
+
+
+def test_calls_a_limit_closed_are_counted_by_kind_and_older_records_say_not_recorded():
+  cut = "decoding.max_args (3)"
+  run = lambda recs: report.Run("w", {}, recs, None)
+  first, second = _record(0, 0.1, True, True), _record(1, 0.9, True, True)
+  first.base.closed = first.variants["ttsi"].closed = cut
+  first.pairs[0] = dataclasses.replace(first.pairs[0], closed=cut)
+  second.variants["all_inputs"].adapted = False  # answered as base: not its own answer
+  second.variants["all_inputs"].closed = cut
+  assert report.closures([run([first, second])]) == {
+      "base answers": (2.0, 1.0),
+      "ttsi's own answers": (2.0, 1.0),
+      "all_inputs's own answers": (1.0, 0.0),
+      "self-written pairs": (4.0, 1.0),
+  }
+  second.format = 2
+  assert report.closures([run([first, second])]) is None
 
 
 def test_tau_sweep_needs_an_adapted_answer_for_every_input():

@@ -751,6 +751,7 @@ class Experiment:
         answering.verdicts(self.task, ex, base_answers, self.modes),
         self.task.check(ex, base_answers["direct"]).error,
         base_answers.get("samples"),
+        base_answers["closed"] or None,
     )
     failed = {
         source for source, per_input in written.items() if per_input[i] is not None and per_input[i].failed
@@ -766,7 +767,12 @@ class Experiment:
             v, bool(variants_lib.targets(v, flags)[i]), failed, bool(pairs and pairs.kept)
         )
         variants[v] = records_lib.VariantAnswer(
-            False, base_answer.answer, base_answer.correct, base_answer.error, reason
+            False,
+            base_answer.answer,
+            base_answer.correct,
+            base_answer.error,
+            reason,
+            closed=base_answer.closed,
         )
       else:
         variants[v] = records_lib.VariantAnswer(
@@ -775,6 +781,7 @@ class Experiment:
             answering.verdicts(self.task, ex, answers, self.modes),
             self.task.check(ex, answers["direct"]).error,
             demonstrations=shown[(v, i)].ids if (v, i) in shown else None,
+            closed=answers["closed"] or None,
         )
       if (v, i) in plan.job_of:
         job = plan.job_of[(v, i)]

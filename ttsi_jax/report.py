@@ -321,6 +321,24 @@ def rejections(runs: Sequence[Run]) -> dict[str, float]:
   return {kind: n / len(runs) for kind, n in counts.most_common()}
 
 
+def closures(runs: Sequence[Run]) -> Optional[dict[str, tuple[float, float]]]:
+  """Well-formed calls that a limit closed before the model chose to (an argument it may have
+  meant to write is missing): (calls, closed) per kind, mean over runs; None where records
+  predate the field (results format 3)."""
+  if any(r.format < 3 for run in runs for r in run.records):
+    return None
+  counts = collections.defaultdict(lambda: np.zeros(2))
+  for run in runs:
+    for r in run.records:
+      counts["base answers"] += (1, r.base.closed is not None)
+      for v, answer in r.variants.items():
+        if answer.adapted:
+          counts[f"{v}'s own answers"] += (1, answer.closed is not None)
+      for p in r.pairs:
+        counts["self-written pairs"] += (1, p.closed is not None)
+  return {kind: (float(c[0] / len(runs)), float(c[1] / len(runs))) for kind, c in counts.items()}
+
+
 def _seconds(runs: Sequence[Run]) -> dict[str, float]:
   """Mean over runs of the seconds each stage took in the whole run."""
   totals = []
@@ -586,6 +604,15 @@ def write_report(runs: Sequence[Run], out: str) -> str:
   )
   lines += ["", "Self-written pairs rejected, by reason (mean over runs):", ""]
   lines += _table(["reason", "pairs"], [[k, f"{n:.1f}"] for k, n in rejections(runs).items()])
+  closed = closures(runs)
+  lines += ["", "Calls a limit closed before the model chose to (mean over runs):", ""]
+  if closed is None:
+    lines += ["Not recorded (results format < 3)."]
+  else:
+    lines += _table(
+        ["calls", "written", "closed by a limit"],
+        [[k, f"{n:.1f}", f"{c:.1f}"] for k, (n, c) in closed.items()],
+    )
   seconds = _seconds(runs)
   _plot_seconds(seconds, os.path.join(out, "stages.png"))
   lines += [

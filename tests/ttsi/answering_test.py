@@ -60,7 +60,7 @@ def test_only_inputs_offering_one_function_are_scored_again_and_an_empty_one_kee
   answers = iter([["[f(a=1)]", "", ""], ["[f(a=2)]", "", ""]])
   fake = types.SimpleNamespace(
       task=BfclTask("simple_python", 1),
-      answer=lambda *a, **k: next(answers),
+      answer=lambda *a, **k: (next(answers), [""] * 3),
       score=score,
       answer_tokens=lambda c: [1] * len(c),
   )
@@ -71,7 +71,7 @@ def test_only_inputs_offering_one_function_are_scored_again_and_an_empty_one_kee
   assert out.candidates == [["[f(a=1)]", "[f(a=2)]"], ["[g(", "[h("], ["[f("]]
 
 
-def test_answers_a_limit_closed_are_counted_in_a_warning(caplog):
+def test_answers_a_limit_closed_are_counted_in_a_warning_and_named_per_answer(caplog):
   cut = "decoding.max_args (1)"
   decoder = types.SimpleNamespace(decode_noting=lambda *a, **k: (["[f(a=1)]", "[f(a=2)]"], ["", cut]))
   answerer = types.SimpleNamespace(
@@ -79,6 +79,6 @@ def test_answers_a_limit_closed_are_counted_in_a_warning(caplog):
   )
   examples = [Example(f"q{i}", "?", ({"name": "f"},)) for i in range(2)]
   with caplog.at_level(logging.WARNING):
-    calls = answering.Answerer.answer(answerer, None, examples, np.zeros(2, int), None, sample=False)
-  assert calls == ["[f(a=1)]", "[f(a=2)]"]
+    calls, closed = answering.Answerer.answer(answerer, None, examples, np.zeros(2, int), None, sample=False)
+  assert calls == ["[f(a=1)]", "[f(a=2)]"] and closed == ["", cut]
   assert f"1 of 2 answers were closed before the model chose to (first: input q1, by {cut})" in caplog.text

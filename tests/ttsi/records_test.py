@@ -50,6 +50,19 @@ def test_a_line_reads_back_as_the_record_that_wrote_it():
   assert d["pairs"][1] == {"request": "```python", "call": "[f(", "rejected": "unparseable"}
 
 
+def test_what_closed_a_call_is_kept_on_its_answer_and_pair_and_left_out_where_nothing_did():
+  cut = "decoding.max_args (1)"
+  record = _record(
+      base=records.BaseAnswer("[g(x=1)]", {"direct": False}, "missing y", closed=cut),
+      pairs=[Pair("ask f", "[f(x=2)]", closed=cut), Pair("ask g", "[g(x=3)]")],
+  )
+  record.variants["ttsi"].closed = cut
+  d = json.loads(record.to_json())
+  assert d["base"]["closed"] == d["variants"]["ttsi"]["closed"] == d["pairs"][0]["closed"] == cut
+  assert "closed" not in d["variants"]["ttd"] and "closed" not in d["pairs"][1]
+  assert records.Record.from_dict(d) == record
+
+
 def test_teacher_pairs_are_a_list_of_pairs_or_absent():
   with_pairs = _record(teacher_pairs=[Pair("ask g", "[g(x=3)]")])
   assert records.Record.from_json(with_pairs.to_json()).teacher_pairs == [Pair("ask g", "[g(x=3)]")]

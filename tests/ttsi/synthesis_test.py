@@ -417,6 +417,7 @@ def test_a_call_a_limit_closed_names_the_limit_in_its_rejection(tiny_chat_model,
       f"triangle_properties.get: missing required argument 'side2' (the call was closed by {cut})",
       "triangle_properties.get: missing required argument 'side2'",  # the model closed it
   ]
+  assert [p.closed for p in pairs] == [cut, None]  # kept in the record, rejected or not
 
 
 def test_the_pairs_function_is_scored_on_the_tokens_the_model_writes():

@@ -72,7 +72,7 @@ class Answerer:
       return stats
     active = [i in single for i in range(len(examples))]  # the other rows are not decoded
     runs = [
-        self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True, active=active)
+        self.answer(pre, examples, stats.best_B, sampler_lib.fold_in(rng, s), sample=True, active=active)[0]
         for s in range(num_samples)
     ]
     candidates = [[] for _ in examples]  # only the sampled rows are scored again
@@ -107,8 +107,10 @@ class Answerer:
 
   def answer(
       self, pre, examples: Sequence[Example], best: np.ndarray, rng, sample: bool, active=None
-  ) -> list[str]:
-    """An answer per input, calling its function `best`; inputs not `active` get ""."""
+  ) -> tuple[list[str], list[str]]:
+    """An answer per input, calling its function `best` (inputs not `active` get ""), and per input
+    the limit that closed its well-formed call before the model chose to ("" where none did, and
+    for free text)."""
     names = [ex.functions[int(b)]["name"] for ex, b in zip(examples, best)]
     sampling = SamplingParams(
         self.max_new_tokens, self.temperature if sample else 0.0, self.top_p if sample else 1.0
@@ -126,16 +128,18 @@ class Answerer:
             len(calls) if active is None else sum(map(bool, active)),
             *closed[0],
         )
-      return calls
+      return calls, cuts
     outs = self.sampler.continue_(pre, [[] for _ in examples], sampling, rng, active)
-    return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs]
+    return [tokenizer_lib.strip_reasoning(self.tokenizer.decode(o)) for o in outs], [""] * len(examples)
 
   def answers(self, pre, examples, stats: uncertainty.CandidateStats, rng, modes) -> dict:
-    """{"direct": [answer per input], "samples": [[n answers] per input] when voting}. The direct
-    answer calls the most likely function; under well-formed decoding each sample first draws
-    its function from the RSS probabilities (at the sampling temperature), so voting and pass@k
-    can also change the function, as free sampling can."""
-    out = {"direct": self.answer(pre, examples, stats.best_B, rng, sample=False)}
+    """{"direct": [answer per input], "closed": [what closed each direct answer's call, `answer`],
+    "samples": [[n answers] per input] when voting}. The direct answer calls the most likely
+    function; under well-formed decoding each sample first draws its function from the RSS
+    probabilities (at the sampling temperature), so voting and pass@k can also change the
+    function, as free sampling can."""
+    direct, closed = self.answer(pre, examples, stats.best_B, rng, sample=False)
+    out = {"direct": direct, "closed": closed}
     if set(modes) - {"direct"}:
       runs = []
       for s in range(self.num_samples):
@@ -145,7 +149,7 @@ class Answerer:
             if self.well_formed
             else stats.best_B
         )
-        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0), sample=True))
+        runs.append(self.answer(pre, examples, functions, sampler_lib.fold_in(keys, 0), sample=True)[0])
       out["samples"] = [list(r) for r in zip(*runs)]
     return out
 

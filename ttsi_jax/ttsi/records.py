@@ -4,7 +4,7 @@ Written by the run's check stage, read back by resume and by `compute_metrics`; 
 reader (the notebook, a report) can rely on the fields below. Optional fields are left out of a
 line when they do not apply (a variant's `reason` when it adapted, `losses` when it trained no
 adapter, `demonstrations` but for icl, the base answer's `samples` without voting modes,
-`teacher_pairs` without a teacher).
+`teacher_pairs` without a teacher, an answer's or pair's `closed` where no limit closed its call).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ttsi_jax.ttsi.synthesis import Pair
 TEACHER_FAILED = "failed"  # `teacher_pairs` of an input whose teacher requests all failed
 # The version of this format, in every line: raise it when a field is added, changes meaning or
 # goes away (readers refuse newer lines, naming the cause; lines without it are version 1).
-# 2: a variant's `demonstrations`.
-FORMAT = 2
+# 2: a variant's `demonstrations`. 3: `closed` on answers and pairs.
+FORMAT = 3
 
 
 @dataclasses.dataclass
@@ -28,6 +28,9 @@ class BaseAnswer:
   correct: dict[str, bool]  # verdict per decoding mode ("direct" always)
   error: str  # the checker's reason the direct answer is wrong ("" when right)
   samples: Optional[list[str]] = None  # the sampled answers, with voting modes
+  # The limit that closed the direct answer's well-formed call before the model chose to: an
+  # argument it may have meant to write is missing (`CallDecoder.decode_noting`); absent if none.
+  closed: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -41,6 +44,7 @@ class VariantAnswer:
   reason: Optional[str] = None
   losses: Optional[list[float]] = None  # the adapter's training loss per step
   demonstrations: Optional[list[str]] = None  # the training split's examples shown (icl), by id
+  closed: Optional[str] = None  # as BaseAnswer's, for the variant's own answer
 
 
 @dataclasses.dataclass

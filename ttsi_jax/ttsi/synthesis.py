@@ -52,6 +52,8 @@ class Pair:
   request: str
   call: str
   rejected: str = ""  # why validation rejected it ("" = kept)
+  # The limit that closed its well-formed call before the model chose to (None: none did).
+  closed: Optional[str] = None
 
   @property
   def kept(self) -> bool:
@@ -230,9 +232,13 @@ class ModelSynthesizer:
     ]
     # An argument missing from a call that a limit closed: the limit, not the model, left it out.
     judged = [
-        dataclasses.replace(p, rejected=f"{p.rejected} (the call was closed by {cut})")
-        if cut and "missing required argument" in p.rejected
-        else p
+        dataclasses.replace(
+            p,
+            rejected=f"{p.rejected} (the call was closed by {cut})"
+            if cut and "missing required argument" in p.rejected
+            else p.rejected,
+            closed=cut or None,
+        )
         for p, cut in zip(judged, cuts)
     ]
     return [judged[i * k : (i + 1) * k] for i in range(len(examples))]
