@@ -230,6 +230,8 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
   for png in ("accuracy.png", "tau.png", "margins.png", "stages.png"):
     assert f"]({png})" in report_text and os.path.getsize(tmp_path / "report" / png) > 5000
   assert "| self_label | adapted inputs | 4.0 |" in report_text
+  assert "| ttsi_icl | inputs shown examples | 4.0 |" in report_text  # and no training steps:
+  assert "| ttsi | training steps | 8.0 |" in report_text and "| ttsi_icl | training steps" not in report_text
   closed_base = sum("closed" in r["base"] for r in lines)
   assert f"| base answers | 4.0 | {closed_base:.1f} |" in report_text
 

@@ -354,7 +354,8 @@ def _seconds(runs: Sequence[Run]) -> dict[str, float]:
 
 def _training(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
   """Per variant, mean over runs: inputs adapted (shown examples, for an ICL variant; answered by
-  its one adapter, for sft) and training steps taken; and the pairs kept."""
+  its one adapter, for sft) and, for a variant that trains an adapter per input, the training
+  steps taken; and the pairs kept."""
   out = {}
   for v in _variants(runs[0])[1:]:
     adapted = [sum(r.variants[v].adapted for r in run.records) for run in runs]
@@ -363,7 +364,9 @@ def _training(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
     what = {"icl": "inputs shown examples", "sft": "inputs answered by its adapter"}.get(
         answers, "adapted inputs"
     )
-    out[v] = {what: float(np.mean(adapted)), "training steps": float(np.mean(steps))}
+    out[v] = {what: float(np.mean(adapted))}
+    if answers == "adapter":
+      out[v]["training steps"] = float(np.mean(steps))
   kept = [sum(p.kept for r in run.records for p in r.pairs) for run in runs]
   total = [len([p for r in run.records for p in r.pairs]) for run in runs]
   out["self-written pairs"] = {"kept": float(np.mean(kept)), "written": float(np.mean(total))}
