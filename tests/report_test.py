@@ -75,18 +75,22 @@ def test_tau_sweep_counts_the_inputs_the_base_model_gets_wrong_in_its_own_mode()
 
 def test_calls_a_limit_closed_are_counted_by_kind_and_older_records_say_not_recorded():
   cut = "decoding.max_args (3)"
-  run = lambda recs: report.Run("w", {}, recs, None)
+  run = lambda recs, config={}: report.Run("w", config, recs, None)
   first, second = _record(0, 0.1, True, True), _record(1, 0.9, True, True)
   first.base.closed = first.variants["ttsi"].closed = cut
   first.pairs[0] = dataclasses.replace(first.pairs[0], closed=cut)
   second.variants["all_inputs"].adapted = False  # answered as base: not its own answer
   second.variants["all_inputs"].closed = cut
-  assert report.closures([run([first, second])]) == {
-      "base answers": (2.0, 1.0),
-      "ttsi's own answers": (2.0, 1.0),
-      "all_inputs's own answers": (1.0, 0.0),
-      "self-written pairs": (4.0, 1.0),
-  }
+  closed = report.closures([run([first, second])])
+  assert list(closed.items()) == [
+      ("base answers", (2.0, 1.0)),
+      ("ttsi's own answers", (2.0, 1.0)),
+      ("all_inputs's own answers", (1.0, 0.0)),
+      ("self-written pairs", (4.0, 1.0)),
+  ]
+  # Free-text answers are no well-formed calls: only the pairs are counted.
+  free = run([first, second], {"decoding": {"well_formed": False}})
+  assert report.closures([free]) == {"self-written pairs": (4.0, 1.0)}
   second.format = 2
   assert report.closures([run([first, second])]) is None
 

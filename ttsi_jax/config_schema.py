@@ -151,8 +151,9 @@ VERSION_CHANGES = {
     6: lambda fields: float(fields.get("adaptation.dropout", 0.0)) > 0
     and any(row.answers in ("adapter", "sft") for row in _rows(fields.get("variants", ""))),
     # Well-formed decoding reads a value's bare names as strings (JSON's true/false/null as their
-    # Python values) and leaves out a unary "+" (`constrained.leading_literal`): a list or dict
-    # holding a name closed the call, a bare `true` was the string 'true', and "+5" read as -5.
+    # Python values) and leaves out a unary "+" before a number (`constrained.leading_literal`): a
+    # list or dict holding a name closed the call, a bare `true` was the string 'true', "+5" read
+    # as -5; a value with a comment is written back as Python (`1e999 # big` as 1e309, not inf).
     7: lambda fields: fields.get("decoding.well_formed", True)
     or (
         fields.get("synthesis.well_formed", True)

@@ -327,16 +327,21 @@ def closures(runs: Sequence[Run]) -> Optional[dict[str, tuple[float, float]]]:
   predate the field (results format 3)."""
   if any(r.format < 3 for run in runs for r in run.records):
     return None
-  counts = collections.defaultdict(lambda: np.zeros(2))
+  fields = config_schema.run_fields(runs[0].config)  # runs that differ here are refused
+  answers, pairs = fields.get("decoding.well_formed", True), fields.get("synthesis.well_formed", True)
+  kinds = ["base answers", *(f"{v}'s own answers" for v in _variants(runs[0])[1:]), "self-written pairs"]
+  counts = {kind: np.zeros(2) for kind in kinds}
   for run in runs:
     for r in run.records:
-      counts["base answers"] += (1, r.base.closed is not None)
-      for v, answer in r.variants.items():
-        if answer.adapted:
-          counts[f"{v}'s own answers"] += (1, answer.closed is not None)
-      for p in r.pairs:
-        counts["self-written pairs"] += (1, p.closed is not None)
-  return {kind: (float(c[0] / len(runs)), float(c[1] / len(runs))) for kind, c in counts.items()}
+      if answers:
+        counts["base answers"] += (1, r.base.closed is not None)
+        for v, answer in r.variants.items():
+          if answer.adapted:
+            counts[f"{v}'s own answers"] += (1, answer.closed is not None)
+      if pairs:
+        for p in r.pairs:
+          counts["self-written pairs"] += (1, p.closed is not None)
+  return {kind: (float(c[0] / len(runs)), float(c[1] / len(runs))) for kind, c in counts.items() if c[0]}
 
 
 def _seconds(runs: Sequence[Run]) -> dict[str, float]:

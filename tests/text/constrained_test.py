@@ -31,6 +31,8 @@ from ttsi_jax.text import tokenizer as tokenizer_lib
         ("'a#b' # note)", "'a#b'"),
         ("New York, b=2)", "'New York'"),
         ("{a, b})", None),  # a set of names
+        ("+'abc')", None),  # a unary "+" is left out before a number only
+        ("+[1])", None),
     ],
 )
 def test_leading_literal(text, value):
@@ -54,6 +56,9 @@ def test_leading_literal(text, value):
         ("+5)", "5", 5),
         ("[+1, -2])", "[1, -2]", [1, -2]),
         ("-+2.5)", "-2.5", -2.5),
+        ("+true)", "True", True),
+        # a name as written (Python reads identifiers NFKC-normalized: "ﬁle" as "file")
+        ("ﬁle)", "'ﬁle'", "ﬁle"),
         # a comment is dropped, the value written back as Python
         ("1e999 # big)", "1e309", float("inf")),
         ("... # todo)", "...", "..."),

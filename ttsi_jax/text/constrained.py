@@ -49,10 +49,11 @@ def leading_literal(text: str) -> Optional[str]:
 
   A value is read as a Python literal in which a bare name is a string, as BFCL's decoder reads
   one (`[Paris, London]`), but JSON's `true`, `false` and `null` are their Python values, and a
-  unary `+` is left out (BFCL's decoder negates a unary operand whatever its operator: `+5` would
-  read as -5). An unquoted run of words (`city=New York)`) becomes a quoted string. Where the
-  value had to be read so, or carries a comment (which would swallow the `)]` written after it),
-  it is written back as Python (`ast.unparse`); otherwise as the model wrote it."""
+  unary `+` before a number is left out (BFCL's decoder negates a unary operand whatever its
+  operator: `+5` would read as -5). An unquoted run of words (`city=New York)`) becomes a quoted
+  string. Where the value had to be read so, or carries a comment (which would swallow the `)]`
+  written after it), it is written back as Python (`ast.unparse`); otherwise as the model wrote
+  it."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
@@ -73,17 +74,21 @@ _JSON_CONSTANTS = {"true": True, "false": False, "null": None}
 
 
 class _AsLiteral(ast.NodeTransformer):
-  """Bare names to strings (JSON's constants to theirs), unary `+` left out."""
+  """Bare names to strings as written (JSON's constants to theirs), a unary `+` before a number
+  left out."""
 
-  changed = False
+  def __init__(self, source: str):
+    self.source, self.changed = source, False
 
   def visit_Name(self, node):
     self.changed = True
-    return ast.copy_location(ast.Constant(_JSON_CONSTANTS.get(node.id, node.id)), node)
+    name = ast.get_source_segment(self.source, node)  # node.id is NFKC-normalized
+    return ast.copy_location(ast.Constant(_JSON_CONSTANTS.get(name, name)), node)
 
   def visit_UnaryOp(self, node):
     self.generic_visit(node)
-    if isinstance(node.op, ast.UAdd):
+    number = isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float, complex))
+    if isinstance(node.op, ast.UAdd) and number:
       self.changed = True
       return node.operand
     return node
@@ -94,7 +99,7 @@ def _as_python(candidate: str) -> Optional[str]:
   no literal."""
   try:
     tree = ast.parse(candidate, mode="eval")
-    reader = _AsLiteral()
+    reader = _AsLiteral(candidate)
     tree = reader.visit(tree)
     value = ast.literal_eval(tree.body)
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):

@@ -105,6 +105,7 @@ class Record:
               "pairs": [Pair(**p) for p in d["pairs"]],
               "variants": {v: VariantAnswer(**a) for v, a in d["variants"].items()},
               "teacher_pairs": [Pair(**p) for p in teacher] if isinstance(teacher, list) else teacher,
+              "format": d.get("format", 1),
           }
       )
     except (TypeError, AttributeError) as e:  # a field of another shape, or one this format lacks
