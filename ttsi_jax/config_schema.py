@@ -153,7 +153,9 @@ VERSION_CHANGES = {
     # Well-formed decoding reads a value's bare names as strings (JSON's true/false/null as their
     # Python values) and leaves out a unary "+" before a number (`constrained.leading_literal`): a
     # list or dict holding a name closed the call, a bare `true` was the string 'true', "+5" read
-    # as -5; a value with a comment is written back as Python (`1e999 # big` as 1e309, not inf).
+    # as -5; a value with a comment is written back as Python (`1e999 # big` as 1e309, not inf);
+    # a string parameter's unquoted text that closes its brackets is a string (`3x^2 + 2x - 1`
+    # was no value and closed the call).
     7: lambda fields: fields.get("decoding.well_formed", True)
     or (
         fields.get("synthesis.well_formed", True)

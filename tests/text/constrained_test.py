@@ -1,5 +1,7 @@
 """Well-formed call decoding: literal cutting, schema-only keywords, required arguments."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,29 @@ def test_leading_literal(text, value):
 def test_leading_literal_writes_what_the_model_meant_in_terms_bfcl_decodes(text, written, decoded):
   assert constrained.leading_literal(text) == written
   assert bfcl.parse_calls(f"[f(x={written})]")[0].args == {"x": decoded}
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("3x^2 + 2x - 1)", "'3x^2 + 2x - 1'"),  # no literal: the call closed without it
+        ("x^2, interval=[1, 3])", "'x^2'"),
+        ("sin(x) + 1)", "'sin(x) + 1'"),  # its brackets closed: the first ")" does not cut it
+        ("lambda x: x**2)", "'lambda x: x**2'"),
+        ("x**2)", "'x**2'"),
+        ("5)", "5"),  # a literal stays one
+        ("'abc)", None),  # an unclosed quote: no text
+        ("(a]b)", None),  # brackets that do not close in order
+    ],
+)
+def test_a_string_parameter_takes_unquoted_text_that_closes_its_brackets(text, value):
+  assert constrained.leading_literal(text, as_text=True) == value
+  function = {"name": "f", "parameters": {"properties": {"s": {"type": "string"}, "n": {"type": "integer"}}}}
+  decoder = types.SimpleNamespace(_after_equals=lambda out, forced: out)
+  row = lambda keyword: constrained._Row(text="[f(", function=function, used=[], pending=keyword)
+  assert constrained.CallDecoder._value(decoder, text, "", row(", s")) == value
+  if value and not value[0].isdigit():  # text for a string parameter only
+    assert constrained.CallDecoder._value(decoder, text, "", row(", n")) is None
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def _has_set(value) -> bool:
   return isinstance(value, (list, tuple)) and any(map(_has_set, value))
 
 
-def leading_literal(text: str) -> Optional[str]:
+def leading_literal(text: str, as_text: bool = False) -> Optional[str]:
   """The first complete literal in `text` followed by ',' or ')', sets excluded (BFCL's decoder
   rejects them), as the decoder writes it; None if none is found.
 
@@ -53,7 +53,8 @@ def leading_literal(text: str) -> Optional[str]:
   operator: `+5` would read as -5). An unquoted run of words (`city=New York)`) becomes a quoted
   string. Where the value had to be read so, or carries a comment (which would swallow the `)]`
   written after it), it is written back as Python (`ast.unparse`); otherwise as the model wrote
-  it."""
+  it. With `as_text` (the parameter is a string), unquoted text that is no literal but closes
+  its brackets (`function=3x^2 + 2x - 1)`) becomes a quoted string too."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
@@ -62,7 +63,7 @@ def leading_literal(text: str) -> Optional[str]:
       return None
     written = _as_python(candidate)
     if written is None:
-      if re.fullmatch(r"[\w .:-]+", candidate):
+      if re.fullmatch(r"[\w .:-]+", candidate) or (as_text and _unquoted_text(candidate)):
         return repr(candidate)
       continue
     if written:
@@ -92,6 +93,19 @@ class _AsLiteral(ast.NodeTransformer):
       self.changed = True
       return node.operand
     return node
+
+
+def _unquoted_text(candidate: str) -> bool:
+  """No quotes and every bracket closed in order: text the model meant as it stands."""
+  if any(q in candidate for q in _QUOTES):
+    return False
+  open_brackets = []
+  for ch in candidate:
+    if ch in _OPEN:
+      open_brackets.append(_CLOSE_BRACKETS[_OPEN.index(ch)])
+    elif ch in _CLOSE_BRACKETS and (not open_brackets or open_brackets.pop() != ch):
+      return False
+  return not open_brackets
 
 
 def _as_python(candidate: str) -> Optional[str]:
@@ -347,14 +361,16 @@ class CallDecoder:
         for text, call, row, w in zip(texts, calls, rows, writing)
     ]
     outs = self.sampler.continue_(pre, extensions, sampling, rng, writing, self.value_end_device_VS)
-    values = [self._value(out, forced) if w else None for out, w in zip(outs, writing)]
+    values = [self._value(out, forced, row) if w else None for out, row, w in zip(outs, rows, writing)]
     again = [  # a row that wrote "=" and ended with no complete literal: decode it in full
         w and v is None and self._after_equals(out, forced) is not None and self._ended(out)
         for out, v, w in zip(outs, values, writing)
     ]
     if any(again):
       outs = self.sampler.continue_(pre, extensions, sampling, rng, again)
-      values = [self._value(out, forced) if a else v for out, v, a in zip(outs, values, again)]
+      values = [
+          self._value(out, forced, row) if a else v for out, row, v, a in zip(outs, rows, values, again)
+      ]
     return values
 
   def _after_equals(self, out: Sequence[int], forced: str) -> Optional[str]:
@@ -362,9 +378,11 @@ class CallDecoder:
     head, eq, rest = (forced + self.tokenizer.decode(out)).lstrip().partition("=")
     return rest if eq and not head else None
 
-  def _value(self, out: Sequence[int], forced: str) -> Optional[str]:
+  def _value(self, out: Sequence[int], forced: str, row: _Row) -> Optional[str]:
     rest = self._after_equals(out, forced)
-    return None if rest is None else leading_literal(rest)
+    params = row.function.get("parameters", {}) or {}
+    schema = (params.get("properties") or {}).get(row.pending.lstrip(", "), {})
+    return None if rest is None else leading_literal(rest, as_text=schema.get("type") == "string")
 
   def _ended(self, out: Sequence[int]) -> bool:
     """Whether `literal_end_states` ended these tokens (not a stop token or max_new_tokens)."""
