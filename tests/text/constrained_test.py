@@ -85,6 +85,9 @@ def test_leading_literal_writes_what_the_model_meant_in_terms_bfcl_decodes(text,
         ("5)", "5"),  # a literal stays one
         ("'abc)", None),  # an unclosed quote: no text
         ("(a]b)", None),  # brackets that do not close in order
+        ("x**2 # square, cube)", "'x**2'"),  # a comment is no part of the text
+        ("# the cubic, x**3\n'x**3')", "'x**3'"),  # nor is a comment alone a value
+        ("# a, b\n5)", "5"),
     ],
 )
 def test_a_string_parameter_takes_unquoted_text_that_closes_its_brackets(text, value):
@@ -93,8 +96,10 @@ def test_a_string_parameter_takes_unquoted_text_that_closes_its_brackets(text, v
   decoder = types.SimpleNamespace(_after_equals=lambda out, forced: out)
   row = lambda keyword: constrained._Row(text="[f(", function=function, used=[], pending=keyword)
   assert constrained.CallDecoder._value(decoder, text, "", row(", s")) == value
-  if value and not value[0].isdigit():  # text for a string parameter only
-    assert constrained.CallDecoder._value(decoder, text, "", row(", n")) is None
+  assert constrained.CallDecoder._value(decoder, text, "", row("s")) == value  # the first keyword
+  # Another type takes literals and words only: the unquoted text above is no value there.
+  assert constrained.CallDecoder._value(decoder, text, "", row(", n")) == constrained.leading_literal(text)
+  assert constrained.leading_literal("3x^2 + 2x - 1)") is None
 
 
 @pytest.mark.parametrize(

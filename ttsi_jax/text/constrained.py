@@ -54,7 +54,7 @@ def leading_literal(text: str, as_text: bool = False) -> Optional[str]:
   string. Where the value had to be read so, or carries a comment (which would swallow the `)]`
   written after it), it is written back as Python (`ast.unparse`); otherwise as the model wrote
   it. With `as_text` (the parameter is a string), unquoted text that is no literal but closes
-  its brackets (`function=3x^2 + 2x - 1)`) becomes a quoted string too."""
+  its brackets (`function=3x^2 + 2x - 1)`) becomes a quoted string too, without its comment."""
   for i, ch in enumerate(text):
     if ch not in ",)":
       continue
@@ -63,8 +63,11 @@ def leading_literal(text: str, as_text: bool = False) -> Optional[str]:
       return None
     written = _as_python(candidate)
     if written is None:
-      if re.fullmatch(r"[\w .:-]+", candidate) or (as_text and _unquoted_text(candidate)):
+      if re.fullmatch(r"[\w .:-]+", candidate):
         return repr(candidate)
+      meant = _unquoted_text(candidate) if as_text else None
+      if meant:
+        return repr(meant)
       continue
     if written:
       return written
@@ -95,17 +98,19 @@ class _AsLiteral(ast.NodeTransformer):
     return node
 
 
-def _unquoted_text(candidate: str) -> bool:
-  """No quotes and every bracket closed in order: text the model meant as it stands."""
+def _unquoted_text(candidate: str) -> Optional[str]:
+  """The text the model meant, where it has no quotes and closes every bracket in order: up to a
+  comment (outside quotes, "#" starts one); None otherwise, or where only a comment is left."""
   if any(q in candidate for q in _QUOTES):
-    return False
+    return None
+  text = candidate.split("#", 1)[0].strip()
   open_brackets = []
-  for ch in candidate:
+  for ch in text:
     if ch in _OPEN:
       open_brackets.append(_CLOSE_BRACKETS[_OPEN.index(ch)])
     elif ch in _CLOSE_BRACKETS and (not open_brackets or open_brackets.pop() != ch):
-      return False
-  return not open_brackets
+      return None
+  return None if open_brackets else text or None
 
 
 def _as_python(candidate: str) -> Optional[str]:
