@@ -201,6 +201,12 @@ class _Row:
   done: bool = False
   cut: str = ""  # the limit that closed the call before the model chose to (`decode_noting`)
 
+  @property
+  def parameters(self) -> tuple[dict, list]:
+    """The function's parameter schemas by name, and the names it requires."""
+    params = self.function.get("parameters", {}) or {}
+    return params.get("properties") or {}, params.get("required", []) or []
+
 
 class CallDecoder:
   """Stage-wise constrained decoding over a prefilled batch (see module docstring).
@@ -385,8 +391,7 @@ class CallDecoder:
 
   def _value(self, out: Sequence[int], forced: str, row: _Row) -> Optional[str]:
     rest = self._after_equals(out, forced)
-    params = row.function.get("parameters", {}) or {}
-    schema = (params.get("properties") or {}).get(row.pending.lstrip(", "), {})
+    schema = row.parameters[0].get(row.pending.lstrip(", "), {})
     return None if rest is None else leading_literal(rest, as_text=schema.get("type") == "string")
 
   def _ended(self, out: Sequence[int]) -> bool:
@@ -398,9 +403,9 @@ class CallDecoder:
 
   @staticmethod
   def _options(row: _Row) -> list[str]:
-    params = row.function.get("parameters", {}) or {}
-    properties = list((params.get("properties") or {}).keys())
-    required = [p for p in params.get("required", []) or [] if p in properties]
+    schemas, required = row.parameters
+    properties = list(schemas)
+    required = [p for p in required if p in properties]
     sep = ", " if row.used else ""
     unused = [p for p in properties if p not in row.used]
     options = [f"{sep}{p}" for p in unused]
