@@ -132,14 +132,13 @@ def test_tiny_run_writes_every_field_and_resumes(tiny_chat_model, teacher_server
       lambda self, params, examples, *a, **k: trained.append(len(examples))
       or train_all(self, params, examples, *a, **k),
   )
-  # Every wave ends past the memory-mapping limit: the compiled functions are dropped after each.
-  # (The resumed wave 1 below, computed without that, gives the same records.)
-  cleared = []
-  monkeypatch.setattr(runtime, "memory_maps", lambda: (2, 3))
+  # Wave 0 ends past the memory-mapping limit: the compiled functions are dropped after it and wave 1
+  # compiles them again. (The resumed wave 1 below, computed without that, gives the same records.)
+  cleared, maps = [], iter([(2, 3)])
+  monkeypatch.setattr(runtime, "memory_maps", lambda: next(maps, (1, 3)))
   monkeypatch.setattr(jax, "clear_caches", lambda clear=jax.clear_caches: cleared.append(1) or clear())
   metrics = experiment.run(config, workdir)
-  assert len(cleared) == 2  # after each of the 2 waves
-  monkeypatch.setattr(runtime, "memory_maps", lambda: (1, 3))
+  assert len(cleared) == 1  # after wave 0, the one past the limit
   # One adapter per input and data source: ttsi's (all_inputs shares it), oracle's, self_label's,
   # and ttd's where the teacher answered (3 of 4).
   assert sum(trained) == 4 + 4 + 4 + 3

@@ -266,7 +266,8 @@ def _profile_step(trainer, params, step, keys_A, num_adapters: int) -> dict:
   try:
     with cpu_kernels.uninitialized_scan_outputs(single_device=sharding.on_one_device(mesh)):
       profile = profiling.op_table(
-          trainer.step,
+          type(trainer).step,  # the jitted function (op_table lowers it), the trainer its static argument
+          trainer,
           params,
           adapters,
           opt_states,

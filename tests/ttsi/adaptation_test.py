@@ -31,6 +31,15 @@ def model(hf_checkpoints):
   return hf.load(hf_checkpoints["llama"][0])
 
 
+@pytest.fixture
+def traced_anew():
+  """For a test that changes what tracing reads (a monkeypatched op, a kernel threshold): trainers of
+  equal settings share their compiled step, so it is traced anew here, and not kept for later tests."""
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
 def _examples(seed, k, low=5, high=20):
   rs = np.random.RandomState(seed)
   return [
@@ -116,7 +125,7 @@ def _attention_with_padding_garbage(q_BTNH, k_BSKH, v_BSKH, *, implementation, *
     ],
 )
 def test_packed_training_equals_each_adapter_trained_alone(
-    model, batch_size, with_cpu_kernels, attention, monkeypatch
+    model, batch_size, with_cpu_kernels, attention, monkeypatch, traced_anew
 ):
   """On CPU packed rows run attention, the LoRA branch and the linear layers (padding rows and the
   last layer's unread rows left out) in the C++ kernels, or on XLA's ops. attention="cudnn" runs
@@ -299,8 +308,9 @@ def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
   trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": "off"}))
   together, losses = trainer.train_all(params, examples, 0, rngs)  # one packed call per step
   trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "remat": "on"}))
+  compiled = trainer.step._cache_size()  # every trainer's programs (those of equal settings shared)
   split, split_losses = trainer.train_all(params, examples, 0, rngs, 2)  # two calls per step
-  assert trainer.step._cache_size() == 1
+  assert trainer.step._cache_size() == compiled + 1
   np.testing.assert_allclose(split_losses, losses, atol=1e-5)
   for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(together)):
     assert got.shape[0] == 4
@@ -330,14 +340,23 @@ def test_waves_in_the_same_buckets_compile_once(model):
   params = jax.device_put(params, sharding.params_sharding(sharding.make_mesh(), params))
   trainer = adaptation.Trainer(config, CFG)
   rngs = jax.random.split(jax.random.key(6), 3)
+  before = trainer.step._cache_size()
   # Two waves of 3 adapters whose packed shapes fall in the same buckets, then a longer one.
   trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3)], 0, rngs)
   compiled = trainer.step._cache_size()
-  assert compiled == 1  # all 3 epochs' steps of the wave in one program
+  assert compiled == before + 1  # all 3 epochs' steps of the wave in one program
   trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3, 6)], 0, rngs)
   assert trainer.step._cache_size() == compiled
   trainer.train_all(params, [_examples(s, 1, 300, 301) for s in range(3)], 0, rngs)
   assert trainer.step._cache_size() == compiled + 1
+  # Another trainer of the same settings (a resumed run's, the next sft baseline's) compiles nothing.
+  trainer = adaptation.Trainer(config, CFG)
+  trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3)], 0, rngs)
+  assert trainer.step._cache_size() == compiled + 1
+  # Other settings (here the optimizer's clipping) are another program, never a reused one.
+  trainer = adaptation.Trainer(config, AdaptConfig(**{**CFG.__dict__, "max_grad_norm": 0.5}))
+  trainer.train_all(params, [_examples(s, 1, 10, 12) for s in range(3)], 0, rngs)
+  assert trainer.step._cache_size() == compiled + 2
 
 
 def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_train_as_on_one(model):
@@ -357,6 +376,7 @@ def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_t
     want, want_losses = adaptation.Trainer(config, cfg).train_all(params, examples, 0, rngs)
     trainer = adaptation.Trainer(config, cfg)
     compiled_step, shares = trainer.step, []
+    compiled = compiled_step._cache_size()
 
     def step(params, adapters, opt_states, *args, **kwargs):
       leaves = jax.tree.leaves((adapters, opt_states))
@@ -365,7 +385,7 @@ def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_t
 
     trainer.step = step
     got, losses = trainer.train_all(placed, examples, 0, rngs)
-    assert compiled_step._cache_size() == 1
+    assert compiled_step._cache_size() == compiled + 1
   assert len(shares) == CFG.epochs and all(share == {(8, 1)} for share in shares)  # 5 -> 8 slots
   np.testing.assert_allclose(losses, want_losses, atol=1e-5)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -379,8 +399,9 @@ def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(mode
   keys = jax.random.split(jax.random.key(7), 2)
   prompt = list(range(1, 11))
   examples = [[(prompt, [3] * 2)], [(prompt, [4] * 20)]]  # alone: 8 and 24 answer slots
+  compiled = trainer.step._cache_size()
   together, _ = trainer.train_all(params, examples, 0, keys, per_call=1)
-  assert trainer.step._cache_size() == 1
+  assert trainer.step._cache_size() == compiled + 1
   alone, _ = trainer.train_all(params, examples[:1], 0, keys[:1])
   for got, want in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6, rtol=0)
@@ -453,8 +474,10 @@ def _compiled_step(model, remat, uninitialized=False):
   trainer = adaptation.Trainer(config, CFG)
   step = adaptation.make_steps(CFG, [_examples(0, 1)], 0, 1)[0]
   adapters, opt_states = trainer.init(jax.random.split(jax.random.key(0), 1))
+  jax.clear_caches()  # lowered here, not an equal trainer's step lowered outside the block below
   with cpu_kernels.uninitialized_scan_outputs(single_device=uninitialized):
-    lowered = trainer.step.lower(
+    lowered = adaptation.Trainer.step.lower(
+        trainer,
         params,
         adapters,
         opt_states,
@@ -487,6 +510,7 @@ def test_the_layer_scan_stacks_its_activations_unfilled_and_trains_the_same(mode
   unfilled = adaptation.Trainer(config, CFG).train(model[1], steps, rngs)
   with monkeypatch.context() as m:
     m.setattr(cpu_kernels, "uninitialized_scan_outputs", lambda single_device: contextlib.nullcontext())
+    jax.clear_caches()  # the equal trainer's step lowers again, outside the block
     zero_filled = adaptation.Trainer(config, CFG).train(model[1], steps, rngs)
   for got, want in zip(jax.tree.leaves(unfilled), jax.tree.leaves(zero_filled)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

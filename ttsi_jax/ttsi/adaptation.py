@@ -319,7 +319,11 @@ def device_memory_bytes() -> int:
 
 
 class Trainer:
-  """Builds the optimizer, the jitted adapter init (vmapped) and the packed update step."""
+  """Builds the optimizer, the jitted adapter init (vmapped) and the packed update step.
+
+  Trainers of equal settings are equal (hash and ==), and `init` and `step` are jitted with the
+  trainer static: their compiled programs serve every trainer of those settings in the process
+  (the sft baseline's, a resumed run's, a report's sweep), not only the one that traced them."""
 
   def __init__(self, config: ModelConfig, cfg: AdaptConfig):
     if cfg.remat not in ("auto", "on", "off"):
@@ -334,10 +338,18 @@ class Trainer:
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=cfg.weight_decay),
     )
-    self.init = jax.jit(self._init_all, static_argnames=("mesh",))
-    self.step = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("remat", "mesh"))
 
-  def _init_all(self, rngs_A, *, mesh=None):
+  def _settings(self) -> tuple[ModelConfig, AdaptConfig]:
+    return self.config, self.cfg  # the optimizer is made from cfg
+
+  def __hash__(self):
+    return hash(self._settings())
+
+  def __eq__(self, other):
+    return isinstance(other, Trainer) and self._settings() == other._settings()
+
+  @functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh",))
+  def init(self, rngs_A, *, mesh=None):
     """Fresh adapters and optimizer states, each device making only its share (`mesh`)."""
     return sharding.constrain_adapters(jax.vmap(self._init_one)(rngs_A), mesh)
 
@@ -394,7 +406,8 @@ class Trainer:
     loss_A = -per_adapter(logp_BI * weights_BI) / jnp.maximum(answer_tokens_A, 1.0)
     return jnp.sum(loss_A), loss_A
 
-  def _step(
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3), static_argnames=("remat", "mesh"))
+  def step(
       self,
       params,
       adapters,
