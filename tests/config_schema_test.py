@@ -188,6 +188,13 @@ def test_a_reserve_smaller_than_what_the_stages_decode_is_refused():
   config.decoding.well_formed = False
   with pytest.raises(ValueError, match=r"reserve=90 \(valid: at least 96, decoding.max_new_tokens"):
     config_schema.validate(config)
+  # The request's bucket is the run's: 40 + 8 tokens take 48 slots, 64 in powers of two only.
+  config.decoding.well_formed, config.synthesis.well_formed = True, True
+  config.synthesis.max_request_tokens = 40
+  config_schema.validate(config)
+  config.buckets_per_octave = 1
+  with pytest.raises(ValueError, match=r"reserve=90 \(valid: at least 96, the request of synthesis"):
+    config_schema.validate(config)
 
 
 def test_voting_modes_need_a_sampling_temperature():

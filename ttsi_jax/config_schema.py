@@ -59,6 +59,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.num_examples": _range(0, integer=True, note="0 = all"),
     "wave_size": _COUNT,
     "reserve": _COUNT,
+    "buckets_per_octave": _range(1, 4, integer=True, note="4 = each length's own, finest buckets"),
     "uncertainty.measure": _one_of("margin", "entropy"),
     "uncertainty.tau": _range(0, note="margin < tau is uncertain; above 1 flags every input"),
     "uncertainty.entropy_threshold": _range(0),
@@ -268,6 +269,12 @@ def _pair_writers(variants, teacher_kind) -> set:
   return writers
 
 
+def _bucketed(sampler, n: int, limit: int | None) -> int:
+  """`n` in its bucket of at least 8 as the run pads it (`buckets_per_octave` at most `limit`)."""
+  with sampler.buckets_per_octave(limit):
+    return sampler.bucket(n, 8)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises one ValueError naming every field whose value is out of its range."""
   bad = []
@@ -292,9 +299,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # What the stages decode after a prompt, in its reserved cache slots: free answers; where a
   # model writes pairs (self, or a local teacher), the request extends the prompt ("Request: ...
   # Call:", in a bucket of 8 tokens), then room to score the functions' names after it.
-  from ttsi_jax.text.sampler import bucket  # pylint: disable=import-outside-toplevel (jax, only here)
+  from ttsi_jax.text import sampler  # pylint: disable=import-outside-toplevel (jax, only here)
 
   reserve = _get(config, "reserve")
+  limit = _get(config, "buckets_per_octave")
+  limit = limit if isinstance(limit, int) and limit >= 1 else None  # a bad one is reported as such
   writes_pairs = bool(_pair_writers(_get(config, "variants"), _get(config, "teacher.kind")))
   request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
   needs = []
@@ -309,7 +318,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     needs.append(
         (
             "the request of synthesis.max_request_tokens in its lead, bucketed, + 32",
-            bucket(request + 8, 8) + 32,
+            _bucketed(sampler, request + 8, limit) + 32,
         )
     )
   for what, tokens in needs:

@@ -1186,6 +1186,11 @@ def format_summary(m: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  with sampler_lib.buckets_per_octave(config.buckets_per_octave):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def prepare_data():
     """Host 0 builds the task's dataset first: hosts sharing task.data_dir then find it prepared,
     instead of building (and removing) it at once; a host with a data_dir of its own builds its own."""

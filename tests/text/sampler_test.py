@@ -58,6 +58,21 @@ def test_buckets_bound_the_padding_and_the_number_of_shapes(per_octave, waste):
   assert sampler_lib.bucket(3, minimum=32) == 32
 
 
+def test_buckets_per_octave_caps_every_bucket_inside_its_block_only():
+  fine = [sampler_lib.bucket(n, per_octave=4) for n in (5, 9, 13, 17)]
+  assert fine == [5, 10, 14, 20]
+  with sampler_lib.buckets_per_octave(1):
+    assert [sampler_lib.bucket(n, per_octave=4) for n in (5, 9, 13, 17)] == [8, 16, 16, 32]
+    assert sampler_lib.bucket(3, minimum=32) == 32
+    with sampler_lib.buckets_per_octave(2):
+      assert sampler_lib.bucket(9, per_octave=4) == 12
+    assert sampler_lib.bucket(9, per_octave=4) == 16
+  assert [sampler_lib.bucket(n, per_octave=4) for n in (5, 9, 13, 17)] == fine
+  with pytest.raises(RuntimeError), sampler_lib.buckets_per_octave(1):
+    raise RuntimeError  # a run that fails leaves no limit behind
+  assert sampler_lib.bucket(9, per_octave=4) == 10
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_one_compilation_per_bucket(sampler, monkeypatch, packed):
   """Left-padded rows compile once per (prompt bucket, batch bucket); packed prompts also per

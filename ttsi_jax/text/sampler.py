@@ -12,6 +12,7 @@ neighbours. `generate_tokens` is a pure function of (params, tokens, positions, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Optional, Sequence
@@ -48,14 +49,35 @@ class SamplingParams:
   top_p: float = 1.0
 
 
+# The most sizes per doubling that `bucket` pads to, whatever its caller asks (`buckets_per_octave`).
+_buckets_per_octave: int | None = None
+
+
 def bucket(n: int, minimum: int = 1, per_octave: int = 2) -> int:
   """Smallest size >= max(n, minimum) among 2^k + j * 2^k / per_octave (j < per_octave): with the
   default 2, 2^k or 1.5 * 2^k (at most 1/3 padding waste); 4 wastes at most 1/5 for twice the
-  shapes (so twice the compilations)."""
+  shapes (so twice the compilations). At most `buckets_per_octave`'s sizes per doubling within it."""
+  if _buckets_per_octave:
+    per_octave = min(per_octave, _buckets_per_octave)
   n = max(n, minimum, 1)
   base = 1 << max(0, (n - 1).bit_length() - 1)  # n in (base, 2 * base]
   step = max(1, base // per_octave)
   return base + -(-(n - base) // step) * step
+
+
+@contextlib.contextmanager
+def buckets_per_octave(limit: int):
+  """Within the block every length (prompts, packed training rows, decoded spans, batches) pads to
+  at most `limit` sizes per doubling (1: powers of two), where callers ask up to 4: fewer shapes to
+  compile, for more padding. A run meets new lengths wave after wave; where a compile costs more
+  than the padding saves (a tiny model; a large one on an accelerator) fewer sizes are faster.
+  One setting per process at a time (a module global, as `bucket` is called everywhere)."""
+  global _buckets_per_octave
+  previous, _buckets_per_octave = _buckets_per_octave, limit
+  try:
+    yield
+  finally:
+    _buckets_per_octave = previous
 
 
 def left_pad(
