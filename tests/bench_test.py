@@ -56,7 +56,7 @@ def test_scaling_stage_trains_each_adapter_count_and_reports_inputs_per_second_m
   assert profile["kinds"]["matmul"] > 0 and profile["wall_s"] > 0
   assert sum(profile["kinds"].values()) <= profile["wall_s"] * 1.05
   assert list((tmp_path / "trace").glob("plugins/profile/*/*.trace.json.gz"))
-  assert (tmp_path / "trace" / "compiled_hlo.txt").read_text().startswith("HloModule jit__step")
+  assert (tmp_path / "trace" / "compiled_hlo.txt").read_text().startswith("HloModule jit_step")
   attention = "fused" if cpu_kernels.available() else "xla"  # model.attention=auto on a CPU
   assert report["attention"] == attention and f"{attention} attention" in result.stdout
   # --attention_check: each attention that runs here trains what float32 XLA attention trains; XLA's
