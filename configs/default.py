@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   # pairs, gold; up to 2 x wave_size with configs/paper.py) train adapters_per_call at a time.
   config.wave_size = 8
   config.reserve = 384  # free KV-cache slots after each prompt (answers, decoding stages)
-  # Padded sizes per doubling of a length (prompts, training rows, decoded spans), 1-4: fewer pad
-  # more and compile less (1: powers of two; for tiny models, or large ones where compiles are slow).
+  # Padded sizes per doubling of a length (prompts, training rows, decoded spans), 1, 2 or 4: fewer
+  # pad more and compile less (1: powers of two; for tiny models, or large ones where compiles are slow).
   config.buckets_per_octave = 4
   # Save trained adapters to workdir/adapters/<variant>/<id>: "" none, "all", or comma-separated ids.
   # With several hosts, each wave's kept adapters travel to every host (host 0 saves them): on big

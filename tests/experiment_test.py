@@ -430,6 +430,7 @@ def test_ttd_with_a_local_teacher_trains_on_the_teachers_pairs(
             r"not in this run: \['multiple_O'\]; use ids such as \['multiple_0'",
         ),
         ("wave_size", 0, r"wave_size=0 \(valid: an integer >= 1\)"),
+        ("buckets_per_octave", 3, r"buckets_per_octave=3 \(valid: one of \[1, 2, 4\]\)"),
         ("adaptation.learning_rate", -1.0, r"adaptation.learning_rate=-1.0 \(valid: a number > 0\)"),
     ],
 )

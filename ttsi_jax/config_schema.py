@@ -59,7 +59,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.num_examples": _range(0, integer=True, note="0 = all"),
     "wave_size": _COUNT,
     "reserve": _COUNT,
-    "buckets_per_octave": _range(1, 4, integer=True, note="4 = each length's own, finest buckets"),
+    "buckets_per_octave": _one_of(1, 2, 4),
     "uncertainty.measure": _one_of("margin", "entropy"),
     "uncertainty.tau": _range(0, note="margin < tau is uncertain; above 1 flags every input"),
     "uncertainty.entropy_threshold": _range(0),
@@ -303,7 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   reserve = _get(config, "reserve")
   limit = _get(config, "buckets_per_octave")
-  limit = limit if isinstance(limit, int) and limit >= 1 else None  # a bad one is reported as such
+  limit = limit if limit in (1, 2, 4) else None  # a bad one is reported as such
   writes_pairs = bool(_pair_writers(_get(config, "variants"), _get(config, "teacher.kind")))
   request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
   needs = []

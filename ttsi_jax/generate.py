@@ -44,7 +44,8 @@ def main(argv):
       top_p=config.sampling.top_p,
   )
   prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in _PROMPT.value]
-  completions = model.sampler.generate(prompts, sampling, jax.random.key(config.seed))
+  with sampler_lib.buckets_per_octave(config.buckets_per_octave):
+    completions = model.sampler.generate(prompts, sampling, jax.random.key(config.seed))
   sys.stdout.write("\n\n".join(tokenizer.decode(c) for c in completions) + "\n")
 
 

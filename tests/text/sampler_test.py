@@ -71,6 +71,9 @@ def test_buckets_per_octave_caps_every_bucket_inside_its_block_only():
   with pytest.raises(RuntimeError), sampler_lib.buckets_per_octave(1):
     raise RuntimeError  # a run that fails leaves no limit behind
   assert sampler_lib.bucket(9, per_octave=4) == 10
+  with pytest.raises(ValueError, match=r"one of \(1, 2, 4\), not 3"):  # 3 would not divide an octave
+    with sampler_lib.buckets_per_octave(3):
+      pass
 
 
 @pytest.mark.parametrize("packed", [True, False])

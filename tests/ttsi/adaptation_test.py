@@ -299,7 +299,7 @@ def test_dropout_changes_training_but_keeps_each_adapter_independent_of_its_call
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
-def test_remat_and_adapters_per_call_change_nothing_but_speed(model):
+def test_remat_and_adapters_per_call_change_nothing_but_speed(model, traced_anew):
   config, params = model
   # One pair each, lengths in one bucket: each way below compiles a single step program (mixed
   # lengths and step counts are test_packed_training_equals_each_adapter_trained_alone's).
@@ -334,7 +334,7 @@ def test_uneven_calls_and_padded_adapter_slots_train_each_adapter_as_alone(model
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
-def test_waves_in_the_same_buckets_compile_once(model):
+def test_waves_in_the_same_buckets_compile_once(model, traced_anew):
   config, params = model
   # On a mesh, as the main job runs: the step's inputs keep one sharding from step to step.
   params = jax.device_put(params, sharding.params_sharding(sharding.make_mesh(), params))
@@ -393,7 +393,7 @@ def test_on_a_tensor_mesh_each_device_keeps_its_share_of_the_adapters_and_they_t
     np.testing.assert_allclose(np.asarray(g[:5]), np.asarray(w), atol=1e-5, rtol=0)
 
 
-def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(model):
+def test_answers_of_other_lengths_share_one_step_program_and_train_the_same(model, traced_anew):
   config, params = model
   trainer = adaptation.Trainer(config, CFG)
   keys = jax.random.split(jax.random.key(7), 2)
@@ -488,7 +488,7 @@ def _compiled_step(model, remat, uninitialized=False):
   return lowered.compile().as_text()
 
 
-def test_the_layer_scan_stacks_its_activations_unfilled_and_trains_the_same(model, monkeypatch):
+def test_the_layer_scan_stacks_its_activations_unfilled_and_trains_the_same(model, monkeypatch, traced_anew):
   """The [L, B, T, ...] stacks the backward pass reads come from the empty custom call, not from a
   broadcast of zeros; training with them equals training without, bit for bit."""
   assert cpu_kernels.available()

@@ -49,7 +49,9 @@ class SamplingParams:
   top_p: float = 1.0
 
 
-# The most sizes per doubling that `bucket` pads to, whatever its caller asks (`buckets_per_octave`).
+# The most sizes per doubling that `bucket` pads to, whatever its caller asks (`buckets_per_octave`):
+# powers of two, so that every size is one of its callers' own (a bucket of a bucket is itself).
+BUCKETS_PER_OCTAVE = (1, 2, 4)
 _buckets_per_octave: int | None = None
 
 
@@ -73,6 +75,8 @@ def buckets_per_octave(limit: int):
   than the padding saves (a tiny model; a large one on an accelerator) fewer sizes are faster.
   One setting per process at a time (a module global, as `bucket` is called everywhere)."""
   global _buckets_per_octave
+  if limit not in BUCKETS_PER_OCTAVE + (None,):
+    raise ValueError(f"buckets_per_octave must be one of {BUCKETS_PER_OCTAVE}, not {limit!r}.")
   previous, _buckets_per_octave = _buckets_per_octave, limit
   try:
     yield

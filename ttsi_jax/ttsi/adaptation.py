@@ -323,7 +323,9 @@ class Trainer:
 
   Trainers of equal settings are equal (hash and ==), and `init` and `step` are jitted with the
   trainer static: their compiled programs serve every trainer of those settings in the process
-  (the sft baseline's, a resumed run's, a report's sweep), not only the one that traced them."""
+  (the sft baseline's retrained, a resumed run's), not only the one that traced them. They live
+  until `jax.clear_caches` (`experiment.release_compiled_code_near_map_limit`), as every jitted
+  function's do."""
 
   def __init__(self, config: ModelConfig, cfg: AdaptConfig):
     if cfg.remat not in ("auto", "on", "off"):
