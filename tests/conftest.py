@@ -17,6 +17,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
+# And the flags the main job adds (no YNNPACK fusions of reductions on CPU): in-process runs then
+# sum as the CLI's subprocesses do (with the fusions, a norm's sums differ by float rounding, and
+# H's scores of an in-process run and a subprocess's by 1e-6).
+from ttsi_jax import runtime  # noqa: E402 (no jax import: before JAX reads the flags)
+
+runtime.set_xla_flags()
 # One persistent compilation cache for the session and the subprocesses it starts (CLI, hosts,
 # notebook kernel): whole runs repeat the same programs, and compiling dominates on a tiny model.
 _XLA_CACHE = tempfile.mkdtemp(prefix="ttsi_jax_tests_xla_cache_")

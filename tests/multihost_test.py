@@ -46,9 +46,6 @@ def _command(model, workdir, *extra, main=("-m", "ttsi_jax.main")):
       f"--config.task.num_examples={NUM_EXAMPLES}",
       "--config.wave_size=1",
       "--config.uncertainty.tau=1.01",
-      # Powers of two only: each one-input wave meets new lengths, and on a tiny model a compile
-      # costs far more than padding (a run of these settings: 57 s instead of 111 s, compiling).
-      "--config.buckets_per_octave=1",
       f"--workdir={workdir}",
       *extra,
   ]
