@@ -49,6 +49,7 @@ def _one_of(*values):
 
 
 _COUNT = _range(1, integer=True)
+_BUCKETS_PER_OCTAVE = (1, 2, 4)  # sampler.BUCKETS_PER_OCTAVE (this module loads without jax)
 _PROBABILITY_MASS = _range(0, 1, low_open=True)
 _TEMPERATURE = _range(0, note="0 = greedy")
 
@@ -59,7 +60,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.num_examples": _range(0, integer=True, note="0 = all"),
     "wave_size": _COUNT,
     "reserve": _COUNT,
-    "buckets_per_octave": _one_of(1, 2, 4),
+    "buckets_per_octave": _one_of(*_BUCKETS_PER_OCTAVE),
     "uncertainty.measure": _one_of("margin", "entropy"),
     "uncertainty.tau": _range(0, note="margin < tau is uncertain; above 1 flags every input"),
     "uncertainty.entropy_threshold": _range(0),
@@ -269,8 +270,10 @@ def _pair_writers(variants, teacher_kind) -> set:
   return writers
 
 
-def _bucketed(sampler, n: int, limit: int | None) -> int:
+def _bucketed(n: int, limit: int | None) -> int:
   """`n` in its bucket of at least 8 as the run pads it (`buckets_per_octave` at most `limit`)."""
+  from ttsi_jax.text import sampler  # pylint: disable=import-outside-toplevel (jax, only here)
+
   with sampler.buckets_per_octave(limit):
     return sampler.bucket(n, 8)
 
@@ -299,11 +302,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # What the stages decode after a prompt, in its reserved cache slots: free answers; where a
   # model writes pairs (self, or a local teacher), the request extends the prompt ("Request: ...
   # Call:", in a bucket of 8 tokens), then room to score the functions' names after it.
-  from ttsi_jax.text import sampler  # pylint: disable=import-outside-toplevel (jax, only here)
-
   reserve = _get(config, "reserve")
   limit = _get(config, "buckets_per_octave")
-  limit = limit if limit in (1, 2, 4) else None  # a bad one is reported as such
+  limit = limit if limit in _BUCKETS_PER_OCTAVE else None  # a bad one is reported as such
   writes_pairs = bool(_pair_writers(_get(config, "variants"), _get(config, "teacher.kind")))
   request, new_tokens = _get(config, "synthesis.max_request_tokens"), _get(config, "decoding.max_new_tokens")
   needs = []
@@ -318,7 +319,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     needs.append(
         (
             "the request of synthesis.max_request_tokens in its lead, bucketed, + 32",
-            _bucketed(sampler, request + 8, limit) + 32,
+            _bucketed(request + 8, limit) + 32,
         )
     )
   for what, tokens in needs:
